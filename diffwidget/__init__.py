@@ -1,0 +1,34 @@
+"""diffwidget: see how a text-to-image diffusion model denoises, step by step.
+
+Importing the package is cheap and never imports torch: the heavy parts load on first use,
+so a saved trace can be opened in the widget on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Trace": "diffwidget.tracing.trace",
+    "TraceContext": "diffwidget.tracing.context",
+    "trace": "diffwidget.tracing.context",
+    "load_demo_pipeline": "diffwidget.models.loader",
+    "Explorer": "diffwidget.widget.explorer",
+}
+
+if TYPE_CHECKING:
+    from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.tracing.context import TraceContext, trace
+    from diffwidget.tracing.trace import Trace
+    from diffwidget.widget.explorer import Explorer
+
+__all__ = ["Explorer", "Trace", "TraceContext", "__version__", "load_demo_pipeline", "trace"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffwidget' has no attribute {name!r}")

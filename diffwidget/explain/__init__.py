@@ -1,0 +1,1 @@
+"""Explanation methods computed from a trace: one class per method, one verb each."""

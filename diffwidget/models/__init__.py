@@ -1,0 +1,1 @@
+"""The embedded demo model: scene world, tokenizer, architecture, training and loading."""

@@ -1,0 +1,1 @@
+"""Observing a diffusers pipeline: the only layer that touches a pipeline's internals."""

@@ -1,0 +1,1 @@
+"""Showing a trace: state schema, codecs, the anywidget model and the Explorer façade."""
