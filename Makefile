@@ -1,0 +1,33 @@
+# The README's two commands are `make demo` and `make test`; CI runs the same targets.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# torch is pinned in the same pip command: resolved alone, pip pulls a multi-GB CUDA build.
+TORCH = torch==2.13.0
+
+.PHONY: install install-test demo test check browser js schema
+
+install:
+	$(PIP) install $(TORCH) -e ".[demo]"
+
+install-test:
+	$(PIP) install $(TORCH) -e ".[dev]"
+	$(MAKE) browser
+
+# Debian's chromium drives the real-browser tests (Playwright's own browser download is not used).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -q && apt-get install -y -q chromium) >/dev/null; \
+	    else echo "install chromium (or Chrome) and put it on PATH for the browser tests"; exit 1; fi; }
+
+demo: install
+	diffwidget demo
+
+test: install-test
+	$(PYTHON) -m pytest
+
+check:
+	ruff format --check diffwidget tests bench
+	ruff check diffwidget tests bench
+	mypy
+	cd js && npx tsc --noEmit && npx biome check src test
