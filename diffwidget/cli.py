@@ -1,142 +1,498 @@
-"""The ``diffwidget`` command: open the demo notebook, or export a standalone explorer.
+"""The ``diffwidget`` command: open a demo notebook, or export a standalone explorer.
 
 Examples
 --------
 $ diffwidget demo                      # quickstart notebook in JupyterLab, embedded model
 $ diffwidget demo --check              # run the quickstart headless and exit (CI, smoke test)
+$ diffwidget demo --classroom          # the quickstart as an app without code (Voila)
+$ diffwidget demo --notebook 03        # another bundled notebook
 $ diffwidget export "a red circle on the left" -o explorer.html
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
 
 QUICKSTART = "01_quickstart.ipynb"
 DEFAULT_STEPS = 20
-NOTEBOOK_TIMEOUT_S = 600
+MAX_STEPS = 1000  # the schedulers' training horizon: more steps than timesteps is impossible
+NOTEBOOK_TIMEOUT_S = 600  # per cell; the slowest bundled cell takes about a minute on 2 cores
+DEFAULT_PORT_LAB = 8888
+DEFAULT_PORT_CLASSROOM = 8866
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work itself failed (a notebook cell raised)
+EXIT_USAGE = 2  # bad arguments; argparse uses the same code
+
+Overlay = Literal["df_rise", "df_cam"]
+OVERLAYS: tuple[str, ...] = get_args(Overlay)
+
+
+class UsageError(Exception):
+    """A problem with the command line that the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------------------
+# Locating the bundled files
+# --------------------------------------------------------------------------------------
+def _bundled_dir(name: str, marker: str) -> Path:
+    """A folder shipped beside the package: the clone's ``name/`` or the wheel's copy."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / name, package / name):
+        if (candidate / marker).exists():
+            return candidate
+    raise FileNotFoundError(
+        f"cannot find {name}/{marker} next to the diffwidget package; reinstall it "
+        "(`pip install -e .` from a clone, or `pip install diffwidget`)"
+    )
 
 
 def notebooks_dir() -> Path:
     """The bundled notebooks: the repository's ``notebooks/`` or the copy inside the wheel."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package.parent / "notebooks", package / "notebooks"):
-        if (candidate / QUICKSTART).exists():
-            return candidate
-    raise FileNotFoundError(
-        f"cannot find {QUICKSTART}; reinstall diffwidget (`pip install -e .` from a clone "
-        "or `pip install diffwidget`)"
-    )
+    return _bundled_dir("notebooks", QUICKSTART)
 
 
-def _run_notebook(path: Path) -> None:
-    """Execute a notebook in a fresh kernel; raise with the failing cell's error."""
+def jupyter_config_dir() -> Path:
+    """The Jupyter configuration for classroom mode (``jupyter-config/`` with ``voila.json``)."""
+    return _bundled_dir("jupyter-config", "voila.json")
+
+
+def bundled_notebooks() -> list[Path]:
+    """The numbered notebooks shipped with diffwidget, in order."""
+    return sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def resolve_notebook(name: str | None) -> Path:
+    """A bundled notebook by number or name (``"03"``, ``"03_saliency_over_time"``) or a path.
+
+    Raises
+    ------
+    UsageError
+        If nothing matches; the message lists the bundled notebooks.
+    """
+    if name is None:
+        return notebooks_dir() / QUICKSTART
+    path = Path(name).expanduser()
+    if path.suffix == ".ipynb":
+        if not path.is_file():
+            raise UsageError(f"notebook {path} does not exist; pass an existing .ipynb file")
+        return path.resolve()
+    available = bundled_notebooks()
+    matches = [nb for nb in available if nb.stem == name or nb.stem.split("_", 1)[0] == name]
+    if len(matches) != 1:
+        names = ", ".join(nb.stem for nb in available)
+        raise UsageError(f"no bundled notebook {name!r}; choose one of: {names} (or a .ipynb path)")
+    return matches[0]
+
+
+# --------------------------------------------------------------------------------------
+# diffwidget demo
+# --------------------------------------------------------------------------------------
+def _kernel_env() -> dict[str, str]:
+    """Environment for notebook kernels: they must import this very diffwidget.
+
+    From a clone that is not pip-installed, or with several environments on the machine,
+    a kernel would otherwise import another copy (or none); offline flags keep hub
+    libraries from reaching the network in a headless check.
+    """
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
+    """Execute a notebook in a fresh kernel, in its own folder.
+
+    Parameters
+    ----------
+    path : Path
+        The ``.ipynb`` file; it is not modified.
+    progress : bool
+        Show a progress bar over the code cells on stderr.
+
+    Returns
+    -------
+    NotebookNode
+        The executed notebook, outputs included.
+
+    Raises
+    ------
+    nbclient.exceptions.CellExecutionError
+        If a cell raises; its message holds the cell's source and traceback.
+    """
     import nbformat
     from nbclient import NotebookClient
+    from tqdm.auto import tqdm
 
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=NOTEBOOK_TIMEOUT_S, resources={"metadata": {"path": str(path.parent)}})
-    client.execute()
+    n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
+    bar = tqdm(total=n_code, desc=path.name, unit="cell", disable=not progress, file=sys.stderr)
+
+    def advance(**_: Any) -> None:
+        bar.update(1)
+
+    client = NotebookClient(
+        notebook,
+        timeout=NOTEBOOK_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_executed=advance,
+    )
+    try:
+        client.execute(env=_kernel_env())
+    finally:
+        bar.close()
+    return notebook
 
 
-def demo(args: argparse.Namespace) -> int:
-    """Copy the quickstart to a working folder and open it in JupyterLab."""
-    source = notebooks_dir() / QUICKSTART
-    workdir = Path(args.dir).expanduser().resolve()
+def _check(source: Path) -> int:
+    """Run ``source`` headless in a temporary copy; report the failing cell, if any."""
+    from nbclient.exceptions import CellExecutionError
+
+    with tempfile.TemporaryDirectory(prefix="diffwidget-check-") as tmp:
+        # A copy, so files the notebook writes (saved traces, exports) land in the temp dir.
+        target = Path(tmp) / source.name
+        shutil.copy(source, target)
+        print(f"running {source.name} headless …", file=sys.stderr, flush=True)
+        try:
+            run_notebook(target)
+        except CellExecutionError as error:
+            print(f"{source.name} failed:\n{error}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"{source.name} ran without errors")
+    return EXIT_OK
+
+
+def _working_copy(source: Path, directory: str) -> Path:
+    """Copy ``source`` into ``directory`` unless a copy (maybe edited) is already there."""
+    workdir = Path(directory).expanduser().resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--dir {workdir} is a file; pass a folder for the working copy")
     workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / QUICKSTART
+    target = workdir / source.name
     if not target.exists():
         # Never overwrite a notebook the user may have edited.
         shutil.copy(source, target)
+    return target
+
+
+def _require(program: str, extra: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        raise UsageError(f'`{program}` is not installed: run `pip install "diffwidget[{extra}]"`')
+    return found
+
+
+def classroom_command(
+    notebook: Path, *, port: int, ip: str, open_browser: bool
+) -> tuple[list[str], dict[str, str]]:
+    """The Voila command line and environment that serve ``notebook`` as a code-free app.
+
+    ``jupyter-config/voila.json`` is put on ``JUPYTER_CONFIG_PATH`` rather than installed
+    globally, so it governs this app only and the user's own Jupyter config still wins.
+    """
+    voila = _require("voila", "classroom")
+    env = _kernel_env()
+    config = str(jupyter_config_dir())
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+        p for p in (config, env.get("JUPYTER_CONFIG_PATH", "")) if p
+    )
+    command = [voila, str(notebook), f"--port={port}", f"--Voila.ip={ip}"]
+    if not open_browser:
+        command.append("--no-browser")
+    return command, env
+
+
+def _serve(command: list[str], env: dict[str, str] | None, what: str) -> int:
+    print(f"serving {what} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Open a bundled notebook in JupyterLab, serve it with Voila, or run it headless."""
+    source = resolve_notebook(args.notebook)
     if args.check:
-        print(f"running {target} headless …", flush=True)
-        _run_notebook(target)
-        print("quickstart ran without errors")
-        return 0
-    if shutil.which("jupyter") is None:
-        print("JupyterLab is not installed: run `pip install \"diffwidget[demo]\"`", file=sys.stderr)
-        return 2
-    command = ["jupyter", "lab", str(target), f"--ServerApp.root_dir={workdir}"]
+        return _check(source)
+    target = _working_copy(source, args.dir)
+    if args.classroom:
+        command, env = classroom_command(
+            target,
+            port=args.port or DEFAULT_PORT_CLASSROOM,
+            ip=args.ip,
+            open_browser=not args.no_browser,
+        )
+        return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}")
+    jupyter = _require("jupyter-lab", "demo")
+    command = [
+        jupyter,
+        str(target),
+        f"--ServerApp.root_dir={target.parent}",
+        f"--ServerApp.ip={args.ip}",
+        f"--ServerApp.port={args.port or DEFAULT_PORT_LAB}",
+    ]
     if args.no_browser:
         command.append("--no-browser")
-    if args.port:
-        command.append(f"--port={args.port}")
-    print("opening", target, "in JupyterLab (Ctrl+C to stop)", flush=True)
+    return _serve(command, _kernel_env(), f"{target} in JupyterLab")
+
+
+# --------------------------------------------------------------------------------------
+# diffwidget export
+# --------------------------------------------------------------------------------------
+def check_output(path: str) -> Path:
+    """Validate the ``--output`` path of ``export``."""
+    output = Path(path).expanduser()
+    if output.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--output must be an .html file, got {str(output)!r}")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; give a file name such as {output}.html")
+    parent = output.parent.resolve()
+    if not parent.is_dir():
+        raise UsageError(f"folder {parent} does not exist: create it or choose another --output")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}: choose another --output")
+    return output
+
+
+def check_prompt(prompt: str) -> list[str]:
+    """Check a prompt against the embedded model's vocabulary and length.
+
+    Parameters
+    ----------
+    prompt : str
+        The caption to trace.
+
+    Returns
+    -------
+    list of str
+        Notes for the user (e.g. the caption is outside the training grammar); empty if none.
+
+    Raises
+    ------
+    UsageError
+        If the prompt is empty, uses words the model has no token for, or is too long.
+    """
+    from diffwidget.models.architecture import MAX_TOKENS
+    from diffwidget.models.scenes import VOCABULARY, parse_caption
+
+    example = '"a large red circle on the left"'
+    words = prompt.lower().split()
+    if not words:
+        raise UsageError(f"the prompt is empty: pass a caption such as {example}")
+    unknown = sorted({w for w in words if w not in VOCABULARY})
+    if unknown:
+        raise UsageError(
+            f"the embedded model has no word for {', '.join(map(repr, unknown))}. It knows: "
+            f"{' '.join(VOCABULARY)}. Try {example}, or pass --model DIR for a local "
+            "Stable Diffusion pipeline folder"
+        )
+    max_words = MAX_TOKENS - 2  # the start and end tokens take two of the positions
+    if len(words) > max_words:
+        raise UsageError(
+            f"the prompt has {len(words)} words; the embedded model reads at most {max_words}"
+        )
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+        parse_caption(prompt)
+    except ValueError:
+        return [
+            f"note: {prompt!r} is not a caption of the model's training grammar (e.g. "
+            f"{example}); the image may not follow it"
+        ]
+    return []
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Validate the numeric options of ``export``."""
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be zero or positive, got {args.seed}")
+    if args.guidance is not None and args.guidance <= 1:
+        raise UsageError(
+            f"--guidance must be above 1 (classifier-free guidance), got {args.guidance}"
+        )
+    if args.step is not None and not 0 <= args.step < args.steps:
+        raise UsageError(f"--step must be a loop index in 0..{args.steps - 1}, got {args.step}")
+    if args.overlay and args.step is None:
+        raise UsageError("--overlay needs --step: the step whose saliency to compute")
+
+
+def load_pipeline(model: str | None) -> Any:
+    """The embedded model, or a diffusers pipeline saved in the local folder ``model``."""
+    if model is None:
+        from diffwidget.models.loader import load_demo_pipeline
+
+        return load_demo_pipeline()
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(
+            f"--model {folder} is not a diffusers pipeline folder (no model_index.json); "
+            "save one with `pipe.save_pretrained(folder)`"
+        )
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+
+
+def _tqdm_progress(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar, and its closer."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return progress, bar.close
 
 
 def export(args: argparse.Namespace) -> int:
-    """Trace one prompt on the embedded model and write a standalone HTML explorer."""
+    """Trace one prompt and write a standalone HTML explorer."""
     prompt = args.prompt.strip()
-    if not prompt:
-        print("the prompt is empty: pass a caption such as \"a red circle on the left\"", file=sys.stderr)
-        return 2
-    output = Path(args.output).expanduser()
-    if output.suffix.lower() not in (".html", ".htm"):
-        print(f"--output must end in .html, got {output}", file=sys.stderr)
-        return 2
-    if not output.parent.exists():
-        print(f"folder {output.parent} does not exist: create it or choose another --output", file=sys.stderr)
-        return 2
+    output = check_output(args.output)
+    check_numbers(args)
+    if args.model is None:
+        for note in check_prompt(prompt):
+            print(note, file=sys.stderr)
+    elif not prompt:
+        raise UsageError('the prompt is empty: pass a caption such as "a red circle"')
 
-    from diffwidget.models.loader import load_demo_pipeline
     from diffwidget.tracing.context import trace
     from diffwidget.widget.explorer import Explorer
 
-    pipe = load_demo_pipeline()
-    record = trace(pipe, prompt, num_inference_steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
+    print("loading the model …", file=sys.stderr, flush=True)
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=False, desc="denoising", file=sys.stderr)
+    kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "seed": args.seed}
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    record = trace(pipe, prompt, **kwargs)
     explorer = Explorer(record, pipe=pipe)
     for overlay in args.overlay:
-        explorer.compute(overlay, step=args.step, wait=True)
-    path = explorer.export_html(output)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); open it in any browser, no kernel needed")
-    return 0
+        from diffwidget.explain.registry import saliency_method
+
+        progress, close = _tqdm_progress(f"{overlay} at step {args.step}")
+        try:
+            result = saliency_method(overlay)().attribute(
+                pipe, record, args.step, progress=progress
+            )
+        finally:
+            close()
+        explorer.add_overlay(overlay, args.step, result)
+    path = Path(explorer.to_html(output, title=prompt))
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size_mb:.2f} MB): open it in any browser, no kernel needed")
+    return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------
+# Parser and entry point
+# --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``diffwidget``."""
     parser = argparse.ArgumentParser(
         prog="diffwidget",
-        description="Explain text-to-image diffusion step by step, in a notebook widget.",
+        description="Explain text-to-image diffusion step by step, in a notebook widget. "
+        "Everything runs offline on the embedded model unless --model is given.",
+        epilog="examples:\n  diffwidget demo\n  diffwidget demo --classroom\n"
+        '  diffwidget export "a large red circle on the left" -o explorer.html',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,export}")
 
-    p_demo = sub.add_parser("demo", help="open the quickstart notebook on the embedded model")
-    p_demo.add_argument("--dir", default="diffwidget-demo", help="working folder (default: %(default)s)")
-    p_demo.add_argument("--port", type=int, default=None, help="JupyterLab port")
-    p_demo.add_argument("--no-browser", action="store_true", help="start JupyterLab without opening a browser")
-    p_demo.add_argument("--check", action="store_true", help="run the notebook headless and exit")
+    p_demo = sub.add_parser(
+        "demo",
+        help="open the quickstart notebook (or another bundled one)",
+        description="Copy a bundled notebook into --dir and open it in JupyterLab; with "
+        "--classroom serve it as an app without code (Voila); with --check run it headless.",
+    )
+    p_demo.add_argument(
+        "--notebook",
+        default=None,
+        metavar="NAME",
+        help="bundled notebook by number or name (01 … 06) or a .ipynb path "
+        f"(default: {QUICKSTART})",
+    )
+    p_demo.add_argument(
+        "--dir", default="diffwidget-demo", help="working folder (default: %(default)s)"
+    )
+    p_demo.add_argument("--port", type=int, default=None, help="server port")
+    p_demo.add_argument(
+        "--ip", default="127.0.0.1", help="address to serve on; 0.0.0.0 for a classroom network"
+    )
+    p_demo.add_argument(
+        "--no-browser", action="store_true", help="start the server without opening a browser"
+    )
+    mode = p_demo.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check", action="store_true", help="run the notebook headless and exit (0 = it ran)"
+    )
+    mode.add_argument(
+        "--classroom",
+        action="store_true",
+        help="serve the notebook as an app that hides the code (needs diffwidget[classroom])",
+    )
     p_demo.set_defaults(func=demo)
 
-    p_export = sub.add_parser("export", help="write a standalone HTML explorer for one prompt")
-    p_export.add_argument("prompt", help='a caption, e.g. "a red circle on the left"')
-    p_export.add_argument("-o", "--output", default="explorer.html", help="HTML file to write")
-    p_export.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
-    p_export.add_argument("--seed", type=int, default=0, help="random seed")
-    p_export.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p_export = sub.add_parser(
+        "export",
+        help="write a standalone HTML explorer for one prompt",
+        description="Trace one prompt and write an explorer that works offline in any "
+        "browser, without Jupyter.",
+    )
+    p_export.add_argument("prompt", help='a caption, e.g. "a large red circle on the left"')
+    p_export.add_argument(
+        "-o", "--output", default="explorer.html", help="HTML file to write (default: %(default)s)"
+    )
+    p_export.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (default: %(default)s)"
+    )
+    p_export.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p_export.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale above 1 (default: the model's)"
+    )
     p_export.add_argument(
         "--overlay",
         action="append",
         default=[],
-        choices=["df_rise", "df_cam"],
-        help="precompute a saliency overlay (repeatable)",
+        choices=OVERLAYS,
+        help="precompute a saliency overlay at --step (repeatable)",
     )
-    p_export.add_argument("--step", type=int, default=None, help="step for --overlay (default: all)")
+    p_export.add_argument("--step", type=int, default=None, help="loop index for --overlay")
+    p_export.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="local diffusers pipeline folder instead of the embedded model",
+    )
     p_export.set_defaults(func=export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``diffwidget`` command."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Entry point of the ``diffwidget`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, FileNotFoundError) as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Small helpers shared by the explanation methods (device memory, progress, step checks)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Progress callbacks are called as ``progress(done, total)``; returning ``False`` cancels.
+ProgressCallback = Callable[[int, int], "bool | None"]
+
+#: Share of the free device memory a batch may use (the rest is headroom for the allocator).
+MEMORY_HEADROOM = 0.6
+#: Batch size on the CPU for a 16x16 latent; larger latents get proportionally fewer rows.
+CPU_BATCH_AT_16x16 = 64
+_CPU_REFERENCE_CELLS = 16 * 16
+#: Upper bound for automatically chosen batch sizes: larger batches stop paying off once
+#: the device is saturated and only delay the first streamed estimate.
+MAX_AUTO_BATCH = 128
+
+
+def check_step(trace: Any, step: int) -> int:
+    """Validate a loop index against ``trace`` and return it as ``int``."""
+    n = int(trace.n_steps)
+    if not isinstance(step, (int,)) and not hasattr(step, "__index__"):
+        raise TypeError(f"step must be an integer loop index, got {type(step).__name__}")
+    step = int(step)
+    if not 0 <= step < n:
+        raise IndexError(f"step {step} is out of range; this trace has steps 0..{n - 1}")
+    return step
+
+
+def available_cpu_bytes() -> int | None:
+    """Available physical memory on Linux-like systems, ``None`` where unknown."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def auto_batch_size(
+    probe: Callable[[int], Any], device: torch.device, n_items: int, grid: tuple[int, int]
+) -> tuple[int, str]:
+    """Choose how many latents to send through the UNet per call.
+
+    On CUDA, ``probe(1)`` is run once and its peak memory measured; the batch fills
+    ``MEMORY_HEADROOM`` of the free memory. On the CPU, a fixed budget scaled by the latent
+    area is used (peak memory cannot be measured there without a profiler).
+
+    Returns
+    -------
+    tuple of (int, str)
+        The batch size and a short note saying how it was chosen.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        probe(1)
+        torch.cuda.synchronize(device)
+        per_item = max(torch.cuda.max_memory_allocated(device) - base, 1)
+        free, _total = torch.cuda.mem_get_info(device)
+        size = int(MEMORY_HEADROOM * free / per_item)
+        size = max(1, min(size, n_items, MAX_AUTO_BATCH))
+        return (
+            size,
+            f"from free CUDA memory ({free / 2**30:.1f} GiB, {per_item / 2**20:.0f} MiB/latent)",
+        )
+    cells = grid[0] * grid[1]
+    size = max(1, min(n_items, MAX_AUTO_BATCH, CPU_BATCH_AT_16x16 * _CPU_REFERENCE_CELLS // cells))
+    return size, "CPU default scaled by latent area"

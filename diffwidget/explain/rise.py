@@ -1,0 +1,299 @@
+"""DF-RISE: perturbation saliency on the noisy latent at one denoising step."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_step
+from diffwidget.explain.results import SaliencyMap, minmax
+from diffwidget.explain.similarity import SSIM_SIGMA, SSIM_WINDOW, effective_window, similarity
+from diffwidget.tracing.replay import StepReplay
+
+if TYPE_CHECKING:
+    from diffwidget.tracing.trace import Trace
+
+MaskKind = Literal["bernoulli", "smooth"]
+RiseSimilarity = Literal["ssim", "cosine"]
+RiseTarget = Literal["x0", "prev"]
+
+#: RISE's coarse grid (Petsiuk et al. 2018 use 7x7 on 224x224 images); we use 8x8 so a
+#: 64x64 latent gets 8x8-cell blocks.
+SMOOTH_GRID = 8
+
+
+def make_masks(
+    n: int,
+    size: tuple[int, int],
+    p: float,
+    kind: MaskKind = "bernoulli",
+    seed: int = 0,
+    grid: int = SMOOTH_GRID,
+) -> torch.Tensor:
+    """Seeded DF-RISE masks on the latent grid (1 keeps a cell, 0 zeroes it).
+
+    Parameters
+    ----------
+    n : int
+        Number of masks.
+    size : tuple of int
+        Latent grid ``(h, w)``.
+    p : float
+        Probability of keeping a cell (of a coarse cell for ``"smooth"``).
+    kind : {"bernoulli", "smooth"}
+        ``"bernoulli"``: independent cells, as in the paper. ``"smooth"``: RISE's binary
+        coarse grid upsampled bilinearly and cropped at a random shift (values in [0, 1]).
+    seed : int
+        The masks depend only on ``(n, size, p, kind, seed, grid)``, never on batching.
+    grid : int
+        Coarse grid side for ``"smooth"``; capped at half the latent side.
+
+    Returns
+    -------
+    Tensor of float32, shape (n, h, w), on the CPU
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be strictly between 0 and 1, got {p}")
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    if kind == "bernoulli":
+        return (torch.rand(n, h, w, generator=gen) < p).float()
+    if kind != "smooth":
+        raise ValueError(f"unknown mask kind {kind!r}; use 'bernoulli' or 'smooth'")
+    s = max(2, min(grid, h // 2, w // 2))
+    cell_h, cell_w = math.ceil(h / s), math.ceil(w / s)
+    coarse = (torch.rand(n, 1, s, s, generator=gen) < p).float()
+    up = F.interpolate(
+        coarse, size=((s + 1) * cell_h, (s + 1) * cell_w), mode="bilinear", align_corners=False
+    )[:, 0]
+    dy = torch.randint(0, cell_h, (n,), generator=gen)
+    dx = torch.randint(0, cell_w, (n,), generator=gen)
+    return torch.stack([up[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w] for k in range(n)])
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.flatten().double() - a.double().mean()
+    b = b.flatten().double() - b.double().mean()
+    denom = float(a.norm() * b.norm())
+    return float((a @ b) / denom) if denom > 0 else 0.0
+
+
+class DFRise:
+    """DF-RISE saliency of the latent ``x_t`` at one step (Park, Ju & Lee 2024, Sec. 3.2).
+
+    ``n_masks`` binary masks ``M_k`` over the latent grid zero the masked cells on all
+    channels; the UNet runs on ``x_t * M_k`` at the same ``t`` with the same text embedding
+    and classifier-free guidance as the pipeline; ``s_k`` is the similarity between the
+    masked and the unmasked prediction of the same quantity; the saliency is
+    ``S = sum_k s_k M_k / (N p)`` (RISE's Monte-Carlo estimate of ``E[s | cell kept]``).
+
+    Parameters
+    ----------
+    n_masks : int
+        ``N``; the paper uses 500.
+    p : float
+        Keep probability of each cell (paper: 0.5).
+    masks : {"bernoulli", "smooth"}
+        Per-cell Bernoulli masks (paper) or RISE's smoothed shifted coarse masks.
+    similarity : {"ssim", "cosine"}
+        ``"ssim"`` is the SSIM *structure* term ``(s_xy + C3) / (s_x s_y + C3)`` with a
+        15x15 Gaussian window, sigma 1.5 (paper); the window shrinks to the largest odd size
+        that fits grids smaller than 15 (recorded in ``meta["window"]``). ``"cosine"`` is the
+        cosine of the flattened predictions.
+    target : {"x0", "prev"}
+        The quantity compared: predicted clean latent (default) or the deterministic DDIM
+        ``x_{t-1}``.
+    batch_size : int, optional
+        Masks per UNet call; chosen from free memory when omitted.
+    seed : int
+        Seed of the masks.
+    progress_bar : bool
+        Show a ``tqdm.auto`` progress bar.
+
+    Notes
+    -----
+    Departures from the paper's public code, and why:
+
+    * It compared the masked ``x_{t-1}`` with the unmasked *noise prediction*, two
+      different quantities; we compare the same quantity (``x0`` or ``x_{t-1}``).
+    * It advanced the live (multistep) scheduler once per mask, so every probe after the
+      first used a corrupted solver history; we replay the step statelessly
+      (:class:`~diffwidget.tracing.replay.StepReplay`).
+    * It ran one UNet call per mask; we batch masks (same result, test-checked) and
+      stream a partial estimate with a convergence measure: ``meta["convergence"]`` holds
+      the split-half correlation of the maps from even- and odd-numbered masks and its
+      Spearman-Brown reliability ``2r / (1 + r)`` after every batch.
+    * SSIM needs a data range; latents have none, so ``L`` is the unmasked prediction's
+      ``max - min``.
+
+    Examples
+    --------
+    >>> sal = DFRise(n_masks=100).attribute(pipe, trace, step=10)  # doctest: +SKIP
+    >>> sal.map.shape == trace.latent_shape  # doctest: +SKIP
+    True
+    """
+
+    name = "df_rise"
+
+    def __init__(
+        self,
+        n_masks: int = 500,
+        p: float = 0.5,
+        masks: MaskKind = "bernoulli",
+        similarity: RiseSimilarity = "ssim",
+        target: RiseTarget = "x0",
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        progress_bar: bool = True,
+        grid: int = SMOOTH_GRID,
+    ) -> None:
+        if n_masks < 1:
+            raise ValueError(f"n_masks must be at least 1, got {n_masks}")
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p must be strictly between 0 and 1, got {p}")
+        if masks not in ("bernoulli", "smooth"):
+            raise ValueError(f"unknown masks {masks!r}; use 'bernoulli' or 'smooth'")
+        if similarity not in ("ssim", "cosine"):
+            raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
+        if target not in ("x0", "prev"):
+            raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be positive or None, got {batch_size}")
+        self.n_masks = n_masks
+        self.p = p
+        self.masks = masks
+        self.similarity = similarity
+        self.target = target
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress_bar = progress_bar
+        self.grid = grid
+
+    def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        kind = "ssim_structure" if self.similarity == "ssim" else "cosine"
+        return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
+
+    def attribute(
+        self,
+        pipe: Any,
+        trace: Trace,
+        step: int,
+        progress: ProgressCallback | None = None,
+    ) -> SaliencyMap:
+        """Compute the DF-RISE map at loop index ``step``.
+
+        Parameters
+        ----------
+        pipe : DiffusionPipeline
+            The pipeline the trace came from.
+        trace : Trace
+            The recorded run.
+        step : int
+            Loop index (not the scheduler timestep).
+        progress : callable, optional
+            Called as ``progress(done, total)`` after every batch; returning ``False``
+            stops early and returns the partial estimate (``meta["complete"] = False``).
+            Pressing Ctrl-C does the same.
+
+        Returns
+        -------
+        SaliencyMap
+        """
+        from tqdm.auto import tqdm
+
+        step = check_step(trace, step)
+        start_time = time.perf_counter()
+        replay = StepReplay(pipe, trace)
+        size = trace.latent_shape
+        x = replay.latent(step)
+        ref = replay.predict(x, step, self.target)
+        masks = make_masks(self.n_masks, size, self.p, self.masks, self.seed, self.grid)
+
+        def probe(n: int) -> Any:
+            return replay.predict(x.expand(n, -1, -1, -1), step, self.target)
+
+        if self.batch_size is not None:
+            batch, batch_note = min(self.batch_size, self.n_masks), "given"
+        else:
+            batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
+        weighted = torch.zeros(2, *size, dtype=torch.float64)  # even / odd mask indices
+        parity = torch.arange(self.n_masks) % 2
+        done = 0
+        cancelled = interrupted = False
+        history: list[list[float]] = []
+        scores: list[float] = []
+        bar = tqdm(total=self.n_masks, desc="DF-RISE", unit="mask", disable=not self.progress_bar)
+        try:
+            for begin in range(0, self.n_masks, batch):
+                m = masks[begin : begin + batch]
+                pred = replay.predict(x * m.to(replay.device)[:, None], step, self.target)
+                s = self._score(pred, ref).double().cpu()
+                contrib = s[:, None, None] * m.double()
+                par = parity[begin : begin + len(m)]
+                weighted[0] += contrib[par == 0].sum(0)
+                weighted[1] += contrib[par == 1].sum(0)
+                scores += s.tolist()
+                done += len(m)
+                bar.update(len(m))
+                r = _pearson(weighted[0], weighted[1])
+                history.append([done, r])
+                if progress is not None and progress(done, self.n_masks) is False:
+                    cancelled = done < self.n_masks
+                    break
+        except KeyboardInterrupt:
+            if done == 0:
+                raise
+            interrupted = True
+        finally:
+            bar.close()
+        raw = (weighted.sum(0) / (done * self.p)).float().numpy()
+        r = history[-1][1] if history else 0.0
+        window = effective_window(size, SSIM_WINDOW)
+        meta: dict[str, Any] = {
+            "n_masks": self.n_masks,
+            "n_used": done,
+            "p": self.p,
+            "masks": self.masks,
+            "similarity": self.similarity,
+            "target": self.target,
+            "seed": self.seed,
+            "batch_size": batch,
+            "batch_size_source": batch_note,
+            "complete": done == self.n_masks and not cancelled and not interrupted,
+            "cancelled": cancelled,
+            "interrupted": interrupted,
+            "convergence": {
+                "split_half_r": r,
+                "reliability": 2 * r / (1 + r) if r > -1 else 0.0,
+                "history": history,
+            },
+            "score_mean": float(np.mean(scores)) if scores else float("nan"),
+            "score_std": float(np.std(scores)) if scores else float("nan"),
+            "device": str(replay.device),
+            "seconds": time.perf_counter() - start_time,
+        }
+        if self.masks == "smooth":
+            meta["grid"] = max(2, min(self.grid, size[0] // 2, size[1] // 2))
+        if self.similarity == "ssim":
+            meta["window"] = window
+            meta["sigma"] = SSIM_SIGMA
+            if window != SSIM_WINDOW:
+                meta["window_note"] = (
+                    f"latent grid {size[0]}x{size[1]} is smaller than the paper's "
+                    f"{SSIM_WINDOW}x{SSIM_WINDOW} SSIM window; used {window}x{window}"
+                )
+        return SaliencyMap(
+            method=self.name,
+            step=step,
+            timestep=int(trace.timesteps[step]),
+            map=minmax(raw),
+            raw=raw,
+            layers={},
+            meta=meta,
+        )

@@ -1,0 +1,140 @@
+"""Per-image similarities between latents that need no downloaded weights.
+
+Used by DF-RISE (masked vs unmasked prediction) and by the insertion/deletion curves.
+Both functions compare a batch ``a`` ``[B, C, h, w]`` with a reference ``b`` (same shape,
+or one image ``[1, C, h, w]`` broadcast over the batch) and return one score per image.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+
+SimilarityName = Literal["ssim", "ssim_structure", "cosine"]
+SIMILARITIES: tuple[str, ...] = get_args(SimilarityName)
+
+#: The paper's SSIM window: a 15x15 Gaussian with sigma 1.5 (the reference SSIM uses 11x11).
+SSIM_WINDOW = 15
+SSIM_SIGMA = 1.5
+#: SSIM stabilisers as fractions of the data range (Wang et al. 2004).
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+#: Guards divisions by a zero norm or a zero data range.
+_TINY = 1e-12
+
+
+def effective_window(size: tuple[int, int], window: int = SSIM_WINDOW) -> int:
+    """The largest odd window ``<= window`` that fits into a grid of ``size``.
+
+    Latent grids smaller than the paper's 15x15 window (the embedded model's is 16x16,
+    tiny test models 8x8) get a smaller window so that at least one window position exists.
+    """
+    fit = min(window, *size)
+    return fit if fit % 2 == 1 else fit - 1
+
+
+def gaussian_window(size: int, sigma: float, *, device: torch.device | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps (float32)."""
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    return g / g.sum()
+
+
+def _blur_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # Separable depthwise Gaussian with 'valid' borders, as in the reference SSIM code.
+    channels = x.shape[1]
+    kx = g.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    ky = g.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    return F.conv2d(F.conv2d(x, kx, groups=channels), ky, groups=channels)
+
+
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    structure_only: bool = False,
+    data_range: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean SSIM (or its structure term) per image.
+
+    Parameters
+    ----------
+    a, b : Tensor, shape (B, C, h, w) and (B or 1, C, h, w)
+        Images or latents; ``b`` is the reference.
+    window : int
+        Gaussian window size; shrunk with :func:`effective_window` on small grids.
+    sigma : float
+        Gaussian standard deviation in grid cells.
+    structure_only : bool
+        Return only the structure term ``(s_ab + C3) / (s_a s_b + C3)``, ``C3 = C2 / 2``
+        (the term DF-RISE scores masks with), instead of the full SSIM.
+    data_range : float or Tensor, optional
+        Dynamic range ``L`` for the stabilisers. Latents have no fixed range, so by default
+        it is the reference's own ``max - min`` per image.
+
+    Returns
+    -------
+    Tensor of float32, shape (B,)
+        Mean over channels and window positions.
+    """
+    a = a.float()
+    b = b.float()
+    size = effective_window((a.shape[-2], a.shape[-1]), window)
+    g = gaussian_window(size, sigma, device=a.device)
+    if data_range is None:
+        flat = b.flatten(1)
+        data_range = (flat.amax(dim=1) - flat.amin(dim=1)).clamp_min(_TINY)
+    rng = torch.as_tensor(data_range, dtype=torch.float32, device=a.device).reshape(-1, 1, 1, 1)
+    c1 = (SSIM_K1 * rng) ** 2
+    c2 = (SSIM_K2 * rng) ** 2
+    b = b.expand_as(a)
+    mu_a = _blur_valid(a, g)
+    mu_b = _blur_valid(b, g)
+    var_a = (_blur_valid(a * a, g) - mu_a**2).clamp_min(0.0)
+    var_b = (_blur_valid(b * b, g) - mu_b**2).clamp_min(0.0)
+    cov = _blur_valid(a * b, g) - mu_a * mu_b
+    if structure_only:
+        c3 = c2 / 2.0
+        score = (cov + c3) / (torch.sqrt(var_a * var_b) + c3)
+    else:
+        luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
+        contrast_structure = (2 * cov + c2) / (var_a + var_b + c2)
+        score = luminance * contrast_structure
+    return score.flatten(1).mean(dim=1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the flattened images, one value per image (float32)."""
+    a = a.float().flatten(1)
+    b = b.float().flatten(1).expand_as(a)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_TINY)
+
+
+def similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kind: SimilarityName,
+    *,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+) -> torch.Tensor:
+    """Dispatch to :func:`ssim`, the SSIM structure term, or :func:`cosine`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.randn(1, 4, 16, 16)
+    >>> round(float(similarity(x, x, "ssim_structure")[0]), 4)
+    1.0
+    """
+    if kind == "cosine":
+        return cosine(a, b)
+    if kind == "ssim":
+        return ssim(a, b, window=window, sigma=sigma)
+    if kind == "ssim_structure":
+        return ssim(a, b, window=window, sigma=sigma, structure_only=True)
+    raise ValueError(f"unknown similarity {kind!r}; use one of {SIMILARITIES}")

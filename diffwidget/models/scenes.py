@@ -1,0 +1,362 @@
+"""A procedural world of coloured shapes with exact ground truth, for the embedded model.
+
+Every image holds one or two flat-coloured shapes on a light background and comes with a
+caption from a small grammar::
+
+    a large red circle on the left
+    a small green triangle at the top
+    a small red circle left of a large blue square
+    a large blue square above a small yellow triangle
+
+Because the world is generated, each object carries its colour, shape, size, position, pixel
+mask and the indices of the caption words that describe it. Captions for some
+(colour, shape, position) combinations never occur in training (:data:`HELD_OUT_TRIPLES`), so
+prompt adherence can be measured on combinations the model has not seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+Colour = Literal["red", "green", "blue", "yellow", "purple"]
+Shape = Literal["circle", "square", "triangle"]
+Size = Literal["small", "large"]
+Position = Literal["left", "right", "top", "bottom", "centre"]
+Relation = Literal["left of", "right of", "above", "below"]
+
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+
+#: Palette, chosen with well separated hues so a reader can tell them apart after decoding.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 200, 30),
+    "purple": (150, 60, 190),
+}
+BACKGROUND = (236, 236, 236)
+BACKGROUND_JITTER = 10  # per-image shift of the background grey level (light variation)
+COLOUR_JITTER = 8  # per-object, per-channel shift of the palette colour
+POSITION_JITTER = 0.05  # fraction of the image size an object centre may move off its anchor
+
+#: Object centres as fractions of the image size (x, y).
+ANCHORS: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "centre": (0.5, 0.5),
+}
+#: Half-extent ranges (fraction of image size) per size word; with the jitter, two large
+#: objects on opposite anchors never touch.
+HALF_EXTENT: dict[str, tuple[float, float]] = {"small": (0.10, 0.125), "large": (0.16, 0.19)}
+SQUARE_SCALE = 0.9  # squares are drawn a little smaller so their area is close to a circle's
+
+POSITION_PHRASE: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
+#: Where the first and second object of a two-object caption stand, per relation.
+RELATION_POSITIONS: dict[str, tuple[str, str]] = {
+    "left of": ("left", "right"),
+    "right of": ("right", "left"),
+    "above": ("top", "bottom"),
+    "below": ("bottom", "top"),
+}
+
+#: (colour, shape, position) combinations excluded from training, in any size and in both
+#: one- and two-object scenes. Each colour, shape and position still occurs with others.
+HELD_OUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "triangle", "left"),
+        ("green", "circle", "top"),
+        ("blue", "square", "right"),
+        ("yellow", "triangle", "centre"),
+        ("purple", "circle", "bottom"),
+        ("green", "square", "left"),
+    }
+)
+SUPERSAMPLE = 4  # render at 4x and downsample for anti-aliased edges
+_HELD_OUT_SEED_OFFSET = 1_000_003  # evaluation scenes use a stream apart from training ones
+
+#: Every word the grammar can produce (the tokenizer gives each one token).
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        {"a", *COLOURS, *SHAPES, *SIZES}
+        | {w for phrase in POSITION_PHRASE.values() for w in phrase.split()}
+        | {w for rel in RELATIONS for w in rel.split()}
+    )
+)
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """What a caption says about one object (no pixels)."""
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One rendered object with its ground truth.
+
+    Attributes
+    ----------
+    colour, shape, size, position : str
+        Attribute words (see the module constants).
+    mask : np.ndarray
+        bool [H, W], the object's pixels (more than half covered).
+    words : tuple of int
+        Indices into ``caption.split()`` of the words describing this object: its size,
+        colour and shape words, and for one-object captions the position word. The prompt
+        token index of word ``k`` is ``k + 1`` (the tokenizer prepends a start token).
+    """
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+    mask: np.ndarray
+    words: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A caption, its objects and the rendered uint8 [H, W, 3] image."""
+
+    caption: str
+    objects: tuple[SceneObject, ...]
+    image: np.ndarray
+
+
+def caption_for(
+    specs: list[ObjectSpec] | tuple[ObjectSpec, ...],
+) -> tuple[str, list[tuple[int, ...]]]:
+    """Caption for one or two object specs, with the word indices of each object.
+
+    Two objects must stand in one of :data:`RELATION_POSITIONS`' arrangements.
+    """
+    if len(specs) == 1:
+        (s,) = specs
+        words = ["a", s.size, s.colour, s.shape, *POSITION_PHRASE[s.position].split()]
+        return " ".join(words), [(1, 2, 3, len(words) - 1)]
+    if len(specs) == 2:
+        first, second = specs
+        relation = next(
+            (r for r, p in RELATION_POSITIONS.items() if p == (first.position, second.position)),
+            None,
+        )
+        if relation is None:
+            raise ValueError(
+                f"two objects must be left/right or top/bottom of each other, got "
+                f"{first.position!r} and {second.position!r}"
+            )
+        rel = relation.split()
+        words = ["a", first.size, first.colour, first.shape, *rel, "a"]
+        offset = len(words)
+        words += [second.size, second.colour, second.shape]
+        return " ".join(words), [(1, 2, 3), (offset, offset + 1, offset + 2)]
+    raise ValueError(f"scenes hold one or two objects, got {len(specs)}")
+
+
+def parse_caption(caption: str) -> list[ObjectSpec]:
+    """Object specs described by a caption of the grammar.
+
+    Raises
+    ------
+    ValueError
+        If the caption is not a sentence of the grammar (see the module docstring).
+    """
+    words = caption.lower().split()
+    hint = (
+        "expected e.g. 'a large red circle on the left' or "
+        "'a small red circle left of a large blue square'"
+    )
+
+    def obj(ws: list[str]) -> tuple[str, str, str]:
+        if (
+            len(ws) != 4
+            or ws[0] != "a"
+            or ws[1] not in SIZES
+            or ws[2] not in COLOURS
+            or ws[3] not in SHAPES
+        ):
+            raise ValueError(f"cannot parse {caption!r}: {hint}")
+        return ws[1], ws[2], ws[3]
+
+    for position, phrase in POSITION_PHRASE.items():
+        tail = phrase.split()
+        if words[-len(tail) :] == tail and len(words) == 4 + len(tail):
+            size, colour, shape = obj(words[:4])
+            return [ObjectSpec(colour, shape, size, position)]
+    for relation, (p1, p2) in RELATION_POSITIONS.items():
+        rel = relation.split()
+        if len(words) == 8 + len(rel) and words[4 : 4 + len(rel)] == rel:
+            s1, c1, h1 = obj(words[:4])
+            s2, c2, h2 = obj(words[4 + len(rel) :])
+            return [ObjectSpec(c1, h1, s1, p1), ObjectSpec(c2, h2, s2, p2)]
+    raise ValueError(f"cannot parse {caption!r}: {hint}")
+
+
+def _is_held_out(spec: ObjectSpec) -> bool:
+    return (spec.colour, spec.shape, spec.position) in HELD_OUT_TRIPLES
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        h = r * SQUARE_SCALE
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        # Upright isosceles triangle filling its 2r x 2r box.
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return None
+
+
+class SceneWorld:
+    """Seeded generator of scenes.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the random stream; the same seed gives the same scenes.
+    image_size : int
+        Side of the square images in pixels.
+
+    Examples
+    --------
+    >>> world = SceneWorld(seed=0)
+    >>> scene = world.sample(1, n_objects=(1,))[0]
+    >>> scene.image.shape, len(scene.objects)
+    ((64, 64, 3), 1)
+    """
+
+    def __init__(self, seed: int = 0, image_size: int = 64) -> None:
+        self.seed = seed
+        self.image_size = image_size
+        self._rng = np.random.default_rng(seed)
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _random_specs(self, rng: np.random.Generator, n_objects: int) -> list[ObjectSpec]:
+        def pick(options: tuple[str, ...]) -> str:
+            return options[int(rng.integers(len(options)))]
+
+        if n_objects == 1:
+            return [ObjectSpec(pick(COLOURS), pick(SHAPES), pick(SIZES), pick(POSITIONS))]
+        p1, p2 = RELATION_POSITIONS[pick(RELATIONS)]
+        c1 = pick(COLOURS)
+        c2 = pick(tuple(c for c in COLOURS if c != c1))  # distinct colours keep objects apart
+        return [
+            ObjectSpec(c1, pick(SHAPES), pick(SIZES), p1),
+            ObjectSpec(c2, pick(SHAPES), pick(SIZES), p2),
+        ]
+
+    def sample(
+        self, n: int, n_objects: tuple[int, ...] = (1, 2), *, include_held_out: bool = False
+    ) -> list[Scene]:
+        """Draw ``n`` scenes (training distribution: held-out combinations excluded).
+
+        Parameters
+        ----------
+        n : int
+            Number of scenes.
+        n_objects : tuple of int
+            Object counts to draw from uniformly (1 and/or 2).
+        include_held_out : bool
+            Also allow the combinations in :data:`HELD_OUT_TRIPLES`.
+        """
+        bad = [k for k in n_objects if k not in (1, 2)]
+        if bad or not n_objects:
+            raise ValueError(f"n_objects must hold 1 and/or 2, got {n_objects}")
+        scenes = []
+        while len(scenes) < n:
+            k = n_objects[int(self._rng.integers(len(n_objects)))]
+            specs = self._random_specs(self._rng, k)
+            if not include_held_out and any(_is_held_out(s) for s in specs):
+                continue
+            scenes.append(self._render(specs, self._rng))
+        return scenes
+
+    def held_out_scenes(self, n: int, *, unseen_fraction: float = 0.5) -> list[Scene]:
+        """Evaluation scenes, alternating one- and two-object captions.
+
+        A share ``unseen_fraction`` contains a combination from :data:`HELD_OUT_TRIPLES`
+        (never seen in training); the rest use seen combinations. The stream is fixed by the
+        world's seed and independent of :meth:`sample`.
+        """
+        rng = np.random.default_rng(self.seed + _HELD_OUT_SEED_OFFSET)
+        triples = sorted(HELD_OUT_TRIPLES)
+        scenes: list[Scene] = []
+        for i in range(n):
+            k = 1 + i % 2
+            # Deterministic interleaving so any prefix keeps about the requested share.
+            want_unseen = int((i // 2 + 1) * unseen_fraction) > int((i // 2) * unseen_fraction)
+            while True:
+                specs = self._random_specs(rng, k)
+                if k == 1 and want_unseen:
+                    colour, shape, position = triples[int(rng.integers(len(triples)))]
+                    specs = [ObjectSpec(colour, shape, specs[0].size, position)]
+                if any(_is_held_out(s) for s in specs) == want_unseen:
+                    break
+            scenes.append(self._render(specs, rng))
+        return scenes
+
+    def held_out_captions(self, n: int, *, unseen_fraction: float = 0.5) -> list[str]:
+        """Captions of :meth:`held_out_scenes` (half of them unseen combinations)."""
+        return [s.caption for s in self.held_out_scenes(n, unseen_fraction=unseen_fraction)]
+
+    def render_caption(self, caption: str) -> Scene:
+        """A scene matching ``caption`` (random jitter from the world's stream)."""
+        return self._render(parse_caption(caption), self._rng)
+
+    # -- rendering --------------------------------------------------------------------------
+    def _render(self, specs: list[ObjectSpec], rng: np.random.Generator) -> Scene:
+        size = self.image_size
+        big = size * SUPERSAMPLE
+        grey = int(
+            np.clip(BACKGROUND[0] + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1), 0, 255)
+        )
+        canvas = Image.new("RGB", (big, big), (grey, grey, grey))
+        draw = ImageDraw.Draw(canvas)
+        caption, word_sets = caption_for(specs)
+        objects = []
+        for spec, words in zip(specs, word_sets, strict=True):
+            ax, ay = ANCHORS[spec.position]
+            jx, jy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+            lo, hi = HALF_EXTENT[spec.size]
+            r = rng.uniform(lo, hi) * big
+            cx, cy = (ax + jx) * big, (ay + jy) * big
+            base = np.array(PALETTE[spec.colour])
+            colour = tuple(
+                int(v)
+                for v in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
+            )
+            mask_img = Image.new("L", (big, big), 0)
+            mask_draw = ImageDraw.Draw(mask_img)
+            polygon = _shape_polygon(spec.shape, cx, cy, r)
+            for target, fill in ((draw, colour), (mask_draw, 255)):
+                if polygon is None:
+                    target.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+                else:
+                    target.polygon(polygon, fill=fill)
+            coverage = np.asarray(mask_img.resize((size, size), Image.Resampling.BOX))
+            objects.append(
+                SceneObject(
+                    spec.colour, spec.shape, spec.size, spec.position, coverage > 127, tuple(words)
+                )
+            )
+        image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
+        return Scene(caption, tuple(objects), image)

@@ -1,0 +1,250 @@
+"""Cross-attention capture that wraps, never replaces, each ``attn2`` layer's processor.
+
+The layer's original processor (SDPA, xformers, sliced, ...) still computes the layer's
+output, so a traced image is bit-identical to an untraced one and fast kernels are kept.
+On the side, for the *conditional* CFG half only, we recompute the query and key
+projections and keep ``softmax(Q K^T * scale)`` averaged over heads, for the selected
+token positions, in float16, on the device (no host sync inside the denoising loop).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Suffix of the keys of ``unet.attn_processors``.
+PROCESSOR_SUFFIX = ".processor"
+#: Cross-attention layers are the ``attn2`` of each transformer block.
+CROSS_ATTENTION_NAME = "attn2"
+
+
+class AttentionRecorder:
+    """Per-step, per-layer storage shared by all capture processors of one trace.
+
+    Parameters
+    ----------
+    token_indices : list of int, optional
+        Token positions to keep; ``None`` keeps all.
+    """
+
+    def __init__(self, token_indices: list[int] | None) -> None:
+        self.token_indices = token_indices
+        self.step = 0
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self.n_tokens_total: int | None = None
+        #: ``encoder_hidden_states`` of the first captured call, in the pipeline's batch order.
+        self.encoder_hidden_states: torch.Tensor | None = None
+        self._index_cache: dict[torch.device, torch.Tensor] = {}
+
+    def _indices(self, device: torch.device) -> torch.Tensor | None:
+        if self.token_indices is None:
+            return None
+        if device not in self._index_cache:
+            self._index_cache[device] = torch.tensor(self.token_indices, device=device)
+        return self._index_cache[device]
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        """Store ``probs`` (``[n_queries, n_tokens]``, mean over heads) for the current step."""
+        stored = self.maps.setdefault(layer, [])
+        if len(stored) != self.step:
+            raise RuntimeError(
+                f"attention layer {layer} ran {len(stored) - self.step + 1} times in step "
+                f"{self.step}; diffwidget traces pipelines that call the UNet once per step "
+                "(with CFG batched). Use DPMSolverMultistepScheduler, DDIMScheduler or "
+                "EulerDiscreteScheduler rather than a scheduler that evaluates the UNet "
+                "several times per step (e.g. Heun)."
+            )
+        self.n_tokens_total = probs.shape[-1]
+        indices = self._indices(probs.device)
+        if indices is not None:
+            probs = probs.index_select(-1, indices)
+        stored.append(probs.to(torch.float16))
+
+
+def _cond_half(tensor: torch.Tensor) -> torch.Tensor:
+    # diffusers batches CFG as [uncond, cond]; one image per trace, so a batch of two is
+    # CFG and the conditional sample is the last one. Without CFG the batch is all cond.
+    batch = tensor.shape[0]
+    if batch > 2:
+        raise RuntimeError(
+            f"attention saw a batch of {batch}; trace one prompt and one image at a time "
+            "(num_images_per_prompt=1)"
+        )
+    return tensor[batch // 2 :]
+
+
+@torch.no_grad()
+def attention_probs(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(Q K^T * attn.scale)`` of a diffusers ``Attention`` layer, mean over heads.
+
+    Applies the same input transforms as diffusers' ``AttnProcessor2_0`` (spatial norm,
+    group norm, cross norm, q/k norms) and computes scores in float32.
+
+    Returns
+    -------
+    Tensor, shape (batch, n_queries, n_tokens), float32
+    """
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+        scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+class CaptureAttnProcessor:
+    """Wraps an attention processor and records cross-attention probabilities on the side.
+
+    Parameters
+    ----------
+    original : callable
+        The layer's processor; it still computes the layer output.
+    layer : str
+        The layer's diffusers module path (e.g. ``"mid_block.attentions.0.transformer_blocks.0.attn2"``).
+    recorder : AttentionRecorder
+        Where probabilities go.
+    """
+
+    def __init__(self, original: Callable[..., Any], layer: str, recorder: AttentionRecorder) -> None:
+        self.original = original
+        self.layer = layer
+        self.recorder = recorder
+        # diffusers forwards only those cross_attention_kwargs that the processor's
+        # __call__ names (it inspects the signature), so advertise the wrapped one's.
+        forward = self._forward
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return forward(*args, **kwargs)
+
+        call.__signature__ = inspect.signature(original.__call__)  # type: ignore[attr-defined]
+        self.__call__ = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        output = self.original(attn, hidden_states, *args, **kwargs)
+        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if encoder_hidden_states is None:
+            return output
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        if self.recorder.encoder_hidden_states is None:
+            self.recorder.encoder_hidden_states = encoder_hidden_states.detach().clone()
+        probs = attention_probs(
+            attn,
+            _cond_half(hidden_states),
+            _cond_half(encoder_hidden_states),
+            None if attention_mask is None else _cond_half(attention_mask),
+            None if temb is None else _cond_half(temb),
+        )
+        self.recorder.add(self.layer, probs[0])
+        return output
+
+
+def cross_attention_layers(unet: Any) -> list[str]:
+    """Module paths of the UNet's cross-attention (``attn2``) layers in data-flow order.
+
+    Down blocks, then the mid block, then up blocks (``named_modules`` registers the mid
+    block last).
+    """
+    names = [
+        name
+        for name, module in unet.named_modules()
+        if name.rsplit(".", 1)[-1] == CROSS_ATTENTION_NAME
+        and getattr(module, "is_cross_attention", False)
+        and hasattr(module, "set_processor")
+    ]
+    return sorted(names, key=_data_flow_key)
+
+
+def _data_flow_key(path: str) -> tuple[int, list[int]]:
+    block = path.split(".", 1)[0]
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(block, 3)
+    return order, [int(part) for part in path.split(".") if part.isdigit()]
+
+
+class AttentionCapture:
+    """Installs capture processors on every ``attn2`` layer of ``unet`` and restores them.
+
+    Parameters
+    ----------
+    unet : UNet2DConditionModel
+        The pipeline's UNet.
+    recorder : AttentionRecorder
+        Shared storage for the captured maps.
+    """
+
+    def __init__(self, unet: Any, recorder: AttentionRecorder) -> None:
+        self.unet = unet
+        self.recorder = recorder
+        self.layers = cross_attention_layers(unet)
+        if not self.layers:
+            raise ValueError(
+                f"{type(unet).__name__} has no cross-attention (attn2) layers to trace; pass a "
+                "StableDiffusionPipeline or StableDiffusionXLPipeline whose UNet has "
+                "cross-attention"
+            )
+        self._originals: dict[str, Any] | None = None
+        self._installed: list[tuple[str, Any, CaptureAttnProcessor]] = []
+
+    def install(self) -> None:
+        """Wrap every ``attn2`` processor (restore with :meth:`restore`, in a ``finally``)."""
+        originals = dict(self.unet.attn_processors)
+        if any(isinstance(p, CaptureAttnProcessor) for p in originals.values()):
+            raise RuntimeError(
+                "this UNet is already being traced (a TraceContext is active on it); "
+                "leave that context before starting another"
+            )
+        modules = dict(self.unet.named_modules())
+        wanted = set(self.layers)
+        installed = {}
+        for key, processor in originals.items():
+            layer = key[: -len(PROCESSOR_SUFFIX)]
+            if layer in wanted:
+                capture = CaptureAttnProcessor(processor, layer, self.recorder)
+                self._installed.append((layer, modules[layer], capture))
+                installed[key] = capture
+            else:
+                installed[key] = processor
+        # set_attn_processor pops entries from the dict it is given: hand it a copy.
+        self.unet.set_attn_processor(dict(installed))
+        self._originals = originals
+
+    def restore(self) -> None:
+        """Put the original processors back (no-op if not installed)."""
+        if self._originals is not None:
+            self.unet.set_attn_processor(dict(self._originals))
+            self._originals = None
+            self._installed = []
+
+    def replaced_layers(self) -> list[str]:
+        """Layers whose capture processor was swapped out since :meth:`install`."""
+        return [layer for layer, module, capture in self._installed if module.processor is not capture]

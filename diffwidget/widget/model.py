@@ -1,0 +1,99 @@
+"""The anywidget model: synced state only, with every front-end write validated.
+
+Users talk to :class:`~diffwidget.widget.explorer.Explorer`; this class holds the traits
+declared in :mod:`diffwidget.widget.schema` and nothing else, so a saved notebook re-renders
+from its widget state without a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anywidget
+
+from diffwidget.widget import schema
+
+STATIC = Path(__file__).parent / "static"
+ESM_PATH = STATIC / "widget.js"
+CSS_PATH = STATIC / "widget.css"
+
+_BUILD_HINT = (
+    "the widget's front end is not built; run `npm install && npm run build` in js/ "
+    "(or reinstall the package with `pip install -e .`)"
+)
+
+
+def _esm() -> Path | str:
+    if ESM_PATH.exists():
+        return ESM_PATH
+    # A readable failure in the notebook instead of a blank output area.
+    return f"export default {{ render({{ el }}) {{ el.textContent = {_BUILD_HINT!r}; }} }};"
+
+
+# Traits come from the schema (single source of truth); the dynamic base keeps them
+# declared at class level, where traitlets expects them.
+_SyncedState: type[anywidget.AnyWidget] = type(
+    "_SyncedState", (anywidget.AnyWidget,), dict(schema.build_traits())
+)
+
+
+class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
+    """Synced state of one explorer view (see :data:`diffwidget.widget.schema.TRAITS`).
+
+    Writes from the front end go through :meth:`set_state`, which validates each value
+    against the current trace; a rejected value sets ``error``, is echoed back so the
+    view reverts, and never raises inside the kernel's comm handler.
+    """
+
+    _esm = _esm()
+    _css = CSS_PATH if CSS_PATH.exists() else ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._message_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.on_msg(self._dispatch_message)
+
+    @property
+    def n_steps(self) -> int:
+        """Number of steps in the shown trace."""
+        return len(self.timesteps)
+
+    def set_state(self, sync_data: dict[str, Any]) -> None:
+        """Apply a state update from the front end after validating each key."""
+        accepted: dict[str, Any] = {}
+        rejected: list[str] = []
+        for name, value in sync_data.items():
+            try:
+                accepted[name] = schema.validate_incoming(
+                    name, value, n_steps=self.n_steps, n_tokens=len(self.tokens)
+                )
+            except schema.InvalidInput as exc:
+                rejected.append(name)
+                self.error = str(exc)
+        if accepted:
+            if not rejected and self.error and self.status != "error":
+                self.error = ""
+            super().set_state(accepted)
+        for name in rejected:
+            if name in schema.TRAITS_BY_NAME:
+                # Echo the kernel's value so the view drops the rejected one.
+                self.send_state(name)
+
+    def on_message(self, kind: str, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Register ``handler(content)`` for front-end messages ``{"kind": kind, ...}``."""
+        if kind not in schema.FRONTEND_MESSAGES:
+            raise ValueError(f"unknown message kind {kind!r}; use one of {schema.FRONTEND_MESSAGES}")
+        self._message_handlers[kind] = handler
+
+    def _dispatch_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        kind = content.get("kind") if isinstance(content, dict) else None
+        handler = self._message_handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            self.error = (
+                f"unknown message {content!r} from the view; expected one of "
+                f"{[{'kind': k} for k in schema.FRONTEND_MESSAGES]}"
+            )
+            return
+        handler(content)

@@ -1,0 +1,98 @@
+"""RGB images per step for the view: predicted x̂0 and the noisy latent x_t.
+
+Traces made with ``decode_previews=True`` already hold VAE-decoded x̂0 previews. The noisy
+latent is decoded by the VAE when a pipeline is at hand; otherwise by a linear latent→RGB
+map fitted (least squares) on the trace's own pairs of x̂0 latents and decoded previews,
+which needs no torch and is close enough to see the noise being removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from diffwidget.explain.attention import upsample_maps
+from diffwidget.tracing.trace import Trace
+
+#: Side of the image drawn when a trace has no decoded previews (latent upsampled).
+FALLBACK_SIZE = 64
+#: Images are stored as uint8 RGB.
+_RGB_MAX = 255.0
+
+
+def _to_uint8(rgb01: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(rgb01 * _RGB_MAX), 0, _RGB_MAX).astype(np.uint8)
+
+
+def _latent_rgb_fallback(latents: np.ndarray) -> np.ndarray:
+    """First three channels, each standardised over the whole run: a view of the latent."""
+    rgb = latents[:, :3] if latents.shape[1] >= 3 else np.repeat(latents[:, :1], 3, axis=1)
+    mean = rgb.mean(axis=(0, 2, 3), keepdims=True)
+    std = rgb.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    return np.moveaxis(np.clip((rgb - mean) / (4 * std) + 0.5, 0, 1), 1, -1)
+
+
+def x0_previews(trace: Trace) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` predicted clean images, one per step."""
+    if trace.previews is not None:
+        return np.ascontiguousarray(trace.previews, dtype=np.uint8)
+    up = upsample_maps(trace.pred_x0.astype(np.float32), (FALLBACK_SIZE, FALLBACK_SIZE))
+    return _to_uint8(_latent_rgb_fallback(up))
+
+
+def fit_linear_decoder(trace: Trace) -> np.ndarray:
+    """Least-squares map ``[C + 1, 3]`` from latent channels (+ bias) to preview RGB in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        When the trace has no decoded previews to fit on.
+    """
+    if trace.previews is None:
+        raise ValueError("fitting a latent→RGB map needs decoded previews (decode_previews=True)")
+    n, c, h, w = trace.pred_x0.shape
+    previews = trace.previews.astype(np.float32) / _RGB_MAX
+    # Previews resampled to the latent grid so each latent cell has one target colour.
+    small = np.moveaxis(upsample_maps(np.moveaxis(previews, -1, 1), (h, w)), 1, -1)
+    design = np.concatenate(
+        [np.moveaxis(trace.pred_x0, 1, -1).reshape(-1, c), np.ones((n * h * w, 1))], axis=1
+    )
+    weights, *_ = np.linalg.lstsq(design, small.reshape(-1, 3), rcond=None)
+    return weights.astype(np.float32)
+
+
+def _vae_decode(pipe: Any, latents: np.ndarray) -> np.ndarray:
+    import torch
+
+    vae = pipe.vae
+    param = next(vae.parameters())
+    images = []
+    with torch.no_grad():
+        for latent in latents:
+            x = torch.from_numpy(latent[None]).to(device=param.device, dtype=param.dtype)
+            out = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0]
+            images.append((out[0].float().clamp(-1, 1) / 2 + 0.5).permute(1, 2, 0).cpu().numpy())
+    return _to_uint8(np.stack(images))
+
+
+def noisy_previews(trace: Trace, pipe: Any = None) -> tuple[np.ndarray, str]:
+    """uint8 ``[N, H, W, 3]`` images of the noisy latent x_t and a sentence saying how."""
+    latents = trace.latents.astype(np.float32)
+    if pipe is not None and getattr(pipe, "vae", None) is not None:
+        return _vae_decode(pipe, latents), "Noisy latent x_t entering this step, decoded by the VAE"
+    if trace.previews is None:
+        up = upsample_maps(latents, (FALLBACK_SIZE, FALLBACK_SIZE))
+        return _to_uint8(_latent_rgb_fallback(up)), (
+            "Noisy latent x_t entering this step: first three channels, standardised"
+        )
+    weights = fit_linear_decoder(trace)
+    size = trace.previews.shape[1:3]
+    n, c, h, w = latents.shape
+    cells = np.moveaxis(latents, 1, -1).reshape(-1, c)
+    rgb = (np.concatenate([cells, np.ones((len(cells), 1))], axis=1) @ weights).reshape(n, h, w, 3)
+    rgb = np.moveaxis(upsample_maps(np.moveaxis(rgb, -1, 1), (int(size[0]), int(size[1]))), 1, -1)
+    return _to_uint8(rgb), (
+        "Noisy latent x_t entering this step, through a linear latent→RGB map fitted on "
+        "this trace's x̂0 previews (no VAE in the kernel)"
+    )

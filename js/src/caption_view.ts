@@ -1,0 +1,30 @@
+import { captionText } from "./actions";
+import { type Cleanup, h, type Model, onChanges } from "./model";
+
+/** The sentence under the image stating what is drawn and aggregated. */
+export function captionView(model: Model, el: HTMLElement): Cleanup {
+  const caption = h("p", "dw-caption");
+  el.appendChild(caption);
+  const update = (): void => {
+    caption.textContent = captionText({
+      step: model.get("step"),
+      token: model.get("token"),
+      overlay: model.get("overlay"),
+      image_mode: model.get("image_mode"),
+      tokens: model.get("tokens"),
+      timesteps: model.get("timesteps"),
+      descriptions: model.get("descriptions"),
+      overlays: model.get("overlays"),
+    });
+  };
+  const off = onChanges(
+    model,
+    ["step", "token", "overlay", "image_mode", "tokens", "timesteps", "descriptions", "overlays"],
+    update,
+  );
+  update();
+  return () => {
+    off();
+    caption.remove();
+  };
+}

@@ -1,0 +1,75 @@
+import { setStep, stepBy, stepCount } from "./actions";
+import { type Cleanup, h, type Model, onChanges } from "./model";
+
+/** Frames per second of playback (slow enough to follow the denoising). */
+export const PLAY_FPS = 6;
+
+/** Time-step slider with play/pause; keyboard arrows are bound on `keyTarget`. */
+export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement): Cleanup {
+  const row = h("div", "dw-slider");
+  const play = h("button", "dw-play", "▶");
+  play.type = "button";
+  play.title = "Play / pause (space)";
+  const input = h("input", "dw-range");
+  input.type = "range";
+  input.min = "0";
+  input.step = "1";
+  input.setAttribute("aria-label", "denoising step");
+  const label = h("span", "dw-step-label");
+  row.append(play, input, label);
+  el.appendChild(row);
+  let timer: ReturnType<typeof setInterval> | null = null;
+
+  const stop = (): void => {
+    if (timer !== null) clearInterval(timer);
+    timer = null;
+    play.textContent = "▶";
+  };
+  const start = (): void => {
+    if (model.get("step") >= stepCount(model) - 1) setStep(model, 0);
+    timer = setInterval(() => {
+      if (model.get("step") >= stepCount(model) - 1) stop();
+      else stepBy(model, 1);
+    }, 1000 / PLAY_FPS);
+    play.textContent = "⏸";
+  };
+  const toggle = (): void => (timer === null ? start() : stop());
+
+  const update = (): void => {
+    const n = stepCount(model);
+    input.max = String(Math.max(0, n - 1));
+    input.value = String(model.get("step"));
+    const t = model.get("timesteps")[model.get("step")];
+    label.textContent = `step ${model.get("step")} / ${n - 1} · t = ${t ?? "?"}`;
+  };
+  const onInput = (): void => setStep(model, Number(input.value));
+  const onKey = (event: KeyboardEvent): void => {
+    if (event.target instanceof HTMLInputElement && event.target !== input) return;
+    const moves: Record<string, number> = { ArrowLeft: -1, ArrowRight: 1, ArrowDown: -1, ArrowUp: 1 };
+    if (event.key in moves) {
+      stepBy(model, moves[event.key] as number);
+    } else if (event.key === "Home") {
+      setStep(model, 0);
+    } else if (event.key === "End") {
+      setStep(model, stepCount(model) - 1);
+    } else if (event.key === " ") {
+      toggle();
+    } else {
+      return;
+    }
+    event.preventDefault(); // the range input would move a second time
+  };
+  input.addEventListener("input", onInput);
+  play.addEventListener("click", toggle);
+  keyTarget.addEventListener("keydown", onKey);
+  const off = onChanges(model, ["step", "timesteps"], update);
+  update();
+  return () => {
+    stop();
+    off();
+    input.removeEventListener("input", onInput);
+    play.removeEventListener("click", toggle);
+    keyTarget.removeEventListener("keydown", onKey);
+    row.remove();
+  };
+}

@@ -1,0 +1,166 @@
+"""The explorer in a real JupyterLab and Notebook 7, driven by headless chromium."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser.helpers import (
+    JupyterServer,
+    run_all_cells,
+    run_code,
+    wait_for_json,
+    write_notebook,
+)
+from tests.widget.synthetic import make_trace
+
+pytestmark = pytest.mark.browser
+
+#: The fake DF-RISE provider's number of progress updates and the seconds each takes.
+FAKE_RISE_STEPS = 20
+FAKE_RISE_DELAY_S = 0.1
+
+SETUP = textwrap.dedent(
+    f"""
+    import json, time
+    from pathlib import Path
+    import numpy as np
+    from diffwidget.explain.results import SaliencyMap
+    from diffwidget.tracing.trace import Trace
+    from diffwidget.widget.explorer import Explorer
+
+    def fake_rise(trace, step, progress):
+        # Stands in for DF-RISE: a blob that moves with the step, with progress calls.
+        for done in range(1, {FAKE_RISE_STEPS} + 1):
+            time.sleep({FAKE_RISE_DELAY_S})
+            if progress(done, {FAKE_RISE_STEPS}) is False:
+                break
+        h, w = trace.latent_shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        blob = np.exp(-((yy - h / 2) ** 2 + (xx - (step % w)) ** 2) / 8.0).astype(np.float32)
+        return SaliencyMap(method="df_rise", step=step, timestep=int(trace.timesteps[step]),
+                           map=blob / blob.max(), raw=blob, meta={{"n_masks": 8, "p": 0.5}})
+
+    explorer = Explorer(Trace.load("trace.safetensors"), providers={{"df_rise": fake_rise}})
+    STATE = Path(NAME + ".state.json")
+    def dump(_=None):
+        STATE.write_text(json.dumps({{"step": explorer.step, "token": explorer.token,
+            "overlay": explorer.overlay, "status": explorer.status, "error": explorer.error}}))
+    explorer.widget.observe(dump, names=["step", "token", "overlay", "status", "error"])
+    dump()
+    """
+)
+
+
+def open_explorer(server: JupyterServer, page: Any, name: str, app: str = "lab") -> Path:
+    """Write a notebook showing an explorer, open it, run it; return the kernel's state file."""
+    trace_path = server.root / "trace.safetensors"
+    if not trace_path.exists():
+        make_trace().save(trace_path)
+    write_notebook(server.root / f"{name}.ipynb", [f"NAME = {name!r}\n" + SETUP, "explorer"])
+    path = f"lab/tree/{name}.ipynb" if app == "lab" else f"notebooks/{name}.ipynb"
+    page.goto(server.page_url(path))
+    run_all_cells(page)
+    page.wait_for_selector(".dw-canvas[data-draws]")
+    return server.root / f"{name}.state.json"
+
+
+def canvas_pixels(page: Any) -> list[int]:
+    """A coarse grey-level fingerprint of the canvas (64 samples)."""
+    return page.evaluate(
+        """() => {
+            const c = document.querySelector('.dw-canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const out = [];
+            for (let y = 0; y < 8; y++) for (let x = 0; x < 8; x++) {
+                const i = ((y * 48 + 24) * c.width + (x * 48 + 24)) * 4;
+                out.push(d[i] + d[i + 1] + d[i + 2]);
+            }
+            return out;
+        }"""
+    )
+
+
+def test_lab_renders_and_slider_drives_canvas_and_kernel(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "slider")
+    before = canvas_pixels(browser_page)
+    assert max(before) > 0, "the canvas is black"
+    assert len(set(before)) > 1, "the canvas is uniform"
+    browser_page.fill(".dw-range", "15")
+    browser_page.wait_for_selector('.dw-canvas[data-step="15"]')
+    assert canvas_pixels(browser_page) != before
+    wait_for_json(state, lambda s: s["step"] == 15)
+    browser_page.focus(".dw-root")
+    browser_page.keyboard.press("ArrowLeft")
+    wait_for_json(state, lambda s: s["step"] == 14)
+    assert console.widget_errors() == []
+
+
+def test_lab_step_set_in_python_moves_slider(jupyter_server, page):
+    browser_page, console = page
+    open_explorer(jupyter_server, browser_page, "from_python")
+    run_code(browser_page, "explorer.step = 7")
+    browser_page.wait_for_function("() => document.querySelector('.dw-range').value === '7'")
+    assert browser_page.get_attribute(".dw-canvas", "data-step") == "7"
+    assert console.widget_errors() == []
+
+
+def test_lab_token_click_switches_overlay_and_kernel_token(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "tokens")
+    plain = canvas_pixels(browser_page)
+    # Start/end/pad chips are hidden by default.
+    assert browser_page.locator(".dw-chip-start").count() == 0
+    browser_page.click('.dw-chip[data-token="3"]')
+    browser_page.wait_for_selector('.dw-canvas[data-overlay="attention"]')
+    wait_for_json(state, lambda s: s["token"] == 3 and s["overlay"] == "attention")
+    with_circle = canvas_pixels(browser_page)
+    assert with_circle != plain
+    browser_page.click('.dw-chip[data-token="4"]')
+    wait_for_json(state, lambda s: s["token"] == 4)
+    assert canvas_pixels(browser_page) != with_circle
+    assert "circle" in browser_page.inner_text(".dw-caption") or "left" in browser_page.inner_text(
+        ".dw-caption"
+    )
+    assert console.widget_errors() == []
+
+
+def test_lab_df_rise_request_shows_progress_then_overlay(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "rise")
+    browser_page.select_option(".dw-overlay", "df_rise")
+    browser_page.wait_for_selector('.dw-status[data-status="running"]')
+    browser_page.wait_for_function(
+        "() => /computing… [1-9]/.test(document.querySelector('.dw-status-text').textContent)"
+    )
+    browser_page.wait_for_selector('.dw-canvas[data-overlay="df_rise"]')
+    wait_for_json(state, lambda s: s["status"] == "done" and s["overlay"] == "df_rise")
+    assert "DF-RISE saliency" in browser_page.inner_text(".dw-caption")
+    assert console.widget_errors() == []
+
+
+def test_lab_rejected_value_shows_error_and_kernel_keeps_working(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "invalid")
+    run_code(browser_page, "explorer.widget.set_state({'step': 10**9, 'overlay': 'nope'})")
+    browser_page.wait_for_function(
+        "() => /out of range|unknown overlay/.test(document.querySelector('.dw-error').textContent)"
+    )
+    browser_page.fill(".dw-range", "3")
+    wait_for_json(state, lambda s: s["step"] == 3)
+    assert console.widget_errors() == []
+
+
+def test_notebook7_smoke(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "nb7", app="notebook")
+    assert len(set(canvas_pixels(browser_page))) > 1
+    browser_page.fill(".dw-range", "9")
+    wait_for_json(state, lambda s: s["step"] == 9)
+    browser_page.click('.dw-chip[data-token="2"]')
+    wait_for_json(state, lambda s: s["token"] == 2)
+    assert console.widget_errors() == []

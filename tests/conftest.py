@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight pipelines built from configs, offline, in seconds.
+
+Session-scoped pipelines are shared by many tests: a test that changes a pipeline
+(scheduler, attention slicing, processors) must build its own with the ``*_factory``
+fixtures instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffwidget.tracing.trace import Trace
+
+#: The prompt of ``tiny_trace``; every word is one token of the tiny tokenizer.
+TINY_PROMPT = "a red circle on the left"
+#: Steps of ``tiny_trace`` (enough for DPM-Solver++ to reach its second-order updates).
+TINY_STEPS = 5
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the tiny word-level tokenizers."""
+    return tmp_path_factory.mktemp("tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiffusionPipeline]:
+    """Builds a fresh tiny ``StableDiffusionPipeline``: ``factory(seed=0, scheduler="dpm++")``."""
+    from diffwidget.tracing.tiny import tiny_sd_pipeline
+
+    def build(**kwargs: Any) -> StableDiffusionPipeline:
+        kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir / "sd")
+        return tiny_sd_pipeline(**kwargs)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiffusionXLPipeline]:
+    """Builds a fresh tiny ``StableDiffusionXLPipeline``: ``factory(seed=0, scheduler="dpm++")``."""
+    from diffwidget.tracing.tiny import tiny_sdxl_pipeline
+
+    def build(**kwargs: Any) -> StableDiffusionXLPipeline:
+        kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir / "sdxl")
+        return tiny_sdxl_pipeline(**kwargs)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipe(tiny_sd_pipe_factory: Callable[..., StableDiffusionPipeline]) -> StableDiffusionPipeline:
+    """Tiny random-weight SD pipeline (DPM-Solver++, 32x32 images, 16x16 latents). Do not mutate."""
+    return tiny_sd_pipe_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe(
+    tiny_sdxl_pipe_factory: Callable[..., StableDiffusionXLPipeline],
+) -> StableDiffusionXLPipeline:
+    """Tiny random-weight SDXL pipeline (two text encoders, added conditioning). Do not mutate."""
+    return tiny_sdxl_pipe_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_trace(tiny_sd_pipe: StableDiffusionPipeline) -> Trace:
+    """A traced 5-step run of ``tiny_sd_pipe`` (prompt ``TINY_PROMPT``, seed 0, CFG 7.5)."""
+    from diffwidget.tracing.context import trace
+
+    return trace(tiny_sd_pipe, TINY_PROMPT, num_inference_steps=TINY_STEPS, seed=0)

@@ -1,0 +1,284 @@
+"""The ``diffwidget`` command: help, argument errors, notebook look-up, headless runs, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from diffwidget import cli
+
+GOOD_PROMPT = "a large red circle on the left"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def write_notebook(path: Path, *sources: str) -> Path:
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    nbformat.write(notebook, path)
+    return path
+
+
+# ------------------------------------------------------------------------------ help
+def test_help_names_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "demo" in out
+    assert "export" in out
+    assert "diffwidget export" in out  # the example line
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [("demo", "--classroom"), ("demo", "--check"), ("export", "--overlay"), ("export", "--model")],
+)
+def test_subcommand_help_documents_options(
+    command: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert expected in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "demo" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ export errors
+@pytest.mark.parametrize(
+    ("prompt", "fragment"),
+    [
+        ("", "the prompt is empty"),
+        ("   ", "the prompt is empty"),
+        ("a red dog on the left", "no word for 'dog'"),
+        ("a red circle on the left.", "no word for 'left.'"),
+        (" ".join(["a red circle"] * 6), "at most"),
+    ],
+)
+def test_export_rejects_bad_prompts(
+    prompt: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run(["export", prompt, "-o", str(tmp_path / "x.html")], capsys)
+    assert status == cli.EXIT_USAGE
+    assert fragment in err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_unknown_word_error_lists_the_vocabulary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffwidget.models.scenes import VOCABULARY
+
+    _, _, err = run(["export", "a purple dog", "-o", str(tmp_path / "x.html")], capsys)
+    assert all(word in err for word in VOCABULARY)
+    assert "--model" in err  # the way out for prompts outside the embedded model's world
+
+
+def test_caption_outside_the_grammar_is_a_note_not_an_error() -> None:
+    assert cli.check_prompt(GOOD_PROMPT) == []
+    notes = cli.check_prompt("a red circle on the left")  # no size word: not in the grammar
+    assert len(notes) == 1
+    assert "grammar" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("output", "fragment"),
+    [
+        ("x.png", "must be an .html file"),
+        ("missing/x.html", "does not exist"),
+        ("folder.html", "is a folder"),
+    ],
+)
+def test_export_rejects_bad_outputs(
+    output: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "folder.html").mkdir()
+    status, _, err = run(["export", GOOD_PROMPT, "-o", str(tmp_path / output)], capsys)
+    assert status == cli.EXIT_USAGE
+    assert fragment in err
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--steps", "0"], "--steps must be between 1"),
+        (["--steps", "5000"], "--steps must be between 1"),
+        (["--seed", "-1"], "--seed must be zero or positive"),
+        (["--guidance", "0.5"], "--guidance must be above 1"),
+        (["--steps", "20", "--step", "20"], "loop index in 0..19"),
+        (["--overlay", "df_rise"], "--overlay needs --step"),
+    ],
+)
+def test_export_rejects_bad_numbers(
+    options: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["export", GOOD_PROMPT, "-o", str(tmp_path / "x.html"), *options]
+    status, _, err = run(argv, capsys)
+    assert status == cli.EXIT_USAGE
+    assert fragment in err
+
+
+def test_export_rejects_unknown_overlay(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", GOOD_PROMPT, "--overlay", "gradcam", "--step", "1"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "df_rise" in capsys.readouterr().err  # the valid choices are named
+
+
+def test_export_rejects_a_model_folder_without_a_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["export", "a photo", "-o", str(tmp_path / "x.html"), "--model", str(tmp_path)]
+    status, _, err = run(argv, capsys)
+    assert status == cli.EXIT_USAGE
+    assert "model_index.json" in err
+    assert "save_pretrained" in err
+
+
+# ------------------------------------------------------------------------------ demo
+def test_bundled_notebooks_are_numbered_and_include_the_quickstart() -> None:
+    names = [path.name for path in cli.bundled_notebooks()]
+    assert names[0] == cli.QUICKSTART
+    assert [name[:2] for name in names] == [f"{i:02d}" for i in range(1, len(names) + 1)]
+
+
+def test_resolve_notebook_by_number_name_and_path(tmp_path: Path) -> None:
+    quickstart = cli.notebooks_dir() / cli.QUICKSTART
+    assert cli.resolve_notebook(None) == quickstart
+    assert cli.resolve_notebook("01") == quickstart
+    assert cli.resolve_notebook("01_quickstart") == quickstart
+    own = write_notebook(tmp_path / "mine.ipynb", "1 + 1")
+    assert cli.resolve_notebook(str(own)) == own.resolve()
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"), [("99", "choose one of: 01_quickstart"), ("nope.ipynb", "does not exist")]
+)
+def test_demo_rejects_unknown_notebooks(
+    name: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run(["demo", "--check", "--notebook", name], capsys)
+    assert status == cli.EXIT_USAGE
+    assert fragment in err
+
+
+def test_check_and_classroom_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--check", "--classroom"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_call(command: list[str], env: dict[str, str] | None = None) -> int:
+        calls.append(command)
+        return 0
+
+    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/usr/bin/{name}")
+    workdir = tmp_path / "work"
+    status, _, _ = run(["demo", "--dir", str(workdir), "--no-browser", "--port", "9999"], capsys)
+    copy = workdir / cli.QUICKSTART
+    assert status == 0
+    assert copy.read_bytes() == (cli.notebooks_dir() / cli.QUICKSTART).read_bytes()
+    assert calls[0][1] == str(copy)
+    assert f"--ServerApp.root_dir={workdir.resolve()}" in calls[0]
+    assert "--ServerApp.port=9999" in calls[0]
+    assert "--no-browser" in calls[0]
+
+    copy.write_text(copy.read_text().replace("Quickstart", "My edited quickstart"))
+    run(["demo", "--dir", str(workdir)], capsys)
+    assert "My edited quickstart" in copy.read_text()  # never overwritten
+
+
+def test_demo_without_jupyterlab_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    status, _, err = run(["demo", "--dir", str(tmp_path)], capsys)
+    assert status == cli.EXIT_USAGE
+    assert 'pip install "diffwidget[demo]"' in err
+    status, _, err = run(["demo", "--dir", str(tmp_path), "--classroom"], capsys)
+    assert 'pip install "diffwidget[classroom]"' in err
+
+
+def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None:
+    pytest.importorskip("voila")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "1")
+    command, env = cli.classroom_command(notebook, port=8123, ip="127.0.0.1", open_browser=False)
+    config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(":")[0])
+    config = json.loads((config_dir / "voila.json").read_text())
+    assert "anywidget" in config["VoilaConfiguration"]["extension_allowlist"]
+    assert command[1:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
+
+
+def test_check_runs_a_notebook_in_a_temporary_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notebook = write_notebook(
+        tmp_path / "ok.ipynb",
+        "import diffwidget, pathlib",
+        "pathlib.Path('written.txt').write_text(diffwidget.__version__)",
+    )
+    status, out, _ = run(["demo", "--check", "--notebook", str(notebook)], capsys)
+    assert status == cli.EXIT_OK
+    assert "ran without errors" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.ipynb"]  # nothing left behind
+
+
+def test_check_reports_the_failing_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notebook = write_notebook(tmp_path / "bad.ipynb", "x = 1", "raise ValueError('boom 4711')")
+    status, _, err = run(["demo", "--check", "--notebook", str(notebook)], capsys)
+    assert status == cli.EXIT_FAILED
+    assert "bad.ipynb failed" in err
+    assert "boom 4711" in err
+
+
+# ------------------------------------------------------------------------------ export
+@pytest.fixture
+def random_weight_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded architecture with random weights in place of the trained model."""
+    from diffwidget.models.architecture import build_demo_pipeline
+
+    def load(model: str | None) -> Any:
+        assert model is None
+        return build_demo_pipeline(seed=0)
+
+    monkeypatch.setattr(cli, "load_pipeline", load)
+
+
+@pytest.mark.usefixtures("random_weight_model")
+def test_export_writes_a_standalone_explorer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "explorer.html"
+    argv = ["export", GOOD_PROMPT, "-o", str(output), "--steps", "4", "--overlay", "df_cam"]
+    status, out, err = run([*argv, "--step", "2"], capsys)
+    assert status == cli.EXIT_OK, err
+    html = output.read_text()
+    assert "wrote" in out
+    assert str(output) in out
+    assert GOOD_PROMPT in html
+    assert "df_cam" in html  # the precomputed overlay travels with the page
+    assert "denoising" in err  # the progress bar
+    assert "<script" in html
+    assert "http://" not in html.replace("http://www.w3.org", "")  # nothing fetched online

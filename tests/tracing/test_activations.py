@@ -1,0 +1,212 @@
+"""Recording pooled UNet block activations on the tiny pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from diffwidget.tracing.activations import (
+    ActivationRecord,
+    ActivationRecorder,
+    default_blocks,
+    record_activations,
+)
+
+PROMPTS = ["a red circle", "a blue square on the left", "a dog", "a green triangle"]
+STEPS = 4
+GRID = 2
+
+
+def _hook_count(pipe: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pipe.unet.modules())
+
+
+def _expected_timesteps(pipe: Any, steps: int) -> np.ndarray:
+    # A fresh scheduler of the same config: the pipeline's own one must stay untouched.
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.numpy().astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def grid_record(tiny_sd_pipe: Any) -> ActivationRecord:
+    recorder = ActivationRecorder(pooling="grid", grid_size=GRID, batch_size=3, progress=False)
+    return recorder.record(tiny_sd_pipe, PROMPTS, num_inference_steps=STEPS, seed=5)
+
+
+def test_shapes_for_every_step(tiny_sd_pipe: Any, grid_record: ActivationRecord) -> None:
+    blocks = default_blocks(tiny_sd_pipe.unet)
+    assert grid_record.blocks == blocks
+    assert "mid_block" in blocks
+    for path in blocks:
+        channels = tiny_sd_pipe.unet.get_submodule(path).resnets[-1].out_channels
+        assert grid_record.activations[path].shape == (len(PROMPTS), STEPS, channels * GRID**2)
+        assert grid_record.activations[path].dtype == np.float16
+        assert np.isfinite(grid_record.activations[path]).all()
+    np.testing.assert_array_equal(grid_record.timesteps, _expected_timesteps(tiny_sd_pipe, STEPS))
+    assert grid_record.images is not None
+    assert grid_record.images.shape[0] == len(PROMPTS)
+    assert grid_record.images.dtype == np.uint8
+    assert grid_record.seeds == [5, 6, 7, 8]
+    total = sum(grid_record.activations[p].shape[-1] for p in blocks)
+    assert grid_record.features().shape == (len(PROMPTS), STEPS, total)
+
+
+def test_grid_cells_average_to_the_spatial_mean(
+    tiny_sd_pipe: Any, grid_record: ActivationRecord
+) -> None:
+    mean = ActivationRecorder(["mid_block"], pooling="mean", batch_size=3, dtype="float32")
+    mean.progress = False
+    record = mean.record(tiny_sd_pipe, PROMPTS, num_inference_steps=STEPS, seed=5)
+    cells = grid_record.activations["mid_block"].astype(np.float32)
+    cells = cells.reshape(len(PROMPTS), STEPS, -1, GRID * GRID).mean(-1)
+    # The mid block's grid is even, so the four equal cells average to the plain mean.
+    np.testing.assert_allclose(cells, record.activations["mid_block"], atol=2e-2, rtol=1e-2)
+
+
+def test_batched_prompts_match_single_prompt_runs(
+    tiny_sd_pipe: Any, grid_record: ActivationRecord
+) -> None:
+    single = ActivationRecorder(pooling="grid", grid_size=GRID, batch_size=1, progress=False)
+    record = single.record(tiny_sd_pipe, PROMPTS[2:3], seeds=[7], num_inference_steps=STEPS)
+    for path in grid_record.blocks:
+        np.testing.assert_allclose(
+            record.activations[path][0].astype(np.float32),
+            grid_record.activations[path][2].astype(np.float32),
+            atol=2e-2,
+            rtol=1e-2,
+        )
+    assert np.abs(record.images[0].astype(int) - grid_record.images[2]).max() <= 1
+
+
+def test_records_the_conditional_half(tiny_sd_pipe: Any) -> None:
+    recorder = ActivationRecorder(["mid_block"], dtype="float32", batch_size=2, progress=False)
+    kwargs: dict[str, Any] = {"num_inference_steps": STEPS, "seed": 1}
+    plain = recorder.record(tiny_sd_pipe, PROMPTS[:2], **kwargs)
+    negative = recorder.record(tiny_sd_pipe, PROMPTS[:2], negative_prompt="a cat", **kwargs)
+    no_cfg = recorder.record(tiny_sd_pipe, PROMPTS[:2], guidance_scale=1.0, **kwargs)
+    first, later = (slice(0, 1), slice(1, None))
+    acts = "mid_block"
+    # At step 0 both runs start from the same noise and the prompt half sees the same text,
+    # so only the unconditional half could tell the negative prompt apart.
+    np.testing.assert_allclose(
+        negative.activations[acts][:, first], plain.activations[acts][:, first], atol=1e-5
+    )
+    # Without CFG the whole batch is the prompt half: it must equal the CFG run's cond half.
+    np.testing.assert_allclose(
+        no_cfg.activations[acts][:, first], plain.activations[acts][:, first], atol=1e-5
+    )
+    # The negative prompt does steer the later steps (so the checks above can fail).
+    assert not np.allclose(
+        negative.activations[acts][:, later], plain.activations[acts][:, later], atol=1e-5
+    )
+    assert plain.meta["cfg_half"] == "cond"
+
+
+def test_decoded_x0_reaches_the_final_image(tiny_sd_pipe: Any) -> None:
+    record = record_activations(
+        tiny_sd_pipe,
+        PROMPTS[:3],
+        decode_x0=True,
+        batch_size=2,
+        progress=False,
+        num_inference_steps=STEPS,
+    )
+    assert record.x0_images is not None
+    assert record.images is not None
+    assert record.x0_images.shape == (3, STEPS, *record.images.shape[1:])
+    assert record.x0_images.dtype == np.uint8
+    # DPM-Solver++ ends with a first-order step to sigma 0, whose result *is* x̂0.
+    last = np.abs(record.x0_images[:, -1].astype(int) - record.images.astype(int))
+    assert last.max() <= 1
+    first = np.abs(record.x0_images[:, 0].astype(int) - record.images.astype(int))
+    assert first.mean() > last.mean()
+
+
+def test_no_hooks_left_behind(tiny_sd_pipe: Any) -> None:
+    before = _hook_count(tiny_sd_pipe)
+    record_activations(tiny_sd_pipe, PROMPTS[:1], num_inference_steps=2, progress=False)
+    record_activations(
+        tiny_sd_pipe, PROMPTS[:1], num_inference_steps=2, progress=False, decode_x0=True
+    )
+    assert _hook_count(tiny_sd_pipe) == before
+
+
+def test_no_hooks_left_after_the_pipeline_raises(
+    tiny_sd_pipe_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = tiny_sd_pipe_factory()
+    before = _hook_count(pipe)
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    original_step = pipe.scheduler.step
+    calls = []
+
+    def failing_step(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("scheduler failed")
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", failing_step)
+    recorder = ActivationRecorder(decode_x0=True, progress=False)
+    with pytest.raises(RuntimeError, match="scheduler failed"):
+        recorder.record(pipe, PROMPTS[:2], num_inference_steps=STEPS)
+    assert _hook_count(pipe) == before
+    assert dict(getattr(pipe, "_progress_bar_config", {})) == bar_config
+
+
+def test_save_load_round_trip(tiny_sd_pipe: Any, tmp_path: Path) -> None:
+    record = record_activations(
+        tiny_sd_pipe, PROMPTS[:2], decode_x0=True, progress=False, num_inference_steps=2
+    )
+    path = record.save(tmp_path / "acts")
+    assert path.suffix == ".npz"
+    loaded = ActivationRecord.load(path)
+    assert loaded.prompts == record.prompts
+    assert loaded.seeds == record.seeds
+    assert loaded.blocks == record.blocks
+    assert loaded.meta == record.meta
+    assert (loaded.pooling, loaded.grid_size) == (record.pooling, record.grid_size)
+    np.testing.assert_array_equal(loaded.timesteps, record.timesteps)
+    for path_ in record.blocks:
+        np.testing.assert_array_equal(loaded.activations[path_], record.activations[path_])
+        assert loaded.activations[path_].dtype == record.activations[path_].dtype
+    np.testing.assert_array_equal(loaded.images, record.images)
+    np.testing.assert_array_equal(loaded.x0_images, record.x0_images)
+
+
+def test_clear_errors(tiny_sd_pipe: Any, tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="mid_blok"):
+        ActivationRecorder(["mid_blok"], progress=False).record(tiny_sd_pipe, PROMPTS[:1])
+    with pytest.raises(ValueError, match="sets"):
+        record_activations(tiny_sd_pipe, PROMPTS[:1], progress=False, output_type="pil")
+    with pytest.raises(ValueError, match="one per prompt"):
+        record_activations(tiny_sd_pipe, PROMPTS[:2], seeds=[1], progress=False)
+    with pytest.raises(ValueError, match="pooling"):
+        ActivationRecorder(pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        ActivationRecord.load(tmp_path / "missing.npz")
+
+
+def test_x0_and_seeding_agree_with_a_traced_run(tiny_sd_pipe: Any) -> None:
+    from diffwidget.tracing.context import trace
+
+    record = record_activations(
+        tiny_sd_pipe,
+        PROMPTS[:2],
+        seeds=[3, 11],
+        decode_x0=True,
+        progress=False,
+        num_inference_steps=STEPS,
+    )
+    traced = trace(tiny_sd_pipe, PROMPTS[1], seed=11, num_inference_steps=STEPS)
+    assert traced.previews is not None
+    assert record.x0_images is not None
+    np.testing.assert_array_equal(record.timesteps, traced.timesteps)
+    # Two independent x̂0 computations (scheduler-step wrapper vs UNet hooks) on the same
+    # seeded run: equal up to uint8 rounding.
+    assert np.abs(record.x0_images[1].astype(int) - traced.previews.astype(int)).max() <= 1

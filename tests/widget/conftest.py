@@ -1,0 +1,13 @@
+"""Fixtures for widget tests: synthetic traces built with NumPy (no torch needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.widget.synthetic import make_trace
+
+
+@pytest.fixture
+def synthetic_trace():
+    """A 20-step synthetic trace with previews and three attention layers."""
+    return make_trace()
