@@ -2,8 +2,9 @@
 
 Two independent answers, from one recorded run of one-object scene-world captions:
 
-1. concept probes: cross-validated logistic regressions on pooled UNet activations of the
-   conditional CFG half, held-out ROC-AUC per step (``diffwidget.explain.probes``);
+1. concept probes: cross-validated logistic regressions on pooled UNet activations, held-out
+   ROC-AUC per step (``diffwidget.explain.probes``), on the conditional CFG half (which sees
+   the prompt) and on the unconditional half (which only sees the latent);
 2. x̂0 attribute curves: the scene reader applied to the decoded predicted clean image at
    each step, agreement with the final image (``diffwidget.explain.concepts``).
 
@@ -41,11 +42,14 @@ from diffwidget.explain.probes import ConceptCurves, ConceptProbe  # noqa: E402
 from diffwidget.tracing.activations import ActivationRecorder  # noqa: E402
 
 THRESHOLDS = (0.75, 0.9)
+HALVES = ("cond", "uncond")
+GUIDANCE_SCALE = 5.0  # the embedded model's recommended scale (see load_demo_pipeline)
+AUC_RANGE = (0.3, 1.0)  # held-out AUC dips below chance by noise; 0.3 keeps those visible
 BASELINE_PROMPTS = 24
 
 # ---------------------------------------------------------------- figure (PIL only)
-WIDTH, HEIGHT = 1200, 520
-PANEL_W, PANEL_H = 480, 360
+HEIGHT = 520
+PANEL_W, PANEL_H = 420, 360
 MARGIN_L, MARGIN_T = 70, 70
 GAP = 110
 COLOURS = {
@@ -54,7 +58,8 @@ COLOURS = {
     "size": (44, 160, 44),
     "position": (148, 103, 189),
 }
-GREY = (150, 150, 150)
+GREY = (120, 120, 120)
+BAND_ALPHA = 50  # bands are translucent so that overlapping ones stay visible
 
 
 def _rss_mb() -> float:
@@ -81,8 +86,7 @@ def _panel(
         y = y0 + PANEL_H - (np.clip(value, lo, hi) - lo) / (hi - lo) * PANEL_H
         return (x, y)
 
-    draw.rectangle((x0, y0, x0 + PANEL_W, y0 + PANEL_H), outline=(0, 0, 0))
-    ticks = np.linspace(lo, hi, 6)
+    ticks = np.linspace(lo, hi, round((hi - lo) / 0.1) + 1)
     for value in ticks:
         _, y = px(0, value)
         draw.line((x0 - 5, y, x0, y), fill=(0, 0, 0))
@@ -100,15 +104,14 @@ def _panel(
     )
     draw.text((x0, y0 - 40), title, fill=(0, 0, 0), font=font)
     draw.text((x0, y0 - 22), y_label, fill=(90, 90, 90), font=font)
-    _, y_thr = px(0, threshold)
-    for x in range(x0, x0 + PANEL_W, 10):
-        draw.line((x, y_thr, x + 5, y_thr), fill=GREY)
     for row, name in enumerate(curves.concepts):
         colour = COLOURS.get(name, (0, 0, 0))
-        light = tuple(int(c + (255 - c) * 0.75) for c in colour)
         upper = [px(s, curves.band_high[row, s]) for s in range(n)]
         lower = [px(s, curves.band_low[row, s]) for s in range(n)]
-        draw.polygon(upper + lower[::-1], fill=light)
+        draw.polygon(upper + lower[::-1], fill=(*colour, BAND_ALPHA))
+    _, y_thr = px(0, threshold)
+    for x in range(x0, x0 + PANEL_W, 10):
+        draw.line((x, y_thr, x + 5, y_thr), fill=GREY, width=2)
     for row, name in enumerate(curves.concepts):
         colour = COLOURS.get(name, (0, 0, 0))
         points = [px(s, curves.curves[row, s]) for s in range(n)]
@@ -118,47 +121,31 @@ def _panel(
             draw.line((x0 + PANEL_W - 18, y_chance, x0 + PANEL_W, y_chance), fill=colour, width=2)
         for x, y in points:
             draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
+    draw.rectangle((x0, y0, x0 + PANEL_W, y0 + PANEL_H), outline=(0, 0, 0))
 
 
 def draw_figure(
-    probe: ConceptCurves,
-    x0: ConceptCurves | None,
+    panels: list[tuple[ConceptCurves, str, str, tuple[float, float]]],
     path: Path,
     caption: str,
     threshold: float,
 ) -> None:
+    """One panel per (curves, title, y label, y range), side by side, with one legend."""
     from PIL import Image, ImageDraw, ImageFont
 
-    image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
+    width = MARGIN_L + len(panels) * (PANEL_W + GAP)
+    image = Image.new("RGB", (width, HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(image, "RGBA")  # RGBA mode blends translucent fills
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1 has no sized default font
         font = ImageFont.load_default()
-    _panel(
-        draw,
-        (MARGIN_L, MARGIN_T),
-        probe,
-        "Concept probes on UNet activations",
-        (0.4, 1.0),
-        "held-out ROC-AUC (band: mean ± sd over 5 folds; 0.5 = chance)",
-        threshold,
-        font,
-    )
-    if x0 is not None:
-        _panel(
-            draw,
-            (MARGIN_L + PANEL_W + GAP, MARGIN_T),
-            x0,
-            "Attributes read from decoded x̂0",
-            (0.0, 1.0),
-            "agreement with the final image (band: 95 % Wilson; ticks: chance)",
-            threshold,
-            font,
-        )
+    for k, (curves, title, label, y_range) in enumerate(panels):
+        origin = (MARGIN_L + k * (PANEL_W + GAP), MARGIN_T)
+        _panel(draw, origin, curves, title, y_range, label, threshold, font)
     legend_x = MARGIN_L
     legend_y = MARGIN_T + PANEL_H + 52
-    for name in probe.concepts:
+    for name in panels[0][0].concepts:
         colour = COLOURS.get(name, (0, 0, 0))
         draw.line((legend_x, legend_y + 7, legend_x + 24, legend_y + 7), fill=colour, width=3)
         draw.text((legend_x + 30, legend_y), name, fill=(0, 0, 0), font=font)
@@ -171,29 +158,28 @@ def draw_figure(
 
 
 # ---------------------------------------------------------------- analysis
-def _order_table(probe: ConceptCurves, x0: ConceptCurves | None) -> list[str]:
+def _order_table(named: dict[str, ConceptCurves]) -> list[str]:
     lines = [
-        "| threshold | probe: first step decodable (sustained) | probe order | "
-        "x̂0: first step fixed (sustained) | x̂0 order |",
-        "|---|---|---|---|---|",
+        "| threshold | curves | first step at or above it for good (per concept) | order |",
+        "|---|---|---|---|",
     ]
     for threshold in THRESHOLDS:
-        first = probe.first_step_above(threshold)
-        cells = [
-            str(threshold),
-            ", ".join(f"{k} {v}" for k, v in first.items()),
-            " < ".join(probe.order(threshold)),
-        ]
-        if x0 is not None:
-            fixed = x0.first_step_above(threshold)
-            cells += [
-                ", ".join(f"{k} {v}" for k, v in fixed.items()),
-                " < ".join(x0.order(threshold)),
-            ]
-        else:
-            cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        for name, curves in named.items():
+            first = curves.first_step_above(threshold)
+            steps = ", ".join(f"{k} {'never' if v is None else v}" for k, v in first.items())
+            lines.append(f"| {threshold} | {name} | {steps} | {_order_text(first)} |")
     return lines
+
+
+def _order_text(first: dict[str, int | None]) -> str:
+    """'colour = size < shape; never: position' from first steps."""
+    reached = sorted({v for v in first.values() if v is not None})
+    groups = [" = ".join(k for k, v in first.items() if v == step) for step in reached]
+    never = [k for k, v in first.items() if v is None]
+    text = " < ".join(groups)
+    if never:
+        text += ("; " if text else "") + "never: " + ", ".join(never)
+    return text
 
 
 def _chance(curves: ConceptCurves) -> dict[str, float]:
@@ -220,7 +206,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="scene world and generator seeds")
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--pooling", choices=["mean", "grid"], default="grid")
+    parser.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--random-weights", action="store_true", help="untrained architecture")
+    parser.add_argument("--weights", type=Path, default=None, help="a pipeline folder to load")
     parser.add_argument("--no-x0", action="store_true", help="skip the x̂0 attribute curves")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "concept_curves.png")
     parser.add_argument("--json", type=Path, default=None, help="also save both curve sets")
@@ -240,25 +228,36 @@ def main() -> None:
     else:
         import diffwidget
 
-        pipe = diffwidget.load_demo_pipeline()
-        weights = "trained weights (load_demo_pipeline)"
+        pipe = diffwidget.load_demo_pipeline(path=args.weights)
+        weights = f"trained weights ({args.weights or 'load_demo_pipeline'})"
     timings["load pipeline"] = time.perf_counter() - start
     rss_loaded = _rss_mb()
 
     analysis_start = time.perf_counter()
     concepts = ConceptSet.from_scene_world(args.n_prompts, seed=args.seed)
-    recorder = ActivationRecorder(
-        pooling=args.pooling, batch_size=args.batch_size, decode_x0=not args.no_x0
-    )
+    ConceptProbe(cv=args.cv).check(concepts)  # fail before generating anything
+    settings: dict[str, Any] = {
+        "pooling": args.pooling,
+        "batch_size": args.batch_size,
+        "decode_x0": not args.no_x0,
+        "halves": HALVES,
+    }
     t = time.perf_counter()
-    record = concepts.record(pipe, recorder, num_inference_steps=args.steps)
-    timings["generate + record activations" + ("" if args.no_x0 else " + decode x̂0")] = (
+    call: dict[str, Any] = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    record = concepts.record(pipe, ActivationRecorder(**settings), **call)
+    timings["generate + record both halves" + ("" if args.no_x0 else " + decode x̂0")] = (
         time.perf_counter() - t
     )
 
-    t = time.perf_counter()
-    probe = ConceptProbe(cv=args.cv, seed=args.seed).fit(record, concepts, progress=True)
-    timings["fit probes (4 concepts x steps x folds)"] = time.perf_counter() - t
+    probes: dict[str, ConceptCurves] = {}
+    for half in HALVES:
+        t = time.perf_counter()
+        probe = ConceptProbe(cv=args.cv, seed=args.seed)
+        probes[half] = probe.fit(record, concepts, half=half, progress=True)
+        timings[f"fit probes, {half} half (concepts x steps x folds)"] = time.perf_counter() - t
 
     x0 = None
     if not args.no_x0:
@@ -276,33 +275,50 @@ def main() -> None:
     shuffled = {
         k: list(rng.permutation(np.array(v, dtype=object))) for k, v in concepts.labels.items()
     }
-    control = ConceptProbe(cv=args.cv, seed=args.seed).fit(record, shuffled)
+    # One control suffices: it shows the level of held-out AUC when labels carry nothing.
+    control = ConceptProbe(cv=args.cv, seed=args.seed).fit(record, shuffled, half="cond")
     n_base = min(BASELINE_PROMPTS, args.n_prompts)
     t = time.perf_counter()
     generators = [torch.Generator().manual_seed(s) for s in concepts.seeds[:n_base]]
-    pipe(concepts.prompts[:n_base], num_inference_steps=args.steps, generator=generators)
+    pipe(concepts.prompts[:n_base], generator=generators, **call)
     plain_s = time.perf_counter() - t
     t = time.perf_counter()
-    ActivationRecorder(
-        pooling=args.pooling, batch_size=args.batch_size, decode_x0=not args.no_x0, progress=False
-    ).record(
+    ActivationRecorder(**settings, progress=False).record(
         pipe,
         concepts.prompts[:n_base],
         seeds=concepts.seeds[:n_base],
-        num_inference_steps=args.steps,
+        **call,
     )
     recorded_s = time.perf_counter() - t
 
     threshold = THRESHOLDS[-1]
     caption = (
         f"Embedded model, {weights}; {args.n_prompts} one-object captions, {args.steps} "
-        f"DPM-Solver++ steps, CFG 7.5; blocks {', '.join(record.blocks)} ({args.pooling} pooling)"
+        f"DPM-Solver++ steps, CFG {args.guidance_scale}; blocks {', '.join(record.blocks)} "
+        f"({args.pooling} pooling)"
     )
-    draw_figure(probe, x0, args.figure, caption, threshold)
+    auc_label = f"held-out ROC-AUC (band: mean ± sd over {args.cv} folds; 0.5 = chance)"
+    panels = [
+        (probes["cond"], "Probes, conditional half (sees the prompt)", auc_label, AUC_RANGE),
+        (probes["uncond"], "Probes, unconditional half (latent only)", auc_label, AUC_RANGE),
+    ]
+    if x0 is not None:
+        panels.append(
+            (
+                x0,
+                "Attributes read from the decoded x0 prediction",
+                "agreement with the final image (band: 95 % Wilson; ticks: chance)",
+                (0.0, 1.0),
+            )
+        )
+    draw_figure(panels, args.figure, caption, threshold)
+    named = {f"probe ({half} half)": curves for half, curves in probes.items()}
+    if x0 is not None:
+        named["x̂0 agreement"] = x0
     if args.json is not None:
-        probe.save(args.json.with_name(args.json.stem + "_probe.json"))
-        if x0 is not None:
-            x0.save(args.json.with_name(args.json.stem + "_x0.json"))
+        for name, curves in named.items():
+            suffix = name.split()[0] if name.startswith("x̂0") else name.split("(")[1].split()[0]
+            curves.save(args.json.with_name(f"{args.json.stem}_{suffix}.json"))
 
     steps = sorted({0, 2, 4, 6, 8, 10, 12, 15, args.steps - 1} & set(range(args.steps)))
     out = [
@@ -315,9 +331,10 @@ def main() -> None:
         f"- prompts: {args.n_prompts} one-object scene-world captions (seed {args.seed}); class "
         f"counts {json.dumps(concepts.class_counts())}",
         f"- recorded: {', '.join(record.blocks)}, {args.pooling} pooling "
-        f"({probe.meta['n_features']} features per step), conditional CFG half, "
-        f"{record.n_steps} steps, timesteps {record.timesteps.tolist()}",
-        f"- probes: {probe.meta['classifier'].splitlines()[0]}..., {args.cv}-fold stratified CV",
+        f"({probes['cond'].meta['n_features']} features per step and half), {record.n_steps} "
+        f"steps, timesteps {record.timesteps.tolist()}",
+        f"- probes: {probes['cond'].meta['classifier'].splitlines()[0]}..., {args.cv}-fold "
+        "stratified CV",
         "",
         "### Time and memory",
         "",
@@ -332,12 +349,16 @@ def main() -> None:
         f"- recording overhead on {n_base} prompts: plain pipeline {plain_s:.1f} s, recorded "
         f"{recorded_s:.1f} s (x{recorded_s / plain_s:.2f})",
         "",
-        "### Concept-AUC curves (probe)",
-        "",
-        *_curve_table(probe, steps),
-        "",
-        "Shuffled-label control (same probes, labels permuted): max over steps "
-        + ", ".join(f"{c} {control.curves[i].max():.2f}" for i, c in enumerate(control.concepts)),
+    ]
+    for half, curves in probes.items():
+        out += [f"### Concept-AUC curves, {half} half", "", *_curve_table(curves, steps), ""]
+    out += [
+        "Shuffled-label control (conditional half, labels permuted across prompts): mean "
+        "over steps "
+        + ", ".join(
+            f"{c} {control.curves[i].mean():.2f} (max {control.curves[i].max():.2f})"
+            for i, c in enumerate(control.concepts)
+        ),
         "",
     ]
     if x0 is not None:
@@ -352,7 +373,7 @@ def main() -> None:
             f"{x0.meta['n_unreadable_final']}",
             "",
         ]
-    out += ["### Order", "", *_order_table(probe, x0), ""]
+    out += ["### Order", "", *_order_table(named), ""]
     print("\n".join(out))
 
 

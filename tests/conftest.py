@@ -55,7 +55,9 @@ def tiny_sdxl_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiff
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_pipe(tiny_sd_pipe_factory: Callable[..., StableDiffusionPipeline]) -> StableDiffusionPipeline:
+def tiny_sd_pipe(
+    tiny_sd_pipe_factory: Callable[..., StableDiffusionPipeline],
+) -> StableDiffusionPipeline:
     """Tiny random-weight SD pipeline (DPM-Solver++, 32x32 images, 16x16 latents). Do not mutate."""
     return tiny_sd_pipe_factory()
 

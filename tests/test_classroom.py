@@ -119,7 +119,9 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         env[name] = str(folder)
     log = root / "voila.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=env, cwd=root, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, cwd=root, stdout=sink, stderr=subprocess.STDOUT
+        )
     server = Server(f"http://127.0.0.1:{port}/", process, log)
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -152,7 +154,9 @@ def page(classroom: Server) -> Iterator[Any]:
                 tab.wait_for_selector(WIDGET_SELECTOR, timeout=RENDER_TIMEOUT_MS)
             except sync_api.TimeoutError:
                 body = tab.locator("body").inner_text()[:2000]
-                pytest.fail(f"no explorer in the page:\n{body}\nserver log:\n{classroom.log_text()}")
+                pytest.fail(
+                    f"no explorer in the page:\n{body}\nserver log:\n{classroom.log_text()}"
+                )
             yield tab
         finally:
             browser.close()
@@ -176,4 +180,9 @@ def test_classroom_app_hides_all_code(page: Any) -> None:
 
 
 def test_classroom_app_hides_warnings_and_logs(page: Any) -> None:
-    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    assert (
+        page.locator(
+            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+        ).count()
+        == 0
+    )

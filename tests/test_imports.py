@@ -62,7 +62,10 @@ def test_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_module_imports_without_torch(module: str) -> None:
-    if not (PACKAGE.parent / (module.replace(".", "/") + ".py")).exists() and module != "diffwidget":
+    if (
+        not (PACKAGE.parent / (module.replace(".", "/") + ".py")).exists()
+        and module != "diffwidget"
+    ):
         pytest.fail(f"{module} is part of the torch-free surface but does not exist")
     # A None entry in sys.modules makes `import torch` raise ImportError, as on a machine
     # without torch.

@@ -64,7 +64,9 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     rows = _interpolation_matrix(size[0], maps.shape[-2])
     cols = _interpolation_matrix(size[1], maps.shape[-1])
-    return np.einsum("ih,...hw,jw->...ij", rows, maps.astype(np.float32), cols)
+    # Two matrix products (rows, then columns) instead of one 3-operand einsum, which
+    # NumPy would evaluate as a naive loop.
+    return np.matmul(np.matmul(rows, maps.astype(np.float32)), cols.T)
 
 
 @dataclass

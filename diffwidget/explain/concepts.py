@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 import numpy as np
 
 from diffwidget.explain.probes import ConceptCurves
+from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder
 
 if TYPE_CHECKING:
     from diffwidget.models.scenes import Scene
-    from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder
 
 Attribute = Literal["colour", "shape", "size", "position"]
 ATTRIBUTES: tuple[str, ...] = get_args(Attribute)
@@ -185,8 +185,6 @@ class ConceptSet:
         **record_kwargs
             Passed to :meth:`ActivationRecorder.record` (``num_inference_steps``, ...).
         """
-        from diffwidget.tracing.activations import ActivationRecorder
-
         recorder = recorder if recorder is not None else ActivationRecorder()
         if self.seeds is not None:
             record_kwargs.setdefault("seeds", self.seeds)
@@ -274,7 +272,7 @@ def x0_attribute_curves(
     """
     from tqdm.auto import tqdm
 
-    if hasattr(x0_images, "x0_images"):
+    if isinstance(x0_images, ActivationRecord):
         record = x0_images
         if record.x0_images is None:
             raise ValueError("the record has no x̂0 images; record with decode_x0=True")

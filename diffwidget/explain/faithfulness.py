@@ -148,8 +148,7 @@ class InsertionDeletion:
         scores = []
         for begin in range(0, len(latents), batch):
             pred = replay.predict(latents[begin : begin + batch], step, self.target)
-            kind = "ssim" if self.similarity == "ssim" else "cosine"
-            scores.append(similarity(pred, ref, kind).cpu())
+            scores.append(similarity(pred, ref, self.similarity).cpu())
         s = torch.cat(scores).numpy().astype(np.float32)
         return (counts.numpy() / n).astype(np.float32), s[:n_stages], s[n_stages:]
 

@@ -306,6 +306,29 @@ class ConceptProbe:
         Seed of the fold shuffling (and of the default classifier).
     band : {"sd", "minmax"}
         Which band around the curve to report.
+
+    Examples
+    --------
+    On the embedded model (labels from the scene world's ground truth):
+
+    >>> from diffwidget.explain.concepts import ConceptSet
+    >>> from diffwidget.tracing.activations import ActivationRecorder
+    >>> concepts = ConceptSet.from_scene_world(200)
+    >>> record = concepts.record(
+    ...     pipe, ActivationRecorder(pooling="grid", halves=["cond", "uncond"])
+    ... )  # doctest: +SKIP
+    >>> curves = ConceptProbe().fit(record, concepts, half="uncond")  # doctest: +SKIP
+    >>> curves.first_step_above(0.9)  # doctest: +SKIP
+
+    On synthetic activations in which a concept appears at step 3:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> labels = np.arange(100) % 2
+    >>> x = rng.normal(size=(100, 6, 8))
+    >>> x[:, 3:, 0] += 4 * labels[:, None]
+    >>> ConceptProbe(cv=4).fit(x, {"thing": labels}).first_step_above(0.9)
+    {'thing': 3}
     """
 
     def __init__(
@@ -332,6 +355,7 @@ class ConceptProbe:
         *,
         timesteps: Sequence[int] | np.ndarray | None = None,
         blocks: Sequence[str] | None = None,
+        half: Literal["cond", "uncond"] = "cond",
         progress: bool = False,
     ) -> ConceptCurves:
         """Fit the probes and return the concept-AUC curves.
@@ -350,6 +374,11 @@ class ConceptProbe:
             else -1 (unknown).
         blocks : sequence of str, optional
             Which recorded blocks to use (all by default).
+        half : {"cond", "uncond"}
+            Which CFG half of an ``ActivationRecord`` to probe. The conditional half sees
+            the prompt at every step, so a concept named in the prompt can be decodable
+            from it even before the image shows it; the unconditional half only carries
+            what has reached the latent.
         progress : bool
             Show a ``tqdm`` bar over concepts x steps.
 
@@ -369,7 +398,7 @@ class ConceptProbe:
         from threadpoolctl import threadpool_limits
         from tqdm.auto import tqdm
 
-        x, timesteps, source = _features(activations, timesteps, blocks)
+        x, timesteps, source = _features(activations, timesteps, blocks, half)
         labels = getattr(labels, "labels", labels)
         if not isinstance(labels, Mapping) or not labels:
             raise TypeError("labels must map concept names to one label per prompt")
@@ -427,6 +456,19 @@ class ConceptProbe:
             },
         )
 
+    def check(self, labels: Labels | Any) -> None:
+        """Raise the error :meth:`fit` would raise for these labels, before any generation.
+
+        Examples
+        --------
+        >>> from diffwidget.explain.concepts import ConceptSet
+        >>> ConceptProbe(cv=5).check(ConceptSet.from_scene_world(200))
+        """
+        labels = getattr(labels, "labels", labels)
+        for name, values in labels.items():
+            values = list(values)
+            self._encode(name, values, len(values))
+
     def _encode(
         self, name: str, values: Sequence[Any], n_prompts: int
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -460,13 +502,15 @@ def _features(
     activations: Any,
     timesteps: Sequence[int] | np.ndarray | None,
     blocks: Sequence[str] | None,
+    half: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(features [n_prompts, n_steps, F] float32, timesteps, provenance for meta)."""
     source: dict[str, Any] = {}
     if hasattr(activations, "features") and hasattr(activations, "timesteps"):
-        x = activations.features(blocks)
+        x = activations.features(blocks, half=half)
         source = {
             "blocks": list(blocks) if blocks is not None else activations.blocks,
+            "half": half,
             "pooling": activations.pooling,
             "grid_size": activations.grid_size,
         }

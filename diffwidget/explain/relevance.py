@@ -63,7 +63,8 @@ class _ExplicitAttnProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         cross = encoder_hidden_states is not None
-        batch, seq_len, _ = (hidden_states if not cross else encoder_hidden_states).shape
+        source = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
+        batch, seq_len, _ = source.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -94,7 +95,7 @@ class _ExplicitAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
+def attention_modules(unet: nn.Module) -> dict[str, Any]:
     """Every diffusers ``Attention`` module of ``unet`` by module path."""
     from diffusers.models.attention_processor import Attention
 
@@ -138,6 +139,31 @@ def eager_text_attention(text_encoder: Any) -> Iterator[None]:
     finally:
         if switch:
             text_encoder.set_attn_implementation(previous)
+
+
+@contextmanager
+def _text_attention_probs(encoder: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the probabilities eager self-attention layers return beside their output.
+
+    Our own forward hooks on the ``*.self_attn`` modules, removed in ``finally``; asking
+    transformers for ``output_attentions`` would leave its capture hooks on the model.
+    """
+    probs: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: object, output: object) -> None:
+        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+            probs.append(output[1])
+
+    handles = [
+        m.register_forward_hook(hook)
+        for name, m in encoder.named_modules()
+        if name.endswith("self_attn")
+    ]
+    try:
+        yield probs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _head_mean_relevance(
@@ -263,23 +289,22 @@ class TokenRelevance:
         if not self.text_encoder or encoder is None or hasattr(pipe, "text_encoder_2"):
             return None, []
         device = next(encoder.parameters()).device
-        out = encoder(ids.to(device), output_attentions=True)
-        hidden = out[0].to(replay.device)
+        with _text_attention_probs(encoder) as text_attn:
+            hidden = encoder(ids.to(device))[0].to(replay.device)
         recorded = replay.cond_embeds.float()
         scale = float(recorded.abs().max()) or 1.0
         if hidden.shape != recorded.shape or not torch.allclose(
             hidden.float(), recorded, atol=_EMBED_RTOL * scale
         ):
             return None, []
-        return hidden, list(out.attentions or [])
+        return hidden, text_attn
 
     # ------------------------------------------------------------------ one step
     def _step(
         self, pipe: Any, replay: StepReplay, step: int, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
         with torch.enable_grad(), explicit_attention(pipe.unet) as records:
             hidden, text_attn = self._text_pass(pipe, ids, replay)
-            used_text = hidden is not None
             if hidden is None:
                 hidden = replay.cond_embeds.detach().clone().requires_grad_(True)
             x = replay.latent(step).requires_grad_(True)
@@ -325,7 +350,7 @@ class TokenRelevance:
                 maps = F.interpolate(maps[None], size=latent, mode="bilinear", align_corners=False)[
                     0
                 ]
-        return relevance.cpu(), maps.cpu(), grid, used_text
+        return relevance.cpu(), maps.cpu(), grid, len(text_attn)
 
     def attribute(
         self,
@@ -367,13 +392,13 @@ class TokenRelevance:
         rows: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         grids: set[tuple[int, int]] = set()
-        used_text = False
+        text_layers = 0
         complete = True
         bar = tqdm(total=len(chosen), desc="token relevance", disable=not self.progress_bar)
         try:
             with eager_text_attention(getattr(pipe, "text_encoder", None)):
                 for done, step in enumerate(chosen, start=1):
-                    rel, rmap, grid, used_text = self._step(pipe, replay, step, ids)
+                    rel, rmap, grid, text_layers = self._step(pipe, replay, step, ids)
                     rows.append(rel.numpy()[keep])
                     maps.append(rmap.numpy()[keep])
                     grids.add(grid)
@@ -405,7 +430,8 @@ class TokenRelevance:
             meta={
                 "target": "sum of the CFG-combined UNet output",
                 "text_half": "cond",
-                "text_encoder_used": used_text,
+                "text_encoder_used": text_layers > 0,
+                "text_attention_layers": text_layers,
                 "self_attention": self.self_attention,
                 "token_positions": keep,
                 "final_grid": sorted(grids),

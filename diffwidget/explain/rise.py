@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_step
 from diffwidget.explain.results import SaliencyMap, minmax
-from diffwidget.explain.similarity import SSIM_SIGMA, SSIM_WINDOW, effective_window, similarity
+from diffwidget.explain.similarity import (
+    SSIM_SIGMA,
+    SSIM_WINDOW,
+    SimilarityName,
+    effective_window,
+    similarity,
+)
 from diffwidget.tracing.replay import StepReplay
 
 if TYPE_CHECKING:
@@ -114,6 +120,14 @@ class DFRise:
         Seed of the masks.
     progress_bar : bool
         Show a ``tqdm.auto`` progress bar.
+    grid : int
+        Coarse grid side of ``"smooth"`` masks.
+    center : bool
+        Subtract ``mean(s) * sum_k M_k / (N p)`` (a control variate; beyond the paper).
+        In expectation this only shifts the map by the constant ``mean(s)``, so the
+        normalised map is the same, but it removes the dominant noise of the paper's
+        estimator (how often each cell happened to be kept): on the analytic toy the
+        region's contrast at 800 masks rises about 4x. Off by default to match the paper.
 
     Notes
     -----
@@ -152,6 +166,7 @@ class DFRise:
         *,
         progress_bar: bool = True,
         grid: int = SMOOTH_GRID,
+        center: bool = False,
     ) -> None:
         if n_masks < 1:
             raise ValueError(f"n_masks must be at least 1, got {n_masks}")
@@ -174,9 +189,34 @@ class DFRise:
         self.seed = seed
         self.progress_bar = progress_bar
         self.grid = grid
+        self.center = center
+
+    def _estimate(
+        self,
+        weighted: torch.Tensor,
+        counts: torch.Tensor,
+        score_sum: torch.Tensor,
+        n: torch.Tensor,
+        *,
+        per_half: bool,
+    ) -> torch.Tensor:
+        """``sum_k s_k M_k / (n p)``, optionally minus ``mean(s) sum_k M_k / (n p)``.
+
+        All inputs hold the even- and odd-numbered masks' sums separately (axis 0).
+        """
+        if not per_half:
+            weighted, counts, score_sum, n = (
+                t.sum(0, keepdim=True) for t in (weighted, counts, score_sum, n)
+            )
+        n = n.clamp_min(1)
+        est = weighted / (n[:, None, None] * self.p)
+        if self.center:
+            mean_s = score_sum / n
+            est = est - mean_s[:, None, None] * counts / (n[:, None, None] * self.p)
+        return est if per_half else est[0]
 
     def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        kind = "ssim_structure" if self.similarity == "ssim" else "cosine"
+        kind: SimilarityName = "ssim_structure" if self.similarity == "ssim" else "cosine"
         return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
 
     def attribute(
@@ -222,7 +262,11 @@ class DFRise:
             batch, batch_note = min(self.batch_size, self.n_masks), "given"
         else:
             batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
-        weighted = torch.zeros(2, *size, dtype=torch.float64)  # even / odd mask indices
+        # Sums over even- and odd-numbered masks, kept apart for the split-half estimate.
+        weighted = torch.zeros(2, *size, dtype=torch.float64)
+        counts = torch.zeros(2, *size, dtype=torch.float64)
+        score_sum = torch.zeros(2, dtype=torch.float64)
+        n_half = torch.zeros(2, dtype=torch.float64)
         parity = torch.arange(self.n_masks) % 2
         done = 0
         cancelled = interrupted = False
@@ -236,12 +280,16 @@ class DFRise:
                 s = self._score(pred, ref).double().cpu()
                 contrib = s[:, None, None] * m.double()
                 par = parity[begin : begin + len(m)]
-                weighted[0] += contrib[par == 0].sum(0)
-                weighted[1] += contrib[par == 1].sum(0)
+                for half in (0, 1):
+                    weighted[half] += contrib[par == half].sum(0)
+                    counts[half] += m.double()[par == half].sum(0)
+                    score_sum[half] += s[par == half].sum()
+                    n_half[half] += int((par == half).sum())
                 scores += s.tolist()
                 done += len(m)
                 bar.update(len(m))
-                r = _pearson(weighted[0], weighted[1])
+                halves = self._estimate(weighted, counts, score_sum, n_half, per_half=True)
+                r = _pearson(halves[0], halves[1])
                 history.append([done, r])
                 if progress is not None and progress(done, self.n_masks) is False:
                     cancelled = done < self.n_masks
@@ -252,7 +300,8 @@ class DFRise:
             interrupted = True
         finally:
             bar.close()
-        raw = (weighted.sum(0) / (done * self.p)).float().numpy()
+        estimate = self._estimate(weighted, counts, score_sum, n_half, per_half=False)
+        raw = estimate.float().numpy()
         r = history[-1][1] if history else 0.0
         window = effective_window(size, SSIM_WINDOW)
         meta: dict[str, Any] = {
@@ -263,6 +312,7 @@ class DFRise:
             "similarity": self.similarity,
             "target": self.target,
             "seed": self.seed,
+            "center": self.center,
             "batch_size": batch,
             "batch_size_source": batch_note,
             "complete": done == self.n_masks and not cancelled and not interrupted,

@@ -3,7 +3,9 @@
 Concept probes (:mod:`diffwidget.explain.probes`) need, for many prompts, a small feature
 vector per UNet block and step. Storing raw activations would cost gigabytes, so each block
 output is pooled inside the forward hook (spatial mean, or a small adaptive-average grid that
-keeps coarse position) and only the pooled vector of the *conditional* CFG half is kept.
+keeps coarse position) and only the pooled vectors of the chosen CFG halves are kept: by
+default the *conditional* (prompt) half; optionally also the unconditional half, which never
+sees the prompt and so tells what has already reached the latent.
 
 The pipeline runs unchanged (its own scheduler, its own CFG); we only observe it through
 forward hooks that are removed when recording ends, also when the pipeline raises.
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 Pooling = Literal["mean", "grid"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+Half = Literal["cond", "uncond"]
+HALVES: tuple[str, ...] = get_args(Half)
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
 
@@ -37,6 +41,10 @@ DEFAULT_BATCH_SIZE = 8
 DECODE_CHUNK = 32
 FORMAT_VERSION = 1
 _ACT_PREFIX = "act/"
+#: Pipeline arguments the recorder sets itself.
+_RESERVED_KWARGS = frozenset(
+    {"callback_on_step_end", "generator", "num_images_per_prompt", "output_type"}
+)
 
 
 def default_blocks(unet: nn.Module) -> list[str]:
@@ -78,9 +86,13 @@ class ActivationRecord:
     timesteps : ndarray of int64, shape (n_steps,)
         Scheduler timestep ``t_i`` of each loop index ``i`` (``step``).
     activations : dict of str to ndarray, shape (n_prompts, n_steps, n_features)
-        Diffusers module path -> pooled output of the conditional CFG half. With
-        ``pooling="grid"`` the features are ordered channel-major
-        (``channel * grid_size**2 + row * grid_size + col``).
+        Diffusers module path -> pooled output of the conditional CFG half (the prompt's
+        half; the whole batch when the pipeline runs without CFG). With ``pooling="grid"``
+        the features are ordered channel-major (``channel * grid_size**2 + row *
+        grid_size + col``). Empty if only the unconditional half was recorded.
+    uncond_activations : dict of str to ndarray
+        The same for the unconditional half (empty unless requested). It never sees the
+        prompt, so a concept decodable from it must already be in the latent ``x_t``.
     pooling : {"mean", "grid"}
         How each block output was pooled over space.
     grid_size : int
@@ -97,6 +109,7 @@ class ActivationRecord:
     seeds: list[int]
     timesteps: np.ndarray
     activations: dict[str, np.ndarray]
+    uncond_activations: dict[str, np.ndarray] = field(default_factory=dict)
     pooling: Pooling = "mean"
     grid_size: int = 1
     images: np.ndarray | None = None
@@ -107,12 +120,36 @@ class ActivationRecord:
         n, steps = len(self.prompts), len(self.timesteps)
         if len(self.seeds) != n:
             raise ValueError(f"{len(self.seeds)} seeds for {n} prompts; pass one seed per prompt")
-        for path, array in self.activations.items():
-            if array.ndim != 3 or array.shape[:2] != (n, steps):
-                raise ValueError(
-                    f"activations[{path!r}] has shape {array.shape}, expected "
-                    f"({n}, {steps}, n_features)"
-                )
+        if not self.activations and not self.uncond_activations:
+            raise ValueError("an activation record needs at least one recorded block")
+        for half in self.halves:
+            for path, array in self._arrays(half).items():
+                if array.ndim != 3 or array.shape[:2] != (n, steps):
+                    raise ValueError(
+                        f"{half} activations of {path!r} have shape {array.shape}, expected "
+                        f"({n}, {steps}, n_features)"
+                    )
+
+    def _arrays(self, half: Half) -> dict[str, np.ndarray]:
+        if half not in HALVES:
+            raise ValueError(f"unknown half {half!r}; use one of {HALVES}")
+        arrays = self.activations if half == "cond" else self.uncond_activations
+        if not arrays:
+            raise ValueError(
+                f"the {half} half was not recorded (recorded: {self.halves}); record with "
+                f"ActivationRecorder(halves=[..., {half!r}])"
+            )
+        return arrays
+
+    @property
+    def halves(self) -> list[Half]:
+        """The CFG halves that were recorded."""
+        recorded: list[Half] = []
+        if self.activations:
+            recorded.append("cond")
+        if self.uncond_activations:
+            recorded.append("uncond")
+        return recorded
 
     @property
     def n_prompts(self) -> int:
@@ -127,24 +164,32 @@ class ActivationRecord:
     @property
     def blocks(self) -> list[str]:
         """Recorded module paths, in recording order."""
-        return list(self.activations)
+        return list(self._arrays(self.halves[0]))
 
-    def features(self, blocks: Sequence[str] | None = None) -> np.ndarray:
+    def features(self, blocks: Sequence[str] | None = None, half: Half = "cond") -> np.ndarray:
         """Activations of ``blocks`` (default: all) concatenated along the feature axis.
+
+        Parameters
+        ----------
+        blocks : sequence of str, optional
+            Module paths to use; all recorded blocks by default.
+        half : {"cond", "uncond"}
+            Which CFG half.
 
         Returns
         -------
         ndarray of float32, shape (n_prompts, n_steps, n_features)
         """
-        chosen = list(blocks) if blocks is not None else self.blocks
-        missing = [b for b in chosen if b not in self.activations]
+        arrays = self._arrays(half)
+        chosen = list(blocks) if blocks is not None else list(arrays)
+        missing = [b for b in chosen if b not in arrays]
         if missing:
-            raise KeyError(f"blocks {missing} were not recorded; recorded: {self.blocks}")
-        return np.concatenate([self.activations[b].astype(np.float32) for b in chosen], axis=-1)
+            raise KeyError(f"blocks {missing} were not recorded; recorded: {list(arrays)}")
+        return np.concatenate([arrays[b].astype(np.float32) for b in chosen], axis=-1)
 
     def nbytes(self) -> int:
         """Bytes held by all arrays of the record."""
-        arrays = [self.timesteps, *self.activations.values()]
+        arrays = [self.timesteps, *self.activations.values(), *self.uncond_activations.values()]
         arrays += [a for a in (self.images, self.x0_images) if a is not None]
         return sum(int(a.nbytes) for a in arrays)
 
@@ -164,18 +209,28 @@ class ActivationRecord:
             "format_version": FORMAT_VERSION,
             "prompts": self.prompts,
             "seeds": self.seeds,
-            "blocks": self.blocks,
+            "blocks": {half: list(self._arrays(half)) for half in self.halves},
             "pooling": self.pooling,
             "grid_size": self.grid_size,
             "meta": self.meta,
         }
-        arrays = {_ACT_PREFIX + str(i): a for i, a in enumerate(self.activations.values())}
+        # Module paths are kept in the JSON header (order included); array keys are indices.
+        arrays = {
+            f"{_ACT_PREFIX}{half}/{i}": array
+            for half in self.halves
+            for i, array in enumerate(self._arrays(half).values())
+        }
         if self.images is not None:
             arrays["images"] = self.images
         if self.x0_images is not None:
             arrays["x0_images"] = self.x0_images
+        payload: dict[str, Any] = {
+            "header": np.array(json.dumps(header)),
+            "timesteps": self.timesteps,
+            **arrays,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, header=np.array(json.dumps(header)), timesteps=self.timesteps, **arrays)
+        np.savez(path, **payload)
         return path
 
     @classmethod
@@ -193,12 +248,16 @@ class ActivationRecord:
                     f"{path} was written by a newer diffwidget; upgrade with "
                     "`pip install -U diffwidget`"
                 )
-            activations = {b: data[_ACT_PREFIX + str(i)] for i, b in enumerate(header["blocks"])}
+            halves = {
+                half: {b: data[f"{_ACT_PREFIX}{half}/{i}"] for i, b in enumerate(blocks)}
+                for half, blocks in header["blocks"].items()
+            }
             return cls(
                 prompts=list(header["prompts"]),
                 seeds=[int(s) for s in header["seeds"]],
                 timesteps=data["timesteps"],
-                activations=activations,
+                activations=halves.get("cond", {}),
+                uncond_activations=halves.get("uncond", {}),
                 pooling=header["pooling"],
                 grid_size=int(header["grid_size"]),
                 images=data.get("images"),
@@ -208,29 +267,35 @@ class ActivationRecord:
 
 
 def _pooler(
-    pooling: Pooling, grid_size: int, cfg: bool, dtype: torch.dtype
+    pooling: Pooling, grid_size: int, halves: Sequence[Half], cfg: bool, dtype: torch.dtype
 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reduce a block output [batch, C, h, w] to [len(halves), prompts, features] on the CPU."""
+    import torch
     import torch.nn.functional as F
 
+    def pool(tensor: torch.Tensor) -> torch.Tensor:
+        if pooling == "mean":
+            return tensor.float().mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(tensor.float(), grid_size).flatten(1)
+
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        if cfg:
-            if tensor.shape[0] % 2:
-                raise RuntimeError(
-                    f"a block output has batch {tensor.shape[0]} under classifier-free "
-                    "guidance; expected [uncond, cond] halves of equal size"
-                )
-            # diffusers concatenates [negative, positive]: the second half is the prompt's.
-            tensor = tensor[tensor.shape[0] // 2 :]
         if tensor.ndim != 4:
             raise RuntimeError(
                 f"expected a [batch, channels, h, w] block output, got shape "
                 f"{tuple(tensor.shape)}; choose convolutional UNet blocks"
             )
-        if pooling == "mean":
-            pooled = tensor.float().mean(dim=(2, 3))
+        if not cfg:
+            parts = {"cond": tensor}
+        elif tensor.shape[0] % 2:
+            raise RuntimeError(
+                f"a block output has batch {tensor.shape[0]} under classifier-free "
+                "guidance; expected [uncond, cond] halves of equal size"
+            )
         else:
-            pooled = F.adaptive_avg_pool2d(tensor.float(), grid_size).flatten(1)
-        return pooled.to(device="cpu", dtype=dtype)
+            # diffusers concatenates [negative, positive]: the second half is the prompt's.
+            uncond, cond = tensor.chunk(2)
+            parts = {"uncond": uncond, "cond": cond}
+        return torch.stack([pool(parts[h]) for h in halves]).to(device="cpu", dtype=dtype)
 
     return reduce
 
@@ -250,31 +315,6 @@ def _unet_inputs(unet: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Ten
         yield calls
     finally:
         handle.remove()
-
-
-def predicted_x0(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    alpha_cumprod: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """x̂0 from the UNet's input and output, without touching the scheduler.
-
-    ``sample`` is the UNet's input (``scheduler.scale_model_input`` already applied, which
-    puts sigma-parametrised schedulers such as Euler on the variance-preserving scale).
-    """
-    alpha = alpha_cumprod.to(sample.dtype).reshape(-1, *([1] * (sample.ndim - 1)))
-    sigma = (1 - alpha).sqrt()
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha.sqrt() * sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(
-        f"unknown prediction_type {prediction_type!r}; expected 'epsilon', "
-        "'v_prediction' or 'sample' (see pipe.scheduler.config.prediction_type)"
-    )
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
@@ -309,6 +349,10 @@ class ActivationRecorder:
         pooling to ``grid_size x grid_size`` cells, which keeps coarse position.
     grid_size : int
         Side of the pooling grid for ``pooling="grid"``.
+    halves : sequence of {"cond", "uncond"}
+        CFG halves to keep. ``"cond"`` (default) is the prompt's half; ``"uncond"`` never
+        sees the prompt, so what it carries about the prompt must have come through the
+        latent. Without CFG only ``"cond"`` exists.
     dtype : {"float16", "float32"}
         Storage dtype of the pooled activations; float16 halves memory.
     batch_size : int
@@ -316,7 +360,8 @@ class ActivationRecorder:
     decode_x0 : bool
         Also decode the predicted clean image x̂0 at every step (one VAE decode per prompt
         and step). x̂0 is computed from the guided noise prediction and the UNet input with
-        the scheduler's ``alphas_cumprod``; the scheduler itself is never called.
+        the scheduler's tables (:mod:`diffwidget.tracing.noise`, as in a
+        :class:`~diffwidget.tracing.trace.Trace`); the scheduler itself is never called.
     progress : bool
         Show a ``tqdm`` progress bar over prompts x steps.
 
@@ -325,10 +370,10 @@ class ActivationRecorder:
     >>> import diffwidget
     >>> pipe = diffwidget.load_demo_pipeline()  # doctest: +SKIP
     >>> record = ActivationRecorder(pooling="grid").record(
-    ...     pipe, ["a red circle", "a blue square"], num_inference_steps=20
+    ...     pipe, ["a large red circle on the left", "a small blue square at the top"]
     ... )  # doctest: +SKIP
     >>> record.activations["mid_block"].shape  # doctest: +SKIP
-    (2, 20, 256)
+    (2, 20, 512)
     """
 
     def __init__(
@@ -337,6 +382,7 @@ class ActivationRecorder:
         *,
         pooling: Pooling = "mean",
         grid_size: int = DEFAULT_GRID_SIZE,
+        halves: Sequence[Half] = ("cond",),
         dtype: StoreDtype = "float16",
         batch_size: int = DEFAULT_BATCH_SIZE,
         decode_x0: bool = False,
@@ -346,11 +392,15 @@ class ActivationRecorder:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
         if dtype not in STORE_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {STORE_DTYPES}")
+        bad = [h for h in halves if h not in HALVES]
+        if bad or not halves or len(set(halves)) != len(halves):
+            raise ValueError(f"halves must be distinct values from {HALVES}, got {list(halves)}")
         if grid_size < 1 or batch_size < 1:
             raise ValueError("grid_size and batch_size must be at least 1")
         self.blocks = list(blocks) if blocks is not None else None
         self.pooling: Pooling = pooling
         self.grid_size = grid_size if pooling == "grid" else 1
+        self.halves: list[Half] = list(halves)
         self.dtype: StoreDtype = dtype
         self.batch_size = batch_size
         self.decode_x0 = decode_x0
@@ -394,8 +444,9 @@ class ActivationRecorder:
         ActivationRecord
         """
         import torch
+        from tqdm.auto import tqdm
 
-        from diffwidget.tracing.hooks import capture_outputs, resolve_module
+        from diffwidget.tracing.hooks import resolve_module
 
         prompts = list(prompts)
         if not prompts:
@@ -403,8 +454,7 @@ class ActivationRecorder:
         seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
-        reserved = {"callback_on_step_end", "generator", "num_images_per_prompt", "output_type"}
-        clash = reserved & set(pipeline_kwargs)
+        clash = _RESERVED_KWARGS & set(pipeline_kwargs)
         if clash:
             raise ValueError(f"the recorder sets {sorted(clash)} itself; leave them out")
         unet = getattr(pipe, "unet", None)
@@ -416,88 +466,64 @@ class ActivationRecorder:
         blocks = self.blocks if self.blocks is not None else default_blocks(unet)
         for path in blocks:
             resolve_module(unet, path)  # fail before generating anything
-        time_cond = getattr(unet.config, "time_cond_proj_dim", None)
-        cfg = guidance_scale > 1.0 and time_cond is None
+        cfg = guidance_scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+        if not cfg and "uncond" in self.halves:
+            raise ValueError(
+                "without classifier-free guidance (guidance_scale <= 1) there is no "
+                "unconditional half; record halves=['cond'] or raise guidance_scale"
+            )
         store = torch.float16 if self.dtype == "float16" else torch.float32
-        reduce = _pooler(self.pooling, self.grid_size, cfg, store)
-
-        from tqdm.auto import tqdm
+        reduce = _pooler(self.pooling, self.grid_size, self.halves, cfg, store)
+        call = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "output_type": "np",
+            **pipeline_kwargs,
+        }
 
         n = len(prompts)
-        bar = tqdm(
-            total=n * num_inference_steps,
-            disable=not self.progress,
-            desc="recording activations",
-            unit="step",
-        )
-        out: dict[str, np.ndarray] = {}
+        out: dict[Half, dict[str, np.ndarray]] = {h: {} for h in self.halves}
         images: np.ndarray | None = None
         x0_images: np.ndarray | None = None
         timesteps: np.ndarray | None = None
         previous_bar = getattr(pipe, "_progress_bar_config", None)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-
-        def on_step_end(
-            _pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            bar.update(len(batch))
-            return callback_kwargs
-
+        bar = tqdm(
+            total=n * num_inference_steps,
+            disable=not self.progress,
+            desc="recording activations",
+            unit="step",
+        )
         try:
             for start in range(0, n, self.batch_size):
                 batch = prompts[start : start + self.batch_size]
-                batch_seeds = seeds[start : start + len(batch)]
-                generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-                # The UNet's own output ("" is the root module) is needed only for x̂0.
-                root = [""] if self.decode_x0 else []
-                with (
-                    capture_outputs(unet, blocks, reduce=reduce) as acts,
-                    _unet_inputs(unet) as inputs,
-                    capture_outputs(unet, root) as unet_out,
-                ):
-                    result = pipe(
-                        prompt=batch,
-                        negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                        num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale,
-                        height=height,
-                        width=width,
-                        generator=generators,
-                        output_type="np",
-                        callback_on_step_end=on_step_end,
-                        **pipeline_kwargs,
-                    )
-                steps_seen = len(inputs)
-                if any(len(acts[p]) != steps_seen for p in blocks):
-                    raise RuntimeError(
-                        "blocks were called a different number of times than the UNet; "
-                        "record top-level blocks that run once per UNet call"
-                    )
-                batch_t = np.array([int(torch.as_tensor(t).flatten()[0]) for _, t in inputs])
+                rows = slice(start, start + len(batch))
+                if negative_prompt is not None:
+                    call["negative_prompt"] = [negative_prompt] * len(batch)
+                acts, batch_t, batch_images, decoded = self._run_batch(
+                    pipe, blocks, reduce, batch, seeds[rows], cfg, call, bar
+                )
                 if timesteps is None:
                     timesteps = batch_t
-                    for path in blocks:
-                        features = acts[path][0].shape[-1]
-                        out[path] = np.empty((n, steps_seen, features), dtype=self.dtype)
-                elif len(batch_t) != len(timesteps) or (batch_t != timesteps).any():
+                    images = np.empty((n, *batch_images.shape[1:]), dtype=np.uint8)
+                    for half, path in ((h, p) for h in self.halves for p in blocks):
+                        features = acts[path].shape[-1]
+                        shape = (n, len(batch_t), features)
+                        out[half][path] = np.empty(shape, dtype=self.dtype)
+                    if decoded is not None:
+                        x0_images = np.empty((n, *decoded.shape[1:]), dtype=np.uint8)
+                elif not np.array_equal(batch_t, timesteps):
                     raise RuntimeError("timesteps differ between prompt batches; fix the scheduler")
                 for path in blocks:
-                    # [n_steps, B, F] -> [B, n_steps, F]
-                    out[path][start : start + len(batch)] = (
-                        torch.stack(acts[path]).transpose(0, 1).numpy()
-                    )
-                batch_images = _to_uint8(np.asarray(result.images))
-                if images is None:
-                    images = np.empty((n, *batch_images.shape[1:]), dtype=np.uint8)
-                images[start : start + len(batch)] = batch_images
-                if self.decode_x0:
-                    decoded = self._decode_x0(pipe, inputs, unet_out[""], cfg, guidance_scale)
-                    decoded = decoded.reshape(steps_seen, len(batch), *decoded.shape[1:])
-                    if x0_images is None:
-                        x0_images = np.empty((n, steps_seen, *decoded.shape[2:]), dtype=np.uint8)
-                    x0_images[start : start + len(batch)] = decoded.transpose(1, 0, 2, 3, 4)
-                del acts, inputs, unet_out
+                    for k, half in enumerate(self.halves):
+                        out[half][path][rows] = acts[path][k]
+                assert images is not None
+                images[rows] = batch_images
+                if x0_images is not None and decoded is not None:
+                    x0_images[rows] = decoded
         finally:
             bar.close()
             if previous_bar is not None:
@@ -506,22 +532,25 @@ class ActivationRecorder:
                 del pipe._progress_bar_config
 
         assert timesteps is not None
+        assert images is not None
         meta = {
             "pipeline": type(pipe).__name__,
             "scheduler": type(pipe.scheduler).__name__,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
-            "cfg_half": "cond" if cfg else "all (no classifier-free guidance)",
+            "cfg": cfg,
+            "halves": self.halves,
             "negative_prompt": negative_prompt,
             "dtype": self.dtype,
-            "height": None if images is None else int(images.shape[1]),
-            "width": None if images is None else int(images.shape[2]),
+            "height": int(images.shape[1]),
+            "width": int(images.shape[2]),
         }
         return ActivationRecord(
             prompts=prompts,
             seeds=[int(s) for s in seeds],
             timesteps=timesteps.astype(np.int64),
-            activations=out,
+            activations=out.get("cond", {}),
+            uncond_activations=out.get("uncond", {}),
             pooling=self.pooling,
             grid_size=self.grid_size,
             images=images,
@@ -529,52 +558,97 @@ class ActivationRecorder:
             meta=meta,
         )
 
-    @staticmethod
-    def _decode_x0(
+    def _run_batch(
+        self,
         pipe: Any,
-        inputs: list[tuple[torch.Tensor, torch.Tensor]],
-        outputs: list[torch.Tensor],
+        blocks: list[str],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        batch: list[str],
+        seeds: list[int],
         cfg: bool,
-        guidance_scale: float,
-    ) -> np.ndarray:
-        """Decode x̂0 for every recorded UNet call: [n_steps * B, H, W, 3], step-major."""
+        call: dict[str, Any],
+        bar: Any,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray | None]:
+        """One pipeline call under hooks.
+
+        Returns block -> [n_halves, B, n_steps, F], timesteps, uint8 images [B, H, W, 3]
+        and the decoded x̂0 [B, n_steps, H, W, 3] (or None).
+        """
         import torch
 
-        scheduler = pipe.scheduler
-        alphas = scheduler.alphas_cumprod
-        prediction_type = scheduler.config.prediction_type
-        latents = []
-        for (sample, t), output in zip(inputs, outputs, strict=True):
-            if cfg:
-                uncond, cond = output.float().chunk(2)
-                guided = uncond + guidance_scale * (cond - uncond)
-                sample = sample.chunk(2)[1]
-            else:
-                guided = output.float()
-            index = torch.as_tensor(t).flatten()[0].round().long().clamp(0, len(alphas) - 1)
-            latents.append(predicted_x0(sample.float(), guided, alphas[index], prediction_type))
-        return _decode(pipe, torch.cat(latents))
+        from diffwidget.tracing.hooks import capture_outputs
+
+        unet = pipe.unet
+
+        def on_step_end(
+            _pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
+            bar.update(len(batch))
+            return callback_kwargs
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        # The UNet's own output ("" is the root module) is needed only for x̂0.
+        root = [""] if self.decode_x0 else []
+        with (
+            capture_outputs(unet, blocks, reduce=reduce) as acts,
+            _unet_inputs(unet) as inputs,
+            capture_outputs(unet, root) as unet_out,
+        ):
+            result = pipe(
+                prompt=batch, generator=generators, callback_on_step_end=on_step_end, **call
+            )
+        n_calls = len(inputs)
+        if any(len(acts[p]) != n_calls for p in blocks):
+            raise RuntimeError(
+                "blocks were called a different number of times than the UNet; "
+                "record top-level blocks that run once per UNet call"
+            )
+        timesteps = np.array([int(torch.as_tensor(t).flatten()[0]) for _, t in inputs])
+        # [n_steps, n_halves, B, F] -> [n_halves, B, n_steps, F]
+        stacked = {p: torch.stack(acts[p]).permute(1, 2, 0, 3).numpy() for p in blocks}
+        images = _to_uint8(np.asarray(result.images))
+        decoded = None
+        if self.decode_x0:
+            w = float(call["guidance_scale"])
+            flat = _decode_x0(pipe, inputs, unet_out[""], cfg, w)
+            # step-major [n_steps * B, H, W, 3] -> [B, n_steps, H, W, 3]
+            decoded = flat.reshape(n_calls, len(batch), *flat.shape[1:]).swapaxes(0, 1)
+        return stacked, timesteps, images, decoded
 
 
-def record_activations(
+def _decode_x0(
     pipe: Any,
-    prompts: Sequence[str],
-    *,
-    blocks: Sequence[str] | None = None,
-    pooling: Pooling = "mean",
-    grid_size: int = DEFAULT_GRID_SIZE,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    decode_x0: bool = False,
-    progress: bool = True,
-    **record_kwargs: Any,
-) -> ActivationRecord:
-    """Shortcut for ``ActivationRecorder(...).record(pipe, prompts, ...)``."""
-    recorder = ActivationRecorder(
-        blocks,
-        pooling=pooling,
-        grid_size=grid_size,
-        batch_size=batch_size,
-        decode_x0=decode_x0,
-        progress=progress,
-    )
-    return recorder.record(pipe, prompts, **record_kwargs)
+    inputs: list[tuple[torch.Tensor, torch.Tensor]],
+    outputs: list[torch.Tensor],
+    cfg: bool,
+    guidance_scale: float,
+) -> np.ndarray:
+    """Decode x̂0 for every recorded UNet call: [n_steps * B, H, W, 3], step-major.
+
+    Uses the same coefficients as :class:`~diffwidget.tracing.context.TraceContext`
+    (:mod:`diffwidget.tracing.noise`), read from the scheduler's tables, never stepping it.
+    """
+    import torch
+
+    from diffwidget.tracing.noise import predict_x0, scheduler_family, step_coefficients
+
+    scheduler = pipe.scheduler
+    family = scheduler_family(scheduler)
+    begin = getattr(scheduler, "begin_index", None) or 0
+    latents: list[torch.Tensor] = []
+    for i, ((sample, t), output) in enumerate(zip(inputs, outputs, strict=True)):
+        if cfg:
+            # The pipeline's own CFG combination (guidance_rescale is not applied).
+            uncond, cond = output.float().chunk(2)
+            guided = uncond + guidance_scale * (cond - uncond)
+            sample = sample.chunk(2)[1]
+        else:
+            guided = output.float()
+        # One UNet call per step, so call i ran at step index begin + i.
+        c = step_coefficients(scheduler, family, float(torch.as_tensor(t).flatten()[0]), begin + i)
+        x_t = sample.float() / c.input_scale  # the UNet saw input_scale * x_t
+        kind = scheduler.config.prediction_type
+        # predict_x0 is array-generic: it works on tensors unchanged.
+        x0 = predict_x0(cast(Any, x_t), cast(Any, guided), c.alpha, c.sigma, c.input_scale, kind)
+        latents.append(cast("torch.Tensor", x0))
+    return _decode(pipe, torch.cat(latents))

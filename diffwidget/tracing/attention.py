@@ -10,7 +10,6 @@ token positions, in float16, on the device (no host sync inside the denoising lo
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,12 +126,13 @@ class CaptureAttnProcessor:
     original : callable
         The layer's processor; it still computes the layer output.
     layer : str
-        The layer's diffusers module path (e.g. ``"mid_block.attentions.0.transformer_blocks.0.attn2"``).
+        The layer's diffusers module path, e.g.
+        ``"mid_block.attentions.0.transformer_blocks.0.attn2"``.
     recorder : AttentionRecorder
         Where probabilities go.
     """
 
-    def __init__(self, original: Callable[..., Any], layer: str, recorder: AttentionRecorder) -> None:
+    def __init__(self, original: Any, layer: str, recorder: AttentionRecorder) -> None:
         self.original = original
         self.layer = layer
         self.recorder = recorder
@@ -144,7 +144,8 @@ class CaptureAttnProcessor:
             return forward(*args, **kwargs)
 
         call.__signature__ = inspect.signature(original.__call__)  # type: ignore[attr-defined]
-        self.__call__ = call
+        # Only attribute lookup (what diffusers inspects) sees this; calls use the class's.
+        self.__dict__["__call__"] = call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
@@ -247,4 +248,6 @@ class AttentionCapture:
 
     def replaced_layers(self) -> list[str]:
         """Layers whose capture processor was swapped out since :meth:`install`."""
-        return [layer for layer, module, capture in self._installed if module.processor is not capture]
+        return [
+            layer for layer, module, capture in self._installed if module.processor is not capture
+        ]

@@ -52,7 +52,9 @@ def layer_level(path: str, n_levels: int) -> int:
     return index if match.group(1) == "down_blocks" else n_levels - 1 - index
 
 
-def layer_grid(path: str, n_levels: int, latent_hw: tuple[int, int], n_queries: int) -> tuple[int, int]:
+def layer_grid(
+    path: str, n_levels: int, latent_hw: tuple[int, int], n_queries: int
+) -> tuple[int, int]:
     """The ``(h_l, w_l)`` grid of a layer with ``n_queries`` query positions.
 
     The level comes from the module path; if the UNet is laid out differently, the first
@@ -136,7 +138,10 @@ def check_budget(
         fixes.append(f"keep fewer tokens (tokens='default' or a list; now {n_tokens})")
     if step_bytes.previews:
         fixes.append("decode_previews=False")
-    fixes += ["fewer steps or a smaller image", f"memory_budget_mb>={math.ceil(needed / BYTES_PER_MB)}"]
+    fixes += [
+        "fewer steps or a smaller image",
+        f"memory_budget_mb>={math.ceil(needed / BYTES_PER_MB)}",
+    ]
     raise MemoryBudgetError(
         f"tracing {n_steps} steps needs {needed / BYTES_PER_MB:.1f} MB "
         f"({step_bytes.describe()}), over memory_budget_mb={memory_budget_mb:g}. "

@@ -57,7 +57,9 @@ def _pipeline_kind(pipe: Any) -> str:
 
 def _json_safe(value: Any) -> Any:
     """``value`` as it will read back from JSON (tuples become lists, numbers plain)."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    )
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -135,7 +137,7 @@ class TraceContext:
         elif tokens == "all":
             self.token_indices = list(range(max_length))
         else:
-            self.token_indices = sorted({int(i) for i in tokens})  # type: ignore[union-attr]
+            self.token_indices = sorted({int(i) for i in tokens})
         self.recorder = AttentionRecorder(
             None if len(self.token_indices) == max_length else self.token_indices
         )
@@ -160,9 +162,7 @@ class TraceContext:
     def check_budget(self, n_steps: int, height: int, width: int) -> StepBytes:
         """Raise ``MemoryBudgetError`` (with the fix) if ``n_steps`` would exceed the budget."""
         step_bytes = self.step_bytes(height, width)
-        check_budget(
-            step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices)
-        )
+        check_budget(step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices))
         return step_bytes
 
     # ------------------------------------------------------------- install/restore
@@ -205,7 +205,13 @@ class TraceContext:
         self._had_instance_step = "step" in vars(scheduler)
         original = scheduler.step
 
-        def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        def step(
+            model_output: torch.Tensor,
+            timestep: Any,
+            sample: torch.Tensor,
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:
             self._before_step(model_output, timestep, sample)
             out = original(model_output, timestep, sample, *args, **kwargs)
             self._after_step(out)
@@ -328,8 +334,12 @@ class TraceContext:
             "scheduler_config": dict(scheduler.config),
             "prediction_type": prediction_type,
             "seed": self.seed,
-            "height": int(previews.shape[1]) if previews is not None else latent_hw[0] * self.pipe.vae_scale_factor,
-            "width": int(previews.shape[2]) if previews is not None else latent_hw[1] * self.pipe.vae_scale_factor,
+            "height": int(previews.shape[1])
+            if previews is not None
+            else latent_hw[0] * self.pipe.vae_scale_factor,
+            "width": int(previews.shape[2])
+            if previews is not None
+            else latent_hw[1] * self.pipe.vae_scale_factor,
             "negative_prompt": self.negative_prompt,
             "cfg": cfg,
             "token_indices": self.token_indices,
@@ -518,7 +528,9 @@ def trace(
             generator=generator,
             output_type="np",
             callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=sorted({*user_inputs, *ctx.callback_tensor_inputs()}),
+            callback_on_step_end_tensor_inputs=sorted(
+                {*user_inputs, *ctx.callback_tensor_inputs()}
+            ),
             **pipeline_kwargs,
         )
     return ctx.result(image=output.images[0])

@@ -57,16 +57,23 @@ def scheduler_family(scheduler: Any) -> NoiseFamily:
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(
-            f"prediction_type {prediction!r} is not supported; diffwidget handles {PREDICTION_TYPES}"
+            f"prediction_type {prediction!r} is not supported; diffwidget handles "
+            f"{PREDICTION_TYPES}"
         )
     if scheduler.config.get("use_flow_sigmas", False):
-        raise ValueError("flow-matching sigmas are not supported; use the scheduler's default sigmas")
+        raise ValueError(
+            "flow-matching sigmas are not supported; use the scheduler's default sigmas"
+        )
     return family
 
 
 @dataclass(frozen=True)
 class StepCoefficients:
-    """``x_t = alpha * x0 + sigma * eps`` in the stepped latent's scale; UNet input = ``input_scale * x_t``."""
+    """Coefficients of one step.
+
+    ``x_t = alpha * x0 + sigma * eps`` in the scale of the latent the scheduler steps;
+    the UNet is fed ``input_scale * x_t``.
+    """
 
     alpha: float
     sigma: float
@@ -90,7 +97,7 @@ def step_coefficients(
         Index into ``scheduler.sigmas`` used at this step (sigma families only).
     """
     if family == "vp_alphas":
-        alpha_bar = float(scheduler.alphas_cumprod[int(round(timestep))])
+        alpha_bar = float(scheduler.alphas_cumprod[round(timestep)])
         return StepCoefficients(math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar), 1.0)
     if step_index is None:
         raise ValueError(f"{type(scheduler).__name__} needs the step index to read its sigmas")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -36,7 +36,7 @@ _SD_BETAS = {
 }
 
 
-def make_scheduler(name: SchedulerName = "dpm++"):  # noqa: ANN201 - diffusers scheduler
+def make_scheduler(name: SchedulerName = "dpm++"):
     """A scheduler with Stable Diffusion's noise schedule.
 
     Parameters
@@ -62,7 +62,7 @@ def make_scheduler(name: SchedulerName = "dpm++"):  # noqa: ANN201 - diffusers s
     raise ValueError(f"unknown scheduler {name!r}; use one of 'dpm++', 'ddim', 'euler', 'pndm'")
 
 
-def _tokenizer(directory: Path):  # noqa: ANN202 - transformers tokenizer
+def _tokenizer(directory: Path):
     from transformers import CLIPTokenizer
 
     from diffwidget.models.tokenizer import write_word_tokenizer
@@ -71,7 +71,7 @@ def _tokenizer(directory: Path):  # noqa: ANN202 - transformers tokenizer
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=TINY_MAX_LENGTH)
 
 
-def _text_config(tokenizer, hidden_size: int, projection_dim: int | None = None):  # noqa: ANN001, ANN202
+def _text_config(tokenizer, hidden_size: int, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -89,7 +89,7 @@ def _text_config(tokenizer, hidden_size: int, projection_dim: int | None = None)
     )
 
 
-def _vae():  # noqa: ANN202
+def _vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -149,7 +149,7 @@ def tiny_sd_pipeline(
     )
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -206,7 +206,7 @@ def tiny_sdxl_pipeline(
         cross_attention_dim=2 * hidden,
         norm_num_groups=8,
     )
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_size=hidden)),
         text_encoder_2=CLIPTextModelWithProjection(

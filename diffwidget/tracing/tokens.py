@@ -83,8 +83,10 @@ def prompt_tokens(tokenizer: Any, prompt: str) -> PromptTokens:
     --------
     >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
     >>> tokens = prompt_tokens(tiny_sd_pipeline().tokenizer, "a red circle")
-    >>> tokens.strings[:5], tokens.kinds[:5]
-    (['<|startoftext|>', 'a', 'red', 'circle', '<|endoftext|>'], ['start', 'word', 'word', 'word', 'end'])
+    >>> tokens.strings[:5]
+    ['<|startoftext|>', 'a', 'red', 'circle', '<|endoftext|>']
+    >>> tokens.kinds[:6]
+    ['start', 'word', 'word', 'word', 'end', 'pad']
     """
     encoded = tokenizer(
         prompt,

@@ -45,9 +45,7 @@ def encode_array(array: np.ndarray, *, scale: np.ndarray | None = None) -> dict[
         raise TypeError(f"cannot send arrays of dtype {array.dtype}; convert to float32 first")
     out = np.ascontiguousarray(out)
     payload: dict[str, Any] = {
-        "dtype": {np.dtype(np.uint8): "uint8", np.dtype("<f4"): "float32"}.get(
-            out.dtype, "int32"
-        ),
+        "dtype": {np.dtype(np.uint8): "uint8", np.dtype("<f4"): "float32"}.get(out.dtype, "int32"),
         "shape": [int(s) for s in out.shape],
         "data": out.tobytes(),
     }
@@ -71,10 +69,10 @@ def decode_array(payload: dict[str, Any]) -> np.ndarray:
     dtype = payload["dtype"]
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; payloads use one of {DTYPES}")
-    np_dtype = {"uint8": np.uint8, "float32": "<f4", "int32": "<i4"}[dtype]
+    np_dtype = np.dtype({"uint8": "u1", "float32": "<f4", "int32": "<i4"}[dtype])
     shape = tuple(int(s) for s in payload["shape"])
     raw = bytes(payload["data"])
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"payload holds {len(raw)} bytes but {dtype} {shape} needs {expected}")
     array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)

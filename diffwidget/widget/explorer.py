@@ -26,6 +26,8 @@ from diffwidget.widget.previews import noisy_previews, x0_previews
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
 
+#: Method settings named in the overlay caption (what a reader needs to judge the map).
+_DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "blocks")
 #: Human names of overlay kinds, used in captions and errors.
 OVERLAY_LABELS: dict[str, str] = {
     "none": "no overlay",
@@ -186,7 +188,9 @@ class Explorer:
             last = next(reversed(cached.values()))
             overlays[kind] = {
                 "steps": list(cached),
-                "maps": encode_array(np.rint(maps * 255).astype(np.uint8), scale=np.ones(len(maps))),
+                "maps": encode_array(
+                    np.rint(maps * 255).astype(np.uint8), scale=np.ones(len(maps))
+                ),
                 "description": _saliency_description(kind, last),
             }
         self.widget.overlays = overlays
@@ -246,7 +250,7 @@ class Explorer:
 
     @property
     def image_mode(self) -> str:
-        """"x0" (predicted clean image) or "noisy" (decoded x_t)."""
+        """ "x0" (predicted clean image) or "noisy" (decoded x_t)."""
         return str(self.widget.image_mode)
 
     @image_mode.setter
@@ -318,7 +322,9 @@ class Explorer:
             raise ValueError(f"group must be one of {schema.CURVE_GROUPS}, not {group!r}")
         array = np.asarray(values, dtype=np.float32)
         if array.shape != (self.trace.n_steps,):
-            raise ValueError(f"a curve needs one value per step ({self.trace.n_steps}), got {array.shape}")
+            raise ValueError(
+                f"a curve needs one value per step ({self.trace.n_steps}), got {array.shape}"
+            )
         self._curves.append(({"name": name, "group": group, "token": token}, array))
         self._sync_curves()
 
@@ -365,7 +371,9 @@ class Explorer:
     def _job_failed(self, request: Request, exc: BaseException) -> None:
         with self.widget.hold_sync():
             self.widget.status = "error"
-            self.widget.error = f"{OVERLAY_LABELS[request.kind]} failed at step {request.step}: {exc}"
+            self.widget.error = (
+                f"{OVERLAY_LABELS[request.kind]} failed at step {request.step}: {exc}"
+            )
 
     def _jobs_waiting(self) -> bool:
         return self._jobs._pending is not None
@@ -394,12 +402,16 @@ class Explorer:
 
 def _saliency_description(kind: str, result: SaliencyLike) -> str:
     meta = dict(getattr(result, "meta", {}) or {})
-    settings = ", ".join(
-        f"{key} {value}"
-        for key, value in meta.items()
-        if isinstance(value, (int, float, str, bool)) and key != "complete"
-    )
+    settings = []
+    for key in _DESCRIBED_SETTINGS:
+        value = meta.get(key)
+        if isinstance(value, (list, tuple)):
+            settings.append(f"{len(value)} {key} ({', '.join(map(str, value))})")
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            settings.append(f"{key} {value}")
     text = f"{OVERLAY_LABELS[kind]} saliency on the latent grid at the shown step"
     if settings:
-        text += f" ({settings})"
+        text += f" ({', '.join(settings)})"
+    if meta.get("cfg_combined"):
+        text += ", activations and gradients CFG-combined"
     return text + "; min–max normalised to [0, 1] per step"

@@ -84,7 +84,9 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
     def on_message(self, kind: str, handler: Callable[[dict[str, Any]], None]) -> None:
         """Register ``handler(content)`` for front-end messages ``{"kind": kind, ...}``."""
         if kind not in schema.FRONTEND_MESSAGES:
-            raise ValueError(f"unknown message kind {kind!r}; use one of {schema.FRONTEND_MESSAGES}")
+            raise ValueError(
+                f"unknown message kind {kind!r}; use one of {schema.FRONTEND_MESSAGES}"
+            )
         self._message_handlers[kind] = handler
 
     def _dispatch_message(self, _widget: Any, content: Any, _buffers: Any) -> None:

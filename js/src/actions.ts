@@ -70,7 +70,14 @@ export function overlayName(kind: string): string {
 export function captionText(
   state: Pick<
     WidgetState,
-    "step" | "token" | "overlay" | "image_mode" | "tokens" | "timesteps" | "descriptions" | "overlays"
+    | "step"
+    | "token"
+    | "overlay"
+    | "image_mode"
+    | "tokens"
+    | "timesteps"
+    | "descriptions"
+    | "overlays"
   >,
 ): string {
   const n = state.timesteps.length;

@@ -6,7 +6,11 @@ import { IMAGE_MODES, type ImageMode, OVERLAY_KINDS, type OverlayKind } from "./
 const MODE_NAMES: Record<ImageMode, string> = { x0: "predicted x̂0", noisy: "noisy x_t" };
 
 /** Overlay selector, opacity, image mode and PNG export. */
-export function controlsView(model: Model, el: HTMLElement, canvas: () => HTMLCanvasElement | null): Cleanup {
+export function controlsView(
+  model: Model,
+  el: HTMLElement,
+  canvas: () => HTMLCanvasElement | null,
+): Cleanup {
   const row = h("div", "dw-controls");
   const overlay = h("select", "dw-overlay");
   overlay.setAttribute("aria-label", "overlay");

@@ -41,7 +41,10 @@ export function polylinePoints(values: ArrayLike<number>, lo: number, hi: number
   return points.join(" ");
 }
 
-function svg<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Record<string, string>): SVGElementTagNameMap[K] {
+function svg<K extends keyof SVGElementTagNameMap>(
+  tag: K,
+  attrs: Record<string, string>,
+): SVGElementTagNameMap[K] {
   const node = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
   return node;
@@ -75,7 +78,10 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
       const members = curves.series
         .map((series, row) => ({ series, row }))
         .filter(({ series }) => series.group === group)
-        .filter(({ series }) => series.token === null || tokenVisible(kinds[series.token] ?? "word", show));
+        .filter(
+          ({ series }) =>
+            series.token === null || tokenVisible(kinds[series.token] ?? "word", show),
+        );
       if (members.length === 0) continue;
       const rows = members.map(({ row }) => values.subarray(row * n, (row + 1) * n));
       let lo = 0;

@@ -47,7 +47,7 @@ export function checkPayload(payload: ArrayPayload | null | undefined): string |
 
 /** The RGB image of `step` from uint8 [N, H, W, 3] previews. */
 export function frameAt(payload: ArrayPayload | null, step: number): RgbFrame | null {
-  if (!payload || payload.shape.length !== 4) return null;
+  if (payload?.shape.length !== 4) return null;
   const [n, height, width] = payload.shape as [number, number, number, number];
   if (step < 0 || step >= n) return null;
   const frame = width * height * 3;
@@ -60,7 +60,7 @@ export function attentionAt(
   step: number,
   token: number,
 ): MapSlice | null {
-  if (!payload || payload.shape.length !== 4) return null;
+  if (payload?.shape.length !== 4) return null;
   const [n, t, height, width] = payload.shape as [number, number, number, number];
   if (step < 0 || step >= n || token < 0 || token >= t) return null;
   const cells = width * height;

@@ -67,6 +67,8 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       }
     }
     draws += 1;
+    // Timing marks for bench/bench_browser.py (ms since navigation start).
+    if (draws === 1) canvas.dataset.firstDrawAt = performance.now().toFixed(1);
     canvas.dataset.draws = String(draws);
     canvas.dataset.drawMs = (performance.now() - started).toFixed(3);
     canvas.dataset.step = String(step);

@@ -45,7 +45,12 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   const onInput = (): void => setStep(model, Number(input.value));
   const onKey = (event: KeyboardEvent): void => {
     if (event.target instanceof HTMLInputElement && event.target !== input) return;
-    const moves: Record<string, number> = { ArrowLeft: -1, ArrowRight: 1, ArrowDown: -1, ArrowUp: 1 };
+    const moves: Record<string, number> = {
+      ArrowLeft: -1,
+      ArrowRight: 1,
+      ArrowDown: -1,
+      ArrowUp: 1,
+    };
     if (event.key in moves) {
       stepBy(model, moves[event.key] as number);
     } else if (event.key === "Home") {

@@ -19,7 +19,11 @@ export function statusView(model: Model, el: HTMLElement): Cleanup {
     const progress = model.get("progress");
     const running = status === "running";
     row.dataset.status = status;
-    text.textContent = running ? `computing… ${Math.round(progress * 100)} %` : status === "idle" ? "" : status;
+    text.textContent = running
+      ? `computing… ${Math.round(progress * 100)} %`
+      : status === "idle"
+        ? ""
+        : status;
     bar.value = progress;
     bar.hidden = !running;
     cancel.hidden = !running;

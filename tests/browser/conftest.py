@@ -7,111 +7,33 @@ own page, so outputs of one test never leak into another.
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser.helpers import ConsoleLog, JupyterServer
+from tests.browser.helpers import CHROMIUM_ARGS, ConsoleLog, JupyterServer, serve
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-#: Seconds to wait for the server to answer /api/status.
-SERVER_START_TIMEOUT_S = 90
 #: Playwright timeouts (ms): the 2-core CI box is slow to start a kernel.
 PAGE_TIMEOUT_MS = 90_000
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _write_settings(config: Path) -> None:
-    settings = config / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True, exist_ok=True)
-    (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False})
-    )
-    # Notebook 7 reads its own app settings from the config dir, not from `jupyter lab`'s argv.
-    (config / "jupyter_server_config.json").write_text(
-        json.dumps({"JupyterNotebookApp": {"expose_app_in_browser": True}})
-    )
 
 
 @pytest.fixture(scope="session")
 def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
-    """JupyterLab (which also serves Notebook 7 pages) on 127.0.0.1."""
+    """JupyterLab on 127.0.0.1."""
     if shutil.which("jupyter") is None:
         pytest.skip("jupyter is not installed; install the [test] extra")
-    base = tmp_path_factory.mktemp("jupyter")
-    root, config, runtime, ipython = (base / n for n in ("root", "config", "runtime", "ipython"))
-    for folder in (root, config, runtime, ipython):
-        folder.mkdir()
-    _write_settings(config)
-    token, port = secrets.token_hex(16), _free_port()
-    env = dict(os.environ)
-    env.update(
-        JUPYTER_CONFIG_DIR=str(config),
-        JUPYTER_RUNTIME_DIR=str(runtime),
-        IPYTHONDIR=str(ipython),
-        JUPYTERLAB_SETTINGS_DIR=str(config / "lab" / "user-settings"),
-        JUPYTERLAB_WORKSPACES_DIR=str(config / "lab" / "workspaces"),
-        # The kernel must import this checkout even when it is not pip-installed.
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]
-        ),
-    )
-    log = base / "server.log"
-    command = [
-        sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
-        f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-    ]  # fmt: skip
-    with log.open("wb") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not start; log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield JupyterServer(url, token, root, process, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve(tmp_path_factory.mktemp("jupyterlab"), "lab") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def notebook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
+    """Notebook 7 (``jupyter notebook``) on 127.0.0.1."""
+    pytest.importorskip("notebook")
+    with serve(tmp_path_factory.mktemp("notebook"), "notebook") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

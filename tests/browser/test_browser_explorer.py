@@ -155,12 +155,20 @@ def test_lab_rejected_value_shows_error_and_kernel_keeps_working(jupyter_server,
     assert console.widget_errors() == []
 
 
-def test_notebook7_smoke(jupyter_server, page):
+def test_notebook7_smoke(notebook_server, page):
     browser_page, console = page
-    state = open_explorer(jupyter_server, browser_page, "nb7", app="notebook")
+    # Notebook 7.6 itself logs an error from its shortcut-settings plugin when a kernel runs
+    # any cell; record what a notebook without the widget logs and allow only that.
+    write_notebook(notebook_server.root / "control.ipynb", ["1 + 1"])
+    browser_page.goto(notebook_server.page_url("notebooks/control.ipynb"))
+    run_all_cells(browser_page)
+    browser_page.wait_for_selector(".jp-OutputArea-output")
+    baseline = set(console.errors)
+    console.errors.clear()
+    state = open_explorer(notebook_server, browser_page, "nb7", app="notebook")
     assert len(set(canvas_pixels(browser_page))) > 1
     browser_page.fill(".dw-range", "9")
     wait_for_json(state, lambda s: s["step"] == 9)
     browser_page.click('.dw-chip[data-token="2"]')
     wait_for_json(state, lambda s: s["token"] == 2)
-    assert console.widget_errors() == []
+    assert set(console.widget_errors()) <= baseline

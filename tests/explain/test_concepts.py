@@ -166,11 +166,29 @@ def test_prompt_sets_end_to_end_on_the_tiny_pipeline(tiny_sd_pipe: Any) -> None:
         },
         concept="colour",
     )
-    recorder = ActivationRecorder(["mid_block"], batch_size=8, progress=False, decode_x0=True)
+    recorder = ActivationRecorder(
+        ["mid_block"], halves=["cond", "uncond"], batch_size=8, progress=False
+    )
     record = concepts.record(tiny_sd_pipe, recorder, num_inference_steps=3)
     assert record.seeds == concepts.seeds
-    curves = ConceptProbe(cv=2).fit(record, concepts)
-    assert curves.curves.shape == (1, 3)
-    np.testing.assert_array_equal(curves.timesteps, record.timesteps)
-    assert curves.meta["blocks"] == ["mid_block"]
-    assert np.all((curves.curves >= 0) & (curves.curves <= 1))
+    for half in ("cond", "uncond"):
+        curves = ConceptProbe(cv=2).fit(record, concepts, half=half)
+        assert curves.curves.shape == (1, 3)
+        np.testing.assert_array_equal(curves.timesteps, record.timesteps)
+        assert curves.meta["blocks"] == ["mid_block"]
+        assert curves.meta["half"] == half
+        assert np.all((curves.curves >= 0) & (curves.curves <= 1))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_x0_curves_round_trip(tmp_path: Any, suffix: str) -> None:
+    from diffwidget.explain.probes import ConceptCurves
+
+    final = np.stack([_image(i % 3, i % 2) for i in range(6)])
+    x0 = np.repeat(final[:, None], 2, axis=1)
+    curves = x0_attribute_curves(x0, final, reader=_PixelReader(), attributes=["colour"])
+    loaded = ConceptCurves.load(curves.save(tmp_path / f"x0{suffix}"))
+    assert loaded.fold_scores is None
+    assert loaded.meta == curves.meta
+    np.testing.assert_array_equal(loaded.curves, curves.curves)
+    np.testing.assert_allclose(loaded.chance, curves.chance)

@@ -73,13 +73,11 @@ def test_sigma_space_scheduler(tiny_sd_pipe_factory: Callable[..., Any]) -> None
     assert changed_keys(before, scheduler_state(pipe.scheduler)) == []
 
 
-def test_sdxl_added_conditions(tiny_sdxl_pipe: Any) -> None:
-    context = pytest.importorskip("diffwidget.tracing.context")
-    trace = context.trace(tiny_sdxl_pipe, PROMPT, num_inference_steps=2, seed=0)
-    assert trace.extra, "an SDXL trace records its added conditioning"
-    replay = StepReplay(tiny_sdxl_pipe, trace)
+def test_sdxl_added_conditions(tiny_sdxl_pipe: Any, sdxl_trace: Trace) -> None:
+    assert sdxl_trace.extra, "an SDXL trace records its added conditioning"
+    replay = StepReplay(tiny_sdxl_pipe, sdxl_trace)
     out = replay.model_output(replay.latent(1), 1)[0].numpy()
-    np.testing.assert_allclose(out, trace.noise_pred[1], atol=ATOL)
+    np.testing.assert_allclose(out, sdxl_trace.noise_pred[1], atol=ATOL)
 
 
 def test_no_guidance_runs_only_the_conditional_half(sd_pipe: Any, sd_trace: Trace) -> None:
@@ -102,3 +100,13 @@ def test_replay_errors(sd_pipe: Any, sd_trace: Trace) -> None:
         StepReplay(object(), sd_trace)
     with pytest.raises(ValueError, match="chunk_size"):
         StepReplay(sd_pipe, sd_trace, chunk_size=0)
+
+
+def test_replay_reproduces_the_tracing_core(tiny_sd_pipe: Any, tiny_trace: Trace) -> None:
+    replay = StepReplay(tiny_sd_pipe, tiny_trace)
+    last = tiny_trace.n_steps - 1
+    x = torch.as_tensor(tiny_trace.latents[[0, last]])
+    np.testing.assert_allclose(replay.eps(x[:1], 0)[0].numpy(), tiny_trace.noise_pred[0], atol=ATOL)
+    np.testing.assert_allclose(
+        replay.pred_x0(x[1:], last)[0].numpy(), tiny_trace.pred_x0[last], atol=ATOL
+    )

@@ -13,7 +13,6 @@ from diffwidget.tracing.activations import (
     ActivationRecord,
     ActivationRecorder,
     default_blocks,
-    record_activations,
 )
 
 PROMPTS = ["a red circle", "a blue square on the left", "a dog", "a green triangle"]
@@ -104,18 +103,29 @@ def test_records_the_conditional_half(tiny_sd_pipe: Any) -> None:
     assert not np.allclose(
         negative.activations[acts][:, later], plain.activations[acts][:, later], atol=1e-5
     )
-    assert plain.meta["cfg_half"] == "cond"
+    assert plain.meta["halves"] == ["cond"]
+
+
+def test_unconditional_half_never_sees_the_prompt(tiny_sd_pipe: Any) -> None:
+    recorder = ActivationRecorder(
+        ["mid_block"], halves=["uncond", "cond"], dtype="float32", batch_size=2, progress=False
+    )
+    # Two different prompts from the same noise: at step 0 only the text differs.
+    record = recorder.record(tiny_sd_pipe, PROMPTS[:2], seeds=[4, 4], num_inference_steps=STEPS)
+    uncond, cond = record.features(half="uncond"), record.features(half="cond")
+    np.testing.assert_allclose(uncond[0, 0], uncond[1, 0], atol=1e-5)
+    assert not np.allclose(cond[0, 0], cond[1, 0], atol=1e-5)
+    # Later the latents differ, and with them the unconditional half.
+    assert not np.allclose(uncond[0, -1], uncond[1, -1], atol=1e-5)
+    # Recording both halves leaves the conditional one as recording it alone does.
+    alone = ActivationRecorder(["mid_block"], dtype="float32", batch_size=2, progress=False)
+    single = alone.record(tiny_sd_pipe, PROMPTS[:2], seeds=[4, 4], num_inference_steps=STEPS)
+    np.testing.assert_array_equal(single.features(), cond)
 
 
 def test_decoded_x0_reaches_the_final_image(tiny_sd_pipe: Any) -> None:
-    record = record_activations(
-        tiny_sd_pipe,
-        PROMPTS[:3],
-        decode_x0=True,
-        batch_size=2,
-        progress=False,
-        num_inference_steps=STEPS,
-    )
+    recorder = ActivationRecorder(decode_x0=True, batch_size=2, progress=False)
+    record = recorder.record(tiny_sd_pipe, PROMPTS[:3], num_inference_steps=STEPS)
     assert record.x0_images is not None
     assert record.images is not None
     assert record.x0_images.shape == (3, STEPS, *record.images.shape[1:])
@@ -129,10 +139,9 @@ def test_decoded_x0_reaches_the_final_image(tiny_sd_pipe: Any) -> None:
 
 def test_no_hooks_left_behind(tiny_sd_pipe: Any) -> None:
     before = _hook_count(tiny_sd_pipe)
-    record_activations(tiny_sd_pipe, PROMPTS[:1], num_inference_steps=2, progress=False)
-    record_activations(
-        tiny_sd_pipe, PROMPTS[:1], num_inference_steps=2, progress=False, decode_x0=True
-    )
+    for decode_x0 in (False, True):
+        recorder = ActivationRecorder(decode_x0=decode_x0, progress=False)
+        recorder.record(tiny_sd_pipe, PROMPTS[:1], num_inference_steps=2)
     assert _hook_count(tiny_sd_pipe) == before
 
 
@@ -160,9 +169,8 @@ def test_no_hooks_left_after_the_pipeline_raises(
 
 
 def test_save_load_round_trip(tiny_sd_pipe: Any, tmp_path: Path) -> None:
-    record = record_activations(
-        tiny_sd_pipe, PROMPTS[:2], decode_x0=True, progress=False, num_inference_steps=2
-    )
+    recorder = ActivationRecorder(decode_x0=True, halves=["cond", "uncond"], progress=False)
+    record = recorder.record(tiny_sd_pipe, PROMPTS[:2], num_inference_steps=2)
     path = record.save(tmp_path / "acts")
     assert path.suffix == ".npz"
     loaded = ActivationRecord.load(path)
@@ -172,6 +180,9 @@ def test_save_load_round_trip(tiny_sd_pipe: Any, tmp_path: Path) -> None:
     assert loaded.meta == record.meta
     assert (loaded.pooling, loaded.grid_size) == (record.pooling, record.grid_size)
     np.testing.assert_array_equal(loaded.timesteps, record.timesteps)
+    assert loaded.halves == ["cond", "uncond"]
+    for half in ("cond", "uncond"):
+        np.testing.assert_array_equal(loaded.features(half=half), record.features(half=half))
     for path_ in record.blocks:
         np.testing.assert_array_equal(loaded.activations[path_], record.activations[path_])
         assert loaded.activations[path_].dtype == record.activations[path_].dtype
@@ -182,10 +193,17 @@ def test_save_load_round_trip(tiny_sd_pipe: Any, tmp_path: Path) -> None:
 def test_clear_errors(tiny_sd_pipe: Any, tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="mid_blok"):
         ActivationRecorder(["mid_blok"], progress=False).record(tiny_sd_pipe, PROMPTS[:1])
+    recorder = ActivationRecorder(progress=False)
     with pytest.raises(ValueError, match="sets"):
-        record_activations(tiny_sd_pipe, PROMPTS[:1], progress=False, output_type="pil")
+        recorder.record(tiny_sd_pipe, PROMPTS[:1], output_type="pil")
     with pytest.raises(ValueError, match="one per prompt"):
-        record_activations(tiny_sd_pipe, PROMPTS[:2], seeds=[1], progress=False)
+        recorder.record(tiny_sd_pipe, PROMPTS[:2], seeds=[1])
+    with pytest.raises(ValueError, match="no unconditional half"):
+        ActivationRecorder(halves=["uncond"], progress=False).record(
+            tiny_sd_pipe, PROMPTS[:1], guidance_scale=1.0
+        )
+    with pytest.raises(ValueError, match="distinct"):
+        ActivationRecorder(halves=["cond", "cond"])
     with pytest.raises(ValueError, match="pooling"):
         ActivationRecorder(pooling="max")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError):
@@ -195,14 +213,8 @@ def test_clear_errors(tiny_sd_pipe: Any, tmp_path: Path) -> None:
 def test_x0_and_seeding_agree_with_a_traced_run(tiny_sd_pipe: Any) -> None:
     from diffwidget.tracing.context import trace
 
-    record = record_activations(
-        tiny_sd_pipe,
-        PROMPTS[:2],
-        seeds=[3, 11],
-        decode_x0=True,
-        progress=False,
-        num_inference_steps=STEPS,
-    )
+    recorder = ActivationRecorder(decode_x0=True, progress=False)
+    record = recorder.record(tiny_sd_pipe, PROMPTS[:2], seeds=[3, 11], num_inference_steps=STEPS)
     traced = trace(tiny_sd_pipe, PROMPTS[1], seed=11, num_inference_steps=STEPS)
     assert traced.previews is not None
     assert record.x0_images is not None

@@ -44,7 +44,9 @@ def test_default_selection_keeps_the_same_columns(tiny_sd_pipe: Any, tiny_trace:
 
 def test_layers_in_data_flow_order_with_their_grids(tiny_trace: Any) -> None:
     layers = list(tiny_trace.attention)
-    assert [layer.split(".")[0] for layer in layers] == ["down_blocks"] * 2 + ["mid_block"] + ["up_blocks"] * 4
+    assert [layer.split(".")[0] for layer in layers] == ["down_blocks"] * 2 + ["mid_block"] + [
+        "up_blocks"
+    ] * 4
     assert all(layer.endswith("attn2") for layer in layers)
     grids = {layer: maps.shape[1:3] for layer, maps in tiny_trace.attention.items()}
     assert grids["down_blocks.0.attentions.0.transformer_blocks.0.attn2"] == (16, 16)
@@ -62,7 +64,7 @@ def _reference_probs(pipe: Any, seed: int) -> dict[str, torch.Tensor]:
         module = pipe.unet.get_submodule(layer)
         original = module.get_attention_scores
 
-        def record(query, key, mask=None, *, _layer=layer, _original=original, _heads=module.heads):  # noqa: ANN001, ANN202
+        def record(query, key, mask=None, *, _layer=layer, _original=original, _heads=module.heads):
             probs = _original(query, key, mask)
             if _layer not in seen:
                 # Batch-major head layout: rows [heads:] are the second (cond) sample.
@@ -71,14 +73,21 @@ def _reference_probs(pipe: Any, seed: int) -> dict[str, torch.Tensor]:
 
         module.get_attention_scores = record
     try:
-        pipe(PROMPT, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+        pipe(
+            PROMPT,
+            num_inference_steps=1,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+        )
     finally:
         for layer in layers:
             del pipe.unet.get_submodule(layer).get_attention_scores
     return seen
 
 
-def test_matches_diffusers_attention_probabilities(tiny_sd_pipe_factory: Callable[..., Any]) -> None:
+def test_matches_diffusers_attention_probabilities(
+    tiny_sd_pipe_factory: Callable[..., Any],
+) -> None:
     pipe = tiny_sd_pipe_factory()
     expected = _reference_probs(pipe, seed=1)
     pipe.unet.set_attn_processor(AttnProcessor2_0())
@@ -134,9 +143,15 @@ def test_wrapper_keeps_output_and_signature(tiny_sd_pipe: Any) -> None:
     assert inspect.signature(wrapped.__call__) == inspect.signature(original.__call__)
     hidden, text = torch.randn(2, 64, 32), torch.randn(2, 77, 32)
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(attn, hidden, encoder_hidden_states=text), original(attn, hidden, encoder_hidden_states=text), rtol=0, atol=0)
+        torch.testing.assert_close(
+            wrapped(attn, hidden, encoder_hidden_states=text),
+            original(attn, hidden, encoder_hidden_states=text),
+            rtol=0,
+            atol=0,
+        )
     (stored,) = recorder.maps["mid"]
-    assert stored.shape == (64, 2) and stored.dtype == torch.float16
+    assert stored.shape == (64, 2)
+    assert stored.dtype == torch.float16
     expected = attention_probs(attn, hidden[1:], text[1:])[0][:, [0, 3]]
     torch.testing.assert_close(stored.float(), expected, atol=FLOAT16_ATOL, rtol=0)
 

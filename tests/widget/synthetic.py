@@ -37,9 +37,10 @@ def make_trace(
     alphas = np.linspace(0.05, 1.0, n_steps, dtype=np.float32)
     noise = rng.standard_normal((n_steps, channels, latent, latent)).astype(np.float32)
     pred_x0 = alphas[:, None, None, None] * target + (1 - alphas[:, None, None, None]) * noise * 0.5
-    latents = np.sqrt(1 - alphas[:, None, None, None]) * noise + np.sqrt(
-        alphas[:, None, None, None]
-    ) * target
+    latents = (
+        np.sqrt(1 - alphas[:, None, None, None]) * noise
+        + np.sqrt(alphas[:, None, None, None]) * target
+    )
     disc_img = _disc((image, image), (0.5, 0.3), 0.2)
     previews = np.zeros((n_steps, image, image, 3), dtype=np.uint8)
     for i, a in enumerate(alphas):

@@ -1,0 +1,251 @@
+"""Tracing overhead: traced vs plain pipeline in the same run, and bytes stored per step.
+
+Runs the plain pipeline and ``diffwidget.trace`` alternately on the same prompt and seed
+(warm-up first, then ``--repeats`` interleaved pairs, median of each), so shared-machine
+load drifts hit both sides alike. Three traced variants are timed:
+
+* ``trace``: default tokens (start, words, end, one padding), no previews;
+* ``trace_all_tokens``: every one of the 77 token positions, no previews;
+* ``trace_previews``: default tokens plus a VAE-decoded preview per step.
+
+Examples
+--------
+Tiny random-weight pipeline on the CPU (seconds)::
+
+    python bench/bench_tracing.py
+
+SD-1.5-shaped UNet/VAE/text encoder built from configs with random weights (no downloads),
+on a GPU::
+
+    python bench/bench_tracing.py --unet sd15 --device cuda --dtype fp16 --size 512 --steps 20
+
+``--build-only`` builds the pipeline and prints the exact bytes per step without running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffwidget.tracing.budget import BYTES_PER_MB
+from diffwidget.tracing.context import TraceContext, trace
+
+PROMPT = "a red circle on the left"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Stable Diffusion 1.5's published component configs (shapes only; weights are random).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+
+def build_sd15(device: str, dtype: torch.dtype) -> Any:
+    """An SD-1.5-shaped ``StableDiffusionPipeline`` with random weights (no downloads)."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffwidget.models.tokenizer import write_word_tokenizer
+    from diffwidget.tracing.tiny import TINY_WORDS
+
+    folder = write_word_tokenizer(TINY_WORDS, tempfile.mkdtemp(prefix="bench-tok-"), 77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SD15_TEXT,
+    )
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=DPMSolverMultistepScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_tiny(device: str, dtype: torch.dtype) -> Any:
+    """The tests' tiny random-weight pipeline."""
+    from diffwidget.tracing.tiny import tiny_sd_pipeline
+
+    return tiny_sd_pipeline().to(device=device, dtype=dtype)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import os
+
+    import diffusers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        info["cpu"] = names[0] if names else platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unet", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--build-only", action="store_true", help="print bytes per step only")
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    args = parser.parse_args(argv)
+
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    pipe = (build_sd15 if args.unet == "sd15" else build_tiny)(args.device, dtype)
+    build_s = time.perf_counter() - start
+    size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    estimates = {}
+    for tokens in ("default", "all"):
+        for previews in (False, True):
+            ctx = TraceContext(pipe, prompt=PROMPT, tokens=tokens, decode_previews=previews)
+            estimates[f"tokens={tokens},previews={previews}"] = ctx.step_bytes(size, size).total
+    result: dict[str, Any] = {
+        "config": {**vars(args), "json": None, "size": size},
+        "machine": machine(),
+        "build_s": build_s,
+        "unet_params_M": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
+        "bytes_per_step_estimate": estimates,
+    }
+    if args.build_only:
+        print(json.dumps(result, indent=2, default=str))
+        return result
+
+    common = {
+        "num_inference_steps": args.steps,
+        "height": size,
+        "width": size,
+        "guidance_scale": 7.5,
+    }
+
+    def plain() -> Any:
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(PROMPT, generator=generator, output_type="np", **common)
+
+    variants: dict[str, Callable[[], Any]] = {
+        "plain": plain,
+        "trace": lambda: trace(pipe, PROMPT, seed=0, decode_previews=False, **common),
+        "trace_all_tokens": lambda: trace(
+            pipe, PROMPT, seed=0, decode_previews=False, tokens="all", **common
+        ),
+        "trace_previews": lambda: trace(pipe, PROMPT, seed=0, decode_previews=True, **common),
+    }
+    stored = {}
+    for name, fn in variants.items():  # warm-up, and the bytes each variant stores
+        out = fn()
+        if name != "plain":
+            stored[name] = out.nbytes_per_step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, args.device))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    result["seconds_median"] = medians
+    result["seconds_all"] = times
+    result["overhead_vs_plain"] = {
+        name: medians[name] / medians["plain"] - 1.0 for name in variants if name != "plain"
+    }
+    result["bytes_per_step_stored"] = stored
+    result["mb_per_step_stored"] = {k: v / BYTES_PER_MB for k, v in stored.items()}
+    if args.device.startswith("cuda"):
+        result["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / BYTES_PER_MB
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

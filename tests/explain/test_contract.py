@@ -1,0 +1,104 @@
+"""One contract for every registered explanation method.
+
+Right shape, finite, deterministic under a seed, nothing left behind (hooks, attention
+processors, text-encoder attention implementation, scheduler state, parameter gradients),
+also when the UNet raises in the middle of the method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import changed_keys, hook_counts, processors, scheduler_state
+
+from diffwidget.explain.registry import SALIENCY_METHODS, TOKEN_METHODS, saliency_method
+from diffwidget.explain.results import SaliencyMap, TokenRelevanceResult
+from diffwidget.tracing.trace import Trace
+
+#: Settings that keep each method quick on the tiny pipeline; every registered method needs one.
+FAST: dict[str, dict[str, Any]] = {
+    "df_rise": {"n_masks": 6, "batch_size": 4, "progress_bar": False},
+    "df_cam": {},
+    "token_relevance": {"progress_bar": False},
+}
+ALL_METHODS = {**SALIENCY_METHODS, **TOKEN_METHODS}
+STEP = 1
+
+
+def _run(name: str, pipe: Any, trace: Trace) -> Any:
+    method = ALL_METHODS[name](**FAST[name])
+    if name in TOKEN_METHODS:
+        return method.attribute(pipe, trace, steps=[STEP])
+    return method.attribute(pipe, trace, STEP)
+
+
+def _arrays(result: Any) -> list[np.ndarray]:
+    if isinstance(result, SaliencyMap):
+        return [result.map, result.raw, *result.layers.values()]
+    return [result.relevance, result.normalized, result.maps]
+
+
+def _state(pipe: Any) -> dict[str, Any]:
+    return {
+        "hooks": hook_counts(pipe.unet, pipe.text_encoder),
+        "processors": processors(pipe.unet),
+        "attn_implementation": pipe.text_encoder.config._attn_implementation,
+        "grads": [p.grad is None for p in pipe.unet.parameters()],
+        "training": pipe.unet.training,
+    }
+
+
+def test_every_method_has_fast_settings() -> None:
+    assert set(FAST) == set(ALL_METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_contract(name: str, sd_pipe: Any, sd_trace: Trace) -> None:
+    before, sched = _state(sd_pipe), scheduler_state(sd_pipe.scheduler)
+    first = _run(name, sd_pipe, sd_trace)
+    second = _run(name, sd_pipe, sd_trace)
+    assert _state(sd_pipe) == before
+    assert changed_keys(sched, scheduler_state(sd_pipe.scheduler)) == []
+    if isinstance(first, SaliencyMap):
+        assert first.method == name and first.step == STEP
+        assert first.timestep == int(sd_trace.timesteps[STEP])
+        assert first.map.shape == first.raw.shape == sd_trace.latent_shape
+        assert first.map.dtype == np.float32 and first.raw.dtype == np.float32
+        assert 0.0 <= first.map.min() and first.map.max() <= 1.0
+        assert all(layer.shape == sd_trace.latent_shape for layer in first.layers.values())
+    else:
+        assert isinstance(first, TokenRelevanceResult)
+        assert first.relevance.shape == (1, len(sd_trace.tokens))
+    for a, b in zip(_arrays(first), _arrays(second), strict=True):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_nothing_left_behind_after_an_exception(
+    name: str, sd_pipe: Any, sd_trace: Trace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, sched = _state(sd_pipe), scheduler_state(sd_pipe.scheduler)
+
+    def explode(*_: Any, **__: Any) -> None:
+        raise _Boom("mid-method failure")
+
+    # Raise deep inside the UNet: after every hook and processor has been installed.
+    monkeypatch.setattr(sd_pipe.unet.mid_block, "forward", explode)
+    with pytest.raises(_Boom):
+        _run(name, sd_pipe, sd_trace)
+    monkeypatch.undo()
+    assert _state(sd_pipe) == before
+    assert changed_keys(sched, scheduler_state(sd_pipe.scheduler)) == []
+
+
+def test_registry_names() -> None:
+    assert saliency_method("df_rise").__name__ == "DFRise"
+    with pytest.raises(KeyError, match="Did you mean 'df_cam'"):
+        saliency_method("df-cam")

@@ -1,0 +1,133 @@
+"""DF-RISE: known answers on the toy, batching invariance, streaming and cancellation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from explain_toys import GRID, region_mask
+
+from diffwidget.explain.rise import DFRise, make_masks
+from diffwidget.tracing.trace import Trace
+
+
+def test_points_at_the_region_the_toy_depends_on(toy_pipe: Any, toy_trace: Trace) -> None:
+    sal = DFRise(n_masks=800, batch_size=200, progress_bar=False).attribute(toy_pipe, toy_trace, 0)
+    inside = region_mask().bool().numpy()
+    outside_mean, outside_sd = sal.raw[~inside].mean(), sal.raw[~inside].std()
+    # The region's mean must stand clear of the noise of a 9-cell mean drawn from outside.
+    assert sal.raw[inside].mean() > outside_mean + 3 * outside_sd / np.sqrt(inside.sum())
+    assert sal.meta["complete"] and sal.meta["n_used"] == 800
+    assert sal.meta["window"] == GRID - 1 and "window_note" in sal.meta
+
+
+def test_batched_equals_one_mask_at_a_time(sd_pipe: Any, sd_trace: Trace) -> None:
+    kwargs = {"n_masks": 6, "seed": 3, "progress_bar": False}
+    batched = DFRise(batch_size=6, **kwargs).attribute(sd_pipe, sd_trace, 1)
+    single = DFRise(batch_size=1, **kwargs).attribute(sd_pipe, sd_trace, 1)
+    np.testing.assert_allclose(batched.raw, single.raw, atol=1e-5)
+    assert batched.meta["batch_size"] == 6 and single.meta["batch_size"] == 1
+
+
+def test_saliency_formula(toy_pipe: Any, toy_trace: Trace) -> None:
+    """S = sum_k s_k M_k / (N p), recomputed by hand from the same masks."""
+    from diffwidget.explain.similarity import similarity
+    from diffwidget.tracing.replay import StepReplay
+
+    n, p = 5, 0.3
+    sal = DFRise(n_masks=n, p=p, similarity="cosine", seed=1, progress_bar=False).attribute(
+        toy_pipe, toy_trace, 1
+    )
+    replay = StepReplay(toy_pipe, toy_trace)
+    x = replay.latent(1)
+    ref = replay.pred_x0(x, 1)
+    masks = make_masks(n, (GRID, GRID), p, seed=1)
+    s = torch.stack([similarity(replay.pred_x0(x * m, 1), ref, "cosine")[0] for m in masks])
+    expected = (s[:, None, None] * masks).sum(0) / (n * p)
+    np.testing.assert_allclose(sal.raw, expected.numpy(), atol=1e-5)
+
+
+def test_progress_cancel_returns_partial(toy_pipe: Any, toy_trace: Trace) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> bool:
+        seen.append((done, total))
+        return done < 4
+
+    sal = DFRise(n_masks=10, batch_size=2, progress_bar=False).attribute(
+        toy_pipe, toy_trace, 0, progress=progress
+    )
+    assert seen == [(2, 10), (4, 10)]
+    assert sal.meta["n_used"] == 4 and not sal.meta["complete"] and sal.meta["cancelled"]
+    assert np.isfinite(sal.raw).all() and sal.raw.max() > 0
+
+
+def test_keyboard_interrupt_returns_partial(toy_pipe: Any, toy_trace: Trace) -> None:
+    def progress(done: int, total: int) -> None:
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    sal = DFRise(n_masks=10, batch_size=3, progress_bar=False).attribute(
+        toy_pipe, toy_trace, 0, progress=progress
+    )
+    assert sal.meta["interrupted"] and sal.meta["n_used"] == 6 and not sal.meta["complete"]
+
+
+def test_centered_estimate_converges_faster(toy_pipe: Any, toy_trace: Trace) -> None:
+    rise = DFRise(n_masks=800, batch_size=200, progress_bar=False, center=True)
+    sal = rise.attribute(toy_pipe, toy_trace, 0)
+    history = sal.meta["convergence"]["history"]
+    assert [h[0] for h in history] == [200, 400, 600, 800]
+    assert history[-1][1] > history[0][1]
+    inside = region_mask().bool().numpy()
+    z = (sal.raw[inside].mean() - sal.raw[~inside].mean()) / sal.raw[~inside].std()
+    plain = DFRise(n_masks=800, batch_size=200, progress_bar=False).attribute(
+        toy_pipe, toy_trace, 0
+    )
+    z_plain = (plain.raw[inside].mean() - plain.raw[~inside].mean()) / plain.raw[~inside].std()
+    assert z > 2 * z_plain > 0
+    r_plain = plain.meta["convergence"]["split_half_r"]
+    assert sal.meta["convergence"]["split_half_r"] > r_plain
+
+
+def test_options_run(toy_pipe: Any, toy_trace: Trace) -> None:
+    for kwargs in ({"masks": "smooth"}, {"target": "prev"}, {"similarity": "cosine"}):
+        sal = DFRise(n_masks=4, progress_bar=False, **kwargs).attribute(toy_pipe, toy_trace, 1)
+        assert sal.map.shape == (GRID, GRID) and np.isfinite(sal.raw).all()
+        assert sal.meta[next(iter(kwargs))] == next(iter(kwargs.values()))
+
+
+def test_masks() -> None:
+    bern = make_masks(200, (8, 8), 0.5, seed=0)
+    assert set(bern.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(bern.mean()) - 0.5) < 0.05
+    torch.testing.assert_close(bern, make_masks(200, (8, 8), 0.5, seed=0))
+    assert not torch.equal(bern, make_masks(200, (8, 8), 0.5, seed=1))
+    smooth = make_masks(200, (16, 12), 0.3, kind="smooth", seed=0)
+    assert smooth.shape == (200, 16, 12)
+    assert 0 <= float(smooth.min()) and float(smooth.max()) <= 1
+    assert abs(float(smooth.mean()) - 0.3) < 0.05
+    # Smooth masks vary inside a coarse cell (they are not plain upsampled blocks).
+    assert len(smooth[0].unique()) > 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"p": 1.0}, "p must"),
+        ({"n_masks": 0}, "n_masks"),
+        ({"masks": "grid"}, "masks"),
+        ({"similarity": "l2"}, "similarity"),
+        ({"target": "eps"}, "target"),
+    ],
+)
+def test_bad_settings(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DFRise(**kwargs)
+
+
+def test_bad_step(toy_pipe: Any, toy_trace: Trace) -> None:
+    with pytest.raises(IndexError, match="steps 0..1"):
+        DFRise(n_masks=2, progress_bar=False).attribute(toy_pipe, toy_trace, 5)

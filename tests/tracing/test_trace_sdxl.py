@@ -1,0 +1,48 @@
+"""The tiny SDXL pipeline: two text encoders, added conditioning, other attention layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffwidget.tracing.context import to_uint8, trace
+
+PROMPT = "a red circle on the left"
+STEPS = 3
+
+
+def test_sdxl_trace(tiny_sdxl_pipe: Any) -> None:
+    traced = trace(tiny_sdxl_pipe, PROMPT, num_inference_steps=STEPS, height=32, width=48, seed=2)
+    plain = tiny_sdxl_pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        height=32,
+        width=48,
+        output_type="np",
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(2),
+    ).images[0]
+    np.testing.assert_array_equal(traced.image, to_uint8(plain))
+    assert traced.meta["pipeline"] == "StableDiffusionXLPipeline"
+    # Concatenated hidden states of both encoders (16 + 16), CFG order on axis 0.
+    assert traced.prompt_embeds.shape == (2, 77, 32)
+    assert traced.extra["text_embeds"].shape == (2, 16)
+    assert traced.extra["time_ids"].shape == (2, 6)
+    np.testing.assert_array_equal(traced.extra["time_ids"][1], [32, 48, 0, 0, 32, 48])
+    # force_zeros_for_empty_prompt: SDXL's unconditional embeddings are zeros.
+    assert not traced.prompt_embeds[0].any()
+    assert traced.prompt_embeds[1].any()
+    assert len(traced.attention) == 8  # transformer_layers_per_block=(1, 2): two attn2 per block
+    for layer, maps in traced.attention.items():
+        assert maps.shape == (STEPS, 8, 12, len(traced.tokens)), layer
+    assert traced.previews.shape == (STEPS, 32, 48, 3)
+
+
+def test_sdxl_rows_sum_to_one(tiny_sdxl_pipe: Any) -> None:
+    traced = trace(
+        tiny_sdxl_pipe, PROMPT, num_inference_steps=2, tokens="all", decode_previews=False
+    )
+    for maps in traced.attention.values():
+        np.testing.assert_allclose(maps.astype(np.float64).sum(-1), 1.0, atol=2e-2)

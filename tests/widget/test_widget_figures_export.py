@@ -1,0 +1,87 @@
+"""bqplot figures linked to the step, explorer linking, standalone HTML export."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from diffwidget.explain.results import SaliencyMap
+from diffwidget.widget.explorer import Explorer
+from diffwidget.widget.export import standalone_state
+from diffwidget.widget.figures import link_explorers
+from tests.widget.synthetic import make_trace
+
+
+@pytest.fixture
+def explorer(synthetic_trace):
+    explorer = Explorer(synthetic_trace)
+    yield explorer
+    explorer.close()
+
+
+def test_figure_cursor_follows_step_and_click_sets_step(explorer):
+    figure = explorer.figure("attention_mass")
+    lines, points, cursor = figure.marks
+    assert list(lines.labels) == ["a", "red", "circle", "left"]  # word tokens only
+    explorer.step = 6
+    assert list(cursor.x) == [6, 6]
+    n = explorer.trace.n_steps
+    points.selected = [2 * n + 11]  # a click on step 11 of the third curve
+    assert explorer.step == 11
+    assert list(cursor.x) == [11, 11]
+    figure.unlink()
+    explorer.step = 2
+    assert list(cursor.x) == [11, 11]
+
+
+def test_figure_for_missing_group_says_how_to_add_it(explorer):
+    with pytest.raises(ValueError, match="add_curve"):
+        explorer.figure("concept_auc")
+    explorer.add_curve("red", np.linspace(0.4, 0.9, explorer.trace.n_steps))
+    assert explorer.figure("concept_auc").marks[0].labels == ["red"]
+
+
+def test_link_explorers_same_and_different_lengths():
+    a, b, c = Explorer(make_trace()), Explorer(make_trace(seed=1)), Explorer(make_trace(n_steps=10))
+    link = link_explorers(a, b, c)
+    a.step = 19
+    assert (b.step, c.step) == (19, 9)
+    c.step = 0
+    assert (a.step, b.step) == (0, 0)
+    link.unlink()
+    a.step = 5
+    assert b.step == 0
+    for e in (a, b, c):
+        e.close()
+
+
+def test_html_export_inlines_module_and_state(explorer, tmp_path):
+    value = np.eye(16, dtype=np.float32)
+    explorer.add_overlay("df_rise", 4, SaliencyMap("df_rise", 4, 0, value, value))
+    explorer.overlay = "df_rise"
+    path = explorer.to_html(tmp_path / "view")
+    assert path.suffix == ".html"
+    text = path.read_text()
+    assert "http://" not in text.split("<script", 1)[0]  # nothing fetched from the network
+    state_json = re.search(r'id="diffwidget-state">(.*?)</script>', text, re.S).group(1)
+    state = json.loads(state_json)
+    assert state["available"] == ["none", "attention", "df_rise"]
+    assert state["overlay"] == "df_rise"
+    previews = state["previews"]
+    assert len(base64.b64decode(previews["data"]["$b64"])) == np.prod(previews["shape"])
+    module = re.search(r'id="diffwidget-module">(.*?)</script>', text, re.S).group(1)
+    assert b"renderStandalone" in base64.b64decode(module)
+
+
+def test_export_drops_overlays_that_need_a_kernel(synthetic_trace):
+    explorer = Explorer(synthetic_trace, providers={"df_cam": lambda t, s, p: None})
+    explorer.widget.overlay = "df_cam"
+    explorer.widget.status = "running"
+    state = standalone_state(explorer)
+    assert state["available"] == ["none", "attention"]
+    assert (state["overlay"], state["status"]) == ("none", "idle")
+    explorer.close()

@@ -1,0 +1,92 @@
+"""The schema is the single source of truth: Python traits and TypeScript types agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import pytest
+
+from diffwidget.widget import schema
+from diffwidget.widget.codecs import (
+    decode_array,
+    describe_payloads,
+    encode_array,
+    payload_nbytes,
+    quantise_uint8,
+)
+from diffwidget.widget.model import ExplorerWidget
+
+TS_SCHEMA = Path(__file__).resolve().parents[2] / "js" / "src" / "schema.ts"
+
+
+def test_generated_typescript_matches_the_python_schema():
+    assert TS_SCHEMA.read_text() == schema.typescript(), (
+        "js/src/schema.ts drifted from diffwidget/widget/schema.py; "
+        "run `python -m diffwidget.widget.schema`"
+    )
+
+
+def test_drift_is_detected(tmp_path, monkeypatch):
+    # The check must fail when a trait is added on one side only.
+    extra = (*schema.TRAITS, schema.TraitSpec("zoom", "float", 1.0, True, "Zoom factor."))
+    monkeypatch.setattr(schema, "TRAITS", extra)
+    assert "zoom: number;" in schema.typescript()
+    assert schema.typescript() != TS_SCHEMA.read_text()
+
+
+def test_every_schema_trait_is_a_synced_trait_of_the_widget():
+    synced = {name for name, trait in ExplorerWidget.class_traits(sync=True).items()}
+    assert {spec.name for spec in schema.TRAITS} <= synced
+    assert set(schema.FRONTEND_WRITABLE) == {
+        "step", "token", "overlay", "opacity", "image_mode", "show_special"
+    }  # fmt: skip
+
+
+def test_enums_come_from_the_literals_and_reach_typescript():
+    assert get_args(schema.OverlayKind) == schema.OVERLAY_KINDS
+    text = TS_SCHEMA.read_text()
+    assert 'export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam";' in text
+    assert 'export type Status = "idle" | "running" | "done" | "cancelled" | "error";' in text
+    widget = ExplorerWidget()
+    with pytest.raises(Exception, match="overlay"):
+        widget.overlay = "bogus"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int32])
+def test_codec_round_trip(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) * 3).astype(dtype)
+    payload = encode_array(array)
+    assert payload["shape"] == [2, 3, 4]
+    assert isinstance(payload["data"], bytes)
+    np.testing.assert_array_equal(decode_array(payload), array)
+
+
+def test_codec_rejects_malformed_payloads():
+    payload = encode_array(np.zeros((2, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="needs 16"):
+        decode_array({**payload, "data": payload["data"][:-1]})
+    with pytest.raises(ValueError, match="unknown dtype"):
+        decode_array({**payload, "dtype": "float64"})
+    with pytest.raises(ValueError, match="'dtype', 'shape' and 'data'"):
+        decode_array({"shape": [1]})
+
+
+def test_quantisation_error_is_below_half_a_code_per_map():
+    rng = np.random.default_rng(0)
+    maps = rng.random((5, 3, 8, 8)).astype(np.float32) * rng.random((5, 3, 1, 1)).astype(np.float32)
+    q, scale = quantise_uint8(maps)
+    assert q.dtype == np.uint8
+    assert scale.shape == (5, 3)
+    assert (q.max(axis=(2, 3)) == 255).all()  # each map uses the full 8-bit range
+    restored = decode_array(encode_array(q, scale=scale))
+    assert np.abs(restored - maps).max() <= scale.max() / 510 + 1e-7
+    with pytest.raises(ValueError, match="non-negative"):
+        quantise_uint8(-maps)
+
+
+def test_payload_helpers_count_and_hide_bytes():
+    payload = {"a": encode_array(np.zeros(10, np.uint8)), "b": [encode_array(np.zeros(2, "f4"))]}
+    assert payload_nbytes(payload) == 18
+    assert describe_payloads(payload)["a"]["data"] == "<bytes 10>"
