@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffwidget.explain.cam import DFCam  # noqa: E402
-from diffwidget.explain.faithfulness import InsertionDeletion, summarize  # noqa: E402
-from diffwidget.explain.rise import DFRise  # noqa: E402
+from diffwidget.explain.cam import DFCam
+from diffwidget.explain.faithfulness import InsertionDeletion, summarize
+from diffwidget.explain.rise import DFRise
 
 #: The embedded model's recommended sampling settings (see load_demo_pipeline).
 STEPS = 20

@@ -45,7 +45,7 @@ THRESHOLDS = (0.75, 0.9)
 HALVES = ("cond", "uncond")
 GUIDANCE_SCALE = 5.0  # the embedded model's recommended scale (see load_demo_pipeline)
 AUC_RANGE = (0.3, 1.0)  # held-out AUC dips below chance by noise; 0.3 keeps those visible
-BASELINE_PROMPTS = 24
+BASELINE_PROMPTS = 16
 
 # ---------------------------------------------------------------- figure (PIL only)
 HEIGHT = 520
@@ -211,7 +211,10 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="a pipeline folder to load")
     parser.add_argument("--no-x0", action="store_true", help="skip the x̂0 attribute curves")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "concept_curves.png")
-    parser.add_argument("--json", type=Path, default=None, help="also save both curve sets")
+    parser.add_argument("--json", type=Path, default=None, help="also save the curve sets")
+    parser.add_argument(
+        "--save-record", type=Path, default=None, help="save the activation record (.npz)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -251,6 +254,10 @@ def main() -> None:
     timings["generate + record both halves" + ("" if args.no_x0 else " + decode x̂0")] = (
         time.perf_counter() - t
     )
+    if args.save_record is not None:
+        t = time.perf_counter()
+        record.save(args.save_record)
+        analysis_start += time.perf_counter() - t  # saving is not part of the analysis
 
     probes: dict[str, ConceptCurves] = {}
     for half in HALVES:

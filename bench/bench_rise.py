@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffwidget.explain.cam import DFCam  # noqa: E402
-from diffwidget.explain.relevance import TokenRelevance  # noqa: E402
-from diffwidget.explain.rise import DFRise  # noqa: E402
-from diffwidget.tracing.trace import Trace  # noqa: E402
+from diffwidget.explain.cam import DFCam
+from diffwidget.explain.relevance import TokenRelevance
+from diffwidget.explain.rise import DFRise
+from diffwidget.tracing.trace import Trace
 
 PROMPT = "a red circle on the left"
 GUIDANCE = 7.5
@@ -62,7 +62,7 @@ SD15_TEXT = {
 }
 
 
-def build(kind: str) -> Any:
+def build(kind: str, latent: int | None = None) -> Any:
     """A pipeline-like object (unet, scheduler, text_encoder, tokenizer) with random weights."""
     from diffwidget.tracing.tiny import _tokenizer, make_scheduler, tiny_sd_pipeline
 
@@ -87,8 +87,9 @@ def build(kind: str) -> Any:
                 **SD15_TEXT,
             )
         )
+        config = dict(SD15_UNET, sample_size=latent or SD15_UNET["sample_size"])
         return SimpleNamespace(
-            unet=UNet2DConditionModel(**SD15_UNET),
+            unet=UNet2DConditionModel(**config),
             scheduler=make_scheduler("dpm++"),
             text_encoder=text,
             tokenizer=tokenizer,
@@ -135,11 +136,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CPU_TIMES: dict[int, float] = {}
+
+
 def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of ``fn()``; its CPU seconds (this process) go to ``CPU_TIMES[id(result)]``.
+
+    On a shared machine the wall time includes waiting for other processes; the CPU time
+    (with one torch thread) is what the same work costs on an idle core.
+    """
     sync(device)
+    cpu_start = time.process_time()
     start = time.perf_counter()
     out = fn()
     sync(device)
+    CPU_TIMES[id(out)] = time.process_time() - cpu_start
     return time.perf_counter() - start, out
 
 
@@ -177,6 +188,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--n-masks", type=int, default=500)
     parser.add_argument(
+        "--latent",
+        type=int,
+        default=None,
+        help="sd15 only: latent side (default 64; smaller for a quick build check)",
+    )
+    parser.add_argument("--cam-repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time DF-RISE (both variants) with torch.compile(unet); a full untimed run "
+        "first absorbs the compilation",
+    )
+    parser.add_argument(
         "--paper-masks",
         type=int,
         default=None,
@@ -196,26 +220,42 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    t_build, pipe = timed(lambda: build(args.unet), torch.device("cpu"))
-    pipe.unet.to(device, dtype).eval()
-    pipe.text_encoder.to(device, dtype).eval()
+    t_build, pipe = timed(lambda: build(args.unet, args.latent), torch.device("cpu"))
+    for module in (pipe.unet, pipe.text_encoder):
+        # Only cast when asked: diffusers warns about any dtype cast through .to().
+        if dtype == torch.float32:
+            module.to(device)
+        else:
+            module.to(device=device, dtype=dtype)
+        module.eval()
     trace = synthetic_trace(pipe, device)
     step = min(BENCH_STEP, trace.n_steps - 1)
     n_params = sum(p.numel() for p in pipe.unet.parameters())
     print(f"built {args.unet} UNet ({n_params / 1e6:.1f} M params) in {t_build:.1f} s", flush=True)
 
-    # Warm-up: kernels, allocator, lazy inits.
-    DFRise(n_masks=4, batch_size=4, progress_bar=False).attribute(pipe, trace, step)
-
+    eager_unet = pipe.unet
     ours = DFRise(n_masks=args.n_masks, batch_size=args.batch_size, progress_bar=False)
-    t_ours, sal = timed(lambda: ours.attribute(pipe, trace, step), device)
     paper_n = args.paper_masks or args.n_masks
     paper = DFRise(n_masks=paper_n, batch_size=1, progress_bar=False)
-    t_paper_measured, _ = timed(lambda: paper.attribute(pipe, trace, step), device)
+    if args.compile:
+        # DF-RISE only reads pipe.unet; DF-CAM and relevance below use the eager module,
+        # whose module paths they address.
+        pipe.unet = torch.compile(eager_unet)
+        ours.attribute(pipe, trace, step)
+        DFRise(n_masks=2, batch_size=1, progress_bar=False).attribute(pipe, trace, step)
+    else:
+        # Warm-up: kernels, allocator, lazy inits.
+        DFRise(n_masks=4, batch_size=4, progress_bar=False).attribute(pipe, trace, step)
+
+    t_ours, sal = timed(lambda: ours.attribute(pipe, trace, step), device)
+    t_paper_measured, paper_sal = timed(lambda: paper.attribute(pipe, trace, step), device)
     t_paper = t_paper_measured * args.n_masks / paper_n
+    cpu_ours = CPU_TIMES[id(sal)]
+    cpu_paper = CPU_TIMES[id(paper_sal)] * args.n_masks / paper_n
+    pipe.unet = eager_unet
 
     cam_times = []
-    for _ in range(3):
+    for _ in range(args.cam_repeats):
         t_cam, cam = timed(lambda: DFCam().attribute(pipe, trace, step), device)
         cam_times.append(t_cam)
     rel_per_step = None
@@ -233,6 +273,7 @@ def main() -> None:
         "latent": list(trace.latent_shape),
         "device": str(device),
         "dtype": args.dtype,
+        "compiled": args.compile,
         "n_masks": args.n_masks,
         "batch_size": sal.meta["batch_size"],
         "batch_size_source": sal.meta["batch_size_source"],
@@ -240,8 +281,12 @@ def main() -> None:
         "rise_paper_style_s": round(t_paper, 3),
         "rise_paper_style_masks_measured": paper_n,
         "speedup": round(t_paper / t_ours, 2),
+        "rise_ours_cpu_s": round(cpu_ours, 3),
+        "rise_paper_style_cpu_s": round(cpu_paper, 3),
+        "speedup_cpu_time": round(cpu_paper / cpu_ours, 2),
         "cam_all_blocks_s": round(statistics.median(cam_times), 3),
         "cam_blocks": len(cam.layers),
+        "cam_repeats": args.cam_repeats,
         "relevance_per_step_s": None if rel_per_step is None else round(rel_per_step, 3),
         "machine": machine(device),
     }
@@ -260,15 +305,19 @@ def write_section(path: Path, r: dict[str, Any]) -> None:
     )
     lines = [
         f"\n### {r['unet']} UNet ({r['params_M']} M params), latent "
-        f"{r['latent'][0]}x{r['latent'][1]}, {r['device']} {r['dtype']}\n",
+        f"{r['latent'][0]}x{r['latent'][1]}, {r['device']} {r['dtype']}"
+        + (" (DF-RISE with torch.compile)" if r["compiled"] else "")
+        + "\n",
         f"- machine: {where}; {m['cores']} cores, torch threads {m['torch_threads']}, "
         f"load average at the end {m['load_average']}; torch {m['torch']}, diffusers "
         f"{m['diffusers']}, transformers {m['transformers']}, Python {m['python']}",
         f"- DF-RISE, {r['n_masks']} masks, one step: **ours {r['rise_ours_s']} s** (batch "
         f"{r['batch_size']}, {r['batch_size_source']}) vs one UNet call per mask "
-        f"{r['rise_paper_style_s']} s{extrapolated}: **{r['speedup']}x**",
+        f"{r['rise_paper_style_s']} s{extrapolated}: **{r['speedup']}x** wall time; "
+        f"process CPU time {r['rise_ours_cpu_s']} s vs {r['rise_paper_style_cpu_s']} s "
+        f"({r['speedup_cpu_time']}x)",
         f"- DF-CAM, all {r['cam_blocks']} blocks, one step (one forward + one backward): "
-        f"{r['cam_all_blocks_s']} s (median of 3)",
+        f"{r['cam_all_blocks_s']} s (median of {r['cam_repeats']})",
         f"- token relevance: {r['relevance_per_step_s']} s per step",
         "",
     ]

@@ -135,12 +135,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: str) -> float:
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def machine() -> dict[str, Any]:
@@ -177,11 +178,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on the CPU, so a loaded shared machine adds "
+        "less noise; CPU time is then the work done)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="trace,trace_all_tokens,trace_previews",
+        help="comma-separated traced variants to time against the plain pipeline",
+    )
     parser.add_argument("--build-only", action="store_true", help="print bytes per step only")
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     args = parser.parse_args(argv)
 
     dtype = DTYPES[args.dtype]
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     start = time.perf_counter()
     pipe = (build_sd15 if args.unet == "sd15" else build_tiny)(args.device, dtype)
     build_s = time.perf_counter() - start
@@ -221,21 +236,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "trace_previews": lambda: trace(pipe, PROMPT, seed=0, decode_previews=True, **common),
     }
+    chosen = {"plain", *args.variants.split(",")}
+    unknown = chosen - set(variants)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+    variants = {name: fn for name, fn in variants.items() if name in chosen}
     stored = {}
     for name, fn in variants.items():  # warm-up, and the bytes each variant stores
         out = fn()
         if name != "plain":
             stored[name] = out.nbytes_per_step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            times[name].append(timed(fn, args.device))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    result["seconds_median"] = medians
-    result["seconds_all"] = times
-    result["overhead_vs_plain"] = {
-        name: medians[name] / medians["plain"] - 1.0 for name in variants if name != "plain"
-    }
+            seconds, cpu_seconds = timed(fn, args.device)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        result[f"{label}_seconds_median"] = medians
+        result[f"{label}_seconds_all"] = times
+        result[f"{label}_overhead_vs_plain"] = {
+            name: medians[name] / medians["plain"] - 1.0 for name in variants if name != "plain"
+        }
+        # Ratio within each interleaved pair, then the median: robust to load drifting.
+        result[f"{label}_paired_overhead_median"] = {
+            name: statistics.median(
+                t / p - 1.0 for t, p in zip(times[name], times["plain"], strict=True)
+            )
+            for name in variants
+            if name != "plain"
+        }
     result["bytes_per_step_stored"] = stored
     result["mb_per_step_stored"] = {k: v / BYTES_PER_MB for k, v in stored.items()}
     if args.device.startswith("cuda"):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +224,21 @@ def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None
     pytest.importorskip("voila")
     notebook = write_notebook(tmp_path / "nb.ipynb", "1")
     command, env = cli.classroom_command(notebook, port=8123, ip="127.0.0.1", open_browser=False)
-    config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(":")[0])
-    config = json.loads((config_dir / "voila.json").read_text())
-    assert "anywidget" in config["VoilaConfiguration"]["extension_allowlist"]
+    config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(os.pathsep)[0])
     assert command[1:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
+
+    # Load it as Voila does: a misspelt option would be ignored silently, not fail.
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+    from traitlets.config.loader import JSONFileConfigLoader
+    from voila.configuration import VoilaConfiguration
+
+    config = JSONFileConfigLoader("voila.json", path=str(config_dir)).load_config()
+    kernels = AsyncMappingKernelManager(config=config)
+    assert kernels.cull_idle_timeout > 0  # abandoned students' kernels are freed
+    assert not kernels.cull_connected  # never the kernel of an open tab
+    voila = VoilaConfiguration(config=config)
+    assert "@jupyter-notebook/lab-extension" in voila.extension_denylist
+    assert voila.strip_sources  # the point of classroom mode
 
 
 def test_check_runs_a_notebook_in_a_temporary_copy(

@@ -190,8 +190,10 @@ def check_scheduler_accepts(scheduler: Any, timesteps: Sequence[int]) -> list[in
     return validate_timesteps(timesteps, big)
 
 
-def run_with_timesteps(pipe: Any, prompt: str, timesteps: Sequence[int], **kwargs: Any) -> Any:
-    """Run ``pipe(prompt, timesteps=...)`` after validating the schedule for its scheduler.
+def run_with_timesteps(
+    pipe: Any, prompt: str, timesteps: Sequence[int], *, traced: bool = False, **kwargs: Any
+) -> Any:
+    """Run ``pipe`` on ``prompt`` with a custom schedule, validated for its scheduler.
 
     Parameters
     ----------
@@ -201,20 +203,28 @@ def run_with_timesteps(pipe: Any, prompt: str, timesteps: Sequence[int], **kwarg
         The prompt.
     timesteps : sequence of int
         A schedule from this module (or any valid one).
+    traced : bool
+        Return a :class:`~diffwidget.tracing.trace.Trace` recorded by
+        :func:`diffwidget.tracing.context.trace` instead of the pipeline's output.
     **kwargs
-        Passed to the pipeline call (``guidance_scale``, ``generator``, ...).
+        Passed to the pipeline call or to ``trace`` (``guidance_scale``, ``seed``, ...).
 
     Returns
     -------
-    The pipeline's output. To trace the run instead, pass the validated list to
-    ``diffwidget.trace(pipe, prompt, timesteps=...)``.
+    The pipeline's output, or a ``Trace`` with ``traced=True``.
 
     Examples
     --------
     >>> early = exponential_timesteps(30, 60, "early")
-    >>> out = run_with_timesteps(pipe, "a red circle", early)  # doctest: +SKIP
+    >>> tr = run_with_timesteps(pipe, "a red circle", early, traced=True)  # doctest: +SKIP
+    >>> tr.timesteps.tolist() == early  # doctest: +SKIP
+    True
     """
     ts = check_scheduler_accepts(pipe.scheduler, timesteps)
     if "num_inference_steps" in kwargs:
         raise ValueError("pass either timesteps or num_inference_steps, not both")
+    if traced:
+        from diffwidget.tracing.context import trace
+
+        return trace(pipe, prompt, num_inference_steps=len(ts), timesteps=ts, **kwargs)
     return pipe(prompt, timesteps=ts, **kwargs)

@@ -37,15 +37,28 @@ IMAGE_SIZE = 64
 
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers' advice to install accelerate while loading (it is optional)."""
-    from diffusers.utils import logging
+    """Silence advice to install accelerate (optional) and per-component loading bars.
 
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
+    Loading takes well under a second, so the libraries' progress bars are noise here; both
+    settings are restored afterwards.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_bars = diffusers_logging.is_progress_bar_enabled()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(level)
+        if diffusers_bars:
+            diffusers_logging.enable_progress_bar()
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
 
 
 def demo_weights_available(path: str | Path = DEMO_DIR) -> bool:
@@ -106,14 +119,17 @@ def load_demo_pipeline(
         pipe = StableDiffusionPipeline.from_pretrained(
             str(folder),
             local_files_only=True,
-            torch_dtype=torch.float32,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+        # The shipped weights are float16 on disk; CPUs want float32. Converting after
+        # loading (the dtype argument's name differs across diffusers versions); the
+        # architecture has no modules that must stay float32, so the cast is exact.
+        pipe = pipe.to(device=device, dtype=torch.float32)
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def export_demo_weights(source: str | Path, dest: str | Path = DEMO_DIR) -> Path:

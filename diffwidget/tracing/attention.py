@@ -76,22 +76,53 @@ def _cond_half(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def attention_keys(attn: Any, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """Scaled, transposed keys ``(K * attn.scale)^T`` of a diffusers ``Attention`` layer.
+
+    Returns
+    -------
+    Tensor, shape (batch, heads, head_dim, n_tokens), float32
+    """
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    batch, head_dim = key.shape[0], key.shape[-1] // attn.heads
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    return (key.float() * attn.scale).transpose(-1, -2)
+
+
+@torch.no_grad()
 def attention_probs(
     attn: Any,
     hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     temb: torch.Tensor | None = None,
+    *,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(Q K^T * attn.scale)`` of a diffusers ``Attention`` layer, mean over heads.
 
     Applies the same input transforms as diffusers' ``AttnProcessor2_0`` (spatial norm,
     group norm, cross norm, q/k norms) and computes scores in float32.
 
+    Parameters
+    ----------
+    keys : Tensor, optional
+        Output of :func:`attention_keys`; the text (hence the keys) is the same at every
+        step, so callers may compute it once. Otherwise computed from
+        ``encoder_hidden_states``.
+
     Returns
     -------
     Tensor, shape (batch, n_queries, n_tokens), float32
     """
+    if keys is None:
+        if encoder_hidden_states is None:
+            raise ValueError("pass encoder_hidden_states or precomputed keys")
+        keys = attention_keys(attn, encoder_hidden_states)
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
     if hidden_states.ndim == 4:
@@ -101,19 +132,13 @@ def attention_probs(
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     query = attn.to_q(hidden_states)
-    if attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    head_dim = key.shape[-1] // attn.heads
+    head_dim = keys.shape[-2]
     query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
     if getattr(attn, "norm_q", None) is not None:
         query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+    scores = torch.matmul(query.float(), keys)
     if attention_mask is not None:
-        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+        mask = attn.prepare_attention_mask(attention_mask, keys.shape[-1], batch)
         scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
     return scores.softmax(dim=-1).mean(dim=1)
 
@@ -136,6 +161,8 @@ class CaptureAttnProcessor:
         self.original = original
         self.layer = layer
         self.recorder = recorder
+        self._keys_source: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
         # diffusers forwards only those cross_attention_kwargs that the processor's
         # __call__ names (it inspects the signature), so advertise the wrapped one's.
         forward = self._forward
@@ -159,12 +186,17 @@ class CaptureAttnProcessor:
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
         if self.recorder.encoder_hidden_states is None:
             self.recorder.encoder_hidden_states = encoder_hidden_states.detach().clone()
+        # The pipeline passes the same text-embedding tensor at every step, so the keys
+        # are computed once per trace rather than once per step.
+        if self._keys_source is not encoder_hidden_states:
+            self._keys = attention_keys(attn, _cond_half(encoder_hidden_states))
+            self._keys_source = encoder_hidden_states
         probs = attention_probs(
             attn,
             _cond_half(hidden_states),
-            _cond_half(encoder_hidden_states),
-            None if attention_mask is None else _cond_half(attention_mask),
-            None if temb is None else _cond_half(temb),
+            attention_mask=None if attention_mask is None else _cond_half(attention_mask),
+            temb=None if temb is None else _cond_half(temb),
+            keys=self._keys,
         )
         self.recorder.add(self.layer, probs[0])
         return output

@@ -21,7 +21,7 @@ from diffwidget.widget import schema
 from diffwidget.widget.codecs import encode_array, quantise_uint8
 from diffwidget.widget.jobs import OverlayJobs, Request
 from diffwidget.widget.model import ExplorerWidget
-from diffwidget.widget.previews import noisy_previews, x0_previews
+from diffwidget.widget.previews import noisy_previews, shrink_images, x0_previews
 
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
@@ -125,8 +125,9 @@ class Explorer:
     # ----------------------------------------------------------------- state set-up
     def _populate(self) -> None:
         trace, widget = self.trace, self.widget
-        x0 = x0_previews(trace)
+        x0 = shrink_images(x0_previews(trace))
         noisy, noisy_text = noisy_previews(trace, self.pipe)
+        noisy = shrink_images(noisy)
         descriptions = {
             "x0": "Predicted clean image x̂0 at this step, decoded"
             + (" by the VAE" if trace.previews is not None else " by a linear latent→RGB map"),
@@ -376,7 +377,7 @@ class Explorer:
             )
 
     def _jobs_waiting(self) -> bool:
-        return self._jobs._pending is not None
+        return self._jobs.waiting
 
     # ----------------------------------------------------------------- output
     def figure(self, kind: str = "attention_mass") -> Any:

@@ -79,12 +79,15 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
     names, values = _series(explorer, kind)
     steps = np.arange(values.shape[1])
     finite = values[np.isfinite(values)]
-    low = float(min(0.0, finite.min())) if finite.size else 0.0
-    high = float(finite.max()) if finite.size else 1.0
-    if kind != "attention_mass":
-        high = max(high, 1.0)
+    if kind == "attention_mass" and finite.size:
+        # Shares are small and close together: fit them, with a margin.
+        margin = 0.05 * float(finite.max() - finite.min()) or 1e-3
+        low, high = float(finite.min()) - margin, float(finite.max()) + margin
+    else:
+        low = float(min(0.0, finite.min())) if finite.size else 0.0
+        high = max(float(finite.max()) if finite.size else 1.0, 1.0)
     x_scale = bqplot.LinearScale(min=0.0, max=float(max(len(steps) - 1, 1)))
-    y_scale = bqplot.LinearScale(min=low, max=high * 1.05 or 1.0)
+    y_scale = bqplot.LinearScale(min=low, max=high)
     scales = {"x": x_scale, "y": y_scale}
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
     lines = bqplot.Lines(
@@ -95,14 +98,14 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         y=values.reshape(-1),
         scales=scales,
         colors=["#666666"],
-        default_size=24,
+        default_size=12,
         interactions={"click": "select"},
         selected_style={"opacity": 1.0},
         unselected_style={"opacity": 1.0},
     )
     cursor = bqplot.Lines(
         x=[explorer.step, explorer.step],
-        y=[low, high * 1.05 or 1.0],
+        y=[low, high],
         scales=scales,
         colors=[CURSOR_COLOUR],
         stroke_width=2,
@@ -111,7 +114,7 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         marks=[lines, points, cursor],
         axes=[
             bqplot.Axis(scale=x_scale, side="bottom", label="step (loop index)"),
-            bqplot.Axis(scale=y_scale, side="left", tick_format=".2f"),
+            bqplot.Axis(scale=y_scale, side="left", tick_format=".3~g"),
         ],
         title=_TITLES[kind],
         legend_location="top-right",

@@ -76,6 +76,12 @@ class OverlayJobs:
         with self._lock:
             return self._current is not None or self._pending is not None
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a request waits behind the running one."""
+        with self._lock:
+            return self._pending is not None
+
     def submit(self, kind: str, step: int) -> Future:
         """Queue ``(kind, step)``, replacing any pending request and stopping stale work."""
         with self._lock:

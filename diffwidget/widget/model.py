@@ -17,7 +17,6 @@ from diffwidget.widget import schema
 
 STATIC = Path(__file__).parent / "static"
 ESM_PATH = STATIC / "widget.js"
-CSS_PATH = STATIC / "widget.css"
 
 _BUILD_HINT = (
     "the widget's front end is not built; run `npm install && npm run build` in js/ "
@@ -48,7 +47,6 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
     """
 
     _esm = _esm()
-    _css = CSS_PATH if CSS_PATH.exists() else ""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -17,6 +17,9 @@ from diffwidget.tracing.trace import Trace
 
 #: Side of the image drawn when a trace has no decoded previews (latent upsampled).
 FALLBACK_SIZE = 64
+#: Largest preview side sent to the browser: SD-sized previews (512²) are shrunk so a
+#: 20-step trace stays within the 2 MB payload budget; the view is 384 px wide anyway.
+MAX_PREVIEW_SIZE = 128
 #: Images are stored as uint8 RGB.
 _RGB_MAX = 255.0
 
@@ -31,6 +34,21 @@ def _latent_rgb_fallback(latents: np.ndarray) -> np.ndarray:
     mean = rgb.mean(axis=(0, 2, 3), keepdims=True)
     std = rgb.std(axis=(0, 2, 3), keepdims=True) + 1e-6
     return np.moveaxis(np.clip((rgb - mean) / (4 * std) + 0.5, 0, 1), 1, -1)
+
+
+def shrink_images(images: np.ndarray, max_size: int = MAX_PREVIEW_SIZE) -> np.ndarray:
+    """Average ``[N, H, W, 3]`` images over integer blocks until both sides are ≤ max_size."""
+    factor = 1
+    while max(images.shape[1], images.shape[2]) // factor > max_size:
+        factor *= 2
+    if factor == 1:
+        return images
+    n, height, width, c = images.shape
+    height, width = height // factor * factor, width // factor * factor
+    blocks = images[:, :height, :width].reshape(
+        n, height // factor, factor, width // factor, factor, c
+    )
+    return np.rint(blocks.mean(axis=(2, 4))).astype(np.uint8)
 
 
 def x0_previews(trace: Trace) -> np.ndarray:

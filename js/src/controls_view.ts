@@ -30,7 +30,9 @@ export function controlsView(
   const png = h("button", "dw-png", "PNG");
   png.type = "button";
   png.title = "Save the current view as PNG";
-  row.append(mode, overlay, opacity, png);
+  const opacityLabel = h("label", "dw-opacity-label", "opacity ");
+  opacityLabel.appendChild(opacity);
+  row.append(mode, overlay, opacityLabel, png);
   el.appendChild(row);
 
   const update = (): void => {

@@ -84,10 +84,19 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
         );
       if (members.length === 0) continue;
       const rows = members.map(({ row }) => values.subarray(row * n, (row + 1) * n));
-      let lo = 0;
-      let hi = group === "attention_mass" ? 0 : 1;
-      for (const r of rows) for (const v of r) if (!Number.isNaN(v)) hi = Math.max(hi, v);
-      for (const r of rows) for (const v of r) if (!Number.isNaN(v)) lo = Math.min(lo, v);
+      // Attention mass: fit the visible curves (shares are small and close together);
+      // AUC-type curves keep their natural [0, 1] range.
+      const fit = group === "attention_mass";
+      let lo = fit ? Number.POSITIVE_INFINITY : 0;
+      let hi = fit ? Number.NEGATIVE_INFINITY : 1;
+      for (const r of rows) {
+        for (const v of r) {
+          if (Number.isNaN(v)) continue;
+          lo = Math.min(lo, v);
+          hi = Math.max(hi, v);
+        }
+      }
+      if (!Number.isFinite(lo)) [lo, hi] = [0, 1];
       const panel = h("div", "dw-panel");
       panel.appendChild(h("div", "dw-panel-title", GROUP_TITLES[group]));
       const plot = svg("svg", {

@@ -95,19 +95,23 @@ def run_all_cells(page: Any) -> None:
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
 
-def run_code(page: Any, code: str) -> None:
-    """Append a cell with ``code`` to the open notebook and run it."""
+def run_code(page: Any, code: str, *, wait: bool = True) -> None:
+    """Append a cell with ``code`` to the open notebook and run it.
+
+    With ``wait=False`` this returns as soon as execution has been requested (the
+    command's promise resolves only when the cell has finished).
+    """
     page.evaluate(
-        """async (code) => {
+        """async ([code, wait]) => {
             const app = window.jupyterapp;
-            const panel = app.shell.currentWidget;
-            const notebook = panel.content;
+            const notebook = app.shell.currentWidget.content;
             notebook.activeCellIndex = notebook.widgets.length - 1;
             await app.commands.execute('notebook:insert-cell-below');
             notebook.activeCell.model.sharedModel.setSource(code);
-            await app.commands.execute('notebook:run-cell');
+            const done = app.commands.execute('notebook:run-cell');
+            if (wait) await done;
         }""",
-        code,
+        [code, wait],
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.browser
 #: The fake DF-RISE provider's number of progress updates and the seconds each takes.
 FAKE_RISE_STEPS = 20
 FAKE_RISE_DELAY_S = 0.1
+#: Seconds the kernel is kept busy while the view is scrubbed.
+BUSY_KERNEL_S = 8
 
 SETUP = textwrap.dedent(
     f"""
@@ -97,6 +100,9 @@ def test_lab_renders_and_slider_drives_canvas_and_kernel(jupyter_server, page):
     browser_page.focus(".dw-root")
     browser_page.keyboard.press("ArrowLeft")
     wait_for_json(state, lambda s: s["step"] == 14)
+    browser_page.click(".dw-play")  # plays to the last step, then stops
+    wait_for_json(state, lambda s: s["step"] == 19)
+    browser_page.wait_for_function("() => document.querySelector('.dw-play').textContent === '▶'")
     assert console.widget_errors() == []
 
 
@@ -126,6 +132,25 @@ def test_lab_token_click_switches_overlay_and_kernel_token(jupyter_server, page)
     assert "circle" in browser_page.inner_text(".dw-caption") or "left" in browser_page.inner_text(
         ".dw-caption"
     )
+    assert console.widget_errors() == []
+
+
+def test_lab_scrubbing_needs_no_kernel_round_trip(jupyter_server, page):
+    browser_page, console = page
+    state = open_explorer(jupyter_server, browser_page, "busy")
+    run_code(browser_page, f"time.sleep({BUSY_KERNEL_S})", wait=False)
+    browser_page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+        " === 'busy'"
+    )
+    started = time.monotonic()
+    browser_page.fill(".dw-range", "13")
+    browser_page.click('.dw-chip[data-token="2"]')
+    browser_page.wait_for_selector('.dw-canvas[data-step="13"][data-overlay="attention"]')
+    redraw_s = time.monotonic() - started
+    assert redraw_s < BUSY_KERNEL_S / 2, "the view waited for the busy kernel"
+    # The kernel catches up once the cell is done.
+    wait_for_json(state, lambda s: s["step"] == 13 and s["token"] == 2, timeout_s=60)
     assert console.widget_errors() == []
 
 

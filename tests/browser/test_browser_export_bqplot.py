@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,11 @@ def test_exported_html_works_offline_from_file(page, tmp_path):
     browser_page.select_option(".dw-overlay", "df_rise")
     browser_page.wait_for_selector('.dw-canvas[data-overlay="df_rise"]')
     assert "n_masks 8" in browser_page.inner_text(".dw-caption")
+    with browser_page.expect_download() as download:
+        browser_page.click(".dw-png")
+    png = Path(download.value.path()).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert download.value.suggested_filename == "diffwidget-step-4.png"
     assert console.widget_errors() == []
 
 
@@ -71,4 +78,28 @@ def test_bqplot_cursor_follows_the_slider(jupyter_server, page):
     browser_page.wait_for_function(f"() => ({CURSOR_X})() > {start} + 100")
     browser_page.fill(".dw-range", "0")
     browser_page.wait_for_function(f"() => Math.abs(({CURSOR_X})() - {start}) < 2")
+    assert console.widget_errors() == []
+
+
+def test_linked_explorers_move_together_in_the_browser(jupyter_server, page):
+    browser_page, console = page
+    if not (jupyter_server.root / "trace.safetensors").exists():
+        make_trace().save(jupyter_server.root / "trace.safetensors")
+    cells = [
+        "from diffwidget.tracing.trace import Trace\n"
+        "from diffwidget.widget import Explorer, link_explorers\n"
+        "trace = Trace.load('trace.safetensors')\n"
+        "a, b = Explorer(trace), Explorer(trace)\n"
+        "link = link_explorers(a, b)",
+        "a",
+        "b",
+    ]
+    write_notebook(jupyter_server.root / "linked.ipynb", cells)
+    browser_page.goto(jupyter_server.page_url("lab/tree/linked.ipynb"))
+    run_all_cells(browser_page)
+    browser_page.wait_for_function("() => document.querySelectorAll('.dw-canvas').length === 2")
+    browser_page.locator(".dw-range").first.fill("11")
+    browser_page.wait_for_function(
+        "() => [...document.querySelectorAll('.dw-canvas')].every((c) => c.dataset.step === '11')"
+    )
     assert console.widget_errors() == []

@@ -50,7 +50,8 @@ def test_all_blocks_in_one_forward_and_one_backward(
     assert list(cam.layers) == block_paths(unet)
     for layer in cam.layers.values():
         assert layer.shape == sd_trace.latent_shape
-        assert layer.min() >= 0 and layer.max() <= 1
+        assert layer.min() >= 0
+        assert layer.max() <= 1
     assert cam.map.max() == pytest.approx(1.0)
     np.testing.assert_allclose(cam.raw, sum(cam.layers.values()), atol=1e-6)
     assert all(p.grad is None for p in unet.parameters()), "UNet parameters must stay clean"
@@ -59,7 +60,8 @@ def test_all_blocks_in_one_forward_and_one_backward(
 def test_cfg_combination_by_hand(toy_pipe: Any, toy_trace: Trace) -> None:
     """The toy's in-region block output is the same for both CFG halves; check alpha's sign."""
     cam = DFCam(blocks=["up_blocks.0"]).attribute(toy_pipe, toy_trace, 1)
-    assert cam.meta["cfg_combined"] and cam.meta["guidance_scale"] == toy_trace.guidance_scale
+    assert cam.meta["cfg_combined"]
+    assert cam.meta["guidance_scale"] == toy_trace.guidance_scale
     # up_blocks.0 *is* the output: dy/dA = 1 per half, combined 1 + w (1 - 1) = 1, so
     # CAM = ReLU(sum_k A_k) with A the guided output itself.
     from diffwidget.tracing.replay import StepReplay
@@ -83,4 +85,5 @@ def test_submodule_paths_and_errors(sd_pipe: Any, sd_trace: Trace) -> None:
 
 def test_sdxl(tiny_sdxl_pipe: Any, sdxl_trace: Trace) -> None:
     cam = DFCam().attribute(tiny_sdxl_pipe, sdxl_trace, 1)
-    assert cam.map.shape == sdxl_trace.latent_shape and np.isfinite(cam.raw).all()
+    assert cam.map.shape == sdxl_trace.latent_shape
+    assert np.isfinite(cam.raw).all()

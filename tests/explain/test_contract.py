@@ -62,11 +62,14 @@ def test_contract(name: str, sd_pipe: Any, sd_trace: Trace) -> None:
     assert _state(sd_pipe) == before
     assert changed_keys(sched, scheduler_state(sd_pipe.scheduler)) == []
     if isinstance(first, SaliencyMap):
-        assert first.method == name and first.step == STEP
+        assert first.method == name
+        assert first.step == STEP
         assert first.timestep == int(sd_trace.timesteps[STEP])
         assert first.map.shape == first.raw.shape == sd_trace.latent_shape
-        assert first.map.dtype == np.float32 and first.raw.dtype == np.float32
-        assert 0.0 <= first.map.min() and first.map.max() <= 1.0
+        assert first.map.dtype == np.float32
+        assert first.raw.dtype == np.float32
+        assert first.map.min() >= 0.0
+        assert first.map.max() <= 1.0
         assert all(layer.shape == sd_trace.latent_shape for layer in first.layers.values())
     else:
         assert isinstance(first, TokenRelevanceResult)

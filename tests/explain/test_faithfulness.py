@@ -25,7 +25,8 @@ def test_perfect_ordering_beats_random(toy_pipe: Any, toy_trace: Trace) -> None:
     res = InsertionDeletion(n_random=2).evaluate(toy_pipe, toy_trace, 0, perfect)
     assert res.saliency.deletion_auc < res.random.deletion_auc
     assert res.saliency.insertion_auc > res.random.insertion_auc
-    assert res.deletion_gain > 0 and res.insertion_gain > 0
+    assert res.deletion_gain > 0
+    assert res.insertion_gain > 0
     # Stage 0 is the unmodified latent, so both deletion curves start at similarity 1.
     assert res.saliency.deletion[0] == pytest.approx(1.0, abs=1e-5)
     assert res.random.deletion[0] == pytest.approx(1.0, abs=1e-5)
@@ -53,8 +54,10 @@ def test_blur_keeps_constants_and_shrinks_kernel(toy_pipe: Any, toy_trace: Trace
     x = torch.full((1, 4, GRID, GRID), 2.0)
     torch.testing.assert_close(blur_latent(x), x)
     res = InsertionDeletion(n_random=1).evaluate(toy_pipe, toy_trace, 1, np.zeros((GRID, GRID)))
-    assert res.meta["blur_kernel"] == GRID - 1 and "blur_note" in res.meta
-    assert res.meta["n_stages"] == 65 and res.saliency.fractions[-1] == 1.0
+    assert res.meta["blur_kernel"] == GRID - 1
+    assert "blur_note" in res.meta
+    assert res.meta["n_stages"] == 65
+    assert res.saliency.fractions[-1] == 1.0
 
 
 def _result(deletion: list[float], random_deletion: list[float]) -> FaithfulnessResult:

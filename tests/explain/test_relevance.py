@@ -16,7 +16,8 @@ from diffwidget.tracing.trace import Trace
 
 def test_points_at_the_token_the_toy_depends_on(toy_pipe: Any, toy_trace: Trace) -> None:
     rel = TokenRelevance(progress_bar=False).attribute(toy_pipe, toy_trace)
-    assert rel.meta["text_encoder_used"] and rel.meta["text_attention_layers"] == 2
+    assert rel.meta["text_encoder_used"]
+    assert rel.meta["text_attention_layers"] == 2
     assert rel.relevance.shape == (toy_trace.n_steps, len(toy_trace.tokens))
     for row in rel.relevance:
         assert int(np.argmax(row)) == TOY_TOKEN
@@ -29,7 +30,8 @@ def test_points_at_the_token_the_toy_depends_on(toy_pipe: Any, toy_trace: Trace)
 def test_without_text_encoder_only_the_token_itself(toy_pipe: Any, toy_trace: Trace) -> None:
     rel = TokenRelevance(text_encoder=False, progress_bar=False).attribute(toy_pipe, toy_trace)
     others = np.delete(rel.relevance, TOY_TOKEN, axis=1)
-    assert np.all(others == 0) and np.all(rel.relevance[:, TOY_TOKEN] > 0)
+    assert np.all(others == 0)
+    assert np.all(rel.relevance[:, TOY_TOKEN] > 0)
 
 
 def test_one_forward_per_step_and_clean_model(sd_pipe: Any, sd_trace: Trace) -> None:
@@ -46,7 +48,8 @@ def test_one_forward_per_step_and_clean_model(sd_pipe: Any, sd_trace: Trace) -> 
     assert rel.steps.tolist() == [0, 3]
     assert rel.timesteps.tolist() == sd_trace.timesteps[[0, 3]].tolist()
     assert rel.maps.shape == (2, len(sd_trace.tokens), *sd_trace.latent_shape)
-    assert np.isfinite(rel.relevance).all() and (rel.relevance >= 0).all()
+    assert np.isfinite(rel.relevance).all()
+    assert (rel.relevance >= 0).all()
     words = [i for i, k in enumerate(sd_trace.token_kinds) if k == "word"]
     assert np.allclose(rel.normalized[:, words].max(1), 1.0)
     assert processors(sd_pipe.unet) == before
@@ -58,7 +61,8 @@ def test_cancel_keeps_finished_steps(toy_pipe: Any, toy_trace: Trace) -> None:
     rel = TokenRelevance(progress_bar=False).attribute(
         toy_pipe, toy_trace, progress=lambda done, total: False
     )
-    assert rel.steps.tolist() == [0] and not rel.meta["complete"]
+    assert rel.steps.tolist() == [0]
+    assert not rel.meta["complete"]
 
 
 def test_chefer_normalisation() -> None:
@@ -80,4 +84,5 @@ def test_sdxl_uses_the_recorded_embedding(tiny_sdxl_pipe: Any, sdxl_trace: Trace
     # Two text encoders feed SDXL's UNet: the text self-attention rule is skipped (R_tt = I).
     assert not rel.meta["text_encoder_used"]
     assert rel.relevance.shape == (1, len(sdxl_trace.tokens))
-    assert np.isfinite(rel.relevance).all() and rel.relevance.max() > 0
+    assert np.isfinite(rel.relevance).all()
+    assert rel.relevance.max() > 0

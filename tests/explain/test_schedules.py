@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +31,20 @@ def test_paper_settings() -> None:
     latter = exponential_timesteps(30, 60, "latter")
     assert len(early) == len(latter) == 30
     # Early crowds steps at high noise, latter at low noise.
-    assert sum(t > 500 for t in early) >= 20 and sum(t < 500 for t in latter) >= 20
-    early_gaps = [a - b for a, b in zip(early[1:], early[2:], strict=False)]
-    latter_gaps = [a - b for a, b in zip(latter, latter[1:], strict=False)]
-    assert early_gaps == sorted(early_gaps) and latter_gaps == sorted(latter_gaps, reverse=True)
+    assert sum(t > 500 for t in early) >= 20
+    assert sum(t < 500 for t in latter) >= 20
+    early_gaps = [a - b for a, b in itertools.pairwise(early[1:])]
+    latter_gaps = [a - b for a, b in itertools.pairwise(latter)]
+    assert early_gaps == sorted(early_gaps)
+    assert latter_gaps == sorted(latter_gaps, reverse=True)
     for ts in (early, latter):
-        assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+        assert all(a > b for a, b in itertools.pairwise(ts))
 
 
 def test_window_and_uniform() -> None:
     ts = window_timesteps(20, center=400, width=50, n_outside=4)
-    assert len(ts) == 20 and ts[0] == 999
+    assert len(ts) == 20
+    assert ts[0] == 999
     assert sum(375 <= t <= 425 for t in ts) == 16
     assert uniform_timesteps(5) == [999, 749, 500, 250, 0]
     assert make_schedule("latter", 3, lam=2) == [999, 251, 63]
@@ -76,6 +80,9 @@ def test_runs_a_pipeline_with_custom_timesteps(tiny_sd_pipe_factory: Callable[..
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert pipe.scheduler.timesteps.tolist() == ts
+    pytest.importorskip("diffwidget.tracing.context")
+    trace = run_with_timesteps(pipe, "a red circle", ts, traced=True, decode_previews=False)
+    assert trace.timesteps.tolist() == ts
     pndm = tiny_sd_pipe_factory(scheduler="ddim").scheduler
     with pytest.raises(TypeError, match="does not accept custom timesteps"):
         check_scheduler_accepts(pndm, ts)
