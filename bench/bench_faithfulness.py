@@ -51,9 +51,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--n-masks", type=int, default=500)
     parser.add_argument("--step", type=int, default=STEP)
+    parser.add_argument("--n-random", type=int, default=3, help="random orders per prompt")
     parser.add_argument("--path", type=Path, default=None)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--centered",
+        action="store_true",
+        help="also evaluate DF-RISE with center=True (control-variate estimator)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args()
     if args.threads is not None:
@@ -64,8 +70,13 @@ def main() -> None:
 
     pipe = load(args)
     captions = SceneWorld(seed=0).held_out_captions(args.prompts)
-    methods = {"df_rise": DFRise(n_masks=args.n_masks, progress_bar=False), "df_cam": DFCam()}
-    evaluator = InsertionDeletion()
+    methods: dict[str, Any] = {
+        "df_rise": DFRise(n_masks=args.n_masks, progress_bar=False),
+        "df_cam": DFCam(),
+    }
+    if args.centered:
+        methods["df_rise_centered"] = DFRise(n_masks=args.n_masks, progress_bar=False, center=True)
+    evaluator = InsertionDeletion(n_random=args.n_random)
     results: dict[str, list[Any]] = {name: [] for name in methods}
     start = time.perf_counter()
     for i, caption in enumerate(captions):
@@ -94,6 +105,7 @@ def main() -> None:
         "guidance": GUIDANCE,
         "weights": "random" if args.random_weights else str(args.path or "shipped"),
         "similarity": evaluator.similarity,
+        "n_random": args.n_random,
         "seconds": round(time.perf_counter() - start, 1),
     }
     text = json.dumps(summary, indent=2)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffwidget.explain.concepts import ConceptSet, x0_attribute_curves  # noqa: E402
 from diffwidget.explain.probes import ConceptCurves, ConceptProbe  # noqa: E402
-from diffwidget.tracing.activations import ActivationRecorder  # noqa: E402
+from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder  # noqa: E402
 
 THRESHOLDS = (0.75, 0.9)
 HALVES = ("cond", "uncond")
@@ -48,7 +48,8 @@ AUC_RANGE = (0.3, 1.0)  # held-out AUC dips below chance by noise; 0.3 keeps tho
 BASELINE_PROMPTS = 16
 
 # ---------------------------------------------------------------- figure (PIL only)
-HEIGHT = 520
+COLUMNS = 2
+ROW_H = 470  # panel height plus titles and step labels
 PANEL_W, PANEL_H = 420, 360
 MARGIN_L, MARGIN_T = 70, 70
 GAP = 110
@@ -133,18 +134,20 @@ def draw_figure(
     """One panel per (curves, title, y label, y range), side by side, with one legend."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width = MARGIN_L + len(panels) * (PANEL_W + GAP)
-    image = Image.new("RGB", (width, HEIGHT), (255, 255, 255))
+    rows = -(-len(panels) // COLUMNS)
+    width = MARGIN_L + min(len(panels), COLUMNS) * (PANEL_W + GAP)
+    height = MARGIN_T + (rows - 1) * ROW_H + PANEL_H + 130
+    image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image, "RGBA")  # RGBA mode blends translucent fills
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1 has no sized default font
         font = ImageFont.load_default()
     for k, (curves, title, label, y_range) in enumerate(panels):
-        origin = (MARGIN_L + k * (PANEL_W + GAP), MARGIN_T)
+        origin = (MARGIN_L + (k % COLUMNS) * (PANEL_W + GAP), MARGIN_T + (k // COLUMNS) * ROW_H)
         _panel(draw, origin, curves, title, y_range, label, threshold, font)
     legend_x = MARGIN_L
-    legend_y = MARGIN_T + PANEL_H + 52
+    legend_y = MARGIN_T + (rows - 1) * ROW_H + PANEL_H + 52
     for name in panels[0][0].concepts:
         colour = COLOURS.get(name, (0, 0, 0))
         draw.line((legend_x, legend_y + 7, legend_x + 24, legend_y + 7), fill=colour, width=3)
@@ -152,7 +155,8 @@ def draw_figure(
         legend_x += 120
     draw.line((legend_x, legend_y + 7, legend_x + 24, legend_y + 7), fill=GREY)
     draw.text((legend_x + 30, legend_y), f"threshold {threshold}", fill=(0, 0, 0), font=font)
-    draw.text((MARGIN_L, HEIGHT - 24), caption, fill=(90, 90, 90), font=font)
+    for k, line in enumerate(caption.split("\n")):
+        draw.text((MARGIN_L, legend_y + 26 + 18 * k), line, fill=(90, 90, 90), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -215,6 +219,13 @@ def main() -> None:
     parser.add_argument(
         "--save-record", type=Path, default=None, help="save the activation record (.npz)"
     )
+    parser.add_argument(
+        "--load-record",
+        type=Path,
+        default=None,
+        help="analyse a saved record instead of generating (development; timings then omit "
+        "the generation)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -250,7 +261,12 @@ def main() -> None:
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,
     }
-    record = concepts.record(pipe, ActivationRecorder(**settings), **call)
+    if args.load_record is not None:
+        record = ActivationRecord.load(args.load_record)
+        if record.prompts != concepts.prompts:
+            raise SystemExit(f"{args.load_record} holds other prompts; drop --load-record")
+    else:
+        record = concepts.record(pipe, ActivationRecorder(**settings), **call)
     timings["generate + record both halves" + ("" if args.no_x0 else " + decode x̂0")] = (
         time.perf_counter() - t
     )
@@ -265,6 +281,17 @@ def main() -> None:
         probe = ConceptProbe(cv=args.cv, seed=args.seed)
         probes[half] = probe.fit(record, concepts, half=half, progress=True)
         timings[f"fit probes, {half} half (concepts x steps x folds)"] = time.perf_counter() - t
+
+    # Labels of what the model drew (read from the final images): the question the x̂0
+    # curves answer, fair where the model does not follow its prompt.
+    t = time.perf_counter()
+    drawn = ConceptSet.from_images(record).drop_rare(args.cv)
+    counts = drawn.class_counts()
+    drawn.labels = {k: v for k, v in drawn.labels.items() if len(counts[k]) >= 2}
+    probes["uncond, drawn"] = ConceptProbe(cv=args.cv, seed=args.seed).fit(
+        record, drawn, half="uncond", progress=True
+    )
+    timings["read final images + fit probes on drawn labels, uncond half"] = time.perf_counter() - t
 
     x0 = None
     if not args.no_x0:
@@ -301,13 +328,19 @@ def main() -> None:
     threshold = THRESHOLDS[-1]
     caption = (
         f"Embedded model, {weights}; {args.n_prompts} one-object captions, {args.steps} "
-        f"DPM-Solver++ steps, CFG {args.guidance_scale}; blocks {', '.join(record.blocks)} "
+        f"DPM-Solver++ steps, CFG {args.guidance_scale};\nblocks {', '.join(record.blocks)} "
         f"({args.pooling} pooling)"
     )
     auc_label = f"held-out ROC-AUC (band: mean ± sd over {args.cv} folds; 0.5 = chance)"
     panels = [
-        (probes["cond"], "Probes, conditional half (sees the prompt)", auc_label, AUC_RANGE),
-        (probes["uncond"], "Probes, unconditional half (latent only)", auc_label, AUC_RANGE),
+        (probes["cond"], "Probes of caption labels, conditional half", auc_label, AUC_RANGE),
+        (probes["uncond"], "Probes of caption labels, unconditional half", auc_label, AUC_RANGE),
+        (
+            probes["uncond, drawn"],
+            "Probes of what the final image shows, unconditional half",
+            auc_label,
+            AUC_RANGE,
+        ),
     ]
     if x0 is not None:
         panels.append(
@@ -319,13 +352,18 @@ def main() -> None:
             )
         )
     draw_figure(panels, args.figure, caption, threshold)
-    named = {f"probe ({half} half)": curves for half, curves in probes.items()}
+    named = {
+        "probe, caption labels, cond half": probes["cond"],
+        "probe, caption labels, uncond half": probes["uncond"],
+        "probe, drawn labels, uncond half": probes["uncond, drawn"],
+    }
     if x0 is not None:
         named["x̂0 agreement"] = x0
     if args.json is not None:
-        for name, curves in named.items():
-            suffix = name.split()[0] if name.startswith("x̂0") else name.split("(")[1].split()[0]
-            curves.save(args.json.with_name(f"{args.json.stem}_{suffix}.json"))
+        for name, curves in {**probes, "x0": x0}.items():
+            if curves is not None:
+                suffix = name.replace(", ", "_")
+                curves.save(args.json.with_name(f"{args.json.stem}_{suffix}.json"))
 
     steps = sorted({0, 2, 4, 6, 8, 10, 12, 15, args.steps - 1} & set(range(args.steps)))
     out = [
@@ -357,8 +395,15 @@ def main() -> None:
         f"{recorded_s:.1f} s (x{recorded_s / plain_s:.2f})",
         "",
     ]
-    for half, curves in probes.items():
-        out += [f"### Concept-AUC curves, {half} half", "", *_curve_table(curves, steps), ""]
+    for name, curves in named.items():
+        if curves.kind == "probe_auc":
+            out += [f"### Concept-AUC curves, {name}", "", *_curve_table(curves, steps), ""]
+    out += [
+        "Drawn labels: classes with fewer than cv prompts left out: "
+        + json.dumps(drawn.meta["dropped_classes"])
+        + f"; labelled prompts per concept: {json.dumps(probes['uncond, drawn'].n_examples)}",
+        "",
+    ]
     out += [
         "Shuffled-label control (conditional half, labels permuted across prompts): mean "
         "over steps "

@@ -120,14 +120,19 @@ def build_sd15(device: str, dtype: torch.dtype) -> Any:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return _to(pipe, device, dtype)
+
+
+def _to(pipe: Any, device: str, dtype: torch.dtype) -> Any:
+    # Models are built in float32; cast only when asked (diffusers warns on any cast).
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
 
 
 def build_tiny(device: str, dtype: torch.dtype) -> Any:
     """The tests' tiny random-weight pipeline."""
     from diffwidget.tracing.tiny import tiny_sd_pipeline
 
-    return tiny_sd_pipeline().to(device=device, dtype=dtype)
+    return _to(tiny_sd_pipeline(), device, dtype)
 
 
 def _sync(device: str) -> None:

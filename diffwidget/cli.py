@@ -130,9 +130,16 @@ def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
     ------
     nbclient.exceptions.CellExecutionError
         If a cell raises; its message holds the cell's source and traceback.
+    UsageError
+        If the notebook tools (``diffwidget[demo]``) are not installed.
     """
-    import nbformat
-    from nbclient import NotebookClient
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError as error:
+        raise UsageError(
+            f'running notebooks needs {error.name}: run `pip install "diffwidget[demo]"`'
+        ) from None
     from tqdm.auto import tqdm
 
     notebook = nbformat.read(path, as_version=4)
@@ -158,7 +165,12 @@ def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
 
 def _check(source: Path) -> int:
     """Run ``source`` headless in a temporary copy; report the failing cell, if any."""
-    from nbclient.exceptions import CellExecutionError
+    try:
+        from nbclient.exceptions import CellExecutionError
+    except ImportError:
+        raise UsageError(
+            'running notebooks needs nbclient: run `pip install "diffwidget[demo]"`'
+        ) from None
 
     with tempfile.TemporaryDirectory(prefix="diffwidget-check-") as tmp:
         # A copy, so files the notebook writes (saved traces, exports) land in the temp dir.
@@ -246,6 +258,10 @@ def demo(args: argparse.Namespace) -> int:
     ]
     if args.no_browser:
         command.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Containers (Docker, CI images) often run as root, where JupyterLab refuses to
+        # start without this flag; whoever runs as root has already made that choice.
+        command.append("--allow-root")
     return _serve(command, _kernel_env(), f"{target} in JupyterLab")
 
 
@@ -372,6 +388,9 @@ def export(args: argparse.Namespace) -> int:
     elif not prompt:
         raise UsageError('the prompt is empty: pass a caption such as "a red circle"')
 
+    # Library chatter (optional torchvision, accelerate) is noise on a command line; errors
+    # still show. Set before transformers is imported, which reads it once.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from diffwidget.tracing.context import trace
     from diffwidget.widget.explorer import Explorer
 
@@ -381,6 +400,10 @@ def export(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "seed": args.seed}
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
+    elif args.model is None:
+        from diffwidget.models.loader import DEFAULT_GUIDANCE
+
+        kwargs["guidance_scale"] = DEFAULT_GUIDANCE
     record = trace(pipe, prompt, **kwargs)
     explorer = Explorer(record, pipe=pipe)
     for overlay in args.overlay:
@@ -464,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_export.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p_export.add_argument(
-        "--guidance", type=float, default=None, help="CFG scale above 1 (default: the model's)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale above 1 (default: 5 on the embedded model, 7.5 with --model)",
     )
     p_export.add_argument(
         "--overlay",

@@ -1,17 +1,22 @@
-"""Classroom mode: the quickstart served by Voila shows the explorer and no code.
+"""Teaching demos in a real browser: ``diffwidget demo`` and its classroom mode.
 
-A real Voila server (temporary Jupyter dirs, a free port on 127.0.0.1, stopped by its PID)
-runs the bundled quickstart with the bundled ``jupyter-config/voila.json``; headless
-chromium opens it like a student would.
+``diffwidget demo`` (the README's main command) is started as a user would, its
+JupyterLab opened in headless chromium and the quickstart run there. Classroom mode serves
+the quickstart with Voila and the bundled ``jupyter-config/voila.json``; the page must show
+the explorer and no code. Servers get temporary Jupyter dirs and a free port on 127.0.0.1,
+and are stopped by their PIDs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +29,6 @@ from diffwidget import cli
 
 pytestmark = pytest.mark.browser
 
-pytest.importorskip("voila")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM_ARGS = [
@@ -95,75 +99,108 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server by its PID, then any kernel it left behind, by theirs."""
-    kernels = children_of(process.pid)
-    process.send_signal(signal.SIGINT)  # Jupyter servers shut their kernels down on SIGINT
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child waiting to be reaped does not)."""
     try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)
-    for pid in kernels:
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_pid(pid: int) -> None:
+    """Stop a server by its PID, then any kernel it left behind, by theirs."""
+    kernels = children_of(pid)
+    os.kill(pid, signal.SIGTERM)  # Jupyter servers and Voila shut their kernels down
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    for kernel in kernels:
+        if alive(kernel):
+            os.kill(kernel, signal.SIGKILL)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server started here and reap it."""
+    if process.poll() is None:
+        stop_pid(process.pid)
+    process.wait(STOP_TIMEOUT_S)
+
+
+def jupyter_env(env: dict[str, str], root: Path) -> dict[str, str]:
+    """``env`` with private Jupyter dirs under ``root``: no user config, no stray files."""
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
+        folder = root / name.lower()
+        folder.mkdir(exist_ok=True)
+        env[name] = str(folder)
+    return env
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until something listens on ``port`` (not a page request: that could start a kernel)."""
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no server after {SERVER_START_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium is not installed (make browser)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
 def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("voila")
     root = tmp_path_factory.mktemp("classroom")
     notebook = root / cli.QUICKSTART
     shutil.copy(cli.notebooks_dir() / cli.QUICKSTART, notebook)
     port = free_port()
     command, env = cli.classroom_command(notebook, port=port, ip="127.0.0.1", open_browser=False)
-    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
-        folder = root / name.lower()
-        folder.mkdir()
-        env[name] = str(folder)
     log = root / "voila.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command, env=env, cwd=root, stdout=sink, stderr=subprocess.STDOUT
+            command, env=jupyter_env(env, root), cwd=root, stdout=sink, stderr=subprocess.STDOUT
         )
-    server = Server(f"http://127.0.0.1:{port}/", process, log)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"voila exited with {process.returncode}:\n{server.log_text()}")
-            try:
-                # A connection, not a page request: requesting the app would start a kernel.
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"voila did not start in {SERVER_START_S} s:\n{server.log_text()}")
-                time.sleep(0.5)
-        yield server
+        wait_for_port(port, process, log)
+        yield Server(f"http://127.0.0.1:{port}/", process, log)
     finally:
         stop(process)
 
 
 @pytest.fixture(scope="module")
-def page(classroom: Server) -> Iterator[Any]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (make browser)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+def page(classroom: Server, chromium: Any) -> Iterator[Any]:
+    tab = chromium.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        # Voila streams the page while the kernel runs the cells: wait for the widget,
+        # not for the document, which completes only after the last cell.
+        tab.goto(classroom.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
         try:
-            tab = browser.new_page(viewport={"width": 1200, "height": 900})
-            tab.goto(classroom.url, wait_until="domcontentloaded")
-            try:
-                tab.wait_for_selector(WIDGET_SELECTOR, timeout=RENDER_TIMEOUT_MS)
-            except sync_api.TimeoutError:
-                body = tab.locator("body").inner_text()[:2000]
-                pytest.fail(
-                    f"no explorer in the page:\n{body}\nserver log:\n{classroom.log_text()}"
-                )
-            yield tab
-        finally:
-            browser.close()
+            tab.wait_for_selector(WIDGET_SELECTOR, timeout=RENDER_TIMEOUT_MS)
+        except sync_api.TimeoutError:
+            body = tab.locator("body").inner_text()[:2000]
+            pytest.fail(f"no explorer in the page:\n{body}\nserver log:\n{classroom.log_text()}")
+        yield tab
+    finally:
+        tab.close()
 
 
 def test_classroom_app_shows_the_explorer(page: Any) -> None:
@@ -194,3 +231,62 @@ def test_classroom_app_is_live(page: Any) -> None:
     target = "12"
     page.locator(SLIDER_SELECTOR).first.fill(target)
     page.wait_for_selector(f"{WIDGET_SELECTOR}[data-step='{target}']", timeout=10_000)
+
+
+# --------------------------------------------------------------------------- diffwidget demo
+LAB_SETTINGS = "lab/user-settings/@jupyterlab/apputils-extension/notification.jupyterlab-settings"
+
+
+def test_demo_command_opens_the_quickstart_in_jupyterlab(tmp_path: Path, chromium: Any) -> None:
+    """``diffwidget demo`` serves the quickstart; run in JupyterLab, it shows the explorer."""
+    port, token = free_port(), secrets.token_hex(16)
+    env = jupyter_env(dict(os.environ, JUPYTER_TOKEN=token), tmp_path)
+    config = Path(env["JUPYTER_CONFIG_DIR"])
+    # Test-only server settings: reach the app from the page, no news or update checks.
+    (config / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "LabApp": {
+                    "expose_app_in_browser": True,
+                    "news_url": None,
+                    "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                }
+            }
+        )
+    )
+    settings = config / LAB_SETTINGS
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    command = [sys.executable, "-m", "diffwidget.cli", "demo", "--no-browser"]
+    command += ["--port", str(port), "--dir", str(tmp_path / "work")]
+    log = tmp_path / "demo.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    tab = None
+    try:
+        wait_for_port(port, process, log)
+        tab = chromium.new_page(viewport={"width": 1200, "height": 900})
+        url = f"http://127.0.0.1:{port}/lab/tree/{cli.QUICKSTART}?reset&token={token}"
+        tab.goto(url, timeout=RENDER_TIMEOUT_MS)
+        tab.wait_for_function(
+            "() => window.jupyterapp?.shell?.currentWidget?.sessionContext?.session?.kernel"
+            "?.status === 'idle'",
+            timeout=RENDER_TIMEOUT_MS,
+        )
+        tab.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        tab.wait_for_selector(WIDGET_SELECTOR, timeout=RENDER_TIMEOUT_MS)
+        assert (
+            tab.locator(
+                ".jp-OutputArea-output .jp-RenderedText[data-mime-type="
+                "'application/vnd.jupyter.error']"
+            ).count()
+            == 0
+        )
+        assert (tmp_path / "work" / cli.QUICKSTART).is_file()  # the user's own copy
+    finally:
+        if tab is not None:
+            tab.close()
+        # The command waits on JupyterLab: stop that server (and its kernels) first.
+        for pid in children_of(process.pid):
+            stop_pid(pid)
+        stop(process)

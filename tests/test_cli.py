@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,16 @@ def test_demo_without_jupyterlab_says_what_to_install(
     assert 'pip install "diffwidget[demo]"' in err
     status, _, err = run(["demo", "--dir", str(tmp_path), "--classroom"], capsys)
     assert 'pip install "diffwidget[classroom]"' in err
+
+
+def test_check_without_the_notebook_tools_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("nbclient", "nbclient.exceptions"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import nbclient` fail
+    status, _, err = run(["demo", "--check"], capsys)
+    assert status == cli.EXIT_USAGE
+    assert 'pip install "diffwidget[demo]"' in err
 
 
 def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None:

@@ -24,11 +24,18 @@ MAX_AUTO_BATCH = 128
 def check_step(trace: Any, step: int) -> int:
     """Validate a loop index against ``trace`` and return it as ``int``."""
     n = int(trace.n_steps)
-    if not isinstance(step, (int,)) and not hasattr(step, "__index__"):
-        raise TypeError(f"step must be an integer loop index, got {type(step).__name__}")
-    step = int(step)
+    if not hasattr(step, "__index__"):
+        raise TypeError(
+            f"step must be an integer loop index (0..{n - 1}), got {type(step).__name__}; "
+            "pass the loop index, not the scheduler timestep"
+        )
+    step = int(step.__index__())
     if not 0 <= step < n:
-        raise IndexError(f"step {step} is out of range; this trace has steps 0..{n - 1}")
+        hint = ""
+        if step in [int(t) for t in trace.timesteps]:
+            index = [int(t) for t in trace.timesteps].index(step)
+            hint = f" ({step} is the scheduler timestep of step {index}: pass step={index})"
+        raise IndexError(f"step {step} is out of range; this trace has steps 0..{n - 1}{hint}")
     return step
 
 

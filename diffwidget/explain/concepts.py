@@ -172,6 +172,55 @@ class ConceptSet:
         result.meta.update({"world_seed": seed, "include_held_out": include_held_out})
         return result
 
+    @classmethod
+    def from_images(
+        cls,
+        record: ActivationRecord,
+        reader: _Reader | None = None,
+        attributes: Sequence[str] = ATTRIBUTES,
+    ) -> ConceptSet:
+        """Labels read from the generated images of a record: what the model actually drew.
+
+        Caption labels ask "when is the prompt's attribute decodable?"; these ask "when is
+        the attribute the image will end up with decodable?", the question x̂0 attribute
+        curves answer, and the fair comparison where the model does not always follow the
+        prompt. Images with no readable object get ``None`` for every attribute.
+
+        Parameters
+        ----------
+        record : ActivationRecord
+            A record with final ``images``.
+        reader : object with ``read(image)``, optional
+            Default :class:`diffwidget.models.reader.SceneReader`.
+        attributes : sequence of str
+            Attributes to read.
+        """
+        if record.images is None:
+            raise ValueError("the record holds no images; record them with ActivationRecorder")
+        reads = read_attributes(record.images, reader, attributes)
+        labels: dict[str, list[str | None]] = {
+            a: [None if r is None else r[a] for r in reads] for a in attributes
+        }
+        meta = {"source": "attributes read from the generated images"}
+        return cls(list(record.prompts), labels, list(record.seeds), meta)
+
+    def drop_rare(self, min_count: int) -> ConceptSet:
+        """A copy in which classes with fewer than ``min_count`` prompts are left out (None).
+
+        Use it before :meth:`ConceptProbe.fit` with ``min_count=cv`` when labels come from
+        images, whose class counts are not under the caller's control.
+        """
+        labels: dict[str, list[str | None]] = {}
+        for name, values in self.labels.items():
+            counts = self.class_counts()[name]
+            labels[name] = [v if v is not None and counts[v] >= min_count else None for v in values]
+        dropped = {
+            name: sorted(c for c, k in self.class_counts()[name].items() if k < min_count)
+            for name in self.labels
+        }
+        meta = {**self.meta, "dropped_classes": dropped}
+        return ConceptSet(list(self.prompts), labels, self.seeds, meta)
+
     def record(
         self, pipe: Any, recorder: ActivationRecorder | None = None, **record_kwargs: Any
     ) -> ActivationRecord:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from diffwidget.widget.previews import noisy_previews, shrink_images, x0_preview
 
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
+
+NoisyDecoder = Literal["linear", "vae"]
 
 #: Method settings named in the overlay caption (what a reader needs to judge the map).
 _DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "blocks")
@@ -65,8 +67,7 @@ class Explorer:
     trace : Trace
         The recorded run (may be loaded from disk; torch is not needed to show it).
     pipe : diffusers pipeline, optional
-        Needed only to compute DF-RISE / DF-CAM on request, and used to decode the noisy
-        latents with the VAE (otherwise a linear latent-to-RGB map fitted on the trace).
+        Needed only to compute DF-RISE / DF-CAM on request (and for ``noisy_decoder="vae"``).
     providers : dict, optional
         Overlay kind -> ``provider(trace, step, progress) -> SaliencyMap``; overrides the
         registry methods (tests, custom methods).
@@ -75,6 +76,10 @@ class Explorer:
         ``{"df_rise": {"n_masks": 200}}``.
     attention : AttentionMaps, optional
         How cross-attention is aggregated (default: every layer, every step).
+    noisy_decoder : {"linear", "vae"}
+        How the noisy latents x_t are shown: a linear latent→RGB map fitted on the trace's
+        own x̂0 previews (default: instant, no torch), or the pipeline's VAE (exact, one
+        decode per step, needs ``pipe``).
 
     Examples
     --------
@@ -91,10 +96,19 @@ class Explorer:
         providers: dict[str, Provider] | None = None,
         method_options: dict[str, dict[str, Any]] | None = None,
         attention: AttentionMaps | None = None,
+        noisy_decoder: NoisyDecoder = "linear",
     ) -> None:
+        if noisy_decoder not in get_args(NoisyDecoder):
+            raise ValueError(f"noisy_decoder must be one of {get_args(NoisyDecoder)}")
+        if noisy_decoder == "vae" and pipe is None:
+            raise ValueError('noisy_decoder="vae" needs the pipeline: Explorer(trace, pipe=pipe)')
         self.trace = trace
         self.pipe = pipe
+        self.noisy_decoder = noisy_decoder
         options = method_options or {}
+        unknown = sorted(set(options) - set(schema.HEAVY_OVERLAYS))
+        if unknown:
+            raise ValueError(f"method_options for {unknown}; use keys from {schema.HEAVY_OVERLAYS}")
         self._providers: dict[str, Provider] = {}
         if pipe is not None:
             for kind in schema.HEAVY_OVERLAYS:
@@ -126,7 +140,8 @@ class Explorer:
     def _populate(self) -> None:
         trace, widget = self.trace, self.widget
         x0 = shrink_images(x0_previews(trace))
-        noisy, noisy_text = noisy_previews(trace, self.pipe)
+        vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
+        noisy, noisy_text = noisy_previews(trace, vae_pipe)
         noisy = shrink_images(noisy)
         descriptions = {
             "x0": "Predicted clean image x̂0 at this step, decoded"

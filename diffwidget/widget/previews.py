@@ -80,6 +80,10 @@ def fit_linear_decoder(trace: Trace) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+#: Latents decoded per VAE call (bounded memory for SD-sized VAEs, few calls for small ones).
+VAE_BATCH = 8
+
+
 def _vae_decode(pipe: Any, latents: np.ndarray) -> np.ndarray:
     import torch
 
@@ -87,11 +91,12 @@ def _vae_decode(pipe: Any, latents: np.ndarray) -> np.ndarray:
     param = next(vae.parameters())
     images = []
     with torch.no_grad():
-        for latent in latents:
-            x = torch.from_numpy(latent[None]).to(device=param.device, dtype=param.dtype)
-            out = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0]
-            images.append((out[0].float().clamp(-1, 1) / 2 + 0.5).permute(1, 2, 0).cpu().numpy())
-    return _to_uint8(np.stack(images))
+        for start in range(0, len(latents), VAE_BATCH):
+            x = torch.from_numpy(latents[start : start + VAE_BATCH])
+            x = x.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+            out = vae.decode(x, return_dict=False)[0].float().clamp(-1, 1) / 2 + 0.5
+            images.append(out.permute(0, 2, 3, 1).cpu().numpy())
+    return _to_uint8(np.concatenate(images))
 
 
 def noisy_previews(trace: Trace, pipe: Any = None) -> tuple[np.ndarray, str]:

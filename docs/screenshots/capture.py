@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe, prompt = tiny_sd_pipeline(), "a red circle on the left"
     traced = trace(pipe, prompt, num_inference_steps=STEPS, seed=0)
-    explorer = Explorer(traced, pipe=pipe, method_options={"df_rise": {"n_masks": RISE_MASKS}})
+    explorer = Explorer(
+        traced,
+        pipe=pipe,
+        method_options={"df_rise": {"n_masks": RISE_MASKS}},
+        noisy_decoder="vae",
+    )
     for kind in ("df_rise", "df_cam"):
         explorer.compute(kind, step=SHOWN_STEP).result(600)
     explorer.step = SHOWN_STEP

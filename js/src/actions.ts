@@ -12,12 +12,40 @@ export function clampStep(value: number, n: number): number {
   return Math.min(n - 1, Math.max(0, Math.round(value)));
 }
 
+/** Longest gap between two syncs of the step while scrubbing (ms). */
+export const SYNC_INTERVAL_MS = 50;
+
+const pendingSync = new WeakMap<Model, { timer: ReturnType<typeof setTimeout>; dirty: boolean }>();
+
+/**
+ * Sync local changes to the kernel at most every SYNC_INTERVAL_MS: the first change goes
+ * at once, later ones within the interval are merged into one trailing sync. The view
+ * redraws from its own model immediately either way; this only spares the kernel (and
+ * the browser's main thread) one message per animation frame while scrubbing.
+ */
+export function syncSoon(model: Model): void {
+  const pending = pendingSync.get(model);
+  if (pending) {
+    pending.dirty = true;
+    return;
+  }
+  model.save_changes();
+  const entry = {
+    dirty: false,
+    timer: setTimeout(() => {
+      pendingSync.delete(model);
+      if (entry.dirty) syncSoon(model);
+    }, SYNC_INTERVAL_MS),
+  };
+  pendingSync.set(model, entry);
+}
+
 /** Show `value` (clamped) and tell the kernel. Redraws happen on the local change event. */
 export function setStep(model: Model, value: number): void {
   const step = clampStep(value, stepCount(model));
   if (step === model.get("step")) return;
   model.set("step", step);
-  model.save_changes();
+  syncSoon(model);
 }
 
 /** Move by `delta` steps (keyboard arrows, play). */

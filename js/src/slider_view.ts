@@ -1,6 +1,9 @@
 import { setStep, stepBy, stepCount } from "./actions";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
+/** Width of the range input's thumb in chromium/firefox default styles (px). */
+const THUMB_PX = 16;
+
 /** Frames per second of playback (slow enough to follow the denoising). */
 export const PLAY_FPS = 6;
 
@@ -16,7 +19,11 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   input.step = "1";
   input.setAttribute("aria-label", "denoising step");
   const label = h("span", "dw-step-label");
-  row.append(play, input, label);
+  // Marks under the track at the steps where the chosen heavy overlay is computed.
+  const track = h("div", "dw-track");
+  const marks = h("div", "dw-marks");
+  track.append(input, marks);
+  row.append(play, track, label);
   el.appendChild(row);
   let timer: ReturnType<typeof setInterval> | null = null;
 
@@ -41,6 +48,20 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
     input.value = String(model.get("step"));
     const t = model.get("timesteps")[model.get("step")];
     label.textContent = `step ${model.get("step")} / ${n - 1} · t = ${t ?? "?"}`;
+  };
+  const updateMarks = (): void => {
+    marks.replaceChildren();
+    const kind = model.get("overlay");
+    if (kind !== "df_rise" && kind !== "df_cam") return;
+    const n = stepCount(model);
+    for (const step of model.get("overlays")[kind]?.steps ?? []) {
+      const f = n > 1 ? step / (n - 1) : 0;
+      const mark = h("span", "dw-mark");
+      mark.dataset.step = String(step);
+      // The thumb's centre travels from THUMB/2 to width - THUMB/2.
+      mark.style.left = `calc(${(f * 100).toFixed(2)}% + ${((0.5 - f) * THUMB_PX).toFixed(1)}px)`;
+      marks.appendChild(mark);
+    }
   };
   const onInput = (): void => setStep(model, Number(input.value));
   const onKey = (event: KeyboardEvent): void => {
@@ -68,10 +89,13 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   play.addEventListener("click", toggle);
   keyTarget.addEventListener("keydown", onKey);
   const off = onChanges(model, ["step", "timesteps"], update);
+  const offMarks = onChanges(model, ["overlay", "overlays", "timesteps"], updateMarks);
   update();
+  updateMarks();
   return () => {
     stop();
     off();
+    offMarks();
     input.removeEventListener("input", onInput);
     play.removeEventListener("click", toggle);
     keyTarget.removeEventListener("keydown", onKey);

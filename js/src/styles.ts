@@ -9,7 +9,11 @@ export const STYLES = `
 .dw-canvas { width: 384px; height: 384px; border-radius: 4px; background: #111; image-rendering: auto; }
 .dw-caption { margin: 0; max-width: 384px; font-size: 12px; color: var(--jp-ui-font-color2, #555); }
 .dw-slider { grid-column: 1 / -1; display: flex; gap: 8px; align-items: center; }
-.dw-range { flex: 1; }
+.dw-track { flex: 1; position: relative; }
+.dw-range { width: 100%; margin: 0; }
+.dw-marks { position: relative; height: 4px; }
+.dw-mark { position: absolute; top: 0; width: 4px; height: 4px; margin-left: -2px;
+  border-radius: 2px; background: #d4480f; }
 .dw-step-label { font-variant-numeric: tabular-nums; min-width: 150px; }
 .dw-controls, .dw-tokens { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
 .dw-chip { border: 1px solid #bbb; border-radius: 12px; padding: 1px 8px; background: transparent;

@@ -1,8 +1,9 @@
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import {
   captionText,
   clampStep,
   requestCancel,
+  SYNC_INTERVAL_MS,
   selectToken,
   setStep,
   stepBy,
@@ -15,7 +16,12 @@ import { FRONTEND_WRITABLE } from "../src/schema";
 import { fakeModel, fakeState } from "./fake";
 
 describe("actions on a fake model", () => {
-  it("clamps steps and syncs each change once", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("clamps steps and redraws on every change", () => {
+    vi.useFakeTimers();
     const model = fakeModel();
     let changes = 0;
     model.on("change:step", () => {
@@ -25,11 +31,22 @@ describe("actions on a fake model", () => {
     expect(model.get("step")).toBe(2);
     stepBy(model.asModel(), -5);
     expect(model.get("step")).toBe(0);
-    setStep(model.asModel(), 0); // no change: no event, no sync
+    setStep(model.asModel(), 0); // no change: no event
     expect(changes).toBe(2);
-    expect(model.saves).toBe(2);
     expect(clampStep(Number.NaN, 5)).toBe(0);
     expect(clampStep(1.6, 5)).toBe(2);
+  });
+
+  it("scrubbing syncs at once, then at most once per interval", () => {
+    vi.useFakeTimers();
+    const model = fakeModel({ timesteps: Array.from({ length: 20 }, (_, i) => 999 - i) });
+    for (let step = 1; step < 20; step++) setStep(model.asModel(), step); // one burst
+    expect(model.get("step")).toBe(19); // the view is already there
+    expect(model.saves).toBe(1); // leading sync only
+    vi.advanceTimersByTime(SYNC_INTERVAL_MS);
+    expect(model.saves).toBe(2); // one trailing sync carries the last step
+    vi.advanceTimersByTime(10 * SYNC_INTERVAL_MS);
+    expect(model.saves).toBe(2); // nothing left to send
   });
 
   it("token click shows its attention when no overlay is on", () => {

@@ -165,6 +165,13 @@ def test_lab_df_rise_request_shows_progress_then_overlay(jupyter_server, page):
     browser_page.wait_for_selector('.dw-canvas[data-overlay="df_rise"]')
     wait_for_json(state, lambda s: s["status"] == "done" and s["overlay"] == "df_rise")
     assert "DF-RISE saliency" in browser_page.inner_text(".dw-caption")
+    # Moving to a step without a map requests it; the cancel button stops it.
+    browser_page.fill(".dw-range", "6")
+    browser_page.wait_for_selector(".dw-cancel:visible")
+    browser_page.click(".dw-cancel")
+    wait_for_json(state, lambda s: s["status"] == "cancelled")
+    browser_page.wait_for_selector('.dw-status[data-status="cancelled"]')
+    assert "not computed for step 6" in browser_page.inner_text(".dw-caption")
     assert console.widget_errors() == []
 
 

@@ -49,6 +49,9 @@ def test_exported_html_works_offline_from_file(page, tmp_path):
     browser_page.select_option(".dw-overlay", "df_rise")
     browser_page.wait_for_selector('.dw-canvas[data-overlay="df_rise"]')
     assert "n_masks 8" in browser_page.inner_text(".dw-caption")
+    # The slider marks the steps that have a precomputed map.
+    assert browser_page.locator(".dw-mark").count() == 1
+    assert browser_page.get_attribute(".dw-mark", "data-step") == "4"
     with browser_page.expect_download() as download:
         browser_page.click(".dw-png")
     png = Path(download.value.path()).read_bytes()

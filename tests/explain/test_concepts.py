@@ -192,3 +192,30 @@ def test_x0_curves_round_trip(tmp_path: Any, suffix: str) -> None:
     assert loaded.meta == curves.meta
     np.testing.assert_array_equal(loaded.curves, curves.curves)
     np.testing.assert_allclose(loaded.chance, curves.chance)
+
+
+def test_labels_read_from_generated_images() -> None:
+    from diffwidget.tracing.activations import ActivationRecord
+
+    images = np.stack([_image(0, 1), _image(2, 0), np.zeros((4, 4, 3), np.uint8)])
+    record = ActivationRecord(
+        prompts=["p0", "p1", "p2"],
+        seeds=[5, 6, 7],
+        timesteps=np.array([999, 499]),
+        activations={"mid_block": np.zeros((3, 2, 4), np.float16)},
+        images=images,
+    )
+    drawn = ConceptSet.from_images(record, _PixelReader(), ["colour", "shape"])
+    assert drawn.prompts == record.prompts
+    assert drawn.seeds == [5, 6, 7]
+    assert drawn.labels == {"colour": ["red", "blue", None], "shape": ["square", "circle", None]}
+
+
+def test_drop_rare_classes() -> None:
+    concepts = ConceptSet(
+        ["a", "b", "c", "d", "e"], {"colour": ["red", "red", "blue", "red", None]}
+    )
+    kept = concepts.drop_rare(2)
+    assert kept.labels == {"colour": ["red", "red", None, "red", None]}
+    assert kept.meta["dropped_classes"] == {"colour": ["blue"]}
+    assert concepts.labels["colour"][2] == "blue"  # the original is unchanged

@@ -105,3 +105,15 @@ def test_registry_names() -> None:
     assert saliency_method("df_rise").__name__ == "DFRise"
     with pytest.raises(KeyError, match="Did you mean 'df_cam'"):
         saliency_method("df-cam")
+
+
+@pytest.mark.parametrize("name", sorted(SALIENCY_METHODS))
+def test_widget_call_reports_progress(name: str, sd_pipe: Any, sd_trace: Trace) -> None:
+    """The widget calls saliency_method(name)().attribute(pipe, trace, step, progress=cb)."""
+    seen: list[tuple[int, int]] = []
+    method = saliency_method(name)(**FAST[name])
+    result = method.attribute(sd_pipe, sd_trace, STEP, progress=lambda d, t: seen.append((d, t)))
+    assert isinstance(result, SaliencyMap)
+    assert seen
+    assert seen[-1][0] == seen[-1][1]
+    assert all(done <= total for done, total in seen)

@@ -141,3 +141,9 @@ def test_bad_settings(kwargs: dict[str, Any], match: str) -> None:
 def test_bad_step(toy_pipe: Any, toy_trace: Trace) -> None:
     with pytest.raises(IndexError, match=r"steps 0\.\.1"):
         DFRise(n_masks=2, progress_bar=False).attribute(toy_pipe, toy_trace, 5)
+
+
+def test_a_timestep_passed_as_step_gets_a_hint(toy_pipe: Any, toy_trace: Trace) -> None:
+    t = int(toy_trace.timesteps[0])
+    with pytest.raises(IndexError, match=r"pass step=0"):
+        DFRise(n_masks=2, progress_bar=False).attribute(toy_pipe, toy_trace, t)

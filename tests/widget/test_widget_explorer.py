@@ -228,3 +228,12 @@ def test_widget_modules_import_without_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_noisy_decoder_choice_is_checked(synthetic_trace):
+    with pytest.raises(ValueError, match="needs the pipeline"):
+        Explorer(synthetic_trace, noisy_decoder="vae")
+    with pytest.raises(ValueError, match="noisy_decoder must be one of"):
+        Explorer(synthetic_trace, noisy_decoder="jpeg")
+    with pytest.raises(ValueError, match="use keys from"):
+        Explorer(synthetic_trace, method_options={"rise": {"n_masks": 5}})

@@ -16,7 +16,10 @@ WAIT_S = 300
 
 def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
     explorer = Explorer(
-        tiny_trace, pipe=tiny_sd_pipe, method_options={"df_rise": {"n_masks": TEST_MASKS}}
+        tiny_trace,
+        pipe=tiny_sd_pipe,
+        method_options={"df_rise": {"n_masks": TEST_MASKS}},
+        noisy_decoder="vae",
     )
     try:
         widget = explorer.widget
