@@ -96,22 +96,33 @@ def main() -> None:
             ),
             flush=True,
         )
-    summary = {name: summarize(res) for name, res in results.items()}
-    summary["settings"] = {  # type: ignore[assignment]
-        "prompts": len(captions),
+        if args.json is not None:
+            # Written after every prompt, so an interrupted run keeps what it measured.
+            write_summary(args, results, len(captions), time.perf_counter() - start)
+    print(write_summary(args, results, len(captions), time.perf_counter() - start))
+
+
+def write_summary(
+    args: argparse.Namespace, results: dict[str, list[Any]], n_captions: int, seconds: float
+) -> str:
+    """Summarise the prompts done so far; write the JSON when ``--json`` is given."""
+    summary: dict[str, Any] = {name: summarize(res) for name, res in results.items()}
+    summary["settings"] = {
+        "prompts_done": len(next(iter(results.values()))),
+        "prompts_planned": n_captions,
         "n_masks": args.n_masks,
         "step": args.step,
         "steps": STEPS,
         "guidance": GUIDANCE,
         "weights": "random" if args.random_weights else str(args.path or "shipped"),
-        "similarity": evaluator.similarity,
+        "similarity": "ssim",
         "n_random": args.n_random,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
     text = json.dumps(summary, indent=2)
-    print(text)
     if args.json is not None:
         args.json.write_text(text)
+    return text
 
 
 if __name__ == "__main__":

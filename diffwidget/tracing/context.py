@@ -15,7 +15,7 @@ SDXL's added conditioning (``text_embeds``, ``time_ids``) is read through
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -88,6 +88,13 @@ class TraceContext:
         Refuse (``MemoryBudgetError``) when all steps together would store more.
     seed : int, optional
         Recorded in ``meta``.
+
+    Notes
+    -----
+    SDXL's added conditioning (``Trace.extra``) reaches us through the step-end callback:
+    call the pipeline with ``**ctx.pipeline_kwargs()`` (as :func:`trace` does), otherwise
+    ``extra`` stays empty. Supported schedulers: see :mod:`diffwidget.tracing.noise`
+    (DDIM, DDPM, PNDM, DPM-Solver++, UniPC, DEIS, Euler, Euler ancestral, LMS).
 
     Examples
     --------
@@ -283,6 +290,33 @@ class TraceContext:
         """The tensor inputs :meth:`callback_on_step_end` needs from this pipeline."""
         available = getattr(self.pipe, "_callback_tensor_inputs", [])
         return [name for name in SDXL_ADDED_COND if name in available]
+
+    def pipeline_kwargs(
+        self,
+        callback: Callable[..., Any] | None = None,
+        tensor_inputs: Sequence[str] = ("latents",),
+    ) -> dict[str, Any]:
+        """Pipeline arguments that record SDXL's added conditioning, chaining ``callback``.
+
+        Parameters
+        ----------
+        callback : callable, optional
+            Your own ``callback_on_step_end``; called after ours, its return value is
+            what the pipeline gets.
+        tensor_inputs : sequence of str
+            Your ``callback_on_step_end_tensor_inputs``.
+        """
+
+        def chained(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+            self.callback_on_step_end(pipe, step, timestep, kwargs)
+            return callback(pipe, step, timestep, kwargs) if callback else {}
+
+        return {
+            "callback_on_step_end": chained,
+            "callback_on_step_end_tensor_inputs": sorted(
+                {*tensor_inputs, *self.callback_tensor_inputs()}
+            ),
+        }
 
     # ----------------------------------------------------------------- result
     def result(self, image: np.ndarray | None = None) -> Trace:
@@ -509,13 +543,10 @@ def trace(
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default_size, width or default_size
     ctx.check_budget(num_inference_steps, height, width)
-    user_callback: Callable[..., Any] | None = pipeline_kwargs.pop("callback_on_step_end", None)
-    user_inputs = list(pipeline_kwargs.pop("callback_on_step_end_tensor_inputs", ["latents"]))
-
-    def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        ctx.callback_on_step_end(p, step, timestep, kwargs)
-        return user_callback(p, step, timestep, kwargs) if user_callback else {}
-
+    callbacks = ctx.pipeline_kwargs(
+        pipeline_kwargs.pop("callback_on_step_end", None),
+        pipeline_kwargs.pop("callback_on_step_end_tensor_inputs", ("latents",)),
+    )
     generator = torch.Generator("cpu").manual_seed(seed)
     with ctx:
         output = pipe(
@@ -527,10 +558,7 @@ def trace(
             negative_prompt=negative_prompt,
             generator=generator,
             output_type="np",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=sorted(
-                {*user_inputs, *ctx.callback_tensor_inputs()}
-            ),
+            **callbacks,
             **pipeline_kwargs,
         )
     return ctx.result(image=output.images[0])

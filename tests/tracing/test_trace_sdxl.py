@@ -46,3 +46,23 @@ def test_sdxl_rows_sum_to_one(tiny_sdxl_pipe: Any) -> None:
     )
     for maps in traced.attention.values():
         np.testing.assert_allclose(maps.astype(np.float64).sum(-1), 1.0, atol=2e-2)
+
+
+def test_context_records_added_cond_through_pipeline_kwargs(tiny_sdxl_pipe: Any) -> None:
+    from diffwidget.tracing.context import TraceContext
+
+    seen: list[int] = []
+
+    def mine(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        seen.append(step)
+        return {}
+
+    with TraceContext(tiny_sdxl_pipe, prompt=PROMPT, decode_previews=False) as ctx:
+        tiny_sdxl_pipe(
+            PROMPT, num_inference_steps=2, output_type="latent", **ctx.pipeline_kwargs(mine)
+        )
+    assert seen == [0, 1]
+    assert ctx.result().extra["time_ids"].shape == (2, 6)
+    with TraceContext(tiny_sdxl_pipe, prompt=PROMPT, decode_previews=False) as bare:
+        tiny_sdxl_pipe(PROMPT, num_inference_steps=2, output_type="latent")
+    assert bare.result().extra == {}
