@@ -18,6 +18,8 @@ import pytest
 # spinning threads made the tracing tests ten times slower (287 s vs 30 s for the same
 # two tests). Set before torch is first imported; an explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Nothing in the tests may reach the model hub; make any accidental attempt fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

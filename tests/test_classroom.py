@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
 SERVER_START_S = 60
 #: Opening the page runs the notebook (import torch, load the model, trace 20 steps) on
 #: a 2-core machine that may be busy with other work.
-RENDER_TIMEOUT_MS = 180_000
+RENDER_TIMEOUT_MS = 300_000
 STOP_TIMEOUT_S = 15
 #: The explorer's image canvas; present only once the widget rendered in the page.
 WIDGET_SELECTOR = ".dw-canvas"

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-#: Suffix of the keys of ``unet.attn_processors``.
-PROCESSOR_SUFFIX = ".processor"
 #: Cross-attention layers are the ``attn2`` of each transformer block.
 CROSS_ATTENTION_NAME = "attn2"
 
@@ -227,6 +225,11 @@ def _data_flow_key(path: str) -> tuple[int, list[int]]:
 class AttentionCapture:
     """Installs capture processors on every ``attn2`` layer of ``unet`` and restores them.
 
+    Processors are swapped per layer with ``Attention.set_processor`` rather than with
+    ``unet.set_attn_processor``, which needs every layer and walks the whole model on each
+    call; restoring puts back the processor of *every* attention layer, so a processor
+    change made while tracing (e.g. ``enable_attention_slicing``) is undone too.
+
     Parameters
     ----------
     unet : UNet2DConditionModel
@@ -245,38 +248,36 @@ class AttentionCapture:
                 "StableDiffusionPipeline or StableDiffusionXLPipeline whose UNet has "
                 "cross-attention"
             )
-        self._originals: dict[str, Any] | None = None
+        modules = dict(unet.named_modules())
+        self._targets = [(layer, modules[layer]) for layer in self.layers]
+        self._all_attention = [m for m in modules.values() if hasattr(m, "set_processor")]
+        self._saved: list[tuple[Any, Any]] = []
         self._installed: list[tuple[str, Any, CaptureAttnProcessor]] = []
 
     def install(self) -> None:
         """Wrap every ``attn2`` processor (restore with :meth:`restore`, in a ``finally``)."""
-        originals = dict(self.unet.attn_processors)
-        if any(isinstance(p, CaptureAttnProcessor) for p in originals.values()):
+        if any(isinstance(m.processor, CaptureAttnProcessor) for _, m in self._targets):
             raise RuntimeError(
                 "this UNet is already being traced (a TraceContext is active on it); "
                 "leave that context before starting another"
             )
-        modules = dict(self.unet.named_modules())
-        wanted = set(self.layers)
-        installed = {}
-        for key, processor in originals.items():
-            layer = key[: -len(PROCESSOR_SUFFIX)]
-            if layer in wanted:
-                capture = CaptureAttnProcessor(processor, layer, self.recorder)
-                self._installed.append((layer, modules[layer], capture))
-                installed[key] = capture
-            else:
-                installed[key] = processor
-        # set_attn_processor pops entries from the dict it is given: hand it a copy.
-        self.unet.set_attn_processor(dict(installed))
-        self._originals = originals
+        self._saved = [(module, module.processor) for module in self._all_attention]
+        try:
+            for layer, module in self._targets:
+                capture = CaptureAttnProcessor(module.processor, layer, self.recorder)
+                module.set_processor(capture)
+                self._installed.append((layer, module, capture))
+        except BaseException:
+            self.restore()
+            raise
 
     def restore(self) -> None:
-        """Put the original processors back (no-op if not installed)."""
-        if self._originals is not None:
-            self.unet.set_attn_processor(dict(self._originals))
-            self._originals = None
-            self._installed = []
+        """Put every attention layer's original processor back (no-op if not installed)."""
+        for module, processor in self._saved:
+            if module.processor is not processor:
+                module.set_processor(processor)
+        self._saved = []
+        self._installed = []
 
     def replaced_layers(self) -> list[str]:
         """Layers whose capture processor was swapped out since :meth:`install`."""

@@ -344,6 +344,21 @@ class Explorer:
         self._curves.append(({"name": name, "group": group, "token": token}, array))
         self._sync_curves()
 
+    def add_token_relevance(self, result: Any) -> None:
+        """Add token-relevance curves (one per stored token) from ``TokenRelevance``.
+
+        Uses the result's per-step min–max normalised relevance; steps it did not explain
+        are left empty (NaN) in the curves.
+        """
+        if list(result.tokens) != list(self.trace.tokens):
+            raise ValueError("the relevance result belongs to another trace (tokens differ)")
+        curves = np.full((len(self.trace.tokens), self.trace.n_steps), np.nan, np.float32)
+        curves[:, np.asarray(result.steps, dtype=np.int64)] = np.asarray(result.normalized).T
+        for token, name in enumerate(self.trace.tokens):
+            series = {"name": name, "group": "token_relevance", "token": token}
+            self._curves.append((series, curves[token]))
+        self._sync_curves()
+
     def _maybe_request(self, _change: Any) -> None:
         kind = self.widget.overlay
         if kind not in schema.HEAVY_OVERLAYS:

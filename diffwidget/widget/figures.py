@@ -26,6 +26,7 @@ SELECTED_COLOUR = "#d4480f"
 PALETTE = ("#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#9d755d", "#bab0ac")
 _TITLES = {
     "attention_mass": "Cross-attention mass per token",
+    "token_relevance": "Token relevance per step (min–max over words)",
     "concept_auc": "Concept ROC-AUC per step",
     "faithfulness": "Faithfulness (insertion / deletion AUC)",
 }

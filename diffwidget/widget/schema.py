@@ -20,7 +20,7 @@ OverlayKind = Literal["none", "attention", "df_rise", "df_cam"]
 HeavyOverlay = Literal["df_rise", "df_cam"]
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
-CurveGroup = Literal["attention_mass", "concept_auc", "faithfulness"]
+CurveGroup = Literal["attention_mass", "token_relevance", "concept_auc", "faithfulness"]
 Dtype = Literal["uint8", "float32", "int32"]
 #: Messages the front end may send (actions, not state).
 FrontendMessage = Literal["cancel"]

@@ -11,6 +11,7 @@ const PAD = 6;
 
 const GROUP_TITLES: Record<CurveGroup, string> = {
   attention_mass: "attention mass per token",
+  token_relevance: "token relevance (min–max over words)",
   concept_auc: "concept ROC-AUC",
   faithfulness: "faithfulness AUC",
 };

@@ -13,8 +13,8 @@ export const STATUSES: readonly Status[] = ["idle", "running", "done", "cancelle
 export type ImageMode = "x0" | "noisy";
 export const IMAGE_MODES: readonly ImageMode[] = ["x0", "noisy"];
 
-export type CurveGroup = "attention_mass" | "concept_auc" | "faithfulness";
-export const CURVE_GROUPS: readonly CurveGroup[] = ["attention_mass", "concept_auc", "faithfulness"];
+export type CurveGroup = "attention_mass" | "token_relevance" | "concept_auc" | "faithfulness";
+export const CURVE_GROUPS: readonly CurveGroup[] = ["attention_mass", "token_relevance", "concept_auc", "faithfulness"];
 
 export type Dtype = "uint8" | "float32" | "int32";
 export const DTYPES: readonly Dtype[] = ["uint8", "float32", "int32"];

@@ -189,3 +189,16 @@ def test_sd15_sized_estimate() -> None:
     assert step.attention == cells * 77 * 2
     assert step.latents == 3 * 4 * 64 * 64 * 4
     assert step.previews == 512 * 512 * 3
+
+
+def test_tiny_tokenizer_has_one_token_per_known_word(tiny_sd_pipe: Any) -> None:
+    from diffwidget.tracing.tiny import TINY_WORDS
+
+    tokenizer = tiny_sd_pipe.tokenizer
+    # transformers 5 can silently build a 3-token vocabulary from misread files.
+    assert len(tokenizer) > len(TINY_WORDS) + 2
+    assert tokenizer.model_max_length == 77
+    for word in TINY_WORDS:
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    assert len(tokenizer.tokenize("zebra")) == 5  # unknown words fall back to letters
+    assert tiny_sd_pipe.text_encoder.config.vocab_size == len(tokenizer)

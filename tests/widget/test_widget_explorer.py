@@ -237,3 +237,23 @@ def test_noisy_decoder_choice_is_checked(synthetic_trace):
         Explorer(synthetic_trace, noisy_decoder="jpeg")
     with pytest.raises(ValueError, match="use keys from"):
         Explorer(synthetic_trace, method_options={"rise": {"n_masks": 5}})
+
+
+def test_token_relevance_curves_fill_explained_steps(make_explorer, synthetic_trace):
+    from types import SimpleNamespace
+
+    explorer = make_explorer()
+    n_tokens = len(synthetic_trace.tokens)
+    normalized = np.tile(np.linspace(0, 1, n_tokens, dtype=np.float32), (2, 1))
+    result = SimpleNamespace(
+        tokens=synthetic_trace.tokens, steps=np.array([3, 8]), normalized=normalized
+    )
+    explorer.add_token_relevance(result)
+    series = [s for s in explorer.widget.curves["series"] if s["group"] == "token_relevance"]
+    assert [s["token"] for s in series] == list(range(n_tokens))
+    values = decode_array(explorer.widget.curves["values"])[-n_tokens:]
+    assert np.isnan(values[:, 0]).all()
+    np.testing.assert_allclose(values[:, [3, 8]], normalized.T)
+    assert explorer.figure("token_relevance").marks[0].labels == ["a", "red", "circle", "left"]
+    with pytest.raises(ValueError, match="another trace"):
+        explorer.add_token_relevance(SimpleNamespace(tokens=["x"], steps=[0], normalized=[[1]]))
