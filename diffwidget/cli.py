@@ -213,6 +213,15 @@ def classroom_command(
 
     ``jupyter-config/voila.json`` is put on ``JUPYTER_CONFIG_PATH`` rather than installed
     globally, so it governs this app only and the user's own Jupyter config still wins.
+    What it sets, and why:
+
+    - kernels idle for 15 minutes with no page attached are culled: each student's kernel
+      holds the model, and laptops that sleep or leave the network never close their tab
+      cleanly; a kernel whose page is still open is never culled;
+    - ``@jupyter-notebook/lab-extension`` is not loaded: Voila 0.5 ships an older
+      JupyterLab core that this Notebook 7 extension fails against, on every page load.
+
+    Voila's defaults already strip code cells, stderr and tracebacks from the page.
     """
     voila = _require("voila", "classroom")
     env = _kernel_env()
@@ -241,13 +250,11 @@ def demo(args: argparse.Namespace) -> int:
         return _check(source)
     target = _working_copy(source, args.dir)
     if args.classroom:
+        port = args.port or DEFAULT_PORT_CLASSROOM
         command, env = classroom_command(
-            target,
-            port=args.port or DEFAULT_PORT_CLASSROOM,
-            ip=args.ip,
-            open_browser=not args.no_browser,
+            target, port=port, ip=args.ip, open_browser=not args.no_browser
         )
-        return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}")
+        return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}:{port}/")
     jupyter = _require("jupyter-lab", "demo")
     command = [
         jupyter,
