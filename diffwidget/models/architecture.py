@@ -170,7 +170,7 @@ def assemble_pipeline(components: dict[str, Any]) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from components, without safety checker."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         **components,
         safety_checker=None,
         feature_extractor=None,

@@ -116,7 +116,7 @@ def load_demo_pipeline(
             "architecture with random weights."
         )
     with _quiet_diffusers():
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe: Any = StableDiffusionPipeline.from_pretrained(
             str(folder),
             local_files_only=True,
             safety_checker=None,
@@ -154,7 +154,7 @@ def export_demo_weights(source: str | Path, dest: str | Path = DEMO_DIR) -> Path
     source = Path(source)
     if (source / LATEST_FILE).is_file():
         source = latest_checkpoint(source)
-    pipe = load_demo_pipeline(path=source)
+    pipe: Any = load_demo_pipeline(path=source)
     pipe.to(torch.float16)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")

@@ -281,7 +281,7 @@ class SceneWorld:
         bad = [k for k in n_objects if k not in (1, 2)]
         if bad or not n_objects:
             raise ValueError(f"n_objects must hold 1 and/or 2, got {n_objects}")
-        scenes = []
+        scenes: list[Scene] = []
         while len(scenes) < n:
             k = n_objects[int(self._rng.integers(len(n_objects)))]
             specs = self._random_specs(self._rng, k)

@@ -18,6 +18,13 @@ Commands::
     python -m diffwidget.models.train --config full --out runs/full --seed 0   # GPU recipe
     python -m diffwidget.models.train --config cpu --out runs/cpu --seed 0     # 2-core CPU
     python -m diffwidget.models.train --config smoke --out /tmp/smoke          # seconds
+
+then ``python -m diffwidget.models.loader --export runs/full`` copies the newest checkpoint
+into the package. The shipped weights come from the ``cpu`` config, run as
+``OMP_WAIT_POLICY=PASSIVE nice -n 5 python -m diffwidget.models.train --config cpu
+--out runs/cpu --seed 0 --threads 1 --unet-minutes 80`` on a shared 2-core CPU (one thread
+went faster than two while other jobs held the cores); ``train_state.json`` in each
+checkpoint (``training.json`` in the package) records the steps actually done.
 """
 
 from __future__ import annotations
@@ -233,7 +240,7 @@ def save_checkpoint(
     components: dict[str, Any], out: Path, name: str, state: dict[str, Any]
 ) -> Path:
     """Save a pipeline folder atomically (temp folder, then rename) and point ``latest`` at it."""
-    pipe = assemble_pipeline(components)
+    pipe: Any = assemble_pipeline(components)
     final = out / name
     tmp = out / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
