@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     parser.add_argument("--path", default=None, help="pipeline folder (default: shipped)")
     parser.add_argument("--grid", default=None)
     parser.add_argument("--json", default=None)

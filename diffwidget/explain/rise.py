@@ -127,7 +127,9 @@ class DFRise:
         In expectation this only shifts the map by the constant ``mean(s)``, so the
         normalised map is the same, but it removes the dominant noise of the paper's
         estimator (how often each cell happened to be kept): on the analytic toy the
-        region's contrast at 800 masks rises about 4x. Off by default to match the paper.
+        region's contrast at 800 masks rises about 4x, and on the embedded model deletion
+        AUC beat a random order on every held-out prompt tested instead of 80 %. On by
+        default; ``center=False`` gives the paper's estimator exactly.
 
     Notes
     -----
@@ -166,7 +168,7 @@ class DFRise:
         *,
         progress_bar: bool = True,
         grid: int = SMOOTH_GRID,
-        center: bool = False,
+        center: bool = True,
     ) -> None:
         if n_masks < 1:
             raise ValueError(f"n_masks must be at least 1, got {n_masks}")

@@ -129,7 +129,7 @@ def generate(
     captions: list[str],
     *,
     steps: int = 20,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 3.0,
     seed: int = 0,
     batch_size: int = EVAL_BATCH,
 ) -> np.ndarray:
@@ -156,7 +156,7 @@ def evaluate(
     n: int = 200,
     *,
     steps: int = 20,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 3.0,
     seed: int = EVAL_SEED,
 ) -> tuple[AdherenceReport, list[Scene], np.ndarray]:
     """Generate for ``n`` held-out captions and score them.
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Prompt adherence of the embedded model.")
     parser.add_argument("--n", type=int, default=200, help="held-out captions")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     parser.add_argument("--path", default=None, help="pipeline folder (default: shipped)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=None)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import changed_keys, hook_counts, processors, scheduler_state
+from explain_support import changed_keys, hook_counts, processors, scheduler_state
 
 from diffwidget.explain.registry import SALIENCY_METHODS, TOKEN_METHODS, saliency_method
 from diffwidget.explain.results import SaliencyMap, TokenRelevanceResult

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import processors
+from explain_support import processors
 from explain_toys import TOY_TOKEN
 
 from diffwidget.explain.relevance import TokenRelevance, _normalise

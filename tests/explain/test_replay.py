@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT, changed_keys, record_trace, scheduler_state
+from explain_support import PROMPT, changed_keys, record_trace, scheduler_state
 
 from diffwidget.tracing.replay import StepReplay
 from diffwidget.tracing.trace import Trace

@@ -40,16 +40,19 @@ def test_saliency_formula(toy_pipe: Any, toy_trace: Trace) -> None:
     from diffwidget.tracing.replay import StepReplay
 
     n, p = 5, 0.3
-    sal = DFRise(n_masks=n, p=p, similarity="cosine", seed=1, progress_bar=False).attribute(
-        toy_pipe, toy_trace, 1
-    )
+    options = {"n_masks": n, "p": p, "similarity": "cosine", "seed": 1, "progress_bar": False}
+    paper = DFRise(**options, center=False).attribute(toy_pipe, toy_trace, 1)
+    centred = DFRise(**options).attribute(toy_pipe, toy_trace, 1)
     replay = StepReplay(toy_pipe, toy_trace)
     x = replay.latent(1)
     ref = replay.pred_x0(x, 1)
     masks = make_masks(n, (GRID, GRID), p, seed=1)
     s = torch.stack([similarity(replay.pred_x0(x * m, 1), ref, "cosine")[0] for m in masks])
     expected = (s[:, None, None] * masks).sum(0) / (n * p)
-    np.testing.assert_allclose(sal.raw, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(paper.raw, expected.numpy(), atol=1e-5)
+    # The default control variate subtracts mean(s) times each cell's keep rate.
+    control = s.mean() * masks.sum(0) / (n * p)
+    np.testing.assert_allclose(centred.raw, (expected - control).numpy(), atol=1e-5)
 
 
 def test_progress_cancel_returns_partial(toy_pipe: Any, toy_trace: Trace) -> None:
@@ -91,7 +94,7 @@ def test_centered_estimate_converges_faster(toy_pipe: Any, toy_trace: Trace) -> 
     assert history[-1][1] > history[0][1]
     inside = region_mask().bool().numpy()
     z = (sal.raw[inside].mean() - sal.raw[~inside].mean()) / sal.raw[~inside].std()
-    plain = DFRise(n_masks=800, batch_size=200, progress_bar=False).attribute(
+    plain = DFRise(n_masks=800, batch_size=200, progress_bar=False, center=False).attribute(
         toy_pipe, toy_trace, 0
     )
     z_plain = (plain.raw[inside].mean() - plain.raw[~inside].mean()) / plain.raw[~inside].std()
