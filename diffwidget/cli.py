@@ -359,15 +359,20 @@ def load_pipeline(model: str | None) -> Any:
         from diffwidget.models.loader import load_demo_pipeline
 
         return load_demo_pipeline()
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(check_model(model)), local_files_only=True)
+
+
+def check_model(model: str) -> Path:
+    """Validate ``--model``: a local folder written by ``pipe.save_pretrained``."""
     folder = Path(model).expanduser()
     if not (folder / "model_index.json").is_file():
         raise UsageError(
             f"--model {folder} is not a diffusers pipeline folder (no model_index.json); "
             "save one with `pipe.save_pretrained(folder)`"
         )
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    return folder
 
 
 def _tqdm_progress(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -392,8 +397,10 @@ def export(args: argparse.Namespace) -> int:
     if args.model is None:
         for note in check_prompt(prompt):
             print(note, file=sys.stderr)
-    elif not prompt:
-        raise UsageError('the prompt is empty: pass a caption such as "a red circle"')
+    else:
+        check_model(args.model)
+        if not prompt:
+            raise UsageError('the prompt is empty: pass a caption such as "a red circle"')
 
     # Library chatter (optional torchvision, accelerate) is noise on a command line; errors
     # still show. Set before transformers is imported, which reads it once.
@@ -407,10 +414,6 @@ def export(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "seed": args.seed}
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
-    elif args.model is None:
-        from diffwidget.models.loader import DEFAULT_GUIDANCE
-
-        kwargs["guidance_scale"] = DEFAULT_GUIDANCE
     record = trace(pipe, prompt, **kwargs)
     explorer = Explorer(record, pipe=pipe)
     for overlay in args.overlay:
@@ -497,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help="CFG scale above 1 (default: 5 on the embedded model, 7.5 with --model)",
+        help="CFG scale above 1 (default: the model's recommended scale, 3 on the embedded model)",
     )
     p_export.add_argument(
         "--overlay",

@@ -130,6 +130,8 @@ def load_demo_pipeline(
         pipe = pipe.to(device=device, dtype=torch.float32)
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
+    # diffwidget.trace() reads this when no guidance_scale is given.
+    pipe.recommended_guidance_scale = DEFAULT_GUIDANCE
     return pipe
 
 

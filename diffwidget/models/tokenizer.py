@@ -8,6 +8,7 @@ result loads with ``CLIPTokenizer.from_pretrained`` like any Stable Diffusion to
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's byte-pair merge loop for one lower-case word."""
     pieces = [*word[:-1], word[-1] + WORD_END]
     while len(pieces) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(itertools.pairwise(pieces))]
         rank, i = min(pairs)
         if rank == len(ranks):
             break

@@ -471,12 +471,16 @@ def _versions() -> dict[str, str]:
     }
 
 
+#: diffusers' own default for Stable Diffusion pipelines.
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
 def trace(
     pipe: Any,
     prompt: str,
     *,
     num_inference_steps: int = 20,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -494,8 +498,11 @@ def trace(
         Any checkpoint; its processors and scheduler are left as they were.
     prompt : str
         One prompt (lists are refused: trace prompts one by one).
-    num_inference_steps, guidance_scale, height, width, negative_prompt
+    num_inference_steps, height, width, negative_prompt
         As for the pipeline.
+    guidance_scale : float, optional
+        CFG scale; by default the pipeline's ``recommended_guidance_scale`` when it has one
+        (the embedded model does), else diffusers' usual 7.5.
     seed : int
         Seeds a CPU ``torch.Generator``, so a seed gives the same image on any device.
     decode_previews : bool
@@ -518,6 +525,8 @@ def trace(
     >>> t.n_steps, t.tokens[:4]
     (4, ['<|startoftext|>', 'a', 'red', 'circle'])
     """
+    if guidance_scale is None:
+        guidance_scale = float(getattr(pipe, "recommended_guidance_scale", DEFAULT_GUIDANCE_SCALE))
     if not isinstance(prompt, str):
         raise TypeError(
             f"trace() takes one prompt (a str), got {type(prompt).__name__}; call it once per "
