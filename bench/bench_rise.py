@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import SD15_UNET, machine, sd15_text_encoder, sync
+
 from diffwidget.explain.cam import DFCam
 from diffwidget.explain.relevance import TokenRelevance
 from diffwidget.explain.rise import DFRise
@@ -41,27 +41,9 @@ PROMPT = "a red circle on the left"
 GUIDANCE = 7.5
 N_STEPS = 20
 BENCH_STEP = 15  # the paper visualises step 15 of 20
+
+
 #: Stable Diffusion 1.5's UNet and text encoder shapes (random weights; timings only).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-SD15_TEXT = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-}
-
-
 def build(kind: str, latent: int | None = None) -> Any:
     """A pipeline-like object (unet, scheduler, text_encoder, tokenizer) with random weights."""
     from diffwidget.tracing.tiny import _tokenizer, make_scheduler, tiny_sd_pipeline
@@ -74,19 +56,10 @@ def build(kind: str, latent: int | None = None) -> Any:
         return build_demo_pipeline(seed=0)
     if kind == "sd15":
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
 
         torch.manual_seed(0)
         tokenizer = _tokenizer(Path(tempfile.mkdtemp()))
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **SD15_TEXT,
-            )
-        )
+        text = sd15_text_encoder(tokenizer)
         config = dict(SD15_UNET, sample_size=latent or SD15_UNET["sample_size"])
         return SimpleNamespace(
             unet=UNet2DConditionModel(**config),
@@ -131,11 +104,6 @@ def synthetic_trace(pipe: Any, device: torch.device) -> Trace:
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 CPU_TIMES: dict[int, float] = {}
 
 
@@ -152,33 +120,6 @@ def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
     sync(device)
     CPU_TIMES[id(out)] = time.process_time() - cpu_start
     return time.perf_counter() - start, out
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    import diffusers
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def main() -> None:

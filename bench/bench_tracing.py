@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,46 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import SD15_UNET, SD15_VAE, machine, sd15_text_encoder, sync
+
 from diffwidget.tracing.budget import BYTES_PER_MB
 from diffwidget.tracing.context import TraceContext, trace
 
 PROMPT = "a red circle on the left"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Stable Diffusion 1.5's published component configs (shapes only; weights are random).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD15_TEXT = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
 
 
 def build_sd15(device: str, dtype: torch.dtype) -> Any:
@@ -89,24 +55,17 @@ def build_sd15(device: str, dtype: torch.dtype) -> Any:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from diffwidget.models.tokenizer import write_word_tokenizer
     from diffwidget.tracing.tiny import TINY_WORDS
 
     folder = write_word_tokenizer(TINY_WORDS, tempfile.mkdtemp(prefix="bench-tok-"), 77)
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **SD15_TEXT,
-    )
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=sd15_text_encoder(tokenizer),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**SD15_UNET),
         scheduler=DPMSolverMultistepScheduler(
@@ -135,44 +94,13 @@ def build_tiny(device: str, dtype: torch.dtype) -> Any:
     return _to(tiny_sd_pipeline(), device, dtype)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one call."""
-    _sync(device)
+    sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, time.process_time() - cpu_start
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
-    import os
-
-    import diffusers
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        info["cpu"] = names[0] if names else platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ fixtures instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,3 +85,24 @@ def tiny_trace(tiny_sd_pipe: StableDiffusionPipeline) -> Trace:
     from diffwidget.tracing.context import trace
 
     return trace(tiny_sd_pipe, TINY_PROMPT, num_inference_steps=TINY_STEPS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Headless Debian chromium driven by playwright, shared by every browser test.
+
+    One instance for the whole session: playwright's sync API refuses to start a second
+    instance in a thread whose first one is still open.
+    """
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from tests.browser.helpers import CHROMIUM_ARGS
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium is not installed (make browser)")
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -31,16 +31,6 @@ pytestmark = pytest.mark.browser
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SERVER_START_S = 60
 #: Opening the page runs the notebook (import torch, load the model, trace 20 steps) on
 #: a 2-core machine that may be busy with other work.
@@ -151,19 +141,6 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
             if time.monotonic() > deadline:
                 pytest.fail(f"no server after {SERVER_START_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.skip("chromium is not installed (make browser)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture(scope="module")

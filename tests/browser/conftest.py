@@ -1,4 +1,4 @@
-"""Real-browser fixtures: a private JupyterLab server on 127.0.0.1 and headless chromium.
+"""Real-browser fixtures: a private JupyterLab server on 127.0.0.1 (chromium: tests/conftest.py).
 
 The server gets temporary config/runtime/IPython directories (nothing of the user's
 setup leaks in), a random token and port; it is stopped by its PID. Every test opens its
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.helpers import CHROMIUM_ARGS, ConsoleLog, JupyterServer, serve
+from tests.browser.helpers import ConsoleLog, JupyterServer, serve
 
 #: Playwright timeouts (ms): the 2-core CI box is slow to start a kernel.
 PAGE_TIMEOUT_MS = 90_000
@@ -34,19 +34,6 @@ def notebook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyte
     pytest.importorskip("notebook")
     with serve(tmp_path_factory.mktemp("notebook"), "notebook") as server:
         yield server
-
-
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    """Headless Debian chromium driven by playwright."""
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
