@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--centered",
+        "--paper-estimator",
         action="store_true",
-        help="also evaluate DF-RISE with center=True (control-variate estimator)",
+        help="also evaluate DF-RISE with center=False (the paper's estimator, no control variate)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args()
@@ -74,8 +74,8 @@ def main() -> None:
         "df_rise": DFRise(n_masks=args.n_masks, progress_bar=False),
         "df_cam": DFCam(),
     }
-    if args.centered:
-        methods["df_rise_centered"] = DFRise(n_masks=args.n_masks, progress_bar=False, center=True)
+    if args.paper_estimator:
+        methods["df_rise_paper"] = DFRise(n_masks=args.n_masks, progress_bar=False, center=False)
     evaluator = InsertionDeletion(n_random=args.n_random)
     results: dict[str, list[Any]] = {name: [] for name in methods}
     start = time.perf_counter()
