@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,7 +57,7 @@ def build(kind: str, latent: int | None = None) -> Any:
         from diffusers import UNet2DConditionModel
 
         torch.manual_seed(0)
-        tokenizer = _tokenizer(Path(tempfile.mkdtemp()))
+        tokenizer = _tokenizer(None)
         text = sd15_text_encoder(tokenizer)
         config = dict(SD15_UNET, sample_size=latent or SD15_UNET["sample_size"])
         return SimpleNamespace(

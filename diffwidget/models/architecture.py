@@ -8,12 +8,11 @@ too: 64x64 RGB images, 4x16x16 latents, a 16-token prompt.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from diffwidget.models.scenes import VOCABULARY
-from diffwidget.models.tokenizer import write_word_tokenizer
+from diffwidget.models.tokenizer import load_word_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -89,13 +88,10 @@ def build_tokenizer(directory: str | Path | None = None) -> Any:
     Parameters
     ----------
     directory : str or Path, optional
-        Where to write the tokenizer files; a temporary folder when omitted.
+        Where to write the tokenizer files; a temporary folder, removed after loading, when
+        omitted.
     """
-    from transformers import CLIPTokenizer
-
-    folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp())
-    write_word_tokenizer(VOCABULARY, folder, MAX_TOKENS)
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
+    return load_word_tokenizer(VOCABULARY, MAX_TOKENS, directory)
 
 
 def text_config(tokenizer: Any) -> Any:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 import json
 import string
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -113,3 +115,21 @@ def write_word_tokenizer(
         json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
     )
     return directory
+
+
+def load_word_tokenizer(
+    words: Iterable[str], model_max_length: int = 77, directory: str | Path | None = None
+) -> Any:
+    """A ``CLIPTokenizer`` in which each of ``words`` is one token.
+
+    The files go to ``directory`` when given (to ship them), else to a temporary folder that
+    is removed once the tokenizer is in memory.
+    """
+    from transformers import CLIPTokenizer
+
+    if directory is not None:
+        folder = write_word_tokenizer(words, directory, model_max_length)
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory(prefix="diffwidget-tok-") as tmp:
+        folder = write_word_tokenizer(words, tmp, model_max_length)
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)

@@ -8,7 +8,6 @@ and the plumbing (every attention layer kind, CFG batching, SDXL's added conditi
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,13 +61,10 @@ def make_scheduler(name: SchedulerName = "dpm++"):
     raise ValueError(f"unknown scheduler {name!r}; use one of 'dpm++', 'ddim', 'euler', 'pndm'")
 
 
-def _tokenizer(directory: Path):
-    from transformers import CLIPTokenizer
+def _tokenizer(directory: Path | None):
+    from diffwidget.models.tokenizer import load_word_tokenizer
 
-    from diffwidget.models.tokenizer import write_word_tokenizer
-
-    folder = write_word_tokenizer(TINY_WORDS, directory, model_max_length=TINY_MAX_LENGTH)
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=TINY_MAX_LENGTH)
+    return load_word_tokenizer(TINY_WORDS, TINY_MAX_LENGTH, directory)
 
 
 def _text_config(tokenizer, hidden_size: int, projection_dim: int | None = None):
@@ -132,9 +128,8 @@ def tiny_sd_pipeline(
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    directory = Path(tokenizer_dir or tempfile.mkdtemp(prefix="diffwidget-tok-"))
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(directory)
+    tokenizer = _tokenizer(Path(tokenizer_dir) if tokenizer_dir else None)
     unet = UNet2DConditionModel(
         sample_size=TINY_LATENT_SIZE,
         in_channels=4,
@@ -183,10 +178,10 @@ def tiny_sdxl_pipeline(
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    directory = Path(tokenizer_dir or tempfile.mkdtemp(prefix="diffwidget-tok-"))
+    directory = Path(tokenizer_dir) if tokenizer_dir else None
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(directory / "tokenizer")
-    tokenizer_2 = _tokenizer(directory / "tokenizer_2")
+    tokenizer = _tokenizer(directory / "tokenizer" if directory else None)
+    tokenizer_2 = _tokenizer(directory / "tokenizer_2" if directory else None)
     hidden, projection, time_dim = 16, 16, 8
     unet = UNet2DConditionModel(
         sample_size=TINY_LATENT_SIZE,
