@@ -1,1 +1,34 @@
-"""Explanation methods computed from a trace: one class per method, one verb each."""
+"""Explanation methods computed from a trace: one class per method, one verb each.
+
+Names load on first use, so importing this package (as the torch-free widget does for the
+attention aggregation) never imports torch.
+
+Examples
+--------
+>>> from diffwidget.explain import DFRise, DFCam, TokenRelevance  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AttentionMaps": "diffwidget.explain.attention",
+    "DFRise": "diffwidget.explain.rise",
+    "DFCam": "diffwidget.explain.cam",
+    "TokenRelevance": "diffwidget.explain.relevance",
+    "InsertionDeletion": "diffwidget.explain.faithfulness",
+    "ConceptProbe": "diffwidget.explain.probes",
+    "ConceptCurves": "diffwidget.explain.probes",
+    "ConceptSet": "diffwidget.explain.concepts",
+    "saliency_method": "diffwidget.explain.registry",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffwidget.explain' has no attribute {name!r}")
