@@ -132,14 +132,12 @@ class ToyPipe:
 
 def make_toy_pipe(directory: str | Path | None = None) -> ToyPipe:
     """Build the toy pipeline (a tiny random CLIP text encoder and a word tokenizer)."""
-    import tempfile
 
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffwidget.models.tokenizer import write_word_tokenizer
+    from diffwidget.models.tokenizer import load_word_tokenizer
 
-    folder = write_word_tokenizer(TOY_WORDS, directory or tempfile.mkdtemp(), TOY_MAX_LENGTH)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOY_MAX_LENGTH)
+    tokenizer = load_word_tokenizer(TOY_WORDS, TOY_MAX_LENGTH, directory)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
