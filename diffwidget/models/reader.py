@@ -124,9 +124,15 @@ class SceneReader:
         min_area = self.min_area_fraction * height * width
         objects = []
         for k, name in enumerate(self._names):
-            components, count = ndimage.label(labels == k)
-            for index in range(1, count + 1):
-                mask = ndimage.binary_fill_holes(components == index)
+            components, _ = ndimage.label(labels == k)
+            for index, box in enumerate(ndimage.find_objects(components), start=1):
+                rows, cols = box
+                # A filled component never outgrows its bounding box: most noise specks are
+                # skipped before any hole filling.
+                if (rows.stop - rows.start) * (cols.stop - cols.start) < min_area:
+                    continue
+                mask = np.zeros(labels.shape, dtype=bool)
+                mask[box] = ndimage.binary_fill_holes(components[box] == index)
                 area = int(mask.sum())
                 if area < min_area:
                     continue
