@@ -72,12 +72,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    # Zero terminal SNR with v-prediction and 'trailing' steps (Lin et al., WACV 2024): with
+    # SD's schedule, x_999 still holds a trace of the image, and a model this small learns to
+    # take each object's place from that trace instead of from the prompt; at sampling time
+    # the place then follows the seed. With no signal left at t = 999, only the prompt can
+    # decide the layout.
+    "rescale_betas_zero_snr": True,
+    "prediction_type": "v_prediction",
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    # Start sampling at t = 999: SD's schedule keeps some signal at its last step, and the
-    # 'leading' spacing would begin lower still.
     "timestep_spacing": "trailing",
 }
 

@@ -6,9 +6,11 @@ Two stages, both on scenes drawn from :class:`~diffwidget.models.scenes.SceneWor
    small KL term, as in Stable Diffusion); its ``scaling_factor`` is set to 1 / std of the
    latents of the training set;
 2. the latents of a fixed training set are computed once, then the UNet and the text encoder
-   learn to predict the noise (epsilon) jointly, with 10 % of captions replaced by the empty
-   prompt so that classifier-free guidance works, Min-SNR loss weighting, and an exponential
-   moving average (EMA) of both networks' weights, which is what the checkpoints hold.
+   learn jointly to predict the velocity v (Salimans & Ho 2022) under a noise schedule
+   rescaled to zero terminal SNR (see ``SCHEDULER_CONFIG``), with 10 % of captions replaced
+   by the empty prompt so that classifier-free guidance works, Min-SNR loss weighting, and
+   an exponential moving average (EMA) of both networks' weights, which is what the
+   checkpoints hold.
 
 Checkpoints are complete ``StableDiffusionPipeline`` folders, written to a temporary folder
 and renamed (so a reader never sees half a checkpoint); ``OUT/latest`` names the newest.
@@ -21,9 +23,8 @@ Commands::
 
 then ``python -m diffwidget.models.loader --export runs/full`` copies the newest checkpoint
 into the package. The shipped weights come from the ``cpu`` config, run as
-``OMP_WAIT_POLICY=PASSIVE nice -n 5 python -m diffwidget.models.train --config cpu
---out runs/cpu --seed 0 --threads 1 --unet-minutes 80`` on a shared 2-core CPU (one thread
-went faster than two while other jobs held the cores); ``train_state.json`` in each
+``python -m diffwidget.models.train --config cpu --out runs/v --seed 0 --threads 1
+--unet-steps 6375`` on a 2-core CPU (75 minutes for stage 2); ``train_state.json`` in each
 checkpoint (``training.json`` in the package) records the steps actually done.
 """
 
@@ -214,6 +215,33 @@ def encode_dataset(
     return LatentSet(torch.cat(means), torch.cat(stds), ids(captions), ids([""]))
 
 
+def min_snr_weights(noise_scheduler: Any) -> Any:
+    """Per-timestep loss weights: Min-SNR (Hang et al. 2023) with SNR + 1 for v-prediction.
+
+    In terms of the error of the predicted clean latent, an epsilon loss weighs timestep t by
+    SNR(t) and a v loss by SNR(t) + 1; both are clamped at :data:`MIN_SNR_GAMMA` so that
+    nearly clean timesteps do not dominate. For v-prediction the weight of the noisiest steps
+    stays 1: with a zero terminal SNR those are where the prompt alone decides the layout.
+    """
+    import torch
+
+    alphas = noise_scheduler.alphas_cumprod.to(torch.float64)
+    snr = alphas / (1 - alphas).clamp(min=1e-12)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (snr.clamp(max=MIN_SNR_GAMMA) / snr.clamp(min=1e-12)).float()
+    if kind == "v_prediction":
+        return ((snr + 1).clamp(max=MIN_SNR_GAMMA) / (snr + 1)).float()
+    raise ValueError(f"training supports epsilon and v_prediction, not {kind!r}")
+
+
+def training_target(noise_scheduler: Any, latents: Any, noise: Any, t: Any) -> Any:
+    """What the UNet learns to output: the noise, or the velocity for v-prediction."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    return noise
+
+
 def _lr_factor(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / max(1, warmup))
 
@@ -310,9 +338,7 @@ def train(config: TrainConfig, out: str | Path, seed: int = 0, progress: bool = 
     state["encode_minutes"] = (time.monotonic() - t0) / 60 - state["vae_minutes"]
 
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    loss_weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    loss_weight = min_snr_weights(noise_scheduler)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     ema = Ema([unet, text_encoder], config.ema_decay)
@@ -346,7 +372,8 @@ def train(config: TrainConfig, out: str | Path, seed: int = 0, progress: bool = 
         ids[drop] = data.empty_ids
         hidden = text_encoder(ids)[0]
         pred = unet(noisy, t, hidden).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        target = training_target(noise_scheduler, latents, noise, t)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[t]).mean()
         for group in optimiser.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config.warmup)
@@ -376,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--vae-minutes", type=float, default=None, help="cap on stage 1")
     parser.add_argument("--unet-minutes", type=float, default=None, help="cap on stage 2")
+    parser.add_argument("--vae-steps", type=int, default=None, help="steps of stage 1")
+    parser.add_argument("--unet-steps", type=int, default=None, help="steps of stage 2")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -389,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         config = replace(config, vae_minutes=args.vae_minutes)
     if args.unet_minutes is not None:
         config = replace(config, unet_minutes=args.unet_minutes)
+    # A step count replaces the stage's time cap, so that a run can be repeated exactly.
+    if args.vae_steps is not None:
+        config = replace(config, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes)
+    if args.unet_steps is not None:
+        config = replace(config, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes)
     final = train(config, args.out, seed=args.seed, progress=not args.no_progress)
     print(f"final checkpoint: {final}", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from diffwidget.models.loader import (
     load_demo_pipeline,
     weights_size_bytes,
 )
-from diffwidget.models.train import CONFIGS, latest_checkpoint, train
+from diffwidget.models.train import CONFIGS, latest_checkpoint, main, train
 
 MAX_WEIGHTS_BYTES = 25_000_000
 
@@ -68,6 +69,13 @@ def test_export_writes_fp16_weights_that_load(smoke_run: Path, tmp_path: Path) -
     pipe = load_demo_pipeline(path=dest)
     assert next(pipe.unet.parameters()).dtype.is_floating_point
     assert np.isfinite(_generate(pipe)).all()
+
+
+def test_command_line_step_counts_replace_the_time_caps(tmp_path: Path) -> None:
+    main(["--config", "smoke", "--out", str(tmp_path), "--vae-steps", "1", "--unet-steps", "2"])
+    state = json.loads((latest_checkpoint(tmp_path) / "train_state.json").read_text())
+    assert (state["vae_steps_done"], state["unet_steps_done"]) == (1, 2)
+    assert state["config"]["unet_minutes"] is None
 
 
 def test_missing_weights_error_says_how_to_fix(tmp_path: Path) -> None:
