@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffwidget.explain.cam import DFCam
 from diffwidget.explain.faithfulness import InsertionDeletion, summarize
 from diffwidget.explain.rise import DFRise
+from diffwidget.models.loader import DEFAULT_GUIDANCE
 
-#: The embedded model's recommended sampling settings (see load_demo_pipeline).
 STEPS = 20
-GUIDANCE = 5.0
 #: Step explained: the paper visualises step 15 of 20.
 STEP = 15
 
@@ -49,8 +48,12 @@ def load(args: argparse.Namespace) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument(
+        "--first", type=int, default=0, help="index of the first held-out caption (and seed)"
+    )
     parser.add_argument("--n-masks", type=int, default=500)
     parser.add_argument("--step", type=int, default=STEP)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
     parser.add_argument("--n-random", type=int, default=3, help="random orders per prompt")
     parser.add_argument("--path", type=Path, default=None)
     parser.add_argument("--random-weights", action="store_true")
@@ -59,6 +62,11 @@ def main() -> None:
         "--paper-estimator",
         action="store_true",
         help="also evaluate DF-RISE with center=False (the paper's estimator, no control variate)",
+    )
+    parser.add_argument(
+        "--cam-top-blocks",
+        action="store_true",
+        help="also evaluate DF-CAM over the top-level blocks instead of every layer",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args()
@@ -69,26 +77,30 @@ def main() -> None:
     from diffwidget.tracing.context import trace
 
     pipe = load(args)
-    captions = SceneWorld(seed=0).held_out_captions(args.prompts)
+    captions = SceneWorld(seed=0).held_out_captions(args.first + args.prompts)[args.first :]
     methods: dict[str, Any] = {
         "df_rise": DFRise(n_masks=args.n_masks, progress_bar=False),
         "df_cam": DFCam(),
     }
+    if args.cam_top_blocks:
+        from diffwidget.tracing.hooks import block_paths
+
+        methods["df_cam_top_blocks"] = DFCam(blocks=block_paths(pipe.unet))
     if args.paper_estimator:
         methods["df_rise_paper"] = DFRise(n_masks=args.n_masks, progress_bar=False, center=False)
     evaluator = InsertionDeletion(n_random=args.n_random)
     results: dict[str, list[Any]] = {name: [] for name in methods}
     start = time.perf_counter()
-    for i, caption in enumerate(captions):
+    for i, caption in enumerate(captions, start=args.first):
         tr = trace(
-            pipe, caption, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=i,
+            pipe, caption, num_inference_steps=STEPS, guidance_scale=args.guidance, seed=i,
             decode_previews=False,
         )  # fmt: skip
         for name, method in methods.items():
             sal = method.attribute(pipe, tr, args.step)
             results[name].append(evaluator.evaluate(pipe, tr, args.step, sal))
         print(
-            f"[{i + 1}/{len(captions)}] {caption!r}: "
+            f"[{i + 1 - args.first}/{len(captions)}] {caption!r}: "
             + ", ".join(
                 f"{n} deletion {r[-1].saliency.deletion_auc:.3f} vs random "
                 f"{r[-1].random.deletion_auc:.3f}"
@@ -110,10 +122,11 @@ def write_summary(
     summary["settings"] = {
         "prompts_done": len(next(iter(results.values()))),
         "prompts_planned": n_captions,
+        "first": args.first,
         "n_masks": args.n_masks,
         "step": args.step,
         "steps": STEPS,
-        "guidance": GUIDANCE,
+        "guidance": args.guidance,
         "weights": "random" if args.random_weights else str(args.path or "shipped"),
         "similarity": "ssim",
         "n_random": args.n_random,

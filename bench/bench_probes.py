@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from diffwidget.explain.concepts import ConceptSet, x0_attribute_curves  # noqa: E402
 from diffwidget.explain.probes import ConceptCurves, ConceptProbe  # noqa: E402
+from diffwidget.models.loader import DEFAULT_GUIDANCE  # noqa: E402
 from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder  # noqa: E402
 
 THRESHOLDS = (0.75, 0.9)
 HALVES = ("cond", "uncond")
-GUIDANCE_SCALE = 5.0  # the embedded model's recommended scale (see load_demo_pipeline)
 AUC_RANGE = (0.3, 1.0)  # held-out AUC dips below chance by noise; 0.3 keeps those visible
 BASELINE_PROMPTS = 16
 
@@ -210,10 +210,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="scene world and generator seeds")
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--pooling", choices=["mean", "grid"], default="grid")
-    parser.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--random-weights", action="store_true", help="untrained architecture")
     parser.add_argument("--weights", type=Path, default=None, help="a pipeline folder to load")
     parser.add_argument("--no-x0", action="store_true", help="skip the x̂0 attribute curves")
+    parser.add_argument(
+        "--x0-from",
+        choices=["guided", "cond"],
+        default="guided",
+        help="noise prediction x̂0 is computed from (see ActivationRecorder)",
+    )
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "concept_curves.png")
     parser.add_argument("--json", type=Path, default=None, help="also save the curve sets")
     parser.add_argument(
@@ -254,6 +260,7 @@ def main() -> None:
         "pooling": args.pooling,
         "batch_size": args.batch_size,
         "decode_x0": not args.no_x0,
+        "x0_from": args.x0_from,
         "halves": HALVES,
     }
     t = time.perf_counter()
@@ -346,7 +353,8 @@ def main() -> None:
         panels.append(
             (
                 x0,
-                "Attributes read from the decoded x0 prediction",
+                "Attributes read from the decoded x0 prediction, "
+                + ("guided" if args.x0_from == "guided" else "conditional half"),
                 "agreement with the final image (band: 95 % Wilson; ticks: chance)",
                 (0.0, 1.0),
             )

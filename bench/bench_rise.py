@@ -1,5 +1,5 @@
 """Benchmark the explanation methods at one step: DF-RISE (ours vs one UNet call per mask),
-DF-CAM over all blocks, and token relevance per step.
+DF-CAM over every layer (its default), and token relevance per step.
 
 Both DF-RISE variants run in the same process on the same trace: the batched
 implementation, and the paper's call pattern (one CFG UNet call per mask, i.e. batch size 1
@@ -224,8 +224,8 @@ def main() -> None:
         "rise_ours_cpu_s": round(cpu_ours, 3),
         "rise_paper_style_cpu_s": round(cpu_paper, 3),
         "speedup_cpu_time": round(cpu_paper / cpu_ours, 2),
-        "cam_all_blocks_s": round(statistics.median(cam_times), 3),
-        "cam_blocks": len(cam.layers),
+        "cam_all_layers_s": round(statistics.median(cam_times), 3),
+        "cam_layers": len(cam.layers),
         "cam_repeats": args.cam_repeats,
         "relevance_per_step_s": None if rel_per_step is None else round(rel_per_step, 3),
         "machine": machine(device),
@@ -256,8 +256,8 @@ def write_section(path: Path, r: dict[str, Any]) -> None:
         f"{r['rise_paper_style_s']} s{extrapolated}: **{r['speedup']}x** wall time; "
         f"process CPU time {r['rise_ours_cpu_s']} s vs {r['rise_paper_style_cpu_s']} s "
         f"({r['speedup_cpu_time']}x)",
-        f"- DF-CAM, all {r['cam_blocks']} blocks, one step (one forward + one backward): "
-        f"{r['cam_all_blocks_s']} s (median of {r['cam_repeats']})",
+        f"- DF-CAM, all {r['cam_layers']} layers, one step (one forward + one backward): "
+        f"{r['cam_all_layers_s']} s (median of {r['cam_repeats']})",
         f"- token relevance: {r['relevance_per_step_s']} s per step",
         "",
     ]

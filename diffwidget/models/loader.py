@@ -37,24 +37,27 @@ IMAGE_SIZE = 64
 
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
-    """Silence advice to install accelerate (optional) and per-component loading bars.
+    """Silence advice to install optional packages (accelerate, torchvision) and loading bars.
 
-    Loading takes well under a second, so the libraries' progress bars are noise here; both
-    settings are restored afterwards.
+    Loading takes well under a second, so the libraries' progress bars are noise here; every
+    setting is restored afterwards. Errors still show.
     """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     level = diffusers_logging.get_verbosity()
+    transformers_level = transformers_logging.get_verbosity()
     diffusers_bars = diffusers_logging.is_progress_bar_enabled()
     transformers_bars = transformers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(level)
+        transformers_logging.set_verbosity(transformers_level)
         if diffusers_bars:
             diffusers_logging.enable_progress_bar()
         if transformers_bars:
@@ -105,7 +108,6 @@ def load_demo_pipeline(
     (64, 64, 3)
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     folder = Path(path) if path is not None else DEMO_DIR
     if not demo_weights_available(folder):
@@ -117,6 +119,9 @@ def load_demo_pipeline(
             "architecture with random weights."
         )
     with _quiet_diffusers():
+        # Importing the pipeline class makes transformers warn that torchvision is absent.
+        from diffusers import StableDiffusionPipeline
+
         pipe: Any = StableDiffusionPipeline.from_pretrained(
             str(folder),
             local_files_only=True,

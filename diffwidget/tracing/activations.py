@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 StoreDtype = Literal["float16", "float32"]
+X0Source = Literal["guided", "cond"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+X0_SOURCES: tuple[str, ...] = get_args(X0Source)
 
 #: Side of the adaptive-average grid for ``pooling="grid"``: 2x2 cells keep left/right and
 #: top/bottom apart while multiplying the feature count by only four.
@@ -162,6 +164,11 @@ class ActivationRecorder:
         and step). x̂0 is computed from the guided noise prediction and the UNet input with
         the scheduler's tables (:mod:`diffwidget.tracing.noise`, as in a
         :class:`~diffwidget.tracing.trace.Trace`); the scheduler itself is never called.
+    x0_from : {"guided", "cond"}
+        Noise prediction that x̂0 is computed from: the guided one the sampler uses
+        (default), or the conditional half alone. Early in sampling, CFG's extrapolation
+        can give x̂0 colours that the final image does not have; ``"cond"`` shows what the
+        model itself predicts.
     progress : bool
         Show a ``tqdm`` progress bar over prompts x steps.
 
@@ -186,6 +193,7 @@ class ActivationRecorder:
         dtype: StoreDtype = "float16",
         batch_size: int = DEFAULT_BATCH_SIZE,
         decode_x0: bool = False,
+        x0_from: X0Source = "guided",
         progress: bool = True,
     ) -> None:
         if pooling not in POOLINGS:
@@ -195,6 +203,8 @@ class ActivationRecorder:
         bad = [h for h in halves if h not in HALVES]
         if bad or not halves or len(set(halves)) != len(halves):
             raise ValueError(f"halves must be distinct values from {HALVES}, got {list(halves)}")
+        if x0_from not in X0_SOURCES:
+            raise ValueError(f"unknown x0_from {x0_from!r}; use one of {X0_SOURCES}")
         if grid_size < 1 or batch_size < 1:
             raise ValueError("grid_size and batch_size must be at least 1")
         self.blocks = list(blocks) if blocks is not None else None
@@ -204,6 +214,7 @@ class ActivationRecorder:
         self.dtype: StoreDtype = dtype
         self.batch_size = batch_size
         self.decode_x0 = decode_x0
+        self.x0_from: X0Source = x0_from
         self.progress = progress
 
     def record(
@@ -409,7 +420,8 @@ class ActivationRecorder:
         images = _to_uint8(np.asarray(result.images))
         decoded = None
         if self.decode_x0:
-            w = float(call["guidance_scale"])
+            # A guidance scale of 1 leaves the conditional half alone.
+            w = float(call["guidance_scale"]) if self.x0_from == "guided" else 1.0
             flat = _decode_x0(pipe, inputs, unet_out[""], cfg, w)
             # step-major [n_steps * B, H, W, 3] -> [B, n_steps, H, W, 3]
             decoded = flat.reshape(n_calls, len(batch), *flat.shape[1:]).swapaxes(0, 1)

@@ -45,6 +45,35 @@ def block_paths(unet: nn.Module) -> list[str]:
     return paths
 
 
+#: Sub-layer lists inside a diffusers block that output a spatial feature map.
+_LAYER_LISTS = ("resnets", "attentions")
+_RESAMPLERS = ("downsamplers", "upsamplers")
+
+
+def layer_paths(unet: nn.Module) -> list[str]:
+    """Every resnet, attention and resampler inside the top-level blocks, in data-flow order.
+
+    Within a block the pipeline runs ``resnets[i]`` then ``attentions[i]`` for each i, then
+    the down- or upsampler; blocks follow :func:`block_paths`. This is the layer set the
+    paper's DF-CAM code sums over.
+    """
+    paths: list[str] = []
+    for block_path in block_paths(unet):
+        block = resolve_module(unet, block_path)
+        lists = [getattr(block, name, None) or [] for name in _LAYER_LISTS]
+        for i in range(max(len(items) for items in lists)):
+            paths += [
+                f"{block_path}.{name}.{i}"
+                for name, items in zip(_LAYER_LISTS, lists, strict=True)
+                if i < len(items)
+            ]
+        for name in _RESAMPLERS:
+            paths += [
+                f"{block_path}.{name}.{i}" for i in range(len(getattr(block, name, None) or []))
+            ]
+    return paths
+
+
 def _first_tensor(output: object) -> torch.Tensor:
     # Blocks return a tensor, a tuple (down blocks: hidden states + residuals) or a
     # BaseOutput; the block's main activation is always the first tensor.

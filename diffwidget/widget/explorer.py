@@ -30,6 +30,8 @@ NoisyDecoder = Literal["linear", "vae"]
 
 #: Method settings named in the overlay caption (what a reader needs to judge the map).
 _DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "blocks")
+#: Longer lists (DF-CAM's default layers) are named by their first and last entries.
+_NAMED_LIMIT = 6
 #: Human names of overlay kinds, used in captions and errors.
 OVERLAY_LABELS: dict[str, str] = {
     "none": "no overlay",
@@ -143,11 +145,15 @@ class Explorer:
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
         noisy, noisy_text = noisy_previews(trace, vae_pipe)
         noisy = shrink_images(noisy)
-        descriptions = {
-            "x0": "Predicted clean image x̂0 at this step, decoded"
-            + (" by the VAE" if trace.previews is not None else " by a linear latent→RGB map"),
-            "noisy": noisy_text,
-        }
+        x0_text = "Predicted clean image x̂0 at this step, decoded" + (
+            " by the VAE" if trace.previews is not None else " by a linear latent→RGB map"
+        )
+        if trace.guidance_scale > 1:
+            x0_text += (
+                f", from the guided noise prediction (CFG {trace.guidance_scale:g}); in early "
+                "steps guidance can push x̂0's colours away from the final image's"
+            )
+        descriptions = {"x0": x0_text, "noisy": noisy_text}
         attention_payload = None
         if self.attention_result is not None:
             result = self.attention_result
@@ -437,7 +443,10 @@ def _saliency_description(kind: str, result: SaliencyLike) -> str:
     for key in _DESCRIBED_SETTINGS:
         value = meta.get(key)
         if isinstance(value, (list, tuple)):
-            settings.append(f"{len(value)} {key} ({', '.join(map(str, value))})")
+            names = [str(v) for v in value]
+            if len(names) > _NAMED_LIMIT:
+                names = [names[0], "…", names[-1]]
+            settings.append(f"{len(value)} {key} ({', '.join(names)})")
         elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
             settings.append(f"{key} {value}")
     text = f"{OVERLAY_LABELS[kind]} saliency on the latent grid at the shown step"

@@ -1,7 +1,7 @@
 """Capture the screenshots in this folder (run from the repository root).
 
     python docs/screenshots/capture.py            # tiny random-weight pipeline
-    python docs/screenshots/capture.py --demo     # the embedded model, once its weights exist
+    python docs/screenshots/capture.py --demo     # the embedded model (the pictures in the README)
 
 Traces one prompt, computes DF-RISE and DF-CAM at one step, and photographs the explorer in
 JupyterLab (with the linked bqplot figure) and in its standalone HTML export.

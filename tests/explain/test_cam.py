@@ -1,4 +1,4 @@
-"""DF-CAM: the toy's region, one forward and one backward for all blocks, clean model."""
+"""DF-CAM: the toy's region, one forward and one backward for all layers, clean model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from explain_toys import region_mask
 
 from diffwidget.explain.cam import DFCam
-from diffwidget.tracing.hooks import block_paths
+from diffwidget.tracing.hooks import block_paths, layer_paths
 from diffwidget.tracing.trace import Trace
 
 
@@ -47,7 +47,7 @@ def test_all_blocks_in_one_forward_and_one_backward(
     finally:
         handle.remove()
     assert calls == {"forward": 1, "backward": 1}
-    assert list(cam.layers) == block_paths(unet)
+    assert list(cam.layers) == layer_paths(unet)
     for layer in cam.layers.values():
         assert layer.shape == sd_trace.latent_shape
         assert layer.min() >= 0
@@ -87,3 +87,28 @@ def test_sdxl(tiny_sdxl_pipe: Any, sdxl_trace: Trace) -> None:
     cam = DFCam().attribute(tiny_sdxl_pipe, sdxl_trace, 1)
     assert cam.map.shape == sdxl_trace.latent_shape
     assert np.isfinite(cam.raw).all()
+
+
+def test_layer_paths_follow_the_forward_pass(sd_pipe: Any, sd_trace: Trace) -> None:
+    """The default layers are every resnet, attention and resampler, in the order they run."""
+    from diffwidget.tracing.replay import StepReplay
+
+    unet = sd_pipe.unet
+    paths = layer_paths(unet)
+    ran: list[str] = []
+    handles = [
+        unet.get_submodule(p).register_forward_hook(lambda *_, p=p: ran.append(p)) for p in paths
+    ]
+    try:
+        replay = StepReplay(sd_pipe, sd_trace)
+        replay.model_output(replay.latent(0), 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == paths
+    assert all(
+        p.split(".")[-2] in {"resnets", "attentions", "downsamplers", "upsamplers"} for p in paths
+    )
+    # Each top-level block contributes its layers, in block order.
+    blocks = [b for b in block_paths(unet) if any(p.startswith(b + ".") for p in paths)]
+    assert blocks == block_paths(unet)

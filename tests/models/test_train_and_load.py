@@ -94,3 +94,21 @@ def test_shipped_weights_load_offline(no_network: None) -> None:
     pipe = load_demo_pipeline()
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert _generate(pipe).shape == (1, 64, 64, 3)
+
+
+def test_loading_restores_library_logging(smoke_run: Path) -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_info()
+    diffusers_logging.set_verbosity_debug()
+    try:
+        load_demo_pipeline(path=latest_checkpoint(smoke_run))
+        assert transformers_logging.get_verbosity() == transformers_logging.INFO
+        assert diffusers_logging.get_verbosity() == diffusers_logging.DEBUG
+        assert transformers_logging.is_progress_bar_enabled() == bars
+    finally:
+        diffusers_logging.set_verbosity(before[0])
+        transformers_logging.set_verbosity(before[1])

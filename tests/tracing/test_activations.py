@@ -137,6 +137,22 @@ def test_decoded_x0_reaches_the_final_image(tiny_sd_pipe: Any) -> None:
     assert first.mean() > last.mean()
 
 
+def test_x0_from_the_conditional_half(tiny_sd_pipe: Any) -> None:
+    def first_x0(guidance: float, x0_from: str) -> np.ndarray:
+        recorder = ActivationRecorder(decode_x0=True, x0_from=x0_from, progress=False)  # type: ignore[arg-type]
+        record = recorder.record(
+            tiny_sd_pipe, PROMPTS[:1], seeds=[5], num_inference_steps=STEPS, guidance_scale=guidance
+        )
+        assert record.x0_images is not None
+        return record.x0_images[0, 0].astype(int)
+
+    # Step 0 starts from the same noise, so the conditional half of a CFG run predicts what
+    # a run without CFG predicts, and the guided x̂0 differs from both.
+    cond = first_x0(7.5, "cond")
+    assert np.abs(cond - first_x0(1.0, "guided")).max() <= 1
+    assert np.abs(cond - first_x0(7.5, "guided")).max() > 1
+
+
 def test_no_hooks_left_behind(tiny_sd_pipe: Any) -> None:
     before = _hook_count(tiny_sd_pipe)
     for decode_x0 in (False, True):
@@ -206,6 +222,8 @@ def test_clear_errors(tiny_sd_pipe: Any, tmp_path: Path) -> None:
         ActivationRecorder(halves=["cond", "cond"])
     with pytest.raises(ValueError, match="pooling"):
         ActivationRecorder(pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="x0_from"):
+        ActivationRecorder(x0_from="uncond")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError):
         ActivationRecord.load(tmp_path / "missing.npz")
 
