@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import numpy as np
 
 from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRecord, Half, Pooling
+from diffwidget.tracing.noise import PREDICTION_SOURCES, PredictionSource
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 StoreDtype = Literal["float16", "float32"]
-X0Source = Literal["guided", "cond"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
-X0_SOURCES: tuple[str, ...] = get_args(X0Source)
 
 #: Side of the adaptive-average grid for ``pooling="grid"``: 2x2 cells keep left/right and
 #: top/bottom apart while multiplying the feature count by only four.
@@ -193,7 +192,7 @@ class ActivationRecorder:
         dtype: StoreDtype = "float16",
         batch_size: int = DEFAULT_BATCH_SIZE,
         decode_x0: bool = False,
-        x0_from: X0Source = "guided",
+        x0_from: PredictionSource = "guided",
         progress: bool = True,
     ) -> None:
         if pooling not in POOLINGS:
@@ -203,8 +202,8 @@ class ActivationRecorder:
         bad = [h for h in halves if h not in HALVES]
         if bad or not halves or len(set(halves)) != len(halves):
             raise ValueError(f"halves must be distinct values from {HALVES}, got {list(halves)}")
-        if x0_from not in X0_SOURCES:
-            raise ValueError(f"unknown x0_from {x0_from!r}; use one of {X0_SOURCES}")
+        if x0_from not in PREDICTION_SOURCES:
+            raise ValueError(f"unknown x0_from {x0_from!r}; use one of {PREDICTION_SOURCES}")
         if grid_size < 1 or batch_size < 1:
             raise ValueError("grid_size and batch_size must be at least 1")
         self.blocks = list(blocks) if blocks is not None else None
@@ -214,7 +213,7 @@ class ActivationRecorder:
         self.dtype: StoreDtype = dtype
         self.batch_size = batch_size
         self.decode_x0 = decode_x0
-        self.x0_from: X0Source = x0_from
+        self.x0_from: PredictionSource = x0_from
         self.progress = progress
 
     def record(

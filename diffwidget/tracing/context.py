@@ -14,7 +14,6 @@ SDXL's added conditioning (``text_embeds``, ``time_ids``) is read through
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -30,11 +29,17 @@ from diffwidget.tracing.budget import (
     estimate_step_bytes,
     layer_grid,
 )
-from diffwidget.tracing.noise import predict_x0, scheduler_family, step_coefficients
+from diffwidget.tracing.noise import (
+    PREDICTION_SOURCES,
+    PredictionSource,
+    predict_x0,
+    scheduler_family,
+    step_coefficients,
+)
+from diffwidget.tracing.pipeline_info import json_safe, pipeline_kind, to_uint8, versions
 from diffwidget.tracing.tokens import PromptTokens, TokenSelection, prompt_tokens
 from diffwidget.tracing.trace import Trace
 
-SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 #: SDXL's added conditioning as named in its ``callback_on_step_end`` tensor inputs,
 #: mapped to the names the UNet's ``added_cond_kwargs`` use (and ``Trace.extra`` keeps).
 SDXL_ADDED_COND = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
@@ -42,29 +47,6 @@ SDXL_ADDED_COND = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
 PREVIEW_BATCH = 4
 #: Pipeline arguments that :func:`trace` sets itself.
 _RESERVED = ("output_type", "return_dict", "generator", "prompt_embeds", "negative_prompt_embeds")
-
-
-def _pipeline_kind(pipe: Any) -> str:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in SUPPORTED_PIPELINES:
-            return cls.__name__
-    raise TypeError(
-        f"diffwidget cannot trace a {type(pipe).__name__}; supported pipelines: "
-        f"{', '.join(SUPPORTED_PIPELINES)} (and their subclasses). Load your checkpoint with "
-        "one of them, e.g. StableDiffusionPipeline.from_pretrained(path)"
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` as it will read back from JSON (tuples become lists, numbers plain)."""
-    return json.loads(
-        json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    )
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] to uint8, rounding as diffusers' ``numpy_to_pil`` does."""
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 class TraceContext:
@@ -84,6 +66,11 @@ class TraceContext:
         and one padding position.
     decode_previews : bool
         Decode ``pred_x0`` of every step through the VAE (batched, after the loop).
+    preview_from : {"guided", "cond"}
+        Noise prediction the previews are decoded from: the guided one the sampler steps
+        with (default), or the conditional CFG half alone, the model's own prediction for
+        the prompt. Early guided previews can show colours the final image does not have.
+        Recorded as ``meta["preview_source"]``; ``pred_x0`` is always the guided one.
     memory_budget_mb : float
         Refuse (``MemoryBudgetError``) when all steps together would store more.
     seed : int, optional
@@ -114,11 +101,18 @@ class TraceContext:
         negative_prompt: str | None = None,
         tokens: TokenSelection = "default",
         decode_previews: bool = True,
+        preview_from: PredictionSource = "guided",
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         seed: int | None = None,
     ) -> None:
+        if preview_from not in PREDICTION_SOURCES:
+            raise ValueError(
+                f"unknown preview_from {preview_from!r}; use one of {PREDICTION_SOURCES}"
+            )
+        if preview_from == "cond" and not decode_previews:
+            raise ValueError("preview_from='cond' needs decode_previews=True")
         self.pipe = pipe
-        self.pipeline_kind = _pipeline_kind(pipe)
+        self.pipeline_kind = pipeline_kind(pipe)
         self.family = scheduler_family(pipe.scheduler)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(
@@ -133,6 +127,8 @@ class TraceContext:
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.decode_previews = decode_previews
+        self.preview_from: PredictionSource = preview_from
+        self._unet_hook: Any = None
         self.memory_budget_mb = memory_budget_mb
         self.seed = seed
         self.prompt_tokens: PromptTokens | None = (
@@ -177,6 +173,8 @@ class TraceContext:
         self.timesteps: list[torch.Tensor] = []
         self.latents: list[torch.Tensor] = []
         self.noise_pred: list[torch.Tensor] = []
+        self.cond_pred: list[torch.Tensor] = []
+        self._last_unet_output: torch.Tensor | None = None
         self.step_indices: list[int | None] = []
         self.final_latent: torch.Tensor | None = None
         self.added_cond: dict[str, torch.Tensor] = {}
@@ -190,7 +188,11 @@ class TraceContext:
         self.capture.install()
         try:
             self._wrap_scheduler()
+            if self.preview_from == "cond":
+                self._unet_hook = self.pipe.unet.register_forward_hook(self._keep_unet_output)
         except BaseException:
+            self._remove_unet_hook()
+            self._unwrap_scheduler()
             self.capture.restore()
             raise
         return self
@@ -202,9 +204,19 @@ class TraceContext:
         tb: TracebackType | None,
     ) -> None:
         try:
+            self._remove_unet_hook()
             self._unwrap_scheduler()
         finally:
             self.capture.restore()
+
+    def _remove_unet_hook(self) -> None:
+        if self._unet_hook is not None:
+            self._unet_hook.remove()
+            self._unet_hook = None
+
+    def _keep_unet_output(self, _module: Any, _inputs: Any, output: Any) -> None:
+        sample = output[0] if isinstance(output, (tuple, list)) else output.sample
+        self._last_unet_output = sample.detach()
 
     def _wrap_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
@@ -269,6 +281,13 @@ class TraceContext:
         self.timesteps.append(torch.as_tensor(timestep).detach().reshape(()).clone())
         self.latents.append(sample[0].detach().clone())
         self.noise_pred.append(model_output[0].detach().clone())
+        if self.preview_from == "cond":
+            out = self._last_unet_output
+            if out is None:
+                raise RuntimeError(f"the UNet's output was not seen at step {step}")
+            # Batched CFG calls hold (uncond, cond); without CFG the one half is the prompt's.
+            self.cond_pred.append(out[-1].clone())
+            self._last_unet_output = None
 
     def _after_step(self, out: Any) -> None:
         self.step_indices.append(getattr(self._scheduler, "step_index", None))
@@ -355,7 +374,11 @@ class TraceContext:
             grid = layer_grid(layer, n_levels, latent_hw, maps.shape[1])
             attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
             grids[layer] = list(grid)
-        previews = self._decode(pred_x0) if self.decode_previews else None
+        shown_x0 = pred_x0
+        if self.preview_from == "cond":
+            cond_pred = torch.stack(self.cond_pred).float().cpu().numpy()
+            shown_x0 = predict_x0(latents, cond_pred, alpha, sigma, scale, prediction_type)
+        previews = self._decode(shown_x0.astype(np.float32)) if self.decode_previews else None
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
         tokens = self.prompt_tokens
@@ -376,6 +399,7 @@ class TraceContext:
             else latent_hw[1] * self.pipe.vae_scale_factor,
             "negative_prompt": self.negative_prompt,
             "cfg": cfg,
+            "preview_source": self.preview_from if previews is not None else None,
             "token_indices": self.token_indices,
             "n_text_tokens": self.recorder.n_tokens_total,
             "attention_grids": grids,
@@ -387,7 +411,7 @@ class TraceContext:
             },
             "timesteps_exact": timesteps_exact.tolist(),
             "unet_dtype": str(self.pipe.unet.dtype).replace("torch.", ""),
-            "versions": _versions(),
+            "versions": versions(),
         }
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
@@ -404,7 +428,7 @@ class TraceContext:
             previews=previews,
             image=image,
             extra={k: v.float().cpu().numpy() for k, v in self.added_cond.items()},
-            meta=_json_safe(meta),
+            meta=json_safe(meta),
         )
 
     def _sigma_index(self, step: int) -> int | None:
@@ -459,18 +483,6 @@ class TraceContext:
         return np.concatenate(chunks)
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    import diffwidget
-
-    return {
-        "diffusers": diffusers.__version__,
-        "torch": torch.__version__,
-        "diffwidget": diffwidget.__version__,
-    }
-
-
 #: diffusers' own default for Stable Diffusion pipelines.
 DEFAULT_GUIDANCE_SCALE = 7.5
 
@@ -486,6 +498,7 @@ def trace(
     width: int | None = None,
     negative_prompt: str | None = None,
     decode_previews: bool = True,
+    preview_from: PredictionSource = "guided",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     tokens: TokenSelection = "default",
     **pipeline_kwargs: Any,
@@ -507,6 +520,9 @@ def trace(
         Seeds a CPU ``torch.Generator``, so a seed gives the same image on any device.
     decode_previews : bool
         Decode the predicted clean latent of every step (``Trace.previews``).
+    preview_from : {"guided", "cond"}
+        Decode the previews from the guided noise prediction (default) or from the
+        conditional CFG half alone (see :class:`TraceContext`).
     memory_budget_mb : float
         Refuse before running when the trace would store more than this.
     tokens : "default", "all" or list of int
@@ -546,6 +562,7 @@ def trace(
         negative_prompt=negative_prompt,
         tokens=tokens,
         decode_previews=decode_previews,
+        preview_from=preview_from,
         memory_budget_mb=memory_budget_mb,
         seed=seed,
     )

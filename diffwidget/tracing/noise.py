@@ -26,6 +26,10 @@ import numpy as np
 
 NoiseFamily = Literal["vp_alphas", "vp_sigmas", "ve_sigmas"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+#: Which noise prediction an x̂0 is computed from: the guided one the sampler steps with, or
+#: the conditional classifier-free-guidance half alone.
+PredictionSource = Literal["guided", "cond"]
+PREDICTION_SOURCES: tuple[str, ...] = ("guided", "cond")
 
 SCHEDULER_FAMILIES: dict[str, NoiseFamily] = {
     "DDIMScheduler": "vp_alphas",

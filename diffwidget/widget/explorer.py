@@ -148,7 +148,9 @@ class Explorer:
         x0_text = "Predicted clean image x̂0 at this step, decoded" + (
             " by the VAE" if trace.previews is not None else " by a linear latent→RGB map"
         )
-        if trace.guidance_scale > 1:
+        if trace.previews is not None and trace.meta.get("preview_source") == "cond":
+            x0_text += ", from the conditional CFG half's noise prediction (no guidance)"
+        elif trace.guidance_scale > 1:
             x0_text += (
                 f", from the guided noise prediction (CFG {trace.guidance_scale:g}); in early "
                 "steps guidance can push x̂0's colours away from the final image's"

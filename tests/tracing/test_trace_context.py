@@ -36,6 +36,7 @@ def assert_restored(pipe: Any, before: tuple[dict[str, Any], bool]) -> None:
     assert all(processors[k] is before[0][k] for k in processors)
     assert not any(isinstance(p, CaptureAttnProcessor) for p in processors.values())
     assert had_step == before[1] is False
+    assert not pipe.unet._forward_hooks, "a hook was left on the UNet"
 
 
 def test_traced_image_and_latent_equal_untraced(tiny_sd_pipe: Any) -> None:
@@ -156,9 +157,50 @@ def test_unsupported_scheduler_is_refused(tiny_sd_pipe_factory: Callable[..., An
         trace(pipe, PROMPT)
 
 
+def test_previews_from_the_conditional_half(tiny_sd_pipe: Any) -> None:
+    guided = trace(tiny_sd_pipe, PROMPT, num_inference_steps=STEPS, seed=2)
+    cond = trace(tiny_sd_pipe, PROMPT, num_inference_steps=STEPS, seed=2, preview_from="cond")
+    no_cfg = trace(tiny_sd_pipe, PROMPT, num_inference_steps=STEPS, seed=2, guidance_scale=1.0)
+    assert cond.previews is not None
+    assert guided.previews is not None
+    assert no_cfg.previews is not None
+    assert (cond.meta["preview_source"], guided.meta["preview_source"]) == ("cond", "guided")
+    # Only the previews change: the run, its guided prediction and its image do not.
+    np.testing.assert_array_equal(cond.pred_x0, guided.pred_x0)
+    np.testing.assert_array_equal(cond.image, guided.image)
+    # Step 0 starts from the same noise: the conditional half predicts what a run without
+    # CFG predicts there, and the guided preview differs from both.
+    first = cond.previews[0].astype(int)
+    assert np.abs(first - no_cfg.previews[0].astype(int)).max() <= 1
+    assert np.abs(first - guided.previews[0].astype(int)).max() > 1
+    assert not tiny_sd_pipe.unet._forward_hooks
+
+
+def test_conditional_previews_restore_after_an_error(
+    tiny_sd_pipe_factory: Callable[..., Any],
+) -> None:
+    pipe = tiny_sd_pipe_factory()
+    before = snapshot(pipe)
+
+    def explode(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        raise CallbackError("stop")
+
+    with pytest.raises(CallbackError):
+        trace(
+            pipe,
+            PROMPT,
+            num_inference_steps=STEPS,
+            preview_from="cond",
+            callback_on_step_end=explode,
+        )
+    assert_restored(pipe, before)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"preview_from": "uncond"}, "preview_from"),
+        ({"preview_from": "cond", "decode_previews": False}, "decode_previews=True"),
         ({"prompt": ["a", "b"]}, "one prompt"),
         ({"num_images_per_prompt": 2}, "num_images_per_prompt"),
         ({"generator": torch.Generator()}, "seed="),

@@ -105,6 +105,23 @@ def test_payloads_are_binary_with_dtype_and_shape(make_explorer, synthetic_trace
     assert "conditional CFG half" in widget.descriptions["attention"]
 
 
+def test_x0_caption_names_the_prediction_shown(synthetic_trace):
+    import dataclasses
+
+    conditional = dataclasses.replace(
+        synthetic_trace, meta={**synthetic_trace.meta, "preview_source": "cond"}
+    )
+    for trace, expected in (
+        (synthetic_trace, "guided noise prediction"),
+        (conditional, "conditional CFG half"),
+    ):
+        explorer = Explorer(trace)
+        try:
+            assert expected in explorer.widget.descriptions["x0"]
+        finally:
+            explorer.close()
+
+
 def test_noisy_previews_track_the_noise(make_explorer):
     widget = make_explorer().widget
     noisy = decode_array(widget.noisy_previews).astype(float)

@@ -1,0 +1,48 @@
+"""Facts about a pipeline and helpers for a trace's metadata."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def pipeline_kind(pipe: Any) -> str:
+    """The supported pipeline class ``pipe`` is (or derives from); a clear error otherwise."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in SUPPORTED_PIPELINES:
+            return cls.__name__
+    raise TypeError(
+        f"diffwidget cannot trace a {type(pipe).__name__}; supported pipelines: "
+        f"{', '.join(SUPPORTED_PIPELINES)} (and their subclasses). Load your checkpoint with "
+        "one of them, e.g. StableDiffusionPipeline.from_pretrained(path)"
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as it will read back from JSON (tuples become lists, numbers plain)."""
+    return json.loads(
+        json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    )
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] to uint8, rounding as diffusers' ``numpy_to_pil`` does."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a trace depends on, for its metadata."""
+    import diffusers
+    import torch
+
+    import diffwidget
+
+    return {
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "diffwidget": diffwidget.__version__,
+    }
