@@ -411,7 +411,11 @@ def export(args: argparse.Namespace) -> int:
     print("loading the model …", file=sys.stderr, flush=True)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=False, desc="denoising", file=sys.stderr)
-    kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "seed": args.seed}
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": args.steps,
+        "seed": args.seed,
+        "preview_from": args.preview_from,
+    }
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
     record = trace(pipe, prompt, **kwargs)
@@ -501,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="CFG scale above 1 (default: the model's recommended scale, 3 on the embedded model)",
+    )
+    p_export.add_argument(
+        "--preview-from",
+        choices=["guided", "cond"],
+        default="guided",
+        help="noise prediction the x̂0 previews show: the guided one the sampler follows, or "
+        "the conditional half alone (default: %(default)s)",
     )
     p_export.add_argument(
         "--overlay",

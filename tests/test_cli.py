@@ -293,13 +293,14 @@ def test_export_writes_a_standalone_explorer(
 ) -> None:
     output = tmp_path / "explorer.html"
     argv = ["export", GOOD_PROMPT, "-o", str(output), "--steps", "4", "--overlay", "df_cam"]
-    status, out, err = run([*argv, "--step", "2"], capsys)
+    status, out, err = run([*argv, "--step", "2", "--preview-from", "cond"], capsys)
     assert status == cli.EXIT_OK, err
     html = output.read_text()
     assert "wrote" in out
     assert str(output) in out
     assert GOOD_PROMPT in html
     assert "df_cam" in html  # the precomputed overlay travels with the page
+    assert "conditional CFG half" in html  # the caption names the previews' source
     assert "denoising" in err  # the progress bar
     assert "<script" in html
     assert "http://" not in html.replace("http://www.w3.org", "")  # nothing fetched online
