@@ -50,8 +50,8 @@ class DFCam:
       backward at the recorded ``x_t``, with the scheduler left untouched.
     * Gradients are taken with ``torch.autograd.grad`` on the block outputs only, so the
       UNet parameters' ``.grad`` fields are never written (a user's model stays clean).
-    * Blocks whose CAM is zero everywhere after the ReLU give an all-zero map; they are
-      listed in ``meta["empty_blocks"]``.
+    * Layers whose CAM is zero everywhere after the ReLU give an all-zero map; they are
+      listed in ``meta["empty_layers"]``.
 
     The default layer set is the one the paper's code sums over (each resnet, attention and
     resampler, min-max normalised). On the embedded model it beat random deletion on 98 %
@@ -160,12 +160,12 @@ class DFCam:
             raw=raw.astype("float32"),
             layers=layers,
             meta={
-                "blocks": list(paths),
+                "layers": list(paths),
                 "target": "sum of the CFG noise prediction",
                 "cfg_combined": replay.do_cfg,
                 "guidance_scale": w,
                 "cam_peaks": peaks,
-                "empty_blocks": empty,
+                "empty_layers": empty,
                 "seconds": time.perf_counter() - start_time,
             },
         )

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 NoisyDecoder = Literal["linear", "vae"]
 
 #: Method settings named in the overlay caption (what a reader needs to judge the map).
-_DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "blocks")
+_DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "layers")
 #: Longer lists (DF-CAM's default layers) are named by their first and last entries.
 _NAMED_LIMIT = 6
 #: Human names of overlay kinds, used in captions and errors.

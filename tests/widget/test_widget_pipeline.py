@@ -39,6 +39,6 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
             assert stored.shape == (1, h, w)
             np.testing.assert_allclose(stored[0], result.map, atol=1 / 255 + 1e-6)
         assert f"n_masks {TEST_MASKS}" in widget.overlays["df_rise"]["description"]
-        assert "blocks" in widget.overlays["df_cam"]["description"]
+        assert "layers" in widget.overlays["df_cam"]["description"]
     finally:
         explorer.close()
