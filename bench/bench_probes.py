@@ -41,6 +41,7 @@ from diffwidget.explain.concepts import ConceptSet, x0_attribute_curves  # noqa:
 from diffwidget.explain.probes import ConceptCurves, ConceptProbe  # noqa: E402
 from diffwidget.models.loader import DEFAULT_GUIDANCE  # noqa: E402
 from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder  # noqa: E402
+from diffwidget.tracing.noise import PREDICTION_SOURCES  # noqa: E402
 
 THRESHOLDS = (0.75, 0.9)
 HALVES = ("cond", "uncond")
@@ -216,7 +217,7 @@ def main() -> None:
     parser.add_argument("--no-x0", action="store_true", help="skip the x̂0 attribute curves")
     parser.add_argument(
         "--x0-from",
-        choices=["guided", "cond"],
+        choices=PREDICTION_SOURCES,
         default="guided",
         help="noise prediction x̂0 is computed from (see ActivationRecorder)",
     )

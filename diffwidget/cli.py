@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from diffwidget.tracing.noise import PREDICTION_SOURCES
+
 if TYPE_CHECKING:
     from nbformat import NotebookNode
 
@@ -508,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_export.add_argument(
         "--preview-from",
-        choices=["guided", "cond"],
+        choices=PREDICTION_SOURCES,
         default="guided",
         help="noise prediction the x̂0 previews show: the guided one the sampler follows, or "
         "the conditional half alone (default: %(default)s)",

@@ -14,6 +14,7 @@ SDXL's added conditioning (``text_embeds``, ``time_ids``) is read through
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,7 @@ from diffwidget.tracing.budget import (
     estimate_step_bytes,
     layer_grid,
 )
+from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
     PredictionSource,
@@ -128,7 +130,9 @@ class TraceContext:
         self.negative_prompt = negative_prompt
         self.decode_previews = decode_previews
         self.preview_from: PredictionSource = preview_from
-        self._unet_hook: Any = None
+        self._hooks = contextlib.ExitStack()
+        #: With ``preview_from="cond"``: the prompt's half of every UNet output, per call.
+        self.cond_pred: list[torch.Tensor] = []
         self.memory_budget_mb = memory_budget_mb
         self.seed = seed
         self.prompt_tokens: PromptTokens | None = (
@@ -173,8 +177,6 @@ class TraceContext:
         self.timesteps: list[torch.Tensor] = []
         self.latents: list[torch.Tensor] = []
         self.noise_pred: list[torch.Tensor] = []
-        self.cond_pred: list[torch.Tensor] = []
-        self._last_unet_output: torch.Tensor | None = None
         self.step_indices: list[int | None] = []
         self.final_latent: torch.Tensor | None = None
         self.added_cond: dict[str, torch.Tensor] = {}
@@ -189,9 +191,10 @@ class TraceContext:
         try:
             self._wrap_scheduler()
             if self.preview_from == "cond":
-                self._unet_hook = self.pipe.unet.register_forward_hook(self._keep_unet_output)
+                outputs = capture_outputs(self.pipe.unet, [""], reduce=_prompt_half)
+                self.cond_pred = self._hooks.enter_context(outputs)[""]
         except BaseException:
-            self._remove_unet_hook()
+            self._hooks.close()
             self._unwrap_scheduler()
             self.capture.restore()
             raise
@@ -204,19 +207,10 @@ class TraceContext:
         tb: TracebackType | None,
     ) -> None:
         try:
-            self._remove_unet_hook()
+            self._hooks.close()
             self._unwrap_scheduler()
         finally:
             self.capture.restore()
-
-    def _remove_unet_hook(self) -> None:
-        if self._unet_hook is not None:
-            self._unet_hook.remove()
-            self._unet_hook = None
-
-    def _keep_unet_output(self, _module: Any, _inputs: Any, output: Any) -> None:
-        sample = output[0] if isinstance(output, (tuple, list)) else output.sample
-        self._last_unet_output = sample.detach()
 
     def _wrap_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
@@ -281,13 +275,11 @@ class TraceContext:
         self.timesteps.append(torch.as_tensor(timestep).detach().reshape(()).clone())
         self.latents.append(sample[0].detach().clone())
         self.noise_pred.append(model_output[0].detach().clone())
-        if self.preview_from == "cond":
-            out = self._last_unet_output
-            if out is None:
-                raise RuntimeError(f"the UNet's output was not seen at step {step}")
-            # Batched CFG calls hold (uncond, cond); without CFG the one half is the prompt's.
-            self.cond_pred.append(out[-1].clone())
-            self._last_unet_output = None
+        if self.preview_from == "cond" and len(self.cond_pred) != step + 1:
+            raise RuntimeError(
+                f"the UNet ran {len(self.cond_pred)} times by step {step}; preview_from='cond' "
+                "needs one UNet call per step"
+            )
 
     def _after_step(self, out: Any) -> None:
         self.step_indices.append(getattr(self._scheduler, "step_index", None))
@@ -376,7 +368,7 @@ class TraceContext:
             grids[layer] = list(grid)
         shown_x0 = pred_x0
         if self.preview_from == "cond":
-            cond_pred = torch.stack(self.cond_pred).float().cpu().numpy()
+            cond_pred = torch.stack(self.cond_pred[:n]).float().cpu().numpy()
             shown_x0 = predict_x0(latents, cond_pred, alpha, sigma, scale, prediction_type)
         previews = self._decode(shown_x0.astype(np.float32)) if self.decode_previews else None
         if image is not None and image.dtype != np.uint8:
@@ -481,6 +473,11 @@ class TraceContext:
             if needs_upcast:
                 vae.to(dtype=original_dtype)
         return np.concatenate(chunks)
+
+
+def _prompt_half(output: torch.Tensor) -> torch.Tensor:
+    """The prompt's noise prediction: CFG batches hold (uncond, cond); without CFG, the one."""
+    return output[-1].clone()
 
 
 #: diffusers' own default for Stable Diffusion pipelines.
