@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import numpy as np
 
 from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRecord, Half, Pooling
+from diffwidget.tracing.decode import decode_latents, to_uint8
 from diffwidget.tracing.noise import PREDICTION_SOURCES, PredictionSource
 
 if TYPE_CHECKING:
@@ -116,26 +117,6 @@ def _unet_inputs(unet: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Ten
         yield calls
     finally:
         handle.remove()
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-
-def _decode(pipe: Any, latents: torch.Tensor) -> np.ndarray:
-    """Decode latents [n, C, h, w] to uint8 images with the pipeline's own VAE."""
-    import torch
-
-    vae = pipe.vae
-    scaling = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(latents), DECODE_CHUNK):
-            chunk = latents[start : start + DECODE_CHUNK].to(vae.device, vae.dtype)
-            decoded = vae.decode(chunk / scaling + shift, return_dict=False)[0]
-            out.append(pipe.image_processor.postprocess(decoded, output_type="np"))
-    return _to_uint8(np.concatenate(out, axis=0))
 
 
 class ActivationRecorder:
@@ -416,7 +397,7 @@ class ActivationRecorder:
         timesteps = np.array([int(torch.as_tensor(t).flatten()[0]) for _, t in inputs])
         # [n_steps, n_halves, B, F] -> [n_halves, B, n_steps, F]
         stacked = {p: torch.stack(acts[p]).permute(1, 2, 0, 3).numpy() for p in blocks}
-        images = _to_uint8(np.asarray(result.images))
+        images = to_uint8(np.asarray(result.images))
         decoded = None
         if self.decode_x0:
             # A guidance scale of 1 leaves the conditional half alone.
@@ -462,4 +443,4 @@ def _decode_x0(
         # predict_x0 is array-generic: it works on tensors unchanged.
         x0 = predict_x0(cast(Any, x_t), cast(Any, guided), c.alpha, c.sigma, c.input_scale, kind)
         latents.append(cast("torch.Tensor", x0))
-    return _decode(pipe, torch.cat(latents))
+    return decode_latents(pipe, torch.cat(latents), batch=DECODE_CHUNK)

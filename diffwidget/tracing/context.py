@@ -30,6 +30,7 @@ from diffwidget.tracing.budget import (
     estimate_step_bytes,
     layer_grid,
 )
+from diffwidget.tracing.decode import decode_latents, to_uint8
 from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
@@ -38,7 +39,7 @@ from diffwidget.tracing.noise import (
     scheduler_family,
     step_coefficients,
 )
-from diffwidget.tracing.pipeline_info import json_safe, pipeline_kind, to_uint8, versions
+from diffwidget.tracing.pipeline_info import json_safe, pipeline_kind, versions
 from diffwidget.tracing.tokens import PromptTokens, TokenSelection, prompt_tokens
 from diffwidget.tracing.trace import Trace
 
@@ -370,7 +371,11 @@ class TraceContext:
         if self.preview_from == "cond":
             cond_pred = torch.stack(self.cond_pred[:n]).float().cpu().numpy()
             shown_x0 = predict_x0(latents, cond_pred, alpha, sigma, scale, prediction_type)
-        previews = self._decode(shown_x0.astype(np.float32)) if self.decode_previews else None
+        previews = (
+            decode_latents(self.pipe, shown_x0.astype(np.float32), batch=PREVIEW_BATCH)
+            if self.decode_previews
+            else None
+        )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
         tokens = self.prompt_tokens
@@ -449,30 +454,6 @@ class TraceContext:
         }
         encoded = pipe.encode_prompt(**kwargs)
         return encoded[1]
-
-    @torch.no_grad()
-    def _decode(self, pred_x0: np.ndarray) -> np.ndarray:
-        vae = self.pipe.vae
-        config = vae.config
-        needs_upcast = vae.dtype == torch.float16 and config.get("force_upcast", False)
-        dtype = torch.float32 if needs_upcast else vae.dtype
-        original_dtype = vae.dtype
-        chunks = []
-        try:
-            if needs_upcast:
-                vae.to(dtype=torch.float32)
-            for start in range(0, len(pred_x0), PREVIEW_BATCH):
-                latents = torch.from_numpy(pred_x0[start : start + PREVIEW_BATCH])
-                latents = latents.to(device=vae.device, dtype=dtype) / config.scaling_factor
-                if config.get("shift_factor") is not None:
-                    latents = latents + config.shift_factor
-                decoded = vae.decode(latents, return_dict=False)[0]
-                images = self.pipe.image_processor.postprocess(decoded, output_type="np")
-                chunks.append(to_uint8(images))
-        finally:
-            if needs_upcast:
-                vae.to(dtype=original_dtype)
-        return np.concatenate(chunks)
 
 
 def _prompt_half(output: torch.Tensor) -> torch.Tensor:

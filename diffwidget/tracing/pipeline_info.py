@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
-
 SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
@@ -27,11 +25,6 @@ def json_safe(value: Any) -> Any:
     return json.loads(
         json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     )
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] to uint8, rounding as diffusers' ``numpy_to_pil`` does."""
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def versions() -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from diffwidget.explain.attention import upsample_maps
+from diffwidget.tracing.decode import decode_latents, to_uint8
 from diffwidget.tracing.trace import Trace
 
 #: Side of the image drawn when a trace has no decoded previews (latent upsampled).
@@ -22,10 +23,6 @@ FALLBACK_SIZE = 64
 MAX_PREVIEW_SIZE = 128
 #: Images are stored as uint8 RGB.
 _RGB_MAX = 255.0
-
-
-def _to_uint8(rgb01: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(rgb01 * _RGB_MAX), 0, _RGB_MAX).astype(np.uint8)
 
 
 def _latent_rgb_fallback(latents: np.ndarray) -> np.ndarray:
@@ -56,7 +53,7 @@ def x0_previews(trace: Trace) -> np.ndarray:
     if trace.previews is not None:
         return np.ascontiguousarray(trace.previews, dtype=np.uint8)
     up = upsample_maps(trace.pred_x0.astype(np.float32), (FALLBACK_SIZE, FALLBACK_SIZE))
-    return _to_uint8(_latent_rgb_fallback(up))
+    return to_uint8(_latent_rgb_fallback(up))
 
 
 def fit_linear_decoder(trace: Trace) -> np.ndarray:
@@ -80,33 +77,16 @@ def fit_linear_decoder(trace: Trace) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-#: Latents decoded per VAE call (bounded memory for SD-sized VAEs, few calls for small ones).
-VAE_BATCH = 8
-
-
-def _vae_decode(pipe: Any, latents: np.ndarray) -> np.ndarray:
-    import torch
-
-    vae = pipe.vae
-    param = next(vae.parameters())
-    images = []
-    with torch.no_grad():
-        for start in range(0, len(latents), VAE_BATCH):
-            x = torch.from_numpy(latents[start : start + VAE_BATCH])
-            x = x.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
-            out = vae.decode(x, return_dict=False)[0].float().clamp(-1, 1) / 2 + 0.5
-            images.append(out.permute(0, 2, 3, 1).cpu().numpy())
-    return _to_uint8(np.concatenate(images))
-
-
 def noisy_previews(trace: Trace, pipe: Any = None) -> tuple[np.ndarray, str]:
     """uint8 ``[N, H, W, 3]`` images of the noisy latent x_t and a sentence saying how."""
     latents = trace.latents.astype(np.float32)
     if pipe is not None and getattr(pipe, "vae", None) is not None:
-        return _vae_decode(pipe, latents), "Noisy latent x_t entering this step, decoded by the VAE"
+        return decode_latents(
+            pipe, latents
+        ), "Noisy latent x_t entering this step, decoded by the VAE"
     if trace.previews is None:
         up = upsample_maps(latents, (FALLBACK_SIZE, FALLBACK_SIZE))
-        return _to_uint8(_latent_rgb_fallback(up)), (
+        return to_uint8(_latent_rgb_fallback(up)), (
             "Noisy latent x_t entering this step: first three channels, standardised"
         )
     weights = fit_linear_decoder(trace)
@@ -115,7 +95,7 @@ def noisy_previews(trace: Trace, pipe: Any = None) -> tuple[np.ndarray, str]:
     cells = np.moveaxis(latents, 1, -1).reshape(-1, c)
     rgb = (np.concatenate([cells, np.ones((len(cells), 1))], axis=1) @ weights).reshape(n, h, w, 3)
     rgb = np.moveaxis(upsample_maps(np.moveaxis(rgb, -1, 1), (int(size[0]), int(size[1]))), 1, -1)
-    return _to_uint8(rgb), (
+    return to_uint8(rgb), (
         "Noisy latent x_t entering this step, through a linear latent→RGB map fitted on "
         "this trace's x̂0 previews (no VAE in the kernel)"
     )

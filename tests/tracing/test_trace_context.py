@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diffwidget.tracing.attention import CaptureAttnProcessor
-from diffwidget.tracing.context import TraceContext, to_uint8, trace
+from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.decode import to_uint8
 
 PROMPT = "a red circle on the left"
 STEPS = 4

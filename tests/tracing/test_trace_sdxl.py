@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffwidget.tracing.context import to_uint8, trace
+from diffwidget.tracing.context import trace
+from diffwidget.tracing.decode import to_uint8
 
 PROMPT = "a red circle on the left"
 STEPS = 3
