@@ -26,12 +26,16 @@ class DFCam:
     One forward and one backward pass of the UNet (with classifier-free guidance, replayed
     at the recorded ``x_t``) give every chosen block's map at once:
 
-    * target ``y = sum`` of the CFG-combined noise prediction (model output);
-    * each block's activation ``A`` and gradient ``dy/dA`` are CFG-combined like the
-      output, ``u + w (c - u)`` with the pipeline's guidance scale ``w``;
+    * target ``y = sum`` of the CFG-guided model output (whatever the model predicts:
+      epsilon, v or a flow velocity; ``meta["target"]`` names it);
+    * each block's activation is CFG-combined like the output, ``A = A_u + w (A_c - A_u)``
+      with the pipeline's guidance scale ``w``;
+    * the gradient of the *guided* ``y`` already carries the CFG factors: ``dy/dA_u`` holds
+      ``(1 - w)`` and ``dy/dA_c`` holds ``w``, so the combined gradient is their sum
+      ``dy/dA_u + dy/dA_c`` (combining them again with ``w`` would apply guidance twice);
     * ``alpha_k`` = spatial mean of the combined gradient of channel ``k``;
-    * ``CAM = ReLU(sum_k alpha_k A_k)``, upsampled bilinearly to the latent grid and
-      min-max normalised per block (``layers``);
+    * ``CAM = ReLU(sum_k alpha_k A_k)``, upsampled bilinearly to the latent grid
+      (``layers_raw``) and min-max normalised per block (``layers``);
     * ``map`` is the min-max normalised sum of the per-block maps (``raw`` that sum).
 
     Parameters
@@ -111,9 +115,10 @@ class DFCam:
         w = float(trace.guidance_scale)
         if progress is not None:
             progress(0, 1)
-        # The input requires grad so the graph exists even when the UNet is frozen.
+        # The input requires grad so the graph exists even when the UNet is frozen; grad
+        # mode is forced on so DF-CAM also works inside torch.no_grad() (step callbacks).
         x = replay.latent(step).requires_grad_(True)
-        with capture_outputs(pipe.unet, paths, retain_grad=True) as acts:
+        with torch.enable_grad(), capture_outputs(pipe.unet, paths, retain_grad=True) as acts:
             out = replay.model_output(x, step, grad=True)
             y = out.sum()
             missing = [p for p in paths if not acts[p] or not acts[p][0].requires_grad]
@@ -125,6 +130,7 @@ class DFCam:
             tensors = [acts[p][0] for p in paths]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
         layers: dict[str, Any] = {}
+        layers_raw: dict[str, Any] = {}
         peaks: dict[str, float] = {}
         empty: list[str] = []
         with torch.no_grad():
@@ -133,7 +139,8 @@ class DFCam:
                 g = torch.zeros_like(a) if g is None else g.float()
                 if replay.do_cfg and a.shape[0] == _CFG_BATCH:
                     a = a[0] + w * (a[1] - a[0])
-                    g = g[0] + w * (g[1] - g[0])
+                    # dy/dA_u and dy/dA_c already carry (1 - w) and w.
+                    g = g[0] + g[1]
                 else:
                     a, g = a[-1], g[-1]
                 if a.dim() != 3:
@@ -145,10 +152,10 @@ class DFCam:
                 cam = F.relu((alpha[:, None, None] * a).sum(0))
                 peaks[path] = float(cam.max())
                 up = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)
-                layer_map = minmax(up[0, 0].cpu().numpy())
+                layers_raw[path] = up[0, 0].cpu().numpy().astype("float32")
                 if peaks[path] <= 0:
                     empty.append(path)
-                layers[path] = layer_map
+                layers[path] = minmax(layers_raw[path])
         raw = sum(layers.values())
         if progress is not None:
             progress(1, 1)
@@ -159,9 +166,10 @@ class DFCam:
             map=minmax(raw),
             raw=raw.astype("float32"),
             layers=layers,
+            layers_raw=layers_raw,
             meta={
                 "layers": list(paths),
-                "target": "sum of the CFG noise prediction",
+                "target": f"sum of the guided model output ({replay.prediction_type})",
                 "cfg_combined": replay.do_cfg,
                 "guidance_scale": w,
                 "cam_peaks": peaks,

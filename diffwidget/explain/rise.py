@@ -108,9 +108,11 @@ class DFRise:
         Per-cell Bernoulli masks (paper) or RISE's smoothed shifted coarse masks.
     similarity : {"ssim", "cosine"}
         ``"ssim"`` is the SSIM *structure* term ``(s_xy + C3) / (s_x s_y + C3)`` with a
-        15x15 Gaussian window, sigma 1.5 (paper); the window shrinks to the largest odd size
-        that fits grids smaller than 15 (recorded in ``meta["window"]``). ``"cosine"`` is the
-        cosine of the flattened predictions.
+        15x15 Gaussian window, sigma 1.5 (paper), centred on every latent cell of a symmetric
+        extension of the grid and averaged over all cells, so the border cells of a small
+        latent count as much as the central ones; the window shrinks to the largest odd
+        size that fits grids smaller than 15 (recorded in ``meta["window"]``). ``"cosine"``
+        is the cosine of the flattened predictions.
     target : {"x0", "prev"}
         The quantity compared: predicted clean latent (default) or the deterministic DDIM
         ``x_{t-1}``.
@@ -146,6 +148,10 @@ class DFRise:
       Spearman-Brown reliability ``2r / (1 + r)`` after every batch.
     * SSIM needs a data range; latents have none, so ``L`` is the unmasked prediction's
       ``max - min``.
+    * The reference SSIM averages "valid" window positions only. On a 16x16 latent a 15x15
+      window then has 2x2 positions, all central, and the top-left 4x4 cells got 2.4e-5 of
+      the weight; here every cell is a window centre
+      (:func:`~diffwidget.explain.similarity.ssim_map`).
 
     Examples
     --------
@@ -335,6 +341,7 @@ class DFRise:
         if self.similarity == "ssim":
             meta["window"] = window
             meta["sigma"] = SSIM_SIGMA
+            meta["window_positions"] = "every latent cell (symmetric extension)"
             if window != SSIM_WINDOW:
                 meta["window_note"] = (
                     f"latent grid {size[0]}x{size[1]} is smaller than the paper's "

@@ -1,7 +1,7 @@
 """Per-image similarities between latents that need no downloaded weights.
 
 Used by DF-RISE (masked vs unmasked prediction) and by the insertion/deletion curves.
-Both functions compare a batch ``a`` ``[B, C, h, w]`` with a reference ``b`` (same shape,
+The functions compare a batch ``a`` ``[B, C, h, w]`` with a reference ``b`` (same shape,
 or one image ``[1, C, h, w]`` broadcast over the batch) and return one score per image.
 """
 
@@ -28,8 +28,8 @@ _TINY = 1e-12
 def effective_window(size: tuple[int, int], window: int = SSIM_WINDOW) -> int:
     """The largest odd window ``<= window`` that fits into a grid of ``size``.
 
-    Latent grids smaller than the paper's 15x15 window (the embedded model's is 16x16,
-    tiny test models 8x8) get a smaller window so that at least one window position exists.
+    Latent grids smaller than the paper's 15x15 window (tiny test models have 8x8) get a
+    smaller window; the embedded model's 16x16 grid keeps the paper's 15.
     """
     fit = min(window, *size)
     return fit if fit % 2 == 1 else fit - 1
@@ -42,15 +42,31 @@ def gaussian_window(size: int, sigma: float, *, device: torch.device | None = No
     return g / g.sum()
 
 
-def _blur_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # Separable depthwise Gaussian with 'valid' borders, as in the reference SSIM code.
-    channels = x.shape[1]
+def _symmetric_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    # Half-sample symmetric extension "c b a | a b c | c b a" (SciPy's and scikit-image's
+    # "reflect"); torch's own "reflect" leaves the edge sample out.
+    left = torch.arange(pad - 1, -1, -1, device=device)
+    right = torch.arange(n - 1, n - 1 - pad, -1, device=device)
+    return torch.cat([left, torch.arange(n, device=device), right])
+
+
+def _blur_same(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable depthwise Gaussian over a symmetric extension: output size = input size.
+
+    Every cell is the centre of one window, so the mean over window positions weighs the
+    cells at the border of a small latent as much as the central ones (with "valid"
+    windows a 16x16 latent under a 15x15 window leaves 2x2 central positions).
+    """
+    channels, pad = x.shape[1], g.numel() // 2
+    h, w = x.shape[-2:]
+    x = x.index_select(-2, _symmetric_index(h, pad, x.device))
+    x = x.index_select(-1, _symmetric_index(w, pad, x.device))
     kx = g.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
     ky = g.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
     return F.conv2d(F.conv2d(x, kx, groups=channels), ky, groups=channels)
 
 
-def ssim(
+def ssim_map(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
@@ -59,27 +75,11 @@ def ssim(
     structure_only: bool = False,
     data_range: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean SSIM (or its structure term) per image.
+    """Local SSIM (or its structure term) at every cell: ``[B, C, h, w]`` float32.
 
-    Parameters
-    ----------
-    a, b : Tensor, shape (B, C, h, w) and (B or 1, C, h, w)
-        Images or latents; ``b`` is the reference.
-    window : int
-        Gaussian window size; shrunk with :func:`effective_window` on small grids.
-    sigma : float
-        Gaussian standard deviation in grid cells.
-    structure_only : bool
-        Return only the structure term ``(s_ab + C3) / (s_a s_b + C3)``, ``C3 = C2 / 2``
-        (the term DF-RISE scores masks with), instead of the full SSIM.
-    data_range : float or Tensor, optional
-        Dynamic range ``L`` for the stabilisers. Latents have no fixed range, so by default
-        it is the reference's own ``max - min`` per image.
-
-    Returns
-    -------
-    Tensor of float32, shape (B,)
-        Mean over channels and window positions.
+    Parameters are those of :func:`ssim`; statistics are Gaussian-weighted over a window
+    centred on each cell of a symmetric extension of the grid, as in scikit-image's
+    ``structural_similarity(..., gaussian_weights=True, full=True)``.
     """
     a = a.float()
     b = b.float()
@@ -92,19 +92,56 @@ def ssim(
     c1 = (SSIM_K1 * rng) ** 2
     c2 = (SSIM_K2 * rng) ** 2
     b = b.expand_as(a)
-    mu_a = _blur_valid(a, g)
-    mu_b = _blur_valid(b, g)
-    var_a = (_blur_valid(a * a, g) - mu_a**2).clamp_min(0.0)
-    var_b = (_blur_valid(b * b, g) - mu_b**2).clamp_min(0.0)
-    cov = _blur_valid(a * b, g) - mu_a * mu_b
+    mu_a = _blur_same(a, g)
+    mu_b = _blur_same(b, g)
+    var_a = (_blur_same(a * a, g) - mu_a**2).clamp_min(0.0)
+    var_b = (_blur_same(b * b, g) - mu_b**2).clamp_min(0.0)
+    cov = _blur_same(a * b, g) - mu_a * mu_b
     if structure_only:
         c3 = c2 / 2.0
-        score = (cov + c3) / (torch.sqrt(var_a * var_b) + c3)
-    else:
-        luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
-        contrast_structure = (2 * cov + c2) / (var_a + var_b + c2)
-        score = luminance * contrast_structure
-    return score.flatten(1).mean(dim=1)
+        return (cov + c3) / (torch.sqrt(var_a * var_b) + c3)
+    luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
+    return luminance * (2 * cov + c2) / (var_a + var_b + c2)
+
+
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    structure_only: bool = False,
+    data_range: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean SSIM (or its structure term) per image, every cell weighted alike.
+
+    Parameters
+    ----------
+    a, b : Tensor, shape (B, C, h, w) and (B or 1, C, h, w)
+        Images or latents; ``b`` is the reference.
+    window : int
+        Gaussian window size; shrunk with :func:`effective_window` on grids smaller than it.
+    sigma : float
+        Gaussian standard deviation in grid cells.
+    structure_only : bool
+        Return only the structure term ``(s_ab + C3) / (s_a s_b + C3)``, ``C3 = C2 / 2``
+        (the term DF-RISE scores masks with), instead of the full SSIM.
+    data_range : float or Tensor, optional
+        Dynamic range ``L`` for the stabilisers. Latents have no fixed range, so by default
+        it is the reference's own ``max - min`` per image.
+
+    Returns
+    -------
+    Tensor of float32, shape (B,)
+        Mean of :func:`ssim_map` over channels and all cells. Unlike the reference SSIM
+        code (and scikit-image's mean), no border is cropped: on a 16x16 latent a 15x15
+        window leaves only central positions, and the border cells would carry almost no
+        weight.
+    """
+    local = ssim_map(
+        a, b, window=window, sigma=sigma, structure_only=structure_only, data_range=data_range
+    )
+    return local.flatten(1).mean(dim=1)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -192,3 +192,64 @@ def make_toy_trace(pipe: ToyPipe, guidance: float = 3.0) -> Trace:
         guidance_scale=guidance,
         meta={"token_indices": list(range(len(TOY_WORDS) + 3))},
     )
+
+
+#: The corner toy: a 16x16 latent (the embedded model's grid) whose prediction depends only
+#: on the top-left ``CORNER`` x ``CORNER`` cells.
+CORNER_GRID = 16
+CORNER = 4
+
+
+def corner_mask() -> torch.Tensor:
+    """1 on the top-left ``CORNER`` x ``CORNER`` cells of the corner toy, 0 elsewhere."""
+    m = torch.zeros(CORNER_GRID, CORNER_GRID)
+    m[:CORNER, :CORNER] = 1.0
+    return m
+
+
+class CornerUNet(nn.Module):
+    """Predicts ``pattern + corner * x``: only the top-left cells of ``x`` matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        pattern = PATTERN_SCALE * torch.randn(1, CHANNELS, CORNER_GRID, CORNER_GRID, generator=gen)
+        self.register_buffer("pattern", pattern)
+        self.register_buffer("corner", corner_mask()[None, None])
+        self.config = SimpleNamespace(in_channels=CHANNELS, sample_size=CORNER_GRID)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **_: Any) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.pattern + self.corner * sample)
+
+
+def make_corner_pipe() -> ToyPipe:
+    """The corner toy with the toy pipeline's scheduler and text side."""
+    pipe = make_toy_pipe()
+    pipe.unet = CornerUNet().eval()  # type: ignore[assignment]
+    return pipe
+
+
+def make_corner_trace(pipe: ToyPipe) -> Trace:
+    """A two-step trace of random latents on the corner toy's 16x16 grid."""
+    base = make_toy_trace(pipe)
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, CHANNELS, CORNER_GRID, CORNER_GRID, generator=gen)
+    # Equal magnitudes in the corner: every corner cell matters the same.
+    corner = latents[:, :, :CORNER, :CORNER]
+    latents[:, :, :CORNER, :CORNER] = REGION_AMPLITUDE * torch.sign(corner)
+    latents = latents.numpy()
+    zeros = np.zeros_like(latents)
+    return Trace(
+        prompt=base.prompt,
+        tokens=base.tokens,
+        token_kinds=base.token_kinds,
+        timesteps=base.timesteps,
+        latents=latents,
+        noise_pred=zeros,
+        pred_x0=zeros,
+        final_latent=zeros[0],
+        prompt_embeds=base.prompt_embeds,
+        attention={},
+        guidance_scale=base.guidance_scale,
+        meta=base.meta,
+    )

@@ -58,19 +58,100 @@ def test_all_blocks_in_one_forward_and_one_backward(
 
 
 def test_cfg_combination_by_hand(toy_pipe: Any, toy_trace: Trace) -> None:
-    """The toy's in-region block output is the same for both CFG halves; check alpha's sign."""
-    cam = DFCam(blocks=["up_blocks.0"]).attribute(toy_pipe, toy_trace, 1)
-    assert cam.meta["cfg_combined"]
-    assert cam.meta["guidance_scale"] == toy_trace.guidance_scale
-    # up_blocks.0 *is* the output: dy/dA = 1 per half, combined 1 + w (1 - 1) = 1, so
-    # CAM = ReLU(sum_k A_k) with A the guided output itself.
+    """On the toy, up_blocks.0 *is* the output: the unnormalised CAM is known exactly.
+
+    y = sum(u + w (c - u)) with u and c the two halves of up_blocks.0's output, so
+    dy/dA_u = 1 - w and dy/dA_c = w everywhere; their sum is 1, hence alpha_k = 1 and
+    CAM = ReLU(sum_k A_k) with A the guided output. Combining the gradients again with w
+    (guidance applied twice) gives alpha = 1 - 2w + 2w^2 = 13 at w = 3.
+    """
     from diffwidget.tracing.replay import StepReplay
 
+    cam = DFCam(blocks=["up_blocks.0"]).attribute(toy_pipe, toy_trace, 1)
+    assert cam.meta["cfg_combined"]
+    assert cam.meta["guidance_scale"] == toy_trace.guidance_scale == 3.0
     replay = StepReplay(toy_pipe, toy_trace)
     out = replay.model_output(replay.latent(1), 1)[0]
     expected = torch.relu(out.sum(0)).numpy()
-    expected = (expected - expected.min()) / (expected.max() - expected.min())
-    np.testing.assert_allclose(cam.layers["up_blocks.0"], expected, atol=1e-5)
+    np.testing.assert_allclose(cam.layers_raw["up_blocks.0"], expected, rtol=1e-5, atol=1e-6)
+    assert cam.meta["target"] == "sum of the guided model output (sample)"
+
+
+def _separate_pass_cam(pipe: Any, trace: Trace, step: int, path: str) -> np.ndarray:
+    """DF-CAM by its definition, with the two CFG halves run as separate UNet calls."""
+    import torch.nn.functional as F
+
+    from diffwidget.tracing.replay import StepReplay
+
+    replay = StepReplay(pipe, trace)
+    unet = pipe.unet
+    w = float(trace.guidance_scale)
+    t = torch.tensor(int(trace.timesteps[step]))
+    x = replay.latent(step)
+    x_in = replay._scale_model_input(x, int(t))
+    embeds = torch.as_tensor(trace.prompt_embeds)
+    acts: list[torch.Tensor] = []
+    handle = unet.get_submodule(path).register_forward_hook(
+        lambda _m, _i, out: acts.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.enable_grad():
+            u = unet(x_in, t, encoder_hidden_states=embeds[0:1]).sample
+            c = unet(x_in, t, encoder_hidden_states=embeds[1:2]).sample
+            y = (u + w * (c - u)).sum()
+            g_u, g_c = torch.autograd.grad(y, acts)
+    finally:
+        handle.remove()
+    a = acts[0].detach()[0] + w * (acts[1].detach()[0] - acts[0].detach()[0])
+    alpha = (g_u[0] + g_c[0]).mean(dim=(1, 2))
+    cam = torch.relu((alpha[:, None, None] * a).sum(0))
+    up = F.interpolate(cam[None, None], size=trace.latent_shape, mode="bilinear")
+    return up[0, 0].numpy()
+
+
+def test_cfg_matches_separate_unet_calls(sd_pipe: Any, sd_trace: Trace) -> None:
+    """The batched, one-backward DF-CAM equals the definition computed call by call."""
+    paths = ["down_blocks.1.attentions.0", "mid_block", "up_blocks.1.resnets.0"]
+    cam = DFCam(blocks=paths).attribute(sd_pipe, sd_trace, 2)
+    for path in paths:
+        expected = _separate_pass_cam(sd_pipe, sd_trace, 2, path)
+        assert expected.max() > 0
+        np.testing.assert_allclose(
+            cam.layers_raw[path], expected, rtol=1e-4, atol=1e-5 * expected.max()
+        )
+
+
+def test_without_cfg_matches_captum_layer_gradcam(sd_pipe: Any) -> None:
+    """guidance_scale 1 runs one UNet half: DF-CAM is then captum's LayerGradCam."""
+    from captum.attr import LayerAttribution, LayerGradCam
+    from explain_support import PROMPT, record_trace
+
+    from diffwidget.tracing.replay import StepReplay
+
+    trace = record_trace(sd_pipe, PROMPT, guidance=1.0)
+    path = "up_blocks.1.attentions.0"
+    cam = DFCam(blocks=[path]).attribute(sd_pipe, trace, 1)
+    assert not cam.meta["cfg_combined"]
+    replay = StepReplay(sd_pipe, trace)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return replay.model_output(x, 1, grad=True).sum(dim=(1, 2, 3))
+
+    gradcam = LayerGradCam(forward, sd_pipe.unet.get_submodule(path))
+    with torch.enable_grad():
+        reference = gradcam.attribute(replay.latent(1), relu_attributions=True)
+    reference = LayerAttribution.interpolate(reference, trace.latent_shape, "bilinear")
+    expected = reference[0, 0].detach().numpy()
+    assert expected.max() > 0
+    np.testing.assert_allclose(cam.layers_raw[path], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_works_inside_no_grad(sd_pipe: Any, sd_trace: Trace) -> None:
+    """Step callbacks and user code often run under torch.no_grad(); DF-CAM still works."""
+    expected = DFCam(blocks=["mid_block"]).attribute(sd_pipe, sd_trace, 1)
+    with torch.no_grad():
+        inside = DFCam(blocks=["mid_block"]).attribute(sd_pipe, sd_trace, 1)
+    np.testing.assert_array_equal(inside.layers_raw["mid_block"], expected.layers_raw["mid_block"])
 
 
 def test_submodule_paths_and_errors(sd_pipe: Any, sd_trace: Trace) -> None:

@@ -88,3 +88,18 @@ def test_bad_inputs(toy_pipe: Any, toy_trace: Trace) -> None:
         InsertionDeletion().evaluate(toy_pipe, toy_trace, 0, np.zeros((3, 3)))
     with pytest.raises(ValueError, match="n_random"):
         InsertionDeletion(n_random=0)
+
+
+def test_deletion_of_a_small_latents_corner_is_seen() -> None:
+    """The SSIM deletion curve of a perfect map on a 16x16 corner toy drops, then stays."""
+    from explain_toys import CORNER, corner_mask, make_corner_pipe, make_corner_trace
+
+    pipe = make_corner_pipe()
+    trace = make_corner_trace(pipe)
+    res = InsertionDeletion(n_random=2).evaluate(pipe, trace, 0, corner_mask().numpy())
+    curve = res.saliency.deletion
+    n_corner_stages = int(np.ceil(CORNER * CORNER / res.meta["cells_per_stage"]))
+    # All the change happens while the corner cells go; afterwards nothing moves.
+    assert curve[n_corner_stages] < curve[0] - 0.1
+    np.testing.assert_allclose(curve[n_corner_stages:], curve[n_corner_stages], atol=1e-5)
+    assert res.deletion_gain > 0
