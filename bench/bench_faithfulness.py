@@ -83,7 +83,7 @@ def main() -> None:
         "df_cam": DFCam(),
     }
     if args.cam_top_blocks:
-        from diffwidget.tracing.hooks import block_paths
+        from diffwidget.tracing.families.unet import block_paths
 
         methods["df_cam_top_blocks"] = DFCam(blocks=block_paths(pipe.unet))
     if args.paper_estimator:

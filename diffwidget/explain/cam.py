@@ -1,4 +1,4 @@
-"""DF-CAM: Grad-CAM over UNet blocks at one denoising step."""
+"""DF-CAM: Grad-CAM over denoiser blocks at one denoising step."""
 
 from __future__ import annotations
 
@@ -11,20 +11,18 @@ import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, check_step
 from diffwidget.explain.results import SaliencyMap, minmax
-from diffwidget.tracing.hooks import capture_outputs, layer_paths
+from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.replay import StepReplay
 
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
 
-_CFG_BATCH = 2
-
 
 class DFCam:
-    """DF-CAM: Grad-CAM maps of UNet layers at step ``t`` (Park, Ju & Lee 2024, Sec. 3.3).
+    """DF-CAM: Grad-CAM maps of denoiser layers at step ``t`` (Park, Ju & Lee 2024, Sec. 3.3).
 
-    One forward and one backward pass of the UNet (with classifier-free guidance, replayed
-    at the recorded ``x_t``) give every chosen block's map at once:
+    One forward and one backward pass of the denoiser (with classifier-free guidance,
+    replayed at the recorded ``x_t``) give every chosen block's map at once:
 
     * target ``y = sum`` of the CFG-guided model output (whatever the model predicts:
       epsilon, v or a flow velocity; ``meta["target"]`` names it);
@@ -34,17 +32,20 @@ class DFCam:
       ``(1 - w)`` and ``dy/dA_c`` holds ``w``, so the combined gradient is their sum
       ``dy/dA_u + dy/dA_c`` (combining them again with ``w`` would apply guidance twice);
     * ``alpha_k`` = spatial mean of the combined gradient of channel ``k``;
-    * ``CAM = ReLU(sum_k alpha_k A_k)``, upsampled bilinearly to the latent grid
+    * ``CAM = ReLU(sum_k alpha_k A_k)``; a transformer block's image tokens are laid on
+      their patch grid first (channels ``k`` are the hidden features); upsampled
+      bilinearly to the latent grid
       (``layers_raw``) and min-max normalised per block (``layers``);
     * ``map`` is the min-max normalised sum of the per-block maps (``raw`` that sum).
 
     Parameters
     ----------
     blocks : sequence of str, optional
-        Diffusers module paths of the layers, e.g. ``["down_blocks.1", "mid_block"]`` or
-        ``["up_blocks.1.attentions.0"]``. Default: every resnet, attention and resampler of
-        every block (:func:`~diffwidget.tracing.hooks.layer_paths`), the layers of the
-        paper's layer x step grid. ``hooks.block_paths(unet)`` gives the top-level blocks.
+        Diffusers module paths of the layers, e.g. ``["down_blocks.1", "mid_block"]``,
+        ``["up_blocks.1.attentions.0"]`` or ``["transformer_blocks.3"]``. Default: the
+        family's layers (:meth:`~diffwidget.tracing.families.base.DenoiserFamily.cam_layers`):
+        for UNets every resnet, attention and resampler of every block, the layers of the
+        paper's layer x step grid; for transformers every block.
 
     Notes
     -----
@@ -105,49 +106,49 @@ class DFCam:
         step = check_step(trace, step)
         start_time = time.perf_counter()
         replay = StepReplay(pipe, trace)
-        paths = self.blocks if self.blocks is not None else layer_paths(pipe.unet)
-        if not paths:
-            raise ValueError(
-                f"{type(pipe.unet).__name__} has no down/mid/up blocks; pass blocks= with "
-                "module paths from unet.named_modules()"
-            )
+        family = replay.family
+        paths = self.blocks if self.blocks is not None else family.cam_layers()
         size = trace.latent_shape
         w = float(trace.guidance_scale)
         if progress is not None:
             progress(0, 1)
-        # The input requires grad so the graph exists even when the UNet is frozen; grad
+        # The input requires grad so the graph exists even when the model is frozen; grad
         # mode is forced on so DF-CAM also works inside torch.no_grad() (step callbacks).
         x = replay.latent(step).requires_grad_(True)
-        with torch.enable_grad(), capture_outputs(pipe.unet, paths, retain_grad=True) as acts:
+        with (
+            torch.enable_grad(),
+            capture_outputs(
+                family.denoiser, paths, retain_grad=True, select=family.block_tensor
+            ) as acts,
+        ):
             out = replay.model_output(x, step, grad=True)
             y = out.sum()
             missing = [p for p in paths if not acts[p] or not acts[p][0].requires_grad]
             if missing:
                 raise RuntimeError(
-                    f"blocks {missing} produced no differentiable output in the UNet's forward "
-                    "pass; pick blocks that the UNet calls (see hooks.layer_paths(unet))"
+                    f"blocks {missing} produced no differentiable output in the denoiser's "
+                    "forward pass; pick blocks that it calls (default: family.cam_layers())"
                 )
-            tensors = [acts[p][0] for p in paths]
+            tensors = [t for p in paths for t in acts[p]]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
+        grad_of = dict(zip(map(id, tensors), grads, strict=True))
         layers: dict[str, Any] = {}
         layers_raw: dict[str, Any] = {}
         peaks: dict[str, float] = {}
         empty: list[str] = []
         with torch.no_grad():
-            for path, a, g in zip(paths, tensors, grads, strict=True):
-                a = a.detach().float()
-                g = torch.zeros_like(a) if g is None else g.float()
-                if replay.do_cfg and a.shape[0] == _CFG_BATCH:
-                    a = a[0] + w * (a[1] - a[0])
+            for path in paths:
+                calls = acts[path]
+                a_u, a_c = replay.halves([t.detach().float() for t in calls])
+                g_u, g_c = replay.halves([_grad_or_zeros(grad_of[id(t)], t).float() for t in calls])
+                if a_u is not None and g_u is not None:
+                    a = a_u + w * (a_c - a_u)
                     # dy/dA_u and dy/dA_c already carry (1 - w) and w.
-                    g = g[0] + g[1]
+                    g = g_u + g_c
                 else:
-                    a, g = a[-1], g[-1]
-                if a.dim() != 3:
-                    raise ValueError(
-                        f"block {path!r} outputs shape {tuple(a.shape)}; DF-CAM needs a spatial "
-                        "feature map [C, h, w] (choose a block, resnet or attention module)"
-                    )
+                    a, g = a_c, g_c
+                a = family.spatial(a, replay.layout)[-1]
+                g = family.spatial(g, replay.layout)[-1]
                 alpha = g.mean(dim=(1, 2))
                 cam = F.relu((alpha[:, None, None] * a).sum(0))
                 peaks[path] = float(cam.max())
@@ -170,6 +171,7 @@ class DFCam:
             meta={
                 "layers": list(paths),
                 "target": f"sum of the guided model output ({replay.prediction_type})",
+                "family": family.name,
                 "cfg_combined": replay.do_cfg,
                 "guidance_scale": w,
                 "cam_peaks": peaks,
@@ -177,3 +179,8 @@ class DFCam:
                 "seconds": time.perf_counter() - start_time,
             },
         )
+
+
+def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # A block whose output does not reach y gets no gradient: its CAM is zero.
+    return torch.zeros_like(like) if grad is None else grad

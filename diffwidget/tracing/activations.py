@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import numpy as np
 
 from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRecord, Half, Pooling
+from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.decode import decode_latents, to_uint8
+from diffwidget.tracing.families.base import DenoiserFamily, LatentLayout
 from diffwidget.tracing.noise import PREDICTION_SOURCES, PredictionSource
 
 if TYPE_CHECKING:
@@ -42,36 +44,31 @@ _RESERVED_KWARGS = frozenset(
 )
 
 
-def default_blocks(unet: nn.Module) -> list[str]:
-    """Blocks recorded when none are chosen: a middle down block, the mid block, a middle up block.
+def default_blocks(pipe: Any) -> list[str]:
+    """Blocks recorded when none are chosen: the family's early, middle and late blocks.
 
-    These span the UNet's coarsest, most semantic resolution and one resolution on each side
-    of it, which is where concept information is expected to appear first.
+    For UNets a middle down block, the mid block and a middle up block: the coarsest, most
+    semantic resolution and one resolution on each side of it, where concept information is
+    expected to appear first; for transformers the blocks at 1/4, 1/2 and 3/4 depth.
     """
-    from diffwidget.tracing.hooks import block_paths
+    from diffwidget.tracing.families import denoiser_family
 
-    paths = block_paths(unet)
-    downs = [p for p in paths if p.startswith("down_blocks.")]
-    ups = [p for p in paths if p.startswith("up_blocks.")]
-    chosen = []
-    if downs:
-        chosen.append(downs[len(downs) // 2])
-    if "mid_block" in paths:
-        chosen.append("mid_block")
-    if ups:
-        chosen.append(ups[len(ups) // 2])
-    if not chosen:
-        raise ValueError(
-            "the UNet has no down_blocks, mid_block or up_blocks; pass blocks=[...] with "
-            "module paths from [name for name, _ in unet.named_modules()]"
-        )
-    return chosen
+    return denoiser_family(pipe).probe_blocks()
 
 
 def _pooler(
-    pooling: Pooling, grid_size: int, halves: Sequence[Half], cfg: bool, dtype: torch.dtype
+    pooling: Pooling,
+    grid_size: int,
+    halves: Sequence[Half],
+    cfg: CfgLayout,
+    dtype: torch.dtype,
+    to_map: Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reduce a block output [batch, C, h, w] to [len(halves), prompts, features] on the CPU."""
+    """Reduce a block output to [len(halves), prompts, features] on the CPU.
+
+    ``to_map`` lays a block's activation out as ``[batch, C, h, w]`` (the family's
+    ``spatial``: transformer tokens on their patch grid).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -81,38 +78,24 @@ def _pooler(
         return F.adaptive_avg_pool2d(tensor.float(), grid_size).flatten(1)
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.ndim != 4:
-            raise RuntimeError(
-                f"expected a [batch, channels, h, w] block output, got shape "
-                f"{tuple(tensor.shape)}; choose convolutional UNet blocks"
-            )
-        if not cfg:
-            parts = {"cond": tensor}
-        elif tensor.shape[0] % 2:
-            raise RuntimeError(
-                f"a block output has batch {tensor.shape[0]} under classifier-free "
-                "guidance; expected [uncond, cond] halves of equal size"
-            )
-        else:
-            # diffusers concatenates [negative, positive]: the second half is the prompt's.
-            uncond, cond = tensor.chunk(2)
-            parts = {"uncond": uncond, "cond": cond}
+        feature_map = to_map(tensor)
+        uncond, cond = cfg.split(feature_map)
+        parts = {"cond": cond} if uncond is None else {"uncond": uncond, "cond": cond}
         return torch.stack([pool(parts[h]) for h in halves]).to(device="cpu", dtype=dtype)
 
     return reduce
 
 
 @contextmanager
-def _unet_inputs(unet: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Record ``(sample, timestep)`` of every UNet call; the hook is removed on exit."""
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+def _denoiser_inputs(family: DenoiserFamily) -> Iterator[list[tuple[torch.Tensor, Any]]]:
+    """Record ``(sample, timestep)`` of every denoiser call; the hook is removed on exit."""
+    calls: list[tuple[torch.Tensor, Any]] = []
 
     def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        calls.append((sample.detach(), timestep))
+        call = family.parse_call(args, kwargs)
+        calls.append((call.sample.detach(), call))
 
-    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = family.denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         yield calls
     finally:
@@ -248,23 +231,39 @@ class ActivationRecorder:
         clash = _RESERVED_KWARGS & set(pipeline_kwargs)
         if clash:
             raise ValueError(f"the recorder sets {sorted(clash)} itself; leave them out")
-        unet = getattr(pipe, "unet", None)
-        if unet is None:
-            raise TypeError(
-                "pass a diffusers pipeline with a UNet (e.g. StableDiffusionPipeline); "
-                f"{type(pipe).__name__} has no .unet"
-            )
-        blocks = self.blocks if self.blocks is not None else default_blocks(unet)
+        from diffwidget.tracing.families import denoiser_family
+
+        family = denoiser_family(pipe)
+        unet = family.denoiser
+        blocks = self.blocks if self.blocks is not None else family.probe_blocks()
         for path in blocks:
             resolve_module(unet, path)  # fail before generating anything
-        cfg = guidance_scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
-        if not cfg and "uncond" in self.halves:
+        cfg = family.cfg_layout(
+            guidance_scale, {"negative_prompt": negative_prompt, **pipeline_kwargs}
+        )
+        if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+            cfg = CfgLayout("none", guidance_scale)  # guidance-embedded UNets (LCM) run one half
+        if cfg.kind == "separate":
+            raise ValueError(
+                "recording activations with separate CFG calls (Flux's true_cfg_scale) is not "
+                "supported; record without true_cfg_scale"
+            )
+        if not cfg.guided and "uncond" in self.halves:
             raise ValueError(
                 "without classifier-free guidance (guidance_scale <= 1) there is no "
                 "unconditional half; record halves=['cond'] or raise guidance_scale"
             )
+        size = family.default_image_size()
+        layout = family.layout_for(height or size, width or size)
         store = torch.float16 if self.dtype == "float16" else torch.float32
-        reduce = _pooler(self.pooling, self.grid_size, self.halves, cfg, store)
+        reduce = _pooler(
+            self.pooling,
+            self.grid_size,
+            self.halves,
+            cfg,
+            store,
+            lambda tensor: family.spatial(tensor, layout),
+        )
         call = {
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
@@ -295,7 +294,7 @@ class ActivationRecorder:
                 if negative_prompt is not None:
                     call["negative_prompt"] = [negative_prompt] * len(batch)
                 acts, batch_t, batch_images, decoded = self._run_batch(
-                    pipe, blocks, reduce, batch, seeds[rows], cfg, call, bar
+                    pipe, family, layout, blocks, reduce, batch, seeds[rows], cfg, call, bar
                 )
                 if timesteps is None:
                     timesteps = batch_t
@@ -329,7 +328,8 @@ class ActivationRecorder:
             "scheduler": type(pipe.scheduler).__name__,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
-            "cfg": cfg,
+            "cfg": cfg.guided,
+            "family": family.name,
             "halves": self.halves,
             "negative_prompt": negative_prompt,
             "dtype": self.dtype,
@@ -352,11 +352,13 @@ class ActivationRecorder:
     def _run_batch(
         self,
         pipe: Any,
+        family: DenoiserFamily,
+        layout: LatentLayout,
         blocks: list[str],
         reduce: Callable[[torch.Tensor], torch.Tensor],
         batch: list[str],
         seeds: list[int],
-        cfg: bool,
+        cfg: CfgLayout,
         call: dict[str, Any],
         bar: Any,
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray | None]:
@@ -369,7 +371,7 @@ class ActivationRecorder:
 
         from diffwidget.tracing.hooks import capture_outputs
 
-        unet = pipe.unet
+        unet = family.denoiser
 
         def on_step_end(
             _pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]
@@ -378,11 +380,11 @@ class ActivationRecorder:
             return callback_kwargs
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        # The UNet's own output ("" is the root module) is needed only for x̂0.
+        # The denoiser's own output ("" is the root module) is needed only for x̂0.
         root = [""] if self.decode_x0 else []
         with (
-            capture_outputs(unet, blocks, reduce=reduce) as acts,
-            _unet_inputs(unet) as inputs,
+            capture_outputs(unet, blocks, reduce=reduce, select=family.block_tensor) as acts,
+            _denoiser_inputs(family) as inputs,
             capture_outputs(unet, root) as unet_out,
         ):
             result = pipe(
@@ -391,18 +393,20 @@ class ActivationRecorder:
         n_calls = len(inputs)
         if any(len(acts[p]) != n_calls for p in blocks):
             raise RuntimeError(
-                "blocks were called a different number of times than the UNet; "
-                "record top-level blocks that run once per UNet call"
+                "blocks were called a different number of times than the denoiser; "
+                "record top-level blocks that run once per denoiser call"
             )
-        timesteps = np.array([int(torch.as_tensor(t).flatten()[0]) for _, t in inputs])
+        scheduler = pipe.scheduler
+        begin = getattr(scheduler, "begin_index", None) or 0
+        timesteps = np.round(scheduler.timesteps[begin : begin + n_calls].double().cpu().numpy())
         # [n_steps, n_halves, B, F] -> [n_halves, B, n_steps, F]
         stacked = {p: torch.stack(acts[p]).permute(1, 2, 0, 3).numpy() for p in blocks}
         images = to_uint8(np.asarray(result.images))
         decoded = None
         if self.decode_x0:
             # A guidance scale of 1 leaves the conditional half alone.
-            w = float(call["guidance_scale"]) if self.x0_from == "guided" else 1.0
-            flat = _decode_x0(pipe, inputs, unet_out[""], cfg, w)
+            w = cfg.guidance_scale if self.x0_from == "guided" else 1.0
+            flat = _decode_x0(pipe, family, layout, inputs, unet_out[""], CfgLayout(cfg.kind, w))
             # step-major [n_steps * B, H, W, 3] -> [B, n_steps, H, W, 3]
             decoded = flat.reshape(n_calls, len(batch), *flat.shape[1:]).swapaxes(0, 1)
         return stacked, timesteps, images, decoded
@@ -410,36 +414,40 @@ class ActivationRecorder:
 
 def _decode_x0(
     pipe: Any,
-    inputs: list[tuple[torch.Tensor, torch.Tensor]],
+    family: DenoiserFamily,
+    layout: LatentLayout,
+    inputs: list[tuple[torch.Tensor, Any]],
     outputs: list[torch.Tensor],
-    cfg: bool,
-    guidance_scale: float,
+    cfg: CfgLayout,
 ) -> np.ndarray:
-    """Decode x̂0 for every recorded UNet call: [n_steps * B, H, W, 3], step-major.
+    """Decode x̂0 for every recorded denoiser call: [n_steps * B, H, W, 3], step-major.
 
     Uses the same coefficients as :class:`~diffwidget.tracing.context.TraceContext`
     (:mod:`diffwidget.tracing.noise`), read from the scheduler's tables, never stepping it.
     """
     import torch
 
-    from diffwidget.tracing.noise import predict_x0, scheduler_family, step_coefficients
+    from diffwidget.tracing.noise import (
+        predict_x0,
+        prediction_type,
+        scheduler_family,
+        step_coefficients,
+    )
 
     scheduler = pipe.scheduler
-    family = scheduler_family(scheduler)
+    noise = scheduler_family(scheduler)
+    kind = prediction_type(scheduler)
     begin = getattr(scheduler, "begin_index", None) or 0
     latents: list[torch.Tensor] = []
-    for i, ((sample, t), output) in enumerate(zip(inputs, outputs, strict=True)):
-        if cfg:
-            # The pipeline's own CFG combination (guidance_rescale is not applied).
-            uncond, cond = output.float().chunk(2)
-            guided = uncond + guidance_scale * (cond - uncond)
-            sample = sample.chunk(2)[1]
-        else:
-            guided = output.float()
-        # One UNet call per step, so call i ran at step index begin + i.
-        c = step_coefficients(scheduler, family, float(torch.as_tensor(t).flatten()[0]), begin + i)
-        x_t = sample.float() / c.input_scale  # the UNet saw input_scale * x_t
-        kind = scheduler.config.prediction_type
+    for i, ((sample, _call), output) in enumerate(zip(inputs, outputs, strict=True)):
+        uncond, cond = cfg.split(family.from_model_output(output.float(), layout))
+        # The pipeline's own CFG combination (guidance_rescale is not applied).
+        guided = cfg.combine(uncond, cond)
+        x_in = family.to_latents(cfg.cond_rows(sample).float(), layout)
+        # One denoiser call per step, so call i ran at step index begin + i.
+        t = float(scheduler.timesteps[begin + i])
+        c = step_coefficients(scheduler, noise, t, begin + i)
+        x_t = x_in / c.input_scale  # the denoiser saw input_scale * x_t
         # predict_x0 is array-generic: it works on tensors unchanged.
         x0 = predict_x0(cast(Any, x_t), cast(Any, guided), c.alpha, c.sigma, c.input_scale, kind)
         latents.append(cast("torch.Tensor", x0))

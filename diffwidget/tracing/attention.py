@@ -1,18 +1,29 @@
-"""Cross-attention capture that wraps, never replaces, each ``attn2`` layer's processor.
+"""Attention capture that wraps, never replaces, each text→image attention processor.
 
-The layer's original processor (SDPA, xformers, sliced, ...) still computes the layer's
-output, so a traced image is bit-identical to an untraced one and fast kernels are kept.
-On the side, for the *conditional* CFG half only, we recompute the query and key
-projections and keep ``softmax(Q K^T * scale)`` averaged over heads, for the selected
-token positions, in float16, on the device (no host sync inside the denoising loop).
+The layer's original processor (SDPA, xformers, sliced, diffusers' attention dispatcher,
+...) still computes the layer's output, so a traced image is bit-identical to an untraced
+one and fast kernels are kept. On the side, for the *conditional* CFG half only, a capture
+processor recomputes the query and key projections exactly as the layer applies them and
+keeps the image→text probabilities averaged over heads, for the selected token positions,
+in float16, on the device (no host sync inside the denoising loop).
+
+This module holds what every denoiser family shares: the per-step storage
+(:class:`AttentionRecorder`), the wrapping processor (:class:`CaptureAttnProcessor`), the
+install/restore of processors (:class:`AttentionCapture`) and the cross-attention math of
+UNet- and PixArt-style ``attn2`` layers (:func:`attention_probs`). Joint (MMDiT) attention
+lives in :mod:`diffwidget.tracing.joint_attention`; which layers are captured, and how, is
+each family's (:mod:`diffwidget.tracing.families`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from diffwidget.tracing.cfg import CfgLayout
 
 #: Cross-attention layers are the ``attn2`` of each transformer block.
 CROSS_ATTENTION_NAME = "attn2"
@@ -27,8 +38,12 @@ class AttentionRecorder:
         Token positions to keep; ``None`` keeps all.
     """
 
-    def __init__(self, token_indices: list[int] | None) -> None:
+    def __init__(self, token_indices: list[int] | None, cfg: CfgLayout | None = None) -> None:
         self.token_indices = token_indices
+        self.cfg = cfg if cfg is not None else CfgLayout("batched", 2.0)
+        #: False while the denoiser runs a call whose probabilities are not kept (the
+        #: unconditional call of separate-call CFG).
+        self.active = True
         self.step = 0
         self.maps: dict[str, list[torch.Tensor]] = {}
         self.n_tokens_total: int | None = None
@@ -43,34 +58,32 @@ class AttentionRecorder:
             self._index_cache[device] = torch.tensor(self.token_indices, device=device)
         return self._index_cache[device]
 
+    def cond(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The prompt's rows of a tensor of the running call (one image per trace)."""
+        rows = self.cfg.cond_rows(tensor)
+        if rows.shape[0] != 1:
+            raise RuntimeError(
+                f"attention saw a batch of {tensor.shape[0]}; trace one prompt and one image at "
+                "a time (num_images_per_prompt=1)"
+            )
+        return rows
+
     def add(self, layer: str, probs: torch.Tensor) -> None:
         """Store ``probs`` (``[n_queries, n_tokens]``, mean over heads) for the current step."""
         stored = self.maps.setdefault(layer, [])
         if len(stored) != self.step:
             raise RuntimeError(
                 f"attention layer {layer} ran {len(stored) - self.step + 1} times in step "
-                f"{self.step}; diffwidget traces pipelines that call the UNet once per step "
-                "(with CFG batched). Use DPMSolverMultistepScheduler, DDIMScheduler or "
-                "EulerDiscreteScheduler rather than a scheduler that evaluates the UNet "
-                "several times per step (e.g. Heun)."
+                f"{self.step}; diffwidget traces pipelines that call the denoiser once per step "
+                "and CFG half. Use DPMSolverMultistepScheduler, DDIMScheduler, "
+                "EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler rather than a "
+                "scheduler that evaluates the model several times per step (e.g. Heun)."
             )
         self.n_tokens_total = probs.shape[-1]
         indices = self._indices(probs.device)
         if indices is not None:
             probs = probs.index_select(-1, indices)
         stored.append(probs.to(torch.float16))
-
-
-def _cond_half(tensor: torch.Tensor) -> torch.Tensor:
-    # diffusers batches CFG as [uncond, cond]; one image per trace, so a batch of two is
-    # CFG and the conditional sample is the last one. Without CFG the batch is all cond.
-    batch = tensor.shape[0]
-    if batch > 2:
-        raise RuntimeError(
-            f"attention saw a batch of {batch}; trace one prompt and one image at a time "
-            "(num_images_per_prompt=1)"
-        )
-    return tensor[batch // 2 :]
 
 
 @torch.no_grad()
@@ -142,7 +155,11 @@ def attention_probs(
 
 
 class CaptureAttnProcessor:
-    """Wraps an attention processor and records cross-attention probabilities on the side.
+    """Wraps an attention processor and records image→text probabilities on the side.
+
+    The wrapped processor computes the layer's output unchanged; :meth:`record` sees the
+    same inputs afterwards. This class records cross-attention (``attn2`` with
+    ``encoder_hidden_states``: UNets, PixArt); joint-attention families subclass it.
 
     Parameters
     ----------
@@ -155,7 +172,9 @@ class CaptureAttnProcessor:
         Where probabilities go.
     """
 
-    def __init__(self, original: Any, layer: str, recorder: AttentionRecorder) -> None:
+    def __init__(
+        self, original: Any, layer: str, recorder: AttentionRecorder, module: Any = None
+    ) -> None:
         self.original = original
         self.layer = layer
         self.recorder = recorder
@@ -175,36 +194,48 @@ class CaptureAttnProcessor:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
 
+    def close(self) -> None:
+        """Remove whatever the processor attached besides itself (called on restore)."""
+
     def _forward(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         output = self.original(attn, hidden_states, *args, **kwargs)
+        if self.recorder.active:
+            self.record(attn, hidden_states, *args, **kwargs)
+        return output
+
+    def record(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Compute and store this call's probabilities (cross-attention version)."""
         encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
         if encoder_hidden_states is None:
-            return output
+            return
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-        if self.recorder.encoder_hidden_states is None:
-            self.recorder.encoder_hidden_states = encoder_hidden_states.detach().clone()
+        cond = self.recorder.cond
         # The pipeline passes the same text-embedding tensor at every step, so the keys
         # are computed once per trace rather than once per step.
         if self._keys_source is not encoder_hidden_states:
-            self._keys = attention_keys(attn, _cond_half(encoder_hidden_states))
+            self._keys = attention_keys(attn, cond(encoder_hidden_states))
             self._keys_source = encoder_hidden_states
         probs = attention_probs(
             attn,
-            _cond_half(hidden_states),
-            attention_mask=None if attention_mask is None else _cond_half(attention_mask),
-            temb=None if temb is None else _cond_half(temb),
+            cond(hidden_states),
+            attention_mask=None if attention_mask is None else cond(attention_mask),
+            temb=None if temb is None else cond(temb),
             keys=self._keys,
         )
         self.recorder.add(self.layer, probs[0])
-        return output
+
+
+ProcessorFactory = Callable[[Any, str, AttentionRecorder, Any], CaptureAttnProcessor]
 
 
 def cross_attention_layers(unet: Any) -> list[str]:
-    """Module paths of the UNet's cross-attention (``attn2``) layers in data-flow order.
+    """Module paths of the cross-attention (``attn2``) layers in data-flow order.
 
-    Down blocks, then the mid block, then up blocks (``named_modules`` registers the mid
-    block last).
+    For UNets: down blocks, then the mid block, then up blocks (``named_modules``
+    registers the mid block last); for PixArt-style transformers: block order. Layers named
+    ``attn2`` that are not cross-attention (SD3.5's image-only second attention) are left
+    out.
     """
     names = [
         name
@@ -223,48 +254,58 @@ def _data_flow_key(path: str) -> tuple[int, list[int]]:
 
 
 class AttentionCapture:
-    """Installs capture processors on every ``attn2`` layer of ``unet`` and restores them.
+    """Installs capture processors on a denoiser's text→image layers and restores them.
 
-    Processors are swapped per layer with ``Attention.set_processor`` rather than with
-    ``unet.set_attn_processor``, which needs every layer and walks the whole model on each
+    Processors are swapped per layer with ``set_processor`` rather than with
+    ``set_attn_processor``, which needs every layer and walks the whole model on each
     call; restoring puts back the processor of *every* attention layer, so a processor
     change made while tracing (e.g. ``enable_attention_slicing``) is undone too.
 
     Parameters
     ----------
-    unet : UNet2DConditionModel
-        The pipeline's UNet.
+    denoiser : nn.Module
+        The pipeline's UNet or transformer.
     recorder : AttentionRecorder
         Shared storage for the captured maps.
+    sites : dict of str to callable, optional
+        Module path -> factory ``(original, path, recorder, module) -> CaptureAttnProcessor``;
+        default: every cross-attention layer with :class:`CaptureAttnProcessor`.
     """
 
-    def __init__(self, unet: Any, recorder: AttentionRecorder) -> None:
-        self.unet = unet
+    def __init__(
+        self,
+        denoiser: Any,
+        recorder: AttentionRecorder,
+        sites: dict[str, ProcessorFactory] | None = None,
+    ) -> None:
+        self.unet = denoiser
         self.recorder = recorder
-        self.layers = cross_attention_layers(unet)
+        if sites is None:
+            sites = dict.fromkeys(cross_attention_layers(denoiser), CaptureAttnProcessor)
+        self.layers = list(sites)
         if not self.layers:
             raise ValueError(
-                f"{type(unet).__name__} has no cross-attention (attn2) layers to trace; pass a "
-                "StableDiffusionPipeline or StableDiffusionXLPipeline whose UNet has "
-                "cross-attention"
+                f"{type(denoiser).__name__} has no text→image attention layers to trace; pass a "
+                "pipeline whose denoiser attends to the prompt (see diffwidget's supported "
+                "families: diffwidget.tracing.families.SUPPORTED)"
             )
-        modules = dict(unet.named_modules())
-        self._targets = [(layer, modules[layer]) for layer in self.layers]
+        modules = dict(denoiser.named_modules())
+        self._targets = [(layer, modules[layer], sites[layer]) for layer in self.layers]
         self._all_attention = [m for m in modules.values() if hasattr(m, "set_processor")]
         self._saved: list[tuple[Any, Any]] = []
         self._installed: list[tuple[str, Any, CaptureAttnProcessor]] = []
 
     def install(self) -> None:
-        """Wrap every ``attn2`` processor (restore with :meth:`restore`, in a ``finally``)."""
-        if any(isinstance(m.processor, CaptureAttnProcessor) for _, m in self._targets):
+        """Wrap every site's processor (restore with :meth:`restore`, in a ``finally``)."""
+        if any(isinstance(m.processor, CaptureAttnProcessor) for _, m, _ in self._targets):
             raise RuntimeError(
-                "this UNet is already being traced (a TraceContext is active on it); "
+                "this model is already being traced (a TraceContext is active on it); "
                 "leave that context before starting another"
             )
         self._saved = [(module, module.processor) for module in self._all_attention]
         try:
-            for layer, module in self._targets:
-                capture = CaptureAttnProcessor(module.processor, layer, self.recorder)
+            for layer, module, factory in self._targets:
+                capture = factory(module.processor, layer, self.recorder, module)
                 module.set_processor(capture)
                 self._installed.append((layer, module, capture))
         except BaseException:
@@ -273,9 +314,13 @@ class AttentionCapture:
 
     def restore(self) -> None:
         """Put every attention layer's original processor back (no-op if not installed)."""
-        for module, processor in self._saved:
-            if module.processor is not processor:
-                module.set_processor(processor)
+        try:
+            for _, _, capture in self._installed:
+                capture.close()
+        finally:
+            for module, processor in self._saved:
+                if module.processor is not processor:
+                    module.set_processor(processor)
         self._saved = []
         self._installed = []
 

@@ -1,16 +1,16 @@
 """How much a trace stores per step, known before the pipeline runs.
 
-Each ``attn2`` layer sits at one resolution level of the UNet: down block ``k`` at level
-``k``, the mid block at the deepest level, up block ``j`` at level ``n - 1 - j``. A level's
-grid is the latent grid halved ``k`` times, rounding up (diffusers' stride-2 convolution
-with padding 1). From that grid, the number of kept tokens and the latent shape, the bytes
-per step follow exactly; :meth:`Trace.nbytes_per_step` reports the same number afterwards.
+Per step a trace keeps the latent, the guided model output and x̂0 (float32), one float16
+attention row per image query and kept token at every captured site, and an RGB preview.
+The number of image queries per site comes from the denoiser family
+(:meth:`~diffwidget.tracing.families.base.DenoiserFamily.query_counts`), so the bytes per
+step follow exactly from the latent grid, the kept tokens and the image size;
+:meth:`Trace.nbytes_per_step` reports the same number afterwards.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,52 +23,9 @@ LATENT_ITEMSIZE = 4
 ATTENTION_ITEMSIZE = 2
 PREVIEW_CHANNELS = 3
 
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
-
 
 class MemoryBudgetError(ValueError):
     """A trace would store more than ``memory_budget_mb``."""
-
-
-def grid_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
-    """Spatial grid after ``level`` stride-2 downsamplings of ``latent_hw``."""
-    h, w = latent_hw
-    for _ in range(level):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return h, w
-
-
-def layer_level(path: str, n_levels: int) -> int:
-    """Resolution level of the attention layer at the diffusers module ``path``."""
-    match = _BLOCK.match(path)
-    if match is None:
-        raise ValueError(
-            f"cannot tell the resolution of attention layer {path!r}: diffwidget expects "
-            "UNet2DConditionModel-style paths (down_blocks.k / mid_block / up_blocks.k)"
-        )
-    if match.group(3):
-        return n_levels - 1
-    index = int(match.group(2))
-    return index if match.group(1) == "down_blocks" else n_levels - 1 - index
-
-
-def layer_grid(
-    path: str, n_levels: int, latent_hw: tuple[int, int], n_queries: int
-) -> tuple[int, int]:
-    """The ``(h_l, w_l)`` grid of a layer with ``n_queries`` query positions.
-
-    The level comes from the module path; if the UNet is laid out differently, the first
-    level whose grid holds exactly ``n_queries`` positions is used.
-    """
-    candidates = [grid_at_level(latent_hw, layer_level(path, n_levels))]
-    candidates += [grid_at_level(latent_hw, level) for level in range(n_levels + 2)]
-    for h, w in candidates:
-        if h * w == n_queries:
-            return h, w
-    raise ValueError(
-        f"attention layer {path!r} has {n_queries} query positions, which matches no "
-        f"downsampled grid of the {latent_hw[0]}x{latent_hw[1]} latent"
-    )
 
 
 @dataclass(frozen=True)
@@ -94,34 +51,32 @@ class StepBytes:
 
 
 def estimate_step_bytes(
-    layer_paths: list[str],
-    n_levels: int,
+    attention_cells: int,
     latent_shape: tuple[int, int, int],
     n_tokens: int,
     image_hw: tuple[int, int] | None,
 ) -> StepBytes:
-    """Bytes per step for the given layers, latent ``(C, h, w)``, tokens and previews.
+    """Bytes per step for ``attention_cells`` image queries, latent ``(C, h, w)``, tokens, previews.
 
     Parameters
     ----------
-    layer_paths : list of str
-        ``attn2`` module paths that are captured.
-    n_levels : int
-        ``len(unet.config.block_out_channels)``.
+    attention_cells : int
+        Image queries summed over every captured attention site.
     latent_shape : tuple of int
-        ``(C, h, w)`` of the latent.
+        ``(C, h, w)`` of the (unpacked) latent.
     n_tokens : int
         Token positions kept per attention map.
     image_hw : tuple of int, optional
         Image size when previews are decoded, else ``None``.
+
+    Examples
+    --------
+    >>> estimate_step_bytes(256, (4, 16, 16), 10, None).total
+    17408
     """
     channels, h, w = latent_shape
     latents = 3 * channels * h * w * LATENT_ITEMSIZE  # latents, noise_pred, pred_x0
-    cells = 0
-    for path in layer_paths:
-        gh, gw = grid_at_level((h, w), layer_level(path, n_levels))
-        cells += gh * gw
-    attention = cells * n_tokens * ATTENTION_ITEMSIZE
+    attention = attention_cells * n_tokens * ATTENTION_ITEMSIZE
     previews = 0 if image_hw is None else image_hw[0] * image_hw[1] * PREVIEW_CHANNELS
     return StepBytes(latents=latents, attention=attention, previews=previews)
 

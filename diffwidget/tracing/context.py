@@ -1,21 +1,23 @@
-"""Trace one Stable Diffusion (XL) generation: install hooks, record every step, restore.
+"""Trace one text-to-image generation: install hooks, record every step, restore.
 
-Two extension points see everything a trace needs:
+Three extension points see everything a trace needs, for every denoiser family
+(:mod:`diffwidget.tracing.families`):
 
-* the ``attn2`` attention processors (wrapped, see :mod:`diffwidget.tracing.attention`)
-  give the cross-attention probabilities and the text embeddings the UNet reads;
-* ``scheduler.step`` is the only place that receives the CFG-combined noise prediction,
-  the timestep and ``x_t`` together (step-end callbacks never see the noise prediction),
-  so it is wrapped on the scheduler instance for the duration of the context.
+* the text→image attention processors (wrapped, see :mod:`diffwidget.tracing.attention`)
+  give the image→text probabilities;
+* a diffusers ``ModelHook`` on the denoiser (:mod:`diffwidget.tracing.calls`) sees each
+  call's exact arguments (for stateless replay) and its output (for the CFG check and
+  conditional previews), and the ``cache_context`` of Flux's separate CFG calls;
+* ``scheduler.step`` is the only place that receives the guided model output, the
+  timestep and ``x_t`` together, so it is wrapped on the scheduler instance.
 
-SDXL's added conditioning (``text_embeds``, ``time_ids``) is read through
-``callback_on_step_end`` by :func:`trace`. Everything is restored in ``finally``.
+Everything is restored in ``finally``, also when the pipeline raises.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import math
 from types import TracebackType
 from typing import Any
 
@@ -28,28 +30,29 @@ from diffwidget.tracing.budget import (
     StepBytes,
     check_budget,
     estimate_step_bytes,
-    layer_grid,
 )
+from diffwidget.tracing.calls import record_calls
+from diffwidget.tracing.cfg import CfgKind, CfgLayout
 from diffwidget.tracing.decode import decode_latents, to_uint8
-from diffwidget.tracing.hooks import capture_outputs
+from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
     PredictionSource,
     predict_x0,
+    prediction_type,
     scheduler_family,
     step_coefficients,
 )
-from diffwidget.tracing.pipeline_info import json_safe, pipeline_kind, versions
-from diffwidget.tracing.tokens import PromptTokens, TokenSelection, prompt_tokens
-from diffwidget.tracing.trace import Trace
+from diffwidget.tracing.pipeline_info import json_safe, versions
+from diffwidget.tracing.recording import StepRecords, conditioning_record
+from diffwidget.tracing.tokens import PromptTokens, TokenSelection
+from diffwidget.tracing.trace import FORMAT_VERSION, Trace
 
-#: SDXL's added conditioning as named in its ``callback_on_step_end`` tensor inputs,
-#: mapped to the names the UNet's ``added_cond_kwargs`` use (and ``Trace.extra`` keeps).
-SDXL_ADDED_COND = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
 #: Latents decoded per VAE call when making previews (bounds peak memory).
 PREVIEW_BATCH = 4
-#: Pipeline arguments that :func:`trace` sets itself.
-_RESERVED = ("output_type", "return_dict", "generator", "prompt_embeds", "negative_prompt_embeds")
+#: Relative tolerance of the step-0 check that the pipeline combined the CFG halves as
+#: ``u + w (c - u)`` (float16 models recombine in float16).
+CFG_CHECK_RTOL = 1e-2
 
 
 class TraceContext:
@@ -57,34 +60,35 @@ class TraceContext:
 
     Parameters
     ----------
-    pipe : StableDiffusionPipeline or StableDiffusionXLPipeline
-        The pipeline to observe; its processors and scheduler are restored on exit.
+    pipe : diffusers pipeline
+        Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, Flux or PixArt (see
+        :data:`diffwidget.tracing.families.SUPPORTED`); its processors, hooks and scheduler
+        are restored on exit.
     prompt : str, optional
         The prompt the pipeline will be called with; needed for token strings and for the
         default token selection.
     negative_prompt : str, optional
         Recorded in ``meta``.
     tokens : "default", "all" or list of int
-        Token positions kept in the attention maps: ``"default"`` keeps start, words, end
-        and one padding position.
+        Token positions kept in the attention maps: ``"default"`` keeps, per text segment,
+        every non-padding position and one padding position.
     decode_previews : bool
         Decode ``pred_x0`` of every step through the VAE (batched, after the loop).
     preview_from : {"guided", "cond"}
-        Noise prediction the previews are decoded from: the guided one the sampler steps
-        with (default), or the conditional CFG half alone, the model's own prediction for
-        the prompt. Early guided previews can show colours the final image does not have.
-        Recorded as ``meta["preview_source"]``; ``pred_x0`` is always the guided one.
+        Model output the previews are decoded from: the guided one the sampler steps with
+        (default), or the conditional CFG half alone. Recorded as ``meta["preview_source"]``;
+        ``pred_x0`` is always the guided one.
     memory_budget_mb : float
         Refuse (``MemoryBudgetError``) when all steps together would store more.
     seed : int, optional
         Recorded in ``meta``.
-
-    Notes
-    -----
-    SDXL's added conditioning (``Trace.extra``) reaches us through the step-end callback:
-    call the pipeline with ``**ctx.pipeline_kwargs()`` (as :func:`trace` does), otherwise
-    ``extra`` stays empty. Supported schedulers: see :mod:`diffwidget.tracing.noise`
-    (DDIM, DDPM, PNDM, DPM-Solver++, UniPC, DEIS, Euler, Euler ancestral, LMS).
+    guidance_scale : float, optional
+        The CFG scale ``w`` the pipeline will use (Flux: ``true_cfg_scale``); by default the
+        pipeline's ``guidance_scale`` attribute. Checked against the pipeline's own
+        combination at step 0.
+    call_kwargs : dict, optional
+        The other arguments the pipeline will be called with (``max_sequence_length``,
+        ``negative_prompt``, ``true_cfg_scale``...), for the text layout and CFG layout.
 
     Examples
     --------
@@ -107,6 +111,8 @@ class TraceContext:
         preview_from: PredictionSource = "guided",
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         seed: int | None = None,
+        guidance_scale: float | None = None,
+        call_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if preview_from not in PREDICTION_SOURCES:
             raise ValueError(
@@ -114,9 +120,6 @@ class TraceContext:
             )
         if preview_from == "cond" and not decode_previews:
             raise ValueError("preview_from='cond' needs decode_previews=True")
-        self.pipe = pipe
-        self.pipeline_kind = pipeline_kind(pipe)
-        self.family = scheduler_family(pipe.scheduler)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(
                 f"trace one prompt at a time (a str), got {type(prompt).__name__}; loop over "
@@ -127,45 +130,50 @@ class TraceContext:
                 "tokens='default' needs the prompt to find its words: pass prompt=..., or "
                 "tokens='all' / a list of token positions"
             )
+        self.pipe = pipe
+        self.family = denoiser_family(pipe)
+        self.noise_family = scheduler_family(pipe.scheduler)
+        self.prediction_type = prediction_type(pipe.scheduler)
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.decode_previews = decode_previews
         self.preview_from: PredictionSource = preview_from
-        self._hooks = contextlib.ExitStack()
-        #: With ``preview_from="cond"``: the prompt's half of every UNet output, per call.
-        self.cond_pred: list[torch.Tensor] = []
         self.memory_budget_mb = memory_budget_mb
         self.seed = seed
+        self.call_kwargs = dict(call_kwargs or {})
+        self.claimed_guidance = guidance_scale
+        self.n_text = self.family.text_length(self.call_kwargs)
         self.prompt_tokens: PromptTokens | None = (
-            prompt_tokens(pipe.tokenizer, prompt) if prompt is not None else None
+            self.family.prompt_tokens(prompt, self.call_kwargs) if prompt is not None else None
         )
-        max_length = int(pipe.tokenizer.model_max_length)
         if self.prompt_tokens is not None:
             self.token_indices = self.prompt_tokens.select(tokens)
         elif tokens == "all":
-            self.token_indices = list(range(max_length))
+            self.token_indices = list(range(self.n_text))
         else:
             self.token_indices = sorted({int(i) for i in tokens})
         self.recorder = AttentionRecorder(
-            None if len(self.token_indices) == max_length else self.token_indices
+            None if len(self.token_indices) == self.n_text else self.token_indices
         )
-        self.capture = AttentionCapture(pipe.unet, self.recorder)
+        self.capture = AttentionCapture(
+            self.family.denoiser, self.recorder, self.family.attention_sites()
+        )
+        self._hooks = contextlib.ExitStack()
         self._scheduler: Any = None
         self._had_instance_step = False
-        self._reset_records()
+        self.records = StepRecords()
 
     # ------------------------------------------------------------------ budget
     def step_bytes(self, height: int, width: int) -> StepBytes:
         """Bytes one step will store for an image of ``height`` x ``width`` pixels."""
-        factor = self.pipe.vae_scale_factor
-        latent = (int(self.pipe.unet.config.in_channels), height // factor, width // factor)
-        return estimate_step_bytes(
-            self.capture.layers,
-            len(self.pipe.unet.config.block_out_channels),
-            latent,
-            len(self.token_indices),
-            (height, width) if self.decode_previews else None,
-        )
+        layout = self.family.layout_for(height, width)
+        return self._step_bytes(layout, (height, width))
+
+    def _step_bytes(self, layout: LatentLayout, image_hw: tuple[int, int]) -> StepBytes:
+        cells = sum(self.family.query_counts(layout).values())
+        latent = (self.family.latent_channels(), *layout.latent_hw)
+        previews = image_hw if self.decode_previews else None
+        return estimate_step_bytes(cells, latent, len(self.token_indices), previews)
 
     def check_budget(self, n_steps: int, height: int, width: int) -> StepBytes:
         """Raise ``MemoryBudgetError`` (with the fix) if ``n_steps`` would exceed the budget."""
@@ -174,30 +182,18 @@ class TraceContext:
         return step_bytes
 
     # ------------------------------------------------------------- install/restore
-    def _reset_records(self) -> None:
-        self.timesteps: list[torch.Tensor] = []
-        self.latents: list[torch.Tensor] = []
-        self.noise_pred: list[torch.Tensor] = []
-        self.step_indices: list[int | None] = []
-        self.final_latent: torch.Tensor | None = None
-        self.added_cond: dict[str, torch.Tensor] = {}
-        self.guidance_scale: float | None = None
+    def __enter__(self) -> TraceContext:
+        self.records = StepRecords()
         self.recorder.step = 0
         self.recorder.maps = {}
-        self.recorder.encoder_hidden_states = None
-
-    def __enter__(self) -> TraceContext:
-        self._reset_records()
         self.capture.install()
         try:
+            for handle in self.family.install(self.recorder):
+                self._hooks.callback(handle.remove)
+            self._hooks.enter_context(record_calls(self.family, self._on_call, self._on_output))
             self._wrap_scheduler()
-            if self.preview_from == "cond":
-                outputs = capture_outputs(self.pipe.unet, [""], reduce=_prompt_half)
-                self.cond_pred = self._hooks.enter_context(outputs)[""]
         except BaseException:
-            self._hooks.close()
-            self._unwrap_scheduler()
-            self.capture.restore()
+            self._close()
             raise
         return self
 
@@ -207,6 +203,9 @@ class TraceContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._close()
+
+    def _close(self) -> None:
         try:
             self._hooks.close()
             self._unwrap_scheduler()
@@ -220,14 +219,10 @@ class TraceContext:
         original = scheduler.step
 
         def step(
-            model_output: torch.Tensor,
-            timestep: Any,
-            sample: torch.Tensor,
-            *args: Any,
-            **kwargs: Any,
+            model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *a: Any, **k: Any
         ) -> Any:
             self._before_step(model_output, timestep, sample)
-            out = original(model_output, timestep, sample, *args, **kwargs)
+            out = original(model_output, timestep, sample, *a, **k)
             self._after_step(out)
             return out
 
@@ -246,6 +241,52 @@ class TraceContext:
         self._scheduler = None
 
     # --------------------------------------------------------------- recording
+    def _on_call(self, call: DenoiserCall) -> None:
+        records = self.records
+        if records.n_steps == 0 and not records.step_calls:
+            # Attention runs inside this first call: tell the recorder where the prompt's
+            # rows are before the layout is confirmed at the end of step 0.
+            kind: CfgKind = "batched" if call.sample.shape[0] == 2 else "none"
+            if call.label in ("cond", "uncond"):
+                kind = "separate"
+            self.recorder.cfg = CfgLayout(kind, 1.0)
+        records.add_call(call)
+        # Separate-call CFG: only the prompt's call feeds the attention maps.
+        self.recorder.active = call.label != "uncond"
+        if call.sample.shape[0] > 2:
+            raise RuntimeError(
+                f"the denoiser ran on a batch of {call.sample.shape[0]}; trace one prompt and "
+                "one image at a time (num_images_per_prompt=1)"
+            )
+
+    def _on_output(self, call: DenoiserCall, output: torch.Tensor) -> None:
+        self.records.add_output(call, output)
+
+    def _cfg_layout(self, guided: torch.Tensor) -> CfgLayout:
+        """The CFG layout the pipeline used, read off the calls of step 0."""
+        calls = self.records.step_calls
+        kind: CfgKind
+        if len(calls) == 2 and {c.label for c in calls} == {"cond", "uncond"}:
+            kind = "separate"
+        elif len(calls) == 1 and calls[0].sample.shape[0] == 2:
+            kind = "batched"
+        elif len(calls) == 1:
+            kind = "none"
+        else:
+            raise RuntimeError(
+                f"the denoiser ran {len(calls)} times in step 0; diffwidget traces pipelines "
+                "that call it once per step (CFG batched) or once per CFG half (Flux's "
+                "true_cfg_scale). Use a scheduler that evaluates the model once per step."
+            )
+        w = self.claimed_guidance
+        if w is None and kind == "batched":
+            w = getattr(self.pipe, "guidance_scale", None)
+        self.records.cfg = CfgLayout(kind, 1.0 if w is None else float(w))
+        if w is None and kind != "none":
+            # Neither the caller nor the pipeline says: read w off the step-0 outputs.
+            w = self.records.estimate_guidance(self.family, guided)
+        return CfgLayout(kind, 1.0 if w is None else float(w))
+
     def _before_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> None:
         replaced = self.capture.replaced_layers()
         if replaced:
@@ -260,75 +301,59 @@ class TraceContext:
                 f"the pipeline stepped a batch of {sample.shape[0]} latents; trace one prompt "
                 "and one image at a time (num_images_per_prompt=1)"
             )
-        step = len(self.timesteps)
+        records = self.records
+        step = records.n_steps
+        if not records.step_calls:
+            raise RuntimeError(
+                f"the denoiser was not called before scheduler step {step}; diffwidget traces "
+                "the pipeline's own denoising loop"
+            )
         if step == 0:
-            self.guidance_scale = float(getattr(self.pipe, "guidance_scale", float("nan")))
-            n_steps = len(self._scheduler.timesteps)
-            h, w = sample.shape[-2:]
-            factor = self.pipe.vae_scale_factor
-            self.check_budget(n_steps, int(h) * factor, int(w) * factor)
-        if len(self.recorder.maps.get(self.capture.layers[0], ())) != step + 1:
+            records.layout = self.family.layout(records.step_calls[0])
+        guided = self.family.to_latents(model_output, records.layout)[0]
+        if step == 0:
+            self._first_step(guided)
+        elif len(records.step_calls) != records.cfg.calls_per_step:
             raise RuntimeError(
-                f"no cross-attention was captured at step {step}; the UNet's attention "
-                "processors were bypassed. Trace a StableDiffusionPipeline or "
-                "StableDiffusionXLPipeline without custom attention hooks."
+                f"the denoiser ran {len(records.step_calls)} times in step {step} (expected "
+                f"{records.cfg.calls_per_step}); use a scheduler that evaluates the model "
+                "once per step (not Heun or KDPM2)"
             )
-        self.timesteps.append(torch.as_tensor(timestep).detach().reshape(()).clone())
-        self.latents.append(sample[0].detach().clone())
-        self.noise_pred.append(model_output[0].detach().clone())
-        if self.preview_from == "cond" and len(self.cond_pred) != step + 1:
+        first_layer = self.capture.layers[0]
+        if len(self.recorder.maps.get(first_layer, ())) != step + 1:
             raise RuntimeError(
-                f"the UNet ran {len(self.cond_pred)} times by step {step}; preview_from='cond' "
-                "needs one UNet call per step"
+                f"no text→image attention was captured at step {step}; the denoiser's "
+                "attention processors were bypassed. Trace without custom attention hooks."
             )
+        latent = self.family.to_latents(sample, records.layout)[0]
+        records.add_step(self.family, timestep, latent, guided)
+
+    def _first_step(self, guided: torch.Tensor) -> None:
+        records = self.records
+        records.cfg = self._cfg_layout(guided)
+        self.recorder.cfg = records.cfg
+        records.conditioning = conditioning_record(self.family, records.step_calls, records.cfg)
+        if self.recorder.n_tokens_total not in (None, self.n_text):
+            raise RuntimeError(
+                f"the text sequence has {self.recorder.n_tokens_total} positions, but "
+                f"{self.n_text} were expected from the pipeline's tokenizers; pass the "
+                "pipeline's arguments (e.g. max_sequence_length) as TraceContext(call_kwargs=...)"
+            )
+        n_steps = len(self._scheduler.timesteps)
+        factor = self.family.vae_scale_factor()
+        h, w = records.layout.latent_hw
+        step_bytes = self._step_bytes(records.layout, (h * factor, w * factor))
+        check_budget(step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices))
 
     def _after_step(self, out: Any) -> None:
-        self.step_indices.append(getattr(self._scheduler, "step_index", None))
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
-        self.final_latent = prev[0].detach().clone()
-        self.recorder.step = len(self.timesteps)
-
-    def callback_on_step_end(
-        self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        """A ``callback_on_step_end`` that records SDXL's added conditioning at step 0."""
-        if step == 0:
-            for name, key in SDXL_ADDED_COND.items():
-                if name in callback_kwargs:
-                    self.added_cond[key] = callback_kwargs[name].detach().clone()
-        return {}
-
-    def callback_tensor_inputs(self) -> list[str]:
-        """The tensor inputs :meth:`callback_on_step_end` needs from this pipeline."""
-        available = getattr(self.pipe, "_callback_tensor_inputs", [])
-        return [name for name in SDXL_ADDED_COND if name in available]
-
-    def pipeline_kwargs(
-        self,
-        callback: Callable[..., Any] | None = None,
-        tensor_inputs: Sequence[str] = ("latents",),
-    ) -> dict[str, Any]:
-        """Pipeline arguments that record SDXL's added conditioning, chaining ``callback``.
-
-        Parameters
-        ----------
-        callback : callable, optional
-            Your own ``callback_on_step_end``; called after ours, its return value is
-            what the pipeline gets.
-        tensor_inputs : sequence of str
-            Your ``callback_on_step_end_tensor_inputs``.
-        """
-
-        def chained(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
-            self.callback_on_step_end(pipe, step, timestep, kwargs)
-            return callback(pipe, step, timestep, kwargs) if callback else {}
-
-        return {
-            "callback_on_step_end": chained,
-            "callback_on_step_end_tensor_inputs": sorted(
-                {*tensor_inputs, *self.callback_tensor_inputs()}
-            ),
-        }
+        self.records.finish_step(
+            getattr(self._scheduler, "step_index", None),
+            self.family.to_latents(prev, self.records.layout)[0],
+        )
+        self.recorder.step = self.records.n_steps
+        if self.records.n_steps == 1:
+            self.records.check_guidance(self.family, CFG_CHECK_RTOL)
 
     # ----------------------------------------------------------------- result
     def result(self, image: np.ndarray | None = None) -> Trace:
@@ -338,131 +363,146 @@ class TraceContext:
         ----------
         image : ndarray, optional
             The pipeline's output image (float in [0, 1] or uint8, ``[H, W, 3]``).
+
+        Raises
+        ------
+        RuntimeError
+            When nothing was recorded, or when a latent or model output became NaN/inf
+            (the message names the first such step).
         """
-        if not self.timesteps:
+        records = self.records
+        if not records.n_steps:
             raise RuntimeError(
                 "nothing was recorded: call the pipeline inside `with TraceContext(pipe) as ctx:`"
             )
-        n = len(self.timesteps)
+        n = records.n_steps
+        latents = torch.stack(records.latents).float().cpu().numpy()
+        noise_pred = torch.stack(records.outputs).float().cpu().numpy()
+        _check_finite(latents, noise_pred)
         scheduler = self.pipe.scheduler
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        timesteps_exact = torch.stack(self.timesteps).double().cpu().numpy()
-        latents = torch.stack(self.latents).float().cpu().numpy()
-        noise_pred = torch.stack(self.noise_pred).float().cpu().numpy()
+        timesteps_exact = torch.stack(records.timesteps).double().cpu().numpy()
         coefficients = [
-            step_coefficients(scheduler, self.family, float(t), self._sigma_index(i))
+            step_coefficients(scheduler, self.noise_family, float(t), records.sigma_index(i))
             for i, t in enumerate(timesteps_exact)
         ]
         alpha, sigma, scale = (
             np.array([getattr(c, name) for c in coefficients]).reshape(n, 1, 1, 1)
             for name in ("alpha", "sigma", "input_scale")
         )
-        pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, prediction_type)
-        pred_x0 = pred_x0.astype(np.float32)
-        latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
-        n_levels = len(self.pipe.unet.config.block_out_channels)
+        kind = self.prediction_type
+        pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, kind).astype(np.float32)
+        layout = records.layout
         attention, grids = {}, {}
         for layer in self.capture.layers:
             maps = torch.stack(self.recorder.maps[layer][:n]).cpu().numpy()
-            grid = layer_grid(layer, n_levels, latent_hw, maps.shape[1])
+            grid = self.family.site_grid(layer, maps.shape[1], layout)
             attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
             grids[layer] = list(grid)
         shown_x0 = pred_x0
         if self.preview_from == "cond":
-            cond_pred = torch.stack(self.cond_pred[:n]).float().cpu().numpy()
-            shown_x0 = predict_x0(latents, cond_pred, alpha, sigma, scale, prediction_type)
+            cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
+            shown_x0 = predict_x0(latents, cond, alpha, sigma, scale, kind).astype(np.float32)
         previews = (
-            decode_latents(self.pipe, shown_x0.astype(np.float32), batch=PREVIEW_BATCH)
+            decode_latents(self.pipe, shown_x0, batch=PREVIEW_BATCH)
             if self.decode_previews
             else None
         )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
         tokens = self.prompt_tokens
-        strings = [tokens.strings[i] for i in self.token_indices] if tokens else None
-        kinds = [tokens.kinds[i] for i in self.token_indices] if tokens else None
-        cfg = self.recorder.encoder_hidden_states.shape[0] == 2  # type: ignore[union-attr]
+        keep = self.token_indices
+        factor = self.family.vae_scale_factor()
+        conditioning = records.conditioning
+        assert conditioning is not None
         meta = {
+            "format_version": FORMAT_VERSION,
+            "family": self.family.name,
             "pipeline": type(self.pipe).__name__,
+            "denoiser": type(self.family.denoiser).__name__,
             "scheduler": type(scheduler).__name__,
             "scheduler_config": dict(scheduler.config),
-            "prediction_type": prediction_type,
+            "prediction_type": kind,
             "seed": self.seed,
             "height": int(previews.shape[1])
             if previews is not None
-            else latent_hw[0] * self.pipe.vae_scale_factor,
+            else layout.latent_hw[0] * factor,
             "width": int(previews.shape[2])
             if previews is not None
-            else latent_hw[1] * self.pipe.vae_scale_factor,
+            else layout.latent_hw[1] * factor,
             "negative_prompt": self.negative_prompt,
-            "cfg": cfg,
+            "cfg": records.cfg.guided,
+            "cfg_layout": records.cfg.to_meta(),
             "preview_source": self.preview_from if previews is not None else None,
-            "token_indices": self.token_indices,
+            "token_indices": keep,
+            "token_segments": [tokens.segments[i] for i in keep] if tokens else None,
+            "token_words": [tokens.words[i] for i in keep] if tokens else None,
             "n_text_tokens": self.recorder.n_tokens_total,
             "attention_grids": grids,
+            "attention_normalisation": self.family.normalisation,
+            "latent_layout": {"latent_hw": list(layout.latent_hw), "patch": layout.patch},
+            "conditioning": conditioning.layout,
+            "model_timesteps": records.model_timesteps,
+            "model_timestep_dtype": records.model_timestep_dtype,
             "noise_schedule": {
-                "family": self.family,
+                "family": self.noise_family,
                 "alpha": alpha.ravel().tolist(),
                 "sigma": sigma.ravel().tolist(),
                 "model_input_scale": scale.ravel().tolist(),
             },
             "timesteps_exact": timesteps_exact.tolist(),
-            "unet_dtype": str(self.pipe.unet.dtype).replace("torch.", ""),
+            "unet_dtype": str(self.family.denoiser.dtype).replace("torch.", ""),
             "versions": versions(),
         }
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
-            tokens=strings if strings is not None else [str(i) for i in self.token_indices],
-            token_kinds=kinds if kinds is not None else ["word"] * len(self.token_indices),
+            tokens=[tokens.strings[i] for i in keep] if tokens else [str(i) for i in keep],
+            token_kinds=[tokens.kinds[i] for i in keep] if tokens else ["word"] * len(keep),
             timesteps=np.round(timesteps_exact).astype(np.int64),
             latents=latents,
             noise_pred=noise_pred,
             pred_x0=pred_x0,
-            final_latent=self.final_latent.float().cpu().numpy(),  # type: ignore[union-attr]
-            prompt_embeds=self._prompt_embeds(cfg),
+            final_latent=records.final_latent.float().cpu().numpy(),  # type: ignore[union-attr]
+            prompt_embeds=conditioning.prompt_embeds,
             attention=attention,
-            guidance_scale=float(self.guidance_scale or 1.0),
+            guidance_scale=records.cfg.guidance_scale,
             previews=previews,
             image=image,
-            extra={k: v.float().cpu().numpy() for k, v in self.added_cond.items()},
+            extra=conditioning.extra,
             meta=json_safe(meta),
         )
 
-    def _sigma_index(self, step: int) -> int | None:
-        # The scheduler's step_index was incremented by the step it just made.
-        index = self.step_indices[step]
-        return None if index is None else index - 1
 
-    def _prompt_embeds(self, cfg: bool) -> np.ndarray:
-        embeds = self.recorder.encoder_hidden_states
-        assert embeds is not None
-        if not cfg:
-            # Without CFG the UNet never saw an unconditional embedding: encode one so the
-            # record keeps its ("uncond", "cond") layout for replays that want CFG.
-            embeds = torch.cat([self._encode_uncond().to(embeds), embeds])
-        return embeds.float().cpu().numpy()
-
-    @torch.no_grad()
-    def _encode_uncond(self) -> torch.Tensor:
-        pipe = self.pipe
-        kwargs = {
-            "prompt": self.prompt or "",
-            "device": pipe.unet.device,
-            "num_images_per_prompt": 1,
-            "do_classifier_free_guidance": True,
-            "negative_prompt": self.negative_prompt,
-        }
-        encoded = pipe.encode_prompt(**kwargs)
-        return encoded[1]
-
-
-def _prompt_half(output: torch.Tensor) -> torch.Tensor:
-    """The prompt's noise prediction: CFG batches hold (uncond, cond); without CFG, the one."""
-    return output[-1].clone()
+def _check_finite(latents: np.ndarray, outputs: np.ndarray) -> None:
+    for name, values in (("latent x_t", latents), ("model output", outputs)):
+        bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if bad.any():
+            step = int(np.flatnonzero(bad)[0])
+            raise RuntimeError(
+                f"the {name} is NaN or infinite from step {step} on; nothing was kept. Check "
+                "the latents you passed, the model's dtype (float16 on a CPU overflows) and "
+                "its weights"
+            )
 
 
 #: diffusers' own default for Stable Diffusion pipelines.
 DEFAULT_GUIDANCE_SCALE = 7.5
+#: Upper bound on steps: the schedulers' training horizon.
+MAX_STEPS = 1000
+#: Pipeline arguments that :func:`trace` sets itself.
+_RESERVED = ("output_type", "return_dict", "generator", "prompt_embeds", "negative_prompt_embeds")
+
+
+def _check_steps(num_inference_steps: Any) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise TypeError(
+            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
+        )
+    if not 1 <= num_inference_steps <= MAX_STEPS:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}; "
+            "about 20 steps is usual"
+        )
+    return num_inference_steps
 
 
 def trace(
@@ -485,28 +525,31 @@ def trace(
 
     Parameters
     ----------
-    pipe : StableDiffusionPipeline or StableDiffusionXLPipeline
-        Any checkpoint; its processors and scheduler are left as they were.
+    pipe : diffusers pipeline
+        Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, Flux or PixArt, any checkpoint; its
+        processors, hooks and scheduler are left as they were.
     prompt : str
         One prompt (lists are refused: trace prompts one by one).
     num_inference_steps, height, width, negative_prompt
         As for the pipeline.
     guidance_scale : float, optional
-        CFG scale; by default the pipeline's ``recommended_guidance_scale`` when it has one
-        (the embedded model does), else diffusers' usual 7.5.
+        As for the pipeline (for Flux the distilled guidance; its CFG is
+        ``true_cfg_scale``); by default the pipeline's ``recommended_guidance_scale`` when
+        it has one (the embedded models do), else diffusers' usual 7.5 (Flux: the
+        pipeline's own default).
     seed : int
         Seeds a CPU ``torch.Generator``, so a seed gives the same image on any device.
     decode_previews : bool
         Decode the predicted clean latent of every step (``Trace.previews``).
     preview_from : {"guided", "cond"}
-        Decode the previews from the guided noise prediction (default) or from the
+        Decode the previews from the guided model output (default) or from the
         conditional CFG half alone (see :class:`TraceContext`).
     memory_budget_mb : float
         Refuse before running when the trace would store more than this.
     tokens : "default", "all" or list of int
         Token positions kept in the attention maps.
     **pipeline_kwargs
-        Passed to the pipeline (``callback_on_step_end`` is chained, not replaced).
+        Passed to the pipeline (``callback_on_step_end`` is passed through).
 
     Returns
     -------
@@ -519,13 +562,13 @@ def trace(
     >>> t.n_steps, t.tokens[:4]
     (4, ['<|startoftext|>', 'a', 'red', 'circle'])
     """
-    if guidance_scale is None:
-        guidance_scale = float(getattr(pipe, "recommended_guidance_scale", DEFAULT_GUIDANCE_SCALE))
+    family = denoiser_family(pipe)
     if not isinstance(prompt, str):
         raise TypeError(
             f"trace() takes one prompt (a str), got {type(prompt).__name__}; call it once per "
             "prompt"
         )
+    _check_steps(num_inference_steps)
     if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError("trace() makes one image; drop num_images_per_prompt (or set it to 1)")
     reserved = [k for k in _RESERVED if k in pipeline_kwargs]
@@ -534,6 +577,23 @@ def trace(
             f"trace() sets {reserved} itself; pass seed= instead of a generator and the prompt "
             "as text"
         )
+    check = getattr(pipe, "check_prompt", None)
+    if callable(check):
+        check(prompt)
+    call: dict[str, Any] = dict(pipeline_kwargs)
+    if guidance_scale is None:
+        guidance_scale = getattr(pipe, "recommended_guidance_scale", None)
+    if guidance_scale is None and family.guidance_argument() == "guidance_scale":
+        guidance_scale = DEFAULT_GUIDANCE_SCALE
+    if guidance_scale is not None:
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        call["guidance_scale"] = float(guidance_scale)
+    if negative_prompt is not None:
+        call["negative_prompt"] = negative_prompt
+    w = call.get(family.guidance_argument())
+    size = family.default_image_size()
+    height, width = height or size, width or size
     ctx = TraceContext(
         pipe,
         prompt=prompt,
@@ -543,26 +603,19 @@ def trace(
         preview_from=preview_from,
         memory_budget_mb=memory_budget_mb,
         seed=seed,
+        guidance_scale=None if w is None else float(w),
+        call_kwargs=call,
     )
-    default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = height or default_size, width or default_size
     ctx.check_budget(num_inference_steps, height, width)
-    callbacks = ctx.pipeline_kwargs(
-        pipeline_kwargs.pop("callback_on_step_end", None),
-        pipeline_kwargs.pop("callback_on_step_end_tensor_inputs", ("latents",)),
-    )
     generator = torch.Generator("cpu").manual_seed(seed)
     with ctx:
         output = pipe(
             prompt,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
             height=height,
             width=width,
-            negative_prompt=negative_prompt,
             generator=generator,
             output_type="np",
-            **callbacks,
-            **pipeline_kwargs,
+            **call,
         )
-    return ctx.result(image=output.images[0])
+    return ctx.result(image=np.asarray(output.images[0]))

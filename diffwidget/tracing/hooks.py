@@ -2,7 +2,9 @@
 
 Attention goes through attention processors (see :mod:`diffwidget.tracing.attention`);
 whole blocks (for DF-CAM and concept probes) have no diffusers extension point, so we use
-torch's forward hooks, registered on entry and removed in ``finally``.
+torch's forward hooks, registered on entry and removed in ``finally``. Which blocks exist
+and which tensor of a block's output is the image activation is the denoiser family's
+(:meth:`~diffwidget.tracing.families.base.DenoiserFamily.cam_layers`, ``block_tensor``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from diffwidget.tracing.families.base import first_tensor
+
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+#: Picks the activation out of a module output: ``select(path, output) -> Tensor``.
+Selector = Callable[[str, object], torch.Tensor]
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:
@@ -36,56 +42,6 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
     )
 
 
-def block_paths(unet: nn.Module) -> list[str]:
-    """The UNet's top-level blocks in data-flow order: down blocks, mid block, up blocks."""
-    paths = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", [])))]
-    if getattr(unet, "mid_block", None) is not None:
-        paths.append("mid_block")
-    paths += [f"up_blocks.{i}" for i in range(len(getattr(unet, "up_blocks", [])))]
-    return paths
-
-
-#: Sub-layer lists inside a diffusers block that output a spatial feature map.
-_LAYER_LISTS = ("resnets", "attentions")
-_RESAMPLERS = ("downsamplers", "upsamplers")
-
-
-def layer_paths(unet: nn.Module) -> list[str]:
-    """Every resnet, attention and resampler inside the top-level blocks, in data-flow order.
-
-    Within a block the pipeline runs ``resnets[i]`` then ``attentions[i]`` for each i, then
-    the down- or upsampler; blocks follow :func:`block_paths`. This is the layer set the
-    paper's DF-CAM code sums over.
-    """
-    paths: list[str] = []
-    for block_path in block_paths(unet):
-        block = resolve_module(unet, block_path)
-        lists = [getattr(block, name, None) or [] for name in _LAYER_LISTS]
-        for i in range(max(len(items) for items in lists)):
-            paths += [
-                f"{block_path}.{name}.{i}"
-                for name, items in zip(_LAYER_LISTS, lists, strict=True)
-                if i < len(items)
-            ]
-        for name in _RESAMPLERS:
-            paths += [
-                f"{block_path}.{name}.{i}" for i in range(len(getattr(block, name, None) or []))
-            ]
-    return paths
-
-
-def _first_tensor(output: object) -> torch.Tensor:
-    # Blocks return a tensor, a tuple (down blocks: hidden states + residuals) or a
-    # BaseOutput; the block's main activation is always the first tensor.
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0])
-    if hasattr(output, "to_tuple"):
-        return _first_tensor(output.to_tuple())
-    raise TypeError(f"cannot read a tensor from a module output of type {type(output).__name__}")
-
-
 @contextmanager
 def capture_outputs(
     root: nn.Module,
@@ -93,6 +49,7 @@ def capture_outputs(
     *,
     retain_grad: bool = False,
     reduce: Reducer | None = None,
+    select: Selector | None = None,
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record the outputs of the modules at ``paths`` for every forward call inside the block.
 
@@ -107,6 +64,10 @@ def capture_outputs(
     reduce : callable, optional
         Applied to each output before it is stored (e.g. spatial pooling), so that memory
         stays bounded over many steps. Not allowed together with ``retain_grad``.
+    select : callable, optional
+        ``select(path, output)`` picks the activation from a module's output (a family's
+        ``block_tensor``: SD3 and Flux blocks return ``(text, image)``); default the first
+        tensor.
 
     Yields
     ------
@@ -126,9 +87,11 @@ def capture_outputs(
     records: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
     handles = []
 
+    pick: Selector = select if select is not None else (lambda _path, out: first_tensor(out))
+
     def make_hook(path: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            tensor = _first_tensor(output)
+            tensor = pick(path, output)
             if retain_grad:
                 if tensor.requires_grad:
                     tensor.retain_grad()

@@ -1,7 +1,7 @@
-"""Predicted clean latents from a noise prediction, without touching the scheduler.
+"""Predicted clean latents from a model output, without touching the scheduler.
 
 Every supported scheduler writes the latent it steps as ``x_t = alpha_t * x0 + sigma_t * eps``
-in its own scale, and feeds the UNet ``input_scale_t * x_t``:
+in its own scale, and feeds the denoiser ``input_scale_t * x_t``:
 
 =================  ===============================================  ==========================
 family             schedulers                                       coefficients of step i
@@ -9,23 +9,29 @@ family             schedulers                                       coefficients
 ``vp_alphas``      DDIM, DDPM, PNDM                                 ``alphas_cumprod[t_i]``
 ``vp_sigmas``      DPM-Solver++ (multi/single step), UniPC, DEIS    ``sigmas[step_index]``
 ``ve_sigmas``      Euler, Euler ancestral, LMS                      ``sigmas[step_index]``
+``flow``           flow matching: FlowMatchEuler (SD3, Flux), and   ``alpha = 1 - sigma``,
+                   DPM-Solver++/UniPC with ``use_flow_sigmas``      ``sigma = sigmas[i]``
 =================  ===============================================  ==========================
 
-Sigma-based schedulers may evaluate the UNet at a rounded timestep (Karras sigmas); reading
-``sigmas[step_index]`` gives the coefficients the solver itself uses. Schedulers that call
-the UNet several times per step (Heun, KDPM2) and flow-matching schedulers are not supported.
+The model output is converted by its prediction type, the one home of the x̂0 formula:
+``epsilon`` (x0 = (x - sigma eps) / alpha), ``v_prediction`` (in the model's VP scale),
+``sample`` (x0 itself) and ``flow_prediction`` (a velocity ``v = eps - x0``, so
+``x0 = x_t - sigma_t v``). Sigma-based schedulers may evaluate the model at a rounded
+timestep (Karras sigmas); reading ``sigmas[step_index]`` gives the coefficients the solver
+itself uses. Schedulers that call the model several times per step (Heun, KDPM2,
+FlowMatchHeun) are not supported.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
-NoiseFamily = Literal["vp_alphas", "vp_sigmas", "ve_sigmas"]
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+NoiseFamily = Literal["vp_alphas", "vp_sigmas", "ve_sigmas", "flow"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 #: Which noise prediction an x̂0 is computed from: the guided one the sampler steps with, or
 #: the conditional classifier-free-guidance half alone.
 PredictionSource = Literal["guided", "cond"]
@@ -42,32 +48,56 @@ SCHEDULER_FAMILIES: dict[str, NoiseFamily] = {
     "EulerDiscreteScheduler": "ve_sigmas",
     "EulerAncestralDiscreteScheduler": "ve_sigmas",
     "LMSDiscreteScheduler": "ve_sigmas",
+    "FlowMatchEulerDiscreteScheduler": "flow",
 }
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+#: Flow-matching schedulers predict a velocity; their config has no ``prediction_type``.
+FLOW_PREDICTION = "flow_prediction"
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)
+#: Schedulers whose names say they evaluate the model several times per step.
+_MULTI_CALL = ("Heun", "KDPM2")
+
+
+def prediction_type(scheduler: Any) -> PredictionType:
+    """What the denoiser predicts under ``scheduler``: flow schedulers predict a velocity."""
+    for cls in type(scheduler).__mro__:
+        if SCHEDULER_FAMILIES.get(cls.__name__) == "flow":
+            return "flow_prediction"
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type {kind!r} is not supported; diffwidget handles {PREDICTION_TYPES}"
+        )
+    return cast(PredictionType, kind)
 
 
 def scheduler_family(scheduler: Any) -> NoiseFamily:
     """The noise parametrisation of ``scheduler``, or a clear error if unsupported."""
+    name = type(scheduler).__name__
     for cls in type(scheduler).__mro__:
         if cls.__name__ in SCHEDULER_FAMILIES:
             family = SCHEDULER_FAMILIES[cls.__name__]
             break
     else:
+        why = (
+            " (it evaluates the model several times per step)"
+            if any(m in name for m in _MULTI_CALL)
+            else ""
+        )
         raise ValueError(
-            f"diffwidget cannot compute x0 for {type(scheduler).__name__}; supported: "
+            f"diffwidget cannot compute x0 for {name}{why}; supported: "
             f"{', '.join(SCHEDULER_FAMILIES)}. Swap it, e.g. pipe.scheduler = "
-            "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)"
+            "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config) (or "
+            "FlowMatchEulerDiscreteScheduler for SD3 and Flux)"
         )
-    prediction = scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type {prediction!r} is not supported; diffwidget handles "
-            f"{PREDICTION_TYPES}"
-        )
+    kind = prediction_type(scheduler)
     if scheduler.config.get("use_flow_sigmas", False):
-        raise ValueError(
-            "flow-matching sigmas are not supported; use the scheduler's default sigmas"
-        )
+        if family != "vp_sigmas" or kind != FLOW_PREDICTION:
+            raise ValueError(
+                f"{name} with use_flow_sigmas needs prediction_type='flow_prediction'; got {kind!r}"
+            )
+        return "flow"
+    if family == "flow" and kind != FLOW_PREDICTION:
+        raise ValueError(f"{name} is a flow-matching scheduler; it predicts a velocity")
     return family
 
 
@@ -93,7 +123,7 @@ def step_coefficients(
     ----------
     scheduler : diffusers scheduler
         After ``set_timesteps``.
-    family : {"vp_alphas", "vp_sigmas", "ve_sigmas"}
+    family : {"vp_alphas", "vp_sigmas", "ve_sigmas", "flow"}
         From :func:`scheduler_family`.
     timestep : float
         ``t_i``.
@@ -106,6 +136,8 @@ def step_coefficients(
     if step_index is None:
         raise ValueError(f"{type(scheduler).__name__} needs the step index to read its sigmas")
     s = float(scheduler.sigmas[step_index])
+    if family == "flow":
+        return StepCoefficients(1.0 - s, s, 1.0)
     scale = 1.0 / math.sqrt(s * s + 1.0)
     if family == "vp_sigmas":
         return StepCoefficients(scale, s * scale, 1.0)
@@ -139,4 +171,27 @@ def predict_x0(
         return (alpha * input_scale) * (input_scale * sample) - (sigma * input_scale) * model_output
     if prediction_type == "sample":
         return model_output
+    if prediction_type == FLOW_PREDICTION:
+        return sample - sigma * model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+#: Below this sigma a latent holds no noise to recover (the clean end of a schedule).
+_MIN_SIGMA = 1e-12
+
+
+def predict_eps(
+    sample: np.ndarray,
+    x0: np.ndarray,
+    alpha: np.ndarray | float,
+    sigma: np.ndarray | float,
+) -> np.ndarray:
+    """The noise ``eps`` that ``x_t = alpha x0 + sigma eps`` implies (arrays or tensors).
+
+    Examples
+    --------
+    >>> predict_eps(np.array([1.4]), np.array([1.0]), 0.8, 0.6)
+    array([1.])
+    """
+    floor = max(float(sigma), _MIN_SIGMA) if np.ndim(sigma) == 0 else np.maximum(sigma, _MIN_SIGMA)
+    return (sample - alpha * x0) / floor

@@ -1,32 +1,46 @@
-"""Stateless replay of one recorded denoising step.
+"""Stateless replay of one recorded denoising step, for every denoiser family.
 
-Explanation methods re-run the UNet at a recorded step hundreds of times (masks, gradients,
-insertion/deletion probes). Multistep solvers such as DPM-Solver++ keep a history of model
-outputs and a step counter, so calling ``scheduler.step`` for those probes corrupts the
-scheduler (the defect of the paper's public code). :class:`StepReplay` therefore only reads
-the pipeline: it runs the UNet with classifier-free guidance exactly as the pipeline does and
-derives the predicted clean latent and a deterministic DDIM-style ``x_{t-1}`` from
-``alphas_cumprod`` itself.
+Explanation methods re-run the denoiser at a recorded step hundreds of times (masks,
+gradients, insertion/deletion probes). Multistep solvers such as DPM-Solver++ keep a
+history of model outputs and a step counter, so calling ``scheduler.step`` for those
+probes corrupts the scheduler (the defect of the paper's public code). :class:`StepReplay`
+never touches the scheduler: a trace records everything a replay needs —
+
+* the exact arguments of the step-0 denoiser calls (text embeddings, pooled projections,
+  ``txt_ids``/``img_ids``, ``guidance``, added conditioning; ``Trace.meta["conditioning"]``)
+  and the timestep argument of every step (``meta["model_timesteps"]``);
+* each step's coefficients ``x_t = alpha x0 + sigma eps`` and the model-input scale
+  (``meta["noise_schedule"]``) and the CFG layout (``meta["cfg_layout"]``);
+
+and the denoiser family (:mod:`diffwidget.tracing.families`) builds the call exactly as the
+pipeline did: latent scaled, packed (Flux) and CFG-batched (or called per half), output
+unpacked and reduced to the predicted quantity (PixArt's learned sigma dropped).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
+import numpy as np
 import torch
+
+from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.families import LEGACY_FAMILY, LatentLayout, denoiser_family
+from diffwidget.tracing.noise import (
+    predict_eps,
+    predict_x0,
+    prediction_type,
+    scheduler_family,
+    step_coefficients,
+)
+from diffwidget.tracing.recording import TEXT_ARGUMENT
 
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
 
 Quantity = Literal["model_output", "eps", "x0", "prev"]
-
-#: Schedulers whose ``init_noise_sigma`` exceeds 1 (Euler, Heun, LMS, ...) keep latents in
-#: "sigma space" ``x = x0 + sigma * eps`` instead of ``sqrt(a) x0 + sqrt(1 - a) eps``.
-_SIGMA_SPACE_THRESHOLD = 1.0
-_CFG_BATCH = 2
 
 
 @contextmanager
@@ -35,32 +49,47 @@ def _grad_mode(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _legacy_conditioning(trace: Trace) -> list[dict[str, Any]]:
+    """Format-1 (UNet) traces: text embeddings, then SDXL's added conditioning in ``extra``."""
+    entries: list[dict[str, Any]] = [{"name": TEXT_ARGUMENT, "parent": None, "kind": "rows"}]
+    entries += [{"name": k, "parent": "added_cond_kwargs", "kind": "rows"} for k in trace.extra]
+    return entries
+
+
+def _schedule_from(scheduler: Any, trace: Trace) -> dict[str, list[float]]:
+    """Coefficients read from the pipeline's scheduler, for traces that do not carry them."""
+    family = scheduler_family(scheduler)
+    coefficients = [
+        step_coefficients(scheduler, family, float(t), i) for i, t in enumerate(trace.timesteps)
+    ]
+    return {
+        "alpha": [c.alpha for c in coefficients],
+        "sigma": [c.sigma for c in coefficients],
+        "model_input_scale": [c.input_scale for c in coefficients],
+    }
+
+
 class StepReplay:
-    """Re-run the UNet at a recorded step without touching the pipeline's scheduler.
+    """Re-run the denoiser at a recorded step without touching the pipeline's scheduler.
 
     Parameters
     ----------
-    pipe : DiffusionPipeline
-        The pipeline the trace came from (``pipe.unet`` and ``pipe.scheduler`` are read).
+    pipe : diffusers pipeline
+        The pipeline the trace came from (its denoiser is read, never its scheduler).
     trace : Trace
-        The recorded run: ``latents[step]`` is ``x_t``, ``timesteps[step]`` is ``t``,
-        ``prompt_embeds`` are in CFG order ``(uncond, cond)``, ``extra`` holds SDXL's added
-        conditions (CFG order on axis 0), ``guidance_scale`` is ``w``.
+        The recorded run.
     chunk_size : int, optional
-        Largest number of latents per UNet call (each call runs ``2 * chunk_size`` rows
-        with CFG). ``None`` sends the whole batch at once.
+        Largest number of latents per denoiser call (a call runs ``2 * chunk_size`` rows
+        with batched CFG). ``None`` sends the whole batch at once.
 
     Notes
     -----
-    * The UNet input is built as the pipeline builds it: ``[x_1..x_B, x_1..x_B]`` with
-      embeddings ``[uncond]*B + [cond]*B``, passed through ``scale_model_input`` of a
-      private *copy* of the scheduler (sigma-space schedulers advance a step index in
-      ``scale_model_input``; the copy's index is reset before every call).
-    * CFG is ``uncond + w (cond - uncond)``; with ``w <= 1`` only the conditional half
-      runs, as in diffusers pipelines. ``guidance_rescale`` is not applied.
-    * ``prev`` is the deterministic DDIM update (eta = 0) to the next recorded timestep
-      (to the clean latent after the last step), not the pipeline's own solver: it is what
-      a stateless probe can compute, and it is the same for every scheduler.
+    * CFG is ``uncond + w (cond - uncond)`` with the recorded layout; ``guidance_rescale``
+      is not applied (tracing refuses pipelines whose combination differs).
+    * ``prev`` is the deterministic update ``alpha' x0 + sigma' eps`` to the next recorded
+      step's coefficients (to the clean latent after the last step): DDIM with eta = 0 for
+      VP schedules, Euler for sigma and flow schedules. It is what a stateless probe can
+      compute, and the same for every solver.
 
     Examples
     --------
@@ -70,41 +99,60 @@ class StepReplay:
     """
 
     def __init__(self, pipe: Any, trace: Trace, *, chunk_size: int | None = None) -> None:
-        if getattr(pipe, "unet", None) is None:
-            raise TypeError(
-                f"{type(pipe).__name__} has no `unet`; pass a Stable Diffusion-style "
-                "pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)"
-            )
-        if chunk_size is not None and chunk_size < 1:
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self.unet = pipe.unet
+        self.family = denoiser_family(pipe)
+        recorded = trace.meta.get("family", LEGACY_FAMILY)
+        if recorded != self.family.name:
+            raise ValueError(
+                f"this trace was recorded with a {recorded} pipeline, but "
+                f"{type(pipe).__name__} is a {self.family.name} pipeline; pass the pipeline "
+                "the trace came from"
+            )
+        self.unet = self.family.denoiser
         self.trace = trace
         self.chunk_size = chunk_size
         param = next(self.unet.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
-        scheduler = pipe.scheduler
-        # A private copy: nothing done here may reach the live scheduler's state.
-        self._scheduler = copy.deepcopy(scheduler)
-        self.alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64).clone()
-        self.prediction_type: str = scheduler.config.get("prediction_type", "epsilon")
-        self.sigma_space = float(getattr(scheduler, "init_noise_sigma", 1.0)) > (
-            _SIGMA_SPACE_THRESHOLD
+        meta = trace.meta
+        self.cfg = CfgLayout.from_meta(meta, float(trace.guidance_scale), len(trace.prompt_embeds))
+        self.prediction_type = str(meta.get("prediction_type") or prediction_type(pipe.scheduler))
+        schedule = meta.get("noise_schedule") or _schedule_from(pipe.scheduler, trace)
+        n = trace.n_steps
+        self._alpha = np.asarray(schedule["alpha"], dtype=np.float64)
+        self._sigma = np.asarray(schedule["sigma"], dtype=np.float64)
+        self._scale = np.asarray(schedule["model_input_scale"], dtype=np.float64)
+        if len(self._alpha) != n:
+            raise ValueError(
+                f"the trace's noise schedule has {len(self._alpha)} steps for {n} recorded "
+                "steps; the file is inconsistent, record it again"
+            )
+        times = meta.get("model_timesteps") or meta.get("timesteps_exact") or trace.timesteps
+        self._model_t = [float(t) for t in times]
+        self._t_dtype = getattr(torch, str(meta.get("model_timestep_dtype", "float32")))
+        latent_layout = meta.get("latent_layout")
+        self.layout = (
+            LatentLayout(tuple(latent_layout["latent_hw"]), int(latent_layout["patch"]))
+            if latent_layout
+            else LatentLayout(trace.latent_shape, 1)
         )
-        self.do_cfg = float(trace.guidance_scale) > 1.0
+        self._entries = meta.get("conditioning") or _legacy_conditioning(trace)
         embeds = torch.as_tensor(trace.prompt_embeds)
-        self.uncond_embeds = embeds[0:1].to(self.device, self.dtype)
-        self.cond_embeds = embeds[1:2].to(self.device, self.dtype)
-        self.extra = {
-            key: torch.as_tensor(value).to(self.device) for key, value in trace.extra.items()
-        }
-        self._scale_fallback = False
+        self.cond_embeds = embeds[-1:].to(self.device, self.dtype)
+        self.uncond_embeds = embeds[:1].to(self.device, self.dtype) if len(embeds) > 1 else None
+        self._tensors = {k: torch.as_tensor(v).to(self.device) for k, v in trace.extra.items()}
 
     # ------------------------------------------------------------------ inputs
     @property
     def n_steps(self) -> int:
         """Number of recorded steps."""
         return self.trace.n_steps
+
+    @property
+    def do_cfg(self) -> bool:
+        """Whether the recorded run had an unconditional half."""
+        return self.cfg.guided
 
     def _check_step(self, step: int) -> int:
         if not 0 <= step < self.n_steps:
@@ -116,76 +164,111 @@ class StepReplay:
         return int(self.trace.timesteps[self._check_step(step)])
 
     def latent(self, step: int) -> torch.Tensor:
-        """The recorded ``x_t`` at ``step``: float32 ``[1, C, h, w]`` on the UNet's device."""
+        """The recorded ``x_t`` at ``step``: float32 ``[1, C, h, w]`` on the denoiser's device."""
         x = torch.as_tensor(self.trace.latents[self._check_step(step)])
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"the recorded latent of step {step} is NaN or infinite; record the trace again"
+            )
         return x.unsqueeze(0).to(self.device, torch.float32)
 
-    def alpha(self, step: int) -> float:
-        """``alphas_cumprod`` at the recorded timestep of ``step``."""
-        t = min(max(self.timestep(step), 0), len(self.alphas_cumprod) - 1)
-        return float(self.alphas_cumprod[t])
+    def coefficients(self, step: int) -> tuple[float, float, float]:
+        """``(alpha, sigma, input_scale)`` of ``step`` (``x_t = alpha x0 + sigma eps``)."""
+        step = self._check_step(step)
+        return float(self._alpha[step]), float(self._sigma[step]), float(self._scale[step])
 
-    def _alpha_prev(self, step: int) -> float:
+    def _next(self, step: int) -> tuple[float, float]:
         # After the last step the loop ends on the clean latent.
-        return 1.0 if step + 1 >= self.n_steps else self.alpha(step + 1)
+        if step + 1 >= self.n_steps:
+            return 1.0, 0.0
+        return float(self._alpha[step + 1]), float(self._sigma[step + 1])
 
-    def _scale_model_input(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        scheduler = self._scheduler
-        if not self._scale_fallback:
-            # Sigma-space schedulers look the step index up from t when it is unset.
-            for name in ("_step_index", "_begin_index"):
-                if hasattr(scheduler, name):
-                    setattr(scheduler, name, None)
-            try:
-                return scheduler.scale_model_input(x, torch.tensor(t, device=x.device))
-            except (IndexError, ValueError, RuntimeError):
-                # The copy's timestep grid does not contain t (e.g. a custom schedule after
-                # the pipeline was re-configured): use the closed form instead.
-                self._scale_fallback = True
-        if self.sigma_space:
-            a = self.alphas_cumprod[min(max(t, 0), len(self.alphas_cumprod) - 1)]
-            sigma = float(((1 - a) / a) ** 0.5)
-            return x / (sigma**2 + 1) ** 0.5
-        return x
+    # ------------------------------------------------------------------ the call
+    def _half(self, row: int, batch: int, cond_embeds: torch.Tensor | None) -> dict[str, Any]:
+        """The conditioning keywords of one CFG half (``row`` into the stored rows), batched."""
+        kwargs: dict[str, Any] = {}
+        for entry in self._entries:
+            name, parent, kind = entry["name"], entry.get("parent"), entry["kind"]
+            value: Any
+            if kind == "none":
+                value = None
+            elif kind == "value":
+                value = entry["value"]
+            elif name == TEXT_ARGUMENT and parent is None:
+                if row == -1:
+                    embeds = self.cond_embeds if cond_embeds is None else cond_embeds.to(self.dtype)
+                elif self.uncond_embeds is None:
+                    raise RuntimeError("the trace holds no unconditional text embedding")
+                else:
+                    embeds = self.uncond_embeds
+                value = embeds.expand(batch, *embeds.shape[1:])
+            elif kind == "batch_free":
+                value = self._tensors[name].to(self.dtype)
+            else:
+                stored = self._tensors[name]
+                one = stored[row:] if row == -1 else stored[row : row + 1]
+                one = one.to(self.dtype) if one.is_floating_point() else one
+                value = one.expand(batch, *one.shape[1:])
+            if parent is None:
+                kwargs[name] = value
+            else:
+                kwargs.setdefault(parent, {})[name] = value
+        return kwargs
 
-    def _embeddings(self, batch: int, cond_embeds: torch.Tensor | None) -> torch.Tensor:
-        cond = self.cond_embeds if cond_embeds is None else cond_embeds.to(self.dtype)
-        cond = cond.expand(batch, *cond.shape[1:])
-        if not self.do_cfg:
-            return cond
-        return torch.cat([self.uncond_embeds.expand(batch, *cond.shape[1:]), cond])
+    @staticmethod
+    def _join(a: dict[str, Any], b: dict[str, Any], batch_free: frozenset[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in a.items():
+            other = b[key]
+            if isinstance(value, dict):
+                out[key] = StepReplay._join(value, other, batch_free)
+            elif isinstance(value, torch.Tensor) and key not in batch_free:
+                out[key] = torch.cat([value, other])
+            else:
+                out[key] = value
+        return out
 
-    def _added_conditions(self, batch: int) -> dict[str, torch.Tensor] | None:
-        if not self.extra:
-            return None
-        added = {}
-        for key, value in self.extra.items():
-            halves = [value[1:2]] if not self.do_cfg else [value[0:1], value[1:2]]
-            added[key] = torch.cat([h.expand(batch, *h.shape[1:]) for h in halves]).to(
-                self.dtype if value.is_floating_point() else value.dtype
-            )
-        return added
-
-    # ------------------------------------------------------------------ UNet
-    def _unet_call(
-        self, x: torch.Tensor, step: int, cond_embeds: torch.Tensor | None
+    def _call(
+        self, x: torch.Tensor, step: int, rows: list[int], cond_embeds: torch.Tensor | None
     ) -> torch.Tensor:
-        t = self.timestep(step)
+        """One denoiser call on ``x`` for the CFG halves ``rows`` (0 uncond, -1 cond)."""
         batch = x.shape[0]
-        model_in = torch.cat([x] * _CFG_BATCH) if self.do_cfg else x
-        model_in = self._scale_model_input(model_in, t).to(self.dtype)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self._embeddings(batch, cond_embeds)}
-        added = self._added_conditions(batch)
-        if added is not None:
-            kwargs["added_cond_kwargs"] = added
-        t_in = torch.tensor(t, device=self.device)
-        out = self.unet(model_in, t_in, **kwargs)
-        out = out.sample if hasattr(out, "sample") else out[0]
-        out = out.float()
-        if not self.do_cfg:
-            return out
-        uncond, cond = out.chunk(_CFG_BATCH)
-        return uncond + float(self.trace.guidance_scale) * (cond - uncond)
+        _, _, scale = self.coefficients(step)
+        halves = [self._half(r, batch, cond_embeds) for r in rows]
+        kwargs = halves[0]
+        for half in halves[1:]:
+            kwargs = self._join(kwargs, half, self.family.batch_free)
+        model_in = torch.cat([x * scale] * len(rows)).to(self.dtype)
+        sample = self.family.to_model_input(model_in, self.layout)
+        t = torch.full((sample.shape[0],), self._model_t[step], dtype=self._t_dtype)
+        out = self.family.run(sample, t.to(self.device), kwargs)
+        return self.family.from_model_output(out, self.layout).float()
+
+    def _guided(self, x: torch.Tensor, step: int, cond_embeds: torch.Tensor | None) -> torch.Tensor:
+        kind = self.cfg.kind
+        if kind == "none":
+            return self._call(x, step, [-1], cond_embeds)
+        if kind == "batched":
+            uncond, cond = self._call(x, step, [0, -1], cond_embeds).chunk(2)
+        else:
+            cond = self._call(x, step, [-1], cond_embeds)
+            uncond = self._call(x, step, [0], cond_embeds)
+        return self.cfg.combine(uncond, cond)
+
+    def halves(self, per_call: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(uncond, cond)`` of a module's outputs over one :meth:`model_output` call.
+
+        ``per_call`` holds one tensor per denoiser call, as forward hooks record them:
+        batched CFG has one call holding both halves, separate CFG two calls (the prompt's
+        first, as the pipelines order them), no CFG one call.
+        """
+        if self.cfg.kind == "separate":
+            if len(per_call) != 2:
+                raise RuntimeError(f"expected 2 denoiser calls, recorded {len(per_call)}")
+            return per_call[1], per_call[0]
+        if len(per_call) != 1:
+            raise RuntimeError(f"expected 1 denoiser call, recorded {len(per_call)}")
+        return self.cfg.split(per_call[0]) if self.cfg.kind == "batched" else (None, per_call[0])
 
     def model_output(
         self,
@@ -195,18 +278,18 @@ class StepReplay:
         grad: bool = False,
         cond_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The CFG-combined UNet output (whatever the prediction type) for a batch of ``x_t``.
+        """The CFG-guided model output (whatever the prediction type) for a batch of ``x_t``.
 
         Parameters
         ----------
         latents : Tensor, shape (B, C, h, w) or (C, h, w)
-            Latents in the trace's (unscaled) convention.
+            Latents in the trace's (unscaled, unpacked) convention.
         step : int
             Loop index whose timestep and conditioning are used.
         grad : bool
             Build the autograd graph (DF-CAM, token relevance).
         cond_embeds : Tensor, shape (1, L, D), optional
-            Replaces the recorded conditional embedding (e.g. one computed with gradients).
+            Replaces the recorded conditional text embedding (e.g. one with gradients).
 
         Returns
         -------
@@ -218,15 +301,11 @@ class StepReplay:
         size = self.chunk_size or x.shape[0]
         with _grad_mode(grad):
             outs = [
-                self._unet_call(x[i : i + size], step, cond_embeds)
-                for i in range(0, x.shape[0], size)
+                self._guided(x[i : i + size], step, cond_embeds) for i in range(0, len(x), size)
             ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # ------------------------------------------------------------------ conversions
-    def _to_ddpm_space(self, x: torch.Tensor, a: float) -> torch.Tensor:
-        return x * a**0.5 if self.sigma_space else x
-
     def convert(
         self, latents: torch.Tensor, output: torch.Tensor, step: int, quantity: Quantity
     ) -> torch.Tensor:
@@ -237,43 +316,28 @@ class StepReplay:
         latents : Tensor, shape (B, C, h, w)
             The ``x_t`` the output was computed from.
         output : Tensor, shape (B, C, h, w)
-            The CFG-combined model output (:meth:`model_output`).
+            The CFG-guided model output (:meth:`model_output`).
         step : int
             Loop index.
         quantity : {"model_output", "eps", "x0", "prev"}
             What to return.
         """
+        if quantity not in get_args(Quantity):
+            raise ValueError(f"unknown quantity {quantity!r}; use one of {get_args(Quantity)}")
         if quantity == "model_output":
             return output
         x = (latents.unsqueeze(0) if latents.dim() == 3 else latents).to(output.device).float()
-        a = self.alpha(step)
-        xd = self._to_ddpm_space(x, a)
-        sa, sb = a**0.5, (1.0 - a) ** 0.5
-        if self.prediction_type == "epsilon":
-            eps = output
-            x0 = (xd - sb * eps) / sa
-        elif self.prediction_type == "v_prediction":
-            x0 = sa * xd - sb * output
-            eps = sa * output + sb * xd
-        elif self.prediction_type == "sample":
-            x0 = output
-            eps = (xd - sa * x0) / max(sb, 1e-12)
-        else:
-            raise ValueError(
-                f"prediction_type {self.prediction_type!r} is not supported; use a scheduler "
-                "configured for 'epsilon', 'v_prediction' or 'sample'"
-            )
-        if quantity == "eps":
-            return eps
+        alpha, sigma, scale = self.coefficients(step)
+        kind: Any = self.prediction_type
+        # The formulas are array-generic: tensors go through them unchanged.
+        x0: Any = predict_x0(x, output, alpha, sigma, scale, kind)  # type: ignore[arg-type]
         if quantity == "x0":
-            return x0
-        if quantity == "prev":
-            ap = self._alpha_prev(step)
-            prev = ap**0.5 * x0 + (1.0 - ap) ** 0.5 * eps
-            if self.sigma_space:
-                prev = prev / ap**0.5
-            return prev
-        raise ValueError(f"unknown quantity {quantity!r}; use one of {get_args(Quantity)}")
+            return cast(torch.Tensor, x0)
+        eps: Any = predict_eps(x, x0, alpha, sigma)  # type: ignore[arg-type]
+        if quantity == "eps":
+            return cast(torch.Tensor, eps)
+        next_alpha, next_sigma = self._next(step)
+        return cast(torch.Tensor, next_alpha * x0 + next_sigma * eps)
 
     def predict(
         self,
@@ -283,14 +347,14 @@ class StepReplay:
         *,
         grad: bool = False,
     ) -> torch.Tensor:
-        """Run the UNet on ``latents`` at ``step`` and return ``quantity``."""
+        """Run the denoiser on ``latents`` at ``step`` and return ``quantity``."""
         x = latents.unsqueeze(0) if latents.dim() == 3 else latents
         out = self.model_output(x, step, grad=grad)
         with _grad_mode(grad):
             return self.convert(x, out, step, quantity)
 
     def eps(self, latents: torch.Tensor, step: int, grad: bool = False) -> torch.Tensor:
-        """The CFG noise prediction ``eps`` for a batch of latents at ``step``."""
+        """The noise ``eps`` implied by the guided prediction for a batch of latents."""
         return self.predict(latents, step, "eps", grad=grad)
 
     def pred_x0(self, latents: torch.Tensor, step: int, grad: bool = False) -> torch.Tensor:
@@ -298,5 +362,5 @@ class StepReplay:
         return self.predict(latents, step, "x0", grad=grad)
 
     def prev(self, latents: torch.Tensor, step: int, grad: bool = False) -> torch.Tensor:
-        """The deterministic DDIM ``x_{t-1}`` (in the trace's latent convention) at ``step``."""
+        """The deterministic ``x_{t-1}`` (in the trace's latent convention) at ``step``."""
         return self.predict(latents, step, "prev", grad=grad)

@@ -10,7 +10,7 @@ import torch
 from explain_toys import region_mask
 
 from diffwidget.explain.cam import DFCam
-from diffwidget.tracing.hooks import block_paths, layer_paths
+from diffwidget.tracing.families.unet import block_paths, layer_paths
 from diffwidget.tracing.trace import Trace
 
 
@@ -81,14 +81,12 @@ def _separate_pass_cam(pipe: Any, trace: Trace, step: int, path: str) -> np.ndar
     """DF-CAM by its definition, with the two CFG halves run as separate UNet calls."""
     import torch.nn.functional as F
 
-    from diffwidget.tracing.replay import StepReplay
-
-    replay = StepReplay(pipe, trace)
     unet = pipe.unet
     w = float(trace.guidance_scale)
-    t = torch.tensor(int(trace.timesteps[step]))
-    x = replay.latent(step)
-    x_in = replay._scale_model_input(x, int(t))
+    # The UNet's inputs as the pipeline built them, read from the trace's own record.
+    t = torch.tensor(trace.meta["model_timesteps"][step])
+    scale = trace.meta["noise_schedule"]["model_input_scale"][step]
+    x_in = torch.as_tensor(trace.latents[step])[None] * scale
     embeds = torch.as_tensor(trace.prompt_embeds)
     acts: list[torch.Tensor] = []
     handle = unet.get_submodule(path).register_forward_hook(

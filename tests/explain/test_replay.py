@@ -68,7 +68,10 @@ def test_sigma_space_scheduler(tiny_sd_pipe_factory: Callable[..., Any]) -> None
     trace = record_trace(pipe, PROMPT, n_steps=2)
     before = scheduler_state(pipe.scheduler)
     replay = StepReplay(pipe, trace)
-    assert replay.sigma_space
+    # Euler keeps latents in sigma space: x_t = x0 + sigma eps, the UNet sees x_t / sqrt(1 + s^2).
+    alpha, sigma, scale = replay.coefficients(0)
+    assert alpha == 1.0
+    assert scale == pytest.approx(1 / (1 + sigma**2) ** 0.5)
     for step in range(trace.n_steps):
         out = replay.eps(replay.latent(step), step)[0].numpy()
         np.testing.assert_allclose(out, trace.noise_pred[step], atol=ATOL)
@@ -84,7 +87,10 @@ def test_sdxl_added_conditions(tiny_sdxl_pipe: Any, sdxl_trace: Trace) -> None:
 
 def test_no_guidance_runs_only_the_conditional_half(sd_pipe: Any, sd_trace: Trace) -> None:
     calls: list[int] = []
-    handle = sd_pipe.unet.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
+    def count(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append(len(args[0] if args else kwargs["sample"]))
+
+    handle = sd_pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
     try:
         trace = Trace(**{**vars(sd_trace), "guidance_scale": 1.0})
         StepReplay(sd_pipe, trace).eps(torch.zeros(2, *sd_trace.latents.shape[1:]), 0)
@@ -98,7 +104,7 @@ def test_replay_errors(sd_pipe: Any, sd_trace: Trace) -> None:
     replay = StepReplay(sd_pipe, sd_trace)
     with pytest.raises(IndexError, match="steps 0"):
         replay.latent(sd_trace.n_steps)
-    with pytest.raises(TypeError, match="unet"):
+    with pytest.raises(TypeError, match="supported pipelines"):
         StepReplay(object(), sd_trace)
     with pytest.raises(ValueError, match="chunk_size"):
         StepReplay(sd_pipe, sd_trace, chunk_size=0)

@@ -38,7 +38,7 @@ def grid_record(tiny_sd_pipe: Any) -> ActivationRecord:
 
 
 def test_shapes_for_every_step(tiny_sd_pipe: Any, grid_record: ActivationRecord) -> None:
-    blocks = default_blocks(tiny_sd_pipe.unet)
+    blocks = default_blocks(tiny_sd_pipe)
     assert grid_record.blocks == blocks
     assert "mid_block" in blocks
     for path in blocks:

@@ -8,14 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from diffwidget.tracing.budget import (
-    BYTES_PER_MB,
-    MemoryBudgetError,
-    estimate_step_bytes,
-    grid_at_level,
-    layer_grid,
-    layer_level,
-)
+from diffwidget.tracing.budget import BYTES_PER_MB, MemoryBudgetError, estimate_step_bytes
+from diffwidget.tracing.families.unet import grid_at_level, layer_grid, layer_level
 from diffwidget.tracing.context import TraceContext, trace
 from diffwidget.tracing.tokens import prompt_tokens
 from diffwidget.tracing.trace import Trace
@@ -172,20 +166,28 @@ def test_grids_and_levels() -> None:
 
 
 def test_sd15_sized_estimate() -> None:
-    # SD 1.5 at 512x512: attn2 at 64^2 (2 down + 3 up), 32^2 (2 + 3), 16^2 (2 + 3), 8^2 (mid).
-    levels = [0, 0, 1, 1, 2, 2]
-    layers = [
-        f"down_blocks.{k}.attentions.{i % 2}.transformer_blocks.0.attn2"
-        for i, k in enumerate(levels)
-    ]
-    layers += [
-        f"up_blocks.{j}.attentions.{i}.transformer_blocks.0.attn2"
-        for j in (1, 2, 3)
-        for i in range(3)
-    ]
-    layers.append("mid_block.attentions.0.transformer_blocks.0.attn2")
-    step = estimate_step_bytes(layers, 4, (4, 64, 64), 77, (512, 512))
+    """SD 1.5's block layout at 512x512, counted by hand against the UNet family."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from diffwidget.tracing.families import LatentLayout, UNetFamily
+
+    # SD 1.5's blocks and layers per block, with 8 channels so it builds in milliseconds.
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=2,
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        sample_size=64,
+    )
+    counts = UNetFamily(SimpleNamespace(unet=unet)).query_counts(LatentLayout((64, 64)))
+    # attn2 at 64^2 (2 down + 3 up), 32^2 (2 + 3), 16^2 (2 + 3), 8^2 (mid).
     cells = 5 * 64 * 64 + 5 * 32 * 32 + 5 * 16 * 16 + 8 * 8
+    assert len(counts) == 16
+    assert sum(counts.values()) == cells
+    step = estimate_step_bytes(cells, (4, 64, 64), 77, (512, 512))
     assert step.attention == cells * 77 * 2
     assert step.latents == 3 * 4 * 64 * 64 * 4
     assert step.previews == 512 * 512 * 3

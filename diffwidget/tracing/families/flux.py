@@ -1,0 +1,200 @@
+"""Flux family: FLUX.1 dev/schnell (``FluxTransformer2DModel``).
+
+* Attention sites: the double-stream blocks' ``attn`` (text and image projected apart,
+  joined ``[text, image]``) and the single-stream blocks' ``attn`` (one sequence that the
+  block concatenated itself, so the processor never sees the text length: a forward
+  pre-hook on each single block reads it from the block's ``encoder_hidden_states``). Both
+  apply qk-RMSNorm, then RoPE on the joint sequence; the capture applies them exactly so
+  before keeping the image→text block of the joint softmax (``"joint_share"``).
+* CFG: FLUX.1-dev is guidance-distilled — one call per step, the guidance scale goes into
+  the model as ``guidance`` (``none``); with ``true_cfg_scale > 1`` and a negative prompt
+  the pipeline makes a second call, labelled by ``cache_context("uncond")`` (``separate``).
+* Text: T5 only, ``max_sequence_length`` positions (512 for dev; CLIP gives only the pooled
+  projection).
+* Call: ``transformer(hidden_states, timestep=sigma, guidance, pooled_projections,
+  encoder_hidden_states, txt_ids, img_ids)`` on latents packed 2x2 into tokens of
+  ``4 x C`` channels; the ids have no batch axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from diffwidget.tracing.attention import AttentionRecorder, ProcessorFactory
+from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
+from diffwidget.tracing.families.joint import JointCaptureProcessor, heads
+from diffwidget.tracing.joint_attention import image_to_text_probs
+from diffwidget.tracing.tokens import PromptTokens, t5_tokens
+
+#: FLUX.1-dev's default ``max_sequence_length``.
+FLUX_T5_LENGTH = 512
+#: Flux packs 2x2 latent cells into one token.
+PACK = 2
+
+
+def _rope(x: torch.Tensor, rotary: Any, positions: slice) -> torch.Tensor:
+    """RoPE on ``x`` ``[B, n, H, d]`` with the joint sequence's angles at ``positions``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if rotary is None:
+        return x
+    cos, sin = rotary
+    return apply_rotary_emb(x, (cos[positions], sin[positions]), sequence_dim=1)  # type: ignore[arg-type, return-value]
+
+
+class FluxCaptureProcessor(JointCaptureProcessor):
+    """Image→text block of a Flux attention layer (text tokens first, RoPE applied)."""
+
+    def __init__(
+        self, original: Any, layer: str, recorder: AttentionRecorder, module: Any = None
+    ) -> None:
+        super().__init__(original, layer, recorder, module)
+        #: Set before each call of a single-stream block by the block's pre-hook.
+        self.text_length: int | None = None
+
+    def record(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Joint probabilities of the conditional half, after qk-norm and RoPE."""
+        # FluxAttention calls processor(attn, hidden, encoder, mask, image_rotary_emb).
+        text = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        rotary = kwargs.get("image_rotary_emb", args[2] if len(args) > 2 else None)
+        cond = self.recorder.cond
+        head_dim = int(attn.head_dim)
+        query = heads(cond(self._projection(attn, "to_q", hidden_states)), head_dim)
+        key = heads(cond(self._projection(attn, "to_k", hidden_states)), head_dim)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if text is not None:
+            # Double-stream: the image stream is `hidden_states`; text keys are projected apart.
+            n_text = int(text.shape[1])
+            text_key = heads(cond(self._projection(attn, "add_k_proj", text)), head_dim)
+            text_key = _rope(attn.norm_added_k(text_key), rotary, slice(0, n_text))
+            n_image = query.shape[1]
+            joint = slice(n_text, n_text + n_image)
+            query, key = _rope(query, rotary, joint), _rope(key, rotary, joint)
+            keys = torch.cat([text_key, key], dim=1)
+        else:
+            # Single-stream: one [text, image] sequence; the block told us the text length.
+            if self.text_length is None:
+                raise RuntimeError(
+                    f"{self.layer}: the single-stream block's text length is unknown (its "
+                    "pre-hook did not run)"
+                )
+            n_text = self.text_length
+            everything = slice(0, query.shape[1])
+            query, keys = _rope(query, rotary, everything), _rope(key, rotary, everything)
+            query = query[:, n_text:]
+        probs = image_to_text_probs(
+            query[0].transpose(0, 1),
+            keys[0].transpose(0, 1),
+            slice(0, n_text),
+            1.0 / math.sqrt(head_dim),
+        )
+        self.recorder.add(self.layer, probs)
+
+
+class FluxFamily(DenoiserFamily):
+    """FLUX.1 transformers (double- and single-stream blocks)."""
+
+    name = "flux"
+    label = "Flux (FLUX.1 dev / schnell)"
+    pipelines = ("FluxPipeline",)
+    models = ("FluxTransformer2DModel",)
+    denoiser_attr = "transformer"
+    sample_arg = "hidden_states"
+    normalisation = "joint_share"
+    batch_free = frozenset({"txt_ids", "img_ids"})
+    max_sequence_arg = "max_sequence_length"
+
+    def attention_sites(self) -> dict[str, ProcessorFactory]:
+        """Double-stream then single-stream blocks' ``attn``, in data-flow order."""
+        t = self.denoiser
+        sites: dict[str, ProcessorFactory] = {
+            f"transformer_blocks.{i}.attn": FluxCaptureProcessor
+            for i in range(len(t.transformer_blocks))
+        }
+        for i in range(len(t.single_transformer_blocks)):
+            sites[f"single_transformer_blocks.{i}.attn"] = FluxCaptureProcessor
+        return sites
+
+    def install(self, recorder: AttentionRecorder) -> list[Any]:
+        """Pre-hooks telling each single-stream capture the text length of the call."""
+
+        def pre_hook(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            processor = block.attn.processor
+            if isinstance(processor, FluxCaptureProcessor) and text is not None:
+                processor.text_length = int(text.shape[1])
+
+        return [
+            block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for block in self.denoiser.single_transformer_blocks
+        ]
+
+    def text_length(self, call_kwargs: dict[str, Any]) -> int:
+        """``max_sequence_length`` T5 positions."""
+        return self._max_sequence_length(call_kwargs, FLUX_T5_LENGTH)
+
+    def prompt_tokens(self, prompt: str, call_kwargs: dict[str, Any]) -> PromptTokens:
+        """T5's positions (the pipeline's ``tokenizer_2``)."""
+        return t5_tokens(self.pipe.tokenizer_2, prompt, self.text_length(call_kwargs))
+
+    def cfg_layout(self, guidance_scale: float, call_kwargs: dict[str, Any]) -> CfgLayout:
+        """``separate`` calls with ``true_cfg_scale > 1`` and a negative prompt, else none."""
+        true_cfg = float(call_kwargs.get("true_cfg_scale", 1.0) or 1.0)
+        negative = any(
+            call_kwargs.get(name) is not None
+            for name in ("negative_prompt", "negative_prompt_embeds")
+        )
+        if true_cfg > 1.0 and negative:
+            return CfgLayout("separate", true_cfg)
+        return CfgLayout("none", true_cfg)
+
+    def guidance_argument(self) -> str:
+        """Flux's classifier-free guidance scale is ``true_cfg_scale``."""
+        return "true_cfg_scale"
+
+    def patch_size(self) -> int:
+        """The pipeline's 2x2 packing times the transformer's own patch (1)."""
+        return PACK * int(getattr(self.denoiser.config, "patch_size", 1) or 1)
+
+    def latent_channels(self) -> int:
+        """The transformer takes 2x2-packed tokens of four latent cells each."""
+        return int(self.denoiser.config.in_channels) // (PACK * PACK)
+
+    def layout(self, call: DenoiserCall) -> LatentLayout:
+        """The unpacked latent grid, read from ``img_ids`` (one row per token)."""
+        ids = call.conditioning.get("img_ids")
+        if ids is None:
+            raise RuntimeError("the Flux transformer was called without img_ids")
+        ids = ids.reshape(-1, ids.shape[-1])
+        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return LatentLayout((PACK * rows, PACK * cols), PACK)
+
+    def to_model_input(self, latents: torch.Tensor, layout: LatentLayout) -> torch.Tensor:
+        """Pack ``[B, C, h, w]`` into ``[B, h/2 * w/2, 4C]`` as ``FluxPipeline`` does."""
+        b, c, h, w = latents.shape
+        x = latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
+
+    def to_latents(self, sample: torch.Tensor, layout: LatentLayout) -> torch.Tensor:
+        """Unpack tokens ``[B, N, 4C]`` back to the ``[B, C, h, w]`` grid."""
+        b, _, channels = sample.shape
+        h, w = layout.latent_hw
+        x = sample.view(b, h // PACK, w // PACK, channels // (PACK * PACK), PACK, PACK)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels // (PACK * PACK), h, w)
+
+    def cam_layers(self) -> list[str]:
+        """Every double-stream, then every single-stream block."""
+        t = self.denoiser
+        return [f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))] + [
+            f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))
+        ]
+
+    def block_tensor(self, path: str, output: Any) -> torch.Tensor:
+        """Both block kinds return ``(text, image)``."""
+        if isinstance(output, tuple) and len(output) == 2:
+            return output[1]
+        return super().block_tensor(path, output)

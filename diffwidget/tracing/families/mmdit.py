@@ -1,0 +1,117 @@
+"""SD3 family: Stable Diffusion 3 and 3.5 (``SD3Transformer2DModel``, MMDiT).
+
+* Attention sites: each joint block's ``attn`` (``JointAttnProcessor2_0``): one softmax over
+  ``[image, text]`` keys, image first. The image→text block is kept
+  (:mod:`~diffwidget.tracing.joint_attention`): rows sum to the patch's text share
+  (``"joint_share"``). SD3.5's dual-attention blocks also have an ``attn2``, which is
+  image-only self-attention and is not captured; the last block is ``context_pre_only``
+  (its text stream ends there, its attention still reads the text).
+* CFG: batched ``[negative, positive]``; ``skip_guidance_layers`` (extra calls) is refused.
+* Text: CLIP's positions (CLIP-L ⊕ CLIP-G features on one axis) then T5's
+  ``max_sequence_length`` (256 by default; all-zero embeddings when T5 is absent), so each
+  prompt word appears twice (:mod:`~diffwidget.tracing.tokens`).
+* Call: ``transformer(hidden_states, timestep=sigma * 1000, encoder_hidden_states,
+  pooled_projections)``; latents unscaled (flow matching), patches of ``patch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from diffwidget.tracing.attention import ProcessorFactory
+from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.families.base import DenoiserFamily
+from diffwidget.tracing.families.joint import JointCaptureProcessor, heads
+from diffwidget.tracing.joint_attention import image_to_text_probs
+from diffwidget.tracing.tokens import PromptTokens, empty_tokens, prompt_tokens, t5_tokens
+
+#: diffusers' SD3 default ``max_sequence_length`` (T5 positions).
+SD3_T5_LENGTH = 256
+#: CLIP's length when a pipeline has no CLIP tokenizer.
+CLIP_LENGTH = 77
+
+
+class SD3CaptureProcessor(JointCaptureProcessor):
+    """Image→text block of an SD3 joint attention layer (image tokens first)."""
+
+    def record(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Joint probabilities of the conditional half, after qk-norm, in query chunks."""
+        text = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if text is None:
+            return
+        cond = self.recorder.cond
+        query = cond(self._projection(attn, "to_q", hidden_states))
+        key = cond(self._projection(attn, "to_k", hidden_states))
+        text_key = cond(self._projection(attn, "add_k_proj", text))
+        head_dim = key.shape[-1] // attn.heads
+        # [1, N, H*d] -> [1, H, N, d], as JointAttnProcessor2_0 views them.
+        query, key, text_key = (heads(t, head_dim).transpose(1, 2) for t in (query, key, text_key))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        n_image = query.shape[2]
+        keys = torch.cat([key, text_key], dim=2)[0]
+        probs = image_to_text_probs(
+            query[0], keys, slice(n_image, keys.shape[1]), 1.0 / math.sqrt(head_dim)
+        )
+        self.recorder.add(self.layer, probs)
+
+
+class SD3Family(DenoiserFamily):
+    """SD3 / SD3.5 MMDiT transformers."""
+
+    name = "sd3"
+    label = "SD3 / SD3.5 (MMDiT)"
+    pipelines = ("StableDiffusion3Pipeline",)
+    models = ("SD3Transformer2DModel",)
+    denoiser_attr = "transformer"
+    sample_arg = "hidden_states"
+    normalisation = "joint_share"
+    max_sequence_arg = "max_sequence_length"
+
+    def attention_sites(self) -> dict[str, ProcessorFactory]:
+        """Every joint block's ``attn`` (never the dual-attention ``attn2``)."""
+        blocks = self.denoiser.transformer_blocks
+        return {f"transformer_blocks.{i}.attn": SD3CaptureProcessor for i in range(len(blocks))}
+
+    def _clip_length(self) -> int:
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        return int(tokenizer.model_max_length) if tokenizer is not None else CLIP_LENGTH
+
+    def text_length(self, call_kwargs: dict[str, Any]) -> int:
+        """CLIP's positions plus ``max_sequence_length`` T5 positions."""
+        return self._clip_length() + self._max_sequence_length(call_kwargs, SD3_T5_LENGTH)
+
+    def prompt_tokens(self, prompt: str, call_kwargs: dict[str, Any]) -> PromptTokens:
+        """CLIP then T5 positions (empty positions when T5 is absent)."""
+        clip = prompt_tokens(self.pipe.tokenizer, prompt, length=self._clip_length())
+        length = self._max_sequence_length(call_kwargs, SD3_T5_LENGTH)
+        t5 = getattr(self.pipe, "tokenizer_3", None)
+        if t5 is None or getattr(self.pipe, "text_encoder_3", None) is None:
+            return clip + empty_tokens(length)
+        return clip + t5_tokens(t5, prompt, length)
+
+    def cfg_layout(self, guidance_scale: float, call_kwargs: dict[str, Any]) -> CfgLayout:
+        """Batched CFG; skip-layer guidance (an extra call per step) is refused."""
+        if call_kwargs.get("skip_guidance_layers"):
+            raise ValueError(
+                "skip_guidance_layers runs the transformer a second time in some steps; "
+                "diffwidget traces one call per step. Trace without it."
+            )
+        return super().cfg_layout(guidance_scale, call_kwargs)
+
+    def cam_layers(self) -> list[str]:
+        """Every joint transformer block."""
+        return [f"transformer_blocks.{i}" for i in range(len(self.denoiser.transformer_blocks))]
+
+    def block_tensor(self, path: str, output: Any) -> torch.Tensor:
+        """A joint block returns ``(text, image)``; the image stream is the second."""
+        if isinstance(output, tuple) and len(output) == 2:
+            return output[1]
+        return super().block_tensor(path, output)

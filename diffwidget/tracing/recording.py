@@ -1,0 +1,217 @@
+"""What a :class:`~diffwidget.tracing.context.TraceContext` collects while the pipeline runs.
+
+:class:`StepRecords` holds, per step, the scheduler's view (``x_t``, the guided output,
+``t``) and the denoiser's (each call's timestep argument and output); the step-0 calls'
+conditioning becomes the trace's replay record (:func:`conditioning_record`), stored with
+the CFG halves on axis 0 in ``("uncond", "cond")`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from diffwidget.tracing.cfg import CfgLayout, guide
+from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: ``Trace.meta["conditioning"]`` entry kinds: tensors with one row per CFG half, tensors
+#: without a batch axis, ``None`` arguments and plain values.
+CONDITIONING_KINDS = ("rows", "batch_free", "none", "value")
+#: The keyword whose tensor is stored as ``Trace.prompt_embeds``.
+TEXT_ARGUMENT = "encoder_hidden_states"
+
+
+@dataclass
+class Conditioning:
+    """The replay record of a trace: text embeddings, other tensors and how to rebuild the call."""
+
+    prompt_embeds: np.ndarray
+    extra: dict[str, np.ndarray]
+    layout: list[dict[str, Any]]
+
+
+def _halves(
+    calls: Sequence[DenoiserCall], cfg: CfgLayout
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    if cfg.kind == "separate":
+        by_label = {c.label: c.conditioning for c in calls}
+        return by_label["uncond"], by_label["cond"]
+    return None, calls[0].conditioning
+
+
+def _rows(
+    name: str, value: torch.Tensor, uncond: Any, cfg: CfgLayout, batch_free: bool
+) -> np.ndarray:
+    if batch_free:
+        return value.detach().float().cpu().numpy()
+    if cfg.kind == "separate":
+        if not isinstance(uncond, torch.Tensor):
+            raise RuntimeError(f"the unconditional call has no tensor {name!r}")
+        value = torch.cat([uncond[:1], value[:1]])
+    array = value.detach().cpu()
+    return (array.float() if array.is_floating_point() else array).numpy()
+
+
+def conditioning_record(
+    family: DenoiserFamily, calls: Sequence[DenoiserCall], cfg: CfgLayout
+) -> Conditioning:
+    """Everything but the latent and the timestep of step 0's calls, for stateless replay.
+
+    Raises
+    ------
+    RuntimeError
+        When the denoiser received no text embeddings.
+    """
+    uncond_kwargs, cond_kwargs = _halves(calls, cfg)
+    extra: dict[str, np.ndarray] = {}
+    layout: list[dict[str, Any]] = []
+    prompt_embeds: np.ndarray | None = None
+
+    def visit(name: str, value: Any, uncond: Any, parent: str | None) -> None:
+        nonlocal prompt_embeds
+        entry: dict[str, Any] = {"name": name, "parent": parent}
+        if value is None:
+            entry["kind"] = "none"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(key, item, None if uncond is None else uncond.get(key), name)
+            return
+        elif isinstance(value, torch.Tensor):
+            free = name in family.batch_free
+            entry["kind"] = "batch_free" if free else "rows"
+            rows = _rows(name, value, uncond, cfg, free)
+            if name == TEXT_ARGUMENT and parent is None:
+                prompt_embeds = rows.astype(np.float32)
+            else:
+                extra[name] = rows
+        elif isinstance(value, (bool, int, float, str)):
+            entry["kind"] = "value"
+            entry["value"] = value
+        else:
+            return  # objects a replay cannot rebuild (IP-adapter state, ...) are left out
+        layout.append(entry)
+
+    for name, value in cond_kwargs.items():
+        uncond = None if uncond_kwargs is None else uncond_kwargs.get(name)
+        visit(name, value, uncond, None)
+    if prompt_embeds is None:
+        raise RuntimeError(
+            f"{type(family.denoiser).__name__} was called without `{TEXT_ARGUMENT}`; "
+            "diffwidget traces text-conditioned denoisers"
+        )
+    return Conditioning(prompt_embeds, extra, layout)
+
+
+@dataclass
+class StepRecords:
+    """Per-step records of one traced run (device tensors until the trace is built)."""
+
+    timesteps: list[torch.Tensor] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    cond_outputs: list[torch.Tensor] = field(default_factory=list)
+    step_indices: list[int | None] = field(default_factory=list)
+    model_timesteps: list[float] = field(default_factory=list)
+    model_timestep_dtype: str = "float32"
+    final_latent: torch.Tensor | None = None
+    #: Calls (and their raw outputs) since the last scheduler step.
+    step_calls: list[DenoiserCall] = field(default_factory=list)
+    step_outputs: list[tuple[DenoiserCall, torch.Tensor]] = field(default_factory=list)
+    #: Step 0's calls and outputs, kept for the CFG check after the first step.
+    first_outputs: list[tuple[DenoiserCall, torch.Tensor]] = field(default_factory=list)
+    layout: LatentLayout = field(default_factory=lambda: LatentLayout((0, 0)))
+    cfg: CfgLayout = field(default_factory=lambda: CfgLayout("none", 1.0))
+    conditioning: Conditioning | None = None
+
+    @property
+    def n_steps(self) -> int:
+        """Scheduler steps recorded so far."""
+        return len(self.timesteps)
+
+    def add_call(self, call: DenoiserCall) -> None:
+        """A denoiser call of the current step."""
+        if not self.step_calls:
+            t = torch.as_tensor(call.timestep).detach().flatten()
+            self.model_timesteps.append(float(t[0]))
+            self.model_timestep_dtype = str(t.dtype).replace("torch.", "")
+        self.step_calls.append(call)
+
+    def add_output(self, call: DenoiserCall, output: torch.Tensor) -> None:
+        """A denoiser call's raw output."""
+        self.step_outputs.append((call, output.detach()))
+
+    def _halves_of_outputs(
+        self, family: DenoiserFamily, outputs: list[tuple[DenoiserCall, torch.Tensor]]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        cfg, layout = self.cfg, self.layout
+        if cfg.kind == "separate":
+            by_label = {c.label: out for c, out in outputs}
+            separate = family.from_model_output(by_label["uncond"], layout)
+            return separate, family.from_model_output(by_label["cond"], layout)
+        halves = cfg.split(outputs[0][1])
+        uncond = None if halves[0] is None else family.from_model_output(halves[0], layout)
+        return uncond, family.from_model_output(halves[1], layout)
+
+    def estimate_guidance(self, family: DenoiserFamily, guided: torch.Tensor) -> float:
+        """The ``w`` with ``guided = u + w (c - u)``, by least squares over step 0's output."""
+        uncond, cond = self._halves_of_outputs(family, self.step_outputs)
+        if uncond is None:
+            return 1.0
+        diff = (cond - uncond).double().flatten()
+        denom = float(diff @ diff)
+        return (
+            1.0
+            if denom == 0
+            else float((guided.double().flatten() - uncond.double().flatten()) @ diff) / denom
+        )
+
+    def add_step(
+        self, family: DenoiserFamily, timestep: Any, latent: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        """The scheduler's view of one step (unpacked latent and guided output)."""
+        if self.outputs == [] and not self.first_outputs:
+            self.first_outputs = list(self.step_outputs)
+        self.timesteps.append(torch.as_tensor(timestep).detach().reshape(()).clone())
+        self.latents.append(latent.detach().clone())
+        self.outputs.append(output.detach().clone())
+        if self.step_outputs:
+            _, cond = self._halves_of_outputs(family, self.step_outputs)
+            self.cond_outputs.append(cond[-1].detach().clone())
+        self.step_calls = []
+        self.step_outputs = []
+
+    def finish_step(self, step_index: int | None, prev: torch.Tensor) -> None:
+        """After ``scheduler.step``: its step counter and the latent it returned."""
+        self.step_indices.append(step_index)
+        self.final_latent = prev.detach().clone()
+
+    def sigma_index(self, step: int) -> int | None:
+        """Index into the scheduler's sigmas used at ``step`` (it was incremented by it)."""
+        index = self.step_indices[step]
+        return None if index is None else index - 1
+
+    def check_guidance(self, family: DenoiserFamily, rtol: float) -> None:
+        """Raise when step 0's guided output is not ``u + w (c - u)`` of its halves."""
+        if not self.cfg.guided or not self.first_outputs:
+            return
+        uncond, cond = self._halves_of_outputs(family, self.first_outputs)
+        if uncond is None:
+            return
+        expected = guide(uncond, cond, self.cfg.guidance_scale)[-1].float()
+        guided = self.outputs[0].float()
+        error = float((expected - guided).abs().max())
+        scale = float(guided.abs().max()) or 1.0
+        if error > rtol * scale:
+            raise RuntimeError(
+                f"the pipeline combined the CFG halves differently from uncond + w (cond - "
+                f"uncond) with w = {self.cfg.guidance_scale:g} (largest difference "
+                f"{error:.3g} of {scale:.3g}); replays would not match the trace. Pass the "
+                "guidance scale the pipeline uses (guidance_scale=...) and trace without "
+                "guidance_rescale or other guidance variants"
+            )
