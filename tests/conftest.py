@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from diffwidget.tracing.trace import Trace
 
+from tests.family_cases import build_family_case
+
 #: The prompt of ``tiny_trace``; every word is one token of the tiny tokenizer.
 TINY_PROMPT = "a red circle on the left"
 #: Steps of ``tiny_trace`` (enough for DPM-Solver++ to reach its second-order updates).
@@ -85,6 +87,38 @@ def tiny_trace(tiny_sd_pipe: StableDiffusionPipeline) -> Trace:
     from diffwidget.tracing.context import trace
 
     return trace(tiny_sd_pipe, TINY_PROMPT, num_inference_steps=TINY_STEPS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def family_case() -> Callable[[str], tuple[Any, dict[str, Any]]]:
+    """``family_case(name) -> (pipe, kwargs)``, one shared pipeline per case. Do not mutate."""
+    cache: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    def get(name: str) -> tuple[Any, dict[str, Any]]:
+        if name not in cache:
+            cache[name] = build_family_case(name)
+        pipe, kwargs = cache[name]
+        return pipe, dict(kwargs)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_trace(
+    family_case: Callable[[str], tuple[Any, dict[str, Any]]],
+) -> Callable[[str], Trace]:
+    """``family_trace(name)``: a 3-step trace of the case's shared pipeline (cached)."""
+    from diffwidget.tracing.context import trace
+
+    cache: dict[str, Trace] = {}
+
+    def get(name: str) -> Trace:
+        if name not in cache:
+            pipe, kwargs = family_case(name)
+            cache[name] = trace(pipe, TINY_PROMPT, num_inference_steps=3, seed=1, **kwargs)
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -142,6 +142,8 @@ class TraceContext:
         self.seed = seed
         self.call_kwargs = dict(call_kwargs or {})
         self.claimed_guidance = guidance_scale
+        # Refuses call arguments the family cannot trace (SD3's skip-layer guidance).
+        self.family.cfg_layout(1.0 if guidance_scale is None else guidance_scale, self.call_kwargs)
         self.n_text = self.family.text_length(self.call_kwargs)
         self.prompt_tokens: PromptTokens | None = (
             self.family.prompt_tokens(prompt, self.call_kwargs) if prompt is not None else None

@@ -87,6 +87,7 @@ def test_sdxl_added_conditions(tiny_sdxl_pipe: Any, sdxl_trace: Trace) -> None:
 
 def test_no_guidance_runs_only_the_conditional_half(sd_pipe: Any, sd_trace: Trace) -> None:
     calls: list[int] = []
+
     def count(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         calls.append(len(args[0] if args else kwargs["sample"]))
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from diffwidget.tracing.budget import BYTES_PER_MB, MemoryBudgetError, estimate_step_bytes
-from diffwidget.tracing.families.unet import grid_at_level, layer_grid, layer_level
 from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.families.unet import grid_at_level, layer_grid, layer_level
 from diffwidget.tracing.tokens import prompt_tokens
 from diffwidget.tracing.trace import Trace
 
