@@ -21,6 +21,49 @@ _CPU_REFERENCE_CELLS = 16 * 16
 MAX_AUTO_BATCH = 128
 
 
+def check_int(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
+    """``value`` as an int ``>= minimum``; a clear error for floats, bools and other types.
+
+    Examples
+    --------
+    >>> check_int("n_masks", 500)
+    500
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(
+            f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+            + ("; pass None for the default" if optional else "")
+        )
+    value = int(value.__index__())
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def check_int_list(name: str, value: Any) -> list[int] | None:
+    """An optional sequence of ints (step lists): strings and scalars get a clear error."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a list of integers, got {value!r}")
+    return [int(check_int(name, v, 0)) for v in value]  # type: ignore[arg-type]
+
+
+def check_str_list(name: str, value: Any) -> list[str] | None:
+    """An optional sequence of strings (module paths): a bare string gets a clear error."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a list of strings, got {value!r}; wrap one in a list")
+    items = list(value)
+    bad = [v for v in items if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold module paths (strings), got {bad}")
+    return items
+
+
 def check_step(trace: Any, step: int) -> int:
     """Validate a loop index against ``trace`` and return it as ``int``."""
     n = int(trace.n_steps)

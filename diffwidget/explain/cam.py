@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, check_step
+from diffwidget.explain._common import ProgressCallback, check_step, check_str_list
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.replay import StepReplay
@@ -73,9 +73,10 @@ class DFCam:
     name = "df_cam"
 
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
-        if blocks is not None and len(blocks) == 0:
+        chosen = check_str_list("blocks", blocks)
+        if chosen is not None and not chosen:
             raise ValueError("blocks is empty; pass None for every block or a list of module paths")
-        self.blocks = list(blocks) if blocks is not None else None
+        self.blocks = chosen
 
     def attribute(
         self,

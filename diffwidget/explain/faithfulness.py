@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_step
+from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
 from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult, SaliencyMap
 from diffwidget.explain.similarity import effective_window, gaussian_window, similarity
 from diffwidget.tracing.replay import StepReplay
@@ -111,10 +111,11 @@ class InsertionDeletion:
             raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
         if target not in ("x0", "prev"):
             raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
-        if n_random < 1:
-            raise ValueError("n_random must be at least 1: the random baseline is always computed")
-        if cells_per_stage is not None and cells_per_stage < 1:
-            raise ValueError(f"cells_per_stage must be positive or None, got {cells_per_stage}")
+        n_random = int(check_int("n_random", n_random))  # type: ignore[arg-type]
+        cells_per_stage = check_int("cells_per_stage", cells_per_stage, optional=True)
+        batch_size = check_int("batch_size", batch_size, optional=True)
+        seed = int(check_int("seed", seed, 0))  # type: ignore[arg-type]
+        blur_kernel = int(check_int("blur_kernel", blur_kernel))  # type: ignore[arg-type]
         self.similarity = similarity
         self.cells_per_stage = cells_per_stage
         self.blur_kernel = blur_kernel

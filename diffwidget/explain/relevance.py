@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffwidget.explain._common import ProgressCallback, check_step
+from diffwidget.explain._common import ProgressCallback, check_int_list, check_step
 from diffwidget.explain.results import TokenRelevanceResult, minmax
 from diffwidget.tracing.replay import StepReplay
 
@@ -303,7 +303,7 @@ class TokenRelevance:
     def _step(
         self, pipe: Any, replay: StepReplay, step: int, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
-        with torch.enable_grad(), explicit_attention(pipe.unet) as records:
+        with torch.enable_grad(), explicit_attention(replay.family.denoiser) as records:
             hidden, text_attn = self._text_pass(pipe, ids, replay)
             if hidden is None:
                 hidden = replay.cond_embeds.detach().clone().requires_grad_(True)
@@ -379,13 +379,21 @@ class TokenRelevance:
         """
         from tqdm.auto import tqdm
 
+        listed = check_int_list("steps", steps)
         chosen = (
-            list(range(trace.n_steps)) if steps is None else [check_step(trace, s) for s in steps]
+            list(range(trace.n_steps)) if listed is None else [check_step(trace, s) for s in listed]
         )
         if not chosen:
             raise ValueError("steps is empty; pass None for every step or a list of loop indices")
         start_time = time.perf_counter()
         replay = StepReplay(pipe, trace)
+        if replay.family.normalisation != "text_softmax":
+            raise ValueError(
+                f"token relevance propagates Chefer's cross-attention rules; a "
+                f"{replay.family.label} denoiser attends jointly to image and text, which these "
+                "rules do not cover. Use the attention maps (AttentionMaps, the explorer's token "
+                "overlay) or DF-RISE / DF-CAM for this family."
+            )
         length = int(trace.prompt_embeds.shape[1])
         ids = self._token_ids(pipe, trace, length)
         keep = self._stored_positions(trace, length)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_step
+from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.explain.similarity import (
     SSIM_SIGMA,
@@ -176,8 +176,12 @@ class DFRise:
         grid: int = SMOOTH_GRID,
         center: bool = True,
     ) -> None:
-        if n_masks < 1:
-            raise ValueError(f"n_masks must be at least 1, got {n_masks}")
+        n_masks = int(check_int("n_masks", n_masks))  # type: ignore[arg-type]
+        batch_size = check_int("batch_size", batch_size, optional=True)
+        seed = int(check_int("seed", seed, 0))  # type: ignore[arg-type]
+        grid = int(check_int("grid", grid, 2))  # type: ignore[arg-type]
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"p must be a number strictly between 0 and 1, got {p!r}")
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must be strictly between 0 and 1, got {p}")
         if masks not in ("bernoulli", "smooth"):
@@ -186,8 +190,6 @@ class DFRise:
             raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
         if target not in ("x0", "prev"):
             raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be positive or None, got {batch_size}")
         self.n_masks = n_masks
         self.p = p
         self.masks = masks

@@ -247,10 +247,14 @@ def cross_attention_layers(unet: Any) -> list[str]:
     return sorted(names, key=_data_flow_key)
 
 
+_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
 def _data_flow_key(path: str) -> tuple[int, list[int]]:
-    block = path.split(".", 1)[0]
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(block, 3)
-    return order, [int(part) for part in path.split(".") if part.isdigit()]
+    # The first UNet block name on the path decides (a wrapper may prefix the UNet's paths).
+    parts = path.split(".")
+    order = next((_BLOCK_ORDER[p] for p in parts if p in _BLOCK_ORDER), len(_BLOCK_ORDER))
+    return order, [int(part) for part in parts if part.isdigit()]
 
 
 class AttentionCapture:

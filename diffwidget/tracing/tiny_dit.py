@@ -71,7 +71,6 @@ def _t5(tokenizer: Any) -> Any:
         relative_attention_num_buckets=8,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
     )
     return T5EncoderModel(config).eval()
 

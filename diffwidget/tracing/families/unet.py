@@ -28,7 +28,7 @@ from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.families.base import DenoiserFamily, LatentLayout
 from diffwidget.tracing.tokens import PromptTokens, prompt_tokens
 
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)(mid_block)\.")
 #: Sub-layer lists inside a diffusers block that output a spatial feature map.
 _LAYER_LISTS = ("resnets", "attentions")
 _RESAMPLERS = ("downsamplers", "upsamplers")
@@ -51,7 +51,7 @@ def layer_level(path: str, n_levels: int) -> int:
     Down block ``k`` is at level ``k``, the mid block at the deepest level ``n - 1``, up
     block ``j`` at ``n - 1 - j``.
     """
-    match = _BLOCK.match(path)
+    match = _BLOCK.search(path)
     if match is None:
         raise ValueError(
             f"cannot tell the resolution of attention layer {path!r}: diffwidget expects "
