@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffwidget.tracing.trace import Trace
+from diffwidget.tracing.trace import NORMALISATION_TEXT, Trace
 
 #: Half-pixel centre convention of ``torch.nn.functional.interpolate(..., align_corners=False)``
 #: so maps upsampled here match the ones a torch user would compute.
@@ -214,9 +214,11 @@ class AttentionMaps:
             if len(steps) == trace.n_steps
             else f"steps {steps[0]}–{steps[-1]} ({len(steps)})"
         )
+        normalisation = str(trace.meta.get("attention_normalisation", "text_softmax"))
+        kind = "Joint-attention" if normalisation == "joint_share" else "Cross-attention"
         description = (
-            f"Cross-attention probability, conditional CFG half, mean over heads, "
-            f"mean of {len(layers)} attn2 layer{'s' if len(layers) != 1 else ''} "
+            f"{kind} probability ({NORMALISATION_TEXT[normalisation]}), conditional CFG half, "
+            f"mean over heads, mean of {len(layers)} layer{'s' if len(layers) != 1 else ''} "
             f"(grids {grid_text}) upsampled bilinearly to the {size[0]}×{size[1]} latent; "
             f"{step_text}, one map per step"
         )
@@ -227,5 +229,5 @@ class AttentionMaps:
             layers=layers,
             tokens=list(trace.tokens),
             description=description,
-            meta={"grids": grids, "latent_shape": size},
+            meta={"grids": grids, "latent_shape": size, "normalisation": normalisation},
         )

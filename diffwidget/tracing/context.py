@@ -41,12 +41,11 @@ from diffwidget.tracing.noise import (
     predict_x0,
     prediction_type,
     scheduler_family,
-    step_coefficients,
 )
 from diffwidget.tracing.pipeline_info import json_safe, versions
 from diffwidget.tracing.recording import StepRecords, conditioning_record
 from diffwidget.tracing.tokens import PromptTokens, TokenSelection
-from diffwidget.tracing.trace import FORMAT_VERSION, Trace
+from diffwidget.tracing.trace import Trace
 
 #: Latents decoded per VAE call when making previews (bounds peak memory).
 PREVIEW_BATCH = 4
@@ -378,19 +377,10 @@ class TraceContext:
                 "nothing was recorded: call the pipeline inside `with TraceContext(pipe) as ctx:`"
             )
         n = records.n_steps
-        latents = torch.stack(records.latents).float().cpu().numpy()
-        noise_pred = torch.stack(records.outputs).float().cpu().numpy()
-        _check_finite(latents, noise_pred)
+        latents, noise_pred = records.arrays()
         scheduler = self.pipe.scheduler
         timesteps_exact = torch.stack(records.timesteps).double().cpu().numpy()
-        coefficients = [
-            step_coefficients(scheduler, self.noise_family, float(t), records.sigma_index(i))
-            for i, t in enumerate(timesteps_exact)
-        ]
-        alpha, sigma, scale = (
-            np.array([getattr(c, name) for c in coefficients]).reshape(n, 1, 1, 1)
-            for name in ("alpha", "sigma", "input_scale")
-        )
+        alpha, sigma, scale = records.coefficients(scheduler, self.noise_family)
         kind = self.prediction_type
         pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, kind).astype(np.float32)
         layout = records.layout
@@ -417,7 +407,6 @@ class TraceContext:
         conditioning = records.conditioning
         assert conditioning is not None
         meta = {
-            "format_version": FORMAT_VERSION,
             "family": self.family.name,
             "pipeline": type(self.pipe).__name__,
             "denoiser": type(self.family.denoiser).__name__,
@@ -472,18 +461,6 @@ class TraceContext:
             extra=conditioning.extra,
             meta=json_safe(meta),
         )
-
-
-def _check_finite(latents: np.ndarray, outputs: np.ndarray) -> None:
-    for name, values in (("latent x_t", latents), ("model output", outputs)):
-        bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
-        if bad.any():
-            step = int(np.flatnonzero(bad)[0])
-            raise RuntimeError(
-                f"the {name} is NaN or infinite from step {step} on; nothing was kept. Check "
-                "the latents you passed, the model's dtype (float16 on a CPU overflows) and "
-                "its weights"
-            )
 
 
 #: diffusers' own default for Stable Diffusion pipelines.

@@ -10,25 +10,13 @@ for image queries ``i`` and text keys ``j``. Only that block is kept, so the
 forming its scores against all keys once (``heads × chunk × N_keys`` floats, bounded by
 :data:`CHUNK_BYTES`), reducing them to the log-sum-exp and keeping the text columns.
 Rows therefore sum to the patch's *text share* of attention, not to 1 (``"joint_share"``);
-:data:`NORMALISATIONS` names both conventions a trace can hold.
+:data:`~diffwidget.tracing.trace.NORMALISATIONS` names both conventions a trace can hold.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
-Normalisation = Literal["text_softmax", "joint_share"]
-NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
-#: What a normalisation means, for metadata and overlay captions.
-NORMALISATION_TEXT: dict[str, str] = {
-    "text_softmax": "softmax over the text tokens (cross-attention): each patch's row sums to 1",
-    "joint_share": (
-        "image→text block of the joint softmax over image and text keys: each patch's row "
-        "sums to its share of attention on text"
-    ),
-}
 #: Upper bound on the float32 score block one query chunk forms (``heads x chunk x keys``).
 CHUNK_BYTES = 64 * 2**20
 _FLOAT32_BYTES = 4

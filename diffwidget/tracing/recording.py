@@ -191,6 +191,42 @@ class StepRecords:
         self.step_indices.append(step_index)
         self.final_latent = prev.detach().clone()
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Latents and guided outputs as float32 arrays ``[n_steps, C, h, w]``.
+
+        Raises
+        ------
+        RuntimeError
+            When either became NaN or infinite (the message names the first such step).
+        """
+        latents = torch.stack(self.latents).float().cpu().numpy()
+        outputs = torch.stack(self.outputs).float().cpu().numpy()
+        for name, values in (("latent x_t", latents), ("model output", outputs)):
+            bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+            if bad.any():
+                step = int(np.flatnonzero(bad)[0])
+                raise RuntimeError(
+                    f"the {name} is NaN or infinite from step {step} on; nothing was kept. "
+                    "Check the latents you passed, the model's dtype (float16 on a CPU "
+                    "overflows) and its weights"
+                )
+        return latents, outputs
+
+    def coefficients(
+        self, scheduler: Any, noise_family: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each step's ``(alpha, sigma, input_scale)``, shaped ``(n_steps, 1, 1, 1)``."""
+        from diffwidget.tracing.noise import step_coefficients
+
+        steps = [
+            step_coefficients(scheduler, noise_family, float(t), self.sigma_index(i))
+            for i, t in enumerate(torch.stack(self.timesteps).double().cpu().numpy())
+        ]
+        return tuple(  # type: ignore[return-value]
+            np.array([getattr(c, name) for c in steps]).reshape(len(steps), 1, 1, 1)
+            for name in ("alpha", "sigma", "input_scale")
+        )
+
     def sigma_index(self, step: int) -> int | None:
         """Index into the scheduler's sigmas used at ``step`` (it was incremented by it)."""
         index = self.step_indices[step]

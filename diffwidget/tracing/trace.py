@@ -16,12 +16,22 @@ import numpy as np
 
 TokenKind = Literal["start", "word", "end", "pad"]
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
+#: What the rows of ``Trace.attention`` sum to (``meta["attention_normalisation"]``).
+Normalisation = Literal["text_softmax", "joint_share"]
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
+#: What each normalisation means, for metadata and overlay captions.
+NORMALISATION_TEXT: dict[str, str] = {
+    "text_softmax": "softmax over the text tokens (cross-attention): each patch's row sums to 1",
+    "joint_share": (
+        "image→text block of the joint softmax over image and text keys (raw joint share, "
+        "not renormalised over text): each patch's row sums to its share of attention on text"
+    ),
+}
 
-#: Order of the two classifier-free-guidance halves in every batched UNet call and in
-#: ``Trace.prompt_embeds``: diffusers concatenates ``[negative, positive]``.
-CFG_HALVES: tuple[str, str] = ("uncond", "cond")
-
-FORMAT_VERSION = 1
+#: Format 2 records the denoiser family, the CFG layout and the denoiser's call arguments
+#: (``meta["family"]``, ``["cfg_layout"]``, ``["conditioning"]``, ``["model_timesteps"]``);
+#: format-1 files (UNet pipelines) still load and replay.
+FORMAT_VERSION = 2
 _META_KEY = "diffwidget"
 _ATTN_PREFIX = "attention/"
 _EXTRA_PREFIX = "extra/"
@@ -45,23 +55,31 @@ class Trace:
     token_kinds : list of {"start", "word", "end", "pad"}
         Kind of each stored token; start/end/pad are hidden by default in views.
     timesteps : ndarray of int64, shape (n_steps,)
-        Scheduler timestep ``t_i`` for each loop index ``i``.
+        Scheduler timestep ``t_i`` for each loop index ``i`` (rounded; flow-matching
+        schedulers use ``1000 sigma``; ``meta["timesteps_exact"]`` keeps the exact values).
     latents : ndarray, shape (n_steps, C, h, w)
-        The latent ``x_t`` handed to ``scheduler.step`` at step ``i`` (unscaled).
+        The latent ``x_t`` handed to ``scheduler.step`` at step ``i`` (unscaled; Flux's
+        2x2-packed tokens unpacked to the latent grid).
     noise_pred : ndarray, shape (n_steps, C, h, w)
-        The guided model output ``uncond + w * (cond - uncond)`` at step ``i``.
+        The guided model output ``uncond + w * (cond - uncond)`` at step ``i`` (epsilon, v
+        or flow velocity, ``meta["prediction_type"]``).
     pred_x0 : ndarray, shape (n_steps, C, h, w)
         Predicted clean latent at step ``i``, computed from ``noise_pred`` without
         touching the scheduler.
     final_latent : ndarray, shape (C, h, w)
         The latent the loop ended with (before VAE decoding).
-    prompt_embeds : ndarray, shape (2, L, D)
-        Text embeddings in CFG order ``("uncond", "cond")``.
+    prompt_embeds : ndarray, shape (n_halves, L, D)
+        The text embeddings the denoiser attended to, one row per CFG half in
+        ``meta["cfg_layout"]["halves"]`` order: ``("uncond", "cond")``, or ``("cond",)``
+        without CFG (format-1 traces always hold two rows).
     attention : dict of str to ndarray
-        ``attn2`` module path -> float16 array ``(n_steps, h_l, w_l, n_tokens)``:
-        softmax(QK^T / sqrt(d)) of the conditional half, mean over heads, on the layer's
-        own spatial grid. Rows sum to 1 over *all* 77 (or ``L``) tokens before the
-        stored token positions were selected.
+        Attention module path -> float16 array ``(n_steps, h_l, w_l, n_tokens)``: the
+        image→text probabilities of the conditional half, mean over heads, on the layer's
+        own spatial grid (a UNet level, or a transformer's patch grid).
+        ``meta["attention_normalisation"]`` says what rows sum to: ``"text_softmax"``
+        (cross-attention: 1 over *all* ``L`` text positions before the stored ones were
+        selected) or ``"joint_share"`` (SD3/Flux joint attention: the patch's share of
+        attention on text).
     guidance_scale : float
         The pipeline's CFG scale ``w``.
     previews : ndarray of uint8, shape (n_steps, H, W, 3), optional
@@ -69,8 +87,10 @@ class Trace:
     image : ndarray of uint8, shape (H, W, 3), optional
         The final decoded image.
     extra : dict of str to ndarray
-        Further UNet conditioning needed for replay (SDXL ``text_embeds``, ``time_ids``),
-        each in CFG order along axis 0.
+        The denoiser's other call arguments, for replay (SDXL ``text_embeds``/``time_ids``,
+        SD3/Flux ``pooled_projections``, Flux ``guidance``/``txt_ids``/``img_ids``, PixArt's
+        ``encoder_attention_mask``): one row per CFG half on axis 0, except the
+        batch-free ids; ``meta["conditioning"]`` says how to rebuild the call.
     meta : dict
         JSON-serialisable facts: pipeline and scheduler class, scheduler config, seed,
         height, width, negative prompt, prediction type, token indices kept, versions.

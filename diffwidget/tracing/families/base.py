@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from diffwidget.tracing.attention import AttentionRecorder, ProcessorFactory
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
-from diffwidget.tracing.joint_attention import Normalisation
+from diffwidget.tracing.trace import Normalisation
 
 if TYPE_CHECKING:
     import torch
