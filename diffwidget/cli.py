@@ -89,7 +89,10 @@ def install_hint(extra: str) -> str:
     requirements = extra_requirements(extra)
     if requirements:
         return pip + " " + " ".join(f'"{req}"' for req in requirements)
-    return f'{pip} "dist/diffwidget-<version>-py3-none-any.whl[{extra}]" (the wheel you installed)'
+    from diffwidget import __version__
+
+    wheel = f"dist/diffwidget-{__version__}-py3-none-any.whl"
+    return f'{pip} "{wheel}[{extra}]" (the wheel you installed diffwidget from)'
 
 
 def _bundled_dir(name: str, marker: str) -> Path:

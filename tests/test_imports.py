@@ -10,6 +10,7 @@ and docs never import the test suite.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -247,3 +248,22 @@ def test_module_imports_without_torch(module: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- what tab completion offers
+@pytest.mark.parametrize("module", ["diffwidget", "diffwidget.explain"])
+def test_dir_offers_the_public_names_only(module: str) -> None:
+    package = importlib.import_module(module)
+    names = dir(package)
+    assert set(package.__all__) <= set(names)
+    for junk in ("Any", "TYPE_CHECKING", "annotations", "importlib"):
+        assert junk not in names
+    for name in names:
+        assert getattr(package, name) is not None, name  # each one resolves
+
+
+def test_every_subpackage_is_offered() -> None:
+    import diffwidget
+
+    present = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert sorted(set(dir(diffwidget)) - set(diffwidget.__all__)) == present
