@@ -325,6 +325,7 @@ def test_demo_starts_programs_through_this_interpreter_not_path(
 
 
 def test_kernels_keep_a_thread_count_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     monkeypatch.setenv("DIFFWIDGET_THREADS", "2")
     assert cli._kernel_env()["OMP_NUM_THREADS"] == "4"

@@ -235,8 +235,9 @@ class TraceFileError(ValueError):
 
     Examples
     --------
-    >>> Trace.load("notes.txt")  # doctest: +SKIP
-    TraceFileError: cannot load trace notes.txt: not a safetensors file (header too small) ...
+    >>> Trace.load("half-copied.safetensors")  # doctest: +SKIP
+    TraceFileError: cannot load trace half-copied.safetensors: the file is truncated (its
+    arrays are cut off) (...). The file is damaged or truncated (...): save the trace again
     """
 
     def __init__(self, path: Path, problem: str, fix: str = "") -> None:
