@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 # torch is pinned in the same pip command: resolved alone, pip pulls a multi-GB CUDA build.
 TORCH = torch==2.13.0
 
-.PHONY: install install-test demo test check browser js schema
+.PHONY: install install-test demo test check browser dist dist-check
 
 install:
 	$(PIP) install $(TORCH) -e ".[demo]"
@@ -27,7 +27,18 @@ test: install-test
 	$(PYTHON) -m pytest
 
 check:
-	ruff format --check diffwidget tests bench
-	ruff check diffwidget tests bench
+	ruff format --check diffwidget tests bench hatch_build.py
+	ruff check diffwidget tests bench hatch_build.py
 	mypy
-	cd js && npx tsc --noEmit && npx biome check src test
+	cd js && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && npx tsc --noEmit && npx biome check src test
+
+# The wheel and the sdist in dist/ (both install without Node.js; building them needs the
+# compiled front-end, which `make install` produces).
+dist:
+	rm -rf dist
+	$(PYTHON) -m build
+
+# What CI checks about them: contents, a fresh venv without Node.js running `diffwidget demo
+# --check`, and the message of a source build that has no Node.js.
+dist-check:
+	PYTHON=$(PYTHON) TORCH=$(TORCH) bash .ci/dist-check

@@ -25,10 +25,20 @@ if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
 
+#: Sub-packages reachable as attributes (``diffwidget.explain.DFRise``), imported on first use.
+_SUBPACKAGES = ("explain", "models", "tracing", "widget")
+
 __all__ = ["Explorer", "Trace", "TraceContext", "__version__", "load_demo_pipeline", "trace"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'diffwidget' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Tab completion offers the public names, not this module's own imports.
+    return sorted([*__all__, *_SUBPACKAGES])

@@ -12,7 +12,10 @@ $ diffwidget export "a red circle on the left" -o explorer.html
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from diffwidget._threads import HOW_TO_CHANGE, kernel_thread_env
 from diffwidget.tracing.noise import PREDICTION_SOURCES
 
 if TYPE_CHECKING:
@@ -45,8 +49,52 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# Locating the bundled files
+# Locating the bundled files, and saying how to install what is missing
 # --------------------------------------------------------------------------------------
+def source_checkout() -> Path | None:
+    """The clone this diffwidget runs from, or ``None`` for an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "diffwidget"' in pyproject.read_text():
+        return root
+    return None
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of ``diffwidget[extra]`` from the installed metadata (may be empty)."""
+    try:
+        requires = importlib.metadata.requires("diffwidget") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    return [req.split(";")[0].strip() for req in requires if marker.search(req)]
+
+
+def install_hint(extra: str) -> str:
+    """A pip command that installs ``diffwidget[extra]`` into the running interpreter.
+
+    It works from what the user has before any release exists: in a clone, the clone's
+    extra; in an environment installed from a wheel, the extra's own requirements. pip
+    is run through this interpreter, so an environment that is not activated gets it.
+
+    Examples
+    --------
+    >>> install_hint("classroom")  # doctest: +SKIP
+    '/home/me/venv/bin/python -m pip install -e "/home/me/diffwidget[classroom]"'
+    """
+    pip = f"{sys.executable} -m pip install"
+    root = source_checkout()
+    if root is not None:
+        return f'{pip} -e "{root}[{extra}]"'
+    requirements = extra_requirements(extra)
+    if requirements:
+        return pip + " " + " ".join(f'"{req}"' for req in requirements)
+    from diffwidget import __version__
+
+    wheel = f"dist/diffwidget-{__version__}-py3-none-any.whl"
+    return f'{pip} "{wheel}[{extra}]" (the wheel you installed diffwidget from)'
+
+
 def _bundled_dir(name: str, marker: str) -> Path:
     """A folder shipped beside the package: the clone's ``name/`` or the wheel's copy."""
     package = Path(__file__).resolve().parent
@@ -55,7 +103,8 @@ def _bundled_dir(name: str, marker: str) -> Path:
             return candidate
     raise FileNotFoundError(
         f"cannot find {name}/{marker} next to the diffwidget package; reinstall it "
-        "(`pip install -e .` from a clone, or `pip install diffwidget`)"
+        "(`pip install -e .` from a clone, or `pip install dist/diffwidget-….whl` from a "
+        "built wheel)"
     )
 
 
@@ -110,6 +159,8 @@ def _kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # The bundled notebooks run the embedded model, fastest on one torch thread.
+    env.update(kernel_thread_env(env))
     return env
 
 
@@ -140,7 +191,7 @@ def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
         from nbclient import NotebookClient
     except ImportError as error:
         raise UsageError(
-            f'running notebooks needs {error.name}: run `pip install "diffwidget[demo]"`'
+            f"running notebooks needs {error.name}: run `{install_hint('demo')}`"
         ) from None
     from tqdm.auto import tqdm
 
@@ -171,7 +222,7 @@ def _check(source: Path) -> int:
         from nbclient.exceptions import CellExecutionError
     except ImportError:
         raise UsageError(
-            'running notebooks needs nbclient: run `pip install "diffwidget[demo]"`'
+            f"running notebooks needs nbclient: run `{install_hint('demo')}`"
         ) from None
 
     with tempfile.TemporaryDirectory(prefix="diffwidget-check-") as tmp:
@@ -201,11 +252,22 @@ def _working_copy(source: Path, directory: str) -> Path:
     return target
 
 
-def _require(program: str, extra: str) -> str:
-    found = shutil.which(program)
-    if found is None:
-        raise UsageError(f'`{program}` is not installed: run `pip install "diffwidget[{extra}]"`')
-    return found
+def python_module_command(module: str, extra: str) -> list[str]:
+    """``[python, "-m", module]`` for this interpreter, so no PATH look-up is involved.
+
+    A virtual environment's ``diffwidget`` run without activating the environment would
+    otherwise find another installation's program on PATH, or none.
+
+    Raises
+    ------
+    UsageError
+        If ``module`` is not importable here; the message says what to install.
+    """
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(
+            f"{module} is not installed for {sys.executable}: run `{install_hint(extra)}`"
+        )
+    return [sys.executable, "-m", module]
 
 
 def classroom_command(
@@ -225,20 +287,26 @@ def classroom_command(
 
     Voila's defaults already strip code cells, stderr and tracebacks from the page.
     """
-    voila = _require("voila", "classroom")
+    voila = python_module_command("voila", "classroom")
     env = _kernel_env()
     config = str(jupyter_config_dir())
     env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
         p for p in (config, env.get("JUPYTER_CONFIG_PATH", "")) if p
     )
-    command = [voila, str(notebook), f"--port={port}", f"--Voila.ip={ip}"]
+    command = [*voila, str(notebook), f"--port={port}", f"--Voila.ip={ip}"]
     if not open_browser:
         command.append("--no-browser")
     return command, env
 
 
-def _serve(command: list[str], env: dict[str, str] | None, what: str) -> int:
+def _serve(command: list[str], env: dict[str, str], what: str) -> int:
     print(f"serving {what} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
+    if threads:
+        print(
+            f"notebook kernels start torch with {threads} thread(s); to change, {HOW_TO_CHANGE}",
+            file=sys.stderr,
+        )
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
@@ -257,9 +325,8 @@ def demo(args: argparse.Namespace) -> int:
             target, port=port, ip=args.ip, open_browser=not args.no_browser
         )
         return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}:{port}/")
-    jupyter = _require("jupyter-lab", "demo")
     command = [
-        jupyter,
+        *python_module_command("jupyterlab", "demo"),
         str(target),
         f"--ServerApp.root_dir={target.parent}",
         f"--ServerApp.ip={args.ip}",

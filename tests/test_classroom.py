@@ -120,11 +120,18 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def jupyter_env(env: dict[str, str], root: Path) -> dict[str, str]:
-    """``env`` with private Jupyter dirs under ``root``: no user config, no stray files."""
+    """``env`` with private Jupyter dirs under ``root``: no user config, no stray files.
+
+    PATH holds only an empty folder, as for a virtual environment that is not activated:
+    the servers and their kernels must start through the interpreter, not a PATH look-up.
+    """
     for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         folder = root / name.lower()
         folder.mkdir(exist_ok=True)
         env[name] = str(folder)
+    empty_bin = root / "empty-bin"
+    empty_bin.mkdir(exist_ok=True)
+    env["PATH"] = str(empty_bin)
     return env
 
 

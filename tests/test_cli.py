@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,13 +197,12 @@ def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
         return 0
 
     monkeypatch.setattr(cli.subprocess, "call", fake_call)
-    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/usr/bin/{name}")
     workdir = tmp_path / "work"
     status, _, _ = run(["demo", "--dir", str(workdir), "--no-browser", "--port", "9999"], capsys)
     copy = workdir / cli.QUICKSTART
     assert status == 0
     assert copy.read_bytes() == (cli.notebooks_dir() / cli.QUICKSTART).read_bytes()
-    assert calls[0][1] == str(copy)
+    assert calls[0][:4] == [sys.executable, "-m", "jupyterlab", str(copy)]
     assert f"--ServerApp.root_dir={workdir.resolve()}" in calls[0]
     assert "--ServerApp.port=9999" in calls[0]
     assert "--no-browser" in calls[0]
@@ -210,15 +212,28 @@ def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
     assert "My edited quickstart" in copy.read_text()  # never overwritten
 
 
+def hide_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make ``find_spec`` report ``names`` as not installed."""
+    real = cli.importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in names else real(name, *args)
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", find_spec)
+
+
 def test_demo_without_jupyterlab_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    hide_modules(monkeypatch, "jupyterlab", "voila")
+    root = Path(cli.__file__).resolve().parents[1]
     status, _, err = run(["demo", "--dir", str(tmp_path)], capsys)
     assert status == cli.EXIT_USAGE
-    assert 'pip install "diffwidget[demo]"' in err
+    assert f"jupyterlab is not installed for {sys.executable}" in err
+    assert f'{sys.executable} -m pip install -e "{root}[demo]"' in err
     status, _, err = run(["demo", "--dir", str(tmp_path), "--classroom"], capsys)
-    assert 'pip install "diffwidget[classroom]"' in err
+    assert status == cli.EXIT_USAGE
+    assert f'-e "{root}[classroom]"' in err
 
 
 def test_check_without_the_notebook_tools_says_what_to_install(
@@ -228,7 +243,96 @@ def test_check_without_the_notebook_tools_says_what_to_install(
         monkeypatch.setitem(sys.modules, name, None)  # makes `import nbclient` fail
     status, _, err = run(["demo", "--check"], capsys)
     assert status == cli.EXIT_USAGE
-    assert 'pip install "diffwidget[demo]"' in err
+    assert "-m pip install -e" in err
+    assert "[demo]" in err
+
+
+def test_install_hint_in_a_clone_names_the_clone() -> None:
+    root = Path(cli.__file__).resolve().parents[1]
+    assert cli.source_checkout() == root
+    assert (
+        cli.install_hint("classroom") == f'{sys.executable} -m pip install -e "{root}[classroom]"'
+    )
+    pyproject = (root / "pyproject.toml").read_text()
+    for extra in ("demo", "classroom"):  # the hints name extras that exist
+        assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), extra
+
+
+def test_install_hint_from_a_wheel_lists_the_extra_requirements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Installed from a wheel there is no clone, and "diffwidget[...]" is on no index yet."""
+    monkeypatch.setattr(cli, "source_checkout", lambda: None)
+    requires = [
+        "torch>=2.2",
+        "voila<0.6,>=0.5.13; extra == 'classroom'",
+        'jupyterlab>=4; extra == "demo"',
+        "pytest>=8; extra == 'test'",
+    ]
+    monkeypatch.setattr(cli.importlib.metadata, "requires", lambda name: requires)
+    assert cli.install_hint("classroom") == f'{sys.executable} -m pip install "voila<0.6,>=0.5.13"'
+    assert cli.install_hint("demo") == f'{sys.executable} -m pip install "jupyterlab>=4"'
+
+
+STUB_MAIN = """
+import json, os, sys
+with open(os.environ["STUB_RECORD"], "w") as f:
+    json.dump({"module": __spec__.parent, "argv": sys.argv[1:], "executable": sys.executable,
+               "omp": os.environ.get("OMP_NUM_THREADS")}, f)
+"""
+
+
+@pytest.mark.parametrize(("options", "module"), [([], "jupyterlab"), (["--classroom"], "voila")])
+def test_demo_starts_programs_through_this_interpreter_not_path(
+    options: list[str], module: str, tmp_path: Path
+) -> None:
+    """A venv's diffwidget, run without activating the venv, must not need PATH."""
+    stubs, empty_bin = tmp_path / "stubs", tmp_path / "bin"
+    (stubs / module).mkdir(parents=True)
+    (stubs / module / "__init__.py").write_text("")
+    (stubs / module / "__main__.py").write_text(STUB_MAIN)
+    empty_bin.mkdir()
+    record = tmp_path / "record.json"
+    root = Path(cli.__file__).resolve().parents[1]
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    }
+    env.update(
+        PATH=str(empty_bin),  # neither jupyter-lab nor voila (nor anything else) on PATH
+        PYTHONPATH=os.pathsep.join([str(stubs), str(root)]),
+        STUB_RECORD=str(record),
+        DIFFWIDGET_THREADS="3",
+    )
+    argv = [sys.executable, "-m", "diffwidget.cli", "demo", "--no-browser", *options]
+    result = subprocess.run(
+        [*argv, "--dir", str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    started = json.loads(record.read_text())
+    assert started["module"] == module
+    assert Path(started["executable"]).resolve() == Path(sys.executable).resolve()
+    assert str(tmp_path / "work" / cli.QUICKSTART) in started["argv"]
+    assert "--no-browser" in started["argv"]
+    assert started["omp"] == "3"  # DIFFWIDGET_THREADS reaches the notebook kernels
+    assert "DIFFWIDGET_THREADS=N" in result.stderr  # and the user is told how to change it
+
+
+def test_kernels_keep_a_thread_count_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setenv("DIFFWIDGET_THREADS", "2")
+    assert cli._kernel_env()["OMP_NUM_THREADS"] == "4"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli._kernel_env()["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("DIFFWIDGET_THREADS")
+    assert cli._kernel_env()["OMP_NUM_THREADS"] == "1"
 
 
 def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None:
@@ -236,7 +340,8 @@ def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None
     notebook = write_notebook(tmp_path / "nb.ipynb", "1")
     command, env = cli.classroom_command(notebook, port=8123, ip="127.0.0.1", open_browser=False)
     config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(os.pathsep)[0])
-    assert command[1:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
+    assert command[:3] == [sys.executable, "-m", "voila"]
+    assert command[3:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
 
     # Load it as Voila does: a misspelt option would be ignored silently, not fail.
     from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager

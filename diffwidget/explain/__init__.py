@@ -32,3 +32,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'diffwidget.explain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Tab completion offers the methods, not this module's own imports.
+    return list(__all__)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffwidget._threads import use_tiny_model_threads
 from diffwidget.models.architecture import SchedulerName, make_scheduler
 
 if TYPE_CHECKING:
@@ -92,7 +93,8 @@ def load_demo_pipeline(
     StableDiffusionPipeline
         float32, 64x64 images (the default size), progress bar disabled. Use about 20
         steps and ``guidance_scale=3`` (``DEFAULT_GUIDANCE``), which
-        :func:`diffwidget.trace` picks up; the pipeline's own default is 7.5.
+        :func:`diffwidget.trace` picks up; the pipeline's own default is 7.5. torch is set
+        to one CPU thread unless you chose a count (``DIFFWIDGET_THREADS=N`` to change).
 
     Raises
     ------
@@ -137,6 +139,7 @@ def load_demo_pipeline(
     pipe.set_progress_bar_config(disable=True)
     # diffwidget.trace() reads this when no guidance_scale is given.
     pipe.recommended_guidance_scale = DEFAULT_GUIDANCE
+    use_tiny_model_threads()
     return pipe
 
 

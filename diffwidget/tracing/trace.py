@@ -189,39 +189,214 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
-        """Read a trace written by :meth:`save`."""
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
+        """Read a trace written by :meth:`save`.
 
+        Parameters
+        ----------
+        path : str or Path
+            A ``.safetensors`` file written by :meth:`save`.
+
+        Returns
+        -------
+        Trace
+            The trace, arrays bit-identical to the saved ones.
+
+        Raises
+        ------
+        FileNotFoundError, IsADirectoryError, PermissionError
+            If ``path`` is missing, a folder, or cannot be read.
+        TraceFileError
+            If the file is not a diffwidget trace, or is truncated or damaged; the message
+            names the file and what is wrong with it.
+
+        Examples
+        --------
+        >>> trace = Trace.load("run.safetensors")  # doctest: +SKIP
+        >>> trace.n_steps  # doctest: +SKIP
+        20
+        """
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no trace at {path}; save one with trace.save(path)")
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-        if _META_KEY not in metadata:
-            raise ValueError(f"{path} is a safetensors file but not a diffwidget trace")
-        header = json.loads(metadata[_META_KEY])
-        if header.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer diffwidget (format "
-                f"{header['format_version']}); upgrade with `pip install -U diffwidget`"
-            )
-        arrays = load_file(str(path))
+        header, arrays = _read_trace_file(path)
+        missing = [name for name in _ARRAY_FIELDS if name not in arrays]
+        missing += [
+            _ATTN_PREFIX + layer
+            for layer in header["attention_layers"]
+            if _ATTN_PREFIX + layer not in arrays
+        ]
+        if missing:
+            raise TraceFileError(path, f"arrays missing: {', '.join(missing)}")
+        for key, value in arrays.items():
+            _check_array(path, key, value)
         attention = {layer: arrays[_ATTN_PREFIX + layer] for layer in header["attention_layers"]}
         extra = {
             key[len(_EXTRA_PREFIX) :]: value
             for key, value in arrays.items()
             if key.startswith(_EXTRA_PREFIX)
         }
-        return cls(
-            prompt=header["prompt"],
-            tokens=list(header["tokens"]),
-            token_kinds=list(header["token_kinds"]),
-            attention=attention,
-            guidance_scale=float(header["guidance_scale"]),
-            extra=extra,
-            meta=header["meta"],
-            previews=arrays.get("previews"),
-            image=arrays.get("image"),
-            **{name: arrays[name] for name in _ARRAY_FIELDS},
+        try:
+            return cls(
+                prompt=header["prompt"],
+                tokens=list(header["tokens"]),
+                token_kinds=list(header["token_kinds"]),
+                attention=attention,
+                guidance_scale=float(header["guidance_scale"]),
+                extra=extra,
+                meta=header["meta"],
+                previews=arrays.get("previews"),
+                image=arrays.get("image"),
+                **{name: arrays[name] for name in _ARRAY_FIELDS},
+            )
+        except ValueError as error:  # __post_init__'s consistency checks
+            raise TraceFileError(path, str(error)) from None
+
+
+class TraceFileError(ValueError):
+    """A file that cannot be read as a trace; the message names the file and the problem.
+
+    Examples
+    --------
+    >>> Trace.load("half-copied.safetensors")  # doctest: +SKIP
+    TraceFileError: cannot load trace half-copied.safetensors: the file is truncated (its
+    arrays are cut off) (...). The file is damaged or truncated (...): save the trace again
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str = "") -> None:
+        fix = fix or _RESAVE
+        super().__init__(f"cannot load trace {path}: {problem}. {fix}")
+        self.path = path
+        self.problem = problem
+
+
+_RESAVE = (
+    "The file is damaged or truncated (an interrupted copy or download?): "
+    "save the trace again with `trace.save(path)`"
+)
+
+#: Header fields, the JSON types each must have, and how to say them in an error.
+_HEADER_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "prompt": ((str,), "a string"),
+    "tokens": ((list,), "a list of strings"),
+    "token_kinds": ((list,), "a list of strings"),
+    "guidance_scale": ((int, float), "a number"),
+    "attention_layers": ((list,), "a list of strings"),
+    "meta": ((dict,), "an object"),
+}
+_STRING_LISTS = ("tokens", "token_kinds", "attention_layers")
+
+#: Number of dimensions of each stored array (``attention/*`` and ``extra/*`` by prefix).
+_ARRAY_NDIM = {
+    "timesteps": 1,
+    "latents": 4,
+    "noise_pred": 4,
+    "pred_x0": 4,
+    "final_latent": 3,
+    "prompt_embeds": 3,
+    "previews": 4,
+    "image": 3,
+    _ATTN_PREFIX: 4,
+}
+_UINT8_ARRAYS = ("previews", "image")
+
+
+def _read_trace_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The checked JSON header and every array of the trace file ``path``."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise IsADirectoryError(
+            f"cannot load trace {path}: it is a folder{hint}; pass the .safetensors file"
         )
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no trace at {path}; save one with trace.save(path)") from None
+    except PermissionError:
+        raise PermissionError(
+            f"cannot load trace {path}: permission denied; make the file readable "
+            "(chmod u+r) or copy it somewhere you can read"
+        ) from None
+    except OSError as error:
+        raise OSError(f"cannot load trace {path}: {error.strerror or error}") from None
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise TraceFileError(path, f"{_explain_safetensors(str(error))} ({error})") from None
+    if _META_KEY not in metadata:
+        raise TraceFileError(
+            path,
+            "a safetensors file without diffwidget's header, not a trace",
+            "Open files written by `trace.save(path)`",
+        )
+    try:
+        header = json.loads(metadata[_META_KEY])
+    except json.JSONDecodeError as error:
+        raise TraceFileError(
+            path, f"its header is not valid JSON ({error.msg} at character {error.pos})"
+        ) from None
+    _check_header(path, header)
+    return header, arrays
+
+
+#: Fragments of safetensors' messages and what they mean for a file that was a trace.
+_SAFETENSORS_PROBLEMS = {
+    "header too small": "the file is truncated (too short for a safetensors header)",
+    "incomplete metadata": "the file is truncated (its arrays are cut off)",
+    "not fully covered": "the file is truncated (its arrays are cut off)",
+    "invalid header length": "the file is truncated or its header is damaged",
+    "header too large": "not a safetensors file, or its header is damaged (impossible length)",
+    "invalid json": "its safetensors header is damaged (not valid JSON)",
+}
+
+
+def _explain_safetensors(message: str) -> str:
+    lowered = message.lower()
+    for fragment, meaning in _SAFETENSORS_PROBLEMS.items():
+        if fragment in lowered:
+            return meaning
+    return "not a valid safetensors file"
+
+
+def _check_header(path: Path, header: Any) -> None:
+    if not isinstance(header, dict):
+        raise TraceFileError(path, f"its header is a JSON {type(header).__name__}, not an object")
+    version = header.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TraceFileError(path, f"format_version should be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise TraceFileError(
+            path,
+            f"written by a newer diffwidget (trace format {version}; this one reads "
+            f"{FORMAT_VERSION})",
+            "Upgrade diffwidget: in a clone `git pull` and `pip install -e .`, or install a "
+            "newer wheel",
+        )
+    missing = [key for key in _HEADER_FIELDS if key not in header]
+    if missing:
+        raise TraceFileError(path, f"its header lacks {', '.join(map(repr, missing))}")
+    for key, (types, what) in _HEADER_FIELDS.items():
+        value = header[key]
+        wrong = not isinstance(value, types) or isinstance(value, bool)
+        if not wrong and key in _STRING_LISTS:
+            wrong = not all(isinstance(item, str) for item in value)
+        if wrong:
+            shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+            raise TraceFileError(path, f"header field {key!r} should be {what}, got {shown}")
+
+
+def _check_array(path: Path, key: str, value: np.ndarray) -> None:
+    if key.startswith(_EXTRA_PREFIX):
+        return  # pipeline-specific conditioning: any shape
+    ndim = _ARRAY_NDIM[_ATTN_PREFIX] if key.startswith(_ATTN_PREFIX) else _ARRAY_NDIM.get(key)
+    if ndim is not None and value.ndim != ndim:
+        raise TraceFileError(
+            path, f"array {key!r} has shape {value.shape}, expected {ndim} dimensions"
+        )
+    if key in _UINT8_ARRAYS and value.dtype != np.uint8:
+        raise TraceFileError(path, f"array {key!r} is {value.dtype}, expected uint8 pixels")
+    if key == "timesteps" and value.dtype.kind not in "iu":
+        raise TraceFileError(path, f"array 'timesteps' is {value.dtype}, expected integers")
