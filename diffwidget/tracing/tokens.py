@@ -202,7 +202,7 @@ def t5_tokens(tokenizer: Any, prompt: str, length: int) -> PromptTokens:
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny import tiny_t5_tokenizer
+    >>> from diffwidget.tracing.tiny_dit import tiny_t5_tokenizer
     >>> tokens = t5_tokens(tiny_t5_tokenizer(), "a red circle", 6)
     >>> tokens.strings
     ['a', 'red', 'circle', '</s>', '<pad>', '<pad>']
