@@ -12,9 +12,11 @@ real lengths: 77 + 256 for SD3, 512 for Flux) runs three ways, interleaved round
 * ``full``: a capture that materialises the full joint softmax of the prompt's half and
   slices it afterwards (attention-map-diffusers' approach; same stored maps).
 
-Peak memory: each variant runs once more in a fresh process, and the peak resident memory
-above the plain variant's (CPU) or the peak allocated CUDA memory above plain (GPU) is its
-extra. The extra memory of one capture at 1024² Flux shapes is also given analytically
+Time: medians of interleaved rounds, of the process's CPU time on a CPU (robust to other
+jobs on a shared machine) or of wall time on a GPU. Peak memory: one more call of each
+variant, its peak above the memory held before it (the resident-set high-water mark on a
+CPU, peak allocated CUDA memory on a GPU); a variant's extra is its peak minus plain's.
+The extra memory of one capture at 1024² Flux shapes is also given analytically
 (float32 score blocks), for when a machine cannot run that size.
 
 Examples
@@ -34,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,14 +180,17 @@ def run_steps(net: Any, args: dict[str, Any], steps: int, recorder: Any | None) 
             net(**args, return_dict=False)
 
 
-def timed(net: Any, args: dict[str, Any], kind: str, steps: int, device: str) -> float:
+def timed(
+    net: Any, args: dict[str, Any], kind: str, steps: int, device: str
+) -> tuple[float, float]:
+    """Wall and process-CPU seconds of ``steps`` calls with the capture ``kind``."""
     cap, handles = (None, []) if kind == "plain" else capture(net, kind, net_is_sd3(net))
     try:
         sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run_steps(net, args, steps, cap.recorder if cap else None)
         sync(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
     finally:
         for handle in handles:
             handle.remove()
@@ -199,28 +202,29 @@ def net_is_sd3(net: Any) -> bool:
     return type(net).__name__ == "SD3Transformer2DModel"
 
 
-def peak_child(opts: argparse.Namespace, kind: str) -> float:
-    """Peak extra memory (MB) of one call of ``kind`` in a fresh process."""
-    cmd = [sys.executable, __file__, "--peak", kind, *opts.forward]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def peak_here(opts: argparse.Namespace, kind: str) -> None:
-    """Child process: build, run one call of ``kind``, print the peak memory."""
-    dtype = DTYPES[opts.dtype]
-    net = build(opts.model, opts.blocks, opts.device, dtype)
-    args = inputs(opts.model, net, opts.size, opts.device, dtype)
-    if opts.device == "cuda":
+def peak_extra_mb(net: Any, args: dict[str, Any], kind: str, device: str) -> float:
+    """Peak memory one call of ``kind`` needs above what is held before it (MB).
+
+    CUDA: peak allocated memory. CPU (Linux): the resident-set high-water mark, reset just
+    before the call through ``/proc/self/clear_refs``, above the resident set before it.
+    """
+    if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    timed(net, args, "plain" if kind == "plain" else kind, 1, opts.device)
-    if opts.device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB
-    print(json.dumps({"peak_mb": peak}))
+        torch.cuda.reset_peak_memory_stats()
+        timed(net, args, kind, 1, device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS")
+    timed(net, args, kind, 1, device)
+    return (_status_kb("VmHWM") - base) / 1024
 
 
 def analytic_extra_mb(heads: int, n_image: int, n_text: int, head_dim: int) -> dict[str, float]:
@@ -245,29 +249,23 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--peak", choices=("plain", "ours", "full"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    opts.forward = [
-        f"--model={opts.model}",
-        f"--blocks={opts.blocks}",
-        f"--size={opts.size}",
-        f"--device={opts.device}",
-        f"--dtype={opts.dtype}",
-    ] + ([f"--threads={opts.threads}"] if opts.threads else [])
-    if opts.peak:
-        peak_here(opts, opts.peak)
-        return
     dtype = DTYPES[opts.dtype]
     net = build(opts.model, opts.blocks, opts.device, dtype)
     args = inputs(opts.model, net, opts.size, opts.device, dtype)
     timed(net, args, "ours", 1, opts.device)  # warm-up (and first-call allocations)
-    times: dict[str, list[float]] = {"plain": [], "ours": [], "full": []}
+    wall: dict[str, list[float]] = {"plain": [], "ours": [], "full": []}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
     for _ in range(opts.rounds):
-        for kind in times:
-            times[kind].append(timed(net, args, kind, opts.steps, opts.device))
-    median = {k: statistics.median(v) for k, v in times.items()}
+        for kind in wall:
+            seconds, cpu_seconds = timed(net, args, kind, opts.steps, opts.device)
+            wall[kind].append(seconds)
+            cpu[kind].append(cpu_seconds)
+    # On a shared CPU the process's own CPU time is what the capture costs; on a GPU, wall.
+    basis = cpu if opts.device == "cpu" else wall
+    median = {k: statistics.median(v) for k, v in basis.items()}
     latent = opts.size // VAE_FACTOR
     n_image = (latent // 2) ** 2
     heads, head_dim = 24, (64 if opts.model == "sd3m" else 128)
@@ -279,7 +277,9 @@ def main() -> None:
         "text_tokens": TEXT[opts.model],
         "steps_per_round": opts.steps,
         "rounds": opts.rounds,
-        "seconds": times,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "ratio_basis": "process CPU time" if opts.device == "cpu" else "wall time",
         "median_s": median,
         "overhead_ours": median["ours"] / median["plain"] - 1,
         "overhead_full": median["full"] / median["plain"] - 1,
@@ -289,9 +289,9 @@ def main() -> None:
         "machine": machine(opts.device),
     }
     if not opts.no_memory:
-        base = peak_child(opts, "plain")
-        result["peak_extra_mb"] = {k: peak_child(opts, k) - base for k in ("ours", "full")}
-        result["peak_plain_mb"] = base
+        peaks = {k: peak_extra_mb(net, args, k, opts.device) for k in ("plain", "ours", "full")}
+        result["peak_call_mb"] = peaks
+        result["peak_extra_mb"] = {k: peaks[k] - peaks["plain"] for k in ("ours", "full")}
     text = json.dumps(result, indent=2)
     print(text)
     if opts.json:
