@@ -14,14 +14,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "Trace": "diffwidget.tracing.trace",
     "TraceContext": "diffwidget.tracing.context",
-    "trace": "diffwidget.tracing.context",
+    "trace": "diffwidget.tracing.generate",
     "load_demo_pipeline": "diffwidget.models.loader",
     "Explorer": "diffwidget.widget.explorer",
 }
 
 if TYPE_CHECKING:
     from diffwidget.models.loader import load_demo_pipeline
-    from diffwidget.tracing.context import TraceContext, trace
+    from diffwidget.tracing.context import TraceContext
+    from diffwidget.tracing.generate import trace
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
 

@@ -38,8 +38,17 @@ class AttentionRecorder:
         Token positions to keep; ``None`` keeps all.
     """
 
-    def __init__(self, token_indices: list[int] | None, cfg: CfgLayout | None = None) -> None:
+    def __init__(
+        self,
+        token_indices: list[int] | None,
+        cfg: CfgLayout | None = None,
+        *,
+        keep_heads: bool = False,
+    ) -> None:
         self.token_indices = token_indices
+        #: Also keep each head's probabilities (``Trace.attention_heads``).
+        self.keep_heads = keep_heads
+        self.head_maps: dict[str, list[torch.Tensor]] = {}
         self.cfg = cfg if cfg is not None else CfgLayout("batched", 2.0)
         #: False while the denoiser runs a call whose probabilities are not kept (the
         #: unconditional call of separate-call CFG).
@@ -69,8 +78,19 @@ class AttentionRecorder:
         return rows
 
     def add(self, layer: str, probs: torch.Tensor) -> None:
-        """Store ``probs`` (``[n_queries, n_tokens]``, mean over heads) for the current step."""
-        stored = self.maps.setdefault(layer, [])
+        """Store ``probs`` for the current step.
+
+        ``probs`` is ``[n_queries, n_tokens]`` (mean over heads), or ``[heads, n_queries,
+        n_tokens]``: then the mean is stored, and the heads too when :attr:`keep_heads`.
+        """
+        if probs.ndim == 3:
+            if self.keep_heads:
+                self._store(self.head_maps, layer, probs)
+            probs = probs.mean(dim=0)
+        self._store(self.maps, layer, probs)
+
+    def _store(self, where: dict[str, list[torch.Tensor]], layer: str, probs: torch.Tensor) -> None:
+        stored = where.setdefault(layer, [])
         if len(stored) != self.step:
             raise RuntimeError(
                 f"attention layer {layer} ran {len(stored) - self.step + 1} times in step "
@@ -113,6 +133,7 @@ def attention_probs(
     temb: torch.Tensor | None = None,
     *,
     keys: torch.Tensor | None = None,
+    heads: bool = False,
 ) -> torch.Tensor:
     """``softmax(Q K^T * attn.scale)`` of a diffusers ``Attention`` layer, mean over heads.
 
@@ -125,6 +146,9 @@ def attention_probs(
         Output of :func:`attention_keys`; the text (hence the keys) is the same at every
         step, so callers may compute it once. Otherwise computed from
         ``encoder_hidden_states``.
+
+    heads : bool
+        Return every head's probabilities, ``(batch, heads, n_queries, n_tokens)``.
 
     Returns
     -------
@@ -151,7 +175,8 @@ def attention_probs(
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, keys.shape[-1], batch)
         scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
-    return scores.softmax(dim=-1).mean(dim=1)
+    probs = scores.softmax(dim=-1)
+    return probs if heads else probs.mean(dim=1)
 
 
 class CaptureAttnProcessor:
@@ -222,6 +247,7 @@ class CaptureAttnProcessor:
             attention_mask=None if attention_mask is None else cond(attention_mask),
             temb=None if temb is None else cond(temb),
             keys=self._keys,
+            heads=self.recorder.keep_heads,
         )
         self.recorder.add(self.layer, probs[0])
 

@@ -17,7 +17,6 @@ Everything is restored in ``finally``, also when the pipeline raises.
 from __future__ import annotations
 
 import contextlib
-import math
 from types import TracebackType
 from typing import Any
 
@@ -88,6 +87,9 @@ class TraceContext:
     call_kwargs : dict, optional
         The other arguments the pipeline will be called with (``max_sequence_length``,
         ``negative_prompt``, ``true_cfg_scale``...), for the text layout and CFG layout.
+    attention_heads : bool
+        Also keep every head's map (``Trace.attention_heads``; heads times more attention
+        memory, counted in the budget).
 
     Examples
     --------
@@ -112,6 +114,7 @@ class TraceContext:
         seed: int | None = None,
         guidance_scale: float | None = None,
         call_kwargs: dict[str, Any] | None = None,
+        attention_heads: bool = False,
     ) -> None:
         if preview_from not in PREDICTION_SOURCES:
             raise ValueError(
@@ -154,7 +157,8 @@ class TraceContext:
         else:
             self.token_indices = sorted({int(i) for i in tokens})
         self.recorder = AttentionRecorder(
-            None if len(self.token_indices) == self.n_text else self.token_indices
+            None if len(self.token_indices) == self.n_text else self.token_indices,
+            keep_heads=bool(attention_heads),
         )
         self.capture = AttentionCapture(
             self.family.denoiser, self.recorder, self.family.attention_sites()
@@ -171,7 +175,11 @@ class TraceContext:
         return self._step_bytes(layout, (height, width))
 
     def _step_bytes(self, layout: LatentLayout, image_hw: tuple[int, int]) -> StepBytes:
-        cells = sum(self.family.query_counts(layout).values())
+        counts = self.family.query_counts(layout)
+        cells = sum(counts.values())
+        if self.recorder.keep_heads:
+            heads = self.family.site_heads()
+            cells += sum(n * heads[path] for path, n in counts.items())
         latent = (self.family.latent_channels(), *layout.latent_hw)
         previews = image_hw if self.decode_previews else None
         return estimate_step_bytes(cells, latent, len(self.token_indices), previews)
@@ -187,6 +195,7 @@ class TraceContext:
         self.records = StepRecords()
         self.recorder.step = 0
         self.recorder.maps = {}
+        self.recorder.head_maps = {}
         self.capture.install()
         try:
             for handle in self.family.install(self.recorder):
@@ -263,31 +272,6 @@ class TraceContext:
     def _on_output(self, call: DenoiserCall, output: torch.Tensor) -> None:
         self.records.add_output(call, output)
 
-    def _cfg_layout(self, guided: torch.Tensor) -> CfgLayout:
-        """The CFG layout the pipeline used, read off the calls of step 0."""
-        calls = self.records.step_calls
-        kind: CfgKind
-        if len(calls) == 2 and {c.label for c in calls} == {"cond", "uncond"}:
-            kind = "separate"
-        elif len(calls) == 1 and calls[0].sample.shape[0] == 2:
-            kind = "batched"
-        elif len(calls) == 1:
-            kind = "none"
-        else:
-            raise RuntimeError(
-                f"the denoiser ran {len(calls)} times in step 0; diffwidget traces pipelines "
-                "that call it once per step (CFG batched) or once per CFG half (Flux's "
-                "true_cfg_scale). Use a scheduler that evaluates the model once per step."
-            )
-        w = self.claimed_guidance
-        if w is None and kind == "batched":
-            w = getattr(self.pipe, "guidance_scale", None)
-        self.records.cfg = CfgLayout(kind, 1.0 if w is None else float(w))
-        if w is None and kind != "none":
-            # Neither the caller nor the pipeline says: read w off the step-0 outputs.
-            w = self.records.estimate_guidance(self.family, guided)
-        return CfgLayout(kind, 1.0 if w is None else float(w))
-
     def _before_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> None:
         replaced = self.capture.replaced_layers()
         if replaced:
@@ -331,7 +315,8 @@ class TraceContext:
 
     def _first_step(self, guided: torch.Tensor) -> None:
         records = self.records
-        records.cfg = self._cfg_layout(guided)
+        w = self.claimed_guidance
+        records.cfg = records.observed_cfg(self.family, guided, w, self.pipe)
         self.recorder.cfg = records.cfg
         records.conditioning = conditioning_record(self.family, records.step_calls, records.cfg)
         if self.recorder.n_tokens_total not in (None, self.n_text):
@@ -390,6 +375,14 @@ class TraceContext:
             grid = self.family.site_grid(layer, maps.shape[1], layout)
             attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
             grids[layer] = list(grid)
+        heads = {
+            layer: torch.stack(per_step[:n]).cpu().numpy()
+            for layer, per_step in self.recorder.head_maps.items()
+        }
+        attention_heads = {
+            layer: maps.reshape(n, maps.shape[1], *grids[layer], maps.shape[-1])
+            for layer, maps in heads.items()
+        }
         shown_x0 = pred_x0
         if self.preview_from == "cond":
             cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
@@ -455,6 +448,7 @@ class TraceContext:
             final_latent=records.final_latent.float().cpu().numpy(),  # type: ignore[union-attr]
             prompt_embeds=conditioning.prompt_embeds,
             attention=attention,
+            attention_heads=attention_heads,
             guidance_scale=records.cfg.guidance_scale,
             previews=previews,
             image=image,
@@ -463,138 +457,7 @@ class TraceContext:
         )
 
 
-#: diffusers' own default for Stable Diffusion pipelines.
-DEFAULT_GUIDANCE_SCALE = 7.5
-#: Upper bound on steps: the schedulers' training horizon.
-MAX_STEPS = 1000
-#: Pipeline arguments that :func:`trace` sets itself.
-_RESERVED = ("output_type", "return_dict", "generator", "prompt_embeds", "negative_prompt_embeds")
+# trace() lives in its own module; it is re-exported here, where it has always been found.
+from diffwidget.tracing.generate import trace  # noqa: E402
 
-
-def _check_steps(num_inference_steps: Any) -> int:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-        raise TypeError(
-            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
-        )
-    if not 1 <= num_inference_steps <= MAX_STEPS:
-        raise ValueError(
-            f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}; "
-            "about 20 steps is usual"
-        )
-    return num_inference_steps
-
-
-def trace(
-    pipe: Any,
-    prompt: str,
-    *,
-    num_inference_steps: int = 20,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    decode_previews: bool = True,
-    preview_from: PredictionSource = "guided",
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-    tokens: TokenSelection = "default",
-    **pipeline_kwargs: Any,
-) -> Trace:
-    """Generate one image with ``pipe`` and record every denoising step.
-
-    Parameters
-    ----------
-    pipe : diffusers pipeline
-        Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, Flux or PixArt, any checkpoint; its
-        processors, hooks and scheduler are left as they were.
-    prompt : str
-        One prompt (lists are refused: trace prompts one by one).
-    num_inference_steps, height, width, negative_prompt
-        As for the pipeline.
-    guidance_scale : float, optional
-        As for the pipeline (for Flux the distilled guidance; its CFG is
-        ``true_cfg_scale``); by default the pipeline's ``recommended_guidance_scale`` when
-        it has one (the embedded models do), else diffusers' usual 7.5 (Flux: the
-        pipeline's own default).
-    seed : int
-        Seeds a CPU ``torch.Generator``, so a seed gives the same image on any device.
-    decode_previews : bool
-        Decode the predicted clean latent of every step (``Trace.previews``).
-    preview_from : {"guided", "cond"}
-        Decode the previews from the guided model output (default) or from the
-        conditional CFG half alone (see :class:`TraceContext`).
-    memory_budget_mb : float
-        Refuse before running when the trace would store more than this.
-    tokens : "default", "all" or list of int
-        Token positions kept in the attention maps.
-    **pipeline_kwargs
-        Passed to the pipeline (``callback_on_step_end`` is passed through).
-
-    Returns
-    -------
-    Trace
-
-    Examples
-    --------
-    >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
-    >>> t = trace(tiny_sd_pipeline(), "a red circle", num_inference_steps=4)
-    >>> t.n_steps, t.tokens[:4]
-    (4, ['<|startoftext|>', 'a', 'red', 'circle'])
-    """
-    family = denoiser_family(pipe)
-    if not isinstance(prompt, str):
-        raise TypeError(
-            f"trace() takes one prompt (a str), got {type(prompt).__name__}; call it once per "
-            "prompt"
-        )
-    _check_steps(num_inference_steps)
-    if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("trace() makes one image; drop num_images_per_prompt (or set it to 1)")
-    reserved = [k for k in _RESERVED if k in pipeline_kwargs]
-    if reserved:
-        raise ValueError(
-            f"trace() sets {reserved} itself; pass seed= instead of a generator and the prompt "
-            "as text"
-        )
-    check = getattr(pipe, "check_prompt", None)
-    if callable(check):
-        check(prompt)
-    call: dict[str, Any] = dict(pipeline_kwargs)
-    if guidance_scale is None:
-        guidance_scale = getattr(pipe, "recommended_guidance_scale", None)
-    if guidance_scale is None and family.guidance_argument() == "guidance_scale":
-        guidance_scale = DEFAULT_GUIDANCE_SCALE
-    if guidance_scale is not None:
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        call["guidance_scale"] = float(guidance_scale)
-    if negative_prompt is not None:
-        call["negative_prompt"] = negative_prompt
-    w = call.get(family.guidance_argument())
-    size = family.default_image_size()
-    height, width = height or size, width or size
-    ctx = TraceContext(
-        pipe,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        tokens=tokens,
-        decode_previews=decode_previews,
-        preview_from=preview_from,
-        memory_budget_mb=memory_budget_mb,
-        seed=seed,
-        guidance_scale=None if w is None else float(w),
-        call_kwargs=call,
-    )
-    ctx.check_budget(num_inference_steps, height, width)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    with ctx:
-        output = pipe(
-            prompt,
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
-            generator=generator,
-            output_type="np",
-            **call,
-        )
-    return ctx.result(image=np.asarray(output.images[0]))
+__all__ = ["TraceContext", "trace"]

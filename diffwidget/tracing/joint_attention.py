@@ -35,6 +35,7 @@ def image_to_text_probs(
     scale: float,
     *,
     limit_bytes: int = CHUNK_BYTES,
+    heads: bool = False,
 ) -> torch.Tensor:
     """Mean over heads of the joint softmax's image→text block, in query chunks.
 
@@ -50,6 +51,8 @@ def image_to_text_probs(
         The softmax scale (``1 / sqrt(head_dim)`` for SDPA's default).
     limit_bytes : int
         Bound on one chunk's score block.
+    heads : bool
+        Keep every head: ``(heads, n_image_queries, n_text)`` instead of the mean.
 
     Returns
     -------
@@ -63,12 +66,13 @@ def image_to_text_probs(
     >>> bool(torch.allclose(p, full, atol=1e-6))
     True
     """
-    heads, n_queries, _ = query.shape
+    n_heads, n_queries, _ = query.shape
     keys = key.float().transpose(1, 2)
-    chunk = query_chunk(heads, keys.shape[-1], limit_bytes)
+    chunk = query_chunk(n_heads, keys.shape[-1], limit_bytes)
     rows = []
     for start in range(0, n_queries, chunk):
         scores = torch.matmul(query[:, start : start + chunk].float(), keys) * scale
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        rows.append(torch.exp(scores[..., text] - lse).mean(dim=0))
-    return torch.cat(rows)
+        block = torch.exp(scores[..., text] - lse)
+        rows.append(block if heads else block.mean(dim=0))
+    return torch.cat(rows, dim=1 if heads else 0)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from diffwidget.tracing.cfg import CfgLayout, guide
+from diffwidget.tracing.cfg import CfgKind, CfgLayout, guide
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
 
 if TYPE_CHECKING:
@@ -157,6 +157,36 @@ class StepRecords:
         halves = cfg.split(outputs[0][1])
         uncond = None if halves[0] is None else family.from_model_output(halves[0], layout)
         return uncond, family.from_model_output(halves[1], layout)
+
+    def observed_cfg(
+        self, family: DenoiserFamily, guided: torch.Tensor, claimed: float | None, pipe: Any
+    ) -> CfgLayout:
+        """The CFG layout the pipeline used, read off the calls of step 0.
+
+        ``w`` is the claimed one, else the pipeline's ``guidance_scale`` (batched CFG), else
+        read off the step-0 outputs by least squares.
+        """
+        calls = self.step_calls
+        kind: CfgKind
+        if len(calls) == 2 and {c.label for c in calls} == {"cond", "uncond"}:
+            kind = "separate"
+        elif len(calls) == 1 and calls[0].sample.shape[0] == 2:
+            kind = "batched"
+        elif len(calls) == 1:
+            kind = "none"
+        else:
+            raise RuntimeError(
+                f"the denoiser ran {len(calls)} times in step 0; diffwidget traces pipelines "
+                "that call it once per step (CFG batched) or once per CFG half (Flux's "
+                "true_cfg_scale). Use a scheduler that evaluates the model once per step."
+            )
+        w = claimed
+        if w is None and kind == "batched":
+            w = getattr(pipe, "guidance_scale", None)
+        self.cfg = CfgLayout(kind, 1.0 if w is None else float(w))
+        if w is None and kind != "none":
+            w = self.estimate_guidance(family, guided)
+        return CfgLayout(kind, 1.0 if w is None else float(w))
 
     def estimate_guidance(self, family: DenoiserFamily, guided: torch.Tensor) -> float:
         """The ``w`` with ``guided = u + w (c - u)``, by least squares over step 0's output."""

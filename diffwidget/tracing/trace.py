@@ -34,6 +34,7 @@ NORMALISATION_TEXT: dict[str, str] = {
 FORMAT_VERSION = 2
 _META_KEY = "diffwidget"
 _ATTN_PREFIX = "attention/"
+_HEADS_PREFIX = "attention_heads/"
 _EXTRA_PREFIX = "extra/"
 _ARRAY_FIELDS = ("timesteps", "latents", "noise_pred", "pred_x0", "final_latent", "prompt_embeds")
 _OPTIONAL_ARRAY_FIELDS = ("previews", "image")
@@ -86,6 +87,10 @@ class Trace:
         Decoded ``pred_x0`` per step (requested with ``decode_previews=True``).
     image : ndarray of uint8, shape (H, W, 3), optional
         The final decoded image.
+    attention_heads : dict of str to ndarray
+        With per-head capture (``trace(..., attention_heads=True)``): layer path -> float16
+        ``(n_steps, n_heads, h_l, w_l, n_tokens)``, the same probabilities before the mean
+        over heads. Empty otherwise.
     extra : dict of str to ndarray
         The denoiser's other call arguments, for replay (SDXL ``text_embeds``/``time_ids``,
         SD3/Flux ``pooled_projections``, Flux ``guidance``/``txt_ids``/``img_ids``, PixArt's
@@ -111,6 +116,7 @@ class Trace:
     image: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    attention_heads: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.token_kinds):
@@ -144,6 +150,7 @@ class Trace:
     def nbytes_per_step(self) -> int:
         """Bytes this trace stores per step (all per-step arrays together)."""
         per_step = [self.latents, self.noise_pred, self.pred_x0, *self.attention.values()]
+        per_step += list(self.attention_heads.values())
         if self.previews is not None:
             per_step.append(self.previews)
         return sum(int(a.nbytes) for a in per_step) // max(self.n_steps, 1)
@@ -171,6 +178,8 @@ class Trace:
                 arrays[name] = np.ascontiguousarray(value)
         for layer, value in self.attention.items():
             arrays[_ATTN_PREFIX + layer] = np.ascontiguousarray(value)
+        for layer, value in self.attention_heads.items():
+            arrays[_HEADS_PREFIX + layer] = np.ascontiguousarray(value)
         for key, value in self.extra.items():
             arrays[_EXTRA_PREFIX + key] = np.ascontiguousarray(value)
         header = {
@@ -233,6 +242,12 @@ class Trace:
             for key, value in arrays.items()
             if key.startswith(_EXTRA_PREFIX)
         }
+        # Layer order follows the mean-over-heads maps.
+        attention_heads = {
+            layer: arrays[_HEADS_PREFIX + layer]
+            for layer in header["attention_layers"]
+            if _HEADS_PREFIX + layer in arrays
+        }
         try:
             return cls(
                 prompt=header["prompt"],
@@ -241,6 +256,7 @@ class Trace:
                 attention=attention,
                 guidance_scale=float(header["guidance_scale"]),
                 extra=extra,
+                attention_heads=attention_heads,
                 meta=header["meta"],
                 previews=arrays.get("previews"),
                 image=arrays.get("image"),
@@ -294,6 +310,7 @@ _ARRAY_NDIM = {
     "previews": 4,
     "image": 3,
     _ATTN_PREFIX: 4,
+    _HEADS_PREFIX: 5,
 }
 _UINT8_ARRAYS = ("previews", "image")
 
@@ -391,7 +408,8 @@ def _check_header(path: Path, header: Any) -> None:
 def _check_array(path: Path, key: str, value: np.ndarray) -> None:
     if key.startswith(_EXTRA_PREFIX):
         return  # pipeline-specific conditioning: any shape
-    ndim = _ARRAY_NDIM[_ATTN_PREFIX] if key.startswith(_ATTN_PREFIX) else _ARRAY_NDIM.get(key)
+    prefix = next((p for p in (_ATTN_PREFIX, _HEADS_PREFIX) if key.startswith(p)), key)
+    ndim = _ARRAY_NDIM.get(prefix)
     if ndim is not None and value.ndim != ndim:
         raise TraceFileError(
             path, f"array {key!r} has shape {value.shape}, expected {ndim} dimensions"

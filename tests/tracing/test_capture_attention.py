@@ -161,3 +161,17 @@ def test_second_unet_call_in_one_step_is_refused() -> None:
     recorder.add("layer", torch.full((4, 3), 1 / 3))
     with pytest.raises(RuntimeError, match="once per step"):
         recorder.add("layer", torch.full((4, 3), 1 / 3))
+
+
+def test_per_head_capture_on_a_unet(tiny_sd_pipe: Any) -> None:
+    from diffwidget.tracing.families import denoiser_family
+
+    traced = trace(tiny_sd_pipe, PROMPT, num_inference_steps=2, attention_heads=True)
+    heads = denoiser_family(tiny_sd_pipe).site_heads()
+    for layer, per_head in traced.attention_heads.items():
+        assert per_head.shape[1] == heads[layer]
+        mean = per_head.astype(np.float32).mean(axis=1)
+        np.testing.assert_allclose(mean, traced.attention[layer], atol=FLOAT16_ATOL)
+    plain = trace(tiny_sd_pipe, PROMPT, num_inference_steps=2)
+    assert plain.attention_heads == {}
+    np.testing.assert_array_equal(plain.image, traced.image)

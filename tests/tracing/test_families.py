@@ -313,3 +313,23 @@ def test_skip_layer_guidance_is_refused(family_case: FamilyCase) -> None:
     pipe, kwargs = family_case("sd3")
     with pytest.raises(ValueError, match="skip_guidance_layers"):
         trace(pipe, TINY_PROMPT, num_inference_steps=2, skip_guidance_layers=[0], **kwargs)
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux", "pixart"])
+def test_per_head_maps_average_to_the_stored_maps(
+    case: str, family_case: FamilyCase, tmp_path: Any
+) -> None:
+    pipe, kwargs = family_case(case)
+    traced = trace(pipe, TINY_PROMPT, num_inference_steps=2, attention_heads=True, **kwargs)
+    heads = denoiser_family(pipe).site_heads()
+    assert list(traced.attention_heads) == list(traced.attention)
+    for layer, per_head in traced.attention_heads.items():
+        assert per_head.shape[:2] == (2, heads[layer])
+        assert per_head.shape[2:] == traced.attention[layer].shape[1:]
+        mean = per_head.astype(np.float32).mean(axis=1)
+        np.testing.assert_allclose(mean, traced.attention[layer], atol=FLOAT16_ATOL)
+    ctx = TraceContext(pipe, prompt=TINY_PROMPT, call_kwargs=kwargs, attention_heads=True)
+    assert ctx.step_bytes(32, 32).total == traced.nbytes_per_step()
+    loaded = Trace.load(traced.save(tmp_path / "heads"))
+    for layer, per_head in traced.attention_heads.items():
+        np.testing.assert_array_equal(loaded.attention_heads[layer], per_head)

@@ -204,6 +204,12 @@ class DenoiserFamily:
         grid = layout.token_grid
         return dict.fromkeys(self.attention_sites(), grid[0] * grid[1])
 
+    def site_heads(self) -> dict[str, int]:
+        """Attention heads of each capture site (per-head capture stores one map per head)."""
+        return {
+            path: int(self.denoiser.get_submodule(path).heads) for path in self.attention_sites()
+        }
+
     def install(self, recorder: AttentionRecorder) -> list[Any]:
         """Extra hooks a family's capture needs (Flux's single-stream text length).
 

@@ -91,6 +91,7 @@ class FluxCaptureProcessor(JointCaptureProcessor):
             keys[0].transpose(0, 1),
             slice(0, n_text),
             1.0 / math.sqrt(head_dim),
+            heads=self.recorder.keep_heads,
         )
         self.recorder.add(self.layer, probs)
 

@@ -58,7 +58,11 @@ class SD3CaptureProcessor(JointCaptureProcessor):
         n_image = query.shape[2]
         keys = torch.cat([key, text_key], dim=2)[0]
         probs = image_to_text_probs(
-            query[0], keys, slice(n_image, keys.shape[1]), 1.0 / math.sqrt(head_dim)
+            query[0],
+            keys,
+            slice(n_image, keys.shape[1]),
+            1.0 / math.sqrt(head_dim),
+            heads=self.recorder.keep_heads,
         )
         self.recorder.add(self.layer, probs)
 
