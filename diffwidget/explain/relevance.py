@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffwidget.explain._common import ProgressCallback, check_int_list, check_step
+from diffwidget.explain.joint_relevance import is_joint, joint_step
 from diffwidget.explain.results import TokenRelevanceResult, minmax
 from diffwidget.tracing.replay import StepReplay
 
@@ -221,6 +222,9 @@ class TokenRelevance:
     The relevance of token ``j`` is the mean over image positions of ``R_it[:, j]`` after
     the last attention layer; ``maps`` keeps the columns of ``R_it`` as spatial maps.
 
+    Joint-attention denoisers (SD3, Flux) have no cross-attention: there the self-attention
+    rule runs over the whole image-and-text sequence (:mod:`diffwidget.explain.joint_relevance`).
+
     Parameters
     ----------
     text_encoder : bool
@@ -387,15 +391,10 @@ class TokenRelevance:
             raise ValueError("steps is empty; pass None for every step or a list of loop indices")
         start_time = time.perf_counter()
         replay = StepReplay(pipe, trace)
-        if replay.family.normalisation != "text_softmax":
-            raise ValueError(
-                f"token relevance propagates Chefer's cross-attention rules; a "
-                f"{replay.family.label} denoiser attends jointly to image and text, which these "
-                "rules do not cover. Use the attention maps (AttentionMaps, the explorer's token "
-                "overlay) or DF-RISE / DF-CAM for this family."
-            )
+        joint = is_joint(replay.family)
         length = int(trace.prompt_embeds.shape[1])
-        ids = self._token_ids(pipe, trace, length)
+        # Joint families do not propagate through their text encoders: no ids needed.
+        ids = None if joint else self._token_ids(pipe, trace, length)
         keep = self._stored_positions(trace, length)
         rows: list[np.ndarray] = []
         maps: list[np.ndarray] = []
@@ -406,7 +405,11 @@ class TokenRelevance:
         try:
             with eager_text_attention(getattr(pipe, "text_encoder", None)):
                 for done, step in enumerate(chosen, start=1):
-                    rel, rmap, grid, text_layers = self._step(pipe, replay, step, ids)
+                    if joint:
+                        rel, rmap, grid = joint_step(replay, step)
+                    else:
+                        assert ids is not None
+                        rel, rmap, grid, text_layers = self._step(pipe, replay, step, ids)
                     rows.append(rel.numpy()[keep])
                     maps.append(rmap.numpy()[keep])
                     grids.add(grid)
@@ -436,7 +439,10 @@ class TokenRelevance:
             normalized=normalized,
             maps=np.stack(maps).astype(np.float32),
             meta={
-                "target": "sum of the CFG-combined UNet output",
+                "target": "sum of the CFG-combined model output",
+                "rules": "joint self-attention (Chefer)"
+                if joint
+                else "cross- and self-attention (Chefer)",
                 "text_half": "cond",
                 "text_encoder_used": text_layers > 0,
                 "text_attention_layers": text_layers,

@@ -57,7 +57,7 @@ def _probe(pipe: Any, kwargs: dict[str, Any]) -> list[np.ndarray]:
 
 METHODS = ["df_rise", "df_cam", "faithfulness", "token_relevance", "probes"]
 #: (method, family) pairs refused with a clear error, and the words the error must contain.
-REFUSED = {("token_relevance", "sd3"): "jointly", ("token_relevance", "flux"): "jointly"}
+REFUSED: dict[tuple[str, str], str] = {}
 
 
 def _state(pipe: Any) -> dict[str, Any]:

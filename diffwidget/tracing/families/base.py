@@ -204,6 +204,11 @@ class DenoiserFamily:
         grid = layout.token_grid
         return dict.fromkeys(self.attention_sites(), grid[0] * grid[1])
 
+    def explicit_attention(self, n_text: int) -> Any:
+        """Joint families: a context that makes every attention layer record its
+        probabilities in the autograd graph (token relevance); yields the records."""
+        raise NotImplementedError(f"the {self.label} family has no joint attention")
+
     def site_heads(self) -> dict[str, int]:
         """Attention heads of each capture site (per-head capture stores one map per head)."""
         return {

@@ -26,7 +26,13 @@ import torch
 from diffwidget.tracing.attention import AttentionRecorder, ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
-from diffwidget.tracing.families.joint import JointCaptureProcessor, heads
+from diffwidget.tracing.families.joint import (
+    JointCaptureProcessor,
+    JointRecord,
+    explicit_processors,
+    explicit_softmax,
+    heads,
+)
 from diffwidget.tracing.joint_attention import image_to_text_probs
 from diffwidget.tracing.tokens import PromptTokens, t5_tokens
 
@@ -94,6 +100,56 @@ class FluxCaptureProcessor(JointCaptureProcessor):
             heads=self.recorder.keep_heads,
         )
         self.recorder.add(self.layer, probs)
+
+
+class FluxExplicitProcessor:
+    """``FluxAttnProcessor`` with the softmax written out (token relevance only).
+
+    Same projections, qk-RMSNorm, ``[text, image]`` order, RoPE and output path; the
+    probabilities are recorded in the autograd graph (single-stream calls too: their text
+    length is the transformer call's).
+    """
+
+    def __init__(self, path: str, records: list[JointRecord], n_text: int) -> None:
+        self.path = path
+        self.records = records
+        self.n_text = n_text
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        d = attn.head_dim
+        query = attn.norm_q(heads(attn.to_q(hidden_states), d))
+        key = attn.norm_k(heads(attn.to_k(hidden_states), d))
+        value = heads(attn.to_v(hidden_states), d)
+        text = encoder_hidden_states
+        if text is not None:
+            eq = attn.norm_added_q(heads(attn.add_q_proj(text), d))
+            ek = attn.norm_added_k(heads(attn.add_k_proj(text), d))
+            ev = heads(attn.add_v_proj(text), d)
+            query, key = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1)
+            value = torch.cat([ev, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        probs = explicit_softmax(query.transpose(1, 2), key.transpose(1, 2))
+        self.records.append(JointRecord(self.path, probs, self.n_text, text_first=True))
+        out = torch.matmul(probs, value.transpose(1, 2)).transpose(1, 2).flatten(2, 3)
+        out = out.to(query.dtype)
+        if text is None:
+            return out
+        text_out, image = out[:, : text.shape[1]], out[:, text.shape[1] :]
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text_out.contiguous())
 
 
 class FluxFamily(DenoiserFamily):
@@ -186,6 +242,12 @@ class FluxFamily(DenoiserFamily):
         h, w = layout.latent_hw
         x = sample.view(b, h // PACK, w // PACK, channels // (PACK * PACK), PACK, PACK)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels // (PACK * PACK), h, w)
+
+    def explicit_attention(self, n_text: int) -> Any:
+        """Explicit joint attention on every layer, for token relevance (records probabilities)."""
+        return explicit_processors(
+            self.denoiser, lambda path, records: FluxExplicitProcessor(path, records, n_text)
+        )
 
     def cam_layers(self) -> list[str]:
         """Every double-stream, then every single-stream block."""

@@ -13,6 +13,10 @@ Layers with fused projections (``fuse_qkv_projections()``) are tapped at ``to_qk
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,3 +102,52 @@ class JointCaptureProcessor(CaptureAttnProcessor):
         finally:
             if self.tap is not None:
                 self.tap.clear()
+
+
+@dataclass
+class JointRecord:
+    """One joint-attention call's probabilities, kept in the autograd graph (token relevance).
+
+    Attributes
+    ----------
+    path : str
+        The attention module's path.
+    probs : Tensor, shape (batch, heads, n_keys, n_keys)
+        ``softmax(q k^T / sqrt(d))`` of the call, every query row.
+    n_text : int
+        Text positions in the joint sequence (0 for image-only self-attention).
+    text_first : bool
+        Whether the sequence is ``[text, image]`` (Flux) or ``[image, text]`` (SD3).
+    """
+
+    path: str
+    probs: torch.Tensor
+    n_text: int
+    text_first: bool
+
+
+def explicit_softmax(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d))`` over ``[B, H, S, d]`` tensors, in the inputs' dtype."""
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    return (torch.matmul(query, key.transpose(-1, -2)) * scale).softmax(dim=-1)
+
+
+@contextmanager
+def explicit_processors(
+    denoiser: Any, make: Callable[[str, list[JointRecord]], Any]
+) -> Iterator[list[JointRecord]]:
+    """Swap every attention processor of ``denoiser`` for ``make(path, records)``.
+
+    The originals are put back in ``finally``, also when the forward pass raises; traced
+    generations never run with these slow processors.
+    """
+    modules = {n: m for n, m in denoiser.named_modules() if hasattr(m, "set_processor")}
+    records: list[JointRecord] = []
+    originals = {path: m.processor for path, m in modules.items()}
+    try:
+        for path, module in modules.items():
+            module.set_processor(make(path, records))
+        yield records
+    finally:
+        for path, module in modules.items():
+            module.set_processor(originals[path])

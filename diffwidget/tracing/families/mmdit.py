@@ -24,7 +24,13 @@ import torch
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.families.base import DenoiserFamily
-from diffwidget.tracing.families.joint import JointCaptureProcessor, heads
+from diffwidget.tracing.families.joint import (
+    JointCaptureProcessor,
+    JointRecord,
+    explicit_processors,
+    explicit_softmax,
+    heads,
+)
 from diffwidget.tracing.joint_attention import image_to_text_probs
 from diffwidget.tracing.tokens import PromptTokens, empty_tokens, prompt_tokens, t5_tokens
 
@@ -65,6 +71,67 @@ class SD3CaptureProcessor(JointCaptureProcessor):
             heads=self.recorder.keep_heads,
         )
         self.recorder.add(self.layer, probs)
+
+
+class SD3ExplicitProcessor:
+    """``JointAttnProcessor2_0`` with the softmax written out (token relevance only).
+
+    Same projections, qk-norms, ``[image, text]`` order and output path; the probabilities
+    are recorded in the autograd graph. Image-only calls (SD3.5's ``attn2``) are recorded
+    with ``n_text = 0``.
+    """
+
+    def __init__(self, path: str, records: list[JointRecord]) -> None:
+        self.path = path
+        self.records = records
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
+        key = attn.to_k(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = (
+            split(attn.to_q(hidden_states)),
+            split(key),
+            split(attn.to_v(hidden_states)),
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_text = 0
+        text = encoder_hidden_states
+        if text is not None:
+            n_text = text.shape[1]
+            eq, ek = split(attn.add_q_proj(text)), split(attn.add_k_proj(text))
+            ev = split(attn.add_v_proj(text))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
+        probs = explicit_softmax(query, key)
+        self.records.append(JointRecord(self.path, probs, n_text, text_first=False))
+        out = torch.matmul(probs, value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = out.to(query.dtype)
+        if text is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        image, text_out = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return attn.to_out[1](attn.to_out[0](image)), text_out
 
 
 class SD3Family(DenoiserFamily):
@@ -109,6 +176,10 @@ class SD3Family(DenoiserFamily):
                 "diffwidget traces one call per step. Trace without it."
             )
         return super().cfg_layout(guidance_scale, call_kwargs)
+
+    def explicit_attention(self, n_text: int) -> Any:
+        """Explicit joint attention on every layer, for token relevance (records probabilities)."""
+        return explicit_processors(self.denoiser, SD3ExplicitProcessor)
 
     def cam_layers(self) -> list[str]:
         """Every joint transformer block."""
