@@ -70,17 +70,15 @@ class FluxCaptureProcessor(JointCaptureProcessor):
         cond = self.recorder.cond
         head_dim = int(attn.head_dim)
         query = heads(cond(self._projection(attn, "to_q", hidden_states)), head_dim)
-        key = heads(cond(self._projection(attn, "to_k", hidden_states)), head_dim)
-        query, key = attn.norm_q(query), attn.norm_k(key)
+        key = attn.norm_k(heads(cond(self._projection(attn, "to_k", hidden_states)), head_dim))
         if text is not None:
             # Double-stream: the image stream is `hidden_states`; text keys are projected apart.
             n_text = int(text.shape[1])
             text_key = heads(cond(self._projection(attn, "add_k_proj", text)), head_dim)
             text_key = _rope(attn.norm_added_k(text_key), rotary, slice(0, n_text))
-            n_image = query.shape[1]
-            joint = slice(n_text, n_text + n_image)
-            query, key = _rope(query, rotary, joint), _rope(key, rotary, joint)
-            keys = torch.cat([text_key, key], dim=1)
+            joint = slice(n_text, n_text + query.shape[1])
+            query = _rope(attn.norm_q(query), rotary, joint)
+            keys = torch.cat([text_key, _rope(key, rotary, joint)], dim=1)
         else:
             # Single-stream: one [text, image] sequence; the block told us the text length.
             if self.text_length is None:
@@ -89,9 +87,10 @@ class FluxCaptureProcessor(JointCaptureProcessor):
                     "pre-hook did not run)"
                 )
             n_text = self.text_length
-            everything = slice(0, query.shape[1])
-            query, keys = _rope(query, rotary, everything), _rope(key, rotary, everything)
-            query = query[:, n_text:]
+            keys = _rope(key, rotary, slice(0, key.shape[1]))
+            # Only the image queries are needed: normalise and rotate those alone.
+            image = slice(n_text, query.shape[1])
+            query = _rope(attn.norm_q(query[:, image]), rotary, image)
         probs = image_to_text_probs(
             query[0].transpose(0, 1),
             keys[0].transpose(0, 1),
