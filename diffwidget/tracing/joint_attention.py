@@ -8,7 +8,8 @@ runs over *all* keys, image and text. The image→text block of that softmax is
 for image queries ``i`` and text keys ``j``. Only that block is kept, so the
 ``N_img × N_img`` image block is never stored: queries are processed in chunks, each chunk
 forming its scores against all keys once (``heads × chunk × N_keys`` floats, bounded by
-:data:`CHUNK_BYTES`), reducing them to the log-sum-exp and keeping the text columns.
+:data:`CHUNK_BYTES`, and worked on in place, so no second block is allocated), reducing
+them to the log-sum-exp and keeping the text columns.
 Rows therefore sum to the patch's *text share* of attention, not to 1 (``"joint_share"``);
 :data:`~diffwidget.tracing.trace.NORMALISATIONS` names both conventions a trace can hold.
 """
@@ -71,8 +72,9 @@ def image_to_text_probs(
     chunk = query_chunk(n_heads, keys.shape[-1], limit_bytes)
     rows = []
     for start in range(0, n_queries, chunk):
-        scores = torch.matmul(query[:, start : start + chunk].float(), keys) * scale
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        block = torch.exp(scores[..., text] - lse)
+        # One score block per chunk, worked on in place: exp(s - max) / sum = exp(s - LSE).
+        scores = torch.matmul(query[:, start : start + chunk].float() * scale, keys)
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        block = scores[..., text] / scores.sum(dim=-1, keepdim=True)
         rows.append(block if heads else block.mean(dim=0))
     return torch.cat(rows, dim=1 if heads else 0)
