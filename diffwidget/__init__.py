@@ -17,6 +17,7 @@ _LAZY = {
     "trace": "diffwidget.tracing.context",
     "load_demo_pipeline": "diffwidget.models.loader",
     "Explorer": "diffwidget.widget.explorer",
+    "open_run": "diffwidget.widget.run_browser",
 }
 
 if TYPE_CHECKING:
@@ -24,8 +25,17 @@ if TYPE_CHECKING:
     from diffwidget.tracing.context import TraceContext, trace
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
+    from diffwidget.widget.run_browser import open_run
 
-__all__ = ["Explorer", "Trace", "TraceContext", "__version__", "load_demo_pipeline", "trace"]
+__all__ = [
+    "Explorer",
+    "Trace",
+    "TraceContext",
+    "__version__",
+    "load_demo_pipeline",
+    "open_run",
+    "trace",
+]
 
 
 def __getattr__(name: str) -> Any:
