@@ -111,6 +111,21 @@ def _check_settings(settings: RunSettings) -> RunSettings:
     return settings
 
 
+#: Packages the aggregation needs (the ``[runs]`` extra): tables, Parquet, plots.
+AGGREGATION_PACKAGES = ("pandas", "pyarrow", "matplotlib")
+
+
+def _check_aggregation_packages() -> None:
+    import importlib.util
+
+    missing = [name for name in AGGREGATION_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RunSetupError(
+            f"aggregating a run needs {', '.join(missing)}: pip install 'diffwidget[runs]' "
+            "(or pass aggregate=False)"
+        )
+
+
 def _load_pipeline(settings: RunSettings, device: str) -> Any:
     if settings.model is None:
         from diffwidget.models.loader import load_demo_pipeline
@@ -237,6 +252,8 @@ def run(
     >>> report.summary  # doctest: +SKIP
     PosixPath('my-run/summary/summary.md')
     """
+    if aggregate:
+        _check_aggregation_packages()
     items = load_prompts(prompts)
     settings = check_settings(
         RunSettings(

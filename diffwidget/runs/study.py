@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from diffwidget.explain.attention import NORMALIZATIONS, AttentionMaps
-from diffwidget.runs.aggregate import load_records, segmentation_summary
+from diffwidget.runs.aggregate import bootstrap_ci, load_records, segmentation_summary
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import daam_heat_maps, ours_heat_maps, score_item
 from diffwidget.runs.store import RunStore
@@ -45,6 +47,8 @@ WINDOWS: tuple[tuple[float, float], ...] = (
 #: Layer sets tried, by the height of the layers' own grid (``None``: every layer).
 RESOLUTIONS: tuple[int | None, ...] = (None, 16, 8, 4)
 DAAM = "daam"
+#: Resamples of the paired bootstrap (each recomputes two pooled scores).
+PAIRED_BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -105,19 +109,17 @@ def _item_traces(run_dir: str | Path) -> list[tuple[PromptItem, Trace]]:
     return loaded
 
 
-def compare_aggregations(
+def score_candidates(
     run_dir: str | Path, candidates: Sequence[Candidate], *, include_daam: bool = True
-) -> pd.DataFrame:
-    """Segmentation scores of every candidate (and DAAM's) on one run's traces.
+) -> dict[str, list[list[dict[str, Any]]]]:
+    """Per aggregation, the scored (object, word) pairs of every scene item of a run.
 
     Returns
     -------
-    DataFrame
-        One row per aggregation: ``name``, settings, ``miou_tau`` (τ = 0.4), ``best_tau``,
-        ``miou_best``, ``map``, intervals and counts.
+    dict
+        Aggregation name (:attr:`Candidate.name` or ``"daam"``) -> one list of pair records
+        (:class:`~diffwidget.runs.segmentation.PairScore`) per item, items in run order.
     """
-    import pandas as pd
-
     from diffwidget.models.reader import SceneReader
 
     reader = SceneReader()
@@ -131,8 +133,17 @@ def compare_aggregations(
         scores = score_item(trace, item.objects, heat, reader)
         for name, pairs in scores["pairs"].items():
             per_item.setdefault(name, []).append(pairs)
-    rows = []
+    return per_item
+
+
+def summary_table(
+    per_item: dict[str, list[list[dict[str, Any]]]], candidates: Sequence[Candidate]
+) -> pd.DataFrame:
+    """One row per aggregation: settings, mIoU at τ = 0.4, best τ, mAP and intervals."""
+    import pandas as pd
+
     settings = {c.name: c for c in candidates}
+    rows = []
     for name, pairs in per_item.items():
         candidate = settings.get(name)
         rows.append(
@@ -145,6 +156,48 @@ def compare_aggregations(
             }
         )
     return pd.DataFrame(rows)
+
+
+def compare_aggregations(
+    run_dir: str | Path, candidates: Sequence[Candidate], *, include_daam: bool = True
+) -> pd.DataFrame:
+    """Segmentation scores of every candidate (and DAAM's) on one run's traces.
+
+    Returns
+    -------
+    DataFrame
+        One row per aggregation: ``name``, settings, ``miou_tau`` (τ = 0.4), ``best_tau``,
+        ``miou_best``, ``map``, intervals and counts.
+    """
+    per_item = score_candidates(run_dir, candidates, include_daam=include_daam)
+    return summary_table(per_item, candidates)
+
+
+def paired_gap(
+    ours: Sequence[Sequence[dict[str, Any]]],
+    baseline: Sequence[Sequence[dict[str, Any]]],
+    key: str = "miou_tau",
+) -> dict[str, float]:
+    """Difference ``ours - baseline`` of a pooled segmentation score on the same items,
+    with a bootstrap interval that resamples items (both aggregations together).
+
+    Examples
+    --------
+    >>> pair = {"iou": [0.5] * 21, "ap": 0.5}
+    >>> paired_gap([[pair]], [[{**pair, "iou": [0.2] * 21}]])["gap"]
+    0.3
+    """
+    if len(ours) != len(baseline):
+        raise ValueError("compare the two aggregations on the same items")
+    index = np.arange(len(ours))
+
+    def gap(rows: np.ndarray) -> float:
+        a = segmentation_summary([ours[i] for i in rows])[key]
+        b = segmentation_summary([baseline[i] for i in rows])[key]
+        return float(a - b)
+
+    low, high = bootstrap_ci(index, gap, samples=PAIRED_BOOTSTRAP_SAMPLES)
+    return {"gap": round(gap(index), 12), "ci_low": low, "ci_high": high}
 
 
 def choose(train: pd.DataFrame, metric: str = "miou_tau") -> str:
