@@ -19,7 +19,7 @@ from typing import Any
 _LAZY = {
     "run": "diffwidget.runs.runner",
     "RunReport": "diffwidget.runs.runner",
-    "aggregate": "diffwidget.runs.aggregate",
+    "aggregate": "diffwidget.runs.aggregation",
     "load_run": "diffwidget.runs.open",
     "RunResult": "diffwidget.runs.open",
     "load_prompts": "diffwidget.runs.prompts",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffwidget.runs.aggregate import item_table, load_records
+from diffwidget.runs.aggregation import item_table, load_records
 from diffwidget.runs.store import RunStore
 
 if TYPE_CHECKING:

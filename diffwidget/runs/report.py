@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID
+from diffwidget.runs.aggregation import RANDOM_ORDER, ROLES_CURVE, SEGMENTATION_CURVE
+from diffwidget.runs.segmentation import DAAM_TAU
 from diffwidget.runs.store import atomic_write
 
 if TYPE_CHECKING:
@@ -19,24 +20,33 @@ WORST_ITEMS = 5
 _DPI = 110
 
 
-def _mean_sd(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    values = np.asarray(curves, dtype=np.float64)
-    sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
-    return values.mean(axis=0), sd
+def _panel(ax: Any, curve: dict[str, Any], title: str) -> None:
+    """Mean lines with ± sd bands; the random-order baseline dashed."""
+    for line in curve["lines"]:
+        dashed = line["label"] == RANDOM_ORDER
+        (drawn,) = ax.plot(
+            curve["x"],
+            line["mean"],
+            linestyle="--" if dashed else "-",
+            label=f"{line['label']} (n={line['n']})",
+        )
+        ax.fill_between(
+            curve["x"],
+            line["mean"] - line["sd"],
+            line["mean"] + line["sd"],
+            color=drawn.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(curve["xlabel"])
+    ax.set_ylabel(curve["ylabel"])
+    ax.legend(fontsize=7)
 
 
-def _band(ax: Any, x: np.ndarray, mean: np.ndarray, sd: np.ndarray, **style: Any) -> None:
-    (line,) = ax.plot(x, mean, **style)
-    ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-def write_plots(
-    folder: Path,
-    records: Sequence[dict[str, Any]],
-    roles: dict[str, dict[str, np.ndarray]],
-    probes: Any,
-) -> list[str]:
-    """Write the PNG plots; returns their file names."""
+def write_plots(folder: Path, curves: dict[str, dict[str, Any]], probes: Any) -> list[str]:
+    """Write the PNG plots of :func:`~diffwidget.runs.aggregation.aggregate_curves` (and of the
+    concept curves); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -45,57 +55,26 @@ def write_plots(
     written: list[str] = []
 
     def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
         atomic_write(folder / name, lambda p: fig.savefig(p, dpi=_DPI, format="png"))
         plt.close(fig)
         written.append(name)
 
-    ok = [r for r in records if r["status"] == "ok"]
-    names = sorted({n for r in ok for n in (r.get("curves") or {})})
-    if names:
-        fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6), squeeze=False)
-        for col, name in enumerate(names):
-            entries = [r["curves"][name] for r in ok if name in (r.get("curves") or {})]
-            x = np.asarray(entries[0]["fractions"])
+    maps = sorted({n.rsplit(" ", 1)[0] for n in curves if n.endswith((" deletion", " insertion"))})
+    if maps:
+        fig, axes = plt.subplots(2, len(maps), figsize=(3.6 * len(maps), 6), squeeze=False)
+        for col, name in enumerate(maps):
             for row, kind in enumerate(("deletion", "insertion")):
-                ax = axes[row, col]
-                _band(ax, x, *_mean_sd([e[kind] for e in entries]), label="map")
-                _band(
-                    ax,
-                    x,
-                    *_mean_sd([e[f"random_{kind}"] for e in entries]),
-                    label="random order",
-                    linestyle="--",
-                )
-                ax.set_title(f"{name} {kind} (n={len(entries)})", fontsize=9)
-                ax.set_xlabel("fraction of latent cells")
-                ax.set_ylabel("similarity to unmodified")
-                ax.legend(fontsize=7)
+                _panel(axes[row, col], curves[f"{name} {kind}"], f"{name} {kind}")
         fig.suptitle("Insertion / deletion: mean ± sd over items", fontsize=10)
-        fig.tight_layout()
         save(fig, "faithfulness.png")
-    seg = [r for r in ok if r.get("segmentation")]
-    if seg:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name in sorted({n for r in seg for n in r["segmentation"]["pairs"]}):
-            ious = [p["iou"] for r in seg for p in r["segmentation"]["pairs"].get(name, [])]
-            if ious:
-                ax.plot(TAU_GRID, np.mean(ious, axis=0), marker=".", label=name)
-        ax.axvline(DAAM_TAU, color="grey", linestyle=":", label=f"τ = {DAAM_TAU} (DAAM)")
-        ax.set_xlabel("threshold τ")
-        ax.set_ylabel("mIoU over (object, word) pairs")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save(fig, "segmentation.png")
-    if roles:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for role, stats in roles.items():
-            steps = np.arange(len(stats["mean"]))
-            _band(ax, steps, stats["mean"], stats["sd"], label=f"{role} (n={int(stats['n'])})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("attention mass of the role's tokens")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save(fig, "roles.png")
+    for key, name in ((SEGMENTATION_CURVE, "segmentation.png"), (ROLES_CURVE, "roles.png")):
+        if key in curves:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            _panel(ax, curves[key], f"{key}: mean ± sd")
+            if key == SEGMENTATION_CURVE:
+                ax.axvline(DAAM_TAU, color="grey", linestyle=":")
+            save(fig, name)
     if probes is not None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for k, concept in enumerate(probes.concepts):
@@ -110,9 +89,8 @@ def write_plots(
             )
         ax.axhline(0.5, color="grey", linestyle=":", label="chance")
         ax.set_xlabel("step")
-        ax.set_ylabel("held-out ROC-AUC")
+        ax.set_ylabel("held-out ROC-AUC (unconditional half)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
         save(fig, "concepts.png")
     return written
 
@@ -163,7 +141,7 @@ def write_summary(
     metrics: pd.DataFrame,
     faith: pd.DataFrame,
     seg: pd.DataFrame,
-    roles: dict[str, dict[str, np.ndarray]],
+    curves: dict[str, dict[str, Any]],
     probes: Any,
     figures: list[str],
 ) -> Path:
@@ -224,11 +202,11 @@ def write_summary(
             "heads and steps; pairs are each object's colour and shape word.",
             "",
         ]
-    if roles:
+    if ROLES_CURVE in curves:
         lines += ["## Token roles (attention mass, mean over items per step)", ""]
-        for role, stats in roles.items():
-            curve = ", ".join(_fmt(v, 3) for v in stats["mean"])
-            lines.append(f"- {role} (n = {int(stats['n'])}): {curve}")
+        for line in curves[ROLES_CURVE]["lines"]:
+            values = ", ".join(_fmt(v, 3) for v in line["mean"])
+            lines.append(f"- {line['label']} (n = {line['n']}): {values}")
         lines.append("")
     if probes is not None:
         first = probes.first_step_above()

@@ -294,7 +294,7 @@ def run(
     if aggregate:
         done = [store.status(item_key(i.id, s)) in ("ok", "failed") for i, _o, s in work]
         if all(done):
-            from diffwidget.runs.aggregate import aggregate as write_aggregate
+            from diffwidget.runs.aggregation import aggregate as write_aggregate
 
             report.summary = write_aggregate(store.root)
     return report

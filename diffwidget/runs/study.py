@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffwidget.explain.attention import NORMALIZATIONS, AttentionMaps
-from diffwidget.runs.aggregate import bootstrap_ci, load_records, segmentation_summary
+from diffwidget.runs.aggregation import bootstrap_ci, load_records, segmentation_summary
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import daam_heat_maps, ours_heat_maps, score_item
 from diffwidget.runs.store import RunStore

@@ -10,16 +10,14 @@ torch; a finished run opens anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffwidget.runs.aggregate import ITEM_COLUMNS
+from diffwidget.runs.aggregation import ITEM_COLUMNS, RANDOM_ORDER, aggregate_curves
 from diffwidget.runs.open import RunResult
 from diffwidget.runs.report import worst_metric
-from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID
 from diffwidget.widget.explorer import Explorer
 from diffwidget.widget.figures import PALETTE
 
@@ -72,67 +70,6 @@ def open_run(path: str | Path) -> RunView:
     >>> run.browser()  # doctest: +SKIP
     """
     return RunView(path)
-
-
-def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Curves the browser can draw: name -> ``{"x", "xlabel", "ylabel", "lines"}``.
-
-    Each line is ``{"label", "mean", "sd"}`` over the finished items: the deletion and
-    insertion curves of every map beside the random order's, segmentation mIoU against τ
-    per aggregation, and attention mass per token role and step.
-    """
-    ok = [r for r in records if r["status"] == "ok"]
-    curves: dict[str, dict[str, Any]] = {}
-
-    def stats(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-        values = np.asarray(rows, dtype=np.float64)
-        sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
-        return values.mean(axis=0), sd
-
-    for name in sorted({n for r in ok for n in (r.get("curves") or {})}):
-        entries = [r["curves"][name] for r in ok if name in (r.get("curves") or {})]
-        for kind in ("deletion", "insertion"):
-            lines = []
-            for label, key in ((name, kind), ("random order", f"random_{kind}")):
-                mean, sd = stats([e[key] for e in entries])
-                lines.append({"label": label, "mean": mean, "sd": sd})
-            curves[f"{name} {kind}"] = {
-                "x": np.asarray(entries[0]["fractions"]),
-                "xlabel": "fraction of latent cells",
-                "ylabel": "similarity to unmodified",
-                "lines": lines,
-            }
-    seg = [r for r in ok if r.get("segmentation")]
-    names = sorted({n for r in seg for n in r["segmentation"]["pairs"]})
-    lines = []
-    for name in names:
-        ious = [p["iou"] for r in seg for p in r["segmentation"]["pairs"].get(name, [])]
-        if ious:
-            mean, sd = stats(ious)
-            lines.append({"label": name, "mean": mean, "sd": sd})
-    if lines:
-        curves["segmentation mIoU by threshold"] = {
-            "x": TAU_GRID,
-            "xlabel": f"threshold τ (DAAM: {DAAM_TAU})",
-            "ylabel": "IoU of (object, word) pairs",
-            "lines": lines,
-        }
-    roles: dict[str, list[list[float]]] = {}
-    for record in ok:
-        for role, curve in (record.get("roles") or {}).items():
-            roles.setdefault(role, []).append(curve)
-    if roles:
-        role_lines = []
-        for role, rows in roles.items():
-            mean, sd = stats(rows)
-            role_lines.append({"label": role, "mean": mean, "sd": sd})
-        curves["token roles"] = {
-            "x": np.arange(len(role_lines[0]["mean"])),
-            "xlabel": "step",
-            "ylabel": "attention mass",
-            "lines": role_lines,
-        }
-    return curves
 
 
 def _row_label(row: Any, column: str | None) -> str:
@@ -326,7 +263,7 @@ class RunBrowser:
                     labels=[line["label"]],
                     display_legend=True,
                     scales={"x": self._x, "y": self._y},
-                    line_style="dashed" if line["label"] == "random order" else "solid",
+                    line_style="dashed" if line["label"] == RANDOM_ORDER else "solid",
                 )
             )
         self.figure.marks = marks

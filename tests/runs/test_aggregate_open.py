@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from run_support import REPO, SUBPROCESS_TIMEOUT, env
 
-from diffwidget.runs.aggregate import bootstrap_ci
+from diffwidget.runs.aggregation import bootstrap_ci
 from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID
 
 

@@ -246,3 +246,31 @@ def test_items_match_the_methods_called_directly(reference_run: Path, demo_pipe:
     assert record["metrics"]["df_cam@2.deletion_auc_random"] == pytest.approx(
         result.random.deletion_auc, abs=1e-6
     )
+
+
+def test_probe_features_give_concept_curves_across_the_set(demo_pipe: Any, tmp_path: Path):
+    lines = [
+        {
+            "id": f"{colour}-{k}",
+            "prompt": f"a large {colour} circle on the left",
+            "labels": {"colour": colour},
+        }
+        for colour in ("red", "blue")
+        for k in range(5)
+    ]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in lines))
+    kwargs = {"inference_steps": 3, "methods": ["attention"], "metrics": ["probes"]}
+    report = runner.run(source, tmp_path / "run", pipe=demo_pipe, progress=False, **kwargs)
+    assert len(report.computed) == 10
+    with np.load(tmp_path / "run" / "arrays" / f"{report.computed[0]}.npz") as arrays:
+        uncond = [k for k in arrays.files if k.startswith("probe/uncond/")]
+        assert uncond
+        assert arrays[uncond[0]].shape[0] == 3  # one pooled vector per step
+    from diffwidget.explain.probes import ConceptCurves
+
+    curves = ConceptCurves.load(tmp_path / "run" / "summary" / "concept_curves.json")
+    assert curves.concepts == ["colour"]
+    assert curves.curves.shape == (1, 3)
+    assert curves.n_examples == {"colour": 10}
+    assert "## Concept probes" in (tmp_path / "run" / "summary" / "summary.md").read_text()

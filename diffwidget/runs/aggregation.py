@@ -29,6 +29,8 @@ from diffwidget.runs.store import RunStore, atomic_write, item_key
 if TYPE_CHECKING:
     import pandas as pd
 
+#: Label of the random-order baseline's curves.
+RANDOM_ORDER = "random order"
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -244,21 +246,74 @@ def segmentation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def role_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
-    """Role -> ``{"mean", "sd", "n"}`` of the attention mass per step over items."""
-    by_role: dict[str, list[list[float]]] = {}
-    for record in records:
-        if record["status"] == "ok" and record.get("roles"):
-            for role, curve in record["roles"].items():
-                by_role.setdefault(role, []).append(curve)
-    return {
-        role: {
-            "mean": np.mean(curves, axis=0),
-            "sd": np.std(curves, axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(curves[0])),
-            "n": np.array(len(curves)),
-        }
-        for role, curves in by_role.items()
+def mean_sd(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation over rows (sd 0 for a single row)."""
+    values = np.asarray(rows, dtype=np.float64)
+    sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), sd
+
+
+#: Name of the token-role curves and of the segmentation curve in :func:`aggregate_curves`.
+ROLES_CURVE = "token roles"
+SEGMENTATION_CURVE = "segmentation mIoU by threshold"
+
+
+def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The set's mean curves with ± sd bands, for the plots, summary.md and the browser.
+
+    Returns
+    -------
+    dict
+        Name -> ``{"x", "xlabel", "ylabel", "lines"}``, each line ``{"label", "mean", "sd",
+        "n"}`` over the finished items: ``"<map> deletion"`` / ``"<map> insertion"`` with
+        the random order's curve beside the map's, ``"segmentation mIoU by threshold"``
+        (one line per aggregation, over (object, word) pairs) and ``"token roles"``
+        (attention mass per role and step).
+    """
+    ok = [r for r in records if r["status"] == "ok"]
+    curves: dict[str, dict[str, Any]] = {}
+
+    def line(label: str, rows: list[Any]) -> dict[str, Any]:
+        mean, sd = mean_sd(rows)
+        return {"label": label, "mean": mean, "sd": sd, "n": len(rows)}
+
+    for name in sorted({n for r in ok for n in (r.get("curves") or {})}):
+        entries = [r["curves"][name] for r in ok if name in (r.get("curves") or {})]
+        for kind in ("deletion", "insertion"):
+            curves[f"{name} {kind}"] = {
+                "x": np.asarray(entries[0]["fractions"]),
+                "xlabel": "fraction of latent cells",
+                "ylabel": "similarity to unmodified",
+                "lines": [
+                    line(name, [e[kind] for e in entries]),
+                    line(RANDOM_ORDER, [e[f"random_{kind}"] for e in entries]),
+                ],
+            }
+    seg = [r for r in ok if r.get("segmentation")]
+    names = sorted({n for r in seg for n in r["segmentation"]["pairs"]})
+    pairs = {
+        n: [p["iou"] for r in seg for p in r["segmentation"]["pairs"].get(n, [])] for n in names
     }
+    if any(pairs.values()):
+        curves[SEGMENTATION_CURVE] = {
+            "x": TAU_GRID,
+            "xlabel": f"threshold τ (DAAM: {DAAM_TAU})",
+            "ylabel": "IoU of (object, word) pairs",
+            "lines": [line(n, rows) for n, rows in pairs.items() if rows],
+        }
+    roles: dict[str, list[list[float]]] = {}
+    for record in ok:
+        for role, curve in (record.get("roles") or {}).items():
+            roles.setdefault(role, []).append(curve)
+    if roles:
+        role_lines = [line(role, rows) for role, rows in roles.items()]
+        curves[ROLES_CURVE] = {
+            "x": np.arange(len(role_lines[0]["mean"])),
+            "xlabel": "step",
+            "ylabel": "attention mass of the role's tokens",
+            "lines": role_lines,
+        }
+    return curves
 
 
 def concept_curves(store: RunStore, records: Sequence[dict[str, Any]]) -> Any:
@@ -338,9 +393,9 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
     _write_table(faith, folder, "faithfulness", parquet=False)
     seg = segmentation_table(records)
     _write_table(seg, folder, "segmentation", parquet=False)
-    roles = role_curves(records)
+    curves = aggregate_curves(records)
     probes = concept_curves(store, records) if "probes" in manifest["settings"]["metrics"] else None
     if probes is not None:
         probes.save(folder / "concept_curves.json")
-    figures = write_plots(folder, records, roles, probes) if plots else []
-    return write_summary(folder, manifest, table, metrics, faith, seg, roles, probes, figures)
+    figures = write_plots(folder, curves, probes) if plots else []
+    return write_summary(folder, manifest, table, metrics, faith, seg, curves, probes, figures)
