@@ -79,9 +79,8 @@ class RunResult:
                 r for r in self.records if r["id"] == item and (seed is None or r["seed"] == seed)
             ]
         if not matches:
-            raise KeyError(
-                f"no item {item!r} in {self.path}; ids look like {self.records[0]['id']!r}"
-            )
+            example = f"; ids look like {self.records[0]['id']!r}" if self.records else ""
+            raise KeyError(f"no item {item!r} in {self.path}{example}")
         if len(matches) > 1:
             seeds = [r["seed"] for r in matches]
             raise KeyError(f"item {item!r} ran with seeds {seeds}; pass seed= or the item key")
