@@ -278,16 +278,12 @@ def compute_item(
 
     timing: dict[str, float] = {}
     start = clock()
-    guidance = (
-        settings.guidance
-        if settings.guidance is not None
-        else float(getattr(pipe, "recommended_guidance_scale", 7.5))
-    )
+    # No guidance given: trace() takes the pipeline's recommended scale and records it.
     tr = trace_run(
         pipe,
         item.prompt,
         num_inference_steps=settings.inference_steps,
-        guidance_scale=guidance,
+        guidance_scale=settings.guidance,
         seed=seed,
     )
     timing["trace"] = clock() - start
@@ -342,7 +338,7 @@ def compute_item(
         metrics.update(role_metrics)
     if "probes" in settings.metrics:
         begin = clock()
-        arrays.update(_probe_features(pipe, item, seed, settings, guidance))
+        arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
         timing["probes"] = clock() - begin
     timing["total"] = clock() - start
     record = {

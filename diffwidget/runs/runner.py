@@ -20,8 +20,15 @@ import numpy as np
 
 from diffwidget.runs.metrics import MAP_METHODS, METRICS, RunSettings, compute_item
 from diffwidget.runs.prompts import PromptItem, load_prompts
-from diffwidget.runs.sharding import Shard, processes
-from diffwidget.runs.store import FORMAT_VERSION, RunSetupError, RunStore, item_key, write_json
+from diffwidget.runs.sharding import Processes, Shard, processes
+from diffwidget.runs.store import (
+    FORMAT_VERSION,
+    RunSetupError,
+    RunStore,
+    atomic_write,
+    item_key,
+    write_json,
+)
 
 #: Called after every item this process finishes: ``on_item(key, status)``.
 ItemCallback = Callable[[str, str], None]
@@ -156,8 +163,6 @@ def _store_item(
     """Write the companions first, the result file last (it names their sizes)."""
     files = {}
     arrays_path = store.arrays_path(key)
-    from diffwidget.runs.store import atomic_write
-
     atomic_write(arrays_path, lambda p: np.savez(p, **output.arrays))
     files["arrays"] = store.file_entry(arrays_path)
     if save_traces and output.trace is not None:
@@ -305,7 +310,7 @@ def _compute(
     mine: list[tuple[PromptItem, int, int]],
     settings: RunSettings,
     pipe: Any,
-    procs: Any,
+    procs: Processes,
     report: RunReport,
     scene_metrics: bool,
     progress: bool,
@@ -314,7 +319,8 @@ def _compute(
     from tqdm.auto import tqdm
 
     pending = [w for w in mine if store.status(item_key(w[0].id, w[2])) != "ok"]
-    report.skipped = [item_key(i.id, s) for i, _o, s in mine if (i, _o, s) not in pending]
+    todo = {item_key(i.id, s) for i, _o, s in pending}
+    report.skipped = [k for k in (item_key(i.id, s) for i, _o, s in mine) if k not in todo]
     if not pending:
         return
     if pipe is None:
