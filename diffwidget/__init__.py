@@ -17,6 +17,7 @@ _LAZY = {
     "trace": "diffwidget.tracing.generate",
     "load_demo_pipeline": "diffwidget.models.loader",
     "Explorer": "diffwidget.widget.explorer",
+    "open_run": "diffwidget.widget.run_browser",
 }
 
 if TYPE_CHECKING:
@@ -25,11 +26,20 @@ if TYPE_CHECKING:
     from diffwidget.tracing.generate import trace
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
+    from diffwidget.widget.run_browser import open_run
 
 #: Sub-packages reachable as attributes (``diffwidget.explain.DFRise``), imported on first use.
 _SUBPACKAGES = ("explain", "models", "tracing", "widget")
 
-__all__ = ["Explorer", "Trace", "TraceContext", "__version__", "load_demo_pipeline", "trace"]
+__all__ = [
+    "Explorer",
+    "Trace",
+    "TraceContext",
+    "__version__",
+    "load_demo_pipeline",
+    "open_run",
+    "trace",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,401 @@
+"""Aggregate a run: one table row per item, statistics per metric, plots and summary.md.
+
+* every numeric metric: mean ± sd over items and a percentile bootstrap interval of the mean
+  (items resampled with replacement, seeded);
+* faithfulness: :func:`diffwidget.explain.faithfulness.summarize` per map (per-prompt
+  mean ± sd, share of prompts beating random, and the paper's mean-curve aggregation),
+  always with the random-order baseline beside the map's AUC;
+* segmentation: mIoU at DAAM's τ = 0.4, the best τ of the grid and its mIoU, mean average
+  precision, over all (object, word) pairs of the set, with item-level bootstrap intervals;
+* token roles: mean attention mass per role and step with a ± sd band;
+* concept probes (when recorded): :class:`~diffwidget.explain.probes.ConceptProbe` curves
+  fitted across the set's items.
+
+Writes ``summary/``: ``items.csv`` / ``items.parquet``, ``metrics.csv`` / ``.parquet``,
+``faithfulness.csv``, ``segmentation.csv``, PNG plots and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID, summarize_pairs
+from diffwidget.runs.store import RunStore, atomic_write, item_key
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Label of the random-order baseline's curves.
+RANDOM_ORDER = "random order"
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+#: Columns of the item table before the metric columns.
+ITEM_COLUMNS = ("key", "id", "seed", "offset", "prompt", "status", "error")
+#: Minimum examples per class for a concept probe (its cross-validation folds).
+PROBE_CV = 5
+
+
+def work_keys(manifest: dict[str, Any]) -> list[tuple[dict[str, Any], int, int, str]]:
+    """``(item record, seed offset, generator seed, key)`` for every unit of work, in order."""
+    from diffwidget.runs.prompts import PromptItem
+
+    work = []
+    for record in manifest["items"]:
+        item = PromptItem.from_json(record)
+        for offset in manifest["settings"]["seeds"]:
+            seed = item.generator_seed(offset)
+            work.append((record, offset, seed, item_key(item.id, seed)))
+    return work
+
+
+def load_records(store: RunStore) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The manifest and one record per unit of work (``status`` missing/corrupt included)."""
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{store.root} holds no run (no run.json); start one with `diffwidget run`"
+        )
+    records = []
+    for item, offset, seed, key in work_keys(manifest):
+        status, record = store.read_item(key)
+        base = {"key": key, "id": item["id"], "seed": seed, "offset": offset}
+        base.update({"prompt": item["prompt"], "status": status, "error": None})
+        if record is not None:
+            base.update(record)
+            base["status"] = status
+        records.append(base)
+    return manifest, records
+
+
+def item_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per item: ids, status, error message and every metric as a column."""
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        row = {name: record.get(name) for name in ITEM_COLUMNS}
+        error = record.get("error")
+        row["error"] = f"{error['type']}: {error['message']}" if error else None
+        row.update(record.get("metrics") or {})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    metric_cols = sorted(c for c in table.columns if c not in ITEM_COLUMNS)
+    return table[[*ITEM_COLUMNS, *metric_cols]]
+
+
+def bootstrap_ci(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over the rows of ``values``.
+
+    Examples
+    --------
+    >>> low, high = bootstrap_ci(np.arange(100.0))
+    >>> bool(low < 49.5 < high)
+    True
+    """
+    values = np.asarray(values)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(samples, len(values)))
+    stats = np.array([statistic(values[p]) for p in picks])
+    tail = (1 - confidence) / 2
+    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))
+
+
+def metric_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per metric: items with a value, mean, sd and the bootstrap interval of the mean."""
+    import pandas as pd
+
+    rows = []
+    for name in table.columns:
+        if name in ITEM_COLUMNS:
+            continue
+        values = pd.to_numeric(table[name], errors="coerce").dropna().to_numpy(np.float64)
+        low, high = bootstrap_ci(values)
+        rows.append(
+            {
+                "metric": name,
+                "n": len(values),
+                "mean": float(values.mean()) if len(values) else float("nan"),
+                "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows, columns=["metric", "n", "mean", "sd", "ci_low", "ci_high"])
+
+
+def _faithfulness_result(entry: dict[str, Any], trapezoid: Callable[..., float]) -> Any:
+    from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult
+
+    frac = np.asarray(entry["fractions"], dtype=np.float32)
+
+    def curves(deletion: list[float], insertion: list[float]) -> FaithfulnessCurves:
+        d, i = np.asarray(deletion, np.float32), np.asarray(insertion, np.float32)
+        return FaithfulnessCurves(frac, d, i, trapezoid(frac, d), trapezoid(frac, i))
+
+    return FaithfulnessResult(
+        step=int(entry["step"]),
+        saliency=curves(entry["deletion"], entry["insertion"]),
+        random=curves(entry["random_deletion"], entry["random_insertion"]),
+        meta=entry.get("meta", {}),
+    )
+
+
+def faithfulness_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per map (``method@step``): :func:`~diffwidget.explain.faithfulness.summarize` of the
+    items, the map's AUC beside the random baseline's, per-prompt and paper-style."""
+    import pandas as pd
+
+    from diffwidget.explain.faithfulness import summarize, trapezoid_auc
+
+    by_map: dict[str, list[Any]] = {}
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        for name, entry in (record.get("curves") or {}).items():
+            by_map.setdefault(name, []).append(_faithfulness_result(entry, trapezoid_auc))
+    rows = []
+    for name, results in by_map.items():
+        summary = summarize(results)
+        per, paper = summary["per_prompt"], summary["paper"]
+        gains = np.array([r.deletion_gain for r in results])
+        low, high = bootstrap_ci(gains)
+        rows.append(
+            {
+                "map": name,
+                "n": len(results),
+                **{f"{k}": v for k, v in per.items() if k != "n_prompts"},
+                **{f"paper_{k}": v for k, v in paper.items()},
+                "deletion_gain_ci_low": low,
+                "deletion_gain_ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _pairs_by_item(records: Sequence[dict[str, Any]], name: str) -> list[list[dict[str, Any]]]:
+    return [
+        r["segmentation"]["pairs"].get(name, [])
+        for r in records
+        if r["status"] == "ok" and r.get("segmentation")
+    ]
+
+
+def segmentation_summary(per_item: Sequence[Sequence[dict[str, Any]]]) -> dict[str, float]:
+    """:func:`summarize_pairs` over all pairs, with item-level bootstrap intervals."""
+    flat = [p for pairs in per_item for p in pairs]
+    summary = summarize_pairs(flat)
+    if not flat:
+        return summary
+    at = int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))
+    # Each row: per-item sums of IoU at tau, of AP, and the pair count.
+    sums = np.array(
+        [
+            [sum(p["iou"][at] for p in pairs), sum(p["ap"] for p in pairs), len(pairs)]
+            for pairs in per_item
+        ],
+        dtype=np.float64,
+    )
+    for column, label in ((0, "miou_tau"), (1, "map")):
+
+        def pooled(rows: np.ndarray, c: int = column) -> float:
+            return float(rows[:, c].sum() / max(rows[:, 2].sum(), 1))
+
+        low, high = bootstrap_ci(sums, pooled)
+        summary[f"{label}_ci_low"], summary[f"{label}_ci_high"] = low, high
+    summary["n_items"] = float(len(per_item))
+    return summary
+
+
+def segmentation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per aggregation (ours, DAAM's): mIoU at τ 0.4, best τ, mAP, intervals."""
+    import pandas as pd
+
+    names = sorted(
+        {
+            n
+            for r in records
+            if r["status"] == "ok" and r.get("segmentation")
+            for n in r["segmentation"]["pairs"]
+        }
+    )
+    found = [
+        f
+        for r in records
+        if r["status"] == "ok" and r.get("segmentation")
+        for f in r["segmentation"]["found"]
+    ]
+    rows = []
+    for name in names:
+        row = {"aggregation": name, **segmentation_summary(_pairs_by_item(records, name))}
+        row["objects_found"] = float(np.mean(found)) if found else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_sd(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation over rows (sd 0 for a single row)."""
+    values = np.asarray(rows, dtype=np.float64)
+    sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), sd
+
+
+#: Name of the token-role curves and of the segmentation curve in :func:`aggregate_curves`.
+ROLES_CURVE = "token roles"
+SEGMENTATION_CURVE = "segmentation mIoU by threshold"
+
+
+def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The set's mean curves with ± sd bands, for the plots, summary.md and the browser.
+
+    Returns
+    -------
+    dict
+        Name -> ``{"x", "xlabel", "ylabel", "lines"}``, each line ``{"label", "mean", "sd",
+        "n"}`` over the finished items: ``"<map> deletion"`` / ``"<map> insertion"`` with
+        the random order's curve beside the map's, ``"segmentation mIoU by threshold"``
+        (one line per aggregation, over (object, word) pairs) and ``"token roles"``
+        (attention mass per role and step).
+    """
+    ok = [r for r in records if r["status"] == "ok"]
+    curves: dict[str, dict[str, Any]] = {}
+
+    def line(label: str, rows: list[Any]) -> dict[str, Any]:
+        mean, sd = mean_sd(rows)
+        return {"label": label, "mean": mean, "sd": sd, "n": len(rows)}
+
+    for name in sorted({n for r in ok for n in (r.get("curves") or {})}):
+        entries = [r["curves"][name] for r in ok if name in (r.get("curves") or {})]
+        for kind in ("deletion", "insertion"):
+            curves[f"{name} {kind}"] = {
+                "x": np.asarray(entries[0]["fractions"]),
+                "xlabel": "fraction of latent cells",
+                "ylabel": "similarity to unmodified",
+                "lines": [
+                    line(name, [e[kind] for e in entries]),
+                    line(RANDOM_ORDER, [e[f"random_{kind}"] for e in entries]),
+                ],
+            }
+    seg = [r for r in ok if r.get("segmentation")]
+    names = sorted({n for r in seg for n in r["segmentation"]["pairs"]})
+    pairs = {
+        n: [p["iou"] for r in seg for p in r["segmentation"]["pairs"].get(n, [])] for n in names
+    }
+    if any(pairs.values()):
+        curves[SEGMENTATION_CURVE] = {
+            "x": TAU_GRID,
+            "xlabel": f"threshold τ (DAAM: {DAAM_TAU})",
+            "ylabel": "IoU of (object, word) pairs",
+            "lines": [line(n, rows) for n, rows in pairs.items() if rows],
+        }
+    roles: dict[str, list[list[float]]] = {}
+    for record in ok:
+        for role, curve in (record.get("roles") or {}).items():
+            roles.setdefault(role, []).append(curve)
+    if roles:
+        role_lines = [line(role, rows) for role, rows in roles.items()]
+        curves[ROLES_CURVE] = {
+            "x": np.arange(len(role_lines[0]["mean"])),
+            "xlabel": "step",
+            "ylabel": "attention mass of the role's tokens",
+            "lines": role_lines,
+        }
+    return curves
+
+
+def concept_curves(store: RunStore, records: Sequence[dict[str, Any]]) -> Any:
+    """Concept-probe curves fitted across the items that recorded probe features.
+
+    Returns ``None`` when no item recorded features or no concept has two classes with
+    enough examples (at least ``PROBE_CV`` each).
+    """
+    from diffwidget.explain.probes import ConceptProbe
+
+    features: list[np.ndarray] = []
+    labels: list[dict[str, str]] = []
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        path = store.arrays_path(record["key"])
+        with np.load(path) as data:
+            keys = sorted(k for k in data.files if k.startswith("probe/uncond/"))
+            if not keys:
+                continue
+            features.append(np.concatenate([data[k] for k in keys], axis=-1))
+        labels.append(record.get("labels") or {})
+    if not features:
+        return None
+    concepts = sorted({c for lab in labels for c in lab})
+    usable: dict[str, list[str | None]] = {}
+    for concept in concepts:
+        values = [lab.get(concept) for lab in labels]
+        counts = {v: values.count(v) for v in set(values) if v is not None}
+        kept = [v if v is not None and counts[v] >= PROBE_CV else None for v in values]
+        if len({v for v in kept if v is not None}) >= 2:
+            usable[concept] = kept
+    if not usable:
+        return None
+    return ConceptProbe(cv=PROBE_CV).fit(np.stack(features), usable, half="uncond")
+
+
+def _write_table(table: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
+    atomic_write(folder / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
+    if parquet:
+        atomic_write(folder / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
+
+
+def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write the tables, plots and ``summary.md`` of a run (finished or not).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder.
+    plots : bool
+        Also write the PNG plots (needs matplotlib).
+
+    Returns
+    -------
+    Path
+        The ``summary.md`` written.
+
+    Examples
+    --------
+    >>> aggregate("my-run")  # doctest: +SKIP
+    PosixPath('my-run/summary/summary.md')
+    """
+    from diffwidget.runs.report import write_plots, write_summary
+
+    store = RunStore(run_dir)
+    manifest, records = load_records(store)
+    for record, item in zip(records, work_keys(manifest), strict=True):
+        record["labels"] = item[0].get("labels", {})
+    folder = store.summary_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    table = item_table(records)
+    _write_table(table, folder, "items")
+    metrics = metric_table(table)
+    _write_table(metrics, folder, "metrics")
+    faith = faithfulness_table(records)
+    _write_table(faith, folder, "faithfulness", parquet=False)
+    seg = segmentation_table(records)
+    _write_table(seg, folder, "segmentation", parquet=False)
+    curves = aggregate_curves(records)
+    probes = concept_curves(store, records) if "probes" in manifest["settings"]["metrics"] else None
+    if probes is not None:
+        probes.save(folder / "concept_curves.json")
+    figures = write_plots(folder, curves, probes) if plots else []
+    return write_summary(folder, manifest, table, metrics, faith, seg, curves, probes, figures)

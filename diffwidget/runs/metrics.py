@@ -1,0 +1,353 @@
+"""What a run computes for one item: the trace, the maps, and the per-item metrics.
+
+For one (prompt, seed): trace the generation; compute the chosen maps (cross-attention,
+DF-RISE, DF-CAM) at the chosen steps; score each map's faithfulness with insertion and
+deletion curves beside random orders; on scene-world captions segment each object's
+colour and shape word by attention and score it against the object read from the generated
+image (our aggregation and DAAM's); sum the attention each token role draws per step; and
+optionally record pooled UNet activations for the concept probes fitted across the set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from diffwidget.explain.attention import AttentionMaps, AttentionResult
+from diffwidget.explain.results import FaithfulnessResult, SaliencyMap, minmax
+from diffwidget.runs.prompts import PromptItem
+from diffwidget.runs.segmentation import (
+    DAAM_TAU,
+    TAU_GRID,
+    daam_heat_maps,
+    ours_heat_maps,
+    score_item,
+    word_token_positions,
+)
+from diffwidget.tracing.trace import Trace
+
+MapMethod = Literal["attention", "df_rise", "df_cam"]
+MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
+Metric = Literal["faithfulness", "segmentation", "roles", "probes"]
+METRICS: tuple[str, ...] = get_args(Metric)
+DEFAULT_METHODS: tuple[str, ...] = MAP_METHODS
+DEFAULT_METRICS: tuple[str, ...] = ("faithfulness", "segmentation", "roles")
+#: Segmentation aggregations scored on every scene item: ours (AttentionMaps' defaults)
+#: and DAAM's baseline on the same stored maps.
+SEGMENTATION_AGGREGATIONS: tuple[str, ...] = ("ours", "daam")
+#: The explained step when none is chosen: the paper visualises step 15 of 20.
+PAPER_STEP_FRACTION = 0.75
+#: CFG halves whose pooled activations are kept for the probes; the unconditional half
+#: never sees the prompt, so what it carries came through the latent.
+PROBE_HALVES: tuple[str, ...] = ("cond", "uncond")
+#: Constructor options of the registry methods taken from the run settings.
+_METHOD_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "df_rise": lambda settings: {"n_masks": settings.rise_masks, "progress_bar": False},
+}
+#: Saliency meta entries that vary between runs of the same work (kept under "timing").
+_TIMING_META = ("seconds", "device")
+
+
+def default_steps(n_inference_steps: int) -> list[int]:
+    """The paper's explained step scaled to the run: step 15 of 20.
+
+    Examples
+    --------
+    >>> default_steps(20), default_steps(4)
+    ([15], [3])
+    """
+    return [min(n_inference_steps - 1, round(PAPER_STEP_FRACTION * n_inference_steps))]
+
+
+def attention_saliency(result: AttentionResult, trace: Trace, step: int) -> SaliencyMap:
+    """The attention map whose faithfulness is scored: the cross-attention probability that
+    all prompt words together receive at each latent cell, at loop index ``step``."""
+    row = result.steps.index(step)
+    raw = result.maps[row][trace.word_indices].sum(axis=0).astype(np.float32)
+    return SaliencyMap(
+        method="attention",
+        step=step,
+        timestep=int(trace.timesteps[step]),
+        map=minmax(raw),
+        raw=raw,
+        meta={"aggregation": result.description, "tokens": "sum over the prompt's words"},
+    )
+
+
+@dataclass
+class RunSettings:
+    """Everything that decides an item's results (stored in the run manifest).
+
+    Attributes
+    ----------
+    methods : list of {"attention", "df_rise", "df_cam"}
+        Maps computed at every explained step.
+    steps : list of int
+        Loop indices explained (default :func:`default_steps`).
+    seeds : list of int
+        Seed offsets; each item runs once per offset (see ``PromptItem.generator_seed``).
+    inference_steps : int
+        Denoising steps of each generation.
+    guidance : float, optional
+        CFG scale; default the pipeline's recommended one.
+    model : str, optional
+        Local diffusers pipeline folder; ``None`` is the embedded model.
+    rise_masks : int
+        DF-RISE masks per map.
+    n_random : int
+        Random orders of the faithfulness baseline.
+    cells_per_stage : int, optional
+        Latent cells removed or restored per faithfulness stage (default: the paper's 64 of
+        4096, scaled to the grid).
+    metrics : list of {"faithfulness", "segmentation", "roles", "probes"}
+        Metrics computed per item.
+    save_traces : bool
+        Keep each item's Trace (needed to open its explorer).
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    steps: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    inference_steps: int = 20
+    guidance: float | None = None
+    model: str | None = None
+    rise_masks: int = 500
+    n_random: int = 3
+    cells_per_stage: int | None = None
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    save_traces: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = default_steps(self.inference_steps)
+
+    @property
+    def explained_steps(self) -> list[int]:
+        """The loop indices explained (``steps`` after defaults)."""
+        assert self.steps is not None
+        return list(self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready settings for the manifest."""
+        return {
+            "methods": list(self.methods),
+            "steps": self.explained_steps,
+            "seeds": list(self.seeds),
+            "inference_steps": self.inference_steps,
+            "guidance": self.guidance,
+            "model": self.model,
+            "rise_masks": self.rise_masks,
+            "n_random": self.n_random,
+            "cells_per_stage": self.cells_per_stage,
+            "metrics": list(self.metrics),
+            "save_traces": self.save_traces,
+            "attention_defaults": _attention_defaults(),
+        }
+
+
+def _attention_defaults() -> dict[str, Any]:
+    """AttentionMaps' defaults: part of the settings, since the segmentation depends on them."""
+    maps = AttentionMaps()
+    return {
+        "layers": maps.layers,
+        "resolution": maps.resolution,
+        "window": list(maps.window),
+        "normalize": maps.normalize,
+    }
+
+
+@dataclass
+class ItemOutput:
+    """What one item produced: the JSON parts of its result, its trace and its arrays."""
+
+    record: dict[str, Any]
+    trace: Trace | None
+    arrays: dict[str, np.ndarray]
+
+
+def _faithfulness_entry(result: FaithfulnessResult) -> dict[str, Any]:
+    return {
+        "step": result.step,
+        "fractions": result.saliency.fractions.tolist(),
+        "deletion": result.saliency.deletion.tolist(),
+        "insertion": result.saliency.insertion.tolist(),
+        "random_deletion": result.random.deletion.tolist(),
+        "random_insertion": result.random.insertion.tolist(),
+        "meta": result.meta,
+    }
+
+
+def _faithfulness_metrics(name: str, result: FaithfulnessResult) -> dict[str, float]:
+    return {
+        f"{name}.deletion_auc": result.saliency.deletion_auc,
+        f"{name}.deletion_auc_random": result.random.deletion_auc,
+        f"{name}.deletion_gain": result.deletion_gain,
+        f"{name}.insertion_auc": result.saliency.insertion_auc,
+        f"{name}.insertion_auc_random": result.random.insertion_auc,
+        f"{name}.insertion_gain": result.insertion_gain,
+    }
+
+
+def _role_curves(
+    result: AttentionResult, trace: Trace, item: PromptItem
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Attention mass each role's tokens draw per step, and its mean share of the words'."""
+    positions = word_token_positions(trace, len(item.prompt.split()))
+    word_mass = result.mass[:, trace.word_indices].sum(axis=1)
+    curves: dict[str, list[float]] = {}
+    metrics: dict[str, float] = {}
+    for role, words in item.roles.items():
+        tokens = [positions[w] for w in words]
+        curve = result.mass[:, tokens].sum(axis=1)
+        curves[role] = curve.tolist()
+        share = np.where(word_mass > 0, curve / np.where(word_mass > 0, word_mass, 1), 0.0)
+        metrics[f"roles.{role}.share"] = float(share.mean())
+    return curves, metrics
+
+
+def _segmentation(trace: Trace, item: PromptItem) -> tuple[dict[str, Any], dict[str, float]]:
+    assert trace.image is not None
+    size = (int(trace.image.shape[0]), int(trace.image.shape[1]))
+    heat = {"ours": ours_heat_maps(trace, size), "daam": daam_heat_maps(trace, size)}
+    scores = score_item(trace, item.objects, heat)
+    at = int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))
+    metrics: dict[str, float] = {"seg.objects_found": float(np.mean(scores["found"]))}
+    for name, pairs in scores["pairs"].items():
+        if pairs:
+            metrics[f"seg.{name}.iou@{DAAM_TAU}"] = float(np.mean([p["iou"][at] for p in pairs]))
+            metrics[f"seg.{name}.ap"] = float(np.mean([p["ap"] for p in pairs]))
+    return scores, metrics
+
+
+def _probe_features(
+    pipe: Any, item: PromptItem, seed: int, settings: RunSettings, guidance: float
+) -> dict[str, np.ndarray]:
+    from diffwidget.tracing.activations import ActivationRecorder
+
+    recorder = ActivationRecorder(halves=list(PROBE_HALVES), progress=False)  # type: ignore[arg-type]
+    record = recorder.record(
+        pipe,
+        [item.prompt],
+        seeds=[seed],
+        num_inference_steps=settings.inference_steps,
+        guidance_scale=guidance,
+    )
+    arrays = {}
+    for half in PROBE_HALVES:
+        source = record.activations if half == "cond" else record.uncond_activations
+        for block, values in source.items():
+            arrays[f"probe/{half}/{block}"] = np.asarray(values[0], dtype=np.float32)
+    return arrays
+
+
+def compute_item(
+    pipe: Any,
+    item: PromptItem,
+    seed: int,
+    settings: RunSettings,
+    *,
+    scene_metrics: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> ItemOutput:
+    """Trace one item and compute its maps and metrics.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+        The pipeline of the run.
+    item : PromptItem
+        The prompt and its ground truth.
+    seed : int
+        The generator seed (``item.generator_seed(offset)``).
+    settings : RunSettings
+        What to compute.
+    scene_metrics : bool
+        Whether the pipeline draws the scene world (segmentation needs its reader).
+
+    Returns
+    -------
+    ItemOutput
+    """
+    from diffwidget.explain.faithfulness import InsertionDeletion
+    from diffwidget.explain.registry import saliency_method
+    from diffwidget.tracing.context import trace as trace_run
+
+    timing: dict[str, float] = {}
+    start = clock()
+    # No guidance given: trace() takes the pipeline's recommended scale and records it.
+    tr = trace_run(
+        pipe,
+        item.prompt,
+        num_inference_steps=settings.inference_steps,
+        guidance_scale=settings.guidance,
+        seed=seed,
+    )
+    timing["trace"] = clock() - start
+    metrics: dict[str, float] = {}
+    curves: dict[str, Any] = {}
+    maps_meta: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    attention = AttentionMaps(normalize="none").attribute(tr)
+    evaluator = InsertionDeletion(
+        n_random=settings.n_random, cells_per_stage=settings.cells_per_stage
+    )
+    for step in settings.explained_steps:
+        for method in settings.methods:
+            begin = clock()
+            if method == "attention":
+                saliency = attention_saliency(attention, tr, step)
+            else:
+                options = _METHOD_OPTIONS.get(method, lambda _s: {})(settings)
+                saliency = saliency_method(method)(**options).attribute(pipe, tr, step)
+            name = f"{method}@{step}"
+            timing[name] = clock() - begin
+            meta = {k: v for k, v in saliency.meta.items() if k not in _TIMING_META}
+            layers = list(saliency.layers)
+            maps_meta.append(
+                {
+                    "method": method,
+                    "step": step,
+                    "timestep": saliency.timestep,
+                    "meta": meta,
+                    "layers": layers,
+                }
+            )
+            arrays[f"{name}/map"] = saliency.map
+            arrays[f"{name}/raw"] = saliency.raw
+            for k, layer in enumerate(layers):
+                arrays[f"{name}/layer{k}"] = saliency.layers[layer]
+            if "faithfulness" in settings.metrics:
+                begin = clock()
+                result = evaluator.evaluate(pipe, tr, step, saliency)
+                timing[f"{name}.faithfulness"] = clock() - begin
+                curves[name] = _faithfulness_entry(result)
+                metrics.update(_faithfulness_metrics(name, result))
+    segmentation = None
+    if "segmentation" in settings.metrics and scene_metrics and item.objects:
+        begin = clock()
+        segmentation, seg_metrics = _segmentation(tr, item)
+        metrics.update(seg_metrics)
+        timing["segmentation"] = clock() - begin
+    role_curves = None
+    if "roles" in settings.metrics and item.roles:
+        role_curves, role_metrics = _role_curves(AttentionMaps().attribute(tr), tr, item)
+        metrics.update(role_metrics)
+    if "probes" in settings.metrics:
+        begin = clock()
+        arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
+        timing["probes"] = clock() - begin
+    timing["total"] = clock() - start
+    record = {
+        "metrics": metrics,
+        "curves": curves,
+        "maps": maps_meta,
+        "segmentation": segmentation,
+        "roles": role_curves,
+        "timesteps": tr.timesteps.tolist(),
+        "timing": timing,
+    }
+    return ItemOutput(record, tr, arrays)
