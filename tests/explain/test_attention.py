@@ -78,7 +78,7 @@ def test_layer_step_and_resolution_selection():
     some = AttentionMaps(layers=["small"], steps=[1, 3]).attribute(trace)
     assert some.steps == [1, 3]
     assert some.maps.shape == (2, 2, 4, 4)
-    assert "1 attn2 layer " in some.description
+    assert "1 layer " in some.description
     assert "steps 1–3 (2)" in some.description
     assert "conditional" in some.description
 
