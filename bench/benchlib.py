@@ -153,11 +153,15 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def free_memory() -> None:
-    """Collect garbage and hand cached CUDA blocks back, so the next model has room."""
+    """Collect garbage and hand cached CUDA blocks back, so the next model has room.
+
+    Only where CUDA is in use: a full collection of a large heap takes a while, and on the
+    CPU freed tensors go back to the allocator without it.
+    """
     import gc
 
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

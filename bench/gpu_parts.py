@@ -39,6 +39,8 @@ DIT_MEMORY_GOAL = 10.0
 DIT_KINDS = ("plain", "ours", "full")
 #: ``--compile-backend`` value that wraps the UNet with dynamo disabled (plumbing only).
 NO_DYNAMO = "none"
+#: Denoising steps of a profiled tracing run.
+PROFILE_STEPS = 4
 #: Largest file brought back from the device (its limit for one file is 16 MiB).
 MAX_BACK_BYTES = 16 * 2**20
 
@@ -152,7 +154,7 @@ def measure_rise(
     suite.save()
     t_ours: list[float] = []
     t_paper: list[float] = []
-    for _ in rounds(suite.shapes.repeats, suite.left):
+    for _ in rounds(suite.shapes.repeats, suite.rounds_left):
         t_ours.append(suite.seconds(run_ours))
         t_paper.append(suite.seconds(run_paper) * n / paper_n)
         rec["ours"], rec["one_call_per_mask"] = spread(t_ours), spread(t_paper)
@@ -181,14 +183,17 @@ def part_tracing(key: str) -> Callable[[Suite, dict[str, Any]], None]:
                 steps,
                 suite.shapes.repeats,
                 str(suite.device),
-                time_left=suite.left,
+                time_left=suite.rounds_left,
                 keep=keep,
             )
         )
         suite.traces[key] = keep["trace"]
         suite.save()
-        calls = bench_tracing.variant_calls(pipe, size, steps)
+        # A profile of a few steps has the same kernels in the same proportions as one of
+        # all steps, at a fraction of the profiler's cost.
+        calls = bench_tracing.variant_calls(pipe, size, min(steps, PROFILE_STEPS))
         rec["profiles"] = {}
+        rec["profile_steps"] = min(steps, PROFILE_STEPS)
         for variant, limit in TRACE_GOALS.items():
             value = rec["wall_paired_overhead_median"][variant]
             met = suite.goal(
@@ -217,7 +222,7 @@ def part_cam(key: str) -> Callable[[Suite, dict[str, Any]], None]:
         first, peak = suite.peak(lambda: cam.attribute(pipe, trace, step))  # warm-up
         times = [
             suite.seconds(lambda: cam.attribute(pipe, trace, step))
-            for _ in rounds(suite.shapes.repeats, suite.left)
+            for _ in rounds(suite.shapes.repeats, suite.rounds_left)
         ]
         rec["cam"] = {**spread(times), "layers": len(first.layers), "peak_cuda_mb": peak}
         suite.save()
@@ -225,7 +230,7 @@ def part_cam(key: str) -> Callable[[Suite, dict[str, Any]], None]:
         first, peak = suite.peak(lambda: relevance.attribute(pipe, trace, steps=[step]))
         times = [
             suite.seconds(lambda: relevance.attribute(pipe, trace, steps=[step]))
-            for _ in rounds(suite.shapes.repeats, suite.left)
+            for _ in rounds(suite.shapes.repeats, suite.rounds_left)
         ]
         rec["relevance"] = {
             **spread(times),
@@ -241,7 +246,7 @@ def build_dit(suite: Suite, model: str) -> Any:
     if suite.tiny:
         from diffwidget.tracing.tiny_dit import tiny_flux_pipeline, tiny_sd3_pipeline
 
-        pipe = tiny_sd3_pipeline() if model == "sd3m" else tiny_flux_pipeline()
+        pipe: Any = tiny_sd3_pipeline() if model == "sd3m" else tiny_flux_pipeline()
         return pipe.transformer.to(device=suite.device, dtype=suite.dtype).eval()
     with torch.device(suite.device):
         return bench_dit.build(model, 0, str(suite.device), suite.dtype)
@@ -282,7 +287,7 @@ def measure_dit(suite: Suite, rec: dict[str, Any], model: str, net: Any, device:
     for kind in DIT_KINDS:  # warm-up
         bench_dit.timed(net, args, kind, 1, device)
     times: dict[str, list[float]] = {kind: [] for kind in DIT_KINDS}
-    for _ in rounds(suite.shapes.repeats, suite.left):
+    for _ in rounds(suite.shapes.repeats, suite.rounds_left):
         for kind in DIT_KINDS:
             times[kind].append(bench_dit.timed(net, args, kind, steps, device) / steps)
         rec["per_call"] = {kind: spread(values) for kind, values in times.items()}
@@ -291,10 +296,11 @@ def measure_dit(suite: Suite, rec: dict[str, Any], model: str, net: Any, device:
             kind: rec["per_call"][kind]["median_s"] / plain - 1 for kind in ("ours", "full")
         }
         suite.save()
-    peaks = {
-        kind: suite.peak(lambda kind=kind: bench_dit.timed(net, args, kind, 1, device))[1]
-        for kind in DIT_KINDS
-    }
+
+    def one_call(kind: str) -> Callable[[], float]:
+        return lambda: bench_dit.timed(net, args, kind, 1, device)
+
+    peaks = {kind: suite.peak(one_call(kind))[1] for kind in DIT_KINDS}
     rec["peak_cuda_mb"] = peaks
     ratio = None
     if all(v is not None for v in peaks.values()):
@@ -312,9 +318,10 @@ def measure_dit(suite: Suite, rec: dict[str, Any], model: str, net: Any, device:
         f">= {DIT_MEMORY_GOAL:.0f}x",
         ratio is not None and ratio >= DIT_MEMORY_GOAL,
     )
-    rec["profile"] = suite.profile(
-        met, lambda: bench_dit.timed(net, args, "ours", 1, device), memory=True
-    )
+    # Kernels by device time as for every goal, and by memory, which this goal is about.
+    by_time = suite.profile(met, one_call("ours"))
+    if by_time is not None:
+        rec["profile"] = {**by_time, "by_memory": suite.profile(met, one_call("ours"), memory=True)}
 
 
 def part_train(suite: Suite, rec: dict[str, Any]) -> None:

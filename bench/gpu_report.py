@@ -31,7 +31,9 @@ def _pct(value: Any) -> str:
 
 
 def _mb(value: Any) -> str:
-    return "—" if value is None else f"{value:,.0f}"
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _met(goal: dict[str, Any] | None, tiny: bool) -> str:
@@ -190,8 +192,8 @@ def dit_lines(name: str, rec: dict[str, Any], record: dict[str, Any]) -> list[st
     lines = [
         f"### Joint-attention capture, {rec['model']} transformer ({_s(rec['params_M'], 5)} M "
         f"params), {rec['size']}² ({rec['image_tokens']} image + {rec['text_tokens']} text "
-        f"tokens), median of {_runs(per_call['plain']['n'], record)} rounds of "
-        f"{rec['calls_per_round']} calls",
+        f"tokens), median of {_runs(per_call['plain']['n'], record)} rounds, "
+        f"{rec['calls_per_round']} call(s) each",
         "",
         "| variant | per call, median (s) | overhead | peak CUDA memory of one call (MiB) | "
         "extra over plain (MiB) |",
@@ -277,10 +279,23 @@ def section(record: dict[str, Any], names: list[str]) -> str:
 
 # ==================================================================== RESULTS.md summary rows
 def summary_rows(name: str, rec: dict[str, Any], record: dict[str, Any]) -> list[Row]:
+    """The part's rows; a part stopped early shows what it measured, marked as partial."""
+    status = rec.get("status")
+    why = rec.get("note") or rec.get("error") or "did not finish"
+    unmeasured = [(name, f"`{name}`", f"{status}: {why}", "—", "not measured")]
+    if status == "skipped":
+        return unmeasured
+    try:
+        rows = number_rows(name, rec, record)
+    except KeyError:
+        return unmeasured if status != "ok" else [(name, f"`{name}`", "no numbers", "—", "—")]
+    if status == "ok":
+        return rows
+    return [(a, f"{w} (**{status}**: {why}; partial)", r, g, m) for a, w, r, g, m in rows]
+
+
+def number_rows(name: str, rec: dict[str, Any], record: dict[str, Any]) -> list[Row]:
     goals, tiny = record["goals"], record["suite"]["tiny"]
-    if rec.get("status") != "ok":
-        why = rec.get("note") or rec.get("error") or "did not finish"
-        return [(name, f"`{name}`", f"{rec.get('status')}: {why}", "—", "not measured")]
     kind = _kind(name)
     if kind in ("rise", "rise_compile"):
         how = "eager" if name == "rise" else "torch.compile"
@@ -364,13 +379,9 @@ def summary_block(record: dict[str, Any], parts_report: dict[str, str]) -> str:
     for name, rec in record["parts"].items():
         report = parts_report[name]
         link = f"[{report.removeprefix('RESULTS_').removesuffix('.md')}]({report})"
-        try:
-            rows = summary_rows(name, rec, record)
-        except KeyError:
-            rows = [(name, f"`{name}`", "no numbers", "—", "—")]
-        for row in rows:
+        for row in summary_rows(name, rec, record):
             lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + f" | {link} |")
-    lines.append(END)
+    lines += ["", END]
     return "\n".join(lines)
 
 

@@ -33,6 +33,10 @@ from gpu_suite import Part  # noqa: E402
 REAL_PARTS = "rise,tracing_sd15,cam_sdxl,dit_sd3m"
 
 
+#: Tests that run models (tiny ones, but with imports and builds: seconds each here).
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     """One real tiny run of four parts, two timed runs each (flagged as fewer than 5)."""
@@ -46,6 +50,7 @@ def fake_suite(monkeypatch: pytest.MonkeyPatch, parts: list[Part]) -> None:
 
 
 # ==================================================================== a real tiny run
+@slow
 def test_every_chosen_part_ran_and_the_json_on_disk_is_the_record(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -62,6 +67,7 @@ def test_every_chosen_part_ran_and_the_json_on_disk_is_the_record(
     assert record["parts"]["rise"]["profile"] is None
 
 
+@slow
 def test_rise_counts_one_cfg_unet_call_and_derives_the_floor_from_it(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -91,6 +97,7 @@ def test_rise_counts_one_cfg_unet_call_and_derives_the_floor_from_it(
     assert rec["peak_cuda_mb"] == {"ours": None, "one_call_per_mask": None}
 
 
+@slow
 def test_tracing_bytes_per_step_match_the_estimate_made_before_running(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -112,6 +119,7 @@ def test_tracing_bytes_per_step_match_the_estimate_made_before_running(
     assert all(len(v) == 2 for v in rec["wall_seconds_all"].values())
 
 
+@slow
 def test_cam_makes_its_own_sdxl_trace_and_reports_per_step_times(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -123,6 +131,7 @@ def test_cam_makes_its_own_sdxl_trace_and_reports_per_step_times(
     assert rec["relevance"]["text_encoder_used"] is False
 
 
+@slow
 def test_dit_gives_the_analytic_numbers_and_no_cpu_peak(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -140,6 +149,7 @@ def test_dit_gives_the_analytic_numbers_and_no_cpu_peak(
     assert record["goals"]["dit_sd3m"]["value"] is None
 
 
+@slow
 def test_reports_extend_the_source_files_and_render_from_the_record_alone(
     tiny_run: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
@@ -167,6 +177,7 @@ def test_reports_extend_the_source_files_and_render_from_the_record_alone(
         assert path.read_text() == (out / path.name).read_text()
 
 
+@slow
 def test_compile_part_restores_the_unet_even_when_it_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,6 +203,7 @@ def test_compile_part_restores_the_unet_even_when_it_fails(
     assert pipe.unet is eager
 
 
+@slow
 def test_profile_always_keeps_the_top_ten(tmp_path: Path) -> None:
     record = gpu_suite.main(
         [
