@@ -37,6 +37,9 @@ It brings back gpu_suite.json, gpu_suite.log, RESULTS.md and the RESULTS_*.md fi
 measured for; copy them into bench/ (the JSON as bench/gpu_suite.json). Parts that failed
 or timed out are named at the end of the log: rerun them at once on the warm machine with
 the same command plus --only PART,PART and a smaller --budget-s and timeout_s.
+The training recipe on the GPU is one more part, run alone in what is left (it is skipped
+with a note where the recipe takes no --device): --only train --budget-s 200
+--part-budget train=180 --train-args="RECIPE OPTIONS", timeout_s 240.
 EOF
 }
 

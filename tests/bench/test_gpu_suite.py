@@ -93,6 +93,11 @@ def test_rise_counts_one_cfg_unet_call_and_derives_the_floor_from_it(
         rec["one_call_per_mask"]["median_s"] / rec["ours"]["median_s"]
     )
     assert rec["ours"]["n"] == rec["one_call_per_mask"]["n"] == 2
+    scale = rec["n_masks"] / rec["one_call_per_mask_masks_per_run"]
+    assert scale == 2
+    assert rec["one_call_per_mask"]["runs_s"] == pytest.approx(
+        [t * scale for t in rec["one_call_per_mask_measured_s"]]
+    )
     assert rec["batch_size"] == rec["n_masks"] == 8
     assert rec["peak_cuda_mb"] == {"ours": None, "one_call_per_mask": None}
 
@@ -205,26 +210,19 @@ def test_compile_part_restores_the_unet_even_when_it_fails(
 
 @slow
 def test_profile_always_keeps_the_top_ten(tmp_path: Path) -> None:
-    record = gpu_suite.main(
-        [
-            "--tiny",
-            "--out",
-            str(tmp_path),
-            "--only",
-            "dit_flux",
-            "--repeats",
-            "1",
-            "--profile",
-            "always",
-        ]
-    )
-    profile = record["parts"]["dit_flux"]["profile"]
-    assert 0 < len(profile["top"]) <= 10
-    assert profile["ranked_by"] == "self_cpu_time_total"
-    shares = [row["share"] for row in profile["top"]]
-    assert shares == sorted(shares, reverse=True)
-    assert 0 < sum(shares) <= 1 + 1e-9
-    assert "Self CPU" in profile["table"]
+    argv = ["--tiny", "--out", str(tmp_path), "--only", "tracing_sd15,dit_flux", "--repeats", "1"]
+    record = gpu_suite.main([*argv, "--profile", "always"])
+    dit = record["parts"]["dit_flux"]["profile"]
+    tracing = record["parts"]["tracing_sd15"]["profiles"]
+    assert set(tracing) == {"plain", "trace", "trace_all_tokens", "trace_previews"}
+    assert record["parts"]["tracing_sd15"]["profile_steps"] == 2
+    for profile in (dit, dit["by_memory"], *tracing.values()):
+        assert 0 < len(profile["top"]) <= 10
+        assert profile["ranked_by"] == "self_cpu_time_total"
+        shares = [row["share"] for row in profile["top"]]
+        assert shares == sorted(shares, reverse=True)
+        assert 0 < sum(shares) <= 1 + 1e-9
+        assert "Self CPU" in profile["table"]
 
 
 # ==================================================================== plumbing, no models
