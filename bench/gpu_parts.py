@@ -345,7 +345,14 @@ def part_train(suite: Suite, rec: dict[str, Any]) -> None:
             f"`python -m {module}` has no --device option here, so it cannot train on the "
             "GPU; run the suite from a checkout whose recipe takes --device cuda"
         )
-    folder = Path(tempfile.mkdtemp(prefix="gpu-suite-train-"))
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-train-") as name:
+        run_recipe(suite, rec, module, Path(name))
+    if not rec["stopped_at_cap"] and rec["returncode"] != 0:
+        raise RuntimeError(f"the training command exited with {rec['returncode']}; see log_tail")
+
+
+def run_recipe(suite: Suite, rec: dict[str, Any], module: str, folder: Path) -> None:
+    """Run the recipe into ``folder`` until it ends or the part's time is up."""
     cmd = [sys.executable, "-m", module, "--device", suite.device.type, "--out", str(folder)]
     cmd += shlex.split(suite.args.train_args)
     rec["command"] = shlex.join(cmd[1:])
@@ -368,11 +375,10 @@ def part_train(suite: Suite, rec: dict[str, Any]) -> None:
                     proc.wait()
     rec["seconds"] = time.perf_counter() - start
     rec["log_tail"] = log.read_text(errors="replace").splitlines()[-40:]
+    # The newest weights small enough to come back from the device.
     weights = sorted(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     small = [p for p in weights if p.stat().st_size <= MAX_BACK_BYTES]
     if small:
         back = suite.out / f"train_{small[-1].name}"
         shutil.copyfile(small[-1], back)
         rec["weights_file"] = back.name
-    if not rec["stopped_at_cap"] and rec["returncode"] != 0:
-        raise RuntimeError(f"the training command exited with {rec['returncode']}; see log_tail")
