@@ -127,9 +127,16 @@ def build(model: str, blocks: int, device: str, dtype: torch.dtype) -> Any:
 
 
 def inputs(model: str, net: Any, size: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    """One denoiser call's arguments at ``size`` pixels, CFG-batched for SD3."""
+    """One denoiser call's arguments at ``size`` pixels, CFG-batched for SD3.
+
+    Widths come from ``net.config``, so any SD3- or Flux-style transformer fits (the tiny
+    test ones too); the text lengths are the real pipelines' (:data:`TEXT`).
+    """
     latent = size // VAE_FACTOR
     gen = torch.Generator().manual_seed(0)
+    channels = int(net.config.in_channels)
+    text_dim = int(net.config.joint_attention_dim)
+    pooled_dim = int(net.config.pooled_projection_dim)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
@@ -137,9 +144,9 @@ def inputs(model: str, net: Any, size: int, device: str, dtype: torch.dtype) -> 
     if model == "sd3m":
         batch = 2
         return {
-            "hidden_states": rand(batch, 16, latent, latent),
-            "encoder_hidden_states": rand(batch, TEXT[model], 4096),
-            "pooled_projections": rand(batch, 2048),
+            "hidden_states": rand(batch, channels, latent, latent),
+            "encoder_hidden_states": rand(batch, TEXT[model], text_dim),
+            "pooled_projections": rand(batch, pooled_dim),
             "timestep": torch.full((batch,), 500.0, device=device),
         }
     rows = latent // 2
@@ -147,9 +154,9 @@ def inputs(model: str, net: Any, size: int, device: str, dtype: torch.dtype) -> 
     img_ids[..., 1] += torch.arange(rows)[:, None]
     img_ids[..., 2] += torch.arange(rows)[None, :]
     return {
-        "hidden_states": rand(1, rows * rows, 64),
-        "encoder_hidden_states": rand(1, TEXT[model], 4096),
-        "pooled_projections": rand(1, 768),
+        "hidden_states": rand(1, rows * rows, channels),
+        "encoder_hidden_states": rand(1, TEXT[model], text_dim),
+        "pooled_projections": rand(1, pooled_dim),
         "timestep": torch.full((1,), 0.5, device=device),
         "guidance": torch.full((1,), 3.5, device=device),
         "txt_ids": torch.zeros(TEXT[model], 3, device=device, dtype=dtype),

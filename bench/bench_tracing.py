@@ -19,6 +19,10 @@ on a GPU::
 
     python bench/bench_tracing.py --unet sd15 --device cuda --dtype fp16 --size 512 --steps 20
 
+and SDXL-base-shaped (``--unet sdxl``, 1024² by default). On a GPU the models are built on
+the device, which takes seconds even at SDXL size. ``bench/gpu_suite.py`` calls
+:func:`overhead` for both.
+
 ``--build-only`` builds the pipeline and prints the exact bytes per step without running it.
 """
 
@@ -38,10 +42,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import SD15_UNET, SD15_VAE, machine, sd15_text_encoder, sync
+from benchlib import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    clip_text_config,
+    machine,
+    rounds,
+    sd15_text_encoder,
+    sync,
+)
 
 from diffwidget.tracing.budget import BYTES_PER_MB
 from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.tiny import make_scheduler
 
 PROMPT = "a red circle on the left"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,37 +66,70 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_sd15(device: str, dtype: torch.dtype) -> Any:
     """An SD-1.5-shaped ``StableDiffusionPipeline`` with random weights (no downloads)."""
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffwidget.models.tokenizer import write_word_tokenizer
-    from diffwidget.tracing.tiny import TINY_WORDS
-
-    folder = write_word_tokenizer(TINY_WORDS, tempfile.mkdtemp(prefix="bench-tok-"), 77)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    tokenizer = _word_tokenizer()
+    scheduler = make_scheduler("dpm++")
     torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = sd15_text_encoder(tokenizer)
+        unet = UNet2DConditionModel(**SD15_UNET)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=sd15_text_encoder(tokenizer),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**SD15_UNET),
-        scheduler=DPMSolverMultistepScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-        ),
+        unet=unet,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return _to(pipe, device, dtype)
+
+
+def build_sdxl(device: str, dtype: torch.dtype) -> Any:
+    """An SDXL-base-shaped ``StableDiffusionXLPipeline`` with random weights (no downloads).
+
+    Both text encoders have their published shapes (CLIP ViT-L and OpenCLIP ViT-bigG, whose
+    penultimate layers give the UNet its 768 + 1280 = 2048-wide context); the scheduler is
+    SDXL's default, Euler.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _word_tokenizer()
+    scheduler = make_scheduler("euler")
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, SD15_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, SDXL_TEXT_2))
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return _to(pipe, device, dtype)
+
+
+def _word_tokenizer() -> Any:
+    """The tiny word-level CLIP tokenizer, padded to CLIP's 77 positions (built locally)."""
+    from transformers import CLIPTokenizer
+
+    from diffwidget.models.tokenizer import write_word_tokenizer
+    from diffwidget.tracing.tiny import TINY_WORDS
+
+    folder = write_word_tokenizer(TINY_WORDS, tempfile.mkdtemp(prefix="bench-tok-"), 77)
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
 def _to(pipe: Any, device: str, dtype: torch.dtype) -> Any:
@@ -94,6 +144,13 @@ def build_tiny(device: str, dtype: torch.dtype) -> Any:
     return _to(tiny_sd_pipeline(), device, dtype)
 
 
+def build_tiny_sdxl(device: str, dtype: torch.dtype) -> Any:
+    """The tests' tiny random-weight SDXL pipeline (two text encoders, added conditioning)."""
+    from diffwidget.tracing.tiny import tiny_sdxl_pipeline
+
+    return _to(tiny_sdxl_pipeline(), device, dtype)
+
+
 def timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one call."""
     sync(device)
@@ -103,9 +160,102 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+VARIANTS = ("trace", "trace_all_tokens", "trace_previews")
+
+
+def variant_calls(pipe: Any, size: int, steps: int) -> dict[str, Callable[[], Any]]:
+    """The plain pipeline call and the traced variants, as zero-argument calls."""
+    common = {
+        "num_inference_steps": steps,
+        "height": size,
+        "width": size,
+        "guidance_scale": 7.5,
+    }
+
+    def plain() -> Any:
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(PROMPT, generator=generator, output_type="np", **common)
+
+    return {
+        "plain": plain,
+        "trace": lambda: trace(pipe, PROMPT, seed=0, decode_previews=False, **common),
+        "trace_all_tokens": lambda: trace(
+            pipe, PROMPT, seed=0, decode_previews=False, tokens="all", **common
+        ),
+        "trace_previews": lambda: trace(pipe, PROMPT, seed=0, decode_previews=True, **common),
+    }
+
+
+def overhead(
+    pipe: Any,
+    size: int,
+    steps: int,
+    repeats: int,
+    device: str,
+    variants: tuple[str, ...] = VARIANTS,
+    *,
+    time_left: Callable[[], float] | None = None,
+    keep: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Time the plain pipeline against the traced ``variants``, interleaved round by round.
+
+    One untimed call of each variant first (its trace goes to ``keep[name]`` when given),
+    then up to ``repeats`` rounds; fewer when ``time_left()`` says the next round would not
+    fit (``rounds`` in the result says how many ran).
+    """
+    every = variant_calls(pipe, size, steps)
+    unknown = set(variants) - set(every)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {sorted(every)}")
+    chosen = {name: fn for name, fn in every.items() if name == "plain" or name in variants}
+    stored = {}
+    for name, fn in chosen.items():  # warm-up, and the bytes each variant stores
+        out = fn()
+        if name != "plain":
+            stored[name] = out.nbytes_per_step()
+            if keep is not None:
+                keep[name] = out
+    wall: dict[str, list[float]] = {name: [] for name in chosen}
+    cpu: dict[str, list[float]] = {name: [] for name in chosen}
+    for _ in rounds(repeats, time_left):
+        for name, fn in chosen.items():
+            seconds, cpu_seconds = timed(fn, device)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    result: dict[str, Any] = {"rounds": len(wall["plain"])}
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        result[f"{label}_seconds_median"] = medians
+        result[f"{label}_seconds_all"] = times
+        result[f"{label}_overhead_vs_plain"] = {
+            name: medians[name] / medians["plain"] - 1.0 for name in chosen if name != "plain"
+        }
+        # Ratio within each interleaved pair, then the median: robust to load drifting.
+        result[f"{label}_paired_overhead_median"] = {
+            name: statistics.median(
+                t / p - 1.0 for t, p in zip(times[name], times["plain"], strict=True)
+            )
+            for name in chosen
+            if name != "plain"
+        }
+    result["bytes_per_step_stored"] = stored
+    result["mb_per_step_stored"] = {k: v / BYTES_PER_MB for k, v in stored.items()}
+    if device.startswith("cuda"):
+        result["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / BYTES_PER_MB
+    return result
+
+
+BUILDERS = {
+    "tiny": build_tiny,
+    "tiny_sdxl": build_tiny_sdxl,
+    "sd15": build_sd15,
+    "sdxl": build_sdxl,
+}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unet", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--unet", choices=tuple(BUILDERS), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
@@ -120,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--variants",
-        default="trace,trace_all_tokens,trace_previews",
+        default=",".join(VARIANTS),
         help="comma-separated traced variants to time against the plain pipeline",
     )
     parser.add_argument("--build-only", action="store_true", help="print bytes per step only")
@@ -131,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     start = time.perf_counter()
-    pipe = (build_sd15 if args.unet == "sd15" else build_tiny)(args.device, dtype)
+    pipe = BUILDERS[args.unet](args.device, dtype)
     build_s = time.perf_counter() - start
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     estimates = {}
@@ -146,65 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unet_params_M": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
         "bytes_per_step_estimate": estimates,
     }
-    if args.build_only:
-        print(json.dumps(result, indent=2, default=str))
-        return result
-
-    common = {
-        "num_inference_steps": args.steps,
-        "height": size,
-        "width": size,
-        "guidance_scale": 7.5,
-    }
-
-    def plain() -> Any:
-        generator = torch.Generator("cpu").manual_seed(0)
-        return pipe(PROMPT, generator=generator, output_type="np", **common)
-
-    variants: dict[str, Callable[[], Any]] = {
-        "plain": plain,
-        "trace": lambda: trace(pipe, PROMPT, seed=0, decode_previews=False, **common),
-        "trace_all_tokens": lambda: trace(
-            pipe, PROMPT, seed=0, decode_previews=False, tokens="all", **common
-        ),
-        "trace_previews": lambda: trace(pipe, PROMPT, seed=0, decode_previews=True, **common),
-    }
-    chosen = {"plain", *args.variants.split(",")}
-    unknown = chosen - set(variants)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
-    variants = {name: fn for name, fn in variants.items() if name in chosen}
-    stored = {}
-    for name, fn in variants.items():  # warm-up, and the bytes each variant stores
-        out = fn()
-        if name != "plain":
-            stored[name] = out.nbytes_per_step()
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            seconds, cpu_seconds = timed(fn, args.device)
-            wall[name].append(seconds)
-            cpu[name].append(cpu_seconds)
-    for label, times in (("wall", wall), ("cpu", cpu)):
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        result[f"{label}_seconds_median"] = medians
-        result[f"{label}_seconds_all"] = times
-        result[f"{label}_overhead_vs_plain"] = {
-            name: medians[name] / medians["plain"] - 1.0 for name in variants if name != "plain"
-        }
-        # Ratio within each interleaved pair, then the median: robust to load drifting.
-        result[f"{label}_paired_overhead_median"] = {
-            name: statistics.median(
-                t / p - 1.0 for t, p in zip(times[name], times["plain"], strict=True)
-            )
-            for name in variants
-            if name != "plain"
-        }
-    result["bytes_per_step_stored"] = stored
-    result["mb_per_step_stored"] = {k: v / BYTES_PER_MB for k, v in stored.items()}
-    if args.device.startswith("cuda"):
-        result["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / BYTES_PER_MB
+    if not args.build_only:
+        variants = tuple(v for v in args.variants.split(",") if v)
+        try:
+            result.update(overhead(pipe, size, args.steps, args.repeats, args.device, variants))
+        except ValueError as exc:
+            parser.error(str(exc))
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.json:
