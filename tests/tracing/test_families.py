@@ -333,3 +333,39 @@ def test_per_head_maps_average_to_the_stored_maps(
     loaded = Trace.load(traced.save(tmp_path / "heads"))
     for layer, per_head in traced.attention_heads.items():
         np.testing.assert_array_equal(loaded.attention_heads[layer], per_head)
+
+
+def test_flow_matching_prev_is_the_schedulers_euler_step(family_case: FamilyCase) -> None:
+    """FlowMatchEuler steps x + (sigma' - sigma) v: the replay's prev is the next latent."""
+    pipe, kwargs = family_case("sd3")
+    traced = trace(pipe, TINY_PROMPT, num_inference_steps=4, **kwargs)
+    replay = StepReplay(pipe, traced)
+    for step in range(3):
+        prev = replay.prev(replay.latent(step), step)[0].numpy()
+        np.testing.assert_allclose(prev, traced.latents[step + 1], atol=1e-5)
+    last = replay.prev(replay.latent(3), 3)[0].numpy()
+    np.testing.assert_allclose(last, traced.final_latent, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_flow_sigma_solvers_agree_with_the_schedulers_x0(solver: str) -> None:
+    """x̂0 under DPM-Solver++/UniPC with flow sigmas equals the solver's own conversion."""
+    import copy
+
+    import diffusers
+
+    pipe, kwargs = build_family_case("sd3")
+    pipe.scheduler = getattr(diffusers, solver)(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0
+    )
+    traced = trace(pipe, TINY_PROMPT, num_inference_steps=4, **kwargs)
+    assert traced.meta["noise_schedule"]["family"] == "flow"
+    reference = copy.deepcopy(pipe.scheduler)
+    reference.set_timesteps(4)
+    for step in range(4):
+        reference._step_index = step
+        x0 = reference.convert_model_output(
+            torch.as_tensor(traced.noise_pred[step])[None],
+            sample=torch.as_tensor(traced.latents[step])[None],
+        )
+        np.testing.assert_allclose(traced.pred_x0[step], x0[0].numpy(), atol=1e-5)
