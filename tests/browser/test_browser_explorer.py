@@ -35,19 +35,25 @@ SETUP = textwrap.dedent(
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
 
-    def fake_rise(trace, step, progress):
+    class FakeRise:
         # Stands in for DF-RISE: a blob that moves with the step, with progress calls.
-        for done in range(1, {FAKE_RISE_STEPS} + 1):
-            time.sleep({FAKE_RISE_DELAY_S})
-            if progress(done, {FAKE_RISE_STEPS}) is False:
-                break
-        h, w = trace.latent_shape
-        yy, xx = np.mgrid[0:h, 0:w]
-        blob = np.exp(-((yy - h / 2) ** 2 + (xx - (step % w)) ** 2) / 8.0).astype(np.float32)
-        return SaliencyMap(method="df_rise", step=step, timestep=int(trace.timesteps[step]),
-                           map=blob / blob.max(), raw=blob, meta={{"n_masks": 8, "p": 0.5}})
+        name, label = "df_rise", "DF-RISE"
 
-    explorer = Explorer(Trace.load("trace.safetensors"), providers={{"df_rise": fake_rise}})
+        def attribute(self, pipe, trace, step, progress=None):
+            for done in range(1, {FAKE_RISE_STEPS} + 1):
+                time.sleep({FAKE_RISE_DELAY_S})
+                if progress(done, {FAKE_RISE_STEPS}) is False:
+                    break
+            h, w = trace.latent_shape
+            yy, xx = np.mgrid[0:h, 0:w]
+            blob = np.exp(-((yy - h / 2) ** 2 + (xx - (step % w)) ** 2) / 8.0).astype(np.float32)
+            return SaliencyMap(method="df_rise", step=step, timestep=int(trace.timesteps[step]),
+                               map=blob / blob.max(), raw=blob, meta={{"n_masks": 8, "p": 0.5}})
+
+        def describe(self, result):
+            return f"DF-RISE saliency (fake) at step {{result.step}} (n_masks 8)"
+
+    explorer = Explorer(Trace.load("trace.safetensors"), methods={{"df_rise": FakeRise()}})
     STATE = Path(NAME + ".state.json")
     def dump(_=None):
         STATE.write_text(json.dumps({{"step": explorer.step, "token": explorer.token,

@@ -38,7 +38,7 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
             stored = decode_array(widget.overlays[kind]["maps"])
             assert stored.shape == (1, h, w)
             np.testing.assert_allclose(stored[0], result.map, atol=1 / 255 + 1e-6)
-        assert f"n_masks {TEST_MASKS}" in widget.overlays["df_rise"]["description"]
-        assert "layers" in widget.overlays["df_cam"]["description"]
+        assert f"n_masks {TEST_MASKS}" in widget.overlays["df_rise"]["descriptions"][0]
+        assert "layers" in widget.overlays["df_cam"]["descriptions"][0]
     finally:
         explorer.close()
