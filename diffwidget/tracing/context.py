@@ -30,7 +30,7 @@ from diffwidget.tracing.budget import (
     estimate_step_bytes,
     layer_grid,
 )
-from diffwidget.tracing.decode import decode_latents, to_uint8
+from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
 from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
@@ -68,7 +68,12 @@ class TraceContext:
         Token positions kept in the attention maps: ``"default"`` keeps start, words, end
         and one padding position.
     decode_previews : bool
-        Decode ``pred_x0`` of every step through the VAE (batched, after the loop).
+        Decode ``pred_x0`` of every step (batched, after the loop).
+    preview_decoder : {"auto", "vae", "tiny"}, folder or module
+        What decodes them: ``"auto"`` (default) a tiny ``AutoencoderTiny`` preview decoder
+        when one matches the VAE (the embedded model ships one), else the full VAE; a
+        "taesd"-style folder for other checkpoints (:mod:`diffwidget.tracing.decode`).
+        Recorded as ``meta["preview_decoder"]``.
     preview_from : {"guided", "cond"}
         Noise prediction the previews are decoded from: the guided one the sampler steps
         with (default), or the conditional CFG half alone, the model's own prediction for
@@ -107,6 +112,7 @@ class TraceContext:
         preview_from: PredictionSource = "guided",
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         seed: int | None = None,
+        preview_decoder: PreviewDecoder = "auto",
     ) -> None:
         if preview_from not in PREDICTION_SOURCES:
             raise ValueError(
@@ -130,6 +136,7 @@ class TraceContext:
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.decode_previews = decode_previews
+        self.preview_decoder = preview_decoder
         self.preview_from: PredictionSource = preview_from
         self._hooks = contextlib.ExitStack()
         #: With ``preview_from="cond"``: the prompt's half of every UNet output, per call.
@@ -371,10 +378,12 @@ class TraceContext:
         if self.preview_from == "cond":
             cond_pred = torch.stack(self.cond_pred[:n]).float().cpu().numpy()
             shown_x0 = predict_x0(latents, cond_pred, alpha, sigma, scale, prediction_type)
-        previews = (
-            decode_latents(self.pipe, shown_x0.astype(np.float32), batch=PREVIEW_BATCH)
+        previews, preview_decoder = (
+            decode_previews(
+                self.pipe, shown_x0.astype(np.float32), self.preview_decoder, batch=PREVIEW_BATCH
+            )
             if self.decode_previews
-            else None
+            else (None, None)
         )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
@@ -397,6 +406,7 @@ class TraceContext:
             "negative_prompt": self.negative_prompt,
             "cfg": cfg,
             "preview_source": self.preview_from if previews is not None else None,
+            "preview_decoder": preview_decoder,
             "token_indices": self.token_indices,
             "n_text_tokens": self.recorder.n_tokens_total,
             "attention_grids": grids,
@@ -479,6 +489,7 @@ def trace(
     preview_from: PredictionSource = "guided",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     tokens: TokenSelection = "default",
+    preview_decoder: PreviewDecoder = "auto",
     **pipeline_kwargs: Any,
 ) -> Trace:
     """Generate one image with ``pipe`` and record every denoising step.
@@ -501,6 +512,8 @@ def trace(
     preview_from : {"guided", "cond"}
         Decode the previews from the guided noise prediction (default) or from the
         conditional CFG half alone (see :class:`TraceContext`).
+    preview_decoder : {"auto", "vae", "tiny"}, folder or module
+        What decodes the previews (see :class:`TraceContext`).
     memory_budget_mb : float
         Refuse before running when the trace would store more than this.
     tokens : "default", "all" or list of int
@@ -543,6 +556,7 @@ def trace(
         preview_from=preview_from,
         memory_budget_mb=memory_budget_mb,
         seed=seed,
+        preview_decoder=preview_decoder,
     )
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default_size, width or default_size

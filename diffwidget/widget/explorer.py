@@ -28,7 +28,6 @@ from diffwidget.widget.previews import noisy_previews, preview_text, shrink_imag
 from diffwidget.widget.reporting import (
     FaithfulnessView,
     close_widget_tree,
-    enable_colab_widgets,
     faithfulness_entry,
     scale_infos,
 )
@@ -166,7 +165,6 @@ class Explorer:
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer", "overlay"])
         self.widget.observe(self._refresh_grid, names=["grid"])
-        enable_colab_widgets()
 
     def _resolve_methods(
         self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None

@@ -25,9 +25,12 @@ _BUILD_HINT = (
 )
 
 
-def _esm() -> Path | str:
+def _esm() -> str:
     if ESM_PATH.exists():
-        return ESM_PATH
+        # The module's text, not its path: for a path anywidget connects every widget
+        # instance to a class-level file watcher (hot reload), which keeps each closed
+        # explorer, its trace payloads included, alive for the whole session.
+        return ESM_PATH.read_text(encoding="utf-8")
     # A readable failure in the notebook instead of a blank output area.
     return f"export default {{ render({{ el }}) {{ el.textContent = {_BUILD_HINT!r}; }} }};"
 

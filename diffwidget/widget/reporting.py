@@ -1,12 +1,12 @@
 """What the explorer reports beside its maps: colour-scale meanings, faithfulness entries.
 
 Also the explorer's housekeeping that touches ipywidgets directly: closing every widget it
-created, and switching on Colab's widget manager.
+created. (Colab's custom widget manager is switched on by anywidget itself, once per
+process, when a widget is created in Colab.)
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +15,6 @@ import numpy as np
 from diffwidget.explain.protocol import METHOD_VALUES
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import encode_array
-
-#: Whether Colab's custom widget manager has been switched on in this process.
-_COLAB_ENABLED = False
 
 
 def scale_infos() -> dict[str, dict[str, str]]:
@@ -133,24 +130,3 @@ def close_widget_tree(widget: Any) -> None:
                 visit(item)
 
     visit(widget)
-
-
-def enable_colab_widgets() -> bool:
-    """In Google Colab, switch on its custom widget manager (once); elsewhere do nothing.
-
-    Colab shows third-party widgets only after
-    ``google.colab.output.enable_custom_widget_manager()``.
-
-    Returns
-    -------
-    bool
-        Whether it is switched on now.
-    """
-    global _COLAB_ENABLED
-    if _COLAB_ENABLED or "google.colab" not in sys.modules:
-        return _COLAB_ENABLED
-    from google.colab import output
-
-    output.enable_custom_widget_manager()
-    _COLAB_ENABLED = True
-    return True

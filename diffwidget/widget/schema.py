@@ -540,9 +540,12 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
             raise InvalidInput(f"{name} must be an integer, got {value}")
         value = int(value)
         low, high = bounds.int_range(name)
+        if name == "attention_head" and bounds.n_heads == 0 and value != MEAN_OVER_HEADS:
+            raise InvalidInput(
+                f"attention_head {value} is not available: this trace recorded only the mean "
+                "over heads (-1)"
+            )
         if not low <= value <= high:
-            if high < low:
-                raise InvalidInput(f"{name} {value} is not available for this trace")
             raise InvalidInput(f"{name} {value} is out of range; use {low}..{high}")
         return value
     if spec.kind == "float":

@@ -60,7 +60,7 @@ def shown_map(explorer: Explorer) -> tuple[np.ndarray, float, float] | None:
     if overlay is None or step not in overlay["steps"]:
         return None
     index = overlay["steps"].index(step)
-    values = decode_array(overlay["maps"])[index].astype(np.float32) / 255.0
+    values = decode_array(overlay["maps"])[index].astype(np.float32)  # dequantised: 0..1
     low, high = overlay["ranges"][index]
     return values, float(low), float(high)
 
@@ -148,10 +148,11 @@ def summary_text(explorer: Explorer) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def mimebundle(explorer: Explorer, **kwargs: Any) -> dict[str, Any]:
-    """The widget view plus ``image/png`` and ``text/plain`` fallbacks."""
+def mimebundle(explorer: Explorer, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The widget view (with anywidget's metadata, e.g. Colab's) plus PNG and text fallbacks."""
     bundle = explorer.widget._repr_mimebundle_(**kwargs) or {}
-    data = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
+    data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
+    data = dict(data)
     data["text/plain"] = summary_text(explorer)
     data["image/png"] = base64.b64encode(png_bytes(explorer)).decode("ascii")
-    return data
+    return data, dict(metadata or {})

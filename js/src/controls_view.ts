@@ -110,9 +110,11 @@ export function controlsView(
   };
   const onOverlay = (): void => {
     const kind = overlay.value as OverlayKind;
-    // An open grid follows the overlay when the new one has per-layer maps.
+    // An open grid follows the overlay when the new one has per-layer maps (the kernel
+    // sends the new grid; a kernel-less export keeps the grid it was saved with).
     setValue(model, "overlay", kind);
-    if (model.get("grid") !== "none" && gridSource() !== model.get("grid")) {
+    const kernel = model.get("actions").length > 0;
+    if (kernel && model.get("grid") !== "none" && gridSource() !== model.get("grid")) {
       setValue(model, "grid", gridSource());
     }
   };

@@ -177,7 +177,13 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
   ): HTMLElement => {
     const div = h("figure", "dw-panel");
     div.setAttribute("aria-label", `curves: ${CURVE_GROUP_TITLES[group]}`);
-    div.appendChild(h("figcaption", "dw-panel-title", CURVE_GROUP_TITLES[group]));
+    div.appendChild(
+      h(
+        "figcaption",
+        "dw-panel-title",
+        `${CURVE_GROUP_TITLES[group]} (${CURVE_GROUP_UNITS[group]})`,
+      ),
+    );
     const plot = svg("svg", {
       viewBox: `0 0 ${PANEL_W} ${PANEL_H}`,
       class: "dw-plot",
@@ -220,13 +226,6 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
     }
     axes.appendChild(
       svg("text", { x: `${PLOT.right}`, y: `${PANEL_H - 2}`, class: "dw-axis-label" }, "step"),
-    );
-    axes.appendChild(
-      svg(
-        "text",
-        { x: "2", y: `${PLOT.top - 1}`, class: "dw-axis-label dw-unit" },
-        CURVE_GROUP_UNITS[group],
-      ),
     );
     plot.appendChild(axes);
     const token = model.get("token");

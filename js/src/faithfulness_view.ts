@@ -108,13 +108,6 @@ export function faithfulnessView(model: Model, el: HTMLElement): Cleanup {
         "share of latent cells perturbed",
       ),
     );
-    axes.appendChild(
-      svg(
-        "text",
-        { x: "2", y: `${BOX.top - 1}`, class: "dw-axis-label dw-unit" },
-        `${entry.similarity} to unperturbed`,
-      ),
-    );
     plot.appendChild(axes);
     FAITH_CURVES.forEach(({ name, cls }, k) => {
       const points: string[] = [];
@@ -172,11 +165,13 @@ export function faithfulnessView(model: Model, el: HTMLElement): Cleanup {
     plot.style.display = entry ? "" : "none";
     box.dataset.computed = String(entry !== null);
     if (!entry) {
+      title.textContent = "faithfulness";
       numbers.textContent = `Not computed for ${overlayName(overlay)} at this step.`;
       operator.textContent = "";
       return;
     }
     draw(entry);
+    title.textContent = `faithfulness (y: ${entry.similarity} of the one-step prediction to the unperturbed one)`;
     numbers.textContent = aucText(entry);
     operator.textContent = `Operator “${entry.operator}”: ${entry.operator_text}. ${entry.description}`;
     box.dataset.deletionAuc = String(entry.deletion_auc);

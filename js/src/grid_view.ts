@@ -79,7 +79,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
 
   const draw = (): void => {
     const grid = model.get("grid_data");
-    box.hidden = model.get("grid") === "none" || !grid;
+    box.hidden = !grid || grid.source !== model.get("grid");
     if (!grid || box.hidden) return;
     const rows = grid.layers.length;
     const columns = grid.steps.length;

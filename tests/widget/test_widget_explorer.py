@@ -105,7 +105,9 @@ def test_default_token_falls_back_to_the_first_word(synthetic_trace):
         synthetic_trace, tokens=["<s>", "a", "the", "of", "on", "</s>", "</s>"]
     )
     assert first_content_token(only_function_words) == 1
-    bpe = dataclasses.replace(synthetic_trace, tokens=["<s>", "a</w>", "Red</w>", "x", "y", "e", "p"])
+    bpe = dataclasses.replace(
+        synthetic_trace, tokens=["<s>", "a</w>", "Red</w>", "x", "y", "e", "p"]
+    )
     assert first_content_token(bpe) == 2
 
 

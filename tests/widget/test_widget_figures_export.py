@@ -104,3 +104,26 @@ def test_export_drops_overlays_that_need_a_kernel(synthetic_trace):
     assert state["available"] == ["none", "attention"]
     assert (state["overlay"], state["status"]) == ("none", "idle")
     explorer.close()
+
+
+#: Prompts that end, comment out or re-open the page's script if JSON is embedded raw.
+HOSTILE_PROMPTS = [
+    "a red circle <!--<script>",
+    "</script><script>window.pwned = 1</script>",
+    "a & b > c <!-- </SCRIPT >",
+    "line\u2028separator\u2029paragraph",
+]
+
+
+@pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
+def test_export_escapes_script_breaking_text(tmp_path, prompt):
+    explorer = Explorer(make_trace(prompt=prompt))
+    try:
+        text = explorer.to_html(tmp_path / "hostile").read_text(encoding="utf-8")
+    finally:
+        explorer.close()
+    state_json = re.search(r'id="diffwidget-state">(.*?)</script>', text, re.S).group(1)
+    for raw in ("<", ">", "&", "\u2028", "\u2029"):
+        assert raw not in state_json
+    assert json.loads(state_json)["prompt"] == prompt  # the same JSON value
+    assert text.count("<script") == 3  # state, module, loader: nothing injected
