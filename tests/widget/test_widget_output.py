@@ -112,7 +112,8 @@ def test_base64_transport_resends_every_payload_as_text(explorer):
     explorer.widget._dispatch_message(explorer.widget, {"kind": "buffers_missing"}, [])
     assert explorer.widget.transport == "base64"
     data = explorer.widget.previews["data"]
-    assert set(data) == {BASE64_KEY} and isinstance(data[BASE64_KEY], str)
+    assert set(data) == {BASE64_KEY}
+    assert isinstance(data[BASE64_KEY], str)
     np.testing.assert_array_equal(decode_array(explorer.widget.previews), previews)
     after = {name: payload_nbytes(getattr(explorer.widget, name)) for name in schema.PAYLOAD_TRAITS}
     assert after == before

@@ -168,8 +168,14 @@ class FakeEvaluator:
         top = float(np.max(saliency))
         curves = FaithfulnessCurves(frac, 1 - frac * top, frac, 0.3, 0.6)
         rand = FaithfulnessCurves(frac, 1 - frac / 2, frac / 2, 0.75, 0.25)
-        meta = {"operator": "renoise", "operator_text": "fresh noise", "similarity": "ssim",
-                "n_random": 3, "random_deletion_auc_sd": 0.02, "random_insertion_auc_sd": 0.01}  # fmt: skip
+        meta = {
+            "operator": "renoise",
+            "operator_text": "fresh noise",
+            "similarity": "ssim",
+            "n_random": 3,
+            "random_deletion_auc_sd": 0.02,
+            "random_insertion_auc_sd": 0.01,
+        }
         return FaithfulnessResult(step, curves, rand, meta)
 
 
