@@ -1,5 +1,5 @@
 import { setStep, shownStep, tokenVisible } from "./actions";
-import { float32Of } from "./data";
+import { checkPayload, float32Of } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 import { formatValue } from "./scale_view";
 import {
@@ -140,7 +140,9 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
     box.replaceChildren();
     cursors = [];
     const curves = model.get("curves");
-    if (!curves) return;
+    // Without its buffer (not arrived yet, or lost: the base64 fallback resends it) there
+    // is nothing to draw.
+    if (!curves || checkPayload(curves.values)) return;
     const values = float32Of(curves.values);
     const n = curves.values.shape[1] ?? 0;
     const kinds = model.get("token_kinds");

@@ -1,5 +1,5 @@
 import { overlayName, requestAction, shownStep } from "./actions";
-import { faithfulnessFor, float32Of } from "./data";
+import { checkPayload, faithfulnessFor, float32Of } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 import { formatValue } from "./scale_view";
 import type { FaithfulnessEntry } from "./schema";
@@ -164,7 +164,7 @@ export function faithfulnessView(model: Model, el: HTMLElement): Cleanup {
     button.disabled = model.get("status") === "running";
     plot.style.display = entry ? "" : "none";
     box.dataset.computed = String(entry !== null);
-    if (!entry) {
+    if (!entry || checkPayload(entry.curves) || checkPayload(entry.fractions)) {
       title.textContent = "faithfulness";
       numbers.textContent = `Not computed for ${overlayName(overlay)} at this step.`;
       operator.textContent = "";
