@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import machine
+from resultslib import write_section
 
 from diffwidget.explain.attention import AttentionMaps
 from diffwidget.explain.cam import DFCam
@@ -52,8 +53,6 @@ STEPS = 20
 #: Step explained: the paper visualises step 15 of 20.
 STEP = 15
 N_RANDOM = 3
-MARK_START = "<!-- bench_operators: start -->"
-MARK_END = "<!-- bench_operators: end -->"
 
 
 def attention_map(trace: Any, step: int) -> np.ndarray:
@@ -185,7 +184,6 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     ops = summary["operators"]
     best = max(OPERATORS, key=lambda op: np.nan_to_num(ops[op]["mean_effect_dz"], nan=-1e9))
     lines = [
-        MARK_START,
         "## Perturbation operators for insertion/deletion (the widget's faithfulness panel)",
         "",
         f"`{command}` ({s['seconds']:.0f} s; {m['cpu']}, {m['cores']} cores, torch threads "
@@ -227,22 +225,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         "Mean d_z over the three maps and both curves: "
         + ", ".join(f"{op} {ops[op]['mean_effect_dz']:.2f}" for op in OPERATORS)
         + f". Largest: **{best}**.",
-        "",
-        MARK_END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section in ``path``, leaving the rest alone."""
-    text = path.read_text() if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(summary, command.strip())
     print(section)
     if args.results is not None:
-        write_section(args.results, section)
+        write_section(args.results, "bench_operators", section)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,15 @@ def load_preview_decoder(path: str | Path, device: Any = None, dtype: Any = None
         return _LOADED[key]
     from diffusers import AutoencoderTiny
 
-    decoder = AutoencoderTiny.from_pretrained(str(folder), local_files_only=True)
-    decoder = decoder.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+    from diffwidget.models.loader import _quiet_diffusers
+
+    # diffusers writes `block_out_channels` into every AutoencoderTiny config it saves and
+    # then warns that it is unexpected when loading it; nothing is wrong with the folder.
+    with _quiet_diffusers():
+        decoder = AutoencoderTiny.from_pretrained(
+            str(folder), local_files_only=True, torch_dtype=dtype or torch.float32
+        )
+    decoder = decoder.to(device or "cpu").eval()
     decoder.requires_grad_(False)
     _LOADED[key] = decoder
     return decoder

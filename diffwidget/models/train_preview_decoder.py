@@ -8,7 +8,8 @@ steps). The encoder half is trained to reproduce the VAE encoder's posterior mea
 same scale, so the folder is a complete ``AutoencoderTiny``. Loss: L1 + MSE in [-1, 1]
 image space (decoder) and MSE in latent space (encoder). Everything is seeded.
 
-Command (2-core CPU, one thread, about ten minutes)::
+Command (the shipped weights: 66 minutes on the shared 2-core CPU with one torch thread,
+load average about 8, 20 of them building the data set)::
 
     python -m diffwidget.models.train_preview_decoder --out diffwidget/models/preview/demo
 
