@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import sys
 import types
 
@@ -122,3 +123,33 @@ def test_base64_transport_resends_every_payload_as_text(explorer):
     assert BASE64_KEY in explorer.widget.curves["values"]["data"]
     assert explorer.figure("concept_auc").marks[0].labels == ["auc"]
     assert explorer.widget.noisy_previews["data"].keys() == {BASE64_KEY}
+
+
+@pytest.mark.slow
+def test_executed_notebook_converted_to_html_shows_the_picture(tmp_path, synthetic_trace):
+    """nbconvert (and GitHub, nbviewer) have no widget state: they fall back to the PNG."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nbconvert = pytest.importorskip("nbconvert")
+    synthetic_trace.save(tmp_path / "trace.safetensors")
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            "from diffwidget.tracing.trace import Trace\n"
+            "from diffwidget.widget import Explorer\n"
+            "explorer = Explorer(Trace.load('trace.safetensors'))\n"
+            "explorer.step = 12; explorer.token = 2; explorer.overlay = 'attention'\n"
+            "explorer"
+        )
+    ]
+    # As a notebook saved from JupyterLab by default: outputs kept, widget state not.
+    client = nbclient.NotebookClient(
+        notebook, timeout=120, resources={"metadata": {"path": str(tmp_path)}},
+        store_widget_state=False,
+    )  # fmt: skip
+    client.execute()
+    output = notebook.cells[0].outputs[0]
+    assert {"image/png", "text/plain"} <= set(output["data"])
+    html, _ = nbconvert.HTMLExporter().from_notebook_node(notebook)
+    assert re.search(r"<img[^>]+src=\"data:image/png;base64,", html)
+    assert "step 12 (t = 368)" in output["data"]["text/plain"]  # for text-only viewers
