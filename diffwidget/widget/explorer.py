@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -21,14 +21,13 @@ from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
-from diffwidget.widget.codecs import decode_array, encode_array, quantise_uint8
-from diffwidget.widget.jobs import Jobs, Request
+from diffwidget.widget.codecs import encode_array, quantise_uint8
+from diffwidget.widget.explorer_work import ExplorerWork
+from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
 from diffwidget.widget.previews import noisy_previews, preview_text, shrink_images, x0_previews
 from diffwidget.widget.reporting import (
-    FaithfulnessView,
     close_widget_tree,
-    faithfulness_entry,
     scale_infos,
 )
 
@@ -44,10 +43,6 @@ FUNCTION_WORDS = frozenset(
 #: Seconds ``close()`` waits for the worker thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 OVERLAY_LABELS = schema.OVERLAY_LABELS
-
-
-class _Stopped(Exception):
-    """Raised inside a computation whose progress callback asked it to stop."""
 
 
 def _check_inputs(trace: Any, pipe: Any) -> None:
@@ -78,7 +73,7 @@ def first_content_token(trace: Trace) -> int:
     return words[0] if words else 0
 
 
-class Explorer:
+class Explorer(ExplorerWork):
     """Interactive view of one traced run: image per step, overlays, tokens, curves.
 
     Parameters
@@ -549,136 +544,6 @@ class Explorer:
             self.widget.error = str(exc)
             data = None
         self.widget.publish("grid_data", data)
-
-    # ----------------------------------------------------------------- faithfulness
-    def faithfulness(self, step: int | None = None) -> Future:
-        """Insertion/deletion curves of the map shown now (overlay, token, layer) at ``step``.
-
-        Computed in the background beside seeded random orders; the result appears in the
-        view's faithfulness panel. Returns a future holding the
-        :class:`~diffwidget.explain.results.FaithfulnessResult`.
-        """
-        return self._submit_faithfulness(step, explicit=True)
-
-    def _request_faithfulness(self) -> None:
-        try:
-            self._submit_faithfulness(None, explicit=False)
-        except (RuntimeError, ValueError) as exc:
-            self.widget.error = str(exc)
-
-    def _submit_faithfulness(self, step: int | None, *, explicit: bool) -> Future:
-        if self._evaluator is None and self.pipe is None:
-            raise RuntimeError(
-                "faithfulness needs the pipeline (Explorer(trace, pipe=pipe)) or an evaluator "
-                "(faithfulness=InsertionDeletion(...))"
-            )
-        view = FaithfulnessView.of(self.widget, self.step if step is None else step)
-        saliency = self._shown_map(view)
-        label = f"faithfulness of {OVERLAY_LABELS[view.overlay]} at step {view.step}"
-        params = {"view": view, "saliency": saliency}
-        return self._jobs.submit(
-            ("faithfulness", *view.key()), label, explicit=explicit, params=params
-        )
-
-    def _shown_map(self, view: FaithfulnessView) -> np.ndarray:
-        if view.overlay == "attention":
-            if self.attention_result is None:
-                raise ValueError("this trace holds no attention maps to evaluate")
-            return np.asarray(self.attention_result.maps[view.step, view.token or 0])
-        if view.overlay not in schema.HEAVY_OVERLAYS:
-            raise ValueError("choose an overlay first: faithfulness judges the map shown")
-        result = self.cached(view.overlay).get(view.step)
-        if result is None:
-            raise ValueError(
-                f"{OVERLAY_LABELS[view.overlay]} is not computed for step {view.step}; "
-                f"compute it first (explorer.compute({view.overlay!r}, {view.step}))"
-            )
-        chosen = result.layers.get(view.layer) if view.layer else None
-        return np.asarray(chosen if chosen is not None else result.raw)
-
-    def _evaluator_or_default(self) -> Any:
-        if self._evaluator is None:
-            from diffwidget.explain.faithfulness import InsertionDeletion
-
-            self._evaluator = InsertionDeletion()
-        return self._evaluator
-
-    # ----------------------------------------------------------------- exact previews
-    def decode_exact(self, step: int | None = None) -> None:
-        """Replace the x̂0 preview of ``step`` (default: the current one) by a full VAE decode."""
-        from diffwidget.widget.previews import exact_preview
-
-        step = schema.validate_incoming(
-            "step", self.step if step is None else step, self.widget.bounds()
-        )
-        image = exact_preview(self.trace, self.pipe, step)
-        previews = np.array(decode_array(self.widget.previews), copy=True)
-        previews[step] = shrink_images(image[None])[0]
-        exact = sorted({*self.widget.exact_steps, step})
-        with self.widget.hold_sync():
-            self.widget.publish("previews", encode_array(previews))
-            self.widget.exact_steps = exact
-            descriptions = dict(self.widget.descriptions)
-            descriptions["x0"] = preview_text(self.trace, exact)
-            self.widget.descriptions = descriptions
-
-    def _decode_from_view(self) -> None:
-        try:
-            self.decode_exact()
-        except (RuntimeError, ValueError, TypeError) as exc:
-            self.widget.error = str(exc)
-
-    # ----------------------------------------------------------------- the worker
-    def _run(self, request: Request, progress: Callable[[int, int], bool]) -> Any:
-        if request.key[0] == "overlay":
-            kind, step = str(request.key[1]), int(request.key[2])
-            result = self._method(kind).attribute(self.pipe, self.trace, step, progress=progress)
-            if not request.cancel.is_set():
-                self._store(kind, step, result)
-            return result
-
-        def stop_when_asked(done: int, total: int) -> bool:
-            if not progress(done, total):
-                raise _Stopped
-            return True
-
-        view = request.params["view"]
-        try:
-            result = self._evaluator_or_default().evaluate(
-                self.pipe, self.trace, view.step, request.params["saliency"], stop_when_asked
-            )
-        except _Stopped:
-            return None
-        entry = faithfulness_entry(view, result)
-        with self._lock:
-            self._faith[view.key()] = entry
-            entries = list(self._faith.values())
-        self.widget.publish("faithfulness", entries)
-        return result
-
-    def _job_started(self, request: Request) -> None:
-        with self.widget.hold_sync():
-            self.widget.status = "running"
-            self.widget.progress = 0.0
-
-    def _job_progress(self, request: Request, fraction: float) -> None:
-        if not request.cancel.is_set():
-            self.widget.progress = float(fraction)
-
-    def _job_done(self, request: Request, result: Any) -> None:
-        with self.widget.hold_sync():
-            self.widget.progress = 1.0
-            if not self._jobs.waiting:
-                self.widget.status = "done"
-
-    def _job_cancelled(self, request: Request, _partial: Any) -> None:
-        if not self._jobs.waiting:
-            self.widget.status = "cancelled"
-
-    def _job_failed(self, request: Request, exc: BaseException) -> None:
-        with self.widget.hold_sync():
-            self.widget.status = "error"
-            self.widget.error = f"{request.label} failed: {exc}"
 
     # ----------------------------------------------------------------- output
     def figure(self, kind: str = "attention_mass") -> Any:
