@@ -235,9 +235,12 @@ def versions(browser: Any) -> str:
                 break
     except OSError:
         pass
+    import torch
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{cpu}, {os.cpu_count()} cores (load average {load:.1f} at start); "
+        f"{cpu}, {os.cpu_count()} cores (load average {load:.1f} at start), torch threads "
+        f"{torch.get_num_threads()} in the benchmark's process; "
         f"Python {platform.python_version()}, JupyterLab {jupyterlab.__version__}, "
         f"anywidget {anywidget.__version__}, Chromium {browser.version} headless"
     )
