@@ -118,6 +118,12 @@ def _decode_with(vae: Any, pipe: Any, latents: np.ndarray | torch.Tensor, batch:
 def resolve_preview_decoder(pipe: Any, decoder: PreviewDecoder = "auto") -> tuple[Any, str]:
     """The module that decodes previews for ``pipe`` (``None`` = its VAE) and its name.
 
+    Examples
+    --------
+    >>> import diffwidget
+    >>> resolve_preview_decoder(diffwidget.load_demo_pipeline())[1]
+    'shipped demo decoder'
+
     Raises
     ------
     ValueError

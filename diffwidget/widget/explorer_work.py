@@ -68,6 +68,13 @@ class ExplorerWork:
         Computed in the background beside seeded random orders; the result appears in the
         view's faithfulness panel. Returns a future holding the
         :class:`~diffwidget.explain.results.FaithfulnessResult`.
+
+        Examples
+        --------
+        >>> explorer.overlay = "df_rise"  # doctest: +SKIP
+        >>> result = explorer.faithfulness().result()  # doctest: +SKIP
+        >>> result.deletion_gain > 0  # the map beats random orders  # doctest: +SKIP
+        True
         """
         return self._submit_faithfulness(step, explicit=True)
 
@@ -116,7 +123,16 @@ class ExplorerWork:
 
     # ----------------------------------------------------------------- exact previews
     def decode_exact(self, step: int | None = None) -> None:
-        """Replace the x̂0 preview of ``step`` (default: the current one) by a full VAE decode."""
+        """Replace the x̂0 preview of ``step`` (default: the current one) by a full VAE decode.
+
+        Traces show fast previews from a tiny decoder; this decodes one step exactly.
+
+        Examples
+        --------
+        >>> explorer.decode_exact(12)  # doctest: +SKIP
+        >>> explorer.widget.exact_steps  # doctest: +SKIP
+        [12]
+        """
         from diffwidget.widget.previews import exact_preview
 
         step = schema.validate_incoming(

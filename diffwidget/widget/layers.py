@@ -137,7 +137,14 @@ def _cell_size(latent: tuple[int, int], cap: int = GRID_CELL_MAX) -> tuple[int, 
 
 
 def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> dict[str, Any]:
-    """Grid payload of cross-attention: every layer × every step × every token."""
+    """Grid payload of cross-attention: every layer × every step × every token.
+
+    Examples
+    --------
+    >>> data = attention_grid(trace)  # doctest: +SKIP
+    >>> data["layers"][:1], data["maps"]["shape"]  # doctest: +SKIP
+    (['down_blocks.0.attentions.0.transformer_blocks.0.attn2'], [7, 20, 10, 16, 16])
+    """
     view = _head_view(trace, head)
     cell = _cell_size(trace.latent_shape)
     names = list(view.attention)
@@ -163,7 +170,14 @@ def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> dict[str, Any]:
 
 
 def saliency_grid(kind: str, results: Mapping[int, SaliencyMap], latent: tuple[int, int]) -> dict:
-    """Grid payload of a method's per-layer maps for the steps computed so far."""
+    """Grid payload of a method's per-layer maps for the steps computed so far.
+
+    Examples
+    --------
+    >>> data = saliency_grid("df_cam", explorer.cached("df_cam"), (16, 16))  # doctest: +SKIP
+    >>> data["steps"]  # doctest: +SKIP
+    [4, 8, 12]
+    """
     steps = sorted(results)
     names = [o["value"] for o in saliency_layer_options(kind, results)[1:]]
     if not names:

@@ -107,6 +107,14 @@ def close_widget_tree(widget: Any) -> None:
 
     ipywidgets keeps every open widget in a registry until it is closed; a DOM widget's
     ``layout`` (and a bqplot figure's marks, scales and axes) are widgets of their own.
+
+    Examples
+    --------
+    >>> import ipywidgets
+    >>> box = ipywidgets.HBox([ipywidgets.IntSlider()])
+    >>> close_widget_tree(box)
+    >>> box.children[0].comm is None
+    True
     """
     import ipywidgets
 

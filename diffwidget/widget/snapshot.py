@@ -72,7 +72,13 @@ def _resize(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def render_view(explorer: Explorer) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` picture of the current view: image, overlay, colour scale."""
+    """uint8 ``[H, W, 3]`` picture of the current view: image, overlay, colour scale.
+
+    Examples
+    --------
+    >>> render_view(explorer).shape  # doctest: +SKIP
+    (284, 370, 3)
+    """
     from PIL import Image, ImageDraw
 
     frame = _frame(explorer)
@@ -123,7 +129,13 @@ def _steps_text(steps: list[int]) -> str:
 
 
 def summary_line(explorer: Explorer) -> str:
-    """One line: prompt, steps, what is shown, what has been computed."""
+    """One line: prompt, steps, what is shown, what has been computed.
+
+    Examples
+    --------
+    >>> summary_line(explorer)  # doctest: +SKIP
+    "Explorer('a red circle', 20 steps, step 7 (t = 631), overlay DF-RISE, DF-RISE at step 7)"
+    """
     trace = explorer.trace
     parts = [
         f"{trace.n_steps} steps",
