@@ -158,7 +158,7 @@ class Explorer(ExplorerWork):
         self.widget.on_message("buffers_missing", lambda _content: self.widget.use_base64())
         self.widget.observe(self._maybe_request, names=["overlay", "step"])
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
-        self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer", "overlay"])
+        self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
         self.widget.observe(self._refresh_grid, names=["grid"])
 
     def _resolve_methods(
@@ -280,7 +280,7 @@ class Explorer(ExplorerWork):
         with self._lock:
             cached = dict(sorted(self._cache[kind].items()))
         overlays = dict(self.widget.overlays)
-        layer = self.widget.saliency_layer if self.widget.overlay == kind else ""
+        layer = str(self.widget.saliency_layer)  # applies to every method that has the layer
         if not cached:
             overlays.pop(kind, None)
         else:
