@@ -5,8 +5,9 @@ compares the operators of :class:`~diffwidget.explain.faithfulness.InsertionDele
 embedded model: ``zero`` (cells set to 0; insertion from an all-zero latent), ``blur``
 (cells replaced by the Gaussian-blurred latent; insertion from it) and ``renoise`` (cells
 replaced by fresh noise at the step's own noise level; insertion from such noise). The
-paper's protocol is zero-deletion with blur-insertion, i.e. the deletion half of ``zero``
-and the insertion half of ``blur``, so it needs no run of its own.
+paper's protocol (``paper``, the class's default) is zero-deletion with blur-insertion, i.e.
+the deletion half of ``zero`` and the insertion half of ``blur``: it is reported from those
+runs without a run of its own.
 
 For each held-out caption of the scene world: one traced 20-step generation (seed = caption
 index), three maps at one step (DF-RISE, DF-CAM, and cross-attention averaged over the
@@ -20,7 +21,8 @@ One command (writes the JSON and the section in bench/RESULTS_explain.md)::
     python bench/bench_operators.py --prompts 50 --threads 1 --json bench/operators.json \\
         --results bench/RESULTS_explain.md
 
-``--prompts 2 --n-masks 50`` is a smoke run (a minute).
+``--prompts 2 --n-masks 50`` is a smoke run (a few minutes); ``--from-json FILE`` rebuilds
+the table from a saved run (also a partial one: the JSON is written after every prompt).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from diffwidget.models.loader import DEFAULT_GUIDANCE
 from diffwidget.widget.explorer import FUNCTION_WORDS
 
 OPERATORS = ("zero", "blur", "renoise")
+#: Reported: the operators run, plus the paper's protocol assembled from them (the deletion
+#: curves of "zero" and the insertion curves of "blur", random baselines alike).
+REPORTED = (*OPERATORS, "paper")
 MAPS = ("df_rise", "df_cam", "attention")
 STEPS = 20
 #: Step explained: the paper visualises step 15 of 20.
@@ -135,9 +140,21 @@ def separation(maps: list[float], random: list[float], kind: str) -> dict[str, f
     }
 
 
+def with_paper(auc: dict) -> dict:
+    """``auc`` plus the paper's protocol: zero-deletion with blur-insertion, per prompt."""
+    out = {op: auc[op] for op in OPERATORS}
+    out["paper"] = {
+        who: {"deletion": auc["zero"][who]["deletion"], "insertion": auc["blur"][who]["insertion"]}
+        for who in (*MAPS, "random")
+    }
+    return out
+
+
 def summarise(auc: dict, args: argparse.Namespace, done: int, seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"operators": {}}
-    for op in OPERATORS:
+    measured = auc
+    auc = with_paper(auc)
+    for op in REPORTED:
         entry: dict[str, Any] = {}
         for who in (*MAPS, "random"):
             entry[who] = {
@@ -161,8 +178,9 @@ def summarise(auc: dict, args: argparse.Namespace, done: int, seconds: float) ->
         ]
         entry["mean_effect_dz"] = float(np.nanmean(dz)) if done > 1 else float("nan")
         out["operators"][op] = entry
-    out["per_prompt"] = auc
+    out["per_prompt"] = measured
     out["settings"] = {
+        "command": getattr(args, "command", ""),
         "prompts_done": done,
         "first": args.first,
         "n_masks": args.n_masks,
@@ -182,7 +200,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     s = summary["settings"]
     m = s["machine"]
     ops = summary["operators"]
-    best = max(OPERATORS, key=lambda op: np.nan_to_num(ops[op]["mean_effect_dz"], nan=-1e9))
+    best = max(REPORTED, key=lambda op: np.nan_to_num(ops[op]["mean_effect_dz"], nan=-1e9))
     lines = [
         "## Perturbation operators for insertion/deletion (the widget's faithfulness panel)",
         "",
@@ -203,7 +221,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         "| d_z |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for op in OPERATORS:
+    for op in REPORTED:
         for who in (*MAPS, "random"):
             d, ins = ops[op][who]["deletion"], ops[op][who]["insertion"]
             row = f"| {op} | {who} | {d['mean']:.3f} ± {d['sd']:.3f} | "
@@ -223,7 +241,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     lines += [
         "",
         "Mean d_z over the three maps and both curves: "
-        + ", ".join(f"{op} {ops[op]['mean_effect_dz']:.2f}" for op in OPERATORS)
+        + ", ".join(f"{op} {ops[op]['mean_effect_dz']:.2f}" for op in REPORTED)
         + f". Largest: **{best}**.",
     ]
     return "\n".join(lines)
@@ -240,13 +258,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=None, help="markdown file to update")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    summary = run(args)
-    command = "python bench/bench_operators.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="rebuild the summary and the section from a saved run's --json (no computation)",
     )
-    section = markdown(summary, command.strip())
+    args = parser.parse_args(argv)
+    args.command = (
+        "python bench/bench_operators.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        settings = saved["settings"]
+        for key in ("first", "n_masks", "step", "guidance"):
+            setattr(args, key, settings[key])
+        args.random_weights = settings["weights"] == "random"
+        args.command = settings.get("command") or args.command
+        summary = summarise(
+            saved["per_prompt"], args, settings["prompts_done"], settings["seconds"]
+        )
+        summary["settings"]["machine"] = settings["machine"]  # where it was measured
+    else:
+        torch.set_num_threads(args.threads)
+        summary = run(args)
+    section = markdown(summary, args.command)
     print(section)
     if args.results is not None:
         write_section(args.results, "bench_operators", section)
