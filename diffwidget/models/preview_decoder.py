@@ -120,7 +120,8 @@ def load_preview_decoder(path: str | Path, device: Any = None, dtype: Any = None
         decoder = AutoencoderTiny.from_pretrained(
             str(folder), local_files_only=True, torch_dtype=dtype or torch.float32
         )
-    decoder = decoder.to(device or "cpu").eval()
+    # Channels-last: its 16-channel convolutions run about twice as fast on a CPU.
+    decoder = decoder.to(device or "cpu", memory_format=torch.channels_last).eval()
     decoder.requires_grad_(False)
     _LOADED[key] = decoder
     return decoder

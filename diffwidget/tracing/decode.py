@@ -88,7 +88,14 @@ def decode_latents(
     return _decode_with(vae, pipe, latents, batch)
 
 
-def _decode_with(vae: Any, pipe: Any, latents: np.ndarray | torch.Tensor, batch: int) -> np.ndarray:
+def _decode_with(
+    vae: Any,
+    pipe: Any,
+    latents: np.ndarray | torch.Tensor,
+    batch: int,
+    *,
+    channels_last: bool = False,
+) -> np.ndarray:
     import torch
 
     if batch < 1:
@@ -107,6 +114,8 @@ def _decode_with(vae: Any, pipe: Any, latents: np.ndarray | torch.Tensor, batch:
         with torch.no_grad():
             for start in range(0, len(latents), batch):
                 x = latents[start : start + batch].to(device=vae.device, dtype=dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 decoded = vae.decode(x / scaling + shift, return_dict=False)[0]
                 chunks.append(to_uint8(_postprocess(pipe, decoded)))
     finally:
@@ -197,4 +206,5 @@ def decode_previews(
             f"the preview decoder {name} takes {channels}-channel latents but this pipeline's "
             f"have {latents.shape[1]}; pass the matching AutoencoderTiny folder or 'vae'"
         )
-    return _decode_with(module, pipe, latents, TINY_BATCH), name
+    # Narrow convolutions run about twice as fast in channels-last layout on a CPU.
+    return _decode_with(module, pipe, latents, TINY_BATCH, channels_last=True), name
