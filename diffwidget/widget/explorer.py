@@ -140,8 +140,10 @@ class Explorer(ExplorerWork):
         self._figures: list[Any] = []
         self._attention_config = attention
         self.attention_result: AttentionResult | None = None
+        self._default_attention_layers: list[str] = []
         if trace.attention:
             self.attention_result = (attention or AttentionMaps()).attribute(trace)
+            self._default_attention_layers = list(self.attention_result.layers)
         self.widget = ExplorerWidget()
         self._populate()
         self._jobs = Jobs(
@@ -248,7 +250,7 @@ class Explorer(ExplorerWork):
                 for kind in schema.HEAVY_OVERLAYS
             }
         self.widget.layer_options = {
-            "attention": layers.attention_options(self.trace),
+            "attention": layers.attention_options(self.trace, self._default_attention_layers),
             "saliency": {kind: options for kind, options in saliency.items() if options},
             "heads": layers.n_heads(self.trace),
         }

@@ -13,8 +13,9 @@ conditional CFG half (same layout as ``trace.attention`` with a head axis after 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,12 +62,29 @@ def layer_grids(trace: Trace) -> dict[str, tuple[int, int]]:
     return {name: (int(v.shape[1]), int(v.shape[2])) for name, v in trace.attention.items()}
 
 
-def attention_options(trace: Trace) -> list[dict[str, str]]:
-    """Values of the attention filter: all layers, each resolution, each layer."""
+#: Filter value for "every recorded layer", whatever the aggregation's default selection.
+ALL_LAYERS = "all"
+
+
+def attention_options(trace: Trace, default_layers: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Values of the attention filter: the default selection, all layers, each grid, each layer.
+
+    ``default_layers`` are the layers the explorer's aggregation chose by default (its
+    :class:`~diffwidget.explain.attention.AttentionMaps` settings), named in the label of "".
+    """
     grids = layer_grids(trace)
     if not grids:
         return []
-    options = [{"value": "", "label": f"all {len(grids)} attn2 layers (mean)"}]
+    chosen = sorted({grids[name] for name in default_layers if name in grids})
+    chosen_text = ", ".join(f"{h}×{w}" for h, w in chosen)
+    count = len(default_layers) or len(grids)
+    options = [
+        {
+            "value": "",
+            "label": f"default: {count} layer{'s' if count != 1 else ''} ({chosen_text})",
+        },
+        {"value": ALL_LAYERS, "label": f"all {len(grids)} layers (mean)"},
+    ]
     for grid in sorted(set(grids.values()), key=lambda g: (-g[0] * g[1], g)):
         count = sum(1 for g in grids.values() if g == grid)
         options.append(
@@ -118,14 +136,18 @@ def filtered_attention(
     >>> "16×16" in result.description  # doctest: +SKIP
     True
     """
-    base = base or AttentionMaps()
-    layers, resolution = base.layers, base.resolution
-    if layer in layer_grids(trace):
-        layers, resolution = [layer], None
+    # A copy of the explorer's settings (steps and anything else it was configured with)
+    # with the layer selection replaced.
+    config = copy.copy(base) if base is not None else AttentionMaps()
+    if layer == ALL_LAYERS:
+        config.layers, config.resolution = None, None
+    elif layer in layer_grids(trace):
+        config.layers, config.resolution = [layer], None
     elif layer:
-        resolution = tuple(int(v) for v in layer.split("x"))  # type: ignore[assignment]
+        config.layers = None
+        config.resolution = tuple(int(v) for v in layer.split("x"))  # type: ignore[assignment]
     view = _head_view(trace, head)
-    result = AttentionMaps(layers=layers, steps=base.steps, resolution=resolution).attribute(view)
+    result = config.attribute(view)
     if head != MEAN_OVER_HEADS:
         result.description = result.description.replace("mean over heads", f"head {head}")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -38,7 +39,10 @@ def explorer():
 def test_filter_options_list_every_layer_and_grid(explorer):
     options = explorer.widget.layer_options
     values = [o["value"] for o in options["attention"]]
-    assert values[0] == ""
+    assert values[:2] == ["", layers.ALL_LAYERS]
+    # The default's label names what the explorer's aggregation chose.
+    chosen = explorer.attention_result.layers
+    assert options["attention"][0]["label"].startswith(f"default: {len(chosen)} layer")
     assert {"16x16", "8x8", "8x16"} <= set(values)
     assert set(LAYER_GRIDS) <= set(values)
     assert options["heads"] == N_HEADS
@@ -53,7 +57,9 @@ def test_layer_filter_shows_that_layer_alone(explorer):
     # The layer's grid is the latent grid: the shown map is the recorded probability itself.
     expected = np.moveaxis(trace.attention[FULL].astype(np.float32), -1, 1)
     np.testing.assert_allclose(shown, expected, atol=expected.max() / 255)
-    assert "mean of 1 attn2 layer (grids 16×16)" in explorer.widget.descriptions["attention"]
+    assert re.search(
+        r"mean of 1 (attn2 )?layer \(grids 16×16\)", explorer.widget.descriptions["attention"]
+    )
     # The attention-mass curves follow the filter too.
     curves = decode_array(explorer.widget.curves["values"])
     np.testing.assert_allclose(curves[2], expected[:, 2].mean(axis=(1, 2)), rtol=1e-4)
@@ -66,6 +72,15 @@ def test_resolution_filter_averages_layers_of_that_grid(explorer):
         decode_array(explorer.widget.attention), reference.maps, atol=reference.maps.max() / 255
     )
     assert "8×8" in explorer.widget.descriptions["attention"]
+
+
+def test_all_layers_filter_averages_every_recorded_layer(explorer):
+    explorer.attention_layer = layers.ALL_LAYERS
+    reference = AttentionMaps(layers=list(explorer.trace.attention), resolution=None)
+    expected = reference.attribute(explorer.trace).maps
+    np.testing.assert_allclose(
+        decode_array(explorer.widget.attention), expected, atol=expected.max() / 255
+    )
 
 
 def test_head_filter_uses_that_heads_probabilities(explorer):
