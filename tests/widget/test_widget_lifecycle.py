@@ -20,7 +20,8 @@ MAX_GROWTH_MB_PER_CYCLE = 0.05
 
 
 def open_widgets() -> int:
-    return len(ipywidgets.Widget._active_widgets)
+    """Widgets in ipywidgets' registry of open widgets (kept until each is closed)."""
+    return len(ipywidgets.widgets.widget._instances)
 
 
 def rss_mb() -> float:
