@@ -17,7 +17,11 @@ What is measured (each in the same run, on the same trace):
 * scrubbing: the slider is moved one step per animation frame across all steps, forward
   and back (several sweeps), with the attention overlay on; frames per second = frames /
   wall time, capped by the display's frame rate. Separately, the mean cost of one redraw
-  (image + overlay) from 500 back-to-back slider events, and the rate it would allow.
+  (image + overlay) from 500 back-to-back slider events, and the rate it would allow. Both
+  again with the layer × step grid open (its data fetched on request, counted separately).
+
+The results replace this script's section of ``--out`` (between its markers), so other
+benchmarks can write their own sections in the same file.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from resultslib import write_section  # noqa: E402
 
 from diffwidget.widget import schema  # noqa: E402
 from diffwidget.widget.codecs import payload_nbytes  # noqa: E402
@@ -143,6 +149,12 @@ def payload_bytes(explorer: Explorer) -> dict[str, int]:
     return {"binary": binary, "json": text, "total": binary + text, **per_trait}
 
 
+def open_grid(page: Any) -> None:
+    """Open the layer × step grid from the view and wait for its cells."""
+    page.click(".dw-grid-toggle")
+    page.wait_for_selector('figure.dw-grid[data-source="attention"]:not([hidden])')
+
+
 def scrub(page: Any) -> dict[str, float]:
     rates, draws = [], []
     for _ in range(REPEATS):
@@ -187,7 +199,9 @@ def measure_lab(browser: Any, trace_path: Path, workdir: Path) -> dict[str, floa
         run_code(page, "explorer")
         page.wait_for_selector(".dw-canvas[data-first-draw-at]")
         first = float(page.get_attribute(".dw-canvas", "data-first-draw-at"))
-        out = {"first_paint_ms": first - started, **scrub(page)}
+        out: dict[str, Any] = {"first_paint_ms": first - started, **scrub(page)}
+        open_grid(page)
+        out["grid"] = scrub(page)
         page.close()
     return out
 
@@ -199,7 +213,12 @@ def measure_html(browser: Any, html: Path) -> dict[str, float]:
     page.wait_for_selector(".dw-canvas[data-first-draw-at]")
     first = float(page.get_attribute(".dw-canvas", "data-first-draw-at"))
     page.select_option(".dw-overlay", "attention")
-    out = {"first_paint_ms": first, **scrub(page)}
+    # The file was exported with the grid open: scrub with it, then close it and scrub again.
+    page.wait_for_selector('figure.dw-grid[data-source="attention"]:not([hidden])')
+    with_grid = scrub(page)
+    page.click(".dw-grid-toggle")
+    page.wait_for_selector("figure.dw-grid[hidden]", state="attached")
+    out: dict[str, Any] = {"first_paint_ms": first, **scrub(page), "grid": with_grid}
     page.close()
     return out
 
@@ -216,9 +235,12 @@ def versions(browser: Any) -> str:
                 break
     except OSError:
         pass
+    import torch
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{cpu}, {os.cpu_count()} cores (load average {load:.1f} at start); "
+        f"{cpu}, {os.cpu_count()} cores (load average {load:.1f} at start), torch threads "
+        f"{torch.get_num_threads()} in the benchmark's process; "
         f"Python {platform.python_version()}, JupyterLab {jupyterlab.__version__}, "
         f"anywidget {anywidget.__version__}, Chromium {browser.version} headless"
     )
@@ -244,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         Explorer(traced, pipe=pipe, noisy_decoder="vae").close()
         ready_vae_s = time.perf_counter() - tick
     sizes = payload_bytes(explorer)
+    explorer.grid = "attention"  # the grid's data, fetched on request, counted on its own
+    grid_bytes = payload_bytes(explorer)["grid_data"]
     with tempfile.TemporaryDirectory(prefix="diffwidget-bench-") as tmp:
         tmpdir = Path(tmp)
         trace_path = traced.save(tmpdir / "trace.safetensors")
-        html = explorer.to_html(tmpdir / "explorer.html")
+        html = explorer.to_html(tmpdir / "explorer.html")  # exported with the grid open
         html_bytes = html.stat().st_size
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
@@ -264,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         ("standalone HTML (file://)", standalone),
     ]
     lines = [
-        "# Widget in the browser",
+        "## Widget in the browser (`bench/bench_browser.py`)",
         "",
         f"Trace: {label}. Machine: {machine}.",
         f"Command: `python bench/bench_browser.py --trace {args.trace}` "
@@ -275,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         f'embedded model); with `noisy_decoder="vae"` (one VAE decode per step): '
         f"{ready_vae_s:.2f} s.",
         "",
-        "## Payload (goal ≤ 2 MB for a 20-step trace)",
+        "### Payload (goal ≤ 2 MB for a 20-step trace)",
         "",
         "| part | bytes |",
         "|---|---:|",
@@ -285,9 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"| other traits (JSON) | {sizes['json']:,} |",
         f"| **total synced state** | **{sizes['total']:,}** |",
-        f"| standalone HTML file (JS + state, base64) | {html_bytes:,} |",
+        f"| layer × step grid of attention (binary, sent when the grid is opened) | "
+        f"{grid_bytes:,} |",
+        f"| **total with the grid open** | **{sizes['total'] + grid_bytes:,}** |",
+        f"| standalone HTML file (JS + state with the grid, base64) | {html_bytes:,} |",
         "",
-        "## Scrubbing and first paint",
+        "### Scrubbing and first paint",
         "",
         f"Scrubbing: the slider moves one step per animation frame over all {traced.n_steps} "
         f"steps forward and back, {SWEEPS} sweeps per run, {REPEATS} runs, attention overlay "
@@ -300,19 +327,23 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
-        lines.append(
-            f"| {name} | {r['first_paint_ms']:.0f} | {r['fps']:.1f} "
-            f"({r['fps_min']:.1f}–{r['fps_max']:.1f}) | {r['frames']} | "
-            f"{r['draw_ms_median']:.2f} / {r['draw_ms_p95']:.2f} | {r['redraw_ms']:.3f} | "
-            f"{r['redraw_rate']:.0f} |"
-        )
+        for label, s in ((name, r), (f"{name}, grid open", r.get("grid"))):
+            if s is None:
+                continue
+            first = f"{r['first_paint_ms']:.0f}" if s is r else ""
+            lines.append(
+                f"| {label} | {first} | {s['fps']:.1f} "
+                f"({s['fps_min']:.1f}–{s['fps_max']:.1f}) | {s['frames']} | "
+                f"{s['draw_ms_median']:.2f} / {s['draw_ms_p95']:.2f} | {s['redraw_ms']:.3f} | "
+                f"{s['redraw_rate']:.0f} |"
+            )
     lines += [
         "",
         "First paint in JupyterLab: from executing the display cell (kernel warm, explorer "
         "already built) to the first canvas draw; for the HTML file: from navigation start.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    write_section(Path(args.out), "bench_browser", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

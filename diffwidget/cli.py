@@ -23,9 +23,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 from diffwidget._threads import HOW_TO_CHANGE, kernel_thread_env
+from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES
 from diffwidget.tracing.noise import PREDICTION_SOURCES
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (a notebook cell raised)
 EXIT_USAGE = 2  # bad arguments; argparse uses the same code
 
-Overlay = Literal["df_rise", "df_cam"]
-OVERLAYS: tuple[str, ...] = get_args(Overlay)
+#: Saliency overlays the export can precompute (the registered methods).
+OVERLAYS: tuple[str, ...] = SALIENCY_METHOD_NAMES
 
 
 class UsageError(Exception):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, check_step, check_str_list
+from diffwidget.explain.protocol import METHOD_LABELS, describe_saliency
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.replay import StepReplay
@@ -71,12 +72,25 @@ class DFCam:
     """
 
     name = "df_cam"
+    label = METHOD_LABELS[name]
 
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
         chosen = check_str_list("blocks", blocks)
         if chosen is not None and not chosen:
             raise ValueError("blocks is empty; pass None for every block or a list of module paths")
         self.blocks = chosen
+
+    def describe(self, result: SaliencyMap) -> str:
+        """The caption of ``result``: the layers summed and how they were combined."""
+        text = describe_saliency(
+            self.label,
+            result,
+            ("layers",),
+            normalisation="each layer min–max normalised, their sum min–max normalised to [0, 1]",
+        )
+        if result.meta.get("cfg_combined"):
+            text += "; activations and gradients CFG-combined"
+        return text
 
     def attribute(
         self,

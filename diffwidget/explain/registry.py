@@ -1,25 +1,32 @@
-"""The registry of explanation methods, read by the widget and by the contract tests.
+"""The registry of explanation methods, read by the widget, the runner and the contract tests.
 
-The widget computes heavy overlays through exactly one call::
+Names and labels come from :mod:`diffwidget.explain.protocol`; the widget computes a heavy
+overlay through exactly one call::
 
-    saliency_method(name)().attribute(pipe, trace, step, progress=callback)
+    saliency_method(name)(**settings).attribute(pipe, trace, step, progress=callback)
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Literal
 
 from diffwidget.explain.cam import DFCam
+from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES, SaliencyMethodName
 from diffwidget.explain.relevance import TokenRelevance
 from diffwidget.explain.rise import DFRise
 
-SaliencyMethodName = Literal["df_rise", "df_cam"]
+__all__ = ["SALIENCY_METHODS", "TOKEN_METHODS", "SaliencyMethodName", "saliency_method"]
 
 #: Methods that return a :class:`~diffwidget.explain.results.SaliencyMap` for one step.
-SALIENCY_METHODS: dict[str, type] = {"df_rise": DFRise, "df_cam": DFCam}
+SALIENCY_METHODS: dict[str, type] = {cls.name: cls for cls in (DFRise, DFCam)}
 #: Methods that return a :class:`~diffwidget.explain.results.TokenRelevanceResult`.
 TOKEN_METHODS: dict[str, type] = {"token_relevance": TokenRelevance}
+
+if tuple(SALIENCY_METHODS) != SALIENCY_METHOD_NAMES:  # pragma: no cover - import-time guard
+    raise ImportError(
+        f"the saliency classes {sorted(SALIENCY_METHODS)} do not match the protocol's names "
+        f"{SALIENCY_METHOD_NAMES}; add the new method to diffwidget/explain/protocol.py"
+    )
 
 
 def saliency_method(name: str) -> type:

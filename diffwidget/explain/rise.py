@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
+from diffwidget.explain.protocol import METHOD_LABELS, describe_saliency
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.explain.similarity import (
     SSIM_SIGMA,
@@ -161,6 +162,7 @@ class DFRise:
     """
 
     name = "df_rise"
+    label = METHOD_LABELS[name]
 
     def __init__(
         self,
@@ -200,6 +202,15 @@ class DFRise:
         self.progress_bar = progress_bar
         self.grid = grid
         self.center = center
+
+    def describe(self, result: SaliencyMap) -> str:
+        """The caption of ``result``: masks used, keep probability, similarity, target, seed."""
+        text = describe_saliency(
+            self.label, result, ("n_masks", "p", "masks", "similarity", "target", "seed")
+        )
+        if result.meta.get("complete") is False:
+            text += f" (partial: {result.meta.get('n_used')} masks)"
+        return text
 
     def _estimate(
         self,

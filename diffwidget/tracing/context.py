@@ -32,7 +32,7 @@ from diffwidget.tracing.budget import (
 )
 from diffwidget.tracing.calls import record_calls
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
-from diffwidget.tracing.decode import decode_latents, to_uint8
+from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
@@ -71,7 +71,12 @@ class TraceContext:
         Token positions kept in the attention maps: ``"default"`` keeps, per text segment,
         every non-padding position and one padding position.
     decode_previews : bool
-        Decode ``pred_x0`` of every step through the VAE (batched, after the loop).
+        Decode ``pred_x0`` of every step (batched, after the loop).
+    preview_decoder : {"auto", "vae", "tiny"}, folder or module
+        What decodes them: ``"auto"`` (default) a tiny ``AutoencoderTiny`` preview decoder
+        when one matches the VAE (the embedded model ships one), else the full VAE; a
+        "taesd"-style folder for other checkpoints (:mod:`diffwidget.tracing.decode`).
+        Recorded as ``meta["preview_decoder"]``.
     preview_from : {"guided", "cond"}
         Model output the previews are decoded from: the guided one the sampler steps with
         (default), or the conditional CFG half alone. Recorded as ``meta["preview_source"]``;
@@ -115,6 +120,7 @@ class TraceContext:
         guidance_scale: float | None = None,
         call_kwargs: dict[str, Any] | None = None,
         attention_heads: bool = False,
+        preview_decoder: PreviewDecoder = "auto",
     ) -> None:
         if preview_from not in PREDICTION_SOURCES:
             raise ValueError(
@@ -139,6 +145,7 @@ class TraceContext:
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.decode_previews = decode_previews
+        self.preview_decoder = preview_decoder
         self.preview_from: PredictionSource = preview_from
         self.memory_budget_mb = memory_budget_mb
         self.seed = seed
@@ -387,10 +394,10 @@ class TraceContext:
         if self.preview_from == "cond":
             cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
             shown_x0 = predict_x0(latents, cond, alpha, sigma, scale, kind).astype(np.float32)
-        previews = (
-            decode_latents(self.pipe, shown_x0, batch=PREVIEW_BATCH)
+        previews, preview_decoder = (
+            decode_previews(self.pipe, shown_x0, self.preview_decoder, batch=PREVIEW_BATCH)
             if self.decode_previews
-            else None
+            else (None, None)
         )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
@@ -417,6 +424,7 @@ class TraceContext:
             "cfg": records.cfg.guided,
             "cfg_layout": records.cfg.to_meta(),
             "preview_source": self.preview_from if previews is not None else None,
+            "preview_decoder": preview_decoder,
             "token_indices": keep,
             "token_segments": [tokens.segments[i] for i in keep] if tokens else None,
             "token_words": [tokens.words[i] for i in keep] if tokens else None,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffwidget.tracing.budget import DEFAULT_MEMORY_BUDGET_MB
+from diffwidget.tracing.decode import PreviewDecoder
 from diffwidget.tracing.families import denoiser_family
 from diffwidget.tracing.noise import PredictionSource
 from diffwidget.tracing.tokens import TokenSelection
@@ -56,6 +57,7 @@ def trace(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     tokens: TokenSelection = "default",
     attention_heads: bool = False,
+    preview_decoder: PreviewDecoder = "auto",
     **pipeline_kwargs: Any,
 ) -> Trace:
     """Generate one image with ``pipe`` and record every denoising step.
@@ -88,6 +90,8 @@ def trace(
     attention_heads : bool
         Also keep every head's map (``Trace.attention_heads``), for the explorer's head
         filter; costs heads times more attention memory.
+    preview_decoder : {"auto", "vae", "tiny"}, folder or module
+        What decodes the previews (see :class:`~diffwidget.tracing.context.TraceContext`).
     **pipeline_kwargs
         Passed to the pipeline (``callback_on_step_end`` is passed through).
 
@@ -151,6 +155,7 @@ def trace(
         guidance_scale=None if w is None else float(w),
         call_kwargs=call,
         attention_heads=attention_heads,
+        preview_decoder=preview_decoder,
     )
     ctx.check_budget(num_inference_steps, height, width)
 

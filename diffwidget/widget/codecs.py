@@ -8,11 +8,15 @@ uint8 with one scale per slice (invisible at 8-bit display depth).
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 
 from diffwidget.widget.schema import DTYPES
+
+#: Key of a buffer written as base64 text in JSON (exported files, the base64 transport).
+BASE64_KEY = "$b64"
 
 #: Largest uint8 code; dequantised value = q / UINT8_MAX * scale.
 UINT8_MAX = 255
@@ -71,7 +75,8 @@ def decode_array(payload: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"unknown dtype {dtype!r}; payloads use one of {DTYPES}")
     np_dtype = np.dtype({"uint8": "u1", "float32": "<f4", "int32": "<i4"}[dtype])
     shape = tuple(int(s) for s in payload["shape"])
-    raw = bytes(payload["data"])
+    data = payload["data"]
+    raw = base64.b64decode(data[BASE64_KEY]) if isinstance(data, dict) else bytes(data)
     expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"payload holds {len(raw)} bytes but {dtype} {shape} needs {expected}")
@@ -114,10 +119,34 @@ def payload_nbytes(value: Any) -> int:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return len(value)
     if isinstance(value, dict):
+        if set(value) == {BASE64_KEY}:
+            return len(base64.b64decode(value[BASE64_KEY]))
         return sum(payload_nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(payload_nbytes(v) for v in value)
     return 0
+
+
+def to_transport(value: Any, transport: str) -> Any:
+    """``value`` with every buffer as bytes ("binary") or as ``{"$b64": text}`` ("base64").
+
+    Examples
+    --------
+    >>> to_transport({"data": b"\\x01\\x02"}, "base64")
+    {'data': {'$b64': 'AQI='}}
+    >>> to_transport({"data": {"$b64": "AQI="}}, "binary")
+    {'data': b'\\x01\\x02'}
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        return raw if transport == "binary" else {BASE64_KEY: base64.b64encode(raw).decode("ascii")}
+    if isinstance(value, dict):
+        if set(value) == {BASE64_KEY} and isinstance(value[BASE64_KEY], str):
+            return base64.b64decode(value[BASE64_KEY]) if transport == "binary" else value
+        return {k: to_transport(v, transport) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_transport(v, transport) for v in value]
+    return value
 
 
 def describe_payloads(value: Any) -> Any:

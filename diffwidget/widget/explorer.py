@@ -1,67 +1,79 @@
 """``Explorer``: the object users hold; it fills and drives an :class:`ExplorerWidget`.
 
 The façade turns a :class:`~diffwidget.tracing.trace.Trace` into synced payloads (previews,
-attention maps, curves), validates values set from Python, and runs heavy overlays
-(DF-RISE, DF-CAM) in a background thread with results cached per step. It never imports
-torch at module import, so a saved trace opens without it.
+attention maps, curves), validates values set from Python, and runs heavy work (DF-RISE,
+DF-CAM, faithfulness curves) in a background thread with results cached per step. It never
+imports torch at module import, so a saved trace opens without it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
-from diffwidget.widget import schema
+from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
+from diffwidget.tracing.trace import Trace
+from diffwidget.widget import layers, schema
 from diffwidget.widget.codecs import encode_array, quantise_uint8
-from diffwidget.widget.jobs import OverlayJobs, Request
+from diffwidget.widget.explorer_work import ExplorerWork
+from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
-from diffwidget.widget.previews import noisy_previews, shrink_images, x0_previews
+from diffwidget.widget.previews import noisy_previews, preview_text, shrink_images, x0_previews
+from diffwidget.widget.reporting import (
+    close_widget_tree,
+    scale_infos,
+)
 
 if TYPE_CHECKING:
-    from diffwidget.tracing.trace import Trace
+    from diffwidget.explain.results import SaliencyMap
 
 NoisyDecoder = Literal["linear", "vae"]
-
-#: Method settings named in the overlay caption (what a reader needs to judge the map).
-_DESCRIBED_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "layers")
-#: Longer lists (DF-CAM's default layers) are named by their first and last entries.
-_NAMED_LIMIT = 6
-#: Human names of overlay kinds, used in captions and errors.
-OVERLAY_LABELS: dict[str, str] = {
-    "none": "no overlay",
-    "attention": "token cross-attention",
-    "df_rise": "DF-RISE",
-    "df_cam": "DF-CAM",
-}
+#: Words that carry no content of their own; the default token is the first other word.
+FUNCTION_WORDS = frozenset(
+    {"a", "an", "the", "of", "on", "in", "at", "to", "and", "or", "with", "by", "for", "from"}
+    | {"is", "are", "its", "it", "this", "that"}
+)
+#: Seconds ``close()`` waits for the worker thread to stop.
+CLOSE_TIMEOUT_S = 5.0
+OVERLAY_LABELS = schema.OVERLAY_LABELS
 
 
-class SaliencyLike(Protocol):
-    """What a provider returns (``diffwidget.explain.results.SaliencyMap`` fits)."""
+def _check_inputs(trace: Any, pipe: Any) -> None:
+    if isinstance(trace, Trace):
+        if pipe is not None and (isinstance(pipe, Trace) or not hasattr(pipe, "scheduler")):
+            raise TypeError(
+                f"pipe must be the diffusers pipeline the trace came from, got "
+                f"{type(pipe).__name__}; use Explorer(trace) to show a trace without one"
+            )
+        return
+    if trace is not None and hasattr(trace, "scheduler") and hasattr(trace, "components"):
+        raise TypeError(
+            f"Explorer takes a Trace, not a pipeline ({type(trace).__name__}); record one "
+            "first: trace = diffwidget.trace(pipe, prompt), then Explorer(trace, pipe)"
+        )
+    raise TypeError(
+        f"Explorer takes a Trace (from diffwidget.trace(pipe, prompt) or Trace.load(path)), "
+        f"got {type(trace).__name__}"
+    )
 
-    map: np.ndarray
-    meta: dict[str, Any]
+
+def first_content_token(trace: Trace) -> int:
+    """Index of the first prompt word that is not a function word (else the first word)."""
+    words = trace.word_indices
+    for index in words:
+        if trace.tokens[index].replace("</w>", "").strip().lower() not in FUNCTION_WORDS:
+            return index
+    return words[0] if words else 0
 
 
-Provider = Callable[["Trace", int, Callable[[int, int], bool]], SaliencyLike]
-
-
-def _registry_provider(kind: str, pipe: Any, options: dict[str, Any]) -> Provider:
-    def provide(trace: Trace, step: int, progress: Callable[[int, int], bool]) -> SaliencyLike:
-        from diffwidget.explain.registry import saliency_method
-
-        method = saliency_method(kind)(**options)
-        return method.attribute(pipe, trace, step, progress=progress)
-
-    return provide
-
-
-class Explorer:
+class Explorer(ExplorerWork):
     """Interactive view of one traced run: image per step, overlays, tokens, curves.
 
     Parameters
@@ -69,25 +81,30 @@ class Explorer:
     trace : Trace
         The recorded run (may be loaded from disk; torch is not needed to show it).
     pipe : diffusers pipeline, optional
-        Needed only to compute DF-RISE / DF-CAM on request (and for ``noisy_decoder="vae"``).
-    providers : dict, optional
-        Overlay kind -> ``provider(trace, step, progress) -> SaliencyMap``; overrides the
-        registry methods (tests, custom methods).
-    method_options : dict, optional
-        Overlay kind -> keyword arguments for the registry method, e.g.
-        ``{"df_rise": {"n_masks": 200}}``.
+        Needed to compute the saliency methods, faithfulness and exact VAE decodes on request.
+    methods : dict, optional
+        Overlay name -> saliency method object (see
+        :class:`~diffwidget.explain.protocol.SaliencyMethod`), e.g.
+        ``{"df_rise": DFRise(n_masks=200)}``. With ``pipe``, methods not given use their
+        defaults. Methods are called with ``pipe`` (``None`` without one).
+    faithfulness : object, optional
+        Evaluator with ``evaluate(pipe, trace, step, saliency, progress)`` returning a
+        :class:`~diffwidget.explain.results.FaithfulnessResult`; default
+        :class:`~diffwidget.explain.faithfulness.InsertionDeletion` when ``pipe`` is given.
     attention : AttentionMaps, optional
         How cross-attention is aggregated (default: every layer, every step).
     noisy_decoder : {"linear", "vae"}
         How the noisy latents x_t are shown: a linear latent→RGB map fitted on the trace's
-        own x̂0 previews (default: instant, no torch), or the pipeline's VAE (exact, one
-        decode per step, needs ``pipe``).
+        own x̂0 previews (default: instant, no torch), or the pipeline's VAE.
+    method_options : dict, optional
+        Deprecated: keyword arguments per registry method; pass ``methods`` instead.
 
     Examples
     --------
-    >>> explorer = Explorer(trace)  # doctest: +SKIP
+    >>> explorer = Explorer(trace, pipe, methods={"df_rise": DFRise(n_masks=200)})  # doctest: +SKIP
     >>> explorer.step = 7  # moves the slider  # doctest: +SKIP
-    >>> explorer.compute("df_rise")  # doctest: +SKIP
+    >>> explorer.compute("df_rise").result().map.shape  # doctest: +SKIP
+    (16, 16)
     """
 
     def __init__(
@@ -95,11 +112,13 @@ class Explorer:
         trace: Trace,
         pipe: Any = None,
         *,
-        providers: dict[str, Provider] | None = None,
-        method_options: dict[str, dict[str, Any]] | None = None,
+        methods: Mapping[str, Any] | None = None,
+        faithfulness: Any = None,
         attention: AttentionMaps | None = None,
         noisy_decoder: NoisyDecoder = "linear",
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        _check_inputs(trace, pipe)
         if noisy_decoder not in get_args(NoisyDecoder):
             raise ValueError(f"noisy_decoder must be one of {get_args(NoisyDecoder)}")
         if noisy_decoder == "vae" and pipe is None:
@@ -107,28 +126,28 @@ class Explorer:
         self.trace = trace
         self.pipe = pipe
         self.noisy_decoder = noisy_decoder
-        options = method_options or {}
-        unknown = sorted(set(options) - set(schema.HEAVY_OVERLAYS))
-        if unknown:
-            raise ValueError(f"method_options for {unknown}; use keys from {schema.HEAVY_OVERLAYS}")
-        self._providers: dict[str, Provider] = {}
-        if pipe is not None:
-            for kind in schema.HEAVY_OVERLAYS:
-                self._providers[kind] = _registry_provider(kind, pipe, options.get(kind, {}))
-        for kind, provider in (providers or {}).items():
-            if kind not in schema.HEAVY_OVERLAYS:
-                raise ValueError(f"providers are for {schema.HEAVY_OVERLAYS}, not {kind!r}")
-            self._providers[kind] = provider
-        self._cache: dict[str, dict[int, SaliencyLike]] = {k: {} for k in schema.HEAVY_OVERLAYS}
-        self._cache_lock = threading.Lock()
+        self._methods = self._resolve_methods(methods, method_options)
+        self._evaluator = faithfulness
+        if faithfulness is not None and not callable(getattr(faithfulness, "evaluate", None)):
+            raise TypeError(
+                f"faithfulness must have evaluate(pipe, trace, step, saliency, progress); got "
+                f"{type(faithfulness).__name__} (use diffwidget.explain.InsertionDeletion(...))"
+            )
+        self._cache: dict[str, dict[int, SaliencyMap]] = {k: {} for k in schema.HEAVY_OVERLAYS}
+        self._lock = threading.Lock()
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
+        self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._figures: list[Any] = []
+        self._attention_config = attention
         self.attention_result: AttentionResult | None = None
+        self._default_attention_layers: list[str] = []
         if trace.attention:
             self.attention_result = (attention or AttentionMaps()).attribute(trace)
+            self._default_attention_layers = list(self.attention_result.layers)
         self.widget = ExplorerWidget()
         self._populate()
-        self._jobs = OverlayJobs(
-            self._run_provider,
+        self._jobs = Jobs(
+            self._run,
             on_start=self._job_started,
             on_progress=self._job_progress,
             on_done=self._job_done,
@@ -136,7 +155,54 @@ class Explorer:
             on_error=self._job_failed,
         )
         self.widget.on_message("cancel", lambda _content: self.cancel())
+        self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
+        self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
+        self.widget.on_message("buffers_missing", lambda _content: self.widget.use_base64())
         self.widget.observe(self._maybe_request, names=["overlay", "step"])
+        self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
+        self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
+        self.widget.observe(self._refresh_grid, names=["grid"])
+
+    def _resolve_methods(
+        self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None
+    ) -> dict[str, SaliencyMethod | None]:
+        if options is not None:
+            warnings.warn(
+                "method_options is deprecated; pass methods={'df_rise': DFRise(n_masks=200)}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            unknown = sorted(set(options) - set(schema.HEAVY_OVERLAYS))
+            if unknown:
+                raise ValueError(
+                    f"method_options for {unknown}; use keys from {schema.HEAVY_OVERLAYS}"
+                )
+        if methods is not None and not isinstance(methods, Mapping):
+            raise TypeError(
+                "methods must be a dict of overlay name -> method object, e.g. "
+                "{'df_rise': DFRise(n_masks=200)}"
+            )
+        resolved: dict[str, SaliencyMethod | None] = {}
+        if self.pipe is not None:
+            for kind in schema.HEAVY_OVERLAYS:
+                resolved[kind] = None  # the registry default, built on first use
+        if options:
+            from diffwidget.explain.registry import saliency_method
+
+            for kind, settings in options.items():
+                resolved[kind] = saliency_method(kind)(**settings)
+        for kind, method in (methods or {}).items():
+            resolved[kind] = check_saliency_method(kind, method)
+        return resolved
+
+    def _method(self, kind: str) -> SaliencyMethod:
+        method = self._methods[kind]
+        if method is None:
+            from diffwidget.explain.registry import saliency_method
+
+            method = saliency_method(kind)()
+            self._methods[kind] = method
+        return method
 
     # ----------------------------------------------------------------- state set-up
     def _populate(self) -> None:
@@ -144,87 +210,111 @@ class Explorer:
         x0 = shrink_images(x0_previews(trace))
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
         noisy, noisy_text = noisy_previews(trace, vae_pipe)
-        noisy = shrink_images(noisy)
-        x0_text = "Predicted clean image x̂0 at this step, decoded" + (
-            " by the VAE" if trace.previews is not None else " by a linear latent→RGB map"
-        )
-        if trace.previews is not None and trace.meta.get("preview_source") == "cond":
-            x0_text += ", from the conditional CFG half's noise prediction (no guidance)"
-        elif trace.guidance_scale > 1:
-            x0_text += (
-                f", from the guided noise prediction (CFG {trace.guidance_scale:g}); in early "
-                "steps guidance can push x̂0's colours away from the final image's"
-            )
-        descriptions = {"x0": x0_text, "noisy": noisy_text}
-        attention_payload = None
-        if self.attention_result is not None:
-            result = self.attention_result
-            q, scale = quantise_uint8(result.maps)
-            attention_payload = encode_array(q, scale=scale)
-            descriptions["attention"] = (
-                result.description + "; each map divided by its maximum for display"
-            )
-            for token, name in enumerate(trace.tokens):
-                series = {"name": name, "group": "attention_mass", "token": token}
-                self._curves.append((series, result.mass[:, token]))
-        first_word = trace.word_indices[0] if trace.word_indices else 0
+        descriptions = {"x0": preview_text(trace), "noisy": noisy_text}
         with widget.hold_sync():
             widget.prompt = trace.prompt
             widget.tokens = list(trace.tokens)
             widget.token_kinds = list(trace.token_kinds)
             widget.timesteps = [int(t) for t in trace.timesteps]
-            widget.previews = encode_array(x0)
-            widget.noisy_previews = encode_array(noisy)
-            widget.attention = attention_payload
+            widget.publish("previews", encode_array(x0))
+            widget.publish("noisy_previews", encode_array(shrink_images(noisy)))
             widget.descriptions = descriptions
-            widget.token = first_word
-            self._sync_curves()
+            widget.token = first_content_token(trace)
+            widget.scales = scale_infos()
+            self._sync_attention()
+            self._sync_options()
             self._sync_available()
+
+    def _sync_attention(self) -> None:
+        result = self.attention_result
+        descriptions = dict(self.widget.descriptions)
+        self._curves = [c for c in self._curves if c[0]["group"] != "attention_mass"]
+        if result is None:
+            self.widget.publish("attention", None)
+        else:
+            q, scale = quantise_uint8(result.maps)
+            self.widget.publish("attention", encode_array(q, scale=scale))
+            descriptions["attention"] = result.description
+            mass = [
+                ({"name": name, "group": "attention_mass", "token": token}, result.mass[:, token])
+                for token, name in enumerate(self.trace.tokens)
+            ]
+            self._curves = mass + self._curves
+        self.widget.descriptions = descriptions
+        self._sync_curves()
+
+    def _sync_options(self) -> None:
+        with self._lock:
+            saliency = {
+                kind: layers.saliency_layer_options(kind, self._cache[kind])
+                for kind in schema.HEAVY_OVERLAYS
+            }
+        self.widget.layer_options = {
+            "attention": layers.attention_options(self.trace, self._default_attention_layers),
+            "saliency": {kind: options for kind, options in saliency.items() if options},
+            "heads": layers.n_heads(self.trace),
+        }
 
     def _sync_available(self) -> None:
         available = ["none"]
         if self.attention_result is not None:
             available.append("attention")
         for kind in schema.HEAVY_OVERLAYS:
-            if kind in self._providers or self._cache[kind]:
+            if kind in self._methods or self._cache[kind]:
                 available.append(kind)
         self.widget.available = available
+        actions = ["cancel", "buffers_missing"]
+        if self._evaluator is not None or self.pipe is not None:
+            actions.append("faithfulness")
+        if self.pipe is not None and getattr(self.pipe, "vae", None) is not None:
+            actions.append("decode_step")
+        self.widget.actions = actions
 
     def _sync_curves(self) -> None:
         if not self._curves:
-            self.widget.curves = None
+            self.widget.publish("curves", None)
             return
         values = np.stack([v for _, v in self._curves]).astype(np.float32)
-        self.widget.curves = {
-            "series": [s for s, _ in self._curves],
-            "values": encode_array(values),
-        }
+        series = [s for s, _ in self._curves]
+        self.widget.publish("curves", {"series": series, "values": encode_array(values)})
 
     def _sync_overlays(self, kind: str) -> None:
-        with self._cache_lock:
+        with self._lock:
             cached = dict(sorted(self._cache[kind].items()))
         overlays = dict(self.widget.overlays)
+        layer = str(self.widget.saliency_layer)  # applies to every method that has the layer
         if not cached:
             overlays.pop(kind, None)
         else:
-            maps = np.stack([np.asarray(r.map, dtype=np.float32) for r in cached.values()])
-            maps = np.clip(np.nan_to_num(maps), 0.0, 1.0)
-            last = next(reversed(cached.values()))
+            maps, ranges, texts = [], [], []
+            method = self._methods.get(kind)
+            if method is None and self.pipe is not None:
+                method = self._method(kind)
+            for result in cached.values():
+                chosen = result.layers.get(layer) if layer else None
+                raw = np.asarray(chosen if chosen is not None else result.raw, np.float32)
+                shown = np.asarray(chosen if chosen is not None else result.map, np.float32)
+                maps.append(np.clip(np.nan_to_num(shown), 0.0, 1.0))
+                ranges.append([float(np.nanmin(raw)), float(np.nanmax(raw))])
+                text = method.describe(result) if method is not None else _generic(kind, result)
+                if chosen is not None:
+                    text += f"; showing layer {layers.short_layer(layer)} only"
+                texts.append(text)
             overlays[kind] = {
                 "steps": list(cached),
                 "maps": encode_array(
-                    np.rint(maps * 255).astype(np.uint8), scale=np.ones(len(maps))
+                    np.rint(np.stack(maps) * 255).astype(np.uint8), scale=np.ones(len(maps))
                 ),
-                "description": _saliency_description(kind, last),
+                "ranges": ranges,
+                "layer": layer if any(layer in r.layers for r in cached.values()) else "",
+                "descriptions": texts,
             }
-        self.widget.overlays = overlays
+        self.widget.publish("overlays", overlays)
 
     # ----------------------------------------------------------------- public state
     def _set(self, name: str, value: Any) -> None:
         try:
-            value = schema.validate_incoming(
-                name, value, n_steps=self.trace.n_steps, n_tokens=len(self.trace.tokens)
-            )
+            value = schema.validate_incoming(name, value, self.widget.bounds())
         except schema.InvalidInput as exc:
             raise ValueError(str(exc)) from None
         setattr(self.widget, name, value)
@@ -282,6 +372,24 @@ class Explorer:
         self._set("image_mode", value)
 
     @property
+    def attention_layer(self) -> str:
+        """Attention filter: "" (all layers), a grid such as "16x16", or one layer path."""
+        return str(self.widget.attention_layer)
+
+    @attention_layer.setter
+    def attention_layer(self, value: str) -> None:
+        self._set("attention_layer", value)
+
+    @property
+    def grid(self) -> str:
+        """Source of the layer × step grid ("none", "attention", "df_cam")."""
+        return str(self.widget.grid)
+
+    @grid.setter
+    def grid(self, value: str) -> None:
+        self._set("grid", value)
+
+    @property
     def status(self) -> str:
         """State of heavy work: idle, running, done, cancelled or error."""
         return str(self.widget.status)
@@ -293,46 +401,64 @@ class Explorer:
 
     # ----------------------------------------------------------------- overlays
     def compute(self, overlay: str, step: int | None = None) -> Future:
-        """Request a heavy overlay at ``step`` (default: the current step).
+        """Request a saliency overlay at ``step`` (default: the current step).
 
-        Returns a future holding the result; a cached result is returned at once. Newer
-        requests replace older pending ones and stop stale running ones.
+        Returns a future holding the result; a cached result is returned at once. Requests
+        made in code run in order and are never replaced by what the view asks for while
+        the user scrubs; ``cancel()`` stops them.
         """
         if overlay not in schema.HEAVY_OVERLAYS:
             raise ValueError(f"compute() takes one of {schema.HEAVY_OVERLAYS}, not {overlay!r}")
         step = self.step if step is None else step
-        schema.validate_incoming("step", step, n_steps=self.trace.n_steps, n_tokens=1)
-        with self._cache_lock:
+        step = schema.validate_incoming("step", step, self.widget.bounds())
+        with self._lock:
             cached = self._cache[overlay].get(step)
         if cached is not None:
             done: Future = Future()
             done.set_result(cached)
             return done
-        if overlay not in self._providers:
+        if overlay not in self._methods:
             raise RuntimeError(
                 f"{OVERLAY_LABELS[overlay]} needs the pipeline: create the explorer with "
-                "Explorer(trace, pipe=pipe), or pass providers={...}"
+                "Explorer(trace, pipe=pipe), or pass methods={...}"
             )
-        return self._jobs.submit(overlay, step)
+        return self._submit_overlay(overlay, step, explicit=True)
+
+    def _submit_overlay(self, kind: str, step: int, *, explicit: bool) -> Future:
+        label = f"{OVERLAY_LABELS[kind]} at step {step}"
+        return self._jobs.submit(("overlay", kind, step), label, explicit=explicit)
 
     def cancel(self) -> None:
-        """Stop the running overlay computation and drop pending ones."""
+        """Stop the running computation and drop waiting ones (also those made in code)."""
         if self._jobs.cancel():
             self.widget.status = "cancelled"
 
-    def add_overlay(self, kind: str, step: int, saliency: SaliencyLike) -> None:
-        """Store a precomputed heavy overlay (shown and exported like computed ones)."""
+    def add_overlay(self, kind: str, step: int, saliency: SaliencyMap) -> None:
+        """Store a precomputed saliency map (shown and exported like computed ones)."""
         if kind not in schema.HEAVY_OVERLAYS:
             raise ValueError(f"overlay kind must be one of {schema.HEAVY_OVERLAYS}")
-        with self._cache_lock:
-            self._cache[kind][int(step)] = saliency
-        self._sync_overlays(kind)
+        self._store(kind, int(step), saliency)
         self._sync_available()
 
-    def cached(self, kind: str) -> dict[int, SaliencyLike]:
+    def cached(self, kind: str) -> dict[int, SaliencyMap]:
         """Results computed so far for ``kind``, keyed by step."""
-        with self._cache_lock:
+        with self._lock:
             return dict(self._cache[kind])
+
+    def _store(self, kind: str, step: int, result: Any) -> None:
+        shape = self.trace.latent_shape
+        if getattr(getattr(result, "map", None), "shape", None) != shape:
+            raise TypeError(
+                f"{OVERLAY_LABELS[kind]} returned {type(result).__name__}; a saliency method "
+                f"must return a SaliencyMap whose map has the latent shape {shape}"
+            )
+        with self._lock:
+            self._cache[kind][step] = result
+        self._sync_overlays(kind)
+        self._sync_options()
+        self.widget.scales = scale_infos()
+        if self.widget.grid == kind:
+            self._refresh_grid()
 
     def add_curve(
         self,
@@ -371,58 +497,64 @@ class Explorer:
         kind = self.widget.overlay
         if kind not in schema.HEAVY_OVERLAYS:
             return
-        with self._cache_lock:
-            if self.widget.step in self._cache[kind]:
+        step = int(self.widget.step)
+        with self._lock:
+            if step in self._cache[kind]:
                 return
-        if kind not in self._providers:
+        if kind not in self._methods:
             self.widget.error = (
-                f"{OVERLAY_LABELS[kind]} is not computed for step {self.widget.step} and "
-                "the explorer has no pipeline; create it with Explorer(trace, pipe=pipe)"
+                f"{OVERLAY_LABELS[kind]} is not computed for step {step} and the explorer has "
+                "no pipeline; create it with Explorer(trace, pipe=pipe)"
             )
             return
-        self._jobs.submit(kind, int(self.widget.step))
+        self._submit_overlay(kind, step, explicit=False)
 
-    def _run_provider(self, kind: str, step: int, progress: Callable[[int, int], bool]) -> Any:
-        return self._providers[kind](self.trace, step, progress)
-
-    def _job_started(self, request: Request) -> None:
-        with self.widget.hold_sync():
-            self.widget.status = "running"
-            self.widget.progress = 0.0
-
-    def _job_progress(self, request: Request, fraction: float) -> None:
-        if not request.cancel.is_set():
-            self.widget.progress = float(fraction)
-
-    def _job_done(self, request: Request, result: Any) -> None:
-        with self._cache_lock:
-            self._cache[request.kind][request.step] = result
-        self._sync_overlays(request.kind)
-        with self.widget.hold_sync():
-            self.widget.progress = 1.0
-            if not self._jobs_waiting():
-                self.widget.status = "done"
-
-    def _job_cancelled(self, request: Request, _partial: Any) -> None:
-        if not self._jobs_waiting():
-            self.widget.status = "cancelled"
-
-    def _job_failed(self, request: Request, exc: BaseException) -> None:
-        with self.widget.hold_sync():
-            self.widget.status = "error"
-            self.widget.error = (
-                f"{OVERLAY_LABELS[request.kind]} failed at step {request.step}: {exc}"
+    # ----------------------------------------------------------------- filters and grid
+    def _refresh_attention(self, _change: Any = None) -> None:
+        try:
+            self.attention_result = layers.filtered_attention(
+                self.trace,
+                self._attention_config,
+                self.widget.attention_layer,
+                int(self.widget.attention_head),
             )
+        except (ValueError, KeyError) as exc:
+            self.widget.error = str(exc)
+            return
+        with self.widget.hold_sync():
+            self._sync_attention()
+            if self.widget.grid == "attention":
+                self._refresh_grid()
 
-    def _jobs_waiting(self) -> bool:
-        return self._jobs.waiting
+    def _refresh_saliency_layer(self, _change: Any = None) -> None:
+        for kind in schema.HEAVY_OVERLAYS:
+            if kind in self.widget.overlays:
+                self._sync_overlays(kind)
+
+    def _refresh_grid(self, _change: Any = None) -> None:
+        source = self.widget.grid
+        try:
+            if source == "none":
+                data = None
+            elif source == "attention":
+                if not self.trace.attention:
+                    raise ValueError("this trace holds no cross-attention to put in a grid")
+                data = layers.attention_grid(self.trace, int(self.widget.attention_head))
+            else:
+                data = layers.saliency_grid(source, self.cached(source), self.trace.latent_shape)
+        except ValueError as exc:
+            self.widget.error = str(exc)
+            data = None
+        self.widget.publish("grid_data", data)
 
     # ----------------------------------------------------------------- output
     def figure(self, kind: str = "attention_mass") -> Any:
         """A bqplot figure of one curve group with a step cursor linked both ways."""
         from diffwidget.widget.figures import explorer_figure
 
-        return explorer_figure(self, kind)
+        figure = explorer_figure(self, kind)
+        self._figures.append(figure)
+        return figure
 
     def to_html(self, path: str | Path, *, title: str | None = None) -> Path:
         """Write a standalone HTML file of this explorer that works offline."""
@@ -431,29 +563,26 @@ class Explorer:
         return export_html(self, path, title=title)
 
     def close(self) -> None:
-        """Stop background work and close the widget."""
-        self._jobs.close()
-        self.widget.close()
+        """Stop background work and close every widget this explorer created."""
+        self._jobs.close(timeout=CLOSE_TIMEOUT_S)
+        for figure in self._figures:
+            figure.unlink()
+            close_widget_tree(figure)
+        self._figures = []
+        close_widget_tree(self.widget)
+
+    def __repr__(self) -> str:
+        from diffwidget.widget.snapshot import summary_line
+
+        return summary_line(self)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        from diffwidget.widget.snapshot import mimebundle
+
+        return mimebundle(self, **kwargs)
 
 
-def _saliency_description(kind: str, result: SaliencyLike) -> str:
-    meta = dict(getattr(result, "meta", {}) or {})
-    settings = []
-    for key in _DESCRIBED_SETTINGS:
-        value = meta.get(key)
-        if isinstance(value, (list, tuple)):
-            names = [str(v) for v in value]
-            if len(names) > _NAMED_LIMIT:
-                names = [names[0], "…", names[-1]]
-            settings.append(f"{len(value)} {key} ({', '.join(names)})")
-        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            settings.append(f"{key} {value}")
-    text = f"{OVERLAY_LABELS[kind]} saliency on the latent grid at the shown step"
-    if settings:
-        text += f" ({', '.join(settings)})"
-    if meta.get("cfg_combined"):
-        text += ", activations and gradients CFG-combined"
-    return text + "; min–max normalised to [0, 1] per step"
+def _generic(kind: str, result: Any) -> str:
+    from diffwidget.explain.protocol import describe_saliency
+
+    return describe_saliency(OVERLAY_LABELS[kind], result)

@@ -2,8 +2,11 @@
 
 The file inlines the bundled ES module (base64, imported from a ``blob:`` URL so that no
 ``</script>`` in the code can end the tag) and the widget state as JSON with every binary
-buffer as ``{"$b64": ...}``. Opened from ``file://`` it renders the same views on a
-kernel-less model: the slider, token chips and every overlay computed before export work.
+buffer as ``{"$b64": ...}``. In the JSON every ``<``, ``>`` and ``&`` and the line
+separators U+2028/U+2029 are written as ``\\uXXXX`` escapes: the same JSON value, but no
+prompt (``<!--<script>``, ``</script>``) can end or re-open the script element. Opened
+from ``file://`` it renders the same views on a kernel-less model: the slider, token chips,
+the grid and every overlay and faithfulness result computed before export work.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffwidget.widget import schema
+from diffwidget.widget.codecs import to_transport
 from diffwidget.widget.model import ESM_PATH
 
 if TYPE_CHECKING:
@@ -47,25 +51,51 @@ window.diffwidgetModel = widget.renderStandalone(state, document.getElementById(
 """
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$b64": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+#: Characters written as ``\\uXXXX`` inside the embedded JSON (see the module docstring).
+_SCRIPT_UNSAFE = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+def script_safe_json(value: Any) -> str:
+    """JSON text of ``value`` that is safe inside ``<script type="application/json">``.
+
+    Examples
+    --------
+    >>> script_safe_json({"prompt": "</script><!--"})
+    '{"prompt":"\\\\u003c/script\\\\u003e\\\\u003c!--"}'
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in _SCRIPT_UNSAFE.items():
+        text = text.replace(char, escape)
+    return text
 
 
 def standalone_state(explorer: Explorer) -> dict[str, Any]:
-    """The widget state as exported: no running work, only overlays that have data."""
+    """The widget state as exported: no running work, only what has data, fixed filters."""
     widget = explorer.widget
     state = {spec.name: getattr(widget, spec.name) for spec in schema.TRAITS}
     offline = [k for k in state["available"] if k not in schema.HEAVY_OVERLAYS]
     offline += [k for k in schema.HEAVY_OVERLAYS if k in state["overlays"]]
-    state.update(available=offline, status="idle", progress=0.0, error="")
+    state.update(available=offline, status="idle", progress=0.0, error="", actions=[])
     if state["overlay"] not in offline:
         state["overlay"] = "none"
+    # Filters are applied in the kernel: the file keeps the ones in effect at export.
+    options = dict(state["layer_options"])
+    options["attention"] = [
+        o for o in options.get("attention", []) if o["value"] == state["attention_layer"]
+    ]
+    options["saliency"] = {
+        kind: [o for o in values if o["value"] == state["saliency_layer"]]
+        for kind, values in options.get("saliency", {}).items()
+    }
+    state["layer_options"] = options
+    if state["grid"] != "none" and state["grid_data"] is None:
+        state["grid"] = "none"
     return state
 
 
@@ -98,9 +128,7 @@ def export_html(explorer: Explorer, path: str | Path, *, title: str | None = Non
     path = Path(path)
     if path.suffix != ".html":
         path = path.with_suffix(path.suffix + ".html")
-    state_json = json.dumps(_jsonable(standalone_state(explorer)), separators=(",", ":"))
-    # "<\/" is the same JSON string but cannot close the <script> element.
-    state_json = state_json.replace("</", "<\\/")
+    state_json = script_safe_json(to_transport(standalone_state(explorer), "base64"))
     module = base64.b64encode(ESM_PATH.read_bytes()).decode("ascii")
     page = _TEMPLATE.format(
         title=html.escape(title or f"diffwidget: {explorer.trace.prompt}"),

@@ -21,18 +21,15 @@ if TYPE_CHECKING:
 
 #: Colour of the step cursor; the same as the widget's own cursor.
 CURSOR_COLOUR = "#1976d2"
-#: Colour of the selected token's curve; others are drawn in the palette below.
-SELECTED_COLOUR = "#d4480f"
-PALETTE = ("#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#9d755d", "#bab0ac")
-_TITLES = {
-    "attention_mass": "Cross-attention mass per token",
-    "token_relevance": "Token relevance per step (min–max over words)",
-    "concept_auc": "Concept ROC-AUC per step",
-    "faithfulness": "Faithfulness (insertion / deletion AUC)",
-}
+#: Opacity of the curves of tokens that are not selected (the selected one is drawn at 1).
+DIMMED_OPACITY = 0.35
+#: Room right of the last step for the direct labels, as a share of the step range.
+LABEL_ROOM = 0.28
+#: Smallest vertical gap between two direct labels, as a share of the y range.
+LABEL_GAP = 0.07
 
 
-def _series(explorer: Explorer, group: str) -> tuple[list[str], np.ndarray]:
+def _series(explorer: Explorer, group: str) -> tuple[list[str], list[int | None], np.ndarray]:
     curves = explorer.widget.curves
     if not curves:
         raise ValueError(
@@ -40,7 +37,7 @@ def _series(explorer: Explorer, group: str) -> tuple[list[str], np.ndarray]:
         )
     values = decode_array(curves["values"])
     kinds = explorer.trace.token_kinds
-    names, rows = [], []
+    names, tokens, rows = [], [], []
     for row, series in enumerate(curves["series"]):
         if series["group"] != group:
             continue
@@ -48,23 +45,54 @@ def _series(explorer: Explorer, group: str) -> tuple[list[str], np.ndarray]:
         if token is not None and kinds[token] != "word":
             continue  # start/end/pad are hidden here as in the widget
         names.append(series["name"])
+        tokens.append(token)
         rows.append(values[row])
     if not rows:
         raise ValueError(
             f"no {group!r} curves yet; add them with "
             f"explorer.add_curve(name, values, group={group!r})"
         )
-    return names, np.stack(rows)
+    # Repeated words ("a ... a") get their position, so every label names one curve.
+    repeated = {n for n in names if names.count(n) > 1}
+    names = [
+        f"{n} ({t})" if n in repeated and t is not None else n
+        for n, t in zip(names, tokens, strict=True)
+    ]
+    return names, tokens, np.stack(rows)
+
+
+def label_positions(ends: np.ndarray, low: float, high: float) -> np.ndarray:
+    """y positions for direct labels at the curves' ends, pushed apart to stay readable.
+
+    Examples
+    --------
+    >>> label_positions(np.array([0.5, 0.5, 0.1]), 0.0, 1.0).round(2).tolist()
+    [0.5, 0.57, 0.1]
+    """
+    gap = LABEL_GAP * (high - low or 1.0)
+    order = np.argsort(ends, kind="stable")
+    placed = np.asarray(ends, dtype=np.float64).copy()
+    for k in range(1, len(order)):
+        below, here = order[k - 1], order[k]
+        placed[here] = max(placed[here], placed[below] + gap)
+    overflow = float(placed.max() - high) if len(placed) else 0.0
+    if overflow > 0:  # keep the top label inside the plot: shift everything down
+        placed -= overflow
+    return placed
 
 
 def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
     """A bqplot ``Figure`` of one curve group whose step cursor follows the explorer.
 
+    Each curve is labelled directly at its end (no legend over the data), colours are
+    distinct, the selected token's curve is drawn on top and the others dimmed; hovering a
+    point shows its step and value.
+
     Parameters
     ----------
     explorer : Explorer
         The explorer to link to.
-    kind : {"attention_mass", "concept_auc", "faithfulness"}
+    kind : {"attention_mass", "token_relevance", "concept_auc", "faithfulness"}
         Curve group to draw.
 
     Returns
@@ -77,7 +105,7 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
 
     if kind not in schema.CURVE_GROUPS:
         raise ValueError(f"kind must be one of {schema.CURVE_GROUPS}, not {kind!r}")
-    names, values = _series(explorer, kind)
+    names, tokens, values = _series(explorer, kind)
     steps = np.arange(values.shape[1])
     finite = values[np.isfinite(values)]
     if kind == "attention_mass" and finite.size:
@@ -87,12 +115,28 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
     else:
         low = float(min(0.0, finite.min())) if finite.size else 0.0
         high = max(float(finite.max()) if finite.size else 1.0, 1.0)
-    x_scale = bqplot.LinearScale(min=0.0, max=float(max(len(steps) - 1, 1)))
+    last = float(max(len(steps) - 1, 1))
+    x_scale = bqplot.LinearScale(min=0.0, max=last * (1 + LABEL_ROOM))
     y_scale = bqplot.LinearScale(min=low, max=high)
     scales = {"x": x_scale, "y": y_scale}
-    colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+    palette = schema.CURVE_PALETTE
+    colours = [palette[i % len(palette)] for i in range(len(names))]
     lines = bqplot.Lines(
-        x=steps, y=values, scales=scales, colors=colours, labels=names, display_legend=True
+        x=steps, y=values, scales=scales, colors=colours, labels=names, display_legend=False
+    )
+    ends_x, ends_y = [], []
+    for row in values:
+        valid = np.flatnonzero(np.isfinite(row))
+        ends_x.append(float(steps[valid[-1]]) if valid.size else last)
+        ends_y.append(float(row[valid[-1]]) if valid.size else low)
+    labels = bqplot.Label(
+        x=[last + 0.3] * len(names),
+        y=label_positions(np.asarray(ends_y), low, high),
+        text=names,
+        colors=colours,
+        scales=scales,
+        default_size=12,
+        align="start",
     )
     points = bqplot.Scatter(
         x=np.tile(steps, len(names)),
@@ -100,7 +144,8 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         scales=scales,
         colors=["#666666"],
         default_size=12,
-        interactions={"click": "select"},
+        interactions={"click": "select", "hover": "tooltip"},
+        tooltip=bqplot.Tooltip(fields=["x", "y"], formats=["d", ".3~g"], labels=["step", "value"]),
         selected_style={"opacity": 1.0},
         unselected_style={"opacity": 1.0},
     )
@@ -112,20 +157,37 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         stroke_width=2,
     )
     figure = bqplot.Figure(
-        marks=[lines, points, cursor],
+        marks=[lines, points, labels, cursor],
         axes=[
-            bqplot.Axis(scale=x_scale, side="bottom", label="step (loop index)"),
-            bqplot.Axis(scale=y_scale, side="left", tick_format=".3~g"),
+            bqplot.Axis(
+                scale=x_scale,
+                side="bottom",
+                label="step (loop index)",
+                tick_values=np.unique(np.linspace(0, last, min(len(steps), 6)).round()),
+            ),
+            bqplot.Axis(
+                scale=y_scale,
+                side="left",
+                tick_format=".3~g",
+                label=schema.CURVE_GROUP_UNITS[kind],
+            ),
         ],
-        title=_TITLES[kind],
-        legend_location="top-right",
-        layout={"width": "520px", "height": "300px"},
-        fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 10},
+        title=schema.CURVE_GROUP_TITLES[kind],
+        layout={"width": "560px", "height": "300px"},
+        fig_margin={"top": 40, "bottom": 45, "left": 60, "right": 10},
     )
+    figure.add_class("dw-figure")
+    figure.add_class(f"dw-figure-{kind}")
     n_steps = len(steps)
 
     def follow(_change: Any = None) -> None:
         cursor.x = [explorer.step, explorer.step]
+
+    def emphasise(_change: Any = None) -> None:
+        token = explorer.token
+        chosen = [t == token for t in tokens]
+        lines.opacities = [1.0 if c or not any(chosen) else DIMMED_OPACITY for c in chosen]
+        lines.stroke_width = 2
 
     def jump(change: Any) -> None:
         selected = change["new"]
@@ -134,11 +196,19 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         explorer.step = int(selected[-1]) % n_steps
         points.selected = None  # ready for the next click
 
+    emphasise()
     explorer.widget.observe(follow, names=["step"])
+    explorer.widget.observe(emphasise, names=["token"])
     points.observe(jump, names=["selected"])
 
+    linked = {"on": True}
+
     def unlink() -> None:
+        if not linked["on"]:
+            return
+        linked["on"] = False
         explorer.widget.unobserve(follow, names=["step"])
+        explorer.widget.unobserve(emphasise, names=["token"])
         points.unobserve(jump, names=["selected"])
 
     figure.unlink = unlink

@@ -1,15 +1,22 @@
-"""Heavy overlay work in one background thread: coalesced, cancellable, with progress.
+"""Heavy work in one background thread: coalesced, cancellable, with progress.
 
-The kernel's main thread must stay free to answer the slider, so DF-RISE / DF-CAM run in a
-worker thread. Only the newest request matters while a user scrubs: a new request replaces
-the pending one (coalescing) and asks the running one to stop at its next progress call
-(stale cancellation); the method then returns its partial estimate, which is not cached.
+The kernel's main thread must stay free to answer the slider, so DF-RISE, DF-CAM and
+faithfulness curves run in a worker thread. Two kinds of requests share it:
+
+* **view requests** follow what the view shows (the overlay at the slider's step). Only the
+  newest matters while a user scrubs: a new one replaces the pending one (coalescing) and
+  asks a running *view* request to stop at its next progress call (stale cancellation);
+  the method then returns its partial estimate, which is not cached.
+* **explicit requests** come from code (``explorer.compute(...)``). They queue in order and
+  run before pending view requests; view requests never replace or stop them. Only
+  :meth:`Jobs.cancel` (the cancel button, ``explorer.cancel()``) stops them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,32 +25,41 @@ from typing import Any
 #: Seconds between two progress updates pushed to the view (a trait sync each).
 PROGRESS_INTERVAL_S = 0.05
 
-Runner = Callable[[str, int, Callable[[int, int], bool]], Any]
+Runner = Callable[["Request", Callable[[int, int], bool]], Any]
 
 
 @dataclass
 class Request:
-    """One requested overlay computation."""
+    """One requested computation.
 
-    kind: str
-    step: int
+    Attributes
+    ----------
+    key : tuple
+        What is computed, e.g. ``("overlay", "df_rise", 3)``; equal keys are one request.
+    label : str
+        How status lines and errors name it ("DF-RISE at step 3").
+    explicit : bool
+        Made in code: never replaced or stopped by view requests.
+    params : dict
+        Whatever the runner needs beside the key.
+    """
+
+    key: tuple[Any, ...]
+    label: str
+    explicit: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
     future: Future = field(default_factory=Future)
     cancel: threading.Event = field(default_factory=threading.Event)
 
-    @property
-    def key(self) -> tuple[str, int]:
-        """Cache key ``(kind, step)``."""
-        return (self.kind, self.step)
 
-
-class OverlayJobs:
-    """Run overlay requests one at a time on a daemon thread.
+class Jobs:
+    """Run requests one at a time on a daemon thread.
 
     Parameters
     ----------
     run : callable
-        ``run(kind, step, progress) -> result``; ``progress(done, total)`` returns False
-        when the work should stop.
+        ``run(request, progress) -> result``; ``progress(done, total)`` returns False when
+        the work should stop.
     on_start, on_progress, on_done, on_cancel, on_error : callable
         Notifications, called from the worker thread.
     """
@@ -65,6 +81,7 @@ class OverlayJobs:
         self._on_cancel = on_cancel
         self._on_error = on_error
         self._lock = threading.Condition()
+        self._explicit: deque[Request] = deque()
         self._pending: Request | None = None
         self._current: Request | None = None
         self._closed = False
@@ -74,51 +91,78 @@ class OverlayJobs:
     def busy(self) -> bool:
         """Whether a request is running or waiting."""
         with self._lock:
-            return self._current is not None or self._pending is not None
+            return self._current is not None or self._pending is not None or bool(self._explicit)
 
     @property
     def waiting(self) -> bool:
         """Whether a request waits behind the running one."""
         with self._lock:
-            return self._pending is not None
+            return self._pending is not None or bool(self._explicit)
 
-    def submit(self, kind: str, step: int) -> Future:
-        """Queue ``(kind, step)``, replacing any pending request and stopping stale work."""
+    def _live(self) -> list[Request]:
+        live = [*self._explicit, self._pending, self._current]
+        return [r for r in live if r is not None and not r.cancel.is_set()]
+
+    def submit(
+        self,
+        key: tuple[Any, ...],
+        label: str,
+        *,
+        explicit: bool = False,
+        params: dict[str, Any] | None = None,
+    ) -> Future:
+        """Queue a request; see the module docstring for how view and code requests differ."""
         with self._lock:
-            for live in (self._current, self._pending):
-                if live is not None and live.key == (kind, step) and not live.cancel.is_set():
+            if self._closed:
+                raise RuntimeError("this explorer was closed; create a new one")
+            for live in self._live():
+                if live.key == key:
+                    if explicit and not live.explicit:
+                        live.explicit = True  # now protected from later view requests
+                        if live is self._pending:
+                            self._pending = None
+                            self._explicit.append(live)
                     return live.future
-            if self._pending is not None:
-                self._pending.cancel.set()
-                self._pending.future.cancel()
-            if self._current is not None:
-                self._current.cancel.set()
-            request = Request(kind, step)
-            self._pending = request
+            request = Request(key, label, explicit, dict(params or {}))
+            if explicit:
+                self._explicit.append(request)
+            else:
+                if self._pending is not None:
+                    self._pending.cancel.set()
+                    self._pending.future.cancel()
+                if self._current is not None and not self._current.explicit:
+                    self._current.cancel.set()
+                self._pending = request
             self._ensure_thread()
             self._lock.notify_all()
             return request.future
 
     def cancel(self) -> bool:
-        """Stop the running request and drop the pending one; True if anything was live."""
+        """Stop the running request and drop every waiting one; True if anything was live."""
         with self._lock:
+            dropped = [*self._explicit, self._pending]
+            self._explicit.clear()
+            self._pending = None
             live = False
-            if self._pending is not None:
-                self._pending.cancel.set()
-                self._pending.future.cancel()
-                self._pending = None
-                live = True
+            for request in dropped:
+                if request is not None:
+                    request.cancel.set()
+                    request.future.cancel()
+                    live = True
             if self._current is not None:
                 self._current.cancel.set()
                 live = True
             return live
 
-    def close(self) -> None:
-        """Cancel everything and let the worker thread end."""
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel everything and end the worker thread (waiting up to ``timeout`` seconds)."""
         self.cancel()
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and timeout is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -127,16 +171,21 @@ class OverlayJobs:
             )
             self._thread.start()
 
+    def _next(self) -> Request | None:
+        if self._explicit:
+            return self._explicit.popleft()
+        request, self._pending = self._pending, None
+        return request
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while self._pending is None and not self._closed:
+                while self._pending is None and not self._explicit and not self._closed:
                     self._lock.wait()
                 if self._closed:
                     return
-                request = self._pending
+                request = self._next()
                 assert request is not None
-                self._pending = None
                 self._current = request
             if request.future.set_running_or_notify_cancel():
                 self._execute(request)
@@ -156,13 +205,13 @@ class OverlayJobs:
 
         self._on_start(request)
         try:
-            result = self._run(request.kind, request.step, progress)
-        except Exception as exc:  # any method failure must reach the view, not kill the thread
+            result = self._run(request, progress)
+            if request.cancel.is_set():
+                self._on_cancel(request, result)
+            else:
+                self._on_done(request, result)
+        except Exception as exc:  # any failure must reach the view, not kill the thread
             request.future.set_exception(exc)
             self._on_error(request, exc)
             return
-        if request.cancel.is_set():
-            self._on_cancel(request, result)
-        else:
-            self._on_done(request, result)
         request.future.set_result(result)

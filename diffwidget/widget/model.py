@@ -14,6 +14,7 @@ from typing import Any
 import anywidget
 
 from diffwidget.widget import schema
+from diffwidget.widget.codecs import to_transport
 
 STATIC = Path(__file__).parent / "static"
 ESM_PATH = STATIC / "widget.js"
@@ -24,9 +25,12 @@ _BUILD_HINT = (
 )
 
 
-def _esm() -> Path | str:
+def _esm() -> str:
     if ESM_PATH.exists():
-        return ESM_PATH
+        # The module's text, not its path: for a path anywidget connects every widget
+        # instance to a class-level file watcher (hot reload), which keeps each closed
+        # explorer, its trace payloads included, alive for the whole session.
+        return ESM_PATH.read_text(encoding="utf-8")
     # A readable failure in the notebook instead of a blank output area.
     return f"export default {{ render({{ el }}) {{ el.textContent = {_BUILD_HINT!r}; }} }};"
 
@@ -58,15 +62,43 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
         """Number of steps in the shown trace."""
         return len(self.timesteps)
 
+    def bounds(self) -> schema.Bounds:
+        """What front-end writes may contain for the trace shown now."""
+        options = self.layer_options or {}
+        saliency = [o["value"] for values in options.get("saliency", {}).values() for o in values]
+        return schema.Bounds(
+            n_steps=self.n_steps,
+            n_tokens=len(self.tokens),
+            n_heads=int(options.get("heads", 0)),
+            choices={
+                "attention_layer": [o["value"] for o in options.get("attention", [])],
+                "saliency_layer": saliency,
+            },
+        )
+
+    def publish(self, name: str, value: Any) -> None:
+        """Set a payload trait, its buffers encoded for the current ``transport``."""
+        if name not in schema.PAYLOAD_TRAITS:
+            raise KeyError(f"{name!r} is not a payload trait; payloads are {schema.PAYLOAD_TRAITS}")
+        setattr(self, name, to_transport(value, str(getattr(self, "transport", "binary"))))
+
+    def use_base64(self) -> None:
+        """Re-send every payload as base64 text (for front ends that lose binary buffers)."""
+        if getattr(self, "transport", "binary") == "base64":
+            return
+        with self.hold_sync():
+            self.transport = "base64"
+            for name in schema.PAYLOAD_TRAITS:
+                setattr(self, name, to_transport(getattr(self, name), "base64"))
+
     def set_state(self, sync_data: dict[str, Any]) -> None:
         """Apply a state update from the front end after validating each key."""
         accepted: dict[str, Any] = {}
         rejected: list[str] = []
+        bounds = self.bounds()
         for name, value in sync_data.items():
             try:
-                accepted[name] = schema.validate_incoming(
-                    name, value, n_steps=self.n_steps, n_tokens=len(self.tokens)
-                )
+                accepted[name] = schema.validate_incoming(name, value, bounds)
             except schema.InvalidInput as exc:
                 rejected.append(name)
                 self.error = str(exc)

@@ -1,6 +1,8 @@
 """RGB images per step for the view: predicted x̂0 and the noisy latent x_t.
 
-Traces made with ``decode_previews=True`` already hold VAE-decoded x̂0 previews. The noisy
+Traces made with ``decode_previews=True`` already hold decoded x̂0 previews (by the full VAE,
+or by a tiny preview decoder distilled from it, as ``meta["preview_decoder"]`` says); the
+explorer can replace one step's preview by a full VAE decode on request. The noisy
 latent is decoded by the VAE when a pipeline is at hand; otherwise by a linear latent→RGB
 map fitted (least squares) on the trace's own pairs of x̂0 latents and decoded previews,
 which needs no torch and is close enough to see the noise being removed.
@@ -8,6 +10,7 @@ which needs no torch and is close enough to see the noise being removed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,52 @@ def x0_previews(trace: Trace) -> np.ndarray:
         return np.ascontiguousarray(trace.previews, dtype=np.uint8)
     up = upsample_maps(trace.pred_x0.astype(np.float32), (FALLBACK_SIZE, FALLBACK_SIZE))
     return to_uint8(_latent_rgb_fallback(up))
+
+
+def preview_text(trace: Trace, exact_steps: Sequence[int] = ()) -> str:
+    """The caption of the x̂0 image: which decoder made it, from which prediction."""
+    decoder = trace.meta.get("preview_decoder") or "vae"
+    if trace.previews is None:
+        how = "by a view of the latent's first three channels (no decoded previews)"
+    elif decoder == "vae":
+        how = "by the VAE"
+    else:
+        how = f"by the tiny preview decoder ({decoder}, distilled from the VAE)"
+    text = f"Predicted clean image x̂0 at this step, decoded {how}"
+    if trace.previews is not None and trace.meta.get("preview_source") == "cond":
+        text += ", from the conditional CFG half's noise prediction (no guidance)"
+    elif trace.guidance_scale > 1:
+        text += (
+            f", from the guided noise prediction (CFG {trace.guidance_scale:g}); in early "
+            "steps guidance can push x̂0's colours away from the final image's"
+        )
+    if exact_steps:
+        steps = ", ".join(str(s) for s in exact_steps)
+        text += f"; step{'s' if len(exact_steps) > 1 else ''} {steps} decoded by the full VAE"
+    return text
+
+
+def exact_preview(trace: Trace, pipe: Any, step: int) -> np.ndarray:
+    """The full VAE decode of ``trace.pred_x0[step]``: uint8 ``[H, W, 3]``.
+
+    Raises
+    ------
+    RuntimeError
+        Without a pipeline that has a VAE.
+    ValueError
+        When the previews came from the conditional CFG half, which a trace does not keep.
+    """
+    if pipe is None or getattr(pipe, "vae", None) is None:
+        raise RuntimeError(
+            "an exact decode needs the pipeline's VAE: create the explorer with "
+            "Explorer(trace, pipe=pipe)"
+        )
+    if trace.meta.get("preview_source") == "cond":
+        raise ValueError(
+            "this trace's previews come from the conditional CFG half, which the trace does "
+            "not store; trace again with preview_decoder='vae' for exact previews"
+        )
+    return decode_latents(pipe, trace.pred_x0[step : step + 1].astype(np.float32))[0]
 
 
 def fit_linear_decoder(trace: Trace) -> np.ndarray:

@@ -18,8 +18,8 @@ import numpy as np
 from diffwidget.runs.aggregation import ITEM_COLUMNS, RANDOM_ORDER, aggregate_curves
 from diffwidget.runs.open import RunResult
 from diffwidget.runs.report import worst_metric
+from diffwidget.widget import schema
 from diffwidget.widget.explorer import Explorer
-from diffwidget.widget.figures import PALETTE
 
 #: Items listed at once; the list scrolls.
 LIST_ROWS = 12
@@ -241,7 +241,7 @@ class RunBrowser:
         curve = self._curves[name]
         marks = []
         for k, line in enumerate(curve["lines"]):
-            colour = PALETTE[k % len(PALETTE)]
+            colour = schema.CURVE_PALETTE[k % len(schema.CURVE_PALETTE)]
             mean, sd = line["mean"], line["sd"]
             marks.append(
                 bq.Lines(

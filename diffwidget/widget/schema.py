@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import traitlets
 
-OverlayKind = Literal["none", "attention", "df_rise", "df_cam"]
-HeavyOverlay = Literal["df_rise", "df_cam"]
+from diffwidget.explain.protocol import METHOD_LABELS, SaliencyMethodName
+
+#: Overlays: none, token attention (from the trace), and every registered saliency method.
+OverlayKind = Literal["none", "attention", SaliencyMethodName]
+#: Overlays computed on request in the kernel (the registered saliency methods).
+HeavyOverlay = SaliencyMethodName
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
 CurveGroup = Literal["attention_mass", "token_relevance", "concept_auc", "faithfulness"]
 Dtype = Literal["uint8", "float32", "int32"]
+#: How array payloads travel: binary comm buffers, or base64 text where buffers get lost.
+Transport = Literal["binary", "base64"]
 #: Messages the front end may send (actions, not state).
-FrontendMessage = Literal["cancel"]
+FrontendMessage = Literal["cancel", "faithfulness", "decode_step", "buffers_missing"]
 
 OVERLAY_KINDS: tuple[str, ...] = get_args(OverlayKind)
 HEAVY_OVERLAYS: tuple[str, ...] = get_args(HeavyOverlay)
@@ -31,7 +38,48 @@ STATUSES: tuple[str, ...] = get_args(Status)
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 CURVE_GROUPS: tuple[str, ...] = get_args(CurveGroup)
 DTYPES: tuple[str, ...] = get_args(Dtype)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 FRONTEND_MESSAGES: tuple[str, ...] = get_args(FrontendMessage)
+
+#: Human names of the overlays (menus, captions, errors), generated into schema.ts.
+OVERLAY_LABELS: dict[str, str] = {
+    "none": "no overlay",
+    "attention": "token cross-attention",
+    **METHOD_LABELS,
+}
+#: Colour map of every overlay: matplotlib's inferno at eight evenly spaced points
+#: (perceptually uniform, readable in greyscale). The PNG snapshot uses the same stops.
+COLORMAP_NAME = "inferno"
+COLORMAP_STOPS: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 4),
+    (40, 11, 84),
+    (101, 21, 110),
+    (159, 42, 99),
+    (212, 72, 66),
+    (245, 125, 21),
+    (250, 193, 39),
+    (252, 255, 164),
+)
+#: Categorical palette of curves (Tableau 10): distinct hues for up to ten series.
+CURVE_PALETTE: tuple[str, ...] = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+)  # fmt: skip
+#: Title and y-axis unit of each curve group (in-widget panels and bqplot figures).
+CURVE_GROUP_TITLES: dict[str, str] = {
+    "attention_mass": "Cross-attention mass per token",
+    "token_relevance": "Token relevance per step (min–max over words)",
+    "concept_auc": "Concept ROC-AUC per step",
+    "faithfulness": "Faithfulness (insertion / deletion AUC)",
+}
+CURVE_GROUP_UNITS: dict[str, str] = {
+    "attention_mass": "share of attention",
+    "token_relevance": "relevance (0–1)",
+    "concept_auc": "ROC-AUC",
+    "faithfulness": "AUC",
+}
+#: ``attention_head`` value meaning "mean over heads".
+MEAN_OVER_HEADS = -1
 
 #: Enumerations exported to TypeScript as string unions plus constant arrays.
 ENUMS: dict[str, tuple[str, ...]] = {
@@ -41,6 +89,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "ImageMode": IMAGE_MODES,
     "CurveGroup": CURVE_GROUPS,
     "Dtype": DTYPES,
+    "Transport": TRANSPORTS,
     "FrontendMessage": FRONTEND_MESSAGES,
 }
 
@@ -85,6 +134,29 @@ TRAITS: tuple[TraitSpec, ...] = (
     TraitSpec("opacity", "float", 0.6, True, "Overlay opacity in [0, 1]."),
     TraitSpec("image_mode", "enum", "x0", True, "Predicted clean image or noisy x_t.", "ImageMode"),
     TraitSpec("show_special", "bool", False, True, "Show start/end/padding token chips."),
+    TraitSpec(
+        "attention_layer",
+        "str",
+        "",
+        True,
+        "Attention filter: '' (all layers), a grid such as '16x16', or one attn2 layer path.",
+    ),
+    TraitSpec("attention_head", "int", MEAN_OVER_HEADS, True, "Attention head shown; -1 = mean."),
+    TraitSpec(
+        "saliency_layer",
+        "str",
+        "",
+        True,
+        "Layer of a saliency method's per-layer maps shown ('' = the method's combination).",
+    ),
+    TraitSpec(
+        "grid",
+        "enum",
+        "none",
+        True,
+        "Source of the layer x step grid ('none' = closed).",
+        "OverlayKind",
+    ),
     TraitSpec("status", "enum", "idle", False, "State of the heavy computation.", "Status"),
     TraitSpec("progress", "float", 0.0, False, "Progress of the running computation, 0..1."),
     TraitSpec("error", "str", "", False, "Last rejected input or failed computation; '' if none."),
@@ -94,12 +166,27 @@ TRAITS: tuple[TraitSpec, ...] = (
     TraitSpec("timesteps", "int_list", [], False, "Scheduler timestep t of each step."),
     TraitSpec("available", "str_list", [], False, "Overlay kinds that can be shown or computed."),
     TraitSpec(
+        "actions",
+        "str_list",
+        ["cancel"],
+        False,
+        "Front-end messages the kernel can serve now (e.g. 'faithfulness' needs a pipeline).",
+    ),
+    TraitSpec("transport", "enum", "binary", False, "How array payloads travel.", "Transport"),
+    TraitSpec(
         "previews",
         "json",
         None,
         False,
         "Decoded predicted x0 per step: uint8 [N, H, W, 3].",
         ts_type="ArrayPayload | null",
+    ),
+    TraitSpec(
+        "exact_steps",
+        "int_list",
+        [],
+        False,
+        "Steps whose x0 preview was replaced by a full VAE decode on request.",
     ),
     TraitSpec(
         "noisy_previews",
@@ -126,6 +213,38 @@ TRAITS: tuple[TraitSpec, ...] = (
         ts_type="Partial<Record<HeavyOverlay, OverlaySet>>",
     ),
     TraitSpec(
+        "layer_options",
+        "json",
+        {"attention": [], "saliency": {}, "heads": 0},
+        False,
+        "Values the layer and head filters accept, with labels.",
+        ts_type="LayerOptions",
+    ),
+    TraitSpec(
+        "grid_data",
+        "json",
+        None,
+        False,
+        "Maps of the open layer x step grid (fetched when `grid` is set).",
+        ts_type="GridData | null",
+    ),
+    TraitSpec(
+        "scales",
+        "json",
+        {},
+        False,
+        "What the colour scale of each overlay means and how maps were normalised.",
+        ts_type="Partial<Record<OverlayKind, ScaleInfo>>",
+    ),
+    TraitSpec(
+        "faithfulness",
+        "json",
+        [],
+        False,
+        "Insertion/deletion results computed for shown maps, beside random orders.",
+        ts_type="FaithfulnessEntry[]",
+    ),
+    TraitSpec(
         "curves",
         "json",
         None,
@@ -145,6 +264,16 @@ TRAITS: tuple[TraitSpec, ...] = (
 
 TRAITS_BY_NAME: dict[str, TraitSpec] = {spec.name: spec for spec in TRAITS}
 FRONTEND_WRITABLE: tuple[str, ...] = tuple(spec.name for spec in TRAITS if spec.writable)
+#: Traits that carry array payloads (re-encoded as base64 when buffers do not arrive).
+PAYLOAD_TRAITS: tuple[str, ...] = (
+    "previews",
+    "noisy_previews",
+    "attention",
+    "overlays",
+    "grid_data",
+    "faithfulness",
+    "curves",
+)
 
 #: Structured payload types, verbatim TypeScript (the Python side builds them in codecs.py).
 _TS_PAYLOADS = """\
@@ -152,6 +281,7 @@ _TS_PAYLOADS = """\
 export interface ArrayPayload {
   dtype: Dtype;
   shape: number[];
+  /** A DataView; base64 text when `transport` is "base64" (decoded on arrival). */
   data: DataView;
   /** value = q / 255 * scale, one scale per leading index (e.g. [N, T]). */
   scale?: ArrayPayload;
@@ -161,6 +291,66 @@ export interface ArrayPayload {
 export interface OverlaySet {
   steps: number[];
   maps: ArrayPayload;
+  /** Raw [min, max] of each map before normalisation (same order as `steps`). */
+  ranges: [number, number][];
+  /** The per-layer map shown ('' = the method's combination of its layers). */
+  layer: string;
+  /** One caption per map (same order as `steps`). */
+  descriptions: string[];
+}
+
+export interface LayerOption {
+  value: string;
+  label: string;
+}
+
+export interface LayerOptions {
+  attention: LayerOption[];
+  saliency: Partial<Record<HeavyOverlay, LayerOption[]>>;
+  /** Heads recorded per attention layer (0: only the mean over heads was recorded). */
+  heads: number;
+}
+
+/** Small multiples: one map per (layer, step[, token]) on a common g x g grid. */
+export interface GridData {
+  source: OverlayKind;
+  layers: string[];
+  /** Each layer's own spatial grid [h, w]. */
+  grids: [number, number][];
+  steps: number[];
+  /** uint8 [L, S, T, g, g]; T = 1 when the maps do not depend on the token. */
+  maps: ArrayPayload;
+  per_token: boolean;
+  description: string;
+}
+
+/** What a colour scale means. */
+export interface ScaleInfo {
+  meaning: string;
+  normalisation: string;
+}
+
+/** Insertion/deletion curves of one shown map beside the random-order baseline. */
+export interface FaithfulnessEntry {
+  overlay: OverlayKind;
+  step: number;
+  token: number | null;
+  layer: string;
+  head: number;
+  operator: string;
+  operator_text: string;
+  similarity: string;
+  /** float32 [S]: share of latent cells perturbed. */
+  fractions: ArrayPayload;
+  /** float32 [4, S]: map deletion, map insertion, random deletion, random insertion. */
+  curves: ArrayPayload;
+  deletion_auc: number;
+  insertion_auc: number;
+  random_deletion_auc: number;
+  random_insertion_auc: number;
+  random_deletion_sd: number;
+  random_insertion_sd: number;
+  n_random: number;
   description: string;
 }
 
@@ -209,6 +399,29 @@ def typescript() -> str:
         items = ", ".join(f'"{v}"' for v in values)
         lines.append(f"export const {const}: readonly {name}[] = [{items}];")
         lines.append("")
+    labels = ", ".join(f'{k}: "{v}"' for k, v in OVERLAY_LABELS.items())
+    lines.append("/** Human names of the overlays. */")
+    lines.append(
+        f"export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = {{ {labels} }};"
+    )
+    stops = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in COLORMAP_STOPS)
+    lines.append(f"/** {COLORMAP_NAME} colour map, evenly spaced stops in [0, 1]. */")
+    lines.append(f'export const COLORMAP_NAME = "{COLORMAP_NAME}";')
+    lines.append(
+        f"export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [{stops}];"
+    )
+    lines.append(f"export const MEAN_OVER_HEADS = {MEAN_OVER_HEADS};")
+    palette = ", ".join(f'"{c}"' for c in CURVE_PALETTE)
+    lines.append(f"export const CURVE_PALETTE: readonly string[] = [{palette}];")
+    for name, table in (
+        ("CURVE_GROUP_TITLES", CURVE_GROUP_TITLES),
+        ("CURVE_GROUP_UNITS", CURVE_GROUP_UNITS),
+    ):
+        entries = ", ".join(f'{k}: "{v}"' for k, v in table.items())
+        lines.append(
+            f"export const {name}: Readonly<Record<CurveGroup, string>> = {{ {entries} }};"
+        )
+    lines.append("")
     lines.append(_TS_PAYLOADS)
     lines.append("/** Every synced trait of the explorer widget. */")
     lines.append("export interface WidgetState {")
@@ -221,6 +434,8 @@ def typescript() -> str:
     writable = ", ".join(f'"{name}"' for name in FRONTEND_WRITABLE)
     lines.append(f"export const FRONTEND_WRITABLE = [{writable}] as const;")
     lines.append("export type WritableKey = (typeof FRONTEND_WRITABLE)[number];")
+    payloads = ", ".join(f'"{name}"' for name in PAYLOAD_TRAITS)
+    lines.append(f"export const PAYLOAD_TRAITS = [{payloads}] as const;")
     lines.append("")
     return "\n".join(lines)
 
@@ -266,7 +481,27 @@ class InvalidInput(ValueError):
     """A value sent by the front end that the kernel refuses."""
 
 
-def validate_incoming(name: str, value: Any, *, n_steps: int, n_tokens: int) -> Any:
+@dataclass(frozen=True)
+class Bounds:
+    """What the current trace accepts: step and token ranges, heads, layer filter values."""
+
+    n_steps: int
+    n_tokens: int
+    n_heads: int = 0
+    choices: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def int_range(self, name: str) -> tuple[int, int]:
+        """Inclusive ``(low, high)`` of an integer trait."""
+        if name == "step":
+            return 0, self.n_steps - 1
+        if name == "token":
+            return 0, self.n_tokens - 1
+        if name == "attention_head":
+            return MEAN_OVER_HEADS, self.n_heads - 1
+        raise KeyError(name)
+
+
+def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
     """Check one front-end write and return the value to store.
 
     Parameters
@@ -275,8 +510,8 @@ def validate_incoming(name: str, value: Any, *, n_steps: int, n_tokens: int) -> 
         Trait name the front end tried to set.
     value : Any
         The decoded JSON value (or a buffer, which no writable trait accepts).
-    n_steps, n_tokens : int
-        Bounds of the current trace.
+    bounds : Bounds
+        Ranges and choices of the current trace.
 
     Returns
     -------
@@ -287,6 +522,11 @@ def validate_incoming(name: str, value: Any, *, n_steps: int, n_tokens: int) -> 
     ------
     InvalidInput
         With a message that says what is accepted.
+
+    Examples
+    --------
+    >>> validate_incoming("step", 3.0, Bounds(n_steps=20, n_tokens=5))
+    3
     """
     spec = TRAITS_BY_NAME.get(name)
     if spec is None or not spec.writable:
@@ -299,9 +539,14 @@ def validate_incoming(name: str, value: Any, *, n_steps: int, n_tokens: int) -> 
         if isinstance(value, float) and not value.is_integer():
             raise InvalidInput(f"{name} must be an integer, got {value}")
         value = int(value)
-        upper = n_steps if name == "step" else n_tokens
-        if not 0 <= value < upper:
-            raise InvalidInput(f"{name} {value} is out of range; use 0..{upper - 1}")
+        low, high = bounds.int_range(name)
+        if name == "attention_head" and bounds.n_heads == 0 and value != MEAN_OVER_HEADS:
+            raise InvalidInput(
+                f"attention_head {value} is not available: this trace recorded only the mean "
+                "over heads (-1)"
+            )
+        if not low <= value <= high:
+            raise InvalidInput(f"{name} {value} is out of range; use {low}..{high}")
         return value
     if spec.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -318,6 +563,11 @@ def validate_incoming(name: str, value: Any, *, n_steps: int, n_tokens: int) -> 
         allowed = ENUMS[spec.enum]
         if not isinstance(value, str) or value not in allowed:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {list(allowed)}")
+        return value
+    if spec.kind == "str":
+        allowed_values = ["", *bounds.choices.get(name, ())]
+        if not isinstance(value, str) or value not in allowed_values:
+            raise InvalidInput(f"unknown {name} {value!r}; use one of {allowed_values}")
         return value
     raise InvalidInput(f"the view may not set {name!r}")
 

@@ -3,8 +3,10 @@
     python docs/screenshots/capture.py            # tiny random-weight pipeline
     python docs/screenshots/capture.py --demo     # the embedded model (the pictures in the README)
 
-Traces one prompt, computes DF-RISE and DF-CAM at one step, and photographs the explorer in
-JupyterLab (with the linked bqplot figure) and in its standalone HTML export.
+Traces one prompt, computes DF-RISE and DF-CAM at one step and the faithfulness of the
+DF-RISE map, and photographs the explorer in its standalone HTML export (attention, DF-RISE
+with its faithfulness panel, DF-CAM on the noisy latent, the layer x step grid of attention
+and of DF-CAM) and in JupyterLab with the linked bqplot figure.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
+    from diffwidget.explain.faithfulness import InsertionDeletion
+    from diffwidget.explain.rise import DFRise
     from diffwidget.tracing.context import trace
     from diffwidget.widget.explorer import Explorer
 
@@ -48,37 +52,52 @@ def main(argv: list[str] | None = None) -> int:
     explorer = Explorer(
         traced,
         pipe=pipe,
-        method_options={"df_rise": {"n_masks": RISE_MASKS}},
+        methods={"df_rise": DFRise(n_masks=RISE_MASKS, progress_bar=False)},
+        faithfulness=InsertionDeletion(operator="renoise"),
         noisy_decoder="vae",
     )
-    for kind in ("df_rise", "df_cam"):
-        explorer.compute(kind, step=SHOWN_STEP).result(600)
+    for step in (4, 8, SHOWN_STEP, 16):
+        explorer.compute("df_cam", step=step).result(600)
+    explorer.compute("df_rise", step=SHOWN_STEP).result(600)
     explorer.step = SHOWN_STEP
+    explorer.overlay = "df_rise"
+    explorer.faithfulness().result(600)
+    explorer.overlay = "attention"
+    explorer.token = 3
+    explorer.grid = "attention"
     with tempfile.TemporaryDirectory(prefix="diffwidget-shots-") as tmp:
         tmpdir = Path(tmp)
         trace_path = traced.save(tmpdir / "trace.safetensors")
         html = explorer.to_html(tmpdir / "explorer.html")
+        explorer.overlay = "df_cam"
+        explorer.grid = "df_cam"
+        cam_html = explorer.to_html(tmpdir / "explorer_cam.html")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS
             )
-            page = browser.new_page(viewport={"width": 980, "height": 640}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 1040, "height": 1000}, device_scale_factor=1)
             page.goto(html.as_uri())
             page.wait_for_selector(".dw-canvas[data-draws]")
             page.fill(".dw-range", str(SHOWN_STEP))
-            page.click('.dw-chip[data-token="3"]')
+            page.locator(".dw-root").screenshot(path=str(HERE / "explorer_grid.png"))
+            page.click(".dw-grid-toggle")  # close the grid for the single-view pictures
             page.locator(".dw-root").screenshot(path=str(HERE / "explorer_attention.png"))
             page.select_option(".dw-overlay", "df_rise")
             page.locator(".dw-root").screenshot(path=str(HERE / "explorer_df_rise.png"))
             page.select_option(".dw-overlay", "df_cam")
             page.select_option(".dw-mode", "noisy")
             page.locator(".dw-root").screenshot(path=str(HERE / "explorer_noisy_df_cam.png"))
+            page.goto(cam_html.as_uri())
+            page.wait_for_selector('figure.dw-grid[data-source="df_cam"]')
+            page.fill(".dw-range", str(SHOWN_STEP))
+            page.locator(".dw-root").screenshot(path=str(HERE / "explorer_grid_df_cam.png"))
             page.close()
             setup = (
                 "from diffwidget.tracing.trace import Trace\n"
                 "from diffwidget.widget.explorer import Explorer\n"
                 f"explorer = Explorer(Trace.load({str(trace_path)!r}))\n"
-                f"explorer.step = {SHOWN_STEP}; explorer.token = 2; explorer.overlay = 'attention'"
+                f"explorer.step = {SHOWN_STEP}; explorer.token = 3; explorer.overlay = 'attention'"
             )
             cells = [setup, "explorer", "explorer.figure('attention_mass')"]
             (tmpdir / "lab").mkdir()

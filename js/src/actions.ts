@@ -1,15 +1,26 @@
+import { isHeavy } from "./data";
 import type { Model } from "./model";
-import type { WidgetState } from "./schema";
+import { OVERLAY_LABELS, type OverlayKind, type WidgetState } from "./schema";
 
 /** Number of steps in the trace shown. */
 export function stepCount(model: Model): number {
   return model.get("timesteps").length;
 }
 
-/** Clamp to a valid loop index. */
-export function clampStep(value: number, n: number): number {
-  if (!Number.isFinite(value) || n <= 0) return 0;
-  return Math.min(n - 1, Math.max(0, Math.round(value)));
+/** Clamp to a valid loop index (anything that is not a finite number becomes 0). */
+export function clampStep(value: unknown, n: number): number {
+  const number = typeof value === "number" ? value : Number.NaN;
+  if (!Number.isFinite(number) || n <= 0) return 0;
+  return Math.min(n - 1, Math.max(0, Math.round(number)));
+}
+
+/**
+ * The step to draw: the model's value clamped to the trace. A malformed value (a string, NaN,
+ * out of range) from another widget or a script never reaches a drawing call; the kernel
+ * refuses it and echoes its own value back.
+ */
+export function shownStep(model: Model): number {
+  return clampStep(model.get("step"), stepCount(model));
 }
 
 /** Longest gap between two syncs of the step while scrubbing (ms). */
@@ -50,7 +61,7 @@ export function setStep(model: Model, value: number): void {
 
 /** Move by `delta` steps (keyboard arrows, play). */
 export function stepBy(model: Model, delta: number): void {
-  setStep(model, model.get("step") + delta);
+  setStep(model, shownStep(model) + delta);
 }
 
 /** Select a token; with no overlay shown, switch to its attention map. */
@@ -62,12 +73,18 @@ export function selectToken(model: Model, token: number): void {
   model.save_changes();
 }
 
+type Settable =
+  | "overlay"
+  | "opacity"
+  | "image_mode"
+  | "show_special"
+  | "attention_layer"
+  | "attention_head"
+  | "saliency_layer"
+  | "grid";
+
 /** Set one writable trait and sync it. */
-export function setValue<K extends "overlay" | "opacity" | "image_mode" | "show_special">(
-  model: Model,
-  key: K,
-  value: WidgetState[K],
-): void {
+export function setValue<K extends Settable>(model: Model, key: K, value: WidgetState[K]): void {
   model.set(key, value);
   model.save_changes();
 }
@@ -77,21 +94,47 @@ export function requestCancel(model: Model): void {
   model.send({ kind: "cancel" });
 }
 
+/** Ask the kernel for something it does on request ("faithfulness", "decode_step"). */
+export function requestAction(model: Model, kind: "faithfulness" | "decode_step"): void {
+  model.send({ kind });
+}
+
+/** Whether the overlay shown depends on the selected token. */
+export function overlayUsesToken(overlay: OverlayKind): boolean {
+  return overlay === "attention";
+}
+
+/**
+ * Jump to a grid cell: its step, its overlay, and its layer as the filter (when the kernel
+ * can apply filters; a kernel-less export lists only the filter it was saved with).
+ */
+export function selectGridCell(
+  model: Model,
+  source: OverlayKind,
+  layer: string,
+  step: number,
+): void {
+  setStep(model, step);
+  model.set("overlay", source);
+  const options = model.get("layer_options");
+  if (source === "attention") {
+    if (options.attention.some((o) => o.value === layer)) model.set("attention_layer", layer);
+  } else if (isHeavy(source)) {
+    if ((options.saliency[source] ?? []).some((o) => o.value === layer)) {
+      model.set("saliency_layer", layer);
+    }
+  }
+  model.save_changes();
+}
+
 /** Whether a token chip is shown (start/end/pad only on request). */
 export function tokenVisible(kind: string, showSpecial: boolean): boolean {
   return showSpecial || kind === "word";
 }
 
-const OVERLAY_NAMES: Record<string, string> = {
-  none: "No overlay",
-  attention: "Token attention",
-  df_rise: "DF-RISE",
-  df_cam: "DF-CAM",
-};
-
-/** Human name of an overlay kind. */
+/** Human name of an overlay kind (from the schema). */
 export function overlayName(kind: string): string {
-  return OVERLAY_NAMES[kind] ?? kind;
+  return OVERLAY_LABELS[kind as OverlayKind] ?? kind;
 }
 
 /** The caption under the image: what is drawn, at which step, and what the overlay aggregates. */
@@ -109,16 +152,18 @@ export function captionText(
   >,
 ): string {
   const n = state.timesteps.length;
-  const t = state.timesteps[state.step];
-  const parts = [`Step ${state.step} of ${n - 1} (scheduler t = ${t ?? "?"}).`];
+  const step = clampStep(state.step, n);
+  const t = state.timesteps[step];
+  const parts = [`Step ${step} of ${n - 1} (scheduler t = ${t ?? "?"}).`];
   parts.push(`${state.descriptions[state.image_mode] ?? state.image_mode}.`);
   if (state.overlay === "attention") {
     const token = state.tokens[state.token] ?? "?";
     parts.push(`Overlay for token “${token}”: ${state.descriptions.attention ?? "attention"}.`);
-  } else if (state.overlay === "df_rise" || state.overlay === "df_cam") {
+  } else if (isHeavy(state.overlay)) {
     const set = state.overlays[state.overlay];
-    if (set?.steps.includes(state.step)) parts.push(`Overlay: ${set.description}.`);
-    else parts.push(`${overlayName(state.overlay)} is not computed for step ${state.step} yet.`);
+    const index = set ? set.steps.indexOf(step) : -1;
+    if (set && index >= 0) parts.push(`Overlay: ${set.descriptions[index] ?? ""}.`);
+    else parts.push(`${overlayName(state.overlay)} is not computed for step ${step} yet.`);
   }
   return parts.join(" ");
 }

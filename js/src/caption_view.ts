@@ -4,6 +4,8 @@ import { type Cleanup, h, type Model, onChanges } from "./model";
 /** The sentence under the image stating what is drawn and aggregated. */
 export function captionView(model: Model, el: HTMLElement): Cleanup {
   const caption = h("p", "dw-caption");
+  caption.setAttribute("aria-label", "caption");
+  caption.setAttribute("aria-live", "polite");
   el.appendChild(caption);
   const update = (): void => {
     caption.textContent = captionText({

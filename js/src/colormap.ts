@@ -1,34 +1,29 @@
-/** Inferno control points (matplotlib), evenly spaced in [0, 1]. */
-const INFERNO: readonly [number, number, number][] = [
-  [0, 0, 4],
-  [40, 11, 84],
-  [101, 21, 110],
-  [159, 42, 99],
-  [212, 72, 66],
-  [245, 125, 21],
-  [250, 193, 39],
-  [252, 255, 164],
-];
+import { COLORMAP_STOPS } from "./schema";
 
 /** Number of entries in a lookup table (one per uint8 value). */
 export const LUT_SIZE = 256;
 
-/** A 256-entry RGB lookup table interpolated from the control points. */
-export function buildLut(stops: readonly [number, number, number][] = INFERNO): Uint8Array {
+type Stop = readonly [number, number, number];
+
+/** A 256-entry RGB lookup table interpolated from the schema's colour-map stops. */
+export function buildLut(stops: readonly Stop[] = COLORMAP_STOPS): Uint8Array {
   const lut = new Uint8Array(LUT_SIZE * 3);
   const segments = stops.length - 1;
   for (let i = 0; i < LUT_SIZE; i++) {
     const x = (i / (LUT_SIZE - 1)) * segments;
     const k = Math.min(Math.floor(x), segments - 1);
     const f = x - k;
-    const a = stops[k] as [number, number, number];
-    const b = stops[k + 1] as [number, number, number];
+    const a = stops[k] as Stop;
+    const b = stops[k + 1] as Stop;
     for (let c = 0; c < 3; c++) lut[i * 3 + c] = Math.round(a[c] * (1 - f) + b[c] * f);
   }
   return lut;
 }
 
-/** Colour a uint8 map into RGBA pixels with per-pixel alpha = value × opacity. */
+/**
+ * Colour a uint8 map into RGBA pixels. Alpha grows from 0 at the map's low end to `opacity`
+ * at its top, so low values are transparent and the image shows through them.
+ */
 export function colourise(
   values: Uint8Array,
   lut: Uint8Array,
@@ -40,7 +35,15 @@ export function colourise(
     out[i * 4] = lut[v * 3] as number;
     out[i * 4 + 1] = lut[v * 3 + 1] as number;
     out[i * 4 + 2] = lut[v * 3 + 2] as number;
-    // Low values fade out so the image stays readable under weak saliency.
-    out[i * 4 + 3] = Math.round(255 * opacity * (0.25 + (0.75 * v) / 255));
+    out[i * 4 + 3] = Math.round((opacity * 255 * v) / 255);
   }
+}
+
+/** A CSS gradient of the colour map, low at the bottom (for the colour scale). */
+export function cssGradient(stops: readonly Stop[] = COLORMAP_STOPS): string {
+  const parts = stops.map(([r, g, b], i) => {
+    const at = ((i / (stops.length - 1)) * 100).toFixed(1);
+    return `rgb(${r}, ${g}, ${b}) ${at}%`;
+  });
+  return `linear-gradient(to top, ${parts.join(", ")})`;
 }

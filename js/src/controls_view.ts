@@ -1,11 +1,29 @@
-import { overlayName, setValue } from "./actions";
+import { overlayName, requestAction, setValue } from "./actions";
+import { isHeavy } from "./data";
 import { exportPng } from "./image_view";
 import { type Cleanup, h, type Model, onChanges } from "./model";
-import { IMAGE_MODES, type ImageMode, OVERLAY_KINDS, type OverlayKind } from "./schema";
+import {
+  IMAGE_MODES,
+  type ImageMode,
+  type LayerOption,
+  MEAN_OVER_HEADS,
+  OVERLAY_KINDS,
+  type OverlayKind,
+} from "./schema";
 
 const MODE_NAMES: Record<ImageMode, string> = { x0: "predicted x̂0", noisy: "noisy x_t" };
 
-/** Overlay selector, opacity, image mode and PNG export. */
+function fill(select: HTMLSelectElement, options: LayerOption[], value: string): void {
+  select.replaceChildren();
+  for (const option of options) {
+    const node = h("option", "", option.label);
+    node.value = option.value;
+    select.appendChild(node);
+  }
+  select.value = value;
+}
+
+/** Image mode, overlay, its layer/head filters, opacity, grid, exact decode, PNG export. */
 export function controlsView(
   model: Model,
   el: HTMLElement,
@@ -21,45 +39,123 @@ export function controlsView(
     option.value = kind;
     mode.appendChild(option);
   }
+  const layer = h("select", "dw-layer");
+  layer.setAttribute("aria-label", "layers");
+  const head = h("select", "dw-head");
+  head.setAttribute("aria-label", "attention head");
   const opacity = h("input", "dw-opacity");
   opacity.type = "range";
   opacity.min = "0";
   opacity.max = "1";
   opacity.step = "0.05";
   opacity.setAttribute("aria-label", "overlay opacity");
+  const grid = h("button", "dw-grid-toggle", "layer × step grid");
+  grid.type = "button";
+  grid.setAttribute("aria-label", "show the layer × step grid");
+  const exact = h("button", "dw-exact", "exact decode");
+  exact.type = "button";
+  exact.title = "Decode this step's x̂0 with the full VAE (the slider shows fast previews)";
+  exact.setAttribute("aria-label", "decode this step with the full VAE");
   const png = h("button", "dw-png", "PNG");
   png.type = "button";
   png.title = "Save the current view as PNG";
+  png.setAttribute("aria-label", "save the current view as PNG");
   const opacityLabel = h("label", "dw-opacity-label", "opacity ");
   opacityLabel.appendChild(opacity);
-  row.append(mode, overlay, opacityLabel, png);
+  row.append(mode, overlay, layer, head, opacityLabel, grid, exact, png);
   el.appendChild(row);
+
+  const gridSource = (): OverlayKind => {
+    const kind = model.get("overlay");
+    if (kind === "attention") return "attention";
+    if (isHeavy(kind) && (model.get("layer_options").saliency[kind] ?? []).length > 0) return kind;
+    return model.get("available").includes("attention") ? "attention" : "none";
+  };
 
   const update = (): void => {
     const available = model.get("available");
+    const kind = model.get("overlay");
     overlay.replaceChildren();
-    for (const kind of OVERLAY_KINDS) {
-      if (!available.includes(kind) && kind !== model.get("overlay")) continue;
-      const option = h("option", "", overlayName(kind));
-      option.value = kind;
-      overlay.appendChild(option);
+    for (const option of OVERLAY_KINDS) {
+      if (!available.includes(option) && option !== kind) continue;
+      const node = h("option", "", overlayName(option));
+      node.value = option;
+      overlay.appendChild(node);
     }
-    overlay.value = model.get("overlay");
+    overlay.value = kind;
     mode.value = model.get("image_mode");
     opacity.value = String(model.get("opacity"));
+    const options = model.get("layer_options");
+    const layerOptions =
+      kind === "attention"
+        ? options.attention
+        : isHeavy(kind)
+          ? (options.saliency[kind] ?? [])
+          : [];
+    const layerValue =
+      kind === "attention" ? model.get("attention_layer") : model.get("saliency_layer");
+    fill(layer, layerOptions, layerValue);
+    layer.hidden = layerOptions.length < 2;
+    layer.setAttribute("aria-label", `${overlayName(kind)} layers`);
+    const heads: LayerOption[] = [{ value: String(MEAN_OVER_HEADS), label: "mean over heads" }];
+    for (let k = 0; k < options.heads; k++) heads.push({ value: String(k), label: `head ${k}` });
+    fill(head, heads, String(model.get("attention_head")));
+    head.hidden = kind !== "attention" || options.heads === 0;
+    const open = model.get("grid") !== "none";
+    grid.classList.toggle("dw-active", open);
+    grid.setAttribute("aria-pressed", String(open));
+    grid.hidden = gridSource() === "none";
+    exact.hidden =
+      !model.get("actions").includes("decode_step") || model.get("image_mode") !== "x0";
   };
-  const onOverlay = (): void => setValue(model, "overlay", overlay.value as OverlayKind);
+  const onOverlay = (): void => {
+    const kind = overlay.value as OverlayKind;
+    // An open grid follows the overlay when the new one has per-layer maps (the kernel
+    // sends the new grid; a kernel-less export keeps the grid it was saved with).
+    setValue(model, "overlay", kind);
+    const kernel = model.get("actions").length > 0;
+    if (kernel && model.get("grid") !== "none" && gridSource() !== model.get("grid")) {
+      setValue(model, "grid", gridSource());
+    }
+  };
+  const onLayer = (): void => {
+    const key = model.get("overlay") === "attention" ? "attention_layer" : "saliency_layer";
+    setValue(model, key, layer.value);
+  };
+  const onHead = (): void => setValue(model, "attention_head", Number(head.value));
   const onMode = (): void => setValue(model, "image_mode", mode.value as ImageMode);
   const onOpacity = (): void => setValue(model, "opacity", Number(opacity.value));
+  const onGrid = (): void =>
+    setValue(model, "grid", model.get("grid") === "none" ? gridSource() : "none");
+  const onExact = (): void => requestAction(model, "decode_step");
   const onPng = (): void => {
     const target = canvas();
     if (target) exportPng(target, `diffwidget-step-${model.get("step")}.png`);
   };
   overlay.addEventListener("change", onOverlay);
+  layer.addEventListener("change", onLayer);
+  head.addEventListener("change", onHead);
   mode.addEventListener("change", onMode);
   opacity.addEventListener("input", onOpacity);
+  grid.addEventListener("click", onGrid);
+  exact.addEventListener("click", onExact);
   png.addEventListener("click", onPng);
-  const off = onChanges(model, ["available", "overlay", "image_mode", "opacity"], update);
+  const off = onChanges(
+    model,
+    [
+      "available",
+      "overlay",
+      "image_mode",
+      "opacity",
+      "layer_options",
+      "attention_layer",
+      "attention_head",
+      "saliency_layer",
+      "grid",
+      "actions",
+    ],
+    update,
+  );
   update();
   return () => {
     off();

@@ -1,3 +1,4 @@
+import { shownStep } from "./actions";
 import { buildLut, colourise } from "./colormap";
 import { frameAt, overlayMap } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
@@ -11,6 +12,7 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
   canvas.width = VIEW_SIZE;
   canvas.height = VIEW_SIZE;
   canvas.setAttribute("role", "img");
+  canvas.setAttribute("aria-label", "image at the current step");
   el.appendChild(canvas);
   const ctx = canvas.getContext("2d");
   const lut = buildLut();
@@ -22,7 +24,7 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
   const draw = (): void => {
     if (!ctx) return;
     const started = performance.now();
-    const step = model.get("step");
+    const step = shownStep(model);
     const source = model.get("image_mode") === "noisy" ? "noisy_previews" : "previews";
     const frame = frameAt(model.get(source), step);
     ctx.clearRect(0, 0, VIEW_SIZE, VIEW_SIZE);
@@ -87,6 +89,7 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       "noisy_previews",
       "attention",
       "overlays",
+      "timesteps",
     ],
     draw,
   );

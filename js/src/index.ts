@@ -2,40 +2,77 @@ import type { RenderProps } from "@anywidget/types";
 import { captionView } from "./caption_view";
 import { controlsView } from "./controls_view";
 import { curvesView } from "./curves_view";
-import { checkPayload } from "./data";
+import { buffersMissing, checkPayload, ensureBinary } from "./data";
+import { faithfulnessView } from "./faithfulness_view";
+import { gridView } from "./grid_view";
 import { imageView } from "./image_view";
 import { decodeState, LocalModel } from "./local_model";
-import { type Cleanup, h, type Model } from "./model";
-import type { WidgetState } from "./schema";
+import { type Cleanup, h, type Model, onChanges } from "./model";
+import { scaleView } from "./scale_view";
+import { PAYLOAD_TRAITS, type WidgetState } from "./schema";
 import { sliderView } from "./slider_view";
 import { statusView } from "./status_view";
 import { STYLES } from "./styles";
 import { tokensView } from "./tokens_view";
 
+/**
+ * Keep every payload binary: base64 buffers (the fallback transport) and other buffer types
+ * become DataViews in place, before any view redraws. When buffers did not arrive at all
+ * (a widget manager that drops them, colab-cdn-widget-manager#33), ask the kernel once to
+ * send base64 instead.
+ */
+export function payloadGuard(model: Model): Cleanup {
+  let asked = false;
+  const check = (): void => {
+    for (const key of PAYLOAD_TRAITS) ensureBinary(model.get(key));
+    if (asked || model.get("transport") === "base64") return;
+    const missing = PAYLOAD_TRAITS.filter((key) => buffersMissing(model.get(key)));
+    if (missing.length > 0) {
+      asked = true;
+      console.warn(`diffwidget: buffers of ${missing.join(", ")} did not arrive; using base64`);
+      model.send({ kind: "buffers_missing" });
+    }
+  };
+  const off = onChanges(model, [...PAYLOAD_TRAITS, "transport"] as (keyof WidgetState)[], check);
+  check();
+  return off;
+}
+
 /** Lay out the explorer in `el` and wire every view to `model`; returns the teardown. */
 export function mount(model: Model, el: HTMLElement): Cleanup {
+  const guard = payloadGuard(model); // first: it must run before the views redraw
   const style = document.createElement("style");
   style.textContent = STYLES;
   const root = h("div", "dw-root");
   root.tabIndex = 0; // keyboard arrows move the step once the widget has focus
+  root.setAttribute("role", "application");
+  root.setAttribute("aria-label", "diffusion explorer");
   const left = h("div", "dw-left");
+  const view = h("div", "dw-view");
   const right = h("div", "dw-right");
+  const bottom = h("div", "dw-bottom");
   const prompt = h("div", "dw-prompt", model.get("prompt"));
+  prompt.setAttribute("aria-label", "prompt");
   right.appendChild(prompt);
-  root.append(left, right);
+  left.appendChild(view);
+  root.append(left, right, bottom);
   el.append(style, root);
   for (const key of ["previews", "noisy_previews", "attention"] as const) {
     const problem = checkPayload(model.get(key));
     if (problem) console.warn(`diffwidget: ${key}: ${problem}`);
   }
   const cleanups: Cleanup[] = [
-    imageView(model, left),
+    guard,
+    imageView(model, view),
+    scaleView(model, view, left),
     captionView(model, left),
-    controlsView(model, right, () => root.querySelector("canvas")),
+    faithfulnessView(model, left),
+    controlsView(model, right, () => root.querySelector(".dw-canvas")),
     tokensView(model, right),
     curvesView(model, right),
     sliderView(model, root, root),
     statusView(model, root),
+    gridView(model, bottom),
   ];
   return () => {
     for (const cleanup of cleanups.reverse()) cleanup();

@@ -1,3 +1,4 @@
+import { ensureBinary } from "./data";
 import type { Model } from "./model";
 import type { WidgetState } from "./schema";
 
@@ -72,19 +73,5 @@ export class LocalModel {
 
 /** Turn exported JSON state (buffers as {"$b64": ...}) into WidgetState with DataViews. */
 export function decodeState(json: unknown): WidgetState {
-  const walk = (value: unknown): unknown => {
-    if (Array.isArray(value)) return value.map(walk);
-    if (value && typeof value === "object") {
-      const record = value as Record<string, unknown>;
-      if (typeof record.$b64 === "string") {
-        const text = atob(record.$b64);
-        const bytes = new Uint8Array(text.length);
-        for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
-        return new DataView(bytes.buffer);
-      }
-      return Object.fromEntries(Object.entries(record).map(([k, v]) => [k, walk(v)]));
-    }
-    return value;
-  };
-  return walk(json) as WidgetState;
+  return ensureBinary(structuredClone(json)) as WidgetState;
 }

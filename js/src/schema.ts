@@ -19,13 +19,27 @@ export const CURVE_GROUPS: readonly CurveGroup[] = ["attention_mass", "token_rel
 export type Dtype = "uint8" | "float32" | "int32";
 export const DTYPES: readonly Dtype[] = ["uint8", "float32", "int32"];
 
-export type FrontendMessage = "cancel";
-export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel"];
+export type Transport = "binary" | "base64";
+export const TRANSPORTS: readonly Transport[] = ["binary", "base64"];
+
+export type FrontendMessage = "cancel" | "faithfulness" | "decode_step" | "buffers_missing";
+export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel", "faithfulness", "decode_step", "buffers_missing"];
+
+/** Human names of the overlays. */
+export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM" };
+/** inferno colour map, evenly spaced stops in [0, 1]. */
+export const COLORMAP_NAME = "inferno";
+export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];
+export const MEAN_OVER_HEADS = -1;
+export const CURVE_PALETTE: readonly string[] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Cross-attention mass per token", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", faithfulness: "Faithfulness (insertion / deletion AUC)" };
+export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", faithfulness: "AUC" };
 
 /** An n-d array sent as one binary buffer; `scale` dequantises uint8 data. */
 export interface ArrayPayload {
   dtype: Dtype;
   shape: number[];
+  /** A DataView; base64 text when `transport` is "base64" (decoded on arrival). */
   data: DataView;
   /** value = q / 255 * scale, one scale per leading index (e.g. [N, T]). */
   scale?: ArrayPayload;
@@ -35,6 +49,66 @@ export interface ArrayPayload {
 export interface OverlaySet {
   steps: number[];
   maps: ArrayPayload;
+  /** Raw [min, max] of each map before normalisation (same order as `steps`). */
+  ranges: [number, number][];
+  /** The per-layer map shown ('' = the method's combination of its layers). */
+  layer: string;
+  /** One caption per map (same order as `steps`). */
+  descriptions: string[];
+}
+
+export interface LayerOption {
+  value: string;
+  label: string;
+}
+
+export interface LayerOptions {
+  attention: LayerOption[];
+  saliency: Partial<Record<HeavyOverlay, LayerOption[]>>;
+  /** Heads recorded per attention layer (0: only the mean over heads was recorded). */
+  heads: number;
+}
+
+/** Small multiples: one map per (layer, step[, token]) on a common g x g grid. */
+export interface GridData {
+  source: OverlayKind;
+  layers: string[];
+  /** Each layer's own spatial grid [h, w]. */
+  grids: [number, number][];
+  steps: number[];
+  /** uint8 [L, S, T, g, g]; T = 1 when the maps do not depend on the token. */
+  maps: ArrayPayload;
+  per_token: boolean;
+  description: string;
+}
+
+/** What a colour scale means. */
+export interface ScaleInfo {
+  meaning: string;
+  normalisation: string;
+}
+
+/** Insertion/deletion curves of one shown map beside the random-order baseline. */
+export interface FaithfulnessEntry {
+  overlay: OverlayKind;
+  step: number;
+  token: number | null;
+  layer: string;
+  head: number;
+  operator: string;
+  operator_text: string;
+  similarity: string;
+  /** float32 [S]: share of latent cells perturbed. */
+  fractions: ArrayPayload;
+  /** float32 [4, S]: map deletion, map insertion, random deletion, random insertion. */
+  curves: ArrayPayload;
+  deletion_auc: number;
+  insertion_auc: number;
+  random_deletion_auc: number;
+  random_insertion_auc: number;
+  random_deletion_sd: number;
+  random_insertion_sd: number;
+  n_random: number;
   description: string;
 }
 
@@ -64,6 +138,14 @@ export interface WidgetState {
   image_mode: ImageMode;
   /** Show start/end/padding token chips. */
   show_special: boolean;
+  /** Attention filter: '' (all layers), a grid such as '16x16', or one attn2 layer path. */
+  attention_layer: string;
+  /** Attention head shown; -1 = mean. */
+  attention_head: number;
+  /** Layer of a saliency method's per-layer maps shown ('' = the method's combination). */
+  saliency_layer: string;
+  /** Source of the layer x step grid ('none' = closed). */
+  grid: OverlayKind;
   /** State of the heavy computation. */
   readonly status: Status;
   /** Progress of the running computation, 0..1. */
@@ -80,19 +162,34 @@ export interface WidgetState {
   readonly timesteps: number[];
   /** Overlay kinds that can be shown or computed. */
   readonly available: string[];
+  /** Front-end messages the kernel can serve now (e.g. 'faithfulness' needs a pipeline). */
+  readonly actions: string[];
+  /** How array payloads travel. */
+  readonly transport: Transport;
   /** Decoded predicted x0 per step: uint8 [N, H, W, 3]. */
   readonly previews: ArrayPayload | null;
+  /** Steps whose x0 preview was replaced by a full VAE decode on request. */
+  readonly exact_steps: number[];
   /** Decoded noisy latent x_t per step: uint8 [N, H, W, 3]. */
   readonly noisy_previews: ArrayPayload | null;
   /** Per-token attention maps uint8 [N, T, h, w]; value = q / 255 * scale[N, T]. */
   readonly attention: ArrayPayload | null;
   /** Computed heavy overlays per kind: maps uint8 [K, h, w] for the listed steps. */
   readonly overlays: Partial<Record<HeavyOverlay, OverlaySet>>;
+  /** Values the layer and head filters accept, with labels. */
+  readonly layer_options: LayerOptions;
+  /** Maps of the open layer x step grid (fetched when `grid` is set). */
+  readonly grid_data: GridData | null;
+  /** What the colour scale of each overlay means and how maps were normalised. */
+  readonly scales: Partial<Record<OverlayKind, ScaleInfo>>;
+  /** Insertion/deletion results computed for shown maps, beside random orders. */
+  readonly faithfulness: FaithfulnessEntry[];
   /** Curves over steps: values float32 [K, N] (NaN where not computed). */
   readonly curves: CurveSet | null;
   /** What each overlay and image mode shows, keyed by overlay kind or image mode. */
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "grid"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
+export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "overlays", "grid_data", "faithfulness", "curves"] as const;

@@ -1,4 +1,5 @@
-import { setStep, stepBy, stepCount } from "./actions";
+import { setStep, shownStep, stepBy, stepCount } from "./actions";
+import { isHeavy } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** Width of the range input's thumb in chromium/firefox default styles (px). */
@@ -13,15 +14,18 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   const play = h("button", "dw-play", "▶");
   play.type = "button";
   play.title = "Play / pause (space)";
+  play.setAttribute("aria-label", "play the denoising steps");
   const input = h("input", "dw-range");
   input.type = "range";
   input.min = "0";
   input.step = "1";
   input.setAttribute("aria-label", "denoising step");
   const label = h("span", "dw-step-label");
+  label.setAttribute("aria-live", "polite");
   // Marks under the track at the steps where the chosen heavy overlay is computed.
   const track = h("div", "dw-track");
   const marks = h("div", "dw-marks");
+  marks.setAttribute("aria-label", "steps with a computed map");
   track.append(input, marks);
   row.append(play, track, label);
   el.appendChild(row);
@@ -33,9 +37,9 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
     play.textContent = "▶";
   };
   const start = (): void => {
-    if (model.get("step") >= stepCount(model) - 1) setStep(model, 0);
+    if (shownStep(model) >= stepCount(model) - 1) setStep(model, 0);
     timer = setInterval(() => {
-      if (model.get("step") >= stepCount(model) - 1) stop();
+      if (shownStep(model) >= stepCount(model) - 1) stop();
       else stepBy(model, 1);
     }, 1000 / PLAY_FPS);
     play.textContent = "⏸";
@@ -45,14 +49,15 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   const update = (): void => {
     const n = stepCount(model);
     input.max = String(Math.max(0, n - 1));
-    input.value = String(model.get("step"));
-    const t = model.get("timesteps")[model.get("step")];
-    label.textContent = `step ${model.get("step")} / ${n - 1} · t = ${t ?? "?"}`;
+    const step = shownStep(model);
+    input.value = String(step);
+    const t = model.get("timesteps")[step];
+    label.textContent = `step ${step} / ${n - 1} · t = ${t ?? "?"}`;
   };
   const updateMarks = (): void => {
     marks.replaceChildren();
     const kind = model.get("overlay");
-    if (kind !== "df_rise" && kind !== "df_cam") return;
+    if (!isHeavy(kind)) return;
     const n = stepCount(model);
     for (const step of model.get("overlays")[kind]?.steps ?? []) {
       const f = n > 1 ? step / (n - 1) : 0;

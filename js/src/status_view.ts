@@ -4,11 +4,15 @@ import { type Cleanup, h, type Model, onChanges } from "./model";
 /** Status of heavy work (with progress and cancel) and the last error. */
 export function statusView(model: Model, el: HTMLElement): Cleanup {
   const row = h("div", "dw-status");
+  row.setAttribute("role", "status");
+  row.setAttribute("aria-label", "status");
   const text = h("span", "dw-status-text");
   const bar = h("progress", "dw-progress");
+  bar.setAttribute("aria-label", "progress");
   bar.max = 1;
   const cancel = h("button", "dw-cancel", "cancel");
   cancel.type = "button";
+  cancel.setAttribute("aria-label", "cancel the running computation");
   const error = h("div", "dw-error");
   error.setAttribute("role", "alert");
   row.append(text, bar, cancel);

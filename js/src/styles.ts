@@ -2,12 +2,21 @@
 export const STYLES = `
 .dw-root { font: 13px/1.4 var(--jp-ui-font-family, system-ui, sans-serif);
   color: var(--jp-ui-font-color1, #222); display: grid; gap: 8px;
-  grid-template-columns: auto minmax(260px, 1fr); align-items: start; outline: none; max-width: 900px; }
+  grid-template-columns: auto minmax(260px, 1fr); align-items: start; outline: none; max-width: 980px; }
 .dw-root:focus-visible { box-shadow: 0 0 0 2px var(--jp-brand-color1, #1976d2); }
 .dw-left, .dw-right { display: flex; flex-direction: column; gap: 6px; min-width: 0; }
+.dw-bottom { grid-column: 1 / -1; min-width: 0; }
+.dw-view { display: flex; gap: 6px; align-items: stretch; }
 .dw-prompt { font-weight: 600; }
 .dw-canvas { width: 384px; height: 384px; border-radius: 4px; background: #111; image-rendering: auto; }
-.dw-caption { margin: 0; max-width: 384px; font-size: 12px; color: var(--jp-ui-font-color2, #555); }
+.dw-scale { margin: 0; display: grid; grid-template-rows: auto 1fr auto; width: 64px; height: 384px;
+  font-size: 11px; font-variant-numeric: tabular-nums; color: var(--jp-ui-font-color2, #555); }
+.dw-scale[hidden] { display: none; }
+.dw-scale-bar { width: 14px; border-radius: 2px; border: 1px solid #888;
+  -webkit-mask-image: none; }
+.dw-scale-meaning { margin: 0; max-width: 454px; font-size: 11px; color: var(--jp-ui-font-color2, #555); }
+.dw-scale-meaning[hidden] { display: none; }
+.dw-caption { margin: 0; max-width: 454px; font-size: 12px; color: var(--jp-ui-font-color2, #555); }
 .dw-slider { grid-column: 1 / -1; display: flex; gap: 8px; align-items: center; }
 .dw-track { flex: 1; position: relative; }
 .dw-range { width: 100%; margin: 0; }
@@ -16,17 +25,61 @@ export const STYLES = `
   border-radius: 2px; background: #d4480f; }
 .dw-step-label { font-variant-numeric: tabular-nums; min-width: 150px; }
 .dw-controls, .dw-tokens { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
+.dw-controls select[hidden], .dw-controls button[hidden] { display: none; }
+.dw-layer { max-width: 220px; }
+.dw-grid-toggle.dw-active { background: var(--jp-brand-color1, #1976d2); color: #fff; }
 .dw-chip { border: 1px solid #bbb; border-radius: 12px; padding: 1px 8px; background: transparent;
   color: inherit; cursor: pointer; }
 .dw-chip.dw-active { background: #f57d15; border-color: #f57d15; color: #fff; }
 .dw-chip-start, .dw-chip-end, .dw-chip-pad { font-style: italic; opacity: 0.7; }
+.dw-tokens-dimmed .dw-chip { opacity: 0.45; }
+.dw-tokens-dimmed .dw-chip.dw-active { background: transparent; border-color: #f57d15; color: inherit; }
 .dw-special { border: none; background: none; color: var(--jp-brand-color1, #1976d2); cursor: pointer; }
 .dw-curves { display: flex; flex-direction: column; gap: 4px; }
+.dw-panel { margin: 0; }
 .dw-panel-title { font-size: 11px; color: var(--jp-ui-font-color2, #555); }
-.dw-plot { width: 100%; height: 80px; cursor: crosshair; background: var(--jp-layout-color2, #f4f4f4); }
-.dw-line { fill: none; stroke: #999; stroke-width: 1; vector-effect: non-scaling-stroke; }
-.dw-line-selected { stroke: #d4480f; stroke-width: 2.5; }
+.dw-plot { width: 100%; height: auto; cursor: crosshair; background: var(--jp-layout-color2, #f4f4f4); }
+.dw-axes line { stroke: #888; stroke-width: 1; vector-effect: non-scaling-stroke; }
+.dw-tick, .dw-axis-label { font-size: 8px; fill: var(--jp-ui-font-color2, #555); }
+.dw-ytick { text-anchor: end; dominant-baseline: middle; }
+.dw-xtick { text-anchor: middle; }
+.dw-axis-label { text-anchor: end; }
+.dw-unit { text-anchor: start; dominant-baseline: hanging; }
+.dw-line { fill: none; stroke-width: 1; opacity: 0.55; vector-effect: non-scaling-stroke; }
+.dw-line-selected { stroke-width: 2.5; opacity: 1; }
+.dw-label { font-size: 8px; dominant-baseline: middle; opacity: 0.75; }
+.dw-label-selected { font-weight: 700; opacity: 1; }
 .dw-cursor { stroke: #1976d2; stroke-width: 1.5; vector-effect: non-scaling-stroke; }
+.dw-hover-line { stroke: #999; stroke-dasharray: 2 2; vector-effect: non-scaling-stroke; }
+.dw-hover { min-height: 16px; font-size: 11px; font-variant-numeric: tabular-nums;
+  color: var(--jp-ui-font-color2, #555); }
 .dw-status { grid-column: 1 / -1; display: flex; gap: 8px; align-items: center; min-height: 20px; }
 .dw-error { grid-column: 1 / -1; color: #b00020; }
+.dw-faith { margin: 0; max-width: 454px; border-top: 1px solid var(--jp-border-color2, #ddd);
+  padding-top: 4px; font-size: 12px; }
+.dw-faith[hidden] { display: none; }
+.dw-faith-head { display: flex; gap: 8px; align-items: center; }
+.dw-faith-title { font-weight: 600; }
+.dw-faith-plot { width: 100%; max-width: 360px; height: auto; background: var(--jp-layout-color2, #f4f4f4); }
+.dw-faith-line { fill: none; stroke-width: 1.6; vector-effect: non-scaling-stroke; }
+.dw-faith-deletion { stroke: #d4480f; fill: #d4480f; }
+.dw-faith-insertion { stroke: #1f77b4; fill: #1f77b4; }
+.dw-faith-line.dw-faith-deletion, .dw-faith-line.dw-faith-insertion { fill: none; }
+.dw-faith-random { stroke-dasharray: 4 3; opacity: 0.7; }
+.dw-faith-label { font-size: 8px; text-anchor: end; stroke: none; }
+.dw-faith-auc, .dw-faith-operator { margin: 2px 0; color: var(--jp-ui-font-color2, #555); }
+.dw-grid { margin: 4px 0 0; }
+.dw-grid[hidden] { display: none; }
+.dw-grid-caption { font-size: 12px; color: var(--jp-ui-font-color2, #555); margin-bottom: 4px; }
+.dw-grid-body { display: flex; gap: 6px; overflow-x: auto; }
+.dw-grid-rows { display: flex; flex-direction: column; font-size: 10px; text-align: right; }
+.dw-grid-label { display: flex; align-items: center; justify-content: flex-end; white-space: nowrap; }
+.dw-grid-plot { position: relative; padding-bottom: 14px; }
+.dw-grid-canvas { display: block; cursor: pointer; }
+.dw-grid-column, .dw-grid-row { position: absolute; pointer-events: none;
+  border: 2px solid #1976d2; border-radius: 2px; box-sizing: border-box; }
+.dw-grid-column { top: -1px; width: 30px; }
+.dw-grid-row { left: -1px; height: 30px; border-color: #f57d15; }
+.dw-grid-steps { position: absolute; left: 0; right: 0; bottom: 0; height: 12px; font-size: 10px; }
+.dw-grid-step { position: absolute; width: 26px; text-align: center; }
 `;

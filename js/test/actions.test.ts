@@ -2,17 +2,29 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import {
   captionText,
   clampStep,
+  overlayName,
+  overlayUsesToken,
   requestCancel,
   SYNC_INTERVAL_MS,
+  selectGridCell,
   selectToken,
   setStep,
+  shownStep,
   stepBy,
   tokenVisible,
 } from "../src/actions";
 import { buildLut, colourise } from "../src/colormap";
-import { polylinePoints, stepFromX, xOf } from "../src/curves_view";
+import {
+  groupMembers,
+  polylinePoints,
+  spreadLabels,
+  stepFromX,
+  stepTicks,
+  ticks,
+  xOf,
+} from "../src/curves_view";
 import { decodeState } from "../src/local_model";
-import { FRONTEND_WRITABLE } from "../src/schema";
+import { FRONTEND_WRITABLE, OVERLAY_LABELS } from "../src/schema";
 import { fakeModel, fakeState } from "./fake";
 
 describe("actions on a fake model", () => {
@@ -79,11 +91,69 @@ describe("actions on a fake model", () => {
     );
     expect(captionText({ ...state, overlay: "df_rise" })).toMatch(/not computed for step 1/);
     expect(captionText({ ...state, overlay: "df_rise", step: 2 })).toMatch(/n_masks 8/);
+    // A malformed step never reaches the text as NaN.
+    const bad = captionText({ ...state, step: "x" as unknown as number });
+    expect(bad).toMatch(/^Step 0 of 2 \(scheduler t = 999\)/);
+    expect(bad).not.toMatch(/NaN/);
+  });
+
+  it("a malformed step is drawn at a valid step", () => {
+    const model = fakeModel();
+    for (const bad of ["7", Number.NaN, null, 1e9, -3, 1.6]) {
+      model.set("step", bad as unknown as number);
+      const step = shownStep(model.asModel());
+      expect(Number.isInteger(step)).toBe(true);
+      expect(step).toBeGreaterThanOrEqual(0);
+      expect(step).toBeLessThanOrEqual(2);
+      expect(Number.isFinite(xOf(step, 3))).toBe(true);
+    }
+    model.set("step", 1.6);
+    expect(shownStep(model.asModel())).toBe(2);
+  });
+
+  it("labels come from the schema", () => {
+    expect(overlayName("df_cam")).toBe(OVERLAY_LABELS.df_cam);
+    expect(overlayName("attention")).toBe("token cross-attention");
+    expect(overlayUsesToken("attention")).toBe(true);
+    expect(overlayUsesToken("df_rise")).toBe(false);
+  });
+
+  it("a grid cell click moves step, overlay and (known) layer", () => {
+    const model = fakeModel({
+      layer_options: {
+        attention: [
+          { value: "", label: "all" },
+          { value: "down.attn2", label: "down" },
+        ],
+        saliency: {},
+        heads: 0,
+      },
+    });
+    selectGridCell(model.asModel(), "attention", "down.attn2", 2);
+    expect([model.get("step"), model.get("overlay"), model.get("attention_layer")]).toEqual([
+      2,
+      "attention",
+      "down.attn2",
+    ]);
+    // A layer the kernel does not offer (a kernel-less export) leaves the filter alone.
+    selectGridCell(model.asModel(), "attention", "elsewhere", 1);
+    expect([model.get("step"), model.get("attention_layer")]).toEqual([1, "down.attn2"]);
   });
 
   it("the front end writes only what the schema allows", () => {
     expect([...FRONTEND_WRITABLE].sort()).toEqual(
-      ["image_mode", "opacity", "overlay", "show_special", "step", "token"].sort(),
+      [
+        "image_mode",
+        "opacity",
+        "overlay",
+        "show_special",
+        "step",
+        "token",
+        "attention_layer",
+        "attention_head",
+        "saliency_layer",
+        "grid",
+      ].sort(),
     );
   });
 });
@@ -93,10 +163,11 @@ describe("drawing helpers", () => {
     const lut = buildLut();
     expect(Array.from(lut.slice(0, 3))).toEqual([0, 0, 4]);
     expect(Array.from(lut.slice(255 * 3))).toEqual([252, 255, 164]);
-    const out = new Uint8ClampedArray(8);
-    colourise(Uint8Array.from([0, 255]), lut, 0.8, out);
-    expect(out[3]).toBeLessThan(out[7] as number);
-    expect(out[7]).toBe(204);
+    const out = new Uint8ClampedArray(12);
+    colourise(Uint8Array.from([0, 128, 255]), lut, 0.8, out);
+    expect(out[3]).toBe(0); // the low end is fully transparent
+    expect(out[7]).toBe(Math.round(0.8 * 128));
+    expect(out[11]).toBe(204);
   });
 
   it("curve x and click position are inverse", () => {
@@ -108,6 +179,34 @@ describe("drawing helpers", () => {
   it("polylines skip steps that were not computed", () => {
     const points = polylinePoints(Float32Array.from([0, Number.NaN, 1]), 0, 1).split(" ");
     expect(points).toHaveLength(2);
+  });
+
+  it("axes get ticks at both ends and direct labels never overlap", () => {
+    expect(ticks(0, 1, 3)).toEqual([0, 0.5, 1]);
+    expect(stepTicks(20)).toEqual([0, 5, 10, 14, 19]);
+    expect(stepTicks(1)).toEqual([0]);
+    const placed = spreadLabels([50, 50, 52, 90], 10);
+    const sorted = [...placed].sort((a, b) => a - b);
+    for (let i = 1; i < sorted.length; i++) {
+      expect((sorted[i] as number) - (sorted[i - 1] as number)).toBeGreaterThanOrEqual(10);
+    }
+    expect(placed[3]).toBe(90); // a label with room stays at its curve's end
+  });
+
+  it("repeated words get their position in curve labels", () => {
+    const series = [
+      { name: "a", group: "attention_mass" as const, token: 1 },
+      { name: "red", group: "attention_mass" as const, token: 2 },
+      { name: "a", group: "attention_mass" as const, token: 5 },
+      { name: "auc", group: "concept_auc" as const, token: null },
+    ];
+    const members = groupMembers(
+      series,
+      "attention_mass",
+      ["start", "word", "word", "w", "w", "word"],
+      false,
+    );
+    expect(members.map((m) => m.label)).toEqual(["a (1)", "red", "a (5)"]);
   });
 });
 

@@ -31,39 +31,96 @@ SETUP = textwrap.dedent(
     import json, time
     from pathlib import Path
     import numpy as np
-    from diffwidget.explain.results import SaliencyMap
+    from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult, SaliencyMap
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
 
-    def fake_rise(trace, step, progress):
+    class FakeRise:
         # Stands in for DF-RISE: a blob that moves with the step, with progress calls.
-        for done in range(1, {FAKE_RISE_STEPS} + 1):
-            time.sleep({FAKE_RISE_DELAY_S})
-            if progress(done, {FAKE_RISE_STEPS}) is False:
-                break
-        h, w = trace.latent_shape
-        yy, xx = np.mgrid[0:h, 0:w]
-        blob = np.exp(-((yy - h / 2) ** 2 + (xx - (step % w)) ** 2) / 8.0).astype(np.float32)
-        return SaliencyMap(method="df_rise", step=step, timestep=int(trace.timesteps[step]),
-                           map=blob / blob.max(), raw=blob, meta={{"n_masks": 8, "p": 0.5}})
+        name, label = "df_rise", "DF-RISE"
 
-    explorer = Explorer(Trace.load("trace.safetensors"), providers={{"df_rise": fake_rise}})
+        def attribute(self, pipe, trace, step, progress=None):
+            for done in range(1, {FAKE_RISE_STEPS} + 1):
+                time.sleep({FAKE_RISE_DELAY_S})
+                if progress(done, {FAKE_RISE_STEPS}) is False:
+                    break
+            h, w = trace.latent_shape
+            yy, xx = np.mgrid[0:h, 0:w]
+            blob = np.exp(-((yy - h / 2) ** 2 + (xx - (step % w)) ** 2) / 8.0).astype(np.float32)
+            return SaliencyMap(method="df_rise", step=step, timestep=int(trace.timesteps[step]),
+                               map=blob / blob.max(), raw=blob, meta={{"n_masks": 8, "p": 0.5}})
+
+        def describe(self, result):
+            return f"DF-RISE saliency (fake) at step {{result.step}} (n_masks 8)"
+
+    class FakeCam:
+        # Stands in for DF-CAM: three per-layer blobs at fixed places, no wait.
+        name, label = "df_cam", "DF-CAM"
+
+        def attribute(self, pipe, trace, step, progress=None):
+            h, w = trace.latent_shape
+            yy, xx = np.mgrid[0:h, 0:w]
+            layers = {{
+                f"up_blocks.{{k}}": np.exp(-((yy - h / 2) ** 2 + (xx - 3 - 4 * k) ** 2) / 6.0)
+                .astype(np.float32)
+                for k in range(3)
+            }}
+            raw = sum(layers.values())
+            return SaliencyMap(method="df_cam", step=step, timestep=int(trace.timesteps[step]),
+                               map=raw / raw.max(), raw=raw, layers=layers,
+                               meta={{"layers": list(layers)}})
+
+        def describe(self, result):
+            return f"DF-CAM saliency (fake) at step {{result.step}}, 3 layers"
+
+    class FakeEvaluator:
+        # Insertion/deletion stand-in: deletion falls faster for a peakier map.
+        def evaluate(self, pipe, trace, step, saliency, progress=None):
+            frac = np.linspace(0, 1, 9, dtype=np.float32)
+            for done in range(1, 5):
+                time.sleep(0.05)
+                progress(done, 4)
+            peak = float(np.max(saliency) / (np.mean(saliency) + 1e-9))
+            dele = np.exp(-frac * min(peak, 8)).astype(np.float32)
+            ins = (1 - np.exp(-frac * 4)).astype(np.float32)
+            curve = lambda d, i: FaithfulnessCurves(frac, d, i, float(np.trapezoid(d, frac)),
+                                                    float(np.trapezoid(i, frac)))
+            meta = {{"operator": "renoise", "operator_text": "fresh noise at the step's level",
+                    "similarity": "ssim", "n_random": 3, "random_deletion_auc_sd": 0.01,
+                    "random_insertion_auc_sd": 0.01}}
+            baseline = curve(1 - 0.5 * frac, 0.5 + 0.5 * frac)
+            return FaithfulnessResult(step, curve(dele, ins), baseline, meta)
+
+    explorer = Explorer(Trace.load("trace.safetensors"),
+                        methods={{"df_rise": FakeRise(), "df_cam": FakeCam()}},
+                        faithfulness=FakeEvaluator())
     STATE = Path(NAME + ".state.json")
+    WATCHED = ["step", "token", "overlay", "status", "error", "attention_layer",
+               "saliency_layer", "grid", "faithfulness", "transport"]
     def dump(_=None):
+        w = explorer.widget
         STATE.write_text(json.dumps({{"step": explorer.step, "token": explorer.token,
-            "overlay": explorer.overlay, "status": explorer.status, "error": explorer.error}}))
-    explorer.widget.observe(dump, names=["step", "token", "overlay", "status", "error"])
+            "overlay": explorer.overlay, "status": explorer.status, "error": explorer.error,
+            "attention_layer": w.attention_layer, "saliency_layer": w.saliency_layer,
+            "grid": w.grid, "faithfulness": len(w.faithfulness), "transport": w.transport}}))
+    explorer.widget.observe(dump, names=WATCHED)
     dump()
     """
 )
 
 
-def open_explorer(server: JupyterServer, page: Any, name: str, app: str = "lab") -> Path:
-    """Write a notebook showing an explorer, open it, run it; return the kernel's state file."""
+def open_explorer(
+    server: JupyterServer, page: Any, name: str, app: str = "lab", prelude: str = ""
+) -> Path:
+    """Write a notebook showing an explorer, open it, run it; return the kernel's state file.
+
+    ``prelude`` runs first, in the same cell, before the explorer is created.
+    """
     trace_path = server.root / "trace.safetensors"
     if not trace_path.exists():
         make_trace().save(trace_path)
-    write_notebook(server.root / f"{name}.ipynb", [f"NAME = {name!r}\n" + SETUP, "explorer"])
+    setup = f"NAME = {name!r}\n" + prelude + "\n" + SETUP
+    write_notebook(server.root / f"{name}.ipynb", [setup, "explorer"])
     path = f"lab/tree/{name}.ipynb" if app == "lab" else f"notebooks/{name}.ipynb"
     page.goto(server.page_url(path))
     run_all_cells(page)

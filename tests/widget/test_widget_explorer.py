@@ -23,8 +23,11 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "explorer_state.json"
 WAIT_S = 20.0
 
 
-class FakeProvider:
-    """Counts calls, reports progress, can be slowed or made to fail; honours cancel."""
+class FakeMethod:
+    """A saliency method by the protocol: counts calls, reports progress, honours cancel."""
+
+    name = "df_rise"
+    label = "DF-RISE"
 
     def __init__(self, ticks: int = 5, delay: float = 0.0, fail_at: int | None = None):
         self.ticks, self.delay, self.fail_at = ticks, delay, fail_at
@@ -33,7 +36,10 @@ class FakeProvider:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, trace, step, progress):
+    def describe(self, result):
+        return f"fake saliency at step {result.step} (n_masks {result.meta['n_masks']})"
+
+    def attribute(self, pipe, trace, step, progress=None):
         self.calls.append(step)
         if step == self.fail_at:
             raise RuntimeError("UNet exploded")
@@ -86,8 +92,23 @@ def test_state_flows_both_ways(make_explorer):
     )
     explorer.widget.set_state({"step": 11, "token": 2, "image_mode": "noisy"})
     assert (explorer.step, explorer.token, explorer.image_mode) == (11, 2, "noisy")
-    # The default token is the first word, never the start token.
-    assert make_explorer().token == 1
+    # The default token is the first content word: "red", not "a" nor the start token.
+    assert make_explorer().token == 2
+
+
+def test_default_token_falls_back_to_the_first_word(synthetic_trace):
+    import dataclasses
+
+    from diffwidget.widget.explorer import first_content_token
+
+    only_function_words = dataclasses.replace(
+        synthetic_trace, tokens=["<s>", "a", "the", "of", "on", "</s>", "</s>"]
+    )
+    assert first_content_token(only_function_words) == 1
+    bpe = dataclasses.replace(
+        synthetic_trace, tokens=["<s>", "a</w>", "Red</w>", "x", "y", "e", "p"]
+    )
+    assert first_content_token(bpe) == 2
 
 
 def test_payloads_are_binary_with_dtype_and_shape(make_explorer, synthetic_trace):
@@ -150,8 +171,8 @@ def test_payload_of_a_20_step_trace_is_small(make_explorer):
 
 
 def test_compute_caches_per_step_and_streams_progress(make_explorer):
-    provider = FakeProvider(ticks=4, delay=0.01)
-    explorer = make_explorer(providers={"df_rise": provider})
+    provider = FakeMethod(ticks=4, delay=0.01)
+    explorer = make_explorer(methods={"df_rise": provider})
     seen = []
     explorer.widget.observe(lambda c: seen.append(c["new"]), names=["progress"])
     assert "df_rise" in explorer.widget.available
@@ -162,16 +183,16 @@ def test_compute_caches_per_step_and_streams_progress(make_explorer):
     assert explorer.widget.overlays["df_rise"]["steps"] == [3]
     stored = decode_array(explorer.widget.overlays["df_rise"]["maps"])
     np.testing.assert_allclose(stored[0], result.map, atol=1 / 255)
-    assert "n_masks 8" in explorer.widget.overlays["df_rise"]["description"]
+    assert "n_masks 8" in explorer.widget.overlays["df_rise"]["descriptions"][0]
     # Cached: a second request returns at once without calling the provider.
     assert explorer.compute("df_rise", step=3).result(0) is result
     assert provider.calls == [3]
 
 
 def test_rapid_requests_are_coalesced_and_stale_work_cancelled(make_explorer):
-    provider = FakeProvider(ticks=50, delay=0.01)
+    provider = FakeMethod(ticks=50, delay=0.01)
     provider.gate.clear()  # hold the first request so the others pile up
-    explorer = make_explorer(providers={"df_rise": provider})
+    explorer = make_explorer(methods={"df_rise": provider})
     explorer.overlay = "df_rise"  # selecting the overlay requests the current step (0)
     wait_until(lambda: provider.calls == [0])
     for step in range(1, 10):  # a user scrubbing with DF-RISE on
@@ -185,8 +206,8 @@ def test_rapid_requests_are_coalesced_and_stale_work_cancelled(make_explorer):
 
 
 def test_cancel_from_the_view(make_explorer):
-    provider = FakeProvider(ticks=200, delay=0.01)
-    explorer = make_explorer(providers={"df_rise": provider})
+    provider = FakeMethod(ticks=200, delay=0.01)
+    explorer = make_explorer(methods={"df_rise": provider})
     future = explorer.compute("df_rise", step=2)
     wait_until(lambda: explorer.status == "running")
     explorer.widget._dispatch_message(explorer.widget, {"kind": "cancel"}, [])
@@ -198,12 +219,12 @@ def test_cancel_from_the_view(make_explorer):
 
 
 def test_failing_method_reports_and_next_request_works(make_explorer):
-    provider = FakeProvider(fail_at=4)
-    explorer = make_explorer(providers={"df_rise": provider})
+    provider = FakeMethod(fail_at=4)
+    explorer = make_explorer(methods={"df_rise": provider})
     with pytest.raises(RuntimeError, match="exploded"):
         explorer.compute("df_rise", step=4).result(WAIT_S)
     wait_until(lambda: explorer.status == "error")
-    assert "DF-RISE failed at step 4: UNet exploded" in explorer.error
+    assert "DF-RISE at step 4 failed: UNet exploded" in explorer.error
     assert explorer.compute("df_rise", step=5).result(WAIT_S).step == 5
 
 
@@ -238,10 +259,16 @@ def test_extra_curves(make_explorer, synthetic_trace):
         explorer.add_curve("short", [0.1, 0.2])
 
 
-def test_widget_modules_import_without_torch():
+def test_widget_modules_import_without_torch(tmp_path):
     code = (
         "import sys\n"
         "import diffwidget.widget.explorer, diffwidget.widget.export, diffwidget.widget.figures\n"
+        "import diffwidget.widget.layers, diffwidget.widget.snapshot, diffwidget.widget.reporting\n"
+        "import diffwidget.explain.protocol\n"
+        "from tests.widget.synthetic import make_trace\n"
+        "from diffwidget.widget.explorer import Explorer\n"
+        "e = Explorer(make_trace()); e.grid = 'attention'; e.attention_layer = '8x8'\n"
+        f"e._repr_mimebundle_(); e.to_html({str(tmp_path / 'view.html')!r}); e.close()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -25,8 +25,15 @@ def explorer(synthetic_trace):
 
 def test_figure_cursor_follows_step_and_click_sets_step(explorer):
     figure = explorer.figure("attention_mass")
-    lines, points, cursor = figure.marks
+    lines, points, labels, cursor = figure.marks
     assert list(lines.labels) == ["a", "red", "circle", "left"]  # word tokens only
+    assert list(labels.text) == ["a", "red", "circle", "left"]  # labelled at the curves' ends
+    assert not lines.display_legend  # no legend box over the data
+    assert len(set(lines.colors)) == 4  # one distinct colour per curve
+    # The selected token's curve is drawn fully, the others dimmed; it follows the token.
+    assert list(lines.opacities) == [0.35, 1.0, 0.35, 0.35]
+    explorer.token = 3
+    assert list(lines.opacities) == [0.35, 0.35, 1.0, 0.35]
     explorer.step = 6
     assert list(cursor.x) == [6, 6]
     n = explorer.trace.n_steps
@@ -77,11 +84,46 @@ def test_html_export_inlines_module_and_state(explorer, tmp_path):
     assert b"renderStandalone" in base64.b64decode(module)
 
 
+class _NoMap:
+    """A method that returns nothing usable (its result must be refused, not cached)."""
+
+    name, label = "df_cam", "DF-CAM"
+
+    def attribute(self, pipe, trace, step, progress=None):
+        return None
+
+    def describe(self, result):
+        return "nothing"
+
+
 def test_export_drops_overlays_that_need_a_kernel(synthetic_trace):
-    explorer = Explorer(synthetic_trace, providers={"df_cam": lambda t, s, p: None})
+    explorer = Explorer(synthetic_trace, methods={"df_cam": _NoMap()})
     explorer.widget.overlay = "df_cam"
     explorer.widget.status = "running"
     state = standalone_state(explorer)
     assert state["available"] == ["none", "attention"]
     assert (state["overlay"], state["status"]) == ("none", "idle")
     explorer.close()
+
+
+#: Prompts that end, comment out or re-open the page's script if JSON is embedded raw.
+HOSTILE_PROMPTS = [
+    "a red circle <!--<script>",
+    "</script><script>window.pwned = 1</script>",
+    "a & b > c <!-- </SCRIPT >",
+    "line\u2028separator\u2029paragraph",
+]
+
+
+@pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
+def test_export_escapes_script_breaking_text(tmp_path, prompt):
+    explorer = Explorer(make_trace(prompt=prompt))
+    try:
+        text = explorer.to_html(tmp_path / "hostile").read_text(encoding="utf-8")
+    finally:
+        explorer.close()
+    state_json = re.search(r'id="diffwidget-state">(.*?)</script>', text, re.S).group(1)
+    for raw in ("<", ">", "&", "\u2028", "\u2029"):
+        assert raw not in state_json
+    assert json.loads(state_json)["prompt"] == prompt  # the same JSON value
+    assert text.count("<script") == 3  # state, module, loader: nothing injected

@@ -1,4 +1,4 @@
-"""The explorer on a traced run of the tiny pipeline, with the registry's real methods."""
+"""The explorer on traced runs with real methods: the tiny pipeline and the embedded model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ WAIT_S = 300
 
 
 def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
+    from diffwidget.explain.rise import DFRise
+
     explorer = Explorer(
         tiny_trace,
         pipe=tiny_sd_pipe,
-        method_options={"df_rise": {"n_masks": TEST_MASKS}},
+        methods={"df_rise": DFRise(n_masks=TEST_MASKS, progress_bar=False)},
         noisy_decoder="vae",
     )
     try:
@@ -38,7 +40,57 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
             stored = decode_array(widget.overlays[kind]["maps"])
             assert stored.shape == (1, h, w)
             np.testing.assert_allclose(stored[0], result.map, atol=1 / 255 + 1e-6)
-        assert f"n_masks {TEST_MASKS}" in widget.overlays["df_rise"]["description"]
-        assert "layers" in widget.overlays["df_cam"]["description"]
+        assert f"n_masks {TEST_MASKS}" in widget.overlays["df_rise"]["descriptions"][0]
+        assert "layers" in widget.overlays["df_cam"]["descriptions"][0]
+        # DF-CAM's layers become filter options and grid rows.
+        assert [o["value"] for o in widget.layer_options["saliency"]["df_cam"]][1:] == list(
+            cam.layers
+        )
+        explorer.grid = "df_cam"
+        assert widget.grid_data["layers"] == list(cam.layers)
+    finally:
+        explorer.close()
+
+
+def test_faithfulness_in_the_view_equals_a_direct_evaluation(tiny_sd_pipe, tiny_trace):
+    from diffwidget.explain.faithfulness import InsertionDeletion
+
+    evaluator = InsertionDeletion(n_random=1, operator="renoise")
+    explorer = Explorer(tiny_trace, pipe=tiny_sd_pipe, faithfulness=evaluator)
+    try:
+        explorer.overlay = "attention"
+        explorer.step, explorer.token = 3, 2
+        result = explorer.faithfulness().result(WAIT_S)
+        direct = InsertionDeletion(n_random=1, operator="renoise").evaluate(
+            tiny_sd_pipe, tiny_trace, 3, explorer.attention_result.maps[3, 2]
+        )
+        assert result.saliency.deletion_auc == pytest.approx(direct.saliency.deletion_auc)
+        assert result.random.insertion_auc == pytest.approx(direct.random.insertion_auc)
+        entry = explorer.widget.faithfulness[0]
+        assert entry["deletion_auc"] == pytest.approx(direct.saliency.deletion_auc)
+        assert entry["operator"] == "renoise"
+        np.testing.assert_allclose(decode_array(entry["curves"])[0], direct.saliency.deletion)
+    finally:
+        explorer.close()
+
+
+def test_exact_decode_of_the_shown_step_on_the_embedded_model():
+    from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.decode import decode_latents
+
+    pipe = load_demo_pipeline()
+    traced = trace(pipe, "a large red circle on the left", num_inference_steps=6, seed=0)
+    explorer = Explorer(traced, pipe)
+    try:
+        assert "tiny preview decoder" in explorer.widget.descriptions["x0"]
+        assert "decode_step" in explorer.widget.actions
+        explorer.step = 4
+        explorer.widget._dispatch_message(explorer.widget, {"kind": "decode_step"}, [])
+        previews = decode_array(explorer.widget.previews)
+        np.testing.assert_array_equal(previews[4], decode_latents(pipe, traced.pred_x0[4:5])[0])
+        np.testing.assert_array_equal(previews[3], traced.previews[3])  # others untouched
+        assert explorer.widget.exact_steps == [4]
+        assert "step 4 decoded by the full VAE" in explorer.widget.descriptions["x0"]
     finally:
         explorer.close()

@@ -40,7 +40,8 @@ def test_every_schema_trait_is_a_synced_trait_of_the_widget():
     synced = {name for name, trait in ExplorerWidget.class_traits(sync=True).items()}
     assert {spec.name for spec in schema.TRAITS} <= synced
     assert set(schema.FRONTEND_WRITABLE) == {
-        "step", "token", "overlay", "opacity", "image_mode", "show_special"
+        "step", "token", "overlay", "opacity", "image_mode", "show_special",
+        "attention_layer", "attention_head", "saliency_layer", "grid",
     }  # fmt: skip
 
 

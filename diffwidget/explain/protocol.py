@@ -1,0 +1,138 @@
+"""The typed contract between saliency methods and what shows or runs them (no torch).
+
+Every per-step saliency method (DF-RISE, DF-CAM, or one of yours) is an object that
+
+* is configured in ``__init__`` (number of masks, layers, seed, ...);
+* has ``name`` (its registry name) and ``label`` (how people call it);
+* computes with one verb, ``attribute(pipe, trace, step, progress=None)``, returning a
+  :class:`~diffwidget.explain.results.SaliencyMap`;
+* writes the sentence shown under its map with ``describe(result)``.
+
+The names and labels of the registered methods live here, once: the registry
+(:mod:`diffwidget.explain.registry`), the widget's overlay enumeration and the generated
+``js/src/schema.ts`` all read them. This module imports no torch, so the widget can check
+method objects without it.
+
+Examples
+--------
+>>> from diffwidget.explain.rise import DFRise  # doctest: +SKIP
+>>> check_saliency_method("df_rise", DFRise(n_masks=200)).label  # doctest: +SKIP
+'DF-RISE'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
+
+if TYPE_CHECKING:
+    from diffwidget.explain.results import SaliencyMap
+
+#: Registry names of the per-step saliency methods.
+SaliencyMethodName = Literal["df_rise", "df_cam"]
+SALIENCY_METHOD_NAMES: tuple[str, ...] = get_args(SaliencyMethodName)
+#: How each method is called in captions, menus and errors.
+METHOD_LABELS: dict[str, str] = {"df_rise": "DF-RISE", "df_cam": "DF-CAM"}
+#: What one value of each method's (normalised) map means, for colour scales.
+METHOD_VALUES: dict[str, str] = {
+    "df_rise": "similarity of the prediction when the cell is kept",
+    "df_cam": "Grad-CAM weight (activation × mean gradient, ReLU)",
+}
+#: ``progress(done, total)``; returning ``False`` asks the method to stop early.
+ProgressCallback = Callable[[int, int], "bool | None"]
+#: Settings named in captions when they are in a result's ``meta``.
+CAPTION_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "layers")
+#: Longer lists (DF-CAM's default layers) are named by their first and last entries.
+_NAMED_LIMIT = 6
+
+
+@runtime_checkable
+class SaliencyMethod(Protocol):
+    """A per-step saliency method as the widget and the runner use it."""
+
+    name: str
+    label: str
+
+    def attribute(
+        self, pipe: Any, trace: Any, step: int, progress: ProgressCallback | None = None
+    ) -> SaliencyMap:
+        """The map at loop index ``step``."""
+        ...
+
+    def describe(self, result: SaliencyMap) -> str:
+        """One sentence saying what ``result`` shows and how it was computed."""
+        ...
+
+
+def method_label(name: str) -> str:
+    """The label of a registered method, or the name itself for others."""
+    return METHOD_LABELS.get(name, name)
+
+
+def check_saliency_method(name: str, method: object) -> SaliencyMethod:
+    """Check that ``method`` can serve the overlay ``name`` and return it.
+
+    Raises
+    ------
+    TypeError
+        When ``method`` is a class instead of an instance, lacks ``attribute`` or
+        ``describe``, or is registered under another name; the message says what to pass.
+    """
+    if name not in SALIENCY_METHOD_NAMES:
+        raise ValueError(f"no saliency overlay {name!r}; use one of {SALIENCY_METHOD_NAMES}")
+    if isinstance(method, type):
+        raise TypeError(
+            f"methods[{name!r}] is the class {method.__name__}; pass an instance, e.g. "
+            f"{method.__name__}() with its settings"
+        )
+    missing = [
+        attr for attr in ("attribute", "describe") if not callable(getattr(method, attr, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"methods[{name!r}] ({type(method).__name__}) has no {' or '.join(missing)}(); a "
+            "saliency method needs attribute(pipe, trace, step, progress=None) -> SaliencyMap "
+            "and describe(result) -> str (see diffwidget.explain.protocol.SaliencyMethod)"
+        )
+    own = getattr(method, "name", name)
+    if own != name:
+        raise TypeError(
+            f"methods[{name!r}] is a {type(method).__name__} named {own!r}; register it under "
+            f"methods={{{own!r}: ...}}"
+        )
+    return method  # type: ignore[return-value]
+
+
+def describe_saliency(
+    label: str,
+    result: SaliencyMap,
+    settings: Sequence[str] = CAPTION_SETTINGS,
+    *,
+    normalisation: str = "min–max normalised to [0, 1] per step",
+) -> str:
+    """The common caption shape: label, the settings found in ``meta``, the normalisation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffwidget.explain.results import SaliencyMap
+    >>> m = SaliencyMap("df_rise", 3, 500, np.zeros((2, 2)), np.zeros((2, 2)),
+    ...                 meta={"n_masks": 8, "p": 0.5})
+    >>> describe_saliency("DF-RISE", m, ("n_masks", "p"), normalisation="min–max per step")
+    'DF-RISE saliency on the latent grid at step 3 (n_masks 8, p 0.5); min–max per step'
+    """
+    meta = dict(result.meta or {})
+    named = []
+    for key in settings:
+        value = meta.get(key)
+        if isinstance(value, (list, tuple)):
+            names = [str(v) for v in value]
+            if len(names) > _NAMED_LIMIT:
+                names = [names[0], "…", names[-1]]
+            named.append(f"{len(value)} {key} ({', '.join(names)})")
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            named.append(f"{key} {value}")
+    text = f"{label} saliency on the latent grid at step {result.step}"
+    if named:
+        text += f" ({', '.join(named)})"
+    return f"{text}; {normalisation}"

@@ -1,0 +1,208 @@
+"""The explorer's background work: faithfulness of the shown map, exact decodes, the worker.
+
+:class:`ExplorerWork` is a mixin of :class:`~diffwidget.widget.explorer.Explorer`: the
+façade keeps the state; this part runs what the jobs thread computes and reports it back
+through the widget's traits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from diffwidget.widget import schema
+from diffwidget.widget.codecs import decode_array, encode_array
+from diffwidget.widget.jobs import Jobs, Request
+from diffwidget.widget.previews import preview_text, shrink_images
+from diffwidget.widget.reporting import FaithfulnessView, faithfulness_entry
+
+if TYPE_CHECKING:
+    from diffwidget.explain.attention import AttentionResult
+    from diffwidget.explain.protocol import SaliencyMethod
+    from diffwidget.explain.results import SaliencyMap
+    from diffwidget.tracing.trace import Trace
+    from diffwidget.widget.model import ExplorerWidget
+
+OVERLAY_LABELS = schema.OVERLAY_LABELS
+
+
+class _Stopped(Exception):
+    """Raised inside a computation whose progress callback asked it to stop."""
+
+
+class ExplorerWork:
+    """Faithfulness, exact decodes and the worker callbacks of an explorer."""
+
+    trace: Trace
+    pipe: Any
+    widget: ExplorerWidget
+    attention_result: AttentionResult | None
+    _jobs: Jobs
+    _lock: threading.Lock
+    _evaluator: Any
+    _faith: dict[tuple[Any, ...], dict[str, Any]]
+
+    @property
+    def step(self) -> int:
+        """Loop index shown."""
+        return int(self.widget.step)
+
+    def _method(self, kind: str) -> SaliencyMethod:
+        raise NotImplementedError
+
+    def _store(self, kind: str, step: int, result: Any) -> None:
+        raise NotImplementedError
+
+    def cached(self, kind: str) -> dict[int, SaliencyMap]:
+        """Results computed so far for ``kind``, keyed by step."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- faithfulness
+    def faithfulness(self, step: int | None = None) -> Future:
+        """Insertion/deletion curves of the map shown now (overlay, token, layer) at ``step``.
+
+        Computed in the background beside seeded random orders; the result appears in the
+        view's faithfulness panel. Returns a future holding the
+        :class:`~diffwidget.explain.results.FaithfulnessResult`.
+
+        Examples
+        --------
+        >>> explorer.overlay = "df_rise"  # doctest: +SKIP
+        >>> result = explorer.faithfulness().result()  # doctest: +SKIP
+        >>> result.deletion_gain > 0  # the map beats random orders  # doctest: +SKIP
+        True
+        """
+        return self._submit_faithfulness(step, explicit=True)
+
+    def _request_faithfulness(self) -> None:
+        try:
+            self._submit_faithfulness(None, explicit=False)
+        except (RuntimeError, ValueError) as exc:
+            self.widget.error = str(exc)
+
+    def _submit_faithfulness(self, step: int | None, *, explicit: bool) -> Future:
+        if self._evaluator is None and self.pipe is None:
+            raise RuntimeError(
+                "faithfulness needs the pipeline (Explorer(trace, pipe=pipe)) or an evaluator "
+                "(faithfulness=InsertionDeletion(...))"
+            )
+        view = FaithfulnessView.of(self.widget, self.step if step is None else step)
+        saliency = self._shown_map(view)
+        label = f"faithfulness of {OVERLAY_LABELS[view.overlay]} at step {view.step}"
+        params = {"view": view, "saliency": saliency}
+        return self._jobs.submit(
+            ("faithfulness", *view.key()), label, explicit=explicit, params=params
+        )
+
+    def _shown_map(self, view: FaithfulnessView) -> np.ndarray:
+        if view.overlay == "attention":
+            if self.attention_result is None:
+                raise ValueError("this trace holds no attention maps to evaluate")
+            return np.asarray(self.attention_result.maps[view.step, view.token or 0])
+        if view.overlay not in schema.HEAVY_OVERLAYS:
+            raise ValueError("choose an overlay first: faithfulness judges the map shown")
+        result = self.cached(view.overlay).get(view.step)
+        if result is None:
+            raise ValueError(
+                f"{OVERLAY_LABELS[view.overlay]} is not computed for step {view.step}; "
+                f"compute it first (explorer.compute({view.overlay!r}, {view.step}))"
+            )
+        chosen = result.layers.get(view.layer) if view.layer else None
+        return np.asarray(chosen if chosen is not None else result.raw)
+
+    def _evaluator_or_default(self) -> Any:
+        if self._evaluator is None:
+            from diffwidget.explain.faithfulness import InsertionDeletion
+
+            self._evaluator = InsertionDeletion()
+        return self._evaluator
+
+    # ----------------------------------------------------------------- exact previews
+    def decode_exact(self, step: int | None = None) -> None:
+        """Replace the x̂0 preview of ``step`` (default: the current one) by a full VAE decode.
+
+        Traces show fast previews from a tiny decoder; this decodes one step exactly.
+
+        Examples
+        --------
+        >>> explorer.decode_exact(12)  # doctest: +SKIP
+        >>> explorer.widget.exact_steps  # doctest: +SKIP
+        [12]
+        """
+        from diffwidget.widget.previews import exact_preview
+
+        step = schema.validate_incoming(
+            "step", self.step if step is None else step, self.widget.bounds()
+        )
+        image = exact_preview(self.trace, self.pipe, step)
+        previews = np.array(decode_array(self.widget.previews), copy=True)
+        previews[step] = shrink_images(image[None])[0]
+        exact = sorted({*self.widget.exact_steps, step})
+        with self.widget.hold_sync():
+            self.widget.publish("previews", encode_array(previews))
+            self.widget.exact_steps = exact
+            descriptions = dict(self.widget.descriptions)
+            descriptions["x0"] = preview_text(self.trace, exact)
+            self.widget.descriptions = descriptions
+
+    def _decode_from_view(self) -> None:
+        try:
+            self.decode_exact()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            self.widget.error = str(exc)
+
+    # ----------------------------------------------------------------- the worker
+    def _run(self, request: Request, progress: Callable[[int, int], bool]) -> Any:
+        if request.key[0] == "overlay":
+            kind, step = str(request.key[1]), int(request.key[2])
+            result = self._method(kind).attribute(self.pipe, self.trace, step, progress=progress)
+            if not request.cancel.is_set():
+                self._store(kind, step, result)
+            return result
+
+        def stop_when_asked(done: int, total: int) -> bool:
+            if not progress(done, total):
+                raise _Stopped
+            return True
+
+        view = request.params["view"]
+        try:
+            result = self._evaluator_or_default().evaluate(
+                self.pipe, self.trace, view.step, request.params["saliency"], stop_when_asked
+            )
+        except _Stopped:
+            return None
+        entry = faithfulness_entry(view, result)
+        with self._lock:
+            self._faith[view.key()] = entry
+            entries = list(self._faith.values())
+        self.widget.publish("faithfulness", entries)
+        return result
+
+    def _job_started(self, request: Request) -> None:
+        with self.widget.hold_sync():
+            self.widget.status = "running"
+            self.widget.progress = 0.0
+
+    def _job_progress(self, request: Request, fraction: float) -> None:
+        if not request.cancel.is_set():
+            self.widget.progress = float(fraction)
+
+    def _job_done(self, request: Request, result: Any) -> None:
+        with self.widget.hold_sync():
+            self.widget.progress = 1.0
+            if not self._jobs.waiting:
+                self.widget.status = "done"
+
+    def _job_cancelled(self, request: Request, _partial: Any) -> None:
+        if not self._jobs.waiting:
+            self.widget.status = "cancelled"
+
+    def _job_failed(self, request: Request, exc: BaseException) -> None:
+        with self.widget.hold_sync():
+            self.widget.status = "error"
+            self.widget.error = f"{request.label} failed: {exc}"
