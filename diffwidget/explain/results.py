@@ -43,11 +43,11 @@ class SaliencyMap:
         The unnormalised estimate (e.g. DF-RISE's ``sum_k s_k M_k / (N p)``).
     layers : dict of str to ndarray
         Per-block maps (DF-CAM), each ``(h, w)`` in [0, 1]; empty for other methods.
+    meta : dict
+        The settings and facts needed to reproduce or judge the map (JSON-serialisable).
     layers_raw : dict of str to ndarray
         The same per-block maps before min-max normalisation (DF-CAM's ``ReLU(sum_k
         alpha_k A_k)`` on the latent grid), so their scale can be compared and checked.
-    meta : dict
-        The settings and facts needed to reproduce or judge the map (JSON-serialisable).
     """
 
     method: str
@@ -56,8 +56,8 @@ class SaliencyMap:
     map: np.ndarray
     raw: np.ndarray
     layers: dict[str, np.ndarray] = field(default_factory=dict)
-    layers_raw: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    layers_raw: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
