@@ -82,6 +82,16 @@ def make_masks(
     return torch.stack([up[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w] for k in range(n)])
 
 
+def _compiled(denoiser: Any) -> Any:
+    """``torch.compile`` (inductor) of ``denoiser`` for fixed shapes.
+
+    A new wrapper of the same module reuses the code compiled for it before (TorchDynamo
+    keeps compiled code per code object, guarded on the module and the shapes), and the
+    parameters stay inputs of the compiled graph, so weights changed later are used.
+    """
+    return torch.compile(denoiser, dynamic=False)
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.flatten().double() - a.double().mean()
     b = b.flatten().double() - b.double().mean()
@@ -132,6 +142,13 @@ class DFRise:
         region's contrast at 800 masks rises about 4x, and on the embedded model deletion
         AUC beat a random order on every held-out prompt tested instead of 80 %. On by
         default; ``center=False`` gives the paper's estimator exactly.
+    compile : bool
+        Run the masked batches through ``torch.compile(denoiser)`` (inductor). The first
+        call compiles for the batch shape, which takes tens of seconds to minutes on a CPU
+        (later calls with the same pipeline and batch size reuse it); batches are then
+        balanced and the last one padded so that one shape is compiled. Off by default,
+        because an interactive call should not start with a compilation; worth it for
+        long runs (on the embedded model on a CPU, see ``bench/RESULTS_explain.md``).
 
     Notes
     -----
@@ -175,6 +192,7 @@ class DFRise:
         progress_bar: bool = True,
         grid: int = SMOOTH_GRID,
         center: bool = True,
+        compile: bool = False,
     ) -> None:
         n_masks = int(check_int("n_masks", n_masks))  # type: ignore[arg-type]
         batch_size = check_int("batch_size", batch_size, optional=True)
@@ -190,6 +208,8 @@ class DFRise:
             raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
         if target not in ("x0", "prev"):
             raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self.n_masks = n_masks
         self.p = p
         self.masks = masks
@@ -200,6 +220,7 @@ class DFRise:
         self.progress_bar = progress_bar
         self.grid = grid
         self.center = center
+        self.compile = compile
 
     def _estimate(
         self,
@@ -228,6 +249,17 @@ class DFRise:
     def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         kind: SimilarityName = "ssim_structure" if self.similarity == "ssim" else "cosine"
         return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
+
+    def _predict(self, runner: StepReplay, masked: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.compile:
+            return runner.predict(masked, step, self.target)
+        try:
+            return runner.predict(masked, step, self.target)
+        except Exception as error:  # inductor raises many kinds (compiler, codegen, backend)
+            raise RuntimeError(
+                f"the torch.compile'd denoiser failed ({type(error).__name__}: {error}); "
+                "DFRise(compile=False) runs without torch.compile"
+            ) from error
 
     def attribute(
         self,
@@ -272,6 +304,11 @@ class DFRise:
             batch, batch_note = min(self.batch_size, self.n_masks), "given"
         else:
             batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
+        runner = replay
+        if self.compile:
+            runner = StepReplay(pipe, trace, denoiser=_compiled(replay.unet))
+            # Equal batches (the last one padded) so that a single shape is compiled.
+            batch = math.ceil(self.n_masks / math.ceil(self.n_masks / batch))
         # Sums over even- and odd-numbered masks, kept apart for the split-half estimate.
         weighted = torch.zeros(2, *size, dtype=torch.float64)
         counts = torch.zeros(2, *size, dtype=torch.float64)
@@ -279,6 +316,7 @@ class DFRise:
         n_half = torch.zeros(2, dtype=torch.float64)
         parity = torch.arange(self.n_masks) % 2
         done = 0
+        first_batch_seconds: float | None = None
         cancelled = interrupted = False
         history: list[list[float]] = []
         scores: list[float] = []
@@ -286,13 +324,19 @@ class DFRise:
         try:
             for begin in range(0, self.n_masks, batch):
                 m = masks[begin : begin + batch]
-                pred = replay.predict(x * m.to(replay.device)[:, None], step, self.target)
+                masked = x * m.to(replay.device)[:, None]
+                if self.compile and len(m) < batch:
+                    masked = torch.cat([masked, masked[:1].expand(batch - len(m), -1, -1, -1)])
+                pred = self._predict(runner, masked, step)[: len(m)]
+                if first_batch_seconds is None:
+                    first_batch_seconds = time.perf_counter() - start_time
                 s = self._score(pred, ref).double().cpu()
-                contrib = s[:, None, None] * m.double()
+                m64 = m.double()
+                contrib = s[:, None, None] * m64
                 par = parity[begin : begin + len(m)]
                 for half in (0, 1):
                     weighted[half] += contrib[par == half].sum(0)
-                    counts[half] += m.double()[par == half].sum(0)
+                    counts[half] += m64[par == half].sum(0)
                     score_sum[half] += s[par == half].sum()
                     n_half[half] += int((par == half).sum())
                 scores += s.tolist()
@@ -336,7 +380,10 @@ class DFRise:
             "score_mean": float(np.mean(scores)) if scores else float("nan"),
             "score_std": float(np.std(scores)) if scores else float("nan"),
             "device": str(replay.device),
+            "compile": self.compile,
             "seconds": time.perf_counter() - start_time,
+            # Includes the compilation with compile=True (the setup before the loop too).
+            "first_batch_seconds": first_batch_seconds,
         }
         if self.masks == "smooth":
             meta["grid"] = max(2, min(self.grid, size[0] // 2, size[1] // 2))

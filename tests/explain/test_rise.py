@@ -171,3 +171,30 @@ def test_corner_of_a_small_latent_is_found(similarity: str, least_share: float) 
     assert share >= least_share
     inside = corner_mask().bool().numpy()
     assert sal.raw[inside].min() > sal.raw[~inside].mean()
+
+
+def test_compiled_equals_eager_with_one_compiled_shape(toy_pipe: Any, toy_trace: Trace) -> None:
+    """``compile=True`` gives the eager map; a shorter last batch is padded, not recompiled."""
+    from torch._dynamo.utils import counters
+
+    kwargs = {"batch_size": 4, "seed": 2, "progress_bar": False}
+    graphs = counters["stats"]["unique_graphs"]
+    # 8 masks: two full batches of 4 compile the batch shape.
+    DFRise(n_masks=8, compile=True, **kwargs).attribute(toy_pipe, toy_trace, 1)
+    assert counters["stats"]["unique_graphs"] > graphs
+    graphs = counters["stats"]["unique_graphs"]
+    # 10 masks: batches of 4, 4 and 2 padded to 4; a new wrapper reuses the compiled code.
+    compiled = DFRise(n_masks=10, compile=True, **kwargs).attribute(toy_pipe, toy_trace, 1)
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager = DFRise(n_masks=10, **kwargs).attribute(toy_pipe, toy_trace, 1)
+    np.testing.assert_allclose(compiled.raw, eager.raw, atol=1e-5)
+    assert compiled.meta["compile"]
+    assert not eager.meta["compile"]
+    assert compiled.meta["batch_size"] == 4
+    assert compiled.meta["n_used"] == 10
+    assert compiled.meta["convergence"]["history"][-1][0] == 10
+
+
+def test_compile_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        DFRise(compile="yes")  # type: ignore[arg-type]
