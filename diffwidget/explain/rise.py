@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
+from diffwidget.explain._compile import COMPILE_TOLERANCE, CompiledDenoiser, disagreement
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.explain.similarity import (
     SSIM_SIGMA,
@@ -82,16 +83,6 @@ def make_masks(
     return torch.stack([up[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w] for k in range(n)])
 
 
-def _compiled(denoiser: Any) -> Any:
-    """``torch.compile`` (inductor) of ``denoiser`` for fixed shapes.
-
-    A new wrapper of the same module reuses the code compiled for it before (TorchDynamo
-    keeps compiled code per code object, guarded on the module and the shapes), and the
-    parameters stay inputs of the compiled graph, so weights changed later are used.
-    """
-    return torch.compile(denoiser, dynamic=False)
-
-
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.flatten().double() - a.double().mean()
     b = b.flatten().double() - b.double().mean()
@@ -143,12 +134,15 @@ class DFRise:
         AUC beat a random order on every held-out prompt tested instead of 80 %. On by
         default; ``center=False`` gives the paper's estimator exactly.
     compile : bool
-        Run the masked batches through ``torch.compile(denoiser)`` (inductor). The first
-        call compiles for the batch shape, which takes tens of seconds to minutes on a CPU
-        (later calls with the same pipeline and batch size reuse it); batches are then
-        balanced and the last one padded so that one shape is compiled. Off by default,
-        because an interactive call should not start with a compilation; worth it for
-        long runs (on the embedded model on a CPU, see ``bench/RESULTS_explain.md``).
+        Run the masked batches through ``torch.compile(denoiser)`` (inductor, with its
+        freezing: :class:`~diffwidget.explain._compile.CompiledDenoiser`). The first call
+        compiles for the batch shape, which takes tens of seconds or more on a CPU; later
+        calls of the same ``DFRise`` object reuse it while the denoiser's weights and
+        torch's thread count stay the same (keep the object to keep the compiled code; it
+        holds a reference to the denoiser). Batches are balanced and the last one padded,
+        so that one shape is compiled; the first masked prediction is checked against the
+        eager denoiser. Off by default, because an interactive call should not start with
+        a compilation; worth it for long runs (``bench/RESULTS_explain.md``).
 
     Notes
     -----
@@ -221,6 +215,8 @@ class DFRise:
         self.grid = grid
         self.center = center
         self.compile = compile
+        # The denoiser compiled by the last call (kept so later calls reuse it).
+        self._compiled: CompiledDenoiser | None = None
 
     def _estimate(
         self,
@@ -249,6 +245,18 @@ class DFRise:
     def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         kind: SimilarityName = "ssim_structure" if self.similarity == "ssim" else "cosine"
         return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
+
+    def _check_compiled(self, compiled: torch.Tensor, eager: torch.Tensor) -> None:
+        """Frozen compiled code keeps the weights it was compiled with; changes that leave
+        no trace on the tensors (``param.data`` edited in place) show up here."""
+        error = disagreement(compiled, eager)
+        if error > COMPILE_TOLERANCE:
+            self._compiled = None
+            raise RuntimeError(
+                f"the torch.compile'd denoiser disagrees with the eager one (relative "
+                f"difference {error:.2g}); its weights probably changed since it was "
+                "compiled. Call attribute again to compile anew, or use compile=False"
+            )
 
     def _predict(self, runner: StepReplay, masked: torch.Tensor, step: int) -> torch.Tensor:
         if not self.compile:
@@ -306,7 +314,9 @@ class DFRise:
             batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
         runner = replay
         if self.compile:
-            runner = StepReplay(pipe, trace, denoiser=_compiled(replay.unet))
+            if self._compiled is None or not self._compiled.is_current(replay.unet):
+                self._compiled = CompiledDenoiser(replay.unet)
+            runner = StepReplay(pipe, trace, denoiser=self._compiled)
             # Equal batches (the last one padded) so that a single shape is compiled.
             batch = math.ceil(self.n_masks / math.ceil(self.n_masks / batch))
         # Sums over even- and odd-numbered masks, kept apart for the split-half estimate.
@@ -330,6 +340,10 @@ class DFRise:
                 pred = self._predict(runner, masked, step)[: len(m)]
                 if first_batch_seconds is None:
                     first_batch_seconds = time.perf_counter() - start_time
+                    if self.compile:
+                        self._check_compiled(
+                            pred[:1], replay.predict(masked[:1], step, self.target)
+                        )
                 s = self._score(pred, ref).double().cpu()
                 m64 = m.double()
                 contrib = s[:, None, None] * m64
