@@ -324,6 +324,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--results", type=Path, default=None, help="append a markdown section")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -404,6 +405,8 @@ def main() -> None:
         "machine": machine(device),
     }
     print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
     if args.results is not None:
         write_section(args.results, result)
 

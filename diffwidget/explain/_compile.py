@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+#: Freezing (see the module docstring) and a C++ wrapper around the compiled kernels,
+#: which saves Python work per call (about 8 % on the embedded model, one thread).
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
 #: Largest relative disagreement between the compiled and the eager denoiser on the same
 #: input (max |difference| over max |eager|); reordered float32 sums stay near 1e-5.
 COMPILE_TOLERANCE = 1e-3
@@ -33,7 +36,7 @@ def weights_key(module: Any) -> tuple[int, ...]:
 
 
 class CompiledDenoiser:
-    """``torch.compile(module, dynamic=False)`` with inductor's freezing, called like ``module``.
+    """``torch.compile(module, dynamic=False)`` with :data:`INDUCTOR_OPTIONS`; called as the module.
 
     Parameters
     ----------
@@ -66,8 +69,8 @@ class CompiledDenoiser:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from torch._inductor import config
 
-        # Compilation happens lazily inside the call: freezing must be on there.
-        with config.patch(freezing=True):
+        # Compilation happens lazily inside the call: the options must be set there.
+        with config.patch(INDUCTOR_OPTIONS):
             return self._wrapper(*args, **kwargs)
 
 
