@@ -3,12 +3,21 @@ DF-CAM over every layer (its default), and token relevance per step.
 
 Both DF-RISE variants run in the same process on the same trace: the batched
 implementation, and the paper's call pattern (one CFG UNet call per mask, i.e. batch size 1
-through the same code). Timings depend on shapes only, so random weights are used.
+through the same code). Timings depend on shapes only, so random weights are used (``--unet
+embedded`` loads the shipped weights of the embedded model instead).
+
+Beside them, DF-RISE is measured against its **FLOP floor** in the same process: the FLOPs
+DF-RISE runs (``FlopCounterMode`` on one CFG call of the denoiser and on scoring one mask,
+times the number of masks; attention counted as its two matrix products) divided by the
+rate of a large float32 matmul timed with the same thread count. DF-RISE runs and matmul
+timings alternate (``--repeats``), so a loaded machine slows both alike; medians are reported,
+by wall clock and by process CPU time.
 
 Usage::
 
     python bench/bench_rise.py                       # tiny test pipeline, CPU
     python bench/bench_rise.py --unet demo           # embedded-model architecture, CPU
+    python bench/bench_rise.py --unet embedded --threads 1 --variants 32,64,128,compile
     python bench/bench_rise.py --unet sd15 --device cuda --dtype fp16   # SD-1.5-shaped UNet
     python bench/bench_rise.py --results bench/RESULTS_explain.md       # append a section
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -49,6 +59,10 @@ def build(kind: str, latent: int | None = None) -> Any:
 
     if kind == "tiny":
         return tiny_sd_pipeline(seed=0)
+    if kind == "embedded":
+        from diffwidget.models.loader import load_demo_pipeline
+
+        return load_demo_pipeline()
     if kind == "demo":
         from diffwidget.models.architecture import build_demo_pipeline
 
@@ -66,7 +80,7 @@ def build(kind: str, latent: int | None = None) -> Any:
             text_encoder=text,
             tokenizer=tokenizer,
         )
-    raise SystemExit(f"unknown --unet {kind!r}; use tiny, demo or sd15")
+    raise SystemExit(f"unknown --unet {kind!r}; use tiny, demo, embedded or sd15")
 
 
 def synthetic_trace(pipe: Any, device: torch.device) -> Trace:
@@ -103,6 +117,73 @@ def synthetic_trace(pipe: Any, device: torch.device) -> Trace:
     )
 
 
+#: Side of the square matmul whose rate is the peak (large enough to saturate the BLAS).
+GEMM_SIDE = {"cpu": 4096, "cuda": 8192}
+#: Process CPU seconds (wall seconds on a GPU) of matmuls per rate measurement.
+GEMM_SECONDS = 1.5
+
+
+def _attention_flops(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def count_flops(fn: Any) -> tuple[int, dict[str, int]]:
+    """FLOPs of ``fn()`` by ``FlopCounterMode``, total and per operator.
+
+    ``FlopCounterMode`` has no formula for the CPU flash-attention kernel that
+    ``scaled_dot_product_attention`` runs on the CPU (it would count attention as zero);
+    it is counted like the GPU kernels, as its two matrix products.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {cpu_attention: _attention_flops} if cpu_attention is not None else {}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
+    return int(counter.get_total_flops()), by_op
+
+
+def rise_flops(pipe: Any, trace: Trace, step: int, rise: DFRise) -> dict[str, Any]:
+    """What DF-RISE computes, counted: one CFG denoiser call and one SSIM score per mask,
+    plus the unmasked reference call."""
+    from diffwidget.tracing.replay import StepReplay
+
+    replay = StepReplay(pipe, trace)
+    x = replay.latent(step)
+    ref = replay.predict(x, step, rise.target)
+    call, by_op = count_flops(lambda: replay.predict(x, step, rise.target))
+    score, _ = count_flops(lambda: rise._score(ref, ref))
+    total = (rise.n_masks + 1) * call + rise.n_masks * score
+    return {"per_cfg_call": call, "per_score": score, "total": total, "call_by_op": by_op}
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """FLOP/s of a large square matmul in ``dtype``: (by wall clock, by process CPU time).
+
+    Matmuls run back to back for about ``GEMM_SECONDS`` of process CPU time (of wall time
+    on a GPU), as long as a share of a DF-RISE run, so both see the same machine load.
+    """
+    n = GEMM_SIDE["cuda" if device.type == "cuda" else "cpu"]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    out = torch.mm(a, b)  # warm-up
+    sync(device)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    count, wall, cpu, start = 0, time.perf_counter(), time.process_time(), clock()
+    while clock() - start < GEMM_SECONDS:
+        torch.mm(a, b, out=out)
+        sync(device)
+        count += 1
+    flop = 2.0 * n**3 * count
+    return flop / (time.perf_counter() - wall), flop / max(time.process_time() - cpu, 1e-9)
+
+
 CPU_TIMES: dict[int, float] = {}
 
 
@@ -121,9 +202,88 @@ def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def variant(spec: str, n_masks: int, batch_size: int | None) -> tuple[DFRise, bool]:
+    """A DF-RISE configuration from ``--variants``: ``auto``, ``64`` (batch size), ``cl64``
+    (channels_last UNet), ``compile`` or ``compile64``; returns it and whether channels_last."""
+    channels_last = spec.startswith("cl")
+    compiled = spec.startswith("compile")
+    rest = spec.removeprefix("cl").removeprefix("compile")
+    if rest not in ("", "auto") and not rest.isdigit():
+        raise SystemExit(f"unknown variant {spec!r}; use auto, 64, cl64, compile or compile64")
+    batch = int(rest) if rest.isdigit() else batch_size
+    rise = DFRise(n_masks=n_masks, batch_size=batch, progress_bar=False, compile=compiled)
+    return rise, channels_last
+
+
+def run_variant(pipe: Any, trace: Trace, step: int, spec: str, args: Any) -> tuple[float, Any]:
+    """Time one DF-RISE run of ``spec`` (wall seconds; CPU seconds in ``CPU_TIMES``)."""
+    rise, channels_last = variant(spec, args.n_masks, args.batch_size)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    try:
+        return timed(lambda: rise.attribute(pipe, trace, step), torch.device(args.device))
+    finally:
+        if channels_last:
+            pipe.unet.to(memory_format=torch.contiguous_format)
+
+
+def against_floor(
+    pipe: Any, trace: Trace, step: int, args: Any, dtype: torch.dtype
+) -> dict[str, Any]:
+    """DF-RISE variants and matmul rates, alternating; medians and ratios to the floor."""
+    device = torch.device(args.device)
+    specs = args.variants.split(",")
+    flops = rise_flops(pipe, trace, step, variant(specs[0], args.n_masks, args.batch_size)[0])
+    cold: dict[str, tuple[float, float]] = {}
+    for spec in specs:  # warm-up; compiles the compile variants
+        wall, sal = run_variant(pipe, trace, step, spec, args)
+        cold[spec] = (wall, CPU_TIMES[id(sal)])
+        print(f"{spec}: first run {wall:.1f} s wall, {cold[spec][1]:.1f} s CPU", flush=True)
+    rates = [gemm_rate(device, dtype)]
+    runs: dict[str, list[dict[str, float]]] = {spec: [] for spec in specs}
+    metas: dict[str, dict[str, Any]] = {}
+    for r in range(args.repeats):
+        for spec in specs if r % 2 == 0 else specs[::-1]:
+            wall, sal = run_variant(pipe, trace, step, spec, args)
+            rates.append(gemm_rate(device, dtype))
+            rate_wall = (rates[-2][0] + rates[-1][0]) / 2
+            rate_cpu = (rates[-2][1] + rates[-1][1]) / 2
+            cpu = CPU_TIMES[id(sal)]
+            runs[spec].append(
+                {
+                    "wall_s": wall,
+                    "cpu_s": cpu,
+                    "gemm_gflops_wall": rate_wall / 1e9,
+                    "gemm_gflops_cpu": rate_cpu / 1e9,
+                    "ratio_wall": wall * rate_wall / flops["total"],
+                    "ratio_cpu": cpu * rate_cpu / flops["total"],
+                }
+            )
+            metas[spec] = {k: sal.meta[k] for k in ("batch_size", "batch_size_source", "compile")}
+    out: dict[str, Any] = {
+        "flops": flops,
+        "gemm_dtype": str(dtype).removeprefix("torch."),
+        "gemm_side": GEMM_SIDE["cuda" if device.type == "cuda" else "cpu"],
+        "repeats": args.repeats,
+        "variants": {},
+    }
+    for spec in specs:
+        rows = runs[spec]
+        med = {k: round(statistics.median(row[k] for row in rows), 3) for k in rows[0]}
+        med["floor_wall_s"] = round(flops["total"] / (med["gemm_gflops_wall"] * 1e9), 3)
+        med["floor_cpu_s"] = round(flops["total"] / (med["gemm_gflops_cpu"] * 1e9), 3)
+        med["first_run_wall_s"] = round(cold[spec][0], 2)
+        med["first_run_cpu_s"] = round(cold[spec][1], 2)
+        if metas[spec]["compile"]:
+            med["compile_wall_s"] = round(cold[spec][0] - med["wall_s"], 1)
+            med["compile_cpu_s"] = round(cold[spec][1] - med["cpu_s"], 1)
+        out["variants"][spec] = {**metas[spec], **med, "runs": rows}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unet", default="tiny", choices=["tiny", "demo", "sd15"])
+    parser.add_argument("--unet", default="tiny", choices=["tiny", "demo", "embedded", "sd15"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--n-masks", type=int, default=500)
@@ -148,19 +308,33 @@ def main() -> None:
         "extrapolated linearly and reported as such",
     )
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument(
+        "--variants",
+        default="auto",
+        help="comma-separated DF-RISE variants timed against the floor, alternating: auto "
+        "(the default batch size or --batch-size), a batch size (64), cl64 (channels_last "
+        "UNet), compile / compile64 (DFRise(compile=True)); the first is 'ours'",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of each variant (medians reported)"
+    )
     parser.add_argument("--relevance-steps", type=int, default=2)
     parser.add_argument("--skip-relevance", action="store_true")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--results", type=Path, default=None, help="append a markdown section")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    load_start = [round(x, 2) for x in os.getloadavg()]
     t_build, pipe = timed(lambda: build(args.unet, args.latent), torch.device("cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # load_demo_pipeline picks its own count
     for module in (pipe.unet, pipe.text_encoder):
         # Only cast when asked: diffusers warns about any dtype cast through .to().
         if dtype == torch.float32:
@@ -173,26 +347,24 @@ def main() -> None:
     n_params = sum(p.numel() for p in pipe.unet.parameters())
     print(f"built {args.unet} UNet ({n_params / 1e6:.1f} M params) in {t_build:.1f} s", flush=True)
 
-    eager_unet = pipe.unet
-    ours = DFRise(n_masks=args.n_masks, batch_size=args.batch_size, progress_bar=False)
-    paper_n = args.paper_masks or args.n_masks
-    paper = DFRise(n_masks=paper_n, batch_size=1, progress_bar=False)
     if args.compile:
-        # DF-RISE only reads pipe.unet; DF-CAM and relevance below use the eager module,
-        # whose module paths they address.
-        pipe.unet = torch.compile(eager_unet)
-        ours.attribute(pipe, trace, step)
-        DFRise(n_masks=2, batch_size=1, progress_bar=False).attribute(pipe, trace, step)
-    else:
-        # Warm-up: kernels, allocator, lazy inits.
-        DFRise(n_masks=4, batch_size=4, progress_bar=False).attribute(pipe, trace, step)
-
-    t_ours, sal = timed(lambda: ours.attribute(pipe, trace, step), device)
+        args.variants = ",".join(
+            v if v.startswith("compile") else "compile" + v.removeprefix("auto")
+            for v in args.variants.split(",")
+        )
+    floor = against_floor(pipe, trace, step, args, dtype)
+    ours_spec = args.variants.split(",")[0]
+    ours = floor["variants"][ours_spec]
+    t_ours, cpu_ours = ours["wall_s"], ours["cpu_s"]
+    paper_n = args.paper_masks or args.n_masks
+    paper = DFRise(n_masks=paper_n, batch_size=1, progress_bar=False, compile=args.compile)
+    if args.compile:  # absorb the compilation for batch size 1
+        DFRise(n_masks=2, batch_size=1, progress_bar=False, compile=True).attribute(
+            pipe, trace, step
+        )
     t_paper_measured, paper_sal = timed(lambda: paper.attribute(pipe, trace, step), device)
     t_paper = t_paper_measured * args.n_masks / paper_n
-    cpu_ours = CPU_TIMES[id(sal)]
     cpu_paper = CPU_TIMES[id(paper_sal)] * args.n_masks / paper_n
-    pipe.unet = eager_unet
 
     cam_times = []
     for _ in range(args.cam_repeats):
@@ -215,8 +387,8 @@ def main() -> None:
         "dtype": args.dtype,
         "compiled": args.compile,
         "n_masks": args.n_masks,
-        "batch_size": sal.meta["batch_size"],
-        "batch_size_source": sal.meta["batch_size_source"],
+        "batch_size": ours["batch_size"],
+        "batch_size_source": ours["batch_size_source"],
         "rise_ours_s": round(t_ours, 3),
         "rise_paper_style_s": round(t_paper, 3),
         "rise_paper_style_masks_measured": paper_n,
@@ -228,9 +400,13 @@ def main() -> None:
         "cam_layers": len(cam.layers),
         "cam_repeats": args.cam_repeats,
         "relevance_per_step_s": None if rel_per_step is None else round(rel_per_step, 3),
+        "floor": floor,
+        "load_average_start": load_start,
         "machine": machine(device),
     }
     print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
     if args.results is not None:
         write_section(args.results, result)
 
@@ -259,10 +435,48 @@ def write_section(path: Path, r: dict[str, Any]) -> None:
         f"- DF-CAM, all {r['cam_layers']} layers, one step (one forward + one backward): "
         f"{r['cam_all_layers_s']} s (median of {r['cam_repeats']})",
         f"- token relevance: {r['relevance_per_step_s']} s per step",
+        *floor_lines(r),
         "",
     ]
     with path.open("a") as handle:
         handle.write("\n".join(lines))
+
+
+def floor_lines(r: dict[str, Any]) -> list[str]:
+    """The FLOP-floor part of a results section: the count, the matmul rate, the table."""
+    f = r["floor"]
+    flops = f["flops"]
+    by_op = flops["call_by_op"]
+    conv = by_op.get("aten.convolution", 0)
+    attention = sum(v for k, v in by_op.items() if "attention" in k)
+    lines = [
+        f"- FLOP floor: {flops['per_cfg_call'] / 1e9:.3f} GFLOP per CFG call of the UNet "
+        f"(convolutions {conv / 1e9:.3f}, attention products {attention / 1e9:.3f}, "
+        f"linear layers {(flops['per_cfg_call'] - conv - attention) / 1e9:.3f}), SSIM score "
+        f"{flops['per_score'] / 1e6:.2f} MFLOP per mask; {flops['total'] / 1e9:.1f} GFLOP "
+        f"for {r['n_masks']} masks and the reference call. Peak: {f['gemm_side']}² "
+        f"{f['gemm_dtype']} matmul, timed between the DF-RISE runs; medians of "
+        f"{f['repeats']} runs each, alternating:",
+        "",
+        "| variant | batch | wall s | CPU s | matmul GFLOP/s (wall / per CPU s) | floor s "
+        "(wall / CPU) | **ratio to floor (wall / CPU)** | first run s (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in f["variants"].items():
+        first = f"{v['first_run_wall_s']} / {v['first_run_cpu_s']}"
+        if "compile_wall_s" in v:
+            first += f" (compilation ≈ {v['compile_wall_s']} / {v['compile_cpu_s']})"
+        lines.append(
+            f"| {name} | {v['batch_size']} | {v['wall_s']} | {v['cpu_s']} | "
+            f"{v['gemm_gflops_wall']:.1f} / {v['gemm_gflops_cpu']:.1f} | "
+            f"{v['floor_wall_s']} / {v['floor_cpu_s']} | "
+            f"**{v['ratio_wall']:.2f} / {v['ratio_cpu']:.2f}** | {first} |"
+        )
+    lines.append(
+        f"\nLoad average at the start {r['load_average_start']}, at the end "
+        f"{r['machine']['load_average']}."
+    )
+    return lines
 
 
 if __name__ == "__main__":

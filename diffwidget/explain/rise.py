@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
+from diffwidget.explain._compile import COMPILE_TOLERANCE, CompiledDenoiser, disagreement
 from diffwidget.explain.protocol import METHOD_LABELS, describe_saliency
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.explain.similarity import (
@@ -133,6 +134,16 @@ class DFRise:
         region's contrast at 800 masks rises about 4x, and on the embedded model deletion
         AUC beat a random order on every held-out prompt tested instead of 80 %. On by
         default; ``center=False`` gives the paper's estimator exactly.
+    compile : bool
+        Run the masked batches through ``torch.compile(denoiser)`` (inductor, with its
+        freezing: :class:`~diffwidget.explain._compile.CompiledDenoiser`). The first call
+        compiles for the batch shape, which takes tens of seconds or more on a CPU; later
+        calls of the same ``DFRise`` object reuse it while the denoiser's weights and
+        torch's thread count stay the same (keep the object to keep the compiled code; it
+        holds a reference to the denoiser). Batches are balanced and the last one padded,
+        so that one shape is compiled; the first masked prediction is checked against the
+        eager denoiser. Off by default, because an interactive call should not start with
+        a compilation; worth it for long runs (``bench/RESULTS_explain.md``).
 
     Notes
     -----
@@ -177,6 +188,7 @@ class DFRise:
         progress_bar: bool = True,
         grid: int = SMOOTH_GRID,
         center: bool = True,
+        compile: bool = False,
     ) -> None:
         n_masks = int(check_int("n_masks", n_masks))  # type: ignore[arg-type]
         batch_size = check_int("batch_size", batch_size, optional=True)
@@ -192,6 +204,8 @@ class DFRise:
             raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
         if target not in ("x0", "prev"):
             raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self.n_masks = n_masks
         self.p = p
         self.masks = masks
@@ -202,6 +216,9 @@ class DFRise:
         self.progress_bar = progress_bar
         self.grid = grid
         self.center = center
+        self.compile = compile
+        # The denoiser compiled by the last call (kept so later calls reuse it).
+        self._compiled: CompiledDenoiser | None = None
 
     def describe(self, result: SaliencyMap) -> str:
         """The caption of ``result``: masks used, keep probability, similarity, target, seed."""
@@ -239,6 +256,29 @@ class DFRise:
     def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         kind: SimilarityName = "ssim_structure" if self.similarity == "ssim" else "cosine"
         return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
+
+    def _check_compiled(self, compiled: torch.Tensor, eager: torch.Tensor) -> None:
+        """Frozen compiled code keeps the weights it was compiled with; changes that leave
+        no trace on the tensors (``param.data`` edited in place) show up here."""
+        error = disagreement(compiled, eager)
+        if error > COMPILE_TOLERANCE:
+            self._compiled = None
+            raise RuntimeError(
+                f"the torch.compile'd denoiser disagrees with the eager one (relative "
+                f"difference {error:.2g}); its weights probably changed since it was "
+                "compiled. Call attribute again to compile anew, or use compile=False"
+            )
+
+    def _predict(self, runner: StepReplay, masked: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.compile:
+            return runner.predict(masked, step, self.target)
+        try:
+            return runner.predict(masked, step, self.target)
+        except Exception as error:  # inductor raises many kinds (compiler, codegen, backend)
+            raise RuntimeError(
+                f"the torch.compile'd denoiser failed ({type(error).__name__}: {error}); "
+                "DFRise(compile=False) runs without torch.compile"
+            ) from error
 
     def attribute(
         self,
@@ -283,6 +323,13 @@ class DFRise:
             batch, batch_note = min(self.batch_size, self.n_masks), "given"
         else:
             batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
+        runner = replay
+        if self.compile:
+            if self._compiled is None or not self._compiled.is_current(replay.unet):
+                self._compiled = CompiledDenoiser(replay.unet)
+            runner = StepReplay(pipe, trace, denoiser=self._compiled)
+            # Equal batches (the last one padded) so that a single shape is compiled.
+            batch = math.ceil(self.n_masks / math.ceil(self.n_masks / batch))
         # Sums over even- and odd-numbered masks, kept apart for the split-half estimate.
         weighted = torch.zeros(2, *size, dtype=torch.float64)
         counts = torch.zeros(2, *size, dtype=torch.float64)
@@ -290,6 +337,7 @@ class DFRise:
         n_half = torch.zeros(2, dtype=torch.float64)
         parity = torch.arange(self.n_masks) % 2
         done = 0
+        first_batch_seconds: float | None = None
         cancelled = interrupted = False
         history: list[list[float]] = []
         scores: list[float] = []
@@ -297,13 +345,23 @@ class DFRise:
         try:
             for begin in range(0, self.n_masks, batch):
                 m = masks[begin : begin + batch]
-                pred = replay.predict(x * m.to(replay.device)[:, None], step, self.target)
+                masked = x * m.to(replay.device)[:, None]
+                if self.compile and len(m) < batch:
+                    masked = torch.cat([masked, masked[:1].expand(batch - len(m), -1, -1, -1)])
+                pred = self._predict(runner, masked, step)[: len(m)]
+                if first_batch_seconds is None:
+                    first_batch_seconds = time.perf_counter() - start_time
+                    if self.compile:
+                        self._check_compiled(
+                            pred[:1], replay.predict(masked[:1], step, self.target)
+                        )
                 s = self._score(pred, ref).double().cpu()
-                contrib = s[:, None, None] * m.double()
+                m64 = m.double()
+                contrib = s[:, None, None] * m64
                 par = parity[begin : begin + len(m)]
                 for half in (0, 1):
                     weighted[half] += contrib[par == half].sum(0)
-                    counts[half] += m.double()[par == half].sum(0)
+                    counts[half] += m64[par == half].sum(0)
                     score_sum[half] += s[par == half].sum()
                     n_half[half] += int((par == half).sum())
                 scores += s.tolist()
@@ -347,7 +405,10 @@ class DFRise:
             "score_mean": float(np.mean(scores)) if scores else float("nan"),
             "score_std": float(np.std(scores)) if scores else float("nan"),
             "device": str(replay.device),
+            "compile": self.compile,
             "seconds": time.perf_counter() - start_time,
+            # Includes the compilation with compile=True (the setup before the loop too).
+            "first_batch_seconds": first_batch_seconds,
         }
         if self.masks == "smooth":
             meta["grid"] = max(2, min(self.grid, size[0] // 2, size[1] // 2))

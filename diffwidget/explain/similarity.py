@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 
 SimilarityName = Literal["ssim", "ssim_structure", "cosine"]
 SIMILARITIES: tuple[str, ...] = get_args(SimilarityName)
@@ -50,20 +49,29 @@ def _symmetric_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
     return torch.cat([left, torch.arange(n, device=device), right])
 
 
-def _blur_same(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable depthwise Gaussian over a symmetric extension: output size = input size.
+def _blur_matrix(n: int, g: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` matrix ``B`` with ``B @ v`` = the Gaussian ``g`` over the symmetric
+    extension of ``v``, one output per input cell (the padding folded into the weights)."""
+    taps, pad = g.numel(), g.numel() // 2
+    index = _symmetric_index(n, pad, g.device)
+    cols = index[torch.arange(n, device=g.device)[:, None] + torch.arange(taps, device=g.device)]
+    rows = torch.arange(n, device=g.device)[:, None].expand(n, taps)
+    matrix = torch.zeros(n, n, dtype=g.dtype, device=g.device)
+    # Near the border one input cell appears twice in a window: accumulate its taps.
+    return matrix.index_put_((rows, cols), g.expand(n, taps).clone(), accumulate=True)
+
+
+def _blur_same(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian over a symmetric extension: output size = input size.
 
     Every cell is the centre of one window, so the mean over window positions weighs the
     cells at the border of a small latent as much as the central ones (with "valid"
-    windows a 16x16 latent under a 15x15 window leaves 2x2 central positions).
+    windows a 16x16 latent under a 15x15 window leaves 2x2 central positions). ``rows``
+    and ``cols_t`` are :func:`_blur_matrix` for the two axes (the second transposed): two
+    small matrix products, an order of magnitude faster on the CPU than two depthwise
+    convolutions over a padded copy.
     """
-    channels, pad = x.shape[1], g.numel() // 2
-    h, w = x.shape[-2:]
-    x = x.index_select(-2, _symmetric_index(h, pad, x.device))
-    x = x.index_select(-1, _symmetric_index(w, pad, x.device))
-    kx = g.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    ky = g.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    return F.conv2d(F.conv2d(x, kx, groups=channels), ky, groups=channels)
+    return rows @ x @ cols_t
 
 
 def ssim_map(
@@ -91,12 +99,15 @@ def ssim_map(
     rng = torch.as_tensor(data_range, dtype=torch.float32, device=a.device).reshape(-1, 1, 1, 1)
     c1 = (SSIM_K1 * rng) ** 2
     c2 = (SSIM_K2 * rng) ** 2
-    b = b.expand_as(a)
-    mu_a = _blur_same(a, g)
-    mu_b = _blur_same(b, g)
-    var_a = (_blur_same(a * a, g) - mu_a**2).clamp_min(0.0)
-    var_b = (_blur_same(b * b, g) - mu_b**2).clamp_min(0.0)
-    cov = _blur_same(a * b, g) - mu_a * mu_b
+    rows = _blur_matrix(a.shape[-2], g)
+    cols_t = _blur_matrix(a.shape[-1], g).T
+    mu_a = _blur_same(a, rows, cols_t)
+    var_a = (_blur_same(a * a, rows, cols_t) - mu_a**2).clamp_min(0.0)
+    cov = _blur_same(a * b, rows, cols_t)
+    # A broadcast reference (DF-RISE's one unmasked prediction) is blurred once.
+    mu_b = _blur_same(b, rows, cols_t)
+    var_b = (_blur_same(b * b, rows, cols_t) - mu_b**2).clamp_min(0.0)
+    cov = cov - mu_a * mu_b
     if structure_only:
         c3 = c2 / 2.0
         return (cov + c3) / (torch.sqrt(var_a * var_b) + c3)

@@ -81,6 +81,10 @@ class StepReplay:
     chunk_size : int, optional
         Largest number of latents per denoiser call (a call runs ``2 * chunk_size`` rows
         with batched CFG). ``None`` sends the whole batch at once.
+    denoiser : callable, optional
+        Called instead of the pipeline's denoiser, with the same arguments (for example a
+        ``torch.compile`` wrapper of it). Device, dtype and :attr:`unet` still come from
+        the pipeline's own module.
 
     Notes
     -----
@@ -98,7 +102,14 @@ class StepReplay:
     torch.Size([1, 4, 16, 16])
     """
 
-    def __init__(self, pipe: Any, trace: Trace, *, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        trace: Trace,
+        *,
+        chunk_size: int | None = None,
+        denoiser: Any = None,
+    ) -> None:
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         self.family = denoiser_family(pipe)
@@ -110,6 +121,9 @@ class StepReplay:
                 "the trace came from"
             )
         self.unet = self.family.denoiser
+        if denoiser is not None:
+            # This family object belongs to this replay alone: only its calls are redirected.
+            self.family.denoiser = denoiser
         self.trace = trace
         self.chunk_size = chunk_size
         param = next(self.unet.parameters(), None)

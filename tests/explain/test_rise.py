@@ -171,3 +171,57 @@ def test_corner_of_a_small_latent_is_found(similarity: str, least_share: float) 
     assert share >= least_share
     inside = corner_mask().bool().numpy()
     assert sal.raw[inside].min() > sal.raw[~inside].mean()
+
+
+def test_compiled_equals_eager_with_one_compiled_shape(toy_pipe: Any, toy_trace: Trace) -> None:
+    """``compile=True`` gives the eager map; a shorter last batch is padded, not recompiled."""
+    from torch._dynamo.utils import counters
+
+    kwargs = {"batch_size": 4, "seed": 2, "progress_bar": False, "compile": True}
+    start = counters["stats"]["unique_graphs"]
+    DFRise(n_masks=8, **kwargs).attribute(toy_pipe, toy_trace, 1)  # two full batches of 4
+    per_shape = counters["stats"]["unique_graphs"] - start
+    assert per_shape >= 1
+    # 10 masks: batches of 4, 4 and 2 padded to 4, so no second shape is compiled.
+    rise = DFRise(n_masks=10, **kwargs)
+    compiled = rise.attribute(toy_pipe, toy_trace, 1)
+    assert counters["stats"]["unique_graphs"] - start == 2 * per_shape
+    eager = DFRise(n_masks=10, batch_size=4, seed=2, progress_bar=False).attribute(
+        toy_pipe, toy_trace, 1
+    )
+    np.testing.assert_allclose(compiled.raw, eager.raw, atol=1e-5)
+    assert compiled.meta["compile"]
+    assert not eager.meta["compile"]
+    assert compiled.meta["batch_size"] == 4
+    assert compiled.meta["n_used"] == 10
+    assert compiled.meta["convergence"]["history"][-1][0] == 10
+    # The same object reuses its compiled code.
+    again = rise.attribute(toy_pipe, toy_trace, 1)
+    assert counters["stats"]["unique_graphs"] - start == 2 * per_shape
+    np.testing.assert_array_equal(again.raw, compiled.raw)
+
+
+def test_compiled_code_follows_changed_weights(toy_pipe: Any, toy_trace: Trace) -> None:
+    """Frozen compiled code holds the weights it was compiled with: changes recompile."""
+    kwargs = {"n_masks": 8, "batch_size": 4, "seed": 2, "progress_bar": False}
+    rise = DFRise(compile=True, **kwargs)
+    before = rise.attribute(toy_pipe, toy_trace, 1)
+    bias = toy_pipe.unet.mid_block.attn2.to_out[0].bias
+    with torch.no_grad():
+        bias.add_(torch.linspace(-20, 20, bias.numel()))
+    after = rise.attribute(toy_pipe, toy_trace, 1)
+    eager = DFRise(**kwargs).attribute(toy_pipe, toy_trace, 1)
+    np.testing.assert_allclose(after.raw, eager.raw, atol=1e-5)
+    assert np.abs(after.raw - before.raw).max() > 1e-3
+    # ``.data`` edits leave no trace on the tensor; the check against the eager call sees them.
+    bias.data.mul_(-1)
+    with pytest.raises(RuntimeError, match="disagrees with the eager one"):
+        rise.attribute(toy_pipe, toy_trace, 1)
+    recompiled = rise.attribute(toy_pipe, toy_trace, 1)
+    eager = DFRise(**kwargs).attribute(toy_pipe, toy_trace, 1)
+    np.testing.assert_allclose(recompiled.raw, eager.raw, atol=1e-5)
+
+
+def test_compile_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        DFRise(compile="yes")  # type: ignore[arg-type]

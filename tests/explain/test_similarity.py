@@ -127,3 +127,24 @@ def test_each_corner_cell_moves_the_score() -> None:
             keep[..., i, j] = 0
             drops[i, j] = 1 - float(ssim(replay.pred_x0(x * keep, 0), ref, structure_only=True)[0])
     assert drops.min() > 0.05 * drops.max() > 0
+
+
+@pytest.mark.parametrize(("size", "window"), [((16, 16), 15), ((16, 12), 11), ((8, 6), 5)])
+def test_blur_matches_scipy_on_a_symmetric_extension(size: tuple[int, int], window: int) -> None:
+    """The Gaussian behind every SSIM statistic equals SciPy's separable filter ("reflect").
+
+    The blur is two matrix products with the extension folded into the weights; near the
+    border a window reaches over the edge, where one cell carries two taps.
+    """
+    from scipy.ndimage import correlate1d
+
+    from diffwidget.explain.similarity import _blur_matrix, _blur_same
+
+    x = torch.randn(3, 2, *size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    g = gaussian_window(window, 1.5).double()
+    ours = _blur_same(x, _blur_matrix(size[0], g), _blur_matrix(size[1], g).T)
+    taps = g.numpy()
+    reference = correlate1d(
+        correlate1d(x.numpy(), taps, axis=-2, mode="reflect"), taps, axis=-1, mode="reflect"
+    )
+    np.testing.assert_allclose(ours.numpy(), reference, atol=1e-12)
