@@ -55,7 +55,7 @@ from diffwidget.models.architecture import assemble_pipeline, build_components
 from diffwidget.models.scenes import SceneWorld
 
 ModelName = Literal["unet", "dit"]
-ConfigName = Literal["full", "cpu", "smoke"]
+ConfigName = Literal["full", "cpu", "finetune", "smoke"]
 ENCODE_BATCH = 256
 LATEST_FILE = "latest"
 VAE_FOLDER = "vae_stage1"
@@ -139,6 +139,21 @@ CONFIGS: dict[str, dict[str, TrainConfig]] = {
             checkpoint_minutes=10.0,
             vae_minutes=16.0,
             unet_minutes=60.0,
+        ),
+        # Teaches a trained UNet (``--init``) the caption variations, on the CPU.
+        "finetune": TrainConfig(
+            vae_steps=0,
+            vae_batch=8,
+            vae_lr=1e-3,
+            vae_kl_weight=1e-6,
+            n_scenes=8_000,
+            unet_steps=2_500,
+            batch=32,
+            lr=2e-4,
+            warmup=100,
+            ema_decay=0.999,
+            caption_dropout=0.1,
+            checkpoint_minutes=10.0,
         ),
         # Proves the recipe runs end to end (used by the tests).
         "smoke": _SMOKE,
@@ -297,8 +312,10 @@ def training_target(noise_scheduler: Any, latents: Any, noise: Any, t: Any) -> A
 class Objective(Protocol):
     """The denoiser-specific part of stage 2."""
 
-    #: Modules trained and averaged (denoiser first, then the text encoders).
+    #: Modules trained and averaged (denoiser first, then the text encoders) ...
     trained: list[Any]
+    #: ... and their names in the pipeline.
+    names: tuple[str, ...]
 
     def loss(self, latents: Any, batch: Any, data: LatentSet, generator: Any) -> Any:
         """Mean training loss on scaled clean ``latents`` of the training items ``batch``."""
@@ -318,6 +335,7 @@ class UNetObjective:
         self.noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
         self.loss_weight = min_snr_weights(self.noise_scheduler).to(device)
         self.trained = [components["unet"], components["text_encoder"]]
+        self.names = ("unet", "text_encoder")
 
     def loss(self, latents: Any, batch: Any, data: LatentSet, generator: Any) -> Any:
         """Weighted v loss (see :func:`min_snr_weights`)."""
@@ -341,7 +359,45 @@ class UNetObjective:
     def pipeline(self, modules: list[Any], vae: Any) -> Any:
         """A ``StableDiffusionPipeline`` with the given UNet and text encoder."""
         unet, text_encoder = modules
-        return assemble_pipeline(dict(self.components, unet=unet, text_encoder=text_encoder, vae=vae))
+        return assemble_pipeline(
+            dict(self.components, unet=unet, text_encoder=text_encoder, vae=vae)
+        )
+
+
+#: New vocabulary words a fine-tuned text encoder starts from (their synonym's embedding).
+NEW_WORD_INIT: dict[str, str] = {"middle": "centre"}
+
+
+def init_from_pipeline(objective: Objective, components: dict[str, Any], folder: Path) -> None:
+    """Start stage 2 from the trained modules of a pipeline folder (fine-tuning).
+
+    Token embeddings are carried over by token string, so a tokenizer whose vocabulary
+    grew still starts from the old one; a new word of :data:`NEW_WORD_INIT` starts from its
+    synonym's embedding, other new tokens from their fresh initialisation.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    for name, module in zip(objective.names, objective.trained, strict=True):
+        (weights_file,) = sorted((folder / name).glob("*.safetensors"))
+        weights = {k: v.float() for k, v in load_file(str(weights_file)).items()}
+        if name.startswith("text_encoder"):
+            suffix = name.removeprefix("text_encoder")
+            old = CLIPTokenizer.from_pretrained(str(folder / f"tokenizer{suffix}")).get_vocab()
+            new = components[f"tokenizer{suffix}"].get_vocab()
+            key = next(k for k in weights if k.endswith("token_embedding.weight"))
+            table = module.state_dict()[key].clone()
+            for token, index in new.items():
+                word = token.removesuffix("</w>")
+                source = (
+                    f"{NEW_WORD_INIT[word]}</w>"
+                    if token not in old and word in NEW_WORD_INIT
+                    else token
+                )
+                if source in old:
+                    table[index] = weights[key][old[source]]
+            weights[key] = table
+        module.load_state_dict(weights)
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -427,7 +483,9 @@ def _stage1(
         state.setdefault("vae_steps_done", "loaded from " + str(vae_dir))
     else:
         vae = components["vae"].to(device)
-        state["vae_steps_done"] = train_vae(vae, config, SceneWorld(seed + 1), out, progress, device)
+        state["vae_steps_done"] = train_vae(
+            vae, config, SceneWorld(seed + 1), out, progress, device
+        )
         vae.save_pretrained(out / f".tmp-{VAE_FOLDER}")
         (out / f".tmp-{VAE_FOLDER}").rename(vae_dir)
     # The SD3 pipeline decodes latents / scaling_factor + shift_factor: both models share
@@ -459,6 +517,7 @@ def train(
     model: ModelName = "unet",
     device: str = "cpu",
     vae_from: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Run both stages and return the final checkpoint folder.
 
@@ -479,6 +538,9 @@ def train(
         Torch device; the same code runs on CPU and GPU.
     vae_from : str or Path, optional
         A trained VAE folder to use instead of stage 1 (copied to ``OUT/vae_stage1``).
+    init_from : str or Path, optional
+        A pipeline folder of the same model to fine-tune (:func:`init_from_pipeline`)
+        instead of training stage 2 from random weights.
     """
     import torch
     from tqdm import tqdm
@@ -511,6 +573,9 @@ def train(
     state["encode_minutes"] = (time.monotonic() - t0) / 60 - state["vae_minutes"]
     mean, std = data.mean.to(device), data.std.to(device)
 
+    if init_from is not None:
+        init_from_pipeline(objective, components, Path(init_from))
+        state["init_from"] = str(init_from)
     for module in objective.trained:
         module.to(device).train()
     params = [p for module in objective.trained for p in module.parameters()]
@@ -529,7 +594,7 @@ def train(
         optimiser.load_state_dict(saved["optimiser"])
         generator.set_state(saved["generator"].cpu() if device == "cpu" else saved["generator"])
         first_step, running, before_s = saved["step"], saved["running"], saved["stage2_s"]
-        state["resumed_at"] = state.get("resumed_at", []) + [first_step]
+        state["resumed_at"] = [*saved.get("resumed_at", []), first_step]
 
     start = last_save = time.monotonic()
 
@@ -538,7 +603,9 @@ def train(
         state.update(
             unet_steps_done=step, stage2_minutes=stage2_s / 60, minutes=(time.monotonic() - t0) / 60
         )
-        final = save_checkpoint(objective.pipeline(ema.shadow, vae), out, f"checkpoint-{step:06d}", state)
+        final = save_checkpoint(
+            objective.pipeline(ema.shadow, vae), out, f"checkpoint-{step:06d}", state
+        )
         resume = {
             "step": step,
             "trained": [m.state_dict() for m in objective.trained],
@@ -547,6 +614,7 @@ def train(
             "generator": generator.get_state(),
             "running": running,
             "stage2_s": stage2_s,
+            "resumed_at": state.get("resumed_at", []),
         }
         _atomic_save(resume, resume_file)
         return final
@@ -591,12 +659,13 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("unet", "dit"), default="unet")
-    parser.add_argument("--config", choices=("full", "cpu", "smoke"), default="cpu")
+    parser.add_argument("--config", choices=("full", "cpu", "finetune", "smoke"), default="cpu")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--vae", default=None, help="trained VAE folder to reuse (skips stage 1)")
+    parser.add_argument("--init", default=None, help="pipeline folder to fine-tune (stage 2)")
     parser.add_argument("--vae-minutes", type=float, default=None, help="cap on stage 1")
     parser.add_argument("--unet-minutes", type=float, default=None, help="cap on stage 2")
     parser.add_argument("--vae-steps", type=int, default=None, help="steps of stage 1")
@@ -627,6 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         device=args.device,
         vae_from=args.vae,
+        init_from=args.init,
     )
     print(f"final checkpoint: {final}", file=sys.stderr)
 
