@@ -12,12 +12,9 @@ encoders' penultimate hidden states, concatenated on the feature axis and zero-p
 all-zero rows standing in for the absent T5. Those 256 rows are identical at every layer,
 so in attention they act like a single key whose logit is raised by log 256. Training uses
 exactly that: one zero row and :class:`TailWeightedJointAttnProcessor`, which adds
-log 256 to that key's logit, so training sees what ``pipe(prompt)`` computes at 1/4 of the
-cost (``tests/models/test_dit.py`` checks the equivalence against diffusers' processor).
-
-Training objective (Esser et al. 2024, "Scaling rectified flow transformers"): with
-sigma ~ logit-normal(0, 1), x_sigma = (1 - sigma) x0 + sigma noise, the transformer learns
-the velocity noise - x0 at timestep 1000 sigma, unweighted mean squared error.
+log 256 to that key's logit, so training sees what ``pipe(prompt)`` computes at a fraction
+of the cost (``tests/models/test_dit.py`` checks the equivalence against diffusers'
+processor). The training objective is :class:`diffwidget.models.objectives.FlowObjective`.
 """
 
 from __future__ import annotations
@@ -40,12 +37,8 @@ from diffwidget.models.architecture import (
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
-    from diffwidget.models.train import LatentSet, TrainConfig
-
 DIT_TEXT_HIDDEN = 64
 PATCH_SIZE = 2  # 8x8 = 64 image tokens; 1 (256 tokens) was 2-4x slower (bench/RESULTS_model.md)
-LOGIT_MEAN = 0.0  # SD3's logit-normal timestep sampling
-LOGIT_STD = 1.0
 
 #: Both CLIP encoders (different initial weights). Three layers, because the pipeline reads
 #: the penultimate hidden states: two layers shape the token features, all three the pooled.
@@ -236,89 +229,3 @@ def tail_weighted_attention(transformer: Any, copies: int) -> Iterator[None]:
     finally:
         # set_attn_processor empties the dict it is given: pass a copy.
         transformer.set_attn_processor(dict(original))
-
-
-def sample_sigmas(n: int, generator: Any, device: Any = "cpu") -> Any:
-    """Noise levels for training: sigma = sigmoid(u), u ~ N(LOGIT_MEAN, LOGIT_STD²)."""
-    import torch
-
-    u = torch.randn(n, generator=generator, device=device) * LOGIT_STD + LOGIT_MEAN
-    return torch.sigmoid(u)
-
-
-def flow_noisy(latents: Any, noise: Any, sigmas: Any) -> Any:
-    """The rectified-flow interpolation x_sigma = (1 - sigma) x0 + sigma noise."""
-    s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
-    return (1 - s) * latents + s * noise
-
-
-def flow_target(latents: Any, noise: Any) -> Any:
-    """The velocity d x_sigma / d sigma = noise - x0 the transformer learns."""
-    return noise - latents
-
-
-class FlowObjective:
-    """Rectified flow with logit-normal noise levels and caption dropout, for the DiT.
-
-    The text goes through the pipeline's own ``encode_prompt`` (so training embeds captions
-    exactly as inference does) with ``max_sequence_length=1``: one zero row that
-    :class:`TailWeightedJointAttnProcessor` weighs as the :func:`tail_tokens` rows of
-    inference.
-    """
-
-    def __init__(self, components: dict[str, Any], config: TrainConfig, device: str) -> None:
-        self.components = components
-        self.config = config
-        self.device = device
-        self.copies = tail_tokens()
-        self.text_pipe: Any = assemble_dit_pipeline(components)
-        self.trained = [
-            components["transformer"],
-            components["text_encoder"],
-            components["text_encoder_2"],
-        ]
-        self.names = ("transformer", "text_encoder", "text_encoder_2")
-
-    def loss(self, latents: Any, batch: Any, data: LatentSet, generator: Any) -> Any:
-        """Mean squared error of the velocity."""
-        import torch
-
-        transformer = self.trained[0]
-        n, device = latents.shape[0], latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        sigmas = sample_sigmas(n, generator, device)
-        drop = torch.rand(n, generator=generator, device=device) < self.config.caption_dropout
-        captions = [
-            "" if d else data.captions[int(i)]
-            for i, d in zip(batch.tolist(), drop.tolist(), strict=True)
-        ]
-        embeds, _, pooled, _ = self.text_pipe.encode_prompt(
-            prompt=captions,
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=1,
-        )
-        with tail_weighted_attention(transformer, self.copies):
-            pred = transformer(
-                hidden_states=flow_noisy(latents, noise, sigmas),
-                timestep=sigmas * TRAIN_TIMESTEPS,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        return (pred - flow_target(latents, noise)).pow(2).mean()
-
-    def pipeline(self, modules: list[Any], vae: Any) -> Any:
-        """A ``StableDiffusion3Pipeline`` holding the given transformer and text encoders."""
-        transformer, text_encoder, text_encoder_2 = modules
-        return assemble_dit_pipeline(
-            dict(
-                self.components,
-                transformer=transformer,
-                text_encoder=text_encoder,
-                text_encoder_2=text_encoder_2,
-                vae=vae,
-            )
-        )

@@ -90,7 +90,7 @@ def unknown_words(prompt: str | Sequence[str]) -> list[str]:
 def unknown_words_message(words: Sequence[str]) -> str:
     """The explanation shown for ``words`` the embedded models do not know."""
     return (
-        f"the embedded model does not know the word(s) {', '.join(map(repr, words))}: its "
+        f"the embedded model has no word for {', '.join(map(repr, words))}: its "
         f"tokenizer spells unknown words letter by letter, and the image will not follow "
         f"them. It was trained only on {grammar()}. It knows: {' '.join(VOCABULARY)}"
     )

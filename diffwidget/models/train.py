@@ -45,153 +45,24 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 
-from diffwidget.models.architecture import assemble_pipeline, build_components
+from diffwidget.models.architecture import build_components
+from diffwidget.models.objectives import LatentSet, Objective, UNetObjective, init_from_pipeline
+from diffwidget.models.recipes import CONFIGS, ModelName, TrainConfig
 from diffwidget.models.scenes import SceneWorld
 
-ModelName = Literal["unet", "dit"]
-ConfigName = Literal["full", "cpu", "finetune", "smoke"]
 ENCODE_BATCH = 256
 LATEST_FILE = "latest"
 VAE_FOLDER = "vae_stage1"
 DATA_FILE = "latents.pt"
 RESUME_FILE = "resume.pt"
 KEEP_CHECKPOINTS = 2
-MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: clamps the loss weight of low-noise timesteps
 LOG_EVERY = 50
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run.
-
-    ``*_minutes`` cap a stage's wall-clock time (``None``: run all steps); the steps actually
-    done are written to ``OUT/train_state.json``.
-    """
-
-    vae_steps: int
-    vae_batch: int
-    vae_lr: float
-    vae_kl_weight: float
-    n_scenes: int
-    unet_steps: int  # steps of stage 2 (the denoiser, UNet or DiT)
-    batch: int
-    lr: float
-    warmup: int
-    ema_decay: float
-    caption_dropout: float
-    checkpoint_minutes: float
-    vae_minutes: float | None = None
-    unet_minutes: float | None = None
-
-
-_SMOKE = TrainConfig(
-    vae_steps=2,
-    vae_batch=4,
-    vae_lr=1e-3,
-    vae_kl_weight=1e-6,
-    n_scenes=16,
-    unet_steps=3,
-    batch=4,
-    lr=5e-4,
-    warmup=1,
-    ema_decay=0.9,
-    caption_dropout=0.1,
-    checkpoint_minutes=60.0,
-)
-
-#: model -> config name -> settings.
-CONFIGS: dict[str, dict[str, TrainConfig]] = {
-    "unet": {
-        # The recipe for a GPU: larger training set, many more steps.
-        "full": TrainConfig(
-            vae_steps=6000,
-            vae_batch=64,
-            vae_lr=1e-3,
-            vae_kl_weight=1e-6,
-            n_scenes=100_000,
-            unet_steps=60_000,
-            batch=128,
-            lr=5e-4,
-            warmup=500,
-            ema_decay=0.9995,
-            caption_dropout=0.1,
-            checkpoint_minutes=15.0,
-        ),
-        # What a 2-core CPU manages in about 75 minutes; stages end on their time caps.
-        "cpu": TrainConfig(
-            vae_steps=3000,
-            vae_batch=8,
-            vae_lr=1e-3,
-            vae_kl_weight=1e-6,
-            n_scenes=8_000,
-            unet_steps=100_000,
-            batch=32,
-            lr=5e-4,
-            warmup=200,
-            ema_decay=0.999,
-            caption_dropout=0.1,
-            checkpoint_minutes=10.0,
-            vae_minutes=16.0,
-            unet_minutes=60.0,
-        ),
-        # Teaches a trained UNet (``--init``) the caption variations, on the CPU.
-        "finetune": TrainConfig(
-            vae_steps=0,
-            vae_batch=8,
-            vae_lr=1e-3,
-            vae_kl_weight=1e-6,
-            n_scenes=8_000,
-            unet_steps=2_500,
-            batch=32,
-            lr=2e-4,
-            warmup=100,
-            ema_decay=0.999,
-            caption_dropout=0.1,
-            checkpoint_minutes=10.0,
-        ),
-        # Proves the recipe runs end to end (used by the tests).
-        "smoke": _SMOKE,
-    },
-    "dit": {
-        "full": TrainConfig(
-            vae_steps=6000,
-            vae_batch=64,
-            vae_lr=1e-3,
-            vae_kl_weight=1e-6,
-            n_scenes=100_000,
-            unet_steps=60_000,
-            batch=128,
-            lr=5e-4,
-            warmup=1000,
-            ema_decay=0.9995,
-            caption_dropout=0.1,
-            checkpoint_minutes=15.0,
-        ),
-        "cpu": TrainConfig(
-            vae_steps=3000,
-            vae_batch=8,
-            vae_lr=1e-3,
-            vae_kl_weight=1e-6,
-            n_scenes=8_000,
-            unet_steps=100_000,
-            batch=32,
-            lr=5e-4,
-            warmup=300,
-            ema_decay=0.999,
-            caption_dropout=0.1,
-            checkpoint_minutes=10.0,
-            vae_minutes=16.0,
-            unet_minutes=120.0,
-        ),
-        "smoke": _SMOKE,
-    },
-}
 
 
 def _to_tensor(images: list[np.ndarray]) -> Any:
@@ -241,17 +112,6 @@ def train_vae(
     return step
 
 
-@dataclass
-class LatentSet:
-    """Encoded training set: posterior mean/std of each latent, its caption and token ids."""
-
-    mean: Any
-    std: Any
-    input_ids: Any
-    empty_ids: Any
-    captions: list[str]
-
-
 def encode_dataset(
     vae: Any, tokenizer: Any, world: SceneWorld, n_scenes: int, progress: bool, device: str = "cpu"
 ) -> LatentSet:
@@ -280,124 +140,6 @@ def encode_dataset(
         ).input_ids
 
     return LatentSet(torch.cat(means), torch.cat(stds), ids(captions), ids([""]), captions)
-
-
-def min_snr_weights(noise_scheduler: Any) -> Any:
-    """Per-timestep loss weights: Min-SNR (Hang et al. 2023) with SNR + 1 for v-prediction.
-
-    In terms of the error of the predicted clean latent, an epsilon loss weighs timestep t by
-    SNR(t) and a v loss by SNR(t) + 1; both are clamped at :data:`MIN_SNR_GAMMA` so that
-    nearly clean timesteps do not dominate. For v-prediction the weight of the noisiest steps
-    stays 1: with a zero terminal SNR those are where the prompt alone decides the layout.
-    """
-    import torch
-
-    alphas = noise_scheduler.alphas_cumprod.to(torch.float64)
-    snr = alphas / (1 - alphas).clamp(min=1e-12)
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (snr.clamp(max=MIN_SNR_GAMMA) / snr.clamp(min=1e-12)).float()
-    if kind == "v_prediction":
-        return ((snr + 1).clamp(max=MIN_SNR_GAMMA) / (snr + 1)).float()
-    raise ValueError(f"training supports epsilon and v_prediction, not {kind!r}")
-
-
-def training_target(noise_scheduler: Any, latents: Any, noise: Any, t: Any) -> Any:
-    """What the UNet learns to output: the noise, or the velocity for v-prediction."""
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, t)
-    return noise
-
-
-class Objective(Protocol):
-    """The denoiser-specific part of stage 2."""
-
-    #: Modules trained and averaged (denoiser first, then the text encoders) ...
-    trained: list[Any]
-    #: ... and their names in the pipeline.
-    names: tuple[str, ...]
-
-    def loss(self, latents: Any, batch: Any, data: LatentSet, generator: Any) -> Any:
-        """Mean training loss on scaled clean ``latents`` of the training items ``batch``."""
-
-    def pipeline(self, modules: list[Any], vae: Any) -> Any:
-        """A pipeline holding ``modules`` (in the order of :attr:`trained`) and ``vae``."""
-
-
-class UNetObjective:
-    """v-prediction under a zero-terminal-SNR schedule, Min-SNR weighted, caption dropout."""
-
-    def __init__(self, components: dict[str, Any], config: TrainConfig, device: str) -> None:
-        from diffusers import DDPMScheduler
-
-        self.components = components
-        self.config = config
-        self.noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-        self.loss_weight = min_snr_weights(self.noise_scheduler).to(device)
-        self.trained = [components["unet"], components["text_encoder"]]
-        self.names = ("unet", "text_encoder")
-
-    def loss(self, latents: Any, batch: Any, data: LatentSet, generator: Any) -> Any:
-        """Weighted v loss (see :func:`min_snr_weights`)."""
-        import torch
-
-        unet, text_encoder = self.trained
-        n, device = latents.shape[0], latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (n,), generator=generator, device=device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        ids = data.input_ids[batch.cpu()].clone()
-        drop = torch.rand(n, generator=generator, device=device) < self.config.caption_dropout
-        ids[drop.cpu()] = data.empty_ids
-        hidden = text_encoder(ids.to(device))[0]
-        pred = unet(noisy, t, hidden).sample
-        target = training_target(self.noise_scheduler, latents, noise, t)
-        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        return (per_sample * self.loss_weight[t]).mean()
-
-    def pipeline(self, modules: list[Any], vae: Any) -> Any:
-        """A ``StableDiffusionPipeline`` with the given UNet and text encoder."""
-        unet, text_encoder = modules
-        return assemble_pipeline(
-            dict(self.components, unet=unet, text_encoder=text_encoder, vae=vae)
-        )
-
-
-#: New vocabulary words a fine-tuned text encoder starts from (their synonym's embedding).
-NEW_WORD_INIT: dict[str, str] = {"middle": "centre"}
-
-
-def init_from_pipeline(objective: Objective, components: dict[str, Any], folder: Path) -> None:
-    """Start stage 2 from the trained modules of a pipeline folder (fine-tuning).
-
-    Token embeddings are carried over by token string, so a tokenizer whose vocabulary
-    grew still starts from the old one; a new word of :data:`NEW_WORD_INIT` starts from its
-    synonym's embedding, other new tokens from their fresh initialisation.
-    """
-    from safetensors.torch import load_file
-    from transformers import CLIPTokenizer
-
-    for name, module in zip(objective.names, objective.trained, strict=True):
-        (weights_file,) = sorted((folder / name).glob("*.safetensors"))
-        weights = {k: v.float() for k, v in load_file(str(weights_file)).items()}
-        if name.startswith("text_encoder"):
-            suffix = name.removeprefix("text_encoder")
-            old = CLIPTokenizer.from_pretrained(str(folder / f"tokenizer{suffix}")).get_vocab()
-            new = components[f"tokenizer{suffix}"].get_vocab()
-            key = next(k for k in weights if k.endswith("token_embedding.weight"))
-            table = module.state_dict()[key].clone()
-            for token, index in new.items():
-                word = token.removesuffix("</w>")
-                source = (
-                    f"{NEW_WORD_INIT[word]}</w>"
-                    if token not in old and word in NEW_WORD_INIT
-                    else token
-                )
-                if source in old:
-                    table[index] = weights[key][old[source]]
-            weights[key] = table
-        module.load_state_dict(weights)
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -501,7 +243,8 @@ def _objective(
         components = build_components(seed)
         return components, UNetObjective(components, config, device)
     if model == "dit":
-        from diffwidget.models.dit import FlowObjective, build_dit_components
+        from diffwidget.models.dit import build_dit_components
+        from diffwidget.models.objectives import FlowObjective
 
         components = build_dit_components(seed)
         return components, FlowObjective(components, config, device)

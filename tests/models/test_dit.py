@@ -14,17 +14,20 @@ from scipy import stats
 from diffwidget.models.architecture import LATENT_SIZE, MAX_TOKENS, TRAIN_TIMESTEPS
 from diffwidget.models.dit import (
     FLOW_SCHEDULER_CONFIG,
-    FlowObjective,
     TailWeightedJointAttnProcessor,
     build_dit_components,
     build_dit_pipeline,
-    flow_noisy,
-    flow_target,
-    sample_sigmas,
     tail_tokens,
     tail_weighted_attention,
 )
-from diffwidget.models.train import CONFIGS, LatentSet
+from diffwidget.models.objectives import (
+    FlowObjective,
+    LatentSet,
+    flow_noisy,
+    flow_target,
+    sample_sigmas,
+)
+from diffwidget.models.recipes import CONFIGS
 
 COPIES = 256
 MAX_DIT_BYTES = 15_000_000  # float16; the UNet takes the rest of the 30 MB budget
@@ -73,7 +76,7 @@ def test_pipeline_layout(pipe: Any) -> None:
 
 def test_pipeline_call_appends_the_zero_tail_the_training_weighs(pipe: Any) -> None:
     assert tail_tokens() == COPIES
-    embeds, _, pooled, _ = pipe.encode_prompt(
+    embeds, _, _, _ = pipe.encode_prompt(
         "a red circle on the left", None, None, do_classifier_free_guidance=False
     )
     assert embeds.shape == (1, MAX_TOKENS + COPIES, pipe.transformer.config.joint_attention_dim)
@@ -124,12 +127,16 @@ def test_tail_weighted_processor_matches_one_block_both_streams(pipe: Any) -> No
 def test_tail_weighted_attention_restores_the_processors_even_on_error(pipe: Any) -> None:
     transformer = pipe.transformer
     before = {k: type(v) for k, v in transformer.attn_processors.items()}
-    with pytest.raises(RuntimeError), tail_weighted_attention(transformer, COPIES):
-        assert all(
-            isinstance(p, TailWeightedJointAttnProcessor)
-            for p in transformer.attn_processors.values()
-        )
-        raise RuntimeError("boom")
+    seen = []
+
+    def fail() -> None:
+        with tail_weighted_attention(transformer, COPIES):
+            seen.extend(type(p) for p in transformer.attn_processors.values())
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail()
+    assert set(seen) == {TailWeightedJointAttnProcessor}
     assert {k: type(v) for k, v in transformer.attn_processors.items()} == before
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from diffwidget.models.architecture import build_tokenizer
-
 from diffwidget.models.loader import (
     DEMO_DIR,
     DEMO_MODEL_ENV,
@@ -21,7 +20,8 @@ from diffwidget.models.loader import (
     load_demo_pipeline,
     weights_size_bytes,
 )
-from diffwidget.models.train import CONFIGS, RESUME_FILE, VAE_FOLDER, latest_checkpoint, main, train
+from diffwidget.models.recipes import CONFIGS
+from diffwidget.models.train import RESUME_FILE, VAE_FOLDER, latest_checkpoint, main, train
 
 MAX_WEIGHTS_BYTES = 30_000_000  # both embedded models together
 SHIPPED = demo_weights_available(DEMO_DIR) and demo_weights_available(DIT_DIR)
