@@ -8,6 +8,10 @@ interleaved run by run with the same architecture with random weights as the bas
 shapes, so the same cost); the size of the shipped safetensors; the reader's accuracy on
 rendered scenes; each model's per-attribute adherence on held-out captions, with their
 size words and (``--no-size``) without.
+
+``--patch-sizes 1 2`` compares DiT patch sizes (random weights, otherwise the shipped
+architecture), interleaved: a 20-step generation, and a training step at the recipe's batch
+(forward and backward with the tail-weighted attention of training).
 """
 
 from __future__ import annotations
@@ -56,6 +60,56 @@ def time_interleaved(
     return times
 
 
+def time_patch_sizes(patches: list[int], runs: int, steps: int) -> dict[str, Any]:
+    """Generation and training-step seconds of the DiT architecture per patch size."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from diffwidget.models.dit import (
+        TRANSFORMER_CONFIG,
+        assemble_dit_pipeline,
+        build_dit_components,
+        tail_tokens,
+        tail_weighted_attention,
+    )
+    from diffwidget.models.recipes import CONFIGS
+
+    batch = CONFIGS["dit"]["cpu"].batch
+    pipes = {}
+    for patch in patches:
+        components = build_dit_components(0)
+        config = dict(TRANSFORMER_CONFIG, patch_size=patch, pos_embed_max_size=16 // patch)
+        components["transformer"] = SD3Transformer2DModel(**config)
+        pipes[f"patch {patch}"] = assemble_dit_pipeline(components)
+    generation = time_interleaved(pipes, runs, steps, 4.0)
+
+    def train_step(pipe: Any) -> float:
+        transformer = pipe.transformer.train()
+        width = transformer.config.joint_attention_dim
+        start = time.perf_counter()
+        with tail_weighted_attention(transformer, tail_tokens()):
+            out = transformer(
+                hidden_states=torch.randn(batch, 4, 16, 16),
+                timestep=torch.rand(batch) * 1000,
+                encoder_hidden_states=torch.randn(batch, 17, width),
+                pooled_projections=torch.randn(batch, transformer.config.pooled_projection_dim),
+            ).sample
+        out.pow(2).mean().backward()
+        transformer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    training: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(max(3, runs // 2)):
+        for name, pipe in pipes.items():
+            training[name].append(train_step(pipe))
+    return {
+        "generation_s": {k: statistics.median(v) for k, v in generation.items()},
+        "train_step_s": {k: statistics.median(v) for k, v in training.items()},
+        "batch": batch,
+        "runs": {"generation": generation, "training": training},
+    }
+
+
 def main() -> None:
     """Run the benchmark and print (and optionally save) the numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,6 +123,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-adherence", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--patch-sizes", type=int, nargs="*", default=[], help="e.g. 1 2")
     args = parser.parse_args()
 
     import numpy as np
@@ -89,6 +144,10 @@ def main() -> None:
             "torch": torch.__version__,
         }
     }
+    if args.patch_sizes:
+        results["dit_patch_sizes"] = time_patch_sizes(args.patch_sizes, args.runs, args.steps)
+        for key in ("generation_s", "train_step_s"):
+            print(f"DiT patch sizes, {key}: {results['dit_patch_sizes'][key]}")
     pipes = {model: load_demo_pipeline(model) for model in args.models}
     sizes = {model: weights_size_bytes(DEMO_DIRS[model]) / 1e6 for model in args.models}
     results["weights_mb"] = {**sizes, "total": sum(sizes.values())}
