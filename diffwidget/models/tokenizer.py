@@ -44,7 +44,7 @@ def caption_normalizer() -> Any:
     Examples
     --------
     >>> caption_normalizer().normalize_str("A Red circle, in the CENTER!")
-    'a red circle  in the centre '
+    'a red circle in the centre '
     """
     from tokenizers import Regex, normalizers
 
