@@ -10,30 +10,38 @@ Two stages, both on scenes drawn from :class:`~diffwidget.models.scenes.SceneWor
    :meth:`SceneWorld.sample`) are computed once, then the denoiser and its text encoders
    learn jointly, with 10 % of captions replaced by the empty prompt so that
    classifier-free guidance works, and an exponential moving average (EMA) of the weights,
-   which is what the checkpoints hold. The denoiser's objective:
+   which is what the checkpoints hold. The denoiser's objective
+   (:mod:`diffwidget.models.objectives`):
 
-   * ``--model unet``: the velocity v (Salimans & Ho 2022) under a noise schedule rescaled
-     to zero terminal SNR (see ``SCHEDULER_CONFIG``), Min-SNR loss weighting;
+   * ``--model unet``: the velocity v under a noise schedule rescaled to zero terminal SNR,
+     Min-SNR loss weighting;
    * ``--model dit``: rectified flow (the target is noise - x0) with SD3's logit-normal
-     sampling of the noise level (:mod:`diffwidget.models.dit`).
+     sampling of the noise level, on the text layout of the SD3 pipeline
+     (:mod:`diffwidget.models.dit`).
+
+   ``--init FOLDER`` starts stage 2 from a trained pipeline of the same model (fine-tuning,
+   the ``finetune`` config).
 
 Checkpoints are complete pipeline folders, written to a temporary folder and renamed (so a
 reader never sees half a checkpoint); ``OUT/latest`` names the newest. ``OUT/resume.pt``
 holds the raw weights, the EMA, the optimiser and the random state of the newest checkpoint:
 running the same command again continues from there.
 
-Commands::
+Commands (settings in :mod:`diffwidget.models.recipes`)::
 
     python -m diffwidget.models.train --config full --out runs/full --device cuda  # GPU
     python -m diffwidget.models.train --config cpu --out runs/cpu --threads 1      # CPU
     python -m diffwidget.models.train --model dit --config cpu --out runs/dit --threads 1 \\
-        --vae diffwidget/models/demo/vae
+        --vae diffwidget/models/demo/vae      # the DiT, on the UNet's VAE
     python -m diffwidget.models.train --config smoke --out /tmp/smoke          # seconds
 
-then ``python -m diffwidget.models.loader --export runs/cpu`` (``--model dit`` for the DiT)
-copies the newest checkpoint into the package. bench/RESULTS_model.md records the exact
-commands of the shipped weights; ``train_state.json`` in each checkpoint (``training.json``
-in the package) records the steps actually done.
+then ``python -m diffwidget.models.loader --export runs/cpu`` (``--model dit --export
+runs/dit`` for the DiT) copies the newest checkpoint into the package. A stage-2 step count
+(``--unet-steps``) replaces its time cap; the learning rate is constant after the warm-up,
+so a run stopped at checkpoint N equals a run with ``--unet-steps N``.
+bench/RESULTS_model.md records the exact commands of the shipped weights;
+``train_state.json`` in each checkpoint (``training.json`` in the package) records the
+steps actually done.
 """
 
 from __future__ import annotations
