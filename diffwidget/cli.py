@@ -6,7 +6,9 @@ $ diffwidget demo                      # quickstart notebook in JupyterLab, embe
 $ diffwidget demo --check              # run the quickstart headless and exit (CI, smoke test)
 $ diffwidget demo --classroom          # the quickstart as an app without code (Voila)
 $ diffwidget demo --notebook 03        # another bundled notebook
-$ diffwidget export "a red circle on the left" -o explorer.html
+$ diffwidget demo --model dit          # the notebooks on the embedded DiT
+$ diffwidget export "a large red circle on the left" -o explorer.html
+$ diffwidget export "a red circle in the middle" --model dit -o dit.html
 $ diffwidget run scene:50 --out scene-run  # a prompt set: maps and metrics per item
 """
 
@@ -151,22 +153,26 @@ def resolve_notebook(name: str | None) -> Path:
 # --------------------------------------------------------------------------------------
 # diffwidget demo
 # --------------------------------------------------------------------------------------
-def _kernel_env() -> dict[str, str]:
+def _kernel_env(model: str = "unet") -> dict[str, str]:
     """Environment for notebook kernels: they must import this very diffwidget.
 
     From a clone that is not pip-installed, or with several environments on the machine,
     a kernel would otherwise import another copy (or none); offline flags keep hub
-    libraries from reaching the network in a headless check.
+    libraries from reaching the network in a headless check. ``model`` is the embedded
+    model the notebooks' ``load_demo_pipeline()`` loads.
     """
+    from diffwidget.models.loader import DEMO_MODEL_ENV
+
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # The bundled notebooks run the embedded model, fastest on one torch thread.
     env.update(kernel_thread_env(env))
+    env[DEMO_MODEL_ENV] = model
     return env
 
 
-def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
+def run_notebook(path: Path, *, progress: bool = True, model: str = "unet") -> NotebookNode:
     """Execute a notebook in a fresh kernel, in its own folder.
 
     Parameters
@@ -175,6 +181,8 @@ def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
         The ``.ipynb`` file; it is not modified.
     progress : bool
         Show a progress bar over the code cells on stderr.
+    model : {"unet", "dit"}
+        The embedded model the notebook's ``load_demo_pipeline()`` loads.
 
     Returns
     -------
@@ -212,13 +220,13 @@ def run_notebook(path: Path, *, progress: bool = True) -> NotebookNode:
         on_cell_executed=advance,
     )
     try:
-        client.execute(env=_kernel_env())
+        client.execute(env=_kernel_env(model))
     finally:
         bar.close()
     return notebook
 
 
-def _check(source: Path) -> int:
+def _check(source: Path, model: str = "unet") -> int:
     """Run ``source`` headless in a temporary copy; report the failing cell, if any."""
     try:
         from nbclient.exceptions import CellExecutionError
@@ -233,7 +241,7 @@ def _check(source: Path) -> int:
         shutil.copy(source, target)
         print(f"running {source.name} headless …", file=sys.stderr, flush=True)
         try:
-            run_notebook(target)
+            run_notebook(target, model=model)
         except CellExecutionError as error:
             print(f"{source.name} failed:\n{error}", file=sys.stderr)
             return EXIT_FAILED
@@ -273,7 +281,7 @@ def python_module_command(module: str, extra: str) -> list[str]:
 
 
 def classroom_command(
-    notebook: Path, *, port: int, ip: str, open_browser: bool
+    notebook: Path, *, port: int, ip: str, open_browser: bool, model: str = "unet"
 ) -> tuple[list[str], dict[str, str]]:
     """The Voila command line and environment that serve ``notebook`` as a code-free app.
 
@@ -290,7 +298,7 @@ def classroom_command(
     Voila's defaults already strip code cells, stderr and tracebacks from the page.
     """
     voila = python_module_command("voila", "classroom")
-    env = _kernel_env()
+    env = _kernel_env(model)
     config = str(jupyter_config_dir())
     env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
         p for p in (config, env.get("JUPYTER_CONFIG_PATH", "")) if p
@@ -319,12 +327,12 @@ def demo(args: argparse.Namespace) -> int:
     """Open a bundled notebook in JupyterLab, serve it with Voila, or run it headless."""
     source = resolve_notebook(args.notebook)
     if args.check:
-        return _check(source)
+        return _check(source, args.model)
     target = _working_copy(source, args.dir)
     if args.classroom:
         port = args.port or DEFAULT_PORT_CLASSROOM
         command, env = classroom_command(
-            target, port=port, ip=args.ip, open_browser=not args.no_browser
+            target, port=port, ip=args.ip, open_browser=not args.no_browser, model=args.model
         )
         return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}:{port}/")
     command = [
@@ -340,7 +348,7 @@ def demo(args: argparse.Namespace) -> int:
         # Containers (Docker, CI images) often run as root, where JupyterLab refuses to
         # start without this flag; whoever runs as root has already made that choice.
         command.append("--allow-root")
-    return _serve(command, _kernel_env(), f"{target} in JupyterLab")
+    return _serve(command, _kernel_env(args.model), f"{target} in JupyterLab")
 
 
 # --------------------------------------------------------------------------------------
@@ -362,7 +370,10 @@ def check_output(path: str) -> Path:
 
 
 def check_prompt(prompt: str) -> list[str]:
-    """Check a prompt against the embedded model's vocabulary and length.
+    """Check a prompt against the embedded models' vocabulary and length.
+
+    The prompt is read as the models' tokenizer reads it (case, punctuation and the spelling
+    "center" normalised).
 
     Parameters
     ----------
@@ -379,24 +390,23 @@ def check_prompt(prompt: str) -> list[str]:
     UsageError
         If the prompt is empty, uses words the model has no token for, or is too long.
     """
-    from diffwidget.models.architecture import MAX_TOKENS
-    from diffwidget.models.scenes import VOCABULARY, parse_caption
+    from diffwidget.models.prompts import MAX_WORDS, unknown_words, unknown_words_message
+    from diffwidget.models.scenes import EXAMPLE_CAPTIONS, parse_caption
+    from diffwidget.models.tokenizer import normalise_caption
 
-    example = '"a large red circle on the left"'
-    words = prompt.lower().split()
+    example = f'"{EXAMPLE_CAPTIONS[0]}"'
+    words = normalise_caption(prompt).split()
     if not words:
         raise UsageError(f"the prompt is empty: pass a caption such as {example}")
-    unknown = sorted({w for w in words if w not in VOCABULARY})
+    unknown = unknown_words(prompt)
     if unknown:
         raise UsageError(
-            f"the embedded model has no word for {', '.join(map(repr, unknown))}. It knows: "
-            f"{' '.join(VOCABULARY)}. Try {example}, or pass --model DIR for a local "
-            "Stable Diffusion pipeline folder"
+            f"{unknown_words_message(unknown)}. Or pass --model DIR for a local Stable "
+            "Diffusion pipeline folder"
         )
-    max_words = MAX_TOKENS - 2  # the start and end tokens take two of the positions
-    if len(words) > max_words:
+    if len(words) > MAX_WORDS:
         raise UsageError(
-            f"the prompt has {len(words)} words; the embedded model reads at most {max_words}"
+            f"the prompt has {len(words)} words; the embedded model reads at most {MAX_WORDS}"
         )
     try:
         parse_caption(prompt)
@@ -425,11 +435,11 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def load_pipeline(model: str | None) -> Any:
-    """The embedded model, or a diffusers pipeline saved in the local folder ``model``."""
-    if model is None:
-        from diffwidget.models.loader import load_demo_pipeline
+    """An embedded model ("unet", the default, or "dit"), or a pipeline in the folder ``model``."""
+    from diffwidget.models.loader import DEMO_MODELS, load_demo_pipeline
 
-        return load_demo_pipeline()
+    if model is None or model in DEMO_MODELS:
+        return load_demo_pipeline(model or "unet")  # type: ignore[arg-type]
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(str(check_model(model)), local_files_only=True)
@@ -465,7 +475,9 @@ def export(args: argparse.Namespace) -> int:
     prompt = args.prompt.strip()
     output = check_output(args.output)
     check_numbers(args)
-    if args.model is None:
+    from diffwidget.models.loader import DEMO_MODELS
+
+    if args.model is None or args.model in DEMO_MODELS:
         for note in check_prompt(prompt):
             print(note, file=sys.stderr)
     else:
@@ -651,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Everything runs offline on the embedded model unless --model is given.",
         epilog="examples:\n  diffwidget demo\n  diffwidget demo --classroom\n"
         '  diffwidget export "a large red circle on the left" -o explorer.html\n'
+        '  diffwidget export "a large red circle on the left" --model dit -o dit.html\n'
         "  diffwidget run scene:50 --out scene-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -678,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument(
         "--no-browser", action="store_true", help="start the server without opening a browser"
+    )
+    p_demo.add_argument(
+        "--model",
+        choices=("unet", "dit"),
+        default="unet",
+        help="embedded model the notebooks load: the UNet or its DiT twin (default: %(default)s)",
     )
     mode = p_demo.add_mutually_exclusive_group()
     mode.add_argument(
@@ -728,8 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument(
         "--model",
         default=None,
-        metavar="DIR",
-        help="local diffusers pipeline folder instead of the embedded model",
+        metavar="unet|dit|DIR",
+        help="embedded model (unet, the default, or its DiT twin dit) or a local diffusers "
+        "pipeline folder",
     )
     p_export.set_defaults(func=export)
     _add_run_parser(sub)

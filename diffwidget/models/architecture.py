@@ -39,6 +39,7 @@ VAE_CONFIG: dict[str, Any] = {
     "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
     "scaling_factor": 1.0,  # replaced by 1 / std of the training latents after stage 1
+    "shift_factor": 0.0,  # read by the SD3 pipeline of the DiT, which shares this VAE
 }
 
 TEXT_CONFIG: dict[str, Any] = {

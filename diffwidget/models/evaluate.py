@@ -11,9 +11,14 @@ back, and each attribute named by the caption is scored:
   position; ``colour`` means an object of that colour was found at all; ``scene`` means both
   objects were right in every attribute.
 
-Command::
+Captions without the size word (``--no-size``: the same held-out scenes, every size left
+out) are scored in groups ending in ``no-size``, on colour, shape and position only (the
+size is then the model's choice).
 
-    python -m diffwidget.models.evaluate --n 200
+Commands (either embedded model, or a training checkpoint of one)::
+
+    python -m diffwidget.models.evaluate --n 200 --no-size
+    python -m diffwidget.models.evaluate --model dit --n 200 --no-size
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from diffwidget.models.reader import ReadObject, SceneReader
-from diffwidget.models.scenes import ANCHORS, HELD_OUT_TRIPLES, Scene, SceneWorld
+from diffwidget.models.scenes import ANCHORS, HELD_OUT_TRIPLES, Scene, SceneWorld, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 EVAL_SEED = 1234
@@ -61,13 +66,13 @@ class AdherenceReport:
     def table(self) -> str:
         """A plain-text table of :meth:`accuracy`."""
         columns = [*ATTRIBUTES, "count", "scene"]
-        lines = [f"{'group':<22}{'n':>5}" + "".join(f"{c:>10}" for c in columns)]
+        lines = [f"{'group':<28}{'n':>5}" + "".join(f"{c:>10}" for c in columns)]
         acc, sizes = self.accuracy(), self.sizes()
         for group in sorted(acc):
             cells = [
                 f"{100 * acc[group][c]:9.1f}%" if c in acc[group] else f"{'-':>10}" for c in columns
             ]
-            lines.append(f"{group:<22}{sizes[group]:>5}" + "".join(cells))
+            lines.append(f"{group:<28}{sizes[group]:>5}" + "".join(cells))
         return "\n".join(lines)
 
 
@@ -77,30 +82,38 @@ def _distance(obj: ReadObject, position: str) -> float:
 
 
 def score(scene: Scene, found: list[ReadObject], report: AdherenceReport) -> None:
-    """Score the objects read from one generated image against its caption's scene."""
+    """Score the objects read from one generated image against its caption's scene.
+
+    A caption without size words is scored on colour, shape and position, in groups whose
+    names end in ``no-size``.
+    """
     unseen = any((o.colour, o.shape, o.position) in HELD_OUT_TRIPLES for o in scene.objects)
     kind = "one-object" if len(scene.objects) == 1 else "two-object"
     groups = [kind, f"{kind} {'unseen' if unseen else 'seen'}"]
+    said = [spec.size is not None for spec in parse_caption(scene.caption)]
+    if not any(said):
+        groups = [f"{group} no-size" for group in groups]
     if len(scene.objects) == 1:
         truth = scene.objects[0]
         best = found[0] if found else None
+        attributes = [a for a in ATTRIBUTES if a != "size" or said[0]]
         for group in groups:
-            for a in ATTRIBUTES:
+            for a in attributes:
                 report.add(group, a, best is not None and getattr(best, a) == getattr(truth, a))
             report.add(group, "count", len(found) == 1)
             report.add(
                 group,
                 "scene",
-                best is not None and all(getattr(best, a) == getattr(truth, a) for a in ATTRIBUTES),
+                best is not None and all(getattr(best, a) == getattr(truth, a) for a in attributes),
             )
         return
     all_right = len(found) == 2
     results = []
-    for truth in scene.objects:
+    for truth, size_said in zip(scene.objects, said, strict=True):
         same_colour = [o for o in found if o.colour == truth.colour]
         match = min(same_colour, key=lambda o: _distance(o, truth.position), default=None)
         checks = {"colour": match is not None}
-        for a in ("shape", "size", "position"):
+        for a in ("shape", "size", "position") if size_said else ("shape", "position"):
             checks[a] = match is not None and getattr(match, a) == getattr(truth, a)
         all_right = all_right and all(checks.values())
         results.append(checks)
@@ -158,8 +171,22 @@ def evaluate(
     steps: int = 20,
     guidance_scale: float = 3.0,
     seed: int = EVAL_SEED,
+    size_words: bool = True,
 ) -> tuple[AdherenceReport, list[Scene], np.ndarray]:
     """Generate for ``n`` held-out captions and score them.
+
+    Parameters
+    ----------
+    pipe : pipeline
+        Either embedded model (or any pipeline taking the same call).
+    n : int
+        Held-out captions (half of them with unseen combinations).
+    steps, guidance_scale : int, float
+        Sampling settings.
+    seed : int
+        Seed of the held-out scenes and of each caption's generator.
+    size_words : bool
+        False: the same scenes, captions without their size words.
 
     Returns
     -------
@@ -167,7 +194,7 @@ def evaluate(
         The adherence report, the reference scenes (captions and ground truth) and the
         generated uint8 images.
     """
-    scenes = SceneWorld(seed).held_out_scenes(n)
+    scenes = SceneWorld(seed).held_out_scenes(n, size_words=size_words)
     images = generate(
         pipe, [s.caption for s in scenes], steps=steps, guidance_scale=guidance_scale, seed=seed
     )
@@ -206,9 +233,13 @@ def sample_grid(images: np.ndarray, captions: list[str], columns: int = 6, scale
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Prompt adherence of the embedded model.")
+    parser.add_argument("--model", choices=("unet", "dit"), default="unet")
     parser.add_argument("--n", type=int, default=200, help="held-out captions")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    parser.add_argument(
+        "--guidance", type=float, nargs="+", default=None, help="default: the model's"
+    )
+    parser.add_argument("--no-size", action="store_true", help="also score size-less captions")
     parser.add_argument("--path", default=None, help="pipeline folder (default: shipped)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=None)
@@ -221,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_demo_pipeline(path=args.path)
+    pipe = load_demo_pipeline(args.model, path=args.path)
+    guidances = args.guidance or [pipe.recommended_guidance_scale]
     reader_report = reader_accuracy(seed=args.seed)
     print("reader on rendered held-out scenes (ground truth images):")
     print(reader_report.table())
@@ -229,22 +261,32 @@ def main(argv: list[str] | None = None) -> None:
         "reader": reader_report.accuracy(),
         "reader_n": reader_report.sizes(),
     }
-    for guidance in args.guidance:
-        start = time.perf_counter()
-        report, scenes, images = evaluate(
-            pipe, args.n, steps=args.steps, guidance_scale=guidance, seed=args.seed
-        )
-        seconds = time.perf_counter() - start
-        print(f"\nmodel, {args.n} held-out captions, {args.steps} DPM++ steps, CFG {guidance}:")
-        print(report.table())
-        results[f"cfg={guidance}"] = {
-            "accuracy": report.accuracy(),
-            "n": report.sizes(),
-            "seconds": seconds,
-        }
-        if args.grid and guidance == args.guidance[0]:
-            k = 24
-            sample_grid(images[:k], [s.caption for s in scenes[:k]]).save(args.grid)
+    sampler = type(pipe.scheduler).__name__
+    for guidance in guidances:
+        for size_words in (True, False) if args.no_size else (True,):
+            start = time.perf_counter()
+            report, scenes, images = evaluate(
+                pipe,
+                args.n,
+                steps=args.steps,
+                guidance_scale=guidance,
+                seed=args.seed,
+                size_words=size_words,
+            )
+            seconds = time.perf_counter() - start
+            what = "held-out captions" if size_words else "held-out captions without sizes"
+            print(
+                f"\n{args.model}, {args.n} {what}, {args.steps} steps of {sampler}, CFG {guidance}:"
+            )
+            print(report.table())
+            results[f"cfg={guidance}" + ("" if size_words else " no-size")] = {
+                "accuracy": report.accuracy(),
+                "n": report.sizes(),
+                "seconds": seconds,
+            }
+            if args.grid and guidance == guidances[0] and size_words:
+                k = 24
+                sample_grid(images[:k], [s.caption for s in scenes[:k]]).save(args.grid)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

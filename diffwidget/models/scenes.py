@@ -8,6 +8,11 @@ caption from a small grammar::
     a small red circle left of a large blue square
     a large blue square above a small yellow triangle
 
+The size word is optional ("a red circle on the left" leaves the size open) and the centre
+can be said "in the centre" or "in the middle" (and "center", a spelling the tokenizer
+normalises, like case and punctuation: see :mod:`diffwidget.models.tokenizer`). Training
+captions use these variations (:meth:`SceneWorld.sample` with ``variations=True``).
+
 Because the world is generated, each object carries its colour, shape, size, position, pixel
 mask and the indices of the caption words that describe it. Captions for some
 (colour, shape, position) combinations never occur in training (:data:`HELD_OUT_TRIPLES`), so
@@ -16,7 +21,7 @@ prompt adherence can be measured on combinations the model has not seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -60,6 +65,7 @@ ANCHORS: dict[str, tuple[float, float]] = {
 HALF_EXTENT: dict[str, tuple[float, float]] = {"small": (0.10, 0.125), "large": (0.16, 0.19)}
 SQUARE_SCALE = 0.9  # squares are drawn a little smaller so their area is close to a circle's
 
+#: The canonical phrase of each position (captions of the held-out set use these).
 POSITION_PHRASE: dict[str, str] = {
     "left": "on the left",
     "right": "on the right",
@@ -67,6 +73,10 @@ POSITION_PHRASE: dict[str, str] = {
     "bottom": "at the bottom",
     "centre": "in the centre",
 }
+#: Every way a caption can say "in the centre" (the first is the canonical one).
+CENTRE_PHRASES: tuple[str, ...] = ("in the centre", "in the middle")
+#: Share of objects whose training caption leaves out the size word (``variations=True``).
+SIZE_WORD_DROP = 0.25
 #: Where the first and second object of a two-object caption stand, per relation.
 RELATION_POSITIONS: dict[str, tuple[str, str]] = {
     "left of": ("left", "right"),
@@ -87,14 +97,21 @@ HELD_OUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset(
         ("green", "square", "left"),
     }
 )
+#: Captions shown to users as examples (each is drawn correctly by both embedded models:
+#: ``tests/models/test_examples.py``).
+EXAMPLE_CAPTIONS: tuple[str, ...] = (
+    "a large red circle on the left",
+    "a small red circle left of a large blue square",
+)
 SUPERSAMPLE = 4  # render at 4x and downsample for anti-aliased edges
 _HELD_OUT_SEED_OFFSET = 1_000_003  # evaluation scenes use a stream apart from training ones
+_CAPTION_STREAM = 7  # second seed word of the caption-variation stream
 
 #: Every word the grammar can produce (the tokenizer gives each one token).
 VOCABULARY: tuple[str, ...] = tuple(
     sorted(
         {"a", *COLOURS, *SHAPES, *SIZES}
-        | {w for phrase in POSITION_PHRASE.values() for w in phrase.split()}
+        | {w for phrase in (*POSITION_PHRASE.values(), *CENTRE_PHRASES) for w in phrase.split()}
         | {w for rel in RELATIONS for w in rel.split()}
     )
 )
@@ -102,11 +119,11 @@ VOCABULARY: tuple[str, ...] = tuple(
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """What a caption says about one object (no pixels)."""
+    """What a caption says about one object (no pixels); ``size`` is None when unsaid."""
 
     colour: str
     shape: str
-    size: str
+    size: str | None
     position: str
 
 
@@ -121,9 +138,10 @@ class SceneObject:
     mask : np.ndarray
         bool [H, W], the object's pixels (more than half covered).
     words : tuple of int
-        Indices into ``caption.split()`` of the words describing this object: its size,
-        colour and shape words, and for one-object captions the position word. The prompt
-        token index of word ``k`` is ``k + 1`` (the tokenizer prepends a start token).
+        Indices into ``caption.split()`` of the words describing this object: its size word
+        (when the caption names the size), colour and shape words, and for one-object
+        captions the position word. The prompt token index of word ``k`` is ``k + 1`` (the
+        tokenizer prepends a start token).
     """
 
     colour: str
@@ -145,15 +163,39 @@ class Scene:
 
 def caption_for(
     specs: list[ObjectSpec] | tuple[ObjectSpec, ...],
+    *,
+    centre_phrase: str = CENTRE_PHRASES[0],
 ) -> tuple[str, list[tuple[int, ...]]]:
     """Caption for one or two object specs, with the word indices of each object.
 
-    Two objects must stand in one of :data:`RELATION_POSITIONS`' arrangements.
+    A spec whose ``size`` is None gets no size word. Two objects must stand in one of
+    :data:`RELATION_POSITIONS`' arrangements.
+
+    Parameters
+    ----------
+    specs : sequence of ObjectSpec
+        One or two objects.
+    centre_phrase : str
+        How a one-object caption says "in the centre" (one of :data:`CENTRE_PHRASES`).
+
+    Examples
+    --------
+    >>> caption_for([ObjectSpec("red", "circle", None, "centre")], centre_phrase="in the middle")
+    ('a red circle in the middle', [(1, 2, 5)])
     """
+    if centre_phrase not in CENTRE_PHRASES:
+        raise ValueError(f"centre_phrase must be one of {CENTRE_PHRASES}, got {centre_phrase!r}")
+
+    def describe(spec: ObjectSpec, start: int) -> tuple[list[str], tuple[int, ...]]:
+        words = [w for w in (spec.size, spec.colour, spec.shape) if w is not None]
+        return words, tuple(range(start, start + len(words)))
+
     if len(specs) == 1:
         (s,) = specs
-        words = ["a", s.size, s.colour, s.shape, *POSITION_PHRASE[s.position].split()]
-        return " ".join(words), [(1, 2, 3, len(words) - 1)]
+        phrase = centre_phrase if s.position == "centre" else POSITION_PHRASE[s.position]
+        described, indices = describe(s, 1)
+        words = ["a", *described, *phrase.split()]
+        return " ".join(words), [(*indices, len(words) - 1)]
     if len(specs) == 2:
         first, second = specs
         relation = next(
@@ -165,51 +207,74 @@ def caption_for(
                 f"two objects must be left/right or top/bottom of each other, got "
                 f"{first.position!r} and {second.position!r}"
             )
-        rel = relation.split()
-        words = ["a", first.size, first.colour, first.shape, *rel, "a"]
-        offset = len(words)
-        words += [second.size, second.colour, second.shape]
-        return " ".join(words), [(1, 2, 3), (offset, offset + 1, offset + 2)]
+        described, first_indices = describe(first, 1)
+        words = ["a", *described, *relation.split(), "a"]
+        described, second_indices = describe(second, len(words))
+        words += described
+        return " ".join(words), [first_indices, second_indices]
     raise ValueError(f"scenes hold one or two objects, got {len(specs)}")
 
 
 def parse_caption(caption: str) -> list[ObjectSpec]:
     """Object specs described by a caption of the grammar.
 
+    The caption is normalised first as the tokenizer does it (case, punctuation, the
+    spelling "center"); a missing size word gives ``size=None``.
+
     Raises
     ------
     ValueError
         If the caption is not a sentence of the grammar (see the module docstring).
-    """
-    words = caption.lower().split()
-    hint = (
-        "expected e.g. 'a large red circle on the left' or "
-        "'a small red circle left of a large blue square'"
-    )
 
-    def obj(ws: list[str]) -> tuple[str, str, str]:
+    Examples
+    --------
+    >>> parse_caption("A red circle, in the center.")
+    [ObjectSpec(colour='red', shape='circle', size=None, position='centre')]
+    """
+    from diffwidget.models.tokenizer import normalise_caption
+
+    words = normalise_caption(caption).split()
+    hint = f"expected e.g. {EXAMPLE_CAPTIONS[0]!r} or {EXAMPLE_CAPTIONS[1]!r}"
+
+    def obj(ws: list[str]) -> ObjectSpec | None:
+        """The object of 'a [size] colour shape', with the position left empty."""
+        if len(ws) == 3:
+            ws = [ws[0], "", *ws[1:]]
         if (
             len(ws) != 4
             or ws[0] != "a"
-            or ws[1] not in SIZES
+            or ws[1] not in ("", *SIZES)
             or ws[2] not in COLOURS
             or ws[3] not in SHAPES
         ):
-            raise ValueError(f"cannot parse {caption!r}: {hint}")
-        return ws[1], ws[2], ws[3]
+            return None
+        return ObjectSpec(ws[2], ws[3], ws[1] or None, "")
 
-    for position, phrase in POSITION_PHRASE.items():
+    phrases = [(p, phrase) for p, phrase in POSITION_PHRASE.items() if p != "centre"]
+    phrases += [("centre", phrase) for phrase in CENTRE_PHRASES]
+    for position, phrase in phrases:
         tail = phrase.split()
-        if words[-len(tail) :] == tail and len(words) == 4 + len(tail):
-            size, colour, shape = obj(words[:4])
-            return [ObjectSpec(colour, shape, size, position)]
+        if words[-len(tail) :] == tail:
+            spec = obj(words[: -len(tail)])
+            if spec is not None:
+                return [replace(spec, position=position)]
     for relation, (p1, p2) in RELATION_POSITIONS.items():
         rel = relation.split()
-        if len(words) == 8 + len(rel) and words[4 : 4 + len(rel)] == rel:
-            s1, c1, h1 = obj(words[:4])
-            s2, c2, h2 = obj(words[4 + len(rel) :])
-            return [ObjectSpec(c1, h1, s1, p1), ObjectSpec(c2, h2, s2, p2)]
+        for start in (3, 4):
+            if words[start : start + len(rel)] == rel:
+                first = obj(words[:start])
+                second = obj(words[start + len(rel) :])
+                if first is not None and second is not None:
+                    return [replace(first, position=p1), replace(second, position=p2)]
     raise ValueError(f"cannot parse {caption!r}: {hint}")
+
+
+def caption_words_end_with(caption: str, phrase: str) -> bool:
+    """Whether the normalised ``caption`` ends with the words of ``phrase``."""
+    from diffwidget.models.tokenizer import normalise_caption
+
+    tail = phrase.split()
+    return normalise_caption(caption).split()[-len(tail) :] == tail
 
 
 def _is_held_out(spec: ObjectSpec) -> bool:
@@ -248,6 +313,9 @@ class SceneWorld:
         self.seed = seed
         self.image_size = image_size
         self._rng = np.random.default_rng(seed)
+        # Caption variations draw from their own stream, so that ``variations=True`` gives the
+        # same images as the canonical captions.
+        self._caption_rng = np.random.default_rng([seed, _CAPTION_STREAM])
 
     # -- sampling ---------------------------------------------------------------------------
     def _random_specs(self, rng: np.random.Generator, n_objects: int) -> list[ObjectSpec]:
@@ -265,7 +333,12 @@ class SceneWorld:
         ]
 
     def sample(
-        self, n: int, n_objects: tuple[int, ...] = (1, 2), *, include_held_out: bool = False
+        self,
+        n: int,
+        n_objects: tuple[int, ...] = (1, 2),
+        *,
+        include_held_out: bool = False,
+        variations: bool = False,
     ) -> list[Scene]:
         """Draw ``n`` scenes (training distribution: held-out combinations excluded).
 
@@ -277,6 +350,10 @@ class SceneWorld:
             Object counts to draw from uniformly (1 and/or 2).
         include_held_out : bool
             Also allow the combinations in :data:`HELD_OUT_TRIPLES`.
+        variations : bool
+            Word captions the ways people type them: each object's size word is left out
+            with probability :data:`SIZE_WORD_DROP`, and the centre is said with any of
+            :data:`CENTRE_PHRASES`. The images are the same as without variations.
         """
         bad = [k for k in n_objects if k not in (1, 2)]
         if bad or not n_objects:
@@ -287,15 +364,23 @@ class SceneWorld:
             specs = self._random_specs(self._rng, k)
             if not include_held_out and any(_is_held_out(s) for s in specs):
                 continue
-            scenes.append(self._render(specs, self._rng))
+            if variations:
+                said = [self._caption_rng.random() >= SIZE_WORD_DROP for _ in specs]
+                centre = CENTRE_PHRASES[int(self._caption_rng.integers(len(CENTRE_PHRASES)))]
+                scenes.append(self._render(specs, self._rng, said, centre))
+            else:
+                scenes.append(self._render(specs, self._rng))
         return scenes
 
-    def held_out_scenes(self, n: int, *, unseen_fraction: float = 0.5) -> list[Scene]:
+    def held_out_scenes(
+        self, n: int, *, unseen_fraction: float = 0.5, size_words: bool = True
+    ) -> list[Scene]:
         """Evaluation scenes, alternating one- and two-object captions.
 
         A share ``unseen_fraction`` contains a combination from :data:`HELD_OUT_TRIPLES`
         (never seen in training); the rest use seen combinations. The stream is fixed by the
-        world's seed and independent of :meth:`sample`.
+        world's seed and independent of :meth:`sample`. With ``size_words=False`` the
+        captions leave every size out (the images, and their ground truth, stay the same).
         """
         rng = np.random.default_rng(self.seed + _HELD_OUT_SEED_OFFSET)
         triples = sorted(HELD_OUT_TRIPLES)
@@ -311,7 +396,7 @@ class SceneWorld:
                     specs = [ObjectSpec(colour, shape, specs[0].size, position)]
                 if any(_is_held_out(s) for s in specs) == want_unseen:
                     break
-            scenes.append(self._render(specs, rng))
+            scenes.append(self._render(specs, rng, [size_words] * len(specs)))
         return scenes
 
     def held_out_captions(self, n: int, *, unseen_fraction: float = 0.5) -> list[str]:
@@ -319,11 +404,29 @@ class SceneWorld:
         return [s.caption for s in self.held_out_scenes(n, unseen_fraction=unseen_fraction)]
 
     def render_caption(self, caption: str) -> Scene:
-        """A scene matching ``caption`` (random jitter from the world's stream)."""
-        return self._render(parse_caption(caption), self._rng)
+        """A scene matching ``caption`` (random jitter, and any unsaid size, from the stream).
+
+        The scene's caption is the normalised, canonical form of ``caption``.
+        """
+        specs = parse_caption(caption)
+        said = [spec.size is not None for spec in specs]
+        centre = next(
+            (p for p in CENTRE_PHRASES[1:] if caption_words_end_with(caption, p)), CENTRE_PHRASES[0]
+        )
+        specs = [
+            spec if spec.size is not None else replace(spec, size=SIZES[self._rng.integers(2)])
+            for spec in specs
+        ]
+        return self._render(specs, self._rng, said, centre)
 
     # -- rendering --------------------------------------------------------------------------
-    def _render(self, specs: list[ObjectSpec], rng: np.random.Generator) -> Scene:
+    def _render(
+        self,
+        specs: list[ObjectSpec],
+        rng: np.random.Generator,
+        size_words: list[bool] | None = None,
+        centre_phrase: str = CENTRE_PHRASES[0],
+    ) -> Scene:
         size = self.image_size
         big = size * SUPERSAMPLE
         grey = int(
@@ -331,9 +434,15 @@ class SceneWorld:
         )
         canvas = Image.new("RGB", (big, big), (grey, grey, grey))
         draw = ImageDraw.Draw(canvas)
-        caption, word_sets = caption_for(specs)
+        said = size_words if size_words is not None else [True] * len(specs)
+        caption, word_sets = caption_for(
+            [s if keep else replace(s, size=None) for s, keep in zip(specs, said, strict=True)],
+            centre_phrase=centre_phrase,
+        )
         objects = []
         for spec, words in zip(specs, word_sets, strict=True):
+            if spec.size is None:
+                raise ValueError(f"a rendered object needs a size, got {spec}")
             ax, ay = ANCHORS[spec.position]
             jx, jy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
             lo, hi = HALF_EXTENT[spec.size]

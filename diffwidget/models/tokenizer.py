@@ -4,6 +4,14 @@ The embedded model's captions use a few dozen words. Rather than ship CLIP's 49k
 BPE vocabulary, we write a ``vocab.json``/``merges.txt`` pair in CLIP's own format in which
 every vocabulary word is one token and any other word falls back to single letters. The
 result loads with ``CLIPTokenizer.from_pretrained`` like any Stable Diffusion tokenizer.
+
+Captions are normalised *inside the tokenizer*, so that a plain pipeline call such as
+``pipe("A Red circle, on the left.")`` sees exactly the tokens of
+``"a red circle on the left"``: CLIP's own normaliser lower-cases; :func:`caption_normalizer`
+also turns punctuation into spaces and the spelling "center" into "centre". transformers 5
+rebuilds a ``CLIPTokenizer``'s normaliser from code when it loads one, so
+:func:`use_caption_normalizer` installs ours on the loaded tokenizer (the loaders and the
+training recipe call it); :func:`normalise_caption` applies the same normaliser to a string.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import string
 import tempfile
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +29,57 @@ START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 WORD_END = "</w>"
 FALLBACK_CHARS = string.ascii_lowercase + string.digits + ",.'-!?"
+#: Spelling variants the normaliser maps onto the vocabulary's word.
+SPELLINGS: dict[str, str] = {"center": "centre"}
+
+
+@cache
+def caption_normalizer() -> Any:
+    """The ``tokenizers`` normaliser of the embedded models' tokenizers.
+
+    CLIP's own steps (NFC, lower case, runs of white space to one space) plus: every
+    character that is neither a letter, a digit nor white space becomes a space, and each
+    word of :data:`SPELLINGS` is replaced by its vocabulary spelling.
+
+    Examples
+    --------
+    >>> caption_normalizer().normalize_str("A Red circle, in the CENTER!")
+    'a red circle in the centre '
+    """
+    from tokenizers import Regex, normalizers
+
+    steps = [
+        normalizers.NFC(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[^\p{L}\p{N}\s]"), " "),
+        *(normalizers.Replace(Regex(rf"\b{a}\b"), b) for a, b in SPELLINGS.items()),
+        normalizers.Replace(Regex(r"\s+"), " "),
+    ]
+    return normalizers.Sequence(steps)
+
+
+def normalise_caption(text: str) -> str:
+    """``text`` as the embedded models' tokenizers read it, words joined by single spaces.
+
+    Examples
+    --------
+    >>> normalise_caption("  A Red circle, on the left. ")
+    'a red circle on the left'
+    """
+    return " ".join(caption_normalizer().normalize_str(text).split())
+
+
+def use_caption_normalizer(tokenizer: Any) -> Any:
+    """Install :func:`caption_normalizer` on a loaded ``CLIPTokenizer``; returns it.
+
+    Examples
+    --------
+    >>> tok = use_caption_normalizer(load_word_tokenizer(["red", "circle"], 8))
+    >>> tok.tokenize("Red circle.") == tok.tokenize("red circle")
+    True
+    """
+    tokenizer.backend_tokenizer.normalizer = caption_normalizer()
+    return tokenizer
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -120,16 +180,18 @@ def write_word_tokenizer(
 def load_word_tokenizer(
     words: Iterable[str], model_max_length: int = 77, directory: str | Path | None = None
 ) -> Any:
-    """A ``CLIPTokenizer`` in which each of ``words`` is one token.
+    """A ``CLIPTokenizer`` in which each of ``words`` is one token, captions normalised.
 
     The files go to ``directory`` when given (to ship them), else to a temporary folder that
-    is removed once the tokenizer is in memory.
+    is removed once the tokenizer is in memory. :func:`use_caption_normalizer` is applied.
     """
     from transformers import CLIPTokenizer
 
     if directory is not None:
         folder = write_word_tokenizer(words, directory, model_max_length)
-        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+        return use_caption_normalizer(tokenizer)
     with tempfile.TemporaryDirectory(prefix="diffwidget-tok-") as tmp:
         folder = write_word_tokenizer(words, tmp, model_max_length)
-        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+        return use_caption_normalizer(tokenizer)

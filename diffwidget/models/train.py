@@ -1,31 +1,47 @@
-"""Training recipe of the embedded model.
+"""Training recipe of the embedded models (the UNet and its DiT twin).
 
 Two stages, both on scenes drawn from :class:`~diffwidget.models.scenes.SceneWorld`:
 
 1. the VAE learns to reconstruct 64x64 scenes through a 4x16x16 latent (L1 + MSE and a very
    small KL term, as in Stable Diffusion); its ``scaling_factor`` is set to 1 / std of the
-   latents of the training set;
-2. the latents of a fixed training set are computed once, then the UNet and the text encoder
-   learn jointly to predict the velocity v (Salimans & Ho 2022) under a noise schedule
-   rescaled to zero terminal SNR (see ``SCHEDULER_CONFIG``), with 10 % of captions replaced
-   by the empty prompt so that classifier-free guidance works, Min-SNR loss weighting, and
-   an exponential moving average (EMA) of both networks' weights, which is what the
-   checkpoints hold.
+   latents of the training set. ``--vae FOLDER`` reuses a trained VAE instead (both models
+   share one);
+2. the latents of a fixed training set (captions worded with the variations of
+   :meth:`SceneWorld.sample`) are computed once, then the denoiser and its text encoders
+   learn jointly, with 10 % of captions replaced by the empty prompt so that
+   classifier-free guidance works, and an exponential moving average (EMA) of the weights,
+   which is what the checkpoints hold. The denoiser's objective
+   (:mod:`diffwidget.models.objectives`):
 
-Checkpoints are complete ``StableDiffusionPipeline`` folders, written to a temporary folder
-and renamed (so a reader never sees half a checkpoint); ``OUT/latest`` names the newest.
+   * ``--model unet``: the velocity v under a noise schedule rescaled to zero terminal SNR,
+     Min-SNR loss weighting;
+   * ``--model dit``: rectified flow (the target is noise - x0) with SD3's logit-normal
+     sampling of the noise level, on the text layout of the SD3 pipeline
+     (:mod:`diffwidget.models.dit`).
 
-Commands::
+   ``--init FOLDER`` starts stage 2 from a trained pipeline of the same model (fine-tuning,
+   the ``finetune`` config).
 
-    python -m diffwidget.models.train --config full --out runs/full --seed 0   # GPU recipe
-    python -m diffwidget.models.train --config cpu --out runs/cpu --seed 0     # 2-core CPU
+Checkpoints are complete pipeline folders, written to a temporary folder and renamed (so a
+reader never sees half a checkpoint); ``OUT/latest`` names the newest. ``OUT/resume.pt``
+holds the raw weights, the EMA, the optimiser and the random state of the newest checkpoint:
+running the same command again continues from there.
+
+Commands (settings in :mod:`diffwidget.models.recipes`)::
+
+    python -m diffwidget.models.train --config full --out runs/full --device cuda  # GPU
+    python -m diffwidget.models.train --config cpu --out runs/cpu --threads 1      # CPU
+    python -m diffwidget.models.train --model dit --config cpu --out runs/dit --threads 1 \\
+        --vae diffwidget/models/demo/vae      # the DiT, on the UNet's VAE
     python -m diffwidget.models.train --config smoke --out /tmp/smoke          # seconds
 
-then ``python -m diffwidget.models.loader --export runs/full`` copies the newest checkpoint
-into the package. The shipped weights come from the ``cpu`` config, run as
-``python -m diffwidget.models.train --config cpu --out runs/v --seed 0 --threads 1
---unet-steps 6375`` on a 2-core CPU (75 minutes for stage 2); ``train_state.json`` in each
-checkpoint (``training.json`` in the package) records the steps actually done.
+then ``python -m diffwidget.models.loader --export runs/cpu`` (``--model dit --export
+runs/dit`` for the DiT) copies the newest checkpoint into the package. A stage-2 step count
+(``--unet-steps``) replaces its time cap; the learning rate is constant after the warm-up,
+so a run stopped at checkpoint N equals a run with ``--unet-steps N``.
+bench/RESULTS_model.md records the exact commands of the shipped weights;
+``train_state.json`` in each checkpoint (``training.json`` in the package) records the
+steps actually done.
 """
 
 from __future__ import annotations
@@ -37,97 +53,24 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from diffwidget.models.architecture import assemble_pipeline, build_components
+from diffwidget.models.architecture import build_components
+from diffwidget.models.objectives import LatentSet, Objective, UNetObjective, init_from_pipeline
+from diffwidget.models.recipes import CONFIGS, ModelName, TrainConfig
 from diffwidget.models.scenes import SceneWorld
 
-ConfigName = Literal["full", "cpu", "smoke"]
 ENCODE_BATCH = 256
 LATEST_FILE = "latest"
 VAE_FOLDER = "vae_stage1"
+DATA_FILE = "latents.pt"
+RESUME_FILE = "resume.pt"
 KEEP_CHECKPOINTS = 2
-MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: clamps the loss weight of low-noise timesteps
 LOG_EVERY = 50
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run.
-
-    ``*_minutes`` cap a stage's wall-clock time (``None``: run all steps); the steps actually
-    done are written to ``OUT/train_state.json``.
-    """
-
-    vae_steps: int
-    vae_batch: int
-    vae_lr: float
-    vae_kl_weight: float
-    n_scenes: int
-    unet_steps: int
-    batch: int
-    lr: float
-    warmup: int
-    ema_decay: float
-    caption_dropout: float
-    checkpoint_minutes: float
-    vae_minutes: float | None = None
-    unet_minutes: float | None = None
-
-
-CONFIGS: dict[str, TrainConfig] = {
-    # The recipe for a GPU: larger training set, many more steps.
-    "full": TrainConfig(
-        vae_steps=6000,
-        vae_batch=64,
-        vae_lr=1e-3,
-        vae_kl_weight=1e-6,
-        n_scenes=100_000,
-        unet_steps=60_000,
-        batch=128,
-        lr=5e-4,
-        warmup=500,
-        ema_decay=0.9995,
-        caption_dropout=0.1,
-        checkpoint_minutes=15.0,
-    ),
-    # What a 2-core CPU manages in about 75 minutes; stages end on their time caps.
-    "cpu": TrainConfig(
-        vae_steps=3000,
-        vae_batch=8,
-        vae_lr=1e-3,
-        vae_kl_weight=1e-6,
-        n_scenes=8_000,
-        unet_steps=100_000,
-        batch=32,
-        lr=5e-4,
-        warmup=200,
-        ema_decay=0.999,
-        caption_dropout=0.1,
-        checkpoint_minutes=10.0,
-        vae_minutes=16.0,
-        unet_minutes=60.0,
-    ),
-    # Proves the recipe runs end to end (used by the tests).
-    "smoke": TrainConfig(
-        vae_steps=2,
-        vae_batch=4,
-        vae_lr=1e-3,
-        vae_kl_weight=1e-6,
-        n_scenes=16,
-        unet_steps=3,
-        batch=4,
-        lr=5e-4,
-        warmup=1,
-        ema_decay=0.9,
-        caption_dropout=0.1,
-        checkpoint_minutes=60.0,
-    ),
-}
 
 
 def _to_tensor(images: list[np.ndarray]) -> Any:
@@ -142,7 +85,9 @@ def _log(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_vae(vae: Any, config: TrainConfig, world: SceneWorld, out: Path, progress: bool) -> int:
+def train_vae(
+    vae: Any, config: TrainConfig, world: SceneWorld, out: Path, progress: bool, device: str
+) -> int:
     """Stage 1: train the VAE on freshly drawn scenes; returns the steps done."""
     import torch
     from tqdm import tqdm
@@ -155,7 +100,7 @@ def train_vae(vae: Any, config: TrainConfig, world: SceneWorld, out: Path, progr
     for step in bar:
         if config.vae_minutes is not None and time.monotonic() - start > 60 * config.vae_minutes:
             break
-        images = _to_tensor([s.image for s in world.sample(config.vae_batch)])
+        images = _to_tensor([s.image for s in world.sample(config.vae_batch)]).to(device)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         l1 = (recon - images).abs().mean()
@@ -175,20 +120,10 @@ def train_vae(vae: Any, config: TrainConfig, world: SceneWorld, out: Path, progr
     return step
 
 
-@dataclass
-class LatentSet:
-    """Encoded training set: posterior mean/std of each latent, token ids of each caption."""
-
-    mean: Any
-    std: Any
-    input_ids: Any
-    empty_ids: Any
-
-
 def encode_dataset(
-    vae: Any, tokenizer: Any, world: SceneWorld, n_scenes: int, progress: bool
+    vae: Any, tokenizer: Any, world: SceneWorld, n_scenes: int, progress: bool, device: str = "cpu"
 ) -> LatentSet:
-    """Draw the fixed stage-2 training set and encode it once."""
+    """Draw the fixed stage-2 training set (captions with variations) and encode it once."""
     import torch
     from tqdm import tqdm
 
@@ -197,10 +132,10 @@ def encode_dataset(
         for first in tqdm(
             range(0, n_scenes, ENCODE_BATCH), desc="encode", disable=not progress, mininterval=10
         ):
-            scenes = world.sample(min(ENCODE_BATCH, n_scenes - first))
-            posterior = vae.encode(_to_tensor([s.image for s in scenes])).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
+            scenes = world.sample(min(ENCODE_BATCH, n_scenes - first), variations=True)
+            posterior = vae.encode(_to_tensor([s.image for s in scenes]).to(device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
             captions += [s.caption for s in scenes]
 
     def ids(texts: list[str]) -> Any:
@@ -212,34 +147,7 @@ def encode_dataset(
             return_tensors="pt",
         ).input_ids
 
-    return LatentSet(torch.cat(means), torch.cat(stds), ids(captions), ids([""]))
-
-
-def min_snr_weights(noise_scheduler: Any) -> Any:
-    """Per-timestep loss weights: Min-SNR (Hang et al. 2023) with SNR + 1 for v-prediction.
-
-    In terms of the error of the predicted clean latent, an epsilon loss weighs timestep t by
-    SNR(t) and a v loss by SNR(t) + 1; both are clamped at :data:`MIN_SNR_GAMMA` so that
-    nearly clean timesteps do not dominate. For v-prediction the weight of the noisiest steps
-    stays 1: with a zero terminal SNR those are where the prompt alone decides the layout.
-    """
-    import torch
-
-    alphas = noise_scheduler.alphas_cumprod.to(torch.float64)
-    snr = alphas / (1 - alphas).clamp(min=1e-12)
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (snr.clamp(max=MIN_SNR_GAMMA) / snr.clamp(min=1e-12)).float()
-    if kind == "v_prediction":
-        return ((snr + 1).clamp(max=MIN_SNR_GAMMA) / (snr + 1)).float()
-    raise ValueError(f"training supports epsilon and v_prediction, not {kind!r}")
-
-
-def training_target(noise_scheduler: Any, latents: Any, noise: Any, t: Any) -> Any:
-    """What the UNet learns to output: the noise, or the velocity for v-prediction."""
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, t)
-    return noise
+    return LatentSet(torch.cat(means), torch.cat(stds), ids(captions), ids([""]), captions)
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -264,11 +172,8 @@ class Ema:
                     s.lerp_(p.detach(), 1.0 - decay)
 
 
-def save_checkpoint(
-    components: dict[str, Any], out: Path, name: str, state: dict[str, Any]
-) -> Path:
+def save_checkpoint(pipe: Any, out: Path, name: str, state: dict[str, Any]) -> Path:
     """Save a pipeline folder atomically (temp folder, then rename) and point ``latest`` at it."""
-    pipe: Any = assemble_pipeline(components)
     final = out / name
     tmp = out / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
@@ -297,84 +202,191 @@ def latest_checkpoint(out: str | Path) -> Path:
     return out / pointer.read_text().strip()
 
 
-def train(config: TrainConfig, out: str | Path, seed: int = 0, progress: bool = True) -> Path:
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _stage1(
+    components: dict[str, Any],
+    config: TrainConfig,
+    out: Path,
+    seed: int,
+    vae_from: str | Path | None,
+    state: dict[str, Any],
+    progress: bool,
+    device: str,
+) -> Any:
+    """The trained VAE: from ``OUT/vae_stage1``, from ``vae_from``, or trained now."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = out / VAE_FOLDER
+    if not vae_dir.exists() and vae_from is not None:
+        shutil.copytree(vae_from, out / f".tmp-{VAE_FOLDER}")
+        (out / f".tmp-{VAE_FOLDER}").rename(vae_dir)
+        state["vae_from"] = str(vae_from)
+    if vae_dir.exists():
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).float()
+        state.setdefault("vae_steps_done", "loaded from " + str(vae_dir))
+    else:
+        vae = components["vae"].to(device)
+        state["vae_steps_done"] = train_vae(
+            vae, config, SceneWorld(seed + 1), out, progress, device
+        )
+        vae.save_pretrained(out / f".tmp-{VAE_FOLDER}")
+        (out / f".tmp-{VAE_FOLDER}").rename(vae_dir)
+    # The SD3 pipeline decodes latents / scaling_factor + shift_factor: both models share
+    # one VAE whose shift is zero (the UNet's pipeline does not read it).
+    vae.register_to_config(shift_factor=0.0)
+    return vae.to(device).requires_grad_(False).eval()
+
+
+def _objective(
+    model: ModelName, seed: int, config: TrainConfig, device: str
+) -> tuple[dict[str, Any], Objective]:
+    if model == "unet":
+        components = build_components(seed)
+        return components, UNetObjective(components, config, device)
+    if model == "dit":
+        from diffwidget.models.dit import build_dit_components
+        from diffwidget.models.objectives import FlowObjective
+
+        components = build_dit_components(seed)
+        return components, FlowObjective(components, config, device)
+    raise ValueError(f"unknown model {model!r}: choose 'unet' or 'dit'")
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    model: ModelName = "unet",
+    device: str = "cpu",
+    vae_from: str | Path | None = None,
+    init_from: str | Path | None = None,
+) -> Path:
     """Run both stages and return the final checkpoint folder.
 
-    If ``OUT/vae_stage1`` exists (from an earlier run with the same seed), stage 1 is
-    skipped and that VAE is used.
+    Parameters
+    ----------
+    config : TrainConfig
+        Settings (see :data:`CONFIGS`).
+    out : str or Path
+        Output folder. If ``OUT/vae_stage1`` exists, stage 1 is skipped and that VAE used;
+        if ``OUT/resume.pt`` exists, stage 2 continues from it.
+    seed : int
+        Seed of the weights, the scenes and the training noise.
+    progress : bool
+        Show progress bars.
+    model : {"unet", "dit"}
+        Which denoiser to train.
+    device : str
+        Torch device; the same code runs on CPU and GPU.
+    vae_from : str or Path, optional
+        A trained VAE folder to use instead of stage 1 (copied to ``OUT/vae_stage1``).
+    init_from : str or Path, optional
+        A pipeline folder of the same model to fine-tune (:func:`init_from_pipeline`)
+        instead of training stage 2 from random weights.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    components = build_components(seed)
-    vae, text_encoder, unet, tokenizer = (
-        components["vae"],
-        components["text_encoder"],
-        components["unet"],
-        components["tokenizer"],
-    )
-    state: dict[str, Any] = {"config": asdict(config), "seed": seed, "torch": torch.__version__}
+    components, objective = _objective(model, seed, config, device)
+    state: dict[str, Any] = {
+        "model": model,
+        "config": asdict(config),
+        "seed": seed,
+        "device": device,
+        "torch": torch.__version__,
+    }
     t0 = time.monotonic()
-
-    vae_dir = out / VAE_FOLDER
-    if vae_dir.exists():
-        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-        state["vae_steps_done"] = "loaded from " + str(vae_dir)
-    else:
-        state["vae_steps_done"] = train_vae(vae, config, SceneWorld(seed + 1), out, progress)
-        vae.save_pretrained(out / f".tmp-{VAE_FOLDER}")
-        (out / f".tmp-{VAE_FOLDER}").rename(vae_dir)
-    vae.requires_grad_(False).eval()
+    vae = _stage1(components, config, out, seed, vae_from, state, progress, device)
     state["vae_minutes"] = (time.monotonic() - t0) / 60
 
-    data = encode_dataset(vae, tokenizer, SceneWorld(seed), config.n_scenes, progress)
+    data_file = out / DATA_FILE
+    if data_file.exists():
+        data = LatentSet(**torch.load(data_file, weights_only=False))
+    else:
+        data = encode_dataset(
+            vae, components["tokenizer"], SceneWorld(seed), config.n_scenes, progress, device
+        )
+        _atomic_save(asdict(data), data_file)
     scale = 1.0 / float(data.mean.std())
     vae.register_to_config(scaling_factor=scale)
-    components["vae"] = vae
     state["scaling_factor"] = scale
     state["encode_minutes"] = (time.monotonic() - t0) / 60 - state["vae_minutes"]
+    mean, std = data.mean.to(device), data.std.to(device)
 
-    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    loss_weight = min_snr_weights(noise_scheduler)
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    if init_from is not None:
+        init_from_pipeline(objective, components, Path(init_from))
+        state["init_from"] = str(init_from)
+    for module in objective.trained:
+        module.to(device).train()
+    params = [p for module in objective.trained for p in module.parameters()]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
-    ema = Ema([unet, text_encoder], config.ema_decay)
-    unet.train()
-    text_encoder.train()
-    generator = torch.Generator().manual_seed(seed)
-    n = data.mean.shape[0]
-
-    def checkpoint(step: int) -> Path:
-        state.update(unet_steps_done=step, minutes=(time.monotonic() - t0) / 60)
-        snapshot = dict(components, unet=ema.shadow[0], text_encoder=ema.shadow[1])
-        return save_checkpoint(snapshot, out, f"checkpoint-{step:06d}", state)
+    ema = Ema(objective.trained, config.ema_decay)
+    generator = torch.Generator(device).manual_seed(seed)
+    n = mean.shape[0]
+    first_step, running, before_s = 0, 0.0, 0.0
+    resume_file = out / RESUME_FILE
+    if resume_file.exists():
+        saved = torch.load(resume_file, map_location=device, weights_only=False)
+        for module, weights in zip(objective.trained, saved["trained"], strict=True):
+            module.load_state_dict(weights)
+        for shadow, weights in zip(ema.shadow, saved["ema"], strict=True):
+            shadow.load_state_dict(weights)
+        optimiser.load_state_dict(saved["optimiser"])
+        generator.set_state(saved["generator"].cpu() if device == "cpu" else saved["generator"])
+        first_step, running, before_s = saved["step"], saved["running"], saved["stage2_s"]
+        state["resumed_at"] = [*saved.get("resumed_at", []), first_step]
 
     start = last_save = time.monotonic()
-    bar = tqdm(range(config.unet_steps), desc="unet", disable=not progress, mininterval=10)
-    running = 0.0
-    step = 0
-    for step in bar:
-        if config.unet_minutes is not None and time.monotonic() - start > 60 * config.unet_minutes:
-            break
-        idx = torch.randint(0, n, (config.batch,), generator=generator)
-        eps = torch.randn(data.mean[idx].shape, generator=generator)
-        latents = (data.mean[idx] + data.std[idx] * eps) * scale
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=generator
+
+    def checkpoint(step: int) -> Path:
+        stage2_s = before_s + time.monotonic() - start
+        state.update(
+            unet_steps_done=step, stage2_minutes=stage2_s / 60, minutes=(time.monotonic() - t0) / 60
         )
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        ids = data.input_ids[idx].clone()
-        drop = torch.rand(config.batch, generator=generator) < config.caption_dropout
-        ids[drop] = data.empty_ids
-        hidden = text_encoder(ids)[0]
-        pred = unet(noisy, t, hidden).sample
-        target = training_target(noise_scheduler, latents, noise, t)
-        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[t]).mean()
+        final = save_checkpoint(
+            objective.pipeline(ema.shadow, vae), out, f"checkpoint-{step:06d}", state
+        )
+        resume = {
+            "step": step,
+            "trained": [m.state_dict() for m in objective.trained],
+            "ema": [m.state_dict() for m in ema.shadow],
+            "optimiser": optimiser.state_dict(),
+            "generator": generator.get_state(),
+            "running": running,
+            "stage2_s": stage2_s,
+            "resumed_at": state.get("resumed_at", []),
+        }
+        _atomic_save(resume, resume_file)
+        return final
+
+    bar = tqdm(
+        range(first_step, config.unet_steps),
+        desc=model,
+        disable=not progress,
+        mininterval=10,
+        initial=first_step,
+        total=config.unet_steps,
+    )
+    step = first_step
+    for step in bar:
+        elapsed = before_s + time.monotonic() - start
+        if config.unet_minutes is not None and elapsed > 60 * config.unet_minutes:
+            break
+        idx = torch.randint(0, n, (config.batch,), generator=generator, device=device)
+        eps = torch.randn(mean[idx].shape, generator=generator, device=device)
+        latents = (mean[idx] + std[idx] * eps) * scale
+        loss = objective.loss(latents, idx, data, generator)
         for group in optimiser.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config.warmup)
         optimiser.zero_grad(set_to_none=True)
@@ -385,7 +397,7 @@ def train(config: TrainConfig, out: str | Path, seed: int = 0, progress: bool = 
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % LOG_EVERY == 0:
             bar.set_postfix(loss=f"{running:.4f}")
-            _log(out, {"stage": "unet", "step": step, "loss": running, "t": time.monotonic() - t0})
+            _log(out, {"stage": model, "step": step, "loss": running, "t": time.monotonic() - t0})
         if time.monotonic() - last_save > 60 * config.checkpoint_minutes:
             checkpoint(step + 1)
             last_save = time.monotonic()
@@ -397,10 +409,14 @@ def train(config: TrainConfig, out: str | Path, seed: int = 0, progress: bool = 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--model", choices=("unet", "dit"), default="unet")
+    parser.add_argument("--config", choices=("full", "cpu", "finetune", "smoke"), default="cpu")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--vae", default=None, help="trained VAE folder to reuse (skips stage 1)")
+    parser.add_argument("--init", default=None, help="pipeline folder to fine-tune (stage 2)")
     parser.add_argument("--vae-minutes", type=float, default=None, help="cap on stage 1")
     parser.add_argument("--unet-minutes", type=float, default=None, help="cap on stage 2")
     parser.add_argument("--vae-steps", type=int, default=None, help="steps of stage 1")
@@ -413,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     # Denormal floats slow CPU kernels by orders of magnitude; their value never matters here.
     torch.set_flush_denormal(True)
-    config = CONFIGS[args.config]
+    config = CONFIGS[args.model][args.config]
     if args.vae_minutes is not None:
         config = replace(config, vae_minutes=args.vae_minutes)
     if args.unet_minutes is not None:
@@ -423,7 +439,16 @@ def main(argv: list[str] | None = None) -> None:
         config = replace(config, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes)
     if args.unet_steps is not None:
         config = replace(config, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes)
-    final = train(config, args.out, seed=args.seed, progress=not args.no_progress)
+    final = train(
+        config,
+        args.out,
+        seed=args.seed,
+        progress=not args.no_progress,
+        model=args.model,
+        device=args.device,
+        vae_from=args.vae,
+        init_from=args.init,
+    )
     print(f"final checkpoint: {final}", file=sys.stderr)
 
 

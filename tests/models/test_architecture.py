@@ -19,6 +19,9 @@ from diffwidget.models.tokenizer import FALLBACK_CHARS
 
 MAX_WEIGHTS_BYTES = 25_000_000
 BYTES_PER_FP16 = 2
+#: 42 fallback characters with and without the word-end mark, 81 merges, start and end. A
+#: tokenizer files mix-up gives 3 (transformers 5 ignores ``vocab_file=``).
+VOCABULARY_SIZE = 167
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,9 @@ def test_tokenizer_has_the_full_vocabulary_and_one_token_per_word(tmp_path) -> N
     tokenizer = build_tokenizer(tmp_path)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     # Letters and digits with and without the word-end mark, the merges, start and end.
-    assert len(tokenizer) == len(vocab) > 2 * len(FALLBACK_CHARS) + len(VOCABULARY)
+    merges = (tmp_path / "merges.txt").read_text().splitlines()[1:]
+    assert len(tokenizer) == len(vocab) == 2 * len(FALLBACK_CHARS) + len(merges) + 2
+    assert len(tokenizer) == VOCABULARY_SIZE
     assert tokenizer.model_max_length == MAX_TOKENS
     for word in VOCABULARY:
         assert tokenizer.tokenize(word) == [word + "</w>"], word

@@ -1,4 +1,5 @@
-"""The shipped weights draw what the prompt says, wherever the seed would put things."""
+"""The shipped weights of both models draw what the prompt says, wherever the seed would put
+things."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffwidget.models.loader import DEFAULT_GUIDANCE, load_demo_pipeline
+from diffwidget.models.loader import DEMO_DIRS, demo_weights_available, load_demo_pipeline
 from diffwidget.models.reader import SceneReader
 from diffwidget.models.scenes import POSITION_PHRASE
 
@@ -14,10 +15,21 @@ SEEDS = (0, 1, 2, 3)
 OBJECTS = ("large red circle", "large blue square", "large green triangle", "large purple circle")
 
 
-@pytest.fixture(scope="module")
-def readings() -> list[tuple[str, str, str | None, str | None]]:
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(
+            model,
+            marks=pytest.mark.skipif(
+                not demo_weights_available(DEMO_DIRS[model]), reason=f"no shipped {model} weights"
+            ),
+        )
+        for model in DEMO_DIRS
+    ],
+)
+def readings(request: pytest.FixtureRequest) -> list[tuple[str, str, str | None, str | None]]:
     """(asked position, asked colour, position read, colour read) for every (seed, position)."""
-    pipe = load_demo_pipeline()
+    pipe = load_demo_pipeline(request.param)
     prompts, asked, generators = [], [], []
     for seed, obj in zip(SEEDS, OBJECTS, strict=True):
         for position, phrase in POSITION_PHRASE.items():
@@ -27,7 +39,7 @@ def readings() -> list[tuple[str, str, str | None, str | None]]:
     images = pipe(
         prompts,
         num_inference_steps=20,
-        guidance_scale=DEFAULT_GUIDANCE,
+        guidance_scale=pipe.recommended_guidance_scale,
         generator=generators,
         output_type="np",
     ).images

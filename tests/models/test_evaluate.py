@@ -48,3 +48,25 @@ def test_sample_grid_size() -> None:
     grid = sample_grid(images, ["a large red circle on the left"] * 7, columns=4, scale=2)
     assert grid.size[0] == 4 * (128 + 12)
     assert grid.size[1] > 2 * 128
+
+
+def test_captions_without_sizes_are_scored_on_the_other_attributes() -> None:
+    world = SceneWorld(seed=0)
+    scene = world.render_caption("a red circle on the left")
+    report = AdherenceReport()
+    score(
+        scene,
+        SceneReader().read(world.render_caption("a small red circle on the left").image),
+        report,
+    )
+    score(
+        scene,
+        SceneReader().read(world.render_caption("a large red square on the left").image),
+        report,
+    )
+    accuracy = report.accuracy()["one-object no-size"]
+    assert "size" not in accuracy
+    assert accuracy["colour"] == accuracy["position"] == 1.0
+    assert accuracy["shape"] == 0.5
+    assert accuracy["scene"] == 0.5
+    assert "one-object" not in report.accuracy()  # the size-less group stands apart

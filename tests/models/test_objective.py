@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffwidget.models.architecture import SCHEDULER_CONFIG, make_scheduler
-from diffwidget.models.train import MIN_SNR_GAMMA, min_snr_weights, training_target
+from diffwidget.models.objectives import MIN_SNR_GAMMA, min_snr_weights, training_target
 
 
 def _ddpm(**overrides: object) -> DDPMScheduler:

@@ -7,12 +7,14 @@ import pytest
 
 from diffwidget.models.scenes import (
     ANCHORS,
+    CENTRE_PHRASES,
     COLOURS,
     HALF_EXTENT,
     HELD_OUT_TRIPLES,
     PALETTE,
     POSITIONS,
     SHAPES,
+    SIZE_WORD_DROP,
     SIZES,
     ObjectSpec,
     SceneWorld,
@@ -140,3 +142,68 @@ def test_render_caption_matches_the_caption() -> None:
         ("purple", "triangle", "small", "top"),
         ("green", "circle", "large", "bottom"),
     ]
+
+
+def test_caption_variations_keep_the_images_and_parse_back() -> None:
+    plain = SceneWorld(seed=5).sample(300)
+    varied = SceneWorld(seed=5).sample(300, variations=True)
+    dropped = kept = 0
+    phrases = set()
+    for a, b in zip(plain, varied, strict=True):
+        assert np.array_equal(a.image, b.image)
+        parsed = parse_caption(b.caption)
+        words = b.caption.split()
+        for spec, obj in zip(parsed, b.objects, strict=True):
+            assert (spec.colour, spec.shape, spec.position) == (obj.colour, obj.shape, obj.position)
+            assert spec.size in (None, obj.size)
+            dropped += spec.size is None
+            kept += spec.size is not None
+            named = [words[i] for i in obj.words]
+            assert named[-2 if len(b.objects) == 1 else -1] == obj.shape, b.caption
+            assert (obj.size in named) == (spec.size is not None), b.caption
+        if len(b.objects) == 1 and b.objects[0].position == "centre":
+            phrases.add(" ".join(words[-3:]))
+    # About 450 objects: 4 standard deviations of a binomial share are 0.08.
+    assert dropped / (dropped + kept) == pytest.approx(SIZE_WORD_DROP, abs=0.08)
+    assert phrases == set(CENTRE_PHRASES)
+
+
+def test_captions_without_sizes() -> None:
+    caption, words = caption_for([ObjectSpec("red", "circle", None, "left")])
+    assert (caption, words) == ("a red circle on the left", [(1, 2, 5)])
+    caption, words = caption_for(
+        [ObjectSpec("red", "circle", "small", "top"), ObjectSpec("blue", "square", None, "bottom")]
+    )
+    assert (caption, words) == ("a small red circle above a blue square", [(1, 2, 3), (6, 7)])
+    with pytest.raises(ValueError, match="centre_phrase"):
+        caption_for([ObjectSpec("red", "circle", None, "centre")], centre_phrase="in the core")
+    scenes = SceneWorld(seed=0).held_out_scenes(10, size_words=False)
+    with_sizes = SceneWorld(seed=0).held_out_scenes(10)
+    for a, b in zip(scenes, with_sizes, strict=True):
+        assert np.array_equal(a.image, b.image)
+        assert not set(a.caption.split()) & set(SIZES)
+        assert [s.size for s in parse_caption(a.caption)] == [None] * len(a.objects)
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("A Red circle, in the middle.", [("red", "circle", None, "centre")]),
+        ("a red circle in the center", [("red", "circle", None, "centre")]),
+        ("a small red circle in the centre", [("red", "circle", "small", "centre")]),
+        (
+            "A red square left of a LARGE blue triangle",
+            [("red", "square", None, "left"), ("blue", "triangle", "large", "right")],
+        ),
+    ],
+)
+def test_parse_typed_captions(caption: str, expected: list) -> None:
+    assert [(s.colour, s.shape, s.size, s.position) for s in parse_caption(caption)] == expected
+
+
+def test_render_caption_fills_an_unsaid_size() -> None:
+    scene = SceneWorld(seed=0).render_caption("A green square in the middle.")
+    assert scene.caption == "a green square in the middle"
+    (obj,) = scene.objects
+    assert obj.size in SIZES
+    assert obj.position == "centre"

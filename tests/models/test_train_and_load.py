@@ -1,4 +1,4 @@
-"""The training recipe runs end to end, and the loader is offline with clear errors."""
+"""The training recipes run end to end, and the loader is offline with clear errors."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffwidget.models.architecture import build_tokenizer
 from diffwidget.models.loader import (
     DEMO_DIR,
+    DEMO_MODEL_ENV,
+    DIT_DIR,
+    RECOMMENDED_GUIDANCE,
     demo_weights_available,
     export_demo_weights,
     load_demo_pipeline,
     weights_size_bytes,
 )
-from diffwidget.models.train import CONFIGS, latest_checkpoint, main, train
+from diffwidget.models.recipes import CONFIGS
+from diffwidget.models.train import RESUME_FILE, VAE_FOLDER, latest_checkpoint, main, train
 
-MAX_WEIGHTS_BYTES = 25_000_000
+MAX_WEIGHTS_BYTES = 30_000_000  # both embedded models together
+SHIPPED = demo_weights_available(DEMO_DIR) and demo_weights_available(DIT_DIR)
 
 
 @pytest.fixture
@@ -35,7 +41,22 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
-    train(CONFIGS["smoke"], out, seed=0, progress=False)
+    train(CONFIGS["unet"]["smoke"], out, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dit_smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_run: Path) -> Path:
+    """The DiT recipe on the UNet smoke run's VAE (as the shipped DiT uses the UNet's)."""
+    out = tmp_path_factory.mktemp("smoke_dit")
+    train(
+        CONFIGS["dit"]["smoke"],
+        out,
+        seed=0,
+        progress=False,
+        model="dit",
+        vae_from=smoke_run / VAE_FOLDER,
+    )
     return out
 
 
@@ -78,6 +99,61 @@ def test_command_line_step_counts_replace_the_time_caps(tmp_path: Path) -> None:
     assert state["config"]["unet_minutes"] is None
 
 
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """Two steps, then two more from the resume file, equal four steps in one go."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["--config", "smoke", "--vae-steps", "1"]
+    main([*args, "--out", str(tmp_path / "a"), "--unet-steps", "2"])
+    assert (tmp_path / "a" / RESUME_FILE).is_file()
+    main([*args, "--out", str(tmp_path / "a"), "--unet-steps", "4"])
+    main([*args, "--out", str(tmp_path / "b"), "--unet-steps", "4"])
+    resumed, straight = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert json.loads((resumed / "train_state.json").read_text())["resumed_at"] == [2]
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(resumed / name)), load_file(str(straight / name))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_dit_smoke_training_writes_an_sd3_pipeline(dit_smoke_run: Path, no_network: None) -> None:
+    checkpoint = latest_checkpoint(dit_smoke_run)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert (state["model"], state["unet_steps_done"]) == ("dit", CONFIGS["dit"]["smoke"].unet_steps)
+    pipe = load_demo_pipeline("dit", path=checkpoint)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    assert pipe.text_encoder_3 is None
+    assert pipe.tokenizer_3 is None
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.vae.config.shift_factor == 0.0
+    assert pipe.recommended_guidance_scale == RECOMMENDED_GUIDANCE["dit"]
+    assert np.isfinite(_generate(pipe)).all()
+
+
+def test_dit_export_shares_the_unet_vae(
+    smoke_run: Path, dit_smoke_run: Path, tmp_path: Path
+) -> None:
+    unet_dest = export_demo_weights(smoke_run, tmp_path / "demo")
+    dit_dest = export_demo_weights(
+        dit_smoke_run, tmp_path / "demo_dit", model="dit", shared_vae=unet_dest / "vae"
+    )
+    assert not (dit_dest / "vae").exists()
+    assert (dit_dest / "training.json").is_file()
+    with pytest.raises(FileNotFoundError):
+        # Without the shared VAE beside it, the loader falls back to the shipped one; a
+        # folder that holds no pipeline at all is still refused.
+        load_demo_pipeline("dit", path=tmp_path / "nowhere")
+    pipe = load_demo_pipeline("dit", path=dit_dest)
+    assert np.isfinite(_generate(pipe)).all()
+    # A DiT trained on another VAE must not be shipped beside this one.
+    with pytest.raises(ValueError, match="another VAE"):
+        export_demo_weights(
+            dit_smoke_run, tmp_path / "bad", model="dit", shared_vae=smoke_run / VAE_FOLDER
+        )
+
+
 def test_missing_weights_error_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"diffwidget\.models\.train"):
         load_demo_pipeline(path=tmp_path / "nowhere")
@@ -88,12 +164,62 @@ def test_latest_checkpoint_missing(tmp_path: Path) -> None:
         latest_checkpoint(tmp_path)
 
 
-@pytest.mark.skipif(not demo_weights_available(), reason="no shipped weights in this checkout")
+@pytest.mark.skipif(not SHIPPED, reason="no shipped weights of both models in this checkout")
 def test_shipped_weights_load_offline(no_network: None) -> None:
-    assert weights_size_bytes(DEMO_DIR) <= MAX_WEIGHTS_BYTES
+    assert weights_size_bytes(DEMO_DIR) + weights_size_bytes(DIT_DIR) <= MAX_WEIGHTS_BYTES
+    assert not (DIT_DIR / "vae").exists()  # the DiT loads the UNet's VAE
     pipe = load_demo_pipeline()
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert _generate(pipe).shape == (1, 64, 64, 3)
+    assert type(load_demo_pipeline("unet").unet).__name__ == "UNet2DConditionModel"
+    dit = load_demo_pipeline("dit")
+    assert type(dit.transformer).__name__ == "SD3Transformer2DModel"
+    assert _generate(dit).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped weights of both models in this checkout")
+def test_shipped_tokenizers_match_their_text_encoders() -> None:
+    expected = len(build_tokenizer())  # its size is pinned in test_architecture.py
+    for pipe in (load_demo_pipeline("unet"), load_demo_pipeline("dit")):
+        for tokenizer, encoder in (
+            (pipe.tokenizer, pipe.text_encoder),
+            (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)),
+        ):
+            if tokenizer is None:
+                continue
+            assert len(tokenizer) == encoder.config.vocab_size == expected
+
+
+def test_unknown_model_name_says_which_exist() -> None:
+    with pytest.raises(ValueError, match=r"'unet'.*'dit'"):
+        load_demo_pipeline("sdxl")  # type: ignore[arg-type]
+
+
+def test_dit_refuses_a_unet_scheduler() -> None:
+    with pytest.raises(ValueError, match="flow-matching"):
+        load_demo_pipeline("dit", scheduler="ddim")
+
+
+def test_a_folder_of_the_other_model_is_refused(smoke_run: Path) -> None:
+    with pytest.raises(ValueError, match="model='unet'"):
+        load_demo_pipeline("dit", path=latest_checkpoint(smoke_run))
+
+
+def test_the_environment_names_the_default_model(
+    smoke_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DEMO_MODEL_ENV, "dit")
+    # The UNet checkpoint is refused because the environment asked for the DiT ...
+    with pytest.raises(ValueError, match="StableDiffusionPipeline"):
+        load_demo_pipeline(path=latest_checkpoint(smoke_run))
+    # ... an explicit name wins over the environment.
+    assert type(load_demo_pipeline("unet", path=latest_checkpoint(smoke_run))).__name__ == (
+        "StableDiffusionPipeline"
+    )
+    monkeypatch.setenv(DEMO_MODEL_ENV, "vit")
+    with pytest.raises(ValueError, match="unknown embedded model"):
+        load_demo_pipeline(path=latest_checkpoint(smoke_run))
 
 
 def test_loading_restores_library_logging(smoke_run: Path) -> None:
