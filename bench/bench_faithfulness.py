@@ -9,6 +9,7 @@ Usage::
 
     python bench/bench_faithfulness.py --prompts 50             # shipped embedded model
     python bench/bench_faithfulness.py --path runs/cpu/ckpt     # a training checkpoint
+    python bench/bench_faithfulness.py --model dit --n-masks 200    # the embedded DiT
     python bench/bench_faithfulness.py --random-weights --prompts 3 --n-masks 50   # smoke run
 """
 
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffwidget.explain.cam import DFCam
 from diffwidget.explain.faithfulness import InsertionDeletion, summarize
 from diffwidget.explain.rise import DFRise
-from diffwidget.models.loader import DEFAULT_GUIDANCE
 
 STEPS = 20
 #: Step explained: the paper visualises step 15 of 20.
@@ -37,12 +37,16 @@ STEP = 15
 
 def load(args: argparse.Namespace) -> Any:
     if args.random_weights:
+        if args.model == "dit":
+            from diffwidget.models.dit import build_dit_pipeline
+
+            return build_dit_pipeline(seed=0)
         from diffwidget.models.architecture import build_demo_pipeline
 
         return build_demo_pipeline(seed=0)
     from diffwidget.models.loader import load_demo_pipeline
 
-    return load_demo_pipeline(path=args.path)
+    return load_demo_pipeline(args.model, path=args.path)
 
 
 def main() -> None:
@@ -53,7 +57,10 @@ def main() -> None:
     )
     parser.add_argument("--n-masks", type=int, default=500)
     parser.add_argument("--step", type=int, default=STEP)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
+    parser.add_argument("--model", choices=["unet", "dit"], default="unet")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale (default: the model's own)"
+    )
     parser.add_argument("--n-random", type=int, default=3, help="random orders per prompt")
     parser.add_argument("--path", type=Path, default=None)
     parser.add_argument("--random-weights", action="store_true")
@@ -77,6 +84,8 @@ def main() -> None:
     from diffwidget.tracing.context import trace
 
     pipe = load(args)
+    if args.guidance is None:
+        args.guidance = float(getattr(pipe, "recommended_guidance_scale", 3.0))
     captions = SceneWorld(seed=0).held_out_captions(args.first + args.prompts)[args.first :]
     methods: dict[str, Any] = {
         "df_rise": DFRise(n_masks=args.n_masks, progress_bar=False),
@@ -85,6 +94,8 @@ def main() -> None:
     if args.cam_top_blocks:
         from diffwidget.tracing.families.unet import block_paths
 
+        if args.model != "unet":
+            parser.error("--cam-top-blocks names the UNet's blocks; use it with --model unet")
         methods["df_cam_top_blocks"] = DFCam(blocks=block_paths(pipe.unet))
     if args.paper_estimator:
         methods["df_rise_paper"] = DFRise(n_masks=args.n_masks, progress_bar=False, center=False)
@@ -127,6 +138,7 @@ def write_summary(
         "step": args.step,
         "steps": STEPS,
         "guidance": args.guidance,
+        "model": args.model,
         "weights": "random" if args.random_weights else str(args.path or "shipped"),
         "similarity": "ssim",
         "n_random": args.n_random,

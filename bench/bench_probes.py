@@ -16,6 +16,7 @@ Usage::
 
     python bench/bench_probes.py                    # trained weights, 200 prompts, 20 steps
     python bench/bench_probes.py --random-weights --n-prompts 40   # plumbing only
+    python bench/bench_probes.py --model dit --figure docs/concept_curves_dit.png
 
 Writes the figure to ``docs/concept_curves.png`` and prints a Markdown summary.
 """
@@ -39,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 from diffwidget.explain.concepts import ConceptSet, x0_attribute_curves  # noqa: E402
 from diffwidget.explain.probes import ConceptCurves, ConceptProbe  # noqa: E402
-from diffwidget.models.loader import DEFAULT_GUIDANCE  # noqa: E402
 from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder  # noqa: E402
 from diffwidget.tracing.noise import PREDICTION_SOURCES  # noqa: E402
 
@@ -202,6 +202,24 @@ def _curve_table(curves: ConceptCurves, steps: list[int]) -> list[str]:
     return lines
 
 
+#: The AUC from which a concept counts as decided (issue: "first step each concept's probe
+#: AUC stays >= 0.9").
+DECIDED_AUC = 0.9
+
+
+def first_step_staying_above(curve: np.ndarray, level: float) -> int | str:
+    """The first step from which ``curve`` stays at or above ``level`` ("never" if none).
+
+    >>> first_step_staying_above(np.array([0.5, 0.95, 0.8, 0.91, 0.99]), 0.9)
+    3
+    """
+    above = np.asarray(curve) >= level
+    for step in range(len(above)):
+        if above[step:].all():
+            return step
+    return "never"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-prompts", type=int, default=200)
@@ -211,7 +229,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="scene world and generator seeds")
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--pooling", choices=["mean", "grid"], default="grid")
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--model", choices=["unet", "dit"], default="unet")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="default: the model's own"
+    )
     parser.add_argument("--random-weights", action="store_true", help="untrained architecture")
     parser.add_argument("--weights", type=Path, default=None, help="a pipeline folder to load")
     parser.add_argument("--no-x0", action="store_true", help="skip the x̂0 attribute curves")
@@ -241,7 +262,12 @@ def main() -> None:
     load_start = os.getloadavg()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    if args.random_weights:
+    if args.random_weights and args.model == "dit":
+        from diffwidget.models.dit import build_dit_pipeline
+
+        pipe = build_dit_pipeline(seed=0)
+        weights = "random weights (build_dit_pipeline)"
+    elif args.random_weights:
         from diffwidget.models.architecture import build_demo_pipeline
 
         pipe = build_demo_pipeline(seed=0)
@@ -249,8 +275,10 @@ def main() -> None:
     else:
         import diffwidget
 
-        pipe = diffwidget.load_demo_pipeline(path=args.weights)
-        weights = f"trained weights ({args.weights or 'load_demo_pipeline'})"
+        pipe = diffwidget.load_demo_pipeline(args.model, path=args.weights)
+        weights = f"trained weights ({args.weights or f'load_demo_pipeline({args.model!r})'})"
+    if args.guidance_scale is None:
+        args.guidance_scale = float(getattr(pipe, "recommended_guidance_scale", 3.0))
     timings["load pipeline"] = time.perf_counter() - start
     rss_loaded = _rss_mb()
 
@@ -335,8 +363,8 @@ def main() -> None:
 
     threshold = THRESHOLDS[-1]
     caption = (
-        f"Embedded model, {weights}; {args.n_prompts} one-object captions, {args.steps} "
-        f"DPM-Solver++ steps, CFG {args.guidance_scale};\nblocks {', '.join(record.blocks)} "
+        f"Embedded {args.model}, {weights}; {args.n_prompts} one-object captions, {args.steps} "
+        f"{type(pipe.scheduler).__name__} steps, CFG {args.guidance_scale};\nblocks {', '.join(record.blocks)} "
         f"({args.pooling} pooling)"
     )
     auc_label = f"held-out ROC-AUC (band: mean ± sd over {args.cv} folds; 0.5 = chance)"
@@ -407,6 +435,14 @@ def main() -> None:
     for name, curves in named.items():
         if curves.kind == "probe_auc":
             out += [f"### Concept-AUC curves, {name}", "", *_curve_table(curves, steps), ""]
+            out += [
+                f"First step from which the AUC stays >= {DECIDED_AUC}: "
+                + ", ".join(
+                    f"{c} {first_step_staying_above(curves.curves[i], DECIDED_AUC)}"
+                    for i, c in enumerate(curves.concepts)
+                ),
+                "",
+            ]
     out += [
         "Drawn labels: classes with fewer than cv prompts left out: "
         + json.dumps(drawn.meta["dropped_classes"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,6 +118,11 @@ class InsertionDeletion:
     The paper scored each stage with FID between single images; FID needs Inception
     weights and is not a per-image measure, so we use SSIM or cosine in latent space.
     The paper's code also stepped the live scheduler for each probe; we replay statelessly.
+
+    The random orders do not depend on the map, so an evaluator keeps their curves for the
+    (pipeline, trace, step) it last saw at each step: judging several maps of one step
+    costs one set of random curves (``meta["random_reused"]`` says when they were reused).
+    Change the pipeline's weights in place and you need a new evaluator.
     """
 
     def __init__(
@@ -151,6 +157,24 @@ class InsertionDeletion:
         self.target = target
         self.batch_size = batch_size
         self.operator = operator
+        # step -> (weakref to pipe, weakref to trace, deletion curves, insertion curves)
+        self._random: dict[int, tuple[Any, Any, list[np.ndarray], list[np.ndarray]]] = {}
+
+    def _cached_random(
+        self, pipe: Any, trace: Trace, step: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+        entry = self._random.get(step)
+        if entry is None or entry[0]() is not pipe or entry[1]() is not trace:
+            return None
+        return entry[2], entry[3]
+
+    def _remember_random(
+        self, pipe: Any, trace: Trace, step: int, curves: tuple[list[np.ndarray], list[np.ndarray]]
+    ) -> None:
+        try:
+            self._random[step] = (weakref.ref(pipe), weakref.ref(trace), *curves)
+        except TypeError:  # an object without weak references: nothing is kept
+            pass
 
     def _baselines(
         self, replay: StepReplay, step: int, x: torch.Tensor
@@ -256,16 +280,20 @@ class InsertionDeletion:
         frac, sal_del, sal_ins = self._curves(replay, step, order, x, baselines, ref, batch)
         if progress is not None:
             progress(1, total)
+        cached = self._cached_random(pipe, trace, step)
+        rand_del, rand_ins = cached if cached is not None else ([], [])
         gen = torch.Generator().manual_seed(self.seed)
-        rand_del, rand_ins = [], []
         for k in range(self.n_random):
-            _, d, i = self._curves(
-                replay, step, torch.randperm(n, generator=gen), x, baselines, ref, batch
-            )
-            rand_del.append(d)
-            rand_ins.append(i)
+            if cached is None:
+                _, d, i = self._curves(
+                    replay, step, torch.randperm(n, generator=gen), x, baselines, ref, batch
+                )
+                rand_del.append(d)
+                rand_ins.append(i)
             if progress is not None:
                 progress(2 + k, total)
+        if cached is None:
+            self._remember_random(pipe, trace, step, (rand_del, rand_ins))
         mean_del = np.mean(rand_del, axis=0).astype(np.float32)
         mean_ins = np.mean(rand_ins, axis=0).astype(np.float32)
         kernel = effective_window(size, self.blur_kernel)
@@ -282,6 +310,7 @@ class InsertionDeletion:
             "seed": self.seed,
             "random_deletion_auc_sd": float(np.std([trapezoid_auc(frac, d) for d in rand_del])),
             "random_insertion_auc_sd": float(np.std([trapezoid_auc(frac, i) for i in rand_ins])),
+            "random_reused": cached is not None,
         }
         if kernel != self.blur_kernel:
             meta["blur_note"] = (

@@ -42,6 +42,8 @@ _LOADED: dict[tuple[str, str], Any] = {}
 def vae_fingerprint(vae: Any) -> str:
     """A short hash of a VAE's decoder weights and latent scaling (cached per module).
 
+    Weights and the scaling and shift factors enter rounded to three decimals.
+
     Parameters
     ----------
     vae : AutoencoderKL or compatible
@@ -59,8 +61,12 @@ def vae_fingerprint(vae: Any) -> str:
 
     digest = hashlib.sha256()
     config = getattr(vae, "config", {})
-    for key in ("latent_channels", "scaling_factor", "shift_factor"):
-        digest.update(f"{key}={config.get(key)!r};".encode())
+    # Rounded like the weights (a re-estimated scaling factor that moves in the fourth
+    # digit decodes the same); a missing shift is no shift.
+    scaling = round(float(config.get("scaling_factor") or 1.0), 3)
+    shift = round(float(config.get("shift_factor") or 0.0), 3)
+    digest.update(f"latent_channels={config.get('latent_channels')!r};".encode())
+    digest.update(f"scaling_factor={scaling!r};shift_factor={shift!r};".encode())
     decoder = getattr(vae, "decoder", vae)
     with torch.no_grad():
         for name, tensor in sorted(decoder.state_dict().items()):

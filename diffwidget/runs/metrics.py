@@ -49,7 +49,7 @@ _METHOD_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "df_rise": lambda settings: {"n_masks": settings.rise_masks, "progress_bar": False},
 }
 #: Saliency meta entries that vary between runs of the same work (kept under "timing").
-_TIMING_META = ("seconds", "device")
+_TIMING_META = ("seconds", "first_batch_seconds", "device")
 
 
 def default_steps(n_inference_steps: int) -> list[int]:

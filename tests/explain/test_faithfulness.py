@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from explain_toys import GRID, region_mask
+from explain_toys import GRID, make_toy_trace, region_mask
 
 from diffwidget.explain.faithfulness import (
     InsertionDeletion,
@@ -35,6 +35,31 @@ def test_perfect_ordering_beats_random(toy_pipe: Any, toy_trace: Trace) -> None:
     # The inverted ordering is worse than random for deletion.
     worst = InsertionDeletion(n_random=2).evaluate(toy_pipe, toy_trace, 0, -perfect)
     assert worst.saliency.deletion_auc > worst.random.deletion_auc
+
+
+def test_random_curves_are_shared_between_maps_of_one_step(
+    toy_pipe: Any, toy_trace: Trace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    perfect = region_mask().numpy()
+    shared = InsertionDeletion(n_random=2)
+    first = shared.evaluate(toy_pipe, toy_trace, 0, perfect)
+    calls = []
+    original = InsertionDeletion._curves
+    monkeypatch.setattr(
+        InsertionDeletion, "_curves", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    second = shared.evaluate(toy_pipe, toy_trace, 0, -perfect)
+    assert len(calls) == 1  # the map's own curves only
+    assert second.meta["random_reused"] and not first.meta["random_reused"]
+    fresh = InsertionDeletion(n_random=2).evaluate(toy_pipe, toy_trace, 0, -perfect)
+    np.testing.assert_array_equal(second.random.deletion, fresh.random.deletion)
+    np.testing.assert_array_equal(second.random.insertion, fresh.random.insertion)
+    np.testing.assert_array_equal(second.saliency.deletion, fresh.saliency.deletion)
+    # Another trace of the same pipeline gets its own random curves.
+    other = make_toy_trace(toy_pipe)
+    calls.clear()
+    assert not shared.evaluate(toy_pipe, other, 0, perfect).meta["random_reused"]
+    assert len(calls) == 3
 
 
 def test_stage_plan_scales_the_papers_protocol() -> None:
