@@ -364,7 +364,8 @@ def main() -> None:
     threshold = THRESHOLDS[-1]
     caption = (
         f"Embedded {args.model}, {weights}; {args.n_prompts} one-object captions, {args.steps} "
-        f"{type(pipe.scheduler).__name__} steps, CFG {args.guidance_scale};\nblocks {', '.join(record.blocks)} "
+        f"{type(pipe.scheduler).__name__} steps, CFG {args.guidance_scale};\n"
+        f"blocks {', '.join(record.blocks)} "
         f"({args.pooling} pooling)"
     )
     auc_label = f"held-out ROC-AUC (band: mean ± sd over {args.cv} folds; 0.5 = chance)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Sequence
@@ -171,10 +172,9 @@ class InsertionDeletion:
     def _remember_random(
         self, pipe: Any, trace: Trace, step: int, curves: tuple[list[np.ndarray], list[np.ndarray]]
     ) -> None:
-        try:
+        # An object without weak references: nothing is kept.
+        with contextlib.suppress(TypeError):
             self._random[step] = (weakref.ref(pipe), weakref.ref(trace), *curves)
-        except TypeError:  # an object without weak references: nothing is kept
-            pass
 
     def _baselines(
         self, replay: StepReplay, step: int, x: torch.Tensor

@@ -59,7 +59,7 @@ class SceneTruth:
     Attributes
     ----------
     colour, shape, size, position : str
-        The attribute words.
+        The attribute words (``size`` is None when the caption leaves it out).
     words : dict of str to int
         Attribute -> index into ``prompt.split()`` of the word naming it
         (``"colour"``, ``"shape"``, ``"size"``).
@@ -67,7 +67,7 @@ class SceneTruth:
 
     colour: str
     shape: str
-    size: str
+    size: str | None
     position: str
     words: dict[str, int]
 
@@ -164,32 +164,40 @@ def scene_ground_truth(prompt: str) -> tuple[tuple[SceneTruth, ...], dict[str, l
     >>> [o.colour for o in objects], roles["relation"]
     (['red', 'blue'], [4, 5])
     """
-    from diffwidget.models.scenes import caption_for, parse_caption
+    from diffwidget.models.scenes import CENTRE_PHRASES, caption_for, parse_caption
 
     try:
         specs = parse_caption(prompt)
     except ValueError:
         return (), {}
-    caption, word_sets = caption_for(specs)
-    if caption.split() != prompt.lower().split():
+    for phrase in CENTRE_PHRASES:  # "in the centre" or "in the middle"
+        caption, word_sets = caption_for(specs, centre_phrase=phrase)
+        if caption.split() == prompt.lower().split():
+            break
+    else:
         return (), {}
     objects = tuple(
-        SceneTruth(
-            s.colour, s.shape, s.size, s.position, {"size": w[0], "colour": w[1], "shape": w[2]}
-        )
+        SceneTruth(s.colour, s.shape, s.size, s.position, _word_indices(s, w))
         for s, w in zip(specs, word_sets, strict=True)
     )
     n_words = len(caption.split())
-    subject = list(word_sets[0][:3])
+    subject = sorted(objects[0].words.values())
+    after_subject = subject[-1] + 1
     if len(specs) == 1:
-        return objects, {"subject": subject, "relation": list(range(4, n_words))}
+        return objects, {"subject": subject, "relation": list(range(after_subject, n_words))}
     second = list(word_sets[1])
     # The relation words sit between the subject and the second object's article.
     return objects, {
         "subject": subject,
-        "relation": list(range(4, second[0] - 1)),
+        "relation": list(range(after_subject, second[0] - 1)),
         "object": second,
     }
+
+
+def _word_indices(spec: Any, indices: tuple[int, ...]) -> dict[str, int]:
+    """Attribute -> word index for one object; a caption without a size word has none."""
+    named = [a for a in ("size", "colour", "shape") if getattr(spec, a) is not None]
+    return dict(zip(named, indices, strict=False))
 
 
 def _scene_labels(objects: tuple[SceneTruth, ...]) -> dict[str, str]:
@@ -197,7 +205,8 @@ def _scene_labels(objects: tuple[SceneTruth, ...]) -> dict[str, str]:
     if len(objects) != 1:
         return {}
     o = objects[0]
-    return {"colour": o.colour, "shape": o.shape, "size": o.size, "position": o.position}
+    labels = {"colour": o.colour, "shape": o.shape, "size": o.size, "position": o.position}
+    return {k: v for k, v in labels.items() if v is not None}
 
 
 def _item(

@@ -50,7 +50,8 @@ def test_random_curves_are_shared_between_maps_of_one_step(
     )
     second = shared.evaluate(toy_pipe, toy_trace, 0, -perfect)
     assert len(calls) == 1  # the map's own curves only
-    assert second.meta["random_reused"] and not first.meta["random_reused"]
+    assert second.meta["random_reused"]
+    assert not first.meta["random_reused"]
     fresh = InsertionDeletion(n_random=2).evaluate(toy_pipe, toy_trace, 0, -perfect)
     np.testing.assert_array_equal(second.random.deletion, fresh.random.deletion)
     np.testing.assert_array_equal(second.random.insertion, fresh.random.insertion)

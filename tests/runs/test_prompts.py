@@ -88,6 +88,22 @@ def test_scene_ground_truth_by_hand():
     assert scene_ground_truth("a photo of a dog") == ((), {})
 
 
+def test_scene_ground_truth_of_captions_without_size_words():
+    objects, roles = scene_ground_truth("a red circle left of a blue square")
+    words = ["a", "red", "circle", "left", "of", "a", "blue", "square"]
+    assert [words[o.words["colour"]] for o in objects] == ["red", "blue"]
+    assert [words[o.words["shape"]] for o in objects] == ["circle", "square"]
+    assert [o.size for o in objects] == [None, None]
+    assert all("size" not in o.words for o in objects)
+    assert roles == {"subject": [1, 2], "relation": [3, 4], "object": [6, 7]}
+    for centre in ("in the centre", "in the middle"):
+        objects, roles = scene_ground_truth(f"a green triangle {centre}")
+        assert (objects[0].position, roles) == (
+            "centre",
+            {"subject": [1, 2], "relation": [3, 4, 5]},
+        )
+
+
 def test_seeds_derive_from_ids_not_from_order():
     a, b = PromptItem("x1", "p"), PromptItem("x2", "p")
     assert a.generator_seed(0) != b.generator_seed(0)
