@@ -621,7 +621,10 @@ def _add_run_parser(sub: Any) -> None:
     )
     p_run.add_argument("--guidance", type=float, default=None, help="CFG scale above 1")
     p_run.add_argument(
-        "--model", default=None, metavar="DIR", help="local diffusers pipeline folder"
+        "--model",
+        default=None,
+        metavar="unet|dit|DIR",
+        help="embedded model (unet, the default, or dit) or a local diffusers pipeline folder",
     )
     p_run.add_argument(
         "--rise-masks", type=int, default=500, help="DF-RISE masks (default: %(default)s)"

@@ -95,7 +95,8 @@ class RunSettings:
     guidance : float, optional
         CFG scale; default the pipeline's recommended one.
     model : str, optional
-        Local diffusers pipeline folder; ``None`` is the embedded model.
+        ``"unet"`` or ``"dit"`` (an embedded model) or a local diffusers pipeline folder;
+        ``None`` is the embedded UNet.
     rise_masks : int
         DF-RISE masks per map.
     n_random : int

@@ -110,10 +110,17 @@ def _check_settings(settings: RunSettings) -> RunSettings:
         raise ValueError(
             f"guidance must be above 1 (classifier-free guidance), got {settings.guidance}"
         )
-    if settings.model is not None and not (Path(settings.model) / "model_index.json").is_file():
+    from diffwidget.models.loader import DEMO_MODELS
+
+    if (
+        settings.model is not None
+        and settings.model not in DEMO_MODELS
+        and not (Path(settings.model) / "model_index.json").is_file()
+    ):
         raise ValueError(
             f"model {settings.model} is not a diffusers pipeline folder (no model_index.json); "
-            "save one with pipe.save_pretrained(folder), or leave model unset for the embedded one"
+            "save one with pipe.save_pretrained(folder), or name an embedded model "
+            f"({' or '.join(DEMO_MODELS)}; unset: unet)"
         )
     return settings
 
@@ -134,10 +141,10 @@ def _check_aggregation_packages() -> None:
 
 
 def _load_pipeline(settings: RunSettings, device: str) -> Any:
-    if settings.model is None:
-        from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.models.loader import DEMO_MODELS, load_demo_pipeline
 
-        return load_demo_pipeline(device=device)
+    if settings.model is None or settings.model in DEMO_MODELS:
+        return load_demo_pipeline(settings.model or "unet", device=device)  # type: ignore[arg-type]
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(settings.model, local_files_only=True)
@@ -217,7 +224,8 @@ def run(
     guidance : float, optional
         CFG scale (default: the pipeline's recommended scale, 3 on the embedded model).
     model : str, optional
-        Local diffusers pipeline folder; default the embedded model.
+        ``"unet"`` (the default) or ``"dit"`` for an embedded model, or a local diffusers
+        pipeline folder.
     pipe : diffusers pipeline, optional
         Use this pipeline object instead of loading one (single-process use).
     rise_masks, n_random : int

@@ -211,6 +211,24 @@ def test_bad_input_is_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model", ["unet", "dit"])
+def test_embedded_models_are_named_like_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+):
+    import diffwidget.models.loader as loader
+
+    loaded = []
+
+    def fake_load(name: str, device: str = "cpu") -> Any:
+        loaded.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loader, "load_demo_pipeline", fake_load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner.run("scene:1", tmp_path / "out", model=model)
+    assert loaded == [model]
+
+
 def test_a_folder_with_another_run_is_refused(reference_run: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(runner, "_load_pipeline", lambda *_: pytest.fail("work started"))
     with pytest.raises(RunSetupError, match="n_random: 1 there, 2 now"):
