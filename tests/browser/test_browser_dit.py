@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.browser.helpers import run_all_cells, wait_for_json, write_notebook
+from bench.browserlib import run_all_cells, write_notebook
+from tests.browser.helpers import wait_for_json
 from tests.browser.test_browser_explorer import canvas_pixels
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
