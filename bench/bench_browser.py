@@ -41,18 +41,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from resultslib import write_section  # noqa: E402
-
-from diffwidget.widget import schema  # noqa: E402
-from diffwidget.widget.codecs import payload_nbytes  # noqa: E402
-from diffwidget.widget.explorer import Explorer  # noqa: E402
-from tests.browser.helpers import (  # noqa: E402
+from browserlib import (  # noqa: E402
     CHROMIUM_ARGS,
     run_all_cells,
     run_code,
     serve,
     write_notebook,
 )
+from resultslib import write_section  # noqa: E402
+
+from diffwidget.widget import schema  # noqa: E402
+from diffwidget.widget.codecs import payload_nbytes  # noqa: E402
+from diffwidget.widget.explorer import Explorer  # noqa: E402
 
 #: Full forward+back sweeps over all steps per frame-rate measurement.
 SWEEPS = 3
@@ -101,9 +101,9 @@ REDRAW_JS = """(events) => {
 def make_trace(kind: str) -> tuple[Any, Any, str]:
     """Return (trace, pipe, description)."""
     if kind == "synthetic":
-        from tests.widget.synthetic import make_trace as synthetic
+        from diffwidget.tracing.synthetic import synthetic_trace
 
-        return synthetic(n_steps=STEPS), None, "synthetic NumPy trace, 64×64 previews"
+        return synthetic_trace(n_steps=STEPS), None, "synthetic NumPy trace, 64×64 previews"
     if kind.endswith(".safetensors"):
         from diffwidget.tracing.trace import Trace
 

@@ -129,7 +129,7 @@ def chromium() -> Iterator[Any]:
     instance in a thread whose first one is still open.
     """
     playwright_api = pytest.importorskip("playwright.sync_api")
-    from tests.browser.helpers import CHROMIUM_ARGS
+    from bench.browserlib import CHROMIUM_ARGS
 
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.browser.helpers import CHROMIUM_ARGS, run_all_cells, serve, write_notebook  # noqa: E402
+from bench.browserlib import CHROMIUM_ARGS, run_all_cells, serve, write_notebook  # noqa: E402
 
 STEPS = 20
 SHOWN_STEP = 12

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser.helpers import ConsoleLog, JupyterServer, serve
+from bench.browserlib import JupyterServer, serve
+from tests.browser.helpers import ConsoleLog
 
 #: Playwright timeouts (ms): the 2-core CI box is slow to start a kernel.
 PAGE_TIMEOUT_MS = 90_000

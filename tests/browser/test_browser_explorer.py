@@ -9,14 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.browser.helpers import (
-    JupyterServer,
-    run_all_cells,
-    run_code,
-    wait_for_json,
-    write_notebook,
-)
-from tests.widget.synthetic import make_trace
+from bench.browserlib import JupyterServer, run_all_cells, run_code, write_notebook
+from diffwidget.tracing.synthetic import synthetic_trace
+from tests.browser.helpers import wait_for_json
 
 pytestmark = pytest.mark.browser
 
@@ -118,7 +113,7 @@ def open_explorer(
     """
     trace_path = server.root / "trace.safetensors"
     if not trace_path.exists():
-        make_trace().save(trace_path)
+        synthetic_trace().save(trace_path)
     setup = f"NAME = {name!r}\n" + prelude + "\n" + SETUP
     write_notebook(server.root / f"{name}.ipynb", [setup, "explorer"])
     path = f"lab/tree/{name}.ipynb" if app == "lab" else f"notebooks/{name}.ipynb"

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.browserlib import run_all_cells, write_notebook
 from diffwidget.explain.results import SaliencyMap
+from diffwidget.tracing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
-from tests.browser.helpers import run_all_cells, wait_for_json, write_notebook
+from tests.browser.helpers import wait_for_json
 from tests.browser.test_browser_explorer import SETUP, canvas_pixels
-from tests.widget.synthetic import make_trace
 
 pytestmark = pytest.mark.browser
 
@@ -26,7 +27,7 @@ CURSOR_X = f"""() => {{
 
 def test_exported_html_works_offline_from_file(page, tmp_path):
     browser_page, console = page
-    explorer = Explorer(make_trace())
+    explorer = Explorer(synthetic_trace())
     value = np.zeros((16, 16), dtype=np.float32)
     value[4:12, 2:8] = 1.0
     explorer.add_overlay(
@@ -62,7 +63,7 @@ def test_exported_html_works_offline_from_file(page, tmp_path):
 
 def test_bqplot_cursor_follows_the_slider(jupyter_server, page):
     browser_page, console = page
-    jupyter_server.root.joinpath("trace.safetensors").exists() or make_trace().save(
+    jupyter_server.root.joinpath("trace.safetensors").exists() or synthetic_trace().save(
         jupyter_server.root / "trace.safetensors"
     )
     cells = [
@@ -87,7 +88,7 @@ def test_bqplot_cursor_follows_the_slider(jupyter_server, page):
 def test_linked_explorers_move_together_in_the_browser(jupyter_server, page):
     browser_page, console = page
     if not (jupyter_server.root / "trace.safetensors").exists():
-        make_trace().save(jupyter_server.root / "trace.safetensors")
+        synthetic_trace().save(jupyter_server.root / "trace.safetensors")
     cells = [
         "from diffwidget.tracing.trace import Trace\n"
         "from diffwidget.widget import Explorer, link_explorers\n"

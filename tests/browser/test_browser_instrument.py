@@ -8,12 +8,12 @@ import textwrap
 import numpy as np
 import pytest
 
+from bench.browserlib import run_code
 from diffwidget.explain.results import SaliencyMap
+from diffwidget.tracing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
-from tests.browser.helpers import run_code
 from tests.browser.helpers import wait_for_json as _wait_for_json
 from tests.browser.test_browser_explorer import canvas_pixels, open_explorer
-from tests.widget.synthetic import make_trace
 
 pytestmark = pytest.mark.browser
 
@@ -228,7 +228,7 @@ HOSTILE = "a red circle <!--<script> </script><script>window.pwned = 1</script> 
 
 def test_export_with_a_hostile_prompt_renders_it_as_text(page, tmp_path):
     browser_page, console = page
-    explorer = Explorer(make_trace(prompt=HOSTILE))
+    explorer = Explorer(synthetic_trace(prompt=HOSTILE))
     value = np.eye(16, dtype=np.float32)
     explorer.add_overlay("df_rise", 0, SaliencyMap("df_rise", 0, 999, value, value))
     path = explorer.to_html(tmp_path / "hostile.html")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.widget.synthetic import make_trace
+from diffwidget.tracing import synthetic
 
 
 @pytest.fixture
 def synthetic_trace():
     """A 20-step synthetic trace with previews and three attention layers."""
-    return make_trace()
+    return synthetic.synthetic_trace()

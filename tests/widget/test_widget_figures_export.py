@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from diffwidget.explain.results import SaliencyMap
+from diffwidget.tracing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
 from diffwidget.widget.export import standalone_state
 from diffwidget.widget.figures import link_explorers
-from tests.widget.synthetic import make_trace
 
 
 @pytest.fixture
@@ -53,7 +53,11 @@ def test_figure_for_missing_group_says_how_to_add_it(explorer):
 
 
 def test_link_explorers_same_and_different_lengths():
-    a, b, c = Explorer(make_trace()), Explorer(make_trace(seed=1)), Explorer(make_trace(n_steps=10))
+    a, b, c = (
+        Explorer(synthetic_trace()),
+        Explorer(synthetic_trace(seed=1)),
+        Explorer(synthetic_trace(n_steps=10)),
+    )
     link = link_explorers(a, b, c)
     a.step = 19
     assert (b.step, c.step) == (19, 9)
@@ -117,7 +121,7 @@ HOSTILE_PROMPTS = [
 
 @pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
 def test_export_escapes_script_breaking_text(tmp_path, prompt):
-    explorer = Explorer(make_trace(prompt=prompt))
+    explorer = Explorer(synthetic_trace(prompt=prompt))
     try:
         text = explorer.to_html(tmp_path / "hostile").read_text(encoding="utf-8")
     finally:

@@ -10,10 +10,10 @@ import pytest
 
 from diffwidget.explain.attention import AttentionMaps
 from diffwidget.explain.results import SaliencyMap
+from diffwidget.tracing.synthetic import LAYER_GRIDS, synthetic_trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.codecs import decode_array, payload_nbytes
 from diffwidget.widget.explorer import Explorer
-from tests.widget.synthetic import LAYER_GRIDS, make_trace
 
 FULL = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"  # 16x16: same as the latent
 N_HEADS = 3
@@ -31,7 +31,7 @@ def with_heads(trace):
 
 @pytest.fixture
 def explorer():
-    made = Explorer(with_heads(make_trace()))
+    made = Explorer(with_heads(synthetic_trace()))
     yield made
     made.close()
 
@@ -96,7 +96,7 @@ def test_head_filter_uses_that_heads_probabilities(explorer):
 
 
 def test_head_filter_needs_per_head_maps():
-    plain = Explorer(make_trace())
+    plain = Explorer(synthetic_trace())
     try:
         assert plain.widget.layer_options["heads"] == 0
         plain.widget.set_state({"attention_head": 0})
@@ -157,7 +157,7 @@ def test_saliency_grid_and_layer_filter_from_computed_maps(explorer):
 
 def test_grid_payload_of_a_sd_sized_trace_stays_small():
     # 16 attn2 layers, 64x64 latent, 9 tokens, 20 steps: cells are shrunk to 16x16.
-    trace = make_trace(latent=64, image=64)
+    trace = synthetic_trace(latent=64, image=64)
     grids = {f"l{k}.attn2": (64, 64) if k < 6 else (32, 32) for k in range(16)}
     rng = np.random.default_rng(0)
     trace = dataclasses.replace(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffwidget.tracing.synthetic import synthetic_trace
 from diffwidget.widget.previews import fit_linear_decoder, noisy_previews, shrink_images
-from tests.widget.synthetic import make_trace
 
 
 def test_shrink_averages_blocks_only_when_too_large():
@@ -19,7 +19,7 @@ def test_shrink_averages_blocks_only_when_too_large():
 
 
 def test_linear_decoder_recovers_a_linear_colour_map():
-    trace = make_trace(n_steps=4, latent=8, image=8)
+    trace = synthetic_trace(n_steps=4, latent=8, image=8)
     true = np.array([[0.1, 0.0, 0.05], [0.0, 0.1, 0.0], [0.05, 0.05, 0.1], [0.0, 0.0, 0.05]])
     bias = np.array([0.5, 0.45, 0.55])
     rgb = np.einsum("nchw,ck->nhwk", trace.pred_x0, true) + bias
@@ -36,7 +36,7 @@ def test_linear_decoder_recovers_a_linear_colour_map():
 
 
 def test_noisy_previews_without_decoded_previews_fall_back_to_channels():
-    trace = make_trace(n_steps=3)
+    trace = synthetic_trace(n_steps=3)
     trace.previews = None
     images, text = noisy_previews(trace)
     assert images.shape == (3, 64, 64, 3)

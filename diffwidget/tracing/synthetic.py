@@ -1,6 +1,9 @@
 """A synthetic trace built with NumPy only: a red disc on the left that sharpens over steps.
 
-Used until (and beside) the traced tiny pipeline, so the widget is tested without torch.
+It has everything the explorer shows (previews, attention of three layers on different grids,
+one of them non-square, curves' timesteps) and needs no model and no torch, so the widget,
+its export and its real-browser behaviour can be shown, tested and benchmarked on any machine.
+Its numbers mean nothing; :mod:`diffwidget.tracing.tiny` builds real (random-weight) pipelines.
 """
 
 from __future__ import annotations
@@ -27,10 +30,38 @@ def _disc(size: tuple[int, int], centre: tuple[float, float], radius: float) -> 
     )
 
 
-def make_trace(
+def synthetic_trace(
     n_steps: int = 20, latent: int = 16, image: int = 64, seed: int = 0, prompt: str | None = None
 ) -> Trace:
-    """Return a deterministic synthetic :class:`Trace` with previews and attention."""
+    """A deterministic synthetic :class:`Trace` with previews and attention, without torch.
+
+    Parameters
+    ----------
+    n_steps : int
+        Denoising steps (timesteps spread evenly from 999 to 1).
+    latent : int
+        Side of the 4-channel latent grid.
+    image : int
+        Side of the RGB previews and the final image.
+    seed : int
+        Seed of the noise, the attention logits and the text embeddings.
+    prompt : str, optional
+        The prompt stored in the trace (default ``"a red circle left"``, matching its tokens).
+
+    Returns
+    -------
+    Trace
+        A red disc on the left that sharpens over the steps; the "red" and "circle" tokens
+        attend to it, "left" to the background.
+
+    Examples
+    --------
+    >>> trace = synthetic_trace(n_steps=5)
+    >>> trace.n_steps, trace.latent_shape, trace.previews.shape
+    (5, (16, 16), (5, 64, 64, 3))
+    >>> trace.tokens[1:5]
+    ['a', 'red', 'circle', 'left']
+    """
     rng = np.random.default_rng(seed)
     channels = 4
     target = np.stack([_disc((latent, latent), (0.5, 0.3), 0.2)] * channels) * 2.0 - 1.0
