@@ -184,7 +184,8 @@ def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> dict[str, Any]:
         "maps": encode_array(q, scale=scale),
         "per_token": True,
         "description": (
-            f"Cross-attention of the selected token per attn2 layer (rows) and step (columns), "
+            f"Attention of the image to the selected token per captured layer (rows) and step "
+            f"(columns), "
             f"conditional CFG half, {head_text}; each cell resampled to {cell[0]}×{cell[1]} and "
             "divided by its own maximum"
         ),

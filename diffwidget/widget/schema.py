@@ -67,7 +67,7 @@ CURVE_PALETTE: tuple[str, ...] = (
 )  # fmt: skip
 #: Title and y-axis unit of each curve group (in-widget panels and bqplot figures).
 CURVE_GROUP_TITLES: dict[str, str] = {
-    "attention_mass": "Cross-attention mass per token",
+    "attention_mass": "Attention mass per token (image → text)",
     "token_relevance": "Token relevance per step (min–max over words)",
     "concept_auc": "Concept ROC-AUC per step",
     "faithfulness": "Faithfulness (insertion / deletion AUC)",

@@ -32,7 +32,7 @@ export const COLORMAP_NAME = "inferno";
 export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];
 export const MEAN_OVER_HEADS = -1;
 export const CURVE_PALETTE: readonly string[] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
-export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Cross-attention mass per token", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", faithfulness: "Faithfulness (insertion / deletion AUC)" };
+export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Attention mass per token (image → text)", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", faithfulness: "Faithfulness (insertion / deletion AUC)" };
 export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", faithfulness: "AUC" };
 
 /** An n-d array sent as one binary buffer; `scale` dequantises uint8 data. */
