@@ -57,15 +57,21 @@ LAYOUT = f"""(root) => {{
     const parts = '.dw-scale, .dw-prompt, .dw-controls, .dw-tokens, .dw-curves, .dw-panel, '
         + '.dw-scale-meaning, .dw-caption, .dw-faith, .dw-grid, .dw-slider, .dw-status, '
         + 'button, select, input, label';
-    for (const el of root.querySelectorAll(parts)) {{
+    const blocks = [...root.children].filter(shown);
+    const inside = (a, b) => a.left >= b.left - eps && a.right <= b.right + eps
+        && a.top >= b.top - eps && a.bottom <= b.bottom + eps;
+    for (const el of [canvas, ...root.querySelectorAll(parts)]) {{
         if (!shown(el)) continue;
         const b = rect(el);
-        if (overlap(b, c)) problems.push(`${{name(el)}} overlaps the image`);
+        if (el !== canvas && overlap(b, c)) problems.push(`${{name(el)}} overlaps the image`);
+        const block = blocks.find((k) => k.contains(el));
+        if (block && !inside(b, rect(block))) {{
+            problems.push(`${{name(el)}} sticks out of ${{name(block)}}`);
+        }}
         if (b.left < r.left - eps || b.right > r.right + eps) {{
             problems.push(`${{name(el)}} spans ${{b.left}}..${{b.right}} (root ${{r.width}} wide)`);
         }}
     }}
-    const blocks = [...root.children].filter(shown);
     for (let i = 0; i < blocks.length; i++) for (let j = i + 1; j < blocks.length; j++) {{
         if (overlap(rect(blocks[i]), rect(blocks[j]))) {{
             problems.push(`${{name(blocks[i])}} overlaps ${{name(blocks[j])}}`);
