@@ -55,7 +55,7 @@ export function mount(model: Model, el: HTMLElement): Cleanup {
   prompt.setAttribute("aria-label", "prompt");
   right.appendChild(prompt);
   left.appendChild(view);
-  root.append(left, right, bottom);
+  root.append(left, right);
   el.append(style, root);
   for (const key of ["previews", "noisy_previews", "attention"] as const) {
     const problem = checkPayload(model.get(key));
@@ -66,14 +66,14 @@ export function mount(model: Model, el: HTMLElement): Cleanup {
     imageView(model, view),
     scaleView(model, view, left),
     captionView(model, left),
-    faithfulnessView(model, left),
     controlsView(model, right, () => root.querySelector(".dw-canvas")),
     tokensView(model, right),
     curvesView(model, right),
-    sliderView(model, root, root),
-    statusView(model, root),
-    gridView(model, bottom),
+    // A panel of its own: under the image beside the controls, after the curves when stacked.
+    faithfulnessView(model, root),
   ];
+  root.appendChild(bottom);
+  cleanups.push(sliderView(model, root, root), statusView(model, root), gridView(model, bottom));
   return () => {
     for (const cleanup of cleanups.reverse()) cleanup();
     root.remove();

@@ -1,15 +1,24 @@
 /** Styles scoped under .dw-root; uses JupyterLab theme variables with fallbacks. */
 export const STYLES = `
+/* Panels wrap instead of overlapping: the image column (454px at most, the image shrinks
+   with its aspect ratio kept) and the controls (260px at least) share a row when both fit;
+   below that the controls go under the image. Then the faithfulness panel (454px at most)
+   and the full-width rows: grid, slider, status, error. */
 .dw-root { font: 13px/1.4 var(--jp-ui-font-family, system-ui, sans-serif);
-  color: var(--jp-ui-font-color1, #222); display: grid; gap: 8px;
-  grid-template-columns: auto minmax(260px, 1fr); align-items: start; outline: none; max-width: 980px; }
+  color: var(--jp-ui-font-color1, #222); display: flex; flex-wrap: wrap; gap: 8px;
+  align-items: flex-start; outline: none; max-width: 980px; min-width: 0; }
 .dw-root:focus-visible { box-shadow: 0 0 0 2px var(--jp-brand-color1, #1976d2); }
 .dw-left, .dw-right { display: flex; flex-direction: column; gap: 6px; min-width: 0; }
-.dw-bottom { grid-column: 1 / -1; min-width: 0; }
-.dw-view { display: flex; gap: 6px; align-items: stretch; }
+.dw-left { flex: 0 1 454px; max-width: 100%; }
+.dw-right { flex: 1 1 260px; }
+.dw-bottom, .dw-slider, .dw-status, .dw-error { flex: 1 1 100%; min-width: 0; }
+.dw-view { display: flex; gap: 6px; align-items: stretch; min-width: 0; }
 .dw-prompt { font-weight: 600; }
-.dw-canvas { width: 384px; height: 384px; border-radius: 4px; background: #111; image-rendering: auto; }
-.dw-scale { margin: 0; display: grid; grid-template-rows: auto 1fr auto; width: 64px; height: 384px;
+/* A percentage width lets the canvas shrink (its min-content width is then 0). */
+.dw-canvas { flex: 0 1 auto; width: 100%; max-width: 384px; min-width: 0; height: auto;
+  aspect-ratio: 1 / 1; align-self: flex-start; border-radius: 4px; background: #111;
+  image-rendering: auto; }
+.dw-scale { margin: 0; display: grid; grid-template-rows: auto 1fr auto; flex: none; width: 64px;
   font-size: 11px; font-variant-numeric: tabular-nums; color: var(--jp-ui-font-color2, #555); }
 .dw-scale[hidden] { display: none; }
 .dw-scale-bar { width: 14px; border-radius: 2px; border: 1px solid #888;
@@ -17,8 +26,8 @@ export const STYLES = `
 .dw-scale-meaning { margin: 0; max-width: 454px; font-size: 11px; color: var(--jp-ui-font-color2, #555); }
 .dw-scale-meaning[hidden] { display: none; }
 .dw-caption { margin: 0; max-width: 454px; font-size: 12px; color: var(--jp-ui-font-color2, #555); }
-.dw-slider { grid-column: 1 / -1; display: flex; gap: 8px; align-items: center; }
-.dw-track { flex: 1; position: relative; }
+.dw-slider { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
+.dw-track { flex: 1 1 120px; position: relative; }
 .dw-range { width: 100%; margin: 0; }
 .dw-marks { position: relative; height: 4px; }
 .dw-mark { position: absolute; top: 0; width: 4px; height: 4px; margin-left: -2px;
@@ -26,10 +35,11 @@ export const STYLES = `
 .dw-step-label { font-variant-numeric: tabular-nums; min-width: 150px; }
 .dw-controls, .dw-tokens { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
 .dw-controls select[hidden], .dw-controls button[hidden] { display: none; }
-.dw-layer { max-width: 220px; }
+.dw-controls select, .dw-controls label { max-width: 100%; }
+.dw-layer { max-width: min(220px, 100%); }
 .dw-grid-toggle.dw-active { background: var(--jp-brand-color1, #1976d2); color: #fff; }
 .dw-chip { border: 1px solid #bbb; border-radius: 12px; padding: 1px 8px; background: transparent;
-  color: inherit; cursor: pointer; }
+  color: inherit; cursor: pointer; max-width: 100%; overflow-wrap: anywhere; }
 .dw-chip.dw-active { background: #f57d15; border-color: #f57d15; color: #fff; }
 .dw-chip-start, .dw-chip-end, .dw-chip-pad { font-style: italic; opacity: 0.7; }
 .dw-tokens-dimmed .dw-chip { opacity: 0.45; }
@@ -53,10 +63,10 @@ export const STYLES = `
 .dw-hover-line { stroke: #999; stroke-dasharray: 2 2; vector-effect: non-scaling-stroke; }
 .dw-hover { min-height: 16px; font-size: 11px; font-variant-numeric: tabular-nums;
   color: var(--jp-ui-font-color2, #555); }
-.dw-status { grid-column: 1 / -1; display: flex; gap: 8px; align-items: center; min-height: 20px; }
-.dw-error { grid-column: 1 / -1; color: #b00020; }
-.dw-faith { margin: 0; max-width: 454px; border-top: 1px solid var(--jp-border-color2, #ddd);
-  padding-top: 4px; font-size: 12px; }
+.dw-status { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; min-height: 20px; }
+.dw-error { color: #b00020; overflow-wrap: anywhere; }
+.dw-faith { margin: 0; flex: 0 1 454px; max-width: 100%; min-width: 0;
+  border-top: 1px solid var(--jp-border-color2, #ddd); padding-top: 4px; font-size: 12px; }
 .dw-faith[hidden] { display: none; }
 .dw-faith-head { display: flex; gap: 8px; align-items: center; }
 .dw-faith-title { font-weight: 600; }
@@ -71,7 +81,8 @@ export const STYLES = `
 .dw-grid { margin: 4px 0 0; }
 .dw-grid[hidden] { display: none; }
 .dw-grid-caption { font-size: 12px; color: var(--jp-ui-font-color2, #555); margin-bottom: 4px; }
-.dw-grid-body { display: flex; gap: 6px; overflow-x: auto; }
+/* Size containment: the grid scrolls inside the explorer's width instead of widening it. */
+.dw-grid-body { display: flex; gap: 6px; overflow-x: auto; contain: inline-size; }
 .dw-grid-rows { display: flex; flex-direction: column; font-size: 10px; text-align: right; }
 .dw-grid-label { display: flex; align-items: center; justify-content: flex-end; white-space: nowrap; }
 .dw-grid-plot { position: relative; padding-bottom: 14px; }
