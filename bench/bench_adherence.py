@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -47,6 +48,11 @@ def time_once(pipe: Any, steps: int, guidance: float) -> float:
     return time.perf_counter() - start
 
 
+#: Process CPU seconds of the runs of the last :func:`time_interleaved` call, per pipeline
+#: (less sensitive than wall time to other jobs on a shared machine).
+CPU_SECONDS: dict[str, list[float]] = {}
+
+
 def time_interleaved(
     pipes: dict[str, Any], runs: int, steps: int, guidance: float
 ) -> dict[str, list[float]]:
@@ -54,9 +60,13 @@ def time_interleaved(
     for pipe in pipes.values():
         time_once(pipe, steps, guidance)
     times: dict[str, list[float]] = {name: [] for name in pipes}
+    CPU_SECONDS.clear()
+    CPU_SECONDS.update({name: [] for name in pipes})
     for _ in range(runs):
         for name, pipe in pipes.items():
+            cpu = time.process_time()
             times[name].append(time_once(pipe, steps, guidance))
+            CPU_SECONDS[name].append(time.process_time() - cpu)
     return times
 
 
@@ -162,11 +172,20 @@ def main() -> None:
             guidance,
         )
         medians = {k: statistics.median(v) for k, v in times.items()}
-        results[f"generation_s_{model}"] = {"runs": times, "median": medians, "cfg": guidance}
+        cpu = {k: statistics.median(v) for k, v in CPU_SECONDS.items()}
+        results[f"generation_s_{model}"] = {
+            "runs": times,
+            "median": medians,
+            "cpu_runs": dict(CPU_SECONDS),
+            "cpu_median": cpu,
+            "load_average": os.getloadavg(),
+            "cfg": guidance,
+        }
         print(
             f"{model}: {args.steps}-step generation, CFG {guidance}, {args.threads} thread(s): "
-            f"median {medians['trained']:.3f} s over {args.runs} runs (random weights, "
-            f"interleaved: {medians['random']:.3f} s)"
+            f"median {medians['trained']:.3f} s wall, {cpu['trained']:.3f} s CPU over "
+            f"{args.runs} runs (random weights, interleaved: {medians['random']:.3f} s wall, "
+            f"{cpu['random']:.3f} s CPU); load average {os.getloadavg()[0]:.1f}"
         )
     if not args.skip_adherence:
         reader = reader_accuracy(seed=1234)
