@@ -441,7 +441,11 @@ def write_section(path: Path, r: dict[str, Any]) -> None:
         f"({r['speedup_cpu_time']}x)",
         f"- DF-CAM, all {r['cam_layers']} layers, one step (one forward + one backward): "
         f"{r['cam_all_layers_s']} s (median of {r['cam_repeats']})",
-        f"- token relevance: {r['relevance_per_step_s']} s per step",
+        *(
+            [f"- token relevance: {r['relevance_per_step_s']} s per step"]
+            if r["relevance_per_step_s"] is not None
+            else []
+        ),
         *floor_lines(r),
         "",
     ]
