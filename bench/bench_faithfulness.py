@@ -130,6 +130,20 @@ def write_summary(
 ) -> str:
     """Summarise the prompts done so far; write the JSON when ``--json`` is given."""
     summary: dict[str, Any] = {name: summarize(res) for name, res in results.items()}
+    # Per prompt, so that runs over disjoint prompt ranges (--first) can be pooled exactly.
+    summary["per_prompt"] = {
+        name: [
+            {
+                "prompt": args.first + i,
+                "deletion_auc": r.saliency.deletion_auc,
+                "insertion_auc": r.saliency.insertion_auc,
+                "random_deletion_auc": r.random.deletion_auc,
+                "random_insertion_auc": r.random.insertion_auc,
+            }
+            for i, r in enumerate(res)
+        ]
+        for name, res in results.items()
+    }
     summary["settings"] = {
         "prompts_done": len(next(iter(results.values()))),
         "prompts_planned": n_captions,
