@@ -26,8 +26,9 @@ AucTarget = Literal["x0", "prev"]
 AucOperator = Literal["paper", "zero", "blur", "renoise"]
 AUC_OPERATORS: tuple[str, ...] = ("paper", "zero", "blur", "renoise")
 #: The paper's zero-deletion / blur-insertion separated real maps from random orders best on
-#: the embedded model (mean d_z 1.43 vs zero 1.16, blur 1.05, re-noise 1.03 over DF-RISE,
-#: DF-CAM and attention; bench/bench_operators.py, bench/RESULTS_explain.md).
+#: the embedded model (mean d_z over DF-RISE, DF-CAM and attention, re-run on the fixed
+#: methods: 1.70 vs zero 1.66, blur 1.30, re-noise 1.08; bench/bench_operators.py,
+#: bench/RESULTS_explain.md).
 DEFAULT_OPERATOR: AucOperator = "paper"
 #: One sentence per operator, shown beside every AUC.
 OPERATOR_TEXT: dict[str, str] = {
