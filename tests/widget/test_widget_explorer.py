@@ -66,20 +66,6 @@ def wait_until(predicate, timeout=WAIT_S):
     raise AssertionError("condition not reached")
 
 
-@pytest.fixture
-def make_explorer(synthetic_trace):
-    made = []
-
-    def build(**kwargs):
-        explorer = Explorer(synthetic_trace, **kwargs)
-        made.append(explorer)
-        return explorer
-
-    yield build
-    for explorer in made:
-        explorer.close()
-
-
 def test_state_flows_both_ways(make_explorer):
     explorer = make_explorer()
     explorer.step = 7

@@ -15,23 +15,9 @@ from diffwidget.widget.explorer import Explorer
 from tests.widget.test_widget_explorer import WAIT_S, FakeMethod, wait_until
 
 
-@pytest.fixture
-def make(synthetic_trace):
-    made = []
-
-    def build(**kwargs):
-        explorer = Explorer(synthetic_trace, **kwargs)
-        made.append(explorer)
-        return explorer
-
-    yield build
-    for explorer in made:
-        explorer.close()
-
-
-def test_scrubbing_never_cancels_an_explicit_compute(make):
+def test_scrubbing_never_cancels_an_explicit_compute(make_explorer):
     method = FakeMethod(ticks=30, delay=0.01)
-    explorer = make(methods={"df_rise": method})
+    explorer = make_explorer(methods={"df_rise": method})
     explicit = explorer.compute("df_rise", step=12)  # made in code
     wait_until(lambda: method.calls == [12])
     explorer.overlay = "df_rise"  # the view now asks for the current step (0)...
@@ -46,10 +32,10 @@ def test_scrubbing_never_cancels_an_explicit_compute(make):
     assert method.calls[-1] == 7  # the view's latest request ran after it
 
 
-def test_explicit_requests_queue_in_order_and_run_before_view_requests(make):
+def test_explicit_requests_queue_in_order_and_run_before_view_requests(make_explorer):
     method = FakeMethod(ticks=3)
     method.gate.clear()
-    explorer = make(methods={"df_rise": method})
+    explorer = make_explorer(methods={"df_rise": method})
     explorer.overlay = "df_rise"  # view request for step 0 starts and waits at the gate
     wait_until(lambda: method.calls == [0])
     explorer.widget.set_state({"step": 5})  # view request: replaces nothing explicit
@@ -62,9 +48,9 @@ def test_explicit_requests_queue_in_order_and_run_before_view_requests(make):
     assert method.calls == [0, 9, 3, 5]
 
 
-def test_a_view_request_upgraded_by_code_is_protected(make):
+def test_a_view_request_upgraded_by_code_is_protected(make_explorer):
     method = FakeMethod(ticks=20, delay=0.01)
-    explorer = make(methods={"df_rise": method})
+    explorer = make_explorer(methods={"df_rise": method})
     explorer.overlay = "df_rise"  # view request for step 0
     wait_until(lambda: method.calls == [0])
     same = explorer.compute("df_rise", step=0)  # code asks for the same map: one job
@@ -73,9 +59,9 @@ def test_a_view_request_upgraded_by_code_is_protected(make):
     assert method.stopped == []
 
 
-def test_cancel_stops_explicit_requests_too(make):
+def test_cancel_stops_explicit_requests_too(make_explorer):
     method = FakeMethod(ticks=200, delay=0.01)
-    explorer = make(methods={"df_rise": method})
+    explorer = make_explorer(methods={"df_rise": method})
     running = explorer.compute("df_rise", step=1)
     queued = explorer.compute("df_rise", step=2)
     wait_until(lambda: explorer.status == "running")
@@ -96,12 +82,12 @@ class _NoMap:
         return "nothing"
 
 
-def test_a_method_returning_no_map_is_reported_not_raised_in_the_thread(make):
+def test_a_method_returning_no_map_is_reported_not_raised_in_the_thread(make_explorer):
     seen = []
     previous = threading.excepthook
     threading.excepthook = lambda args: seen.append(args)
     try:
-        explorer = make(methods={"df_cam": _NoMap()})
+        explorer = make_explorer(methods={"df_cam": _NoMap()})
         future = explorer.compute("df_cam", step=2)
         with pytest.raises(TypeError, match="must return a SaliencyMap"):
             future.result(WAIT_S)
@@ -179,9 +165,9 @@ class FakeEvaluator:
         return FaithfulnessResult(step, curves, rand, meta)
 
 
-def test_faithfulness_of_the_shown_map_from_the_view(make):
+def test_faithfulness_of_the_shown_map_from_the_view(make_explorer):
     evaluator = FakeEvaluator()
-    explorer = make(faithfulness=evaluator)
+    explorer = make_explorer(faithfulness=evaluator)
     assert "faithfulness" in explorer.widget.actions
     explorer.widget.set_state({"overlay": "attention", "step": 6, "token": 3})
     explorer.widget._dispatch_message(explorer.widget, {"kind": "faithfulness"}, [])
@@ -202,8 +188,8 @@ def test_faithfulness_of_the_shown_map_from_the_view(make):
     assert len(explorer.widget.faithfulness) == 2
 
 
-def test_faithfulness_can_be_cancelled_and_needs_a_map(make):
-    explorer = make(faithfulness=FakeEvaluator(delay=0.5))
+def test_faithfulness_can_be_cancelled_and_needs_a_map(make_explorer):
+    explorer = make_explorer(faithfulness=FakeEvaluator(delay=0.5))
     explorer.overlay = "attention"
     future = explorer.faithfulness()
     wait_until(lambda: explorer.status == "running")
