@@ -103,11 +103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "attention": attention_map(tr, args.step),
         }
         for op in OPERATORS:
+            # One evaluator per operator and prompt: its random orders (and fresh noise) are
+            # computed for the first map and reused for the others.
+            evaluator = InsertionDeletion(operator=op, n_random=N_RANDOM, seed=i)
             for k, name in enumerate(MAPS):
-                # The first map's call also gives the random baseline; the others reuse it
-                # (same seed: the same random orders and the same fresh noise).
-                n_random = N_RANDOM if k == 0 else 1
-                evaluator = InsertionDeletion(operator=op, n_random=n_random, seed=i)
                 result = evaluator.evaluate(pipe, tr, args.step, maps[name])
                 auc[op][name]["deletion"].append(result.saliency.deletion_auc)
                 auc[op][name]["insertion"].append(result.saliency.insertion_auc)

@@ -202,24 +202,6 @@ def _curve_table(curves: ConceptCurves, steps: list[int]) -> list[str]:
     return lines
 
 
-#: The AUC from which a concept counts as decided (issue: "first step each concept's probe
-#: AUC stays >= 0.9").
-DECIDED_AUC = 0.9
-
-
-def first_step_staying_above(curve: np.ndarray, level: float) -> int | str:
-    """The first step from which ``curve`` stays at or above ``level`` ("never" if none).
-
-    >>> first_step_staying_above(np.array([0.5, 0.95, 0.8, 0.91, 0.99]), 0.9)
-    3
-    """
-    above = np.asarray(curve) >= level
-    for step in range(len(above)):
-        if above[step:].all():
-            return step
-    return "never"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-prompts", type=int, default=200)
@@ -436,12 +418,10 @@ def main() -> None:
     for name, curves in named.items():
         if curves.kind == "probe_auc":
             out += [f"### Concept-AUC curves, {name}", "", *_curve_table(curves, steps), ""]
+            first = curves.first_step_above(THRESHOLDS[-1])
             out += [
-                f"First step from which the AUC stays >= {DECIDED_AUC}: "
-                + ", ".join(
-                    f"{c} {first_step_staying_above(curves.curves[i], DECIDED_AUC)}"
-                    for i, c in enumerate(curves.concepts)
-                ),
+                f"First step from which the AUC stays >= {THRESHOLDS[-1]}: "
+                + ", ".join(f"{c} {'never' if v is None else v}" for c, v in first.items()),
                 "",
             ]
     out += [

@@ -85,20 +85,23 @@ def _text_config(tokenizer, hidden_size: int, projection_dim: int | None = None)
     )
 
 
-def _vae():
+def _vae(**config: Any) -> Any:
+    """The tiny test VAE (8x downsampling of a 32x32 image, 4 latent channels); ``config``
+    overrides its settings (latent channels, shift and scaling factors)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_LATENT_SIZE * 2,
-    )
+    settings: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": TINY_LATENT_SIZE * 2,
+    }
+    return AutoencoderKL(**(settings | config))
 
 
 def tiny_sd_pipeline(

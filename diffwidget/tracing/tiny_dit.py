@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from diffwidget.tracing.tiny import TINY_WORDS, _text_config, _tokenizer
+from diffwidget.tracing.tiny import TINY_WORDS, _text_config, _tokenizer, _vae
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
@@ -76,22 +76,8 @@ def _t5(tokenizer: Any) -> Any:
 
 
 def _flow_vae(latent_channels: int = 4) -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        # SD3 and Flux VAEs shift latents; the pipelines add it back before decoding.
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    # SD3 and Flux VAEs shift latents; the pipelines add it back before decoding.
+    return _vae(latent_channels=latent_channels, shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def tiny_sd3_pipeline(
@@ -230,23 +216,10 @@ def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
         norm_elementwise_affine=False,
         norm_eps=1e-6,
     )
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
     pipe: Any = PixArtSigmaPipeline(
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
-        vae=vae,
+        vae=_vae(),
         text_encoder=_t5(t5_tokenizer),
         tokenizer=t5_tokenizer,
     )
