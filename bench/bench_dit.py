@@ -7,8 +7,12 @@ batch of two for SD3, one call for guidance-distilled Flux; random text embeddin
 real lengths: 77 + 256 for SD3, 512 for Flux) runs three ways, interleaved round by round:
 
 * ``plain``: the transformer alone;
-* ``ours``: with diffwidget's capture processors (image→text block of the joint softmax,
-  log-sum-exp over all keys in query chunks, projections tapped, not recomputed);
+* ``ours``: with diffwidget's capture processors (image→text block of the joint softmax;
+  the log-sum-exp over all keys comes from the layer's own SDPA flash kernel, so only the
+  image→text scores are formed);
+* ``recompute``: the same capture with the kernel's log-sum-exp declined, i.e. what runs
+  under any other attention backend: the log-sum-exp formed again over all keys in query
+  chunks, from projections tapped from the model's call (not recomputed);
 * ``full``: a capture that materialises the full joint softmax of the prompt's half and
   slices it afterwards (attention-map-diffusers' approach; same stored maps).
 
@@ -39,6 +43,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -187,17 +193,33 @@ def run_steps(net: Any, args: dict[str, Any], steps: int, recorder: Any | None) 
             net(**args, return_dict=False)
 
 
+@contextmanager
+def kernel_lse(allowed: bool) -> Iterator[None]:
+    """Let the capture take SDPA's log-sum-exp (``allowed``), or make it form it again."""
+    from diffwidget.tracing.families import joint
+
+    original = joint.sdpa_with_lse
+    if not allowed:
+        joint.sdpa_with_lse = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        joint.sdpa_with_lse = original
+
+
 def timed(
     net: Any, args: dict[str, Any], kind: str, steps: int, device: str
 ) -> tuple[float, float]:
     """Wall and process-CPU seconds of ``steps`` calls with the capture ``kind``."""
-    cap, handles = (None, []) if kind == "plain" else capture(net, kind, net_is_sd3(net))
+    which = "ours" if kind == "recompute" else kind
+    cap, handles = (None, []) if kind == "plain" else capture(net, which, net_is_sd3(net))
     try:
-        sync(device)
-        start, cpu = time.perf_counter(), time.process_time()
-        run_steps(net, args, steps, cap.recorder if cap else None)
-        sync(device)
-        return time.perf_counter() - start, time.process_time() - cpu
+        with kernel_lse(kind != "recompute"):
+            sync(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            run_steps(net, args, steps, cap.recorder if cap else None)
+            sync(device)
+            return time.perf_counter() - start, time.process_time() - cpu
     finally:
         for handle in handles:
             handle.remove()
@@ -235,13 +257,26 @@ def peak_extra_mb(net: Any, args: dict[str, Any], kind: str, device: str) -> flo
 
 
 def analytic_extra_mb(heads: int, n_image: int, n_text: int, head_dim: int) -> dict[str, float]:
-    """Float32 temporaries of one capture call (the prompt's half), in MB."""
+    """Float32 temporaries of one capture call (the prompt's half), in MB.
+
+    ``ours``: one chunk of image→text scores, the text keys and the log-sum-exp;
+    ``recompute``: one chunk of scores against all keys, all keys, the text columns.
+    """
     keys = n_image + n_text
     full = 2 * heads * (n_image + n_text) * keys * 4  # scores and softmax, all rows
     chunk = query_chunk(heads, keys)
-    ours = heads * min(chunk, n_image) * keys * 4 + heads * keys * head_dim * 4
-    ours += heads * min(chunk, n_image) * n_text * 4
-    return {"full_mb": full / 2**20, "ours_mb": ours / 2**20, "ratio": full / ours}
+    recompute = heads * min(chunk, n_image) * keys * 4 + heads * keys * head_dim * 4
+    recompute += heads * min(chunk, n_image) * n_text * 4
+    text_chunk = query_chunk(heads, n_text)
+    ours = heads * min(text_chunk, n_image) * n_text * 4 + heads * n_text * head_dim * 4
+    ours += heads * n_image * 4
+    return {
+        "full_mb": full / 2**20,
+        "ours_mb": ours / 2**20,
+        "recompute_mb": recompute / 2**20,
+        "ratio": full / ours,
+        "ratio_recompute": full / recompute,
+    }
 
 
 def main() -> None:
@@ -263,7 +298,7 @@ def main() -> None:
     net = build(opts.model, opts.blocks, opts.device, dtype)
     args = inputs(opts.model, net, opts.size, opts.device, dtype)
     timed(net, args, "ours", 1, opts.device)  # warm-up (and first-call allocations)
-    wall: dict[str, list[float]] = {"plain": [], "ours": [], "full": []}
+    wall: dict[str, list[float]] = {"plain": [], "ours": [], "recompute": [], "full": []}
     cpu: dict[str, list[float]] = {k: [] for k in wall}
     for _ in range(opts.rounds):
         for kind in wall:
@@ -288,17 +323,21 @@ def main() -> None:
         "cpu_s": cpu,
         "ratio_basis": "process CPU time" if opts.device == "cpu" else "wall time",
         "median_s": median,
-        "overhead_ours": median["ours"] / median["plain"] - 1,
-        "overhead_full": median["full"] / median["plain"] - 1,
+        "overhead": {k: median[k] / median["plain"] - 1 for k in median if k != "plain"},
+        "paired_overhead": {
+            k: statistics.median(x / p for x, p in zip(basis[k], basis["plain"], strict=False)) - 1
+            for k in basis
+            if k != "plain"
+        },
         "chunk_bytes": CHUNK_BYTES,
         "analytic_at_this_size": analytic_extra_mb(heads, n_image, TEXT[opts.model], head_dim),
         "analytic_flux_1024": analytic_extra_mb(24, 64 * 64, 512, 128),
         "machine": machine(opts.device),
     }
     if not opts.no_memory:
-        peaks = {k: peak_extra_mb(net, args, k, opts.device) for k in ("plain", "ours", "full")}
+        peaks = {k: peak_extra_mb(net, args, k, opts.device) for k in wall}
         result["peak_call_mb"] = peaks
-        result["peak_extra_mb"] = {k: peaks[k] - peaks["plain"] for k in ("ours", "full")}
+        result["peak_extra_mb"] = {k: peaks[k] - peaks["plain"] for k in wall if k != "plain"}
     text = json.dumps(result, indent=2)
     print(text)
     if opts.json:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 RISE_GOAL_S = 1.5
 TRACE_GOALS = {"trace": 0.05, "trace_all_tokens": 0.05, "trace_previews": 0.10}
 DIT_MEMORY_GOAL = 10.0
-DIT_KINDS = ("plain", "ours", "full")
+DIT_KINDS = ("plain", "ours", "recompute", "full")
 #: ``--compile-backend`` value that wraps the UNet with dynamo disabled (plumbing only).
 NO_DYNAMO = "none"
 #: Denoising steps of a profiled tracing run.
@@ -299,7 +299,7 @@ def measure_dit(suite: Suite, rec: dict[str, Any], model: str, net: Any, device:
         rec["per_call"] = {kind: spread(values) for kind, values in times.items()}
         plain = rec["per_call"]["plain"]["median_s"]
         rec["overhead_vs_plain"] = {
-            kind: rec["per_call"][kind]["median_s"] / plain - 1 for kind in ("ours", "full")
+            kind: rec["per_call"][kind]["median_s"] / plain - 1 for kind in DIT_KINDS[1:]
         }
         suite.save()
 
@@ -310,7 +310,7 @@ def measure_dit(suite: Suite, rec: dict[str, Any], model: str, net: Any, device:
     rec["peak_cuda_mb"] = peaks
     ratio = None
     if all(v is not None for v in peaks.values()):
-        extra = {kind: peaks[kind] - peaks["plain"] for kind in ("ours", "full")}  # type: ignore[operator]
+        extra = {kind: peaks[kind] - peaks["plain"] for kind in DIT_KINDS[1:]}  # type: ignore[operator]
         rec["peak_extra_mb"] = extra
         ratio = extra["full"] / extra["ours"] if extra["ours"] > 0 else math.inf
         rec["full_over_ours_extra"] = ratio

@@ -199,7 +199,15 @@ def dit_lines(name: str, rec: dict[str, Any], record: dict[str, Any]) -> list[st
         "extra over plain (MiB) |",
         "|---|---|---|---|---|",
     ]
-    for kind, label in (("plain", "plain"), ("ours", "ours"), ("full", "full softmax")):
+    labels = {
+        "plain": "plain",
+        "ours": "ours (SDPA's log-sum-exp)",
+        "recompute": "ours, log-sum-exp formed again (other backends)",
+        "full": "full softmax",
+    }
+    for kind, label in labels.items():
+        if kind not in per_call:
+            continue
         lines.append(
             f"| {label} | {_s(per_call[kind]['median_s'])} | {_pct(over.get(kind))} | "
             f"{_mb(peaks.get(kind))} | {_mb(extra.get(kind))} |"

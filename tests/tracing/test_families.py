@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffwidget.tracing.attention import CaptureAttnProcessor
 from diffwidget.tracing.budget import MemoryBudgetError
@@ -154,15 +155,33 @@ def _full_joint_softmax(case: str, spy: _Spy, text_length: int) -> torch.Tensor:
         ("flux", "single_transformer_blocks.0.attn"),
     ],
 )
-def test_maps_equal_a_full_joint_softmax(case: str, site: str) -> None:
+@pytest.mark.parametrize("kernel", ["flash", "math"])
+def test_maps_equal_a_full_joint_softmax(
+    case: str, site: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways to the log-sum-exp: SDPA's flash kernel hands it back; with the math
+    kernel it cannot, and the capture forms it again from the tapped projections."""
+    from diffwidget.tracing.families import joint
+
+    from_kernel: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        from_kernel.append(1)
+        return joint_text_probs(*args, **kwargs)
+
+    joint_text_probs = joint.text_probs_from_lse
+    monkeypatch.setattr(joint, "text_probs_from_lse", counted)
     pipe, kwargs = build_family_case(case)
     module = pipe.transformer.get_submodule(site)
     spy = _Spy(module.processor)
     module.set_processor(spy)
+    backend = SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.MATH
     try:
-        traced = trace(pipe, TINY_PROMPT, num_inference_steps=2, tokens="all", **kwargs)
+        with sdpa_kernel(backend):
+            traced = trace(pipe, TINY_PROMPT, num_inference_steps=2, tokens="all", **kwargs)
     finally:
         module.set_processor(spy.original)
+    assert bool(from_kernel) == (kernel == "flash")
     n_text = int(traced.meta["n_text_tokens"])
     expected = _full_joint_softmax(case, spy, n_text).numpy()
     got = traced.attention[site][0].reshape(-1, n_text).astype(np.float32)

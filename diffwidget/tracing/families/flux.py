@@ -67,13 +67,25 @@ class FluxCaptureProcessor(JointCaptureProcessor):
         # FluxAttention calls processor(attn, hidden, encoder, mask, image_rotary_emb).
         text = kwargs.get("encoder_hidden_states", args[0] if args else None)
         rotary = kwargs.get("image_rotary_emb", args[2] if len(args) > 2 else None)
+        if text is not None:
+            n_text = int(text.shape[1])
+        elif self.text_length is None:
+            raise RuntimeError(
+                f"{self.layer}: the single-stream block's text length is unknown (its "
+                "pre-hook did not run)"
+            )
+        else:
+            n_text = self.text_length
+        probs = self.sdpa_probs(slice(n_text, None), slice(0, n_text))
+        if probs is not None:
+            self.recorder.add(self.layer, probs)
+            return
         cond = self.recorder.cond
         head_dim = int(attn.head_dim)
         query = heads(cond(self._projection(attn, "to_q", hidden_states)), head_dim)
         key = attn.norm_k(heads(cond(self._projection(attn, "to_k", hidden_states)), head_dim))
         if text is not None:
             # Double-stream: the image stream is `hidden_states`; text keys are projected apart.
-            n_text = int(text.shape[1])
             text_key = heads(cond(self._projection(attn, "add_k_proj", text)), head_dim)
             text_key = _rope(attn.norm_added_k(text_key), rotary, slice(0, n_text))
             joint = slice(n_text, n_text + query.shape[1])
@@ -81,12 +93,6 @@ class FluxCaptureProcessor(JointCaptureProcessor):
             keys = torch.cat([text_key, _rope(key, rotary, joint)], dim=1)
         else:
             # Single-stream: one [text, image] sequence; the block told us the text length.
-            if self.text_length is None:
-                raise RuntimeError(
-                    f"{self.layer}: the single-stream block's text length is unknown (its "
-                    "pre-hook did not run)"
-                )
-            n_text = self.text_length
             keys = _rope(key, rotary, slice(0, key.shape[1]))
             # Only the image queries are needed: normalise and rotate those alone.
             image = slice(n_text, query.shape[1])

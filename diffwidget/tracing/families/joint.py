@@ -9,6 +9,14 @@ processor's call, and the capture applies only the cheap parts again (head split
 qk-RMSNorm, RoPE) before :func:`~diffwidget.tracing.joint_attention.image_to_text_probs`.
 Layers with fused projections (``fuse_qkv_projections()``) are tapped at ``to_qkv`` and
 ``to_added_qkv``. The hooks go away with the processor (:meth:`JointCaptureProcessor.close`).
+
+Cheaper still, where the processor calls SDPA (``JointAttnProcessor2_0``, the attention
+dispatcher's native backend): :class:`SdpaTap` sees that call, has it return the
+log-sum-exp its flash kernel computes anyway
+(:func:`~diffwidget.tracing.joint_attention.sdpa_with_lse`), and keeps SDPA's own
+inputs — the queries and keys after qk-norm and RoPE, exactly as the model made them.
+The family's ``record`` then needs only the image→text scores
+(:meth:`JointCaptureProcessor.sdpa_probs`); without such a call it falls back to the taps.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from diffwidget.tracing.attention import AttentionRecorder, CaptureAttnProcessor
+from diffwidget.tracing.joint_attention import SdpaCall, sdpa_with_lse, text_probs_from_lse
 
 #: Projections tapped, by the name of the attention module's Linear layer.
 _SEPARATE = ("to_q", "to_k", "add_k_proj")
@@ -77,6 +87,35 @@ def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
+class SdpaTap(TorchFunctionMode):
+    """While active, SDPA calls also return their log-sum-exp (:attr:`calls`).
+
+    Each ``torch.nn.functional.scaled_dot_product_attention`` call goes through
+    :func:`~diffwidget.tracing.joint_attention.sdpa_with_lse`; where that declines, SDPA
+    runs as it would have and the call is listed as ``None``. Every other function runs
+    unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[SdpaCall | None] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            found = sdpa_with_lse(*args, **kwargs)
+            self.calls.append(None if found is None else found[1])
+            if found is not None:
+                return found[0]
+        return func(*args, **kwargs)
+
+    def single(self) -> SdpaCall | None:
+        """The call, when the layer made exactly one and its log-sum-exp is known."""
+        return self.calls[0] if len(self.calls) == 1 else None
+
+
 class JointCaptureProcessor(CaptureAttnProcessor):
     """Base of the joint-attention capture processors (one per family layout)."""
 
@@ -85,6 +124,8 @@ class JointCaptureProcessor(CaptureAttnProcessor):
     ) -> None:
         super().__init__(original, layer, recorder, module)
         self.tap = ProjectionTap(module) if module is not None else None
+        #: The layer's SDPA call of the running forward, when :class:`SdpaTap` caught it.
+        self.sdpa: SdpaCall | None = None
 
     def close(self) -> None:
         """Remove the projection taps."""
@@ -96,10 +137,36 @@ class JointCaptureProcessor(CaptureAttnProcessor):
             return getattr(attn, name)(source)
         return self.tap.take(attn, name, source)
 
+    def sdpa_probs(self, queries: slice, text: slice) -> torch.Tensor | None:
+        """Image→text probabilities from the caught SDPA call (``None`` without one).
+
+        ``queries`` and ``text`` are the image-query and text-key positions of the joint
+        sequence SDPA saw; the prompt's rows of the batch are kept.
+        """
+        call = self.sdpa
+        if call is None:
+            return None
+        cond = self.recorder.cond
+        return text_probs_from_lse(
+            cond(call.query)[0, :, queries],
+            cond(call.key)[0, :, text],
+            cond(call.lse)[0, :, queries],
+            call.scale,
+            heads=self.recorder.keep_heads,
+        )
+
     def _forward(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.recorder.active:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        tap = SdpaTap()
         try:
-            return super()._forward(attn, hidden_states, *args, **kwargs)
+            with tap:
+                output = self.original(attn, hidden_states, *args, **kwargs)
+            self.sdpa = tap.single()
+            self.record(attn, hidden_states, *args, **kwargs)
+            return output
         finally:
+            self.sdpa = None
             if self.tap is not None:
                 self.tap.clear()
 

@@ -48,6 +48,11 @@ class SD3CaptureProcessor(JointCaptureProcessor):
         text = kwargs.get("encoder_hidden_states", args[0] if args else None)
         if text is None:
             return
+        n_image = hidden_states.shape[1]
+        probs = self.sdpa_probs(slice(0, n_image), slice(n_image, None))
+        if probs is not None:
+            self.recorder.add(self.layer, probs)
+            return
         cond = self.recorder.cond
         query = cond(self._projection(attn, "to_q", hidden_states))
         key = cond(self._projection(attn, "to_k", hidden_states))
@@ -61,7 +66,6 @@ class SD3CaptureProcessor(JointCaptureProcessor):
             key = attn.norm_k(key)
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
-        n_image = query.shape[2]
         keys = torch.cat([key, text_key], dim=2)[0]
         probs = image_to_text_probs(
             query[0],
