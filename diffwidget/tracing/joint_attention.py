@@ -161,16 +161,20 @@ def sdpa_with_lse(
     if choice != FLASH:
         return None
     used = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    if query.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, scale=scale
-        )
-    elif query.device.type == "cuda" and query.shape[-1] % 8 == 0:
-        # SDPA pads the head dimension to a multiple of 8 first; 8k-wide heads need none.
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, 0.0, False, False, scale=used
-        )[:2]
-    else:
+    aten = torch.ops.aten
+    try:
+        if query.device.type == "cpu":
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, False, scale=scale
+            )
+        elif query.device.type == "cuda" and query.shape[-1] % 8 == 0:
+            # SDPA pads the head dimension to a multiple of 8 first; 8k-wide heads need none.
+            out, lse = aten._scaled_dot_product_flash_attention(
+                query, key, value, 0.0, False, False, scale=used
+            )[:2]
+        else:
+            return None
+    except (AttributeError, NotImplementedError, RuntimeError):  # a torch without these ops
         return None
     return out, SdpaCall(query, key, lse, used)
 
