@@ -28,6 +28,7 @@ the log-sum-exp again in query chunks. Both give the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,17 +85,34 @@ def image_to_text_probs(
     >>> bool(torch.allclose(p, full, atol=1e-6))
     True
     """
+
+    def block(scores: torch.Tensor, rows: slice) -> torch.Tensor:
+        # Worked on in place: exp(s - max) / sum = exp(s - LSE).
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        return scores[..., text] / scores.sum(dim=-1, keepdim=True)
+
+    return _in_query_chunks(query, key, scale, block, limit_bytes, heads)
+
+
+def _in_query_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    block: Callable[[torch.Tensor, slice], torch.Tensor],
+    limit_bytes: int,
+    heads: bool,
+) -> torch.Tensor:
+    """``block(q_chunk · keyᵀ · scale, rows)`` over query chunks, joined (mean over heads
+    unless ``heads``); one chunk's float32 scores stay within ``limit_bytes``."""
     n_heads, n_queries, _ = query.shape
     keys = key.float().transpose(1, 2)
     chunk = query_chunk(n_heads, keys.shape[-1], limit_bytes)
-    rows = []
+    out = []
     for start in range(0, n_queries, chunk):
-        # One score block per chunk, worked on in place: exp(s - max) / sum = exp(s - LSE).
-        scores = torch.matmul(query[:, start : start + chunk].float() * scale, keys)
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        block = scores[..., text] / scores.sum(dim=-1, keepdim=True)
-        rows.append(block if heads else block.mean(dim=0))
-    return torch.cat(rows, dim=1 if heads else 0)
+        rows = slice(start, start + chunk)
+        probs = block(torch.matmul(query[:, rows].float() * scale, keys), rows)
+        out.append(probs if heads else probs.mean(dim=0))
+    return torch.cat(out, dim=1 if heads else 0)
 
 
 @dataclass
@@ -214,12 +232,8 @@ def text_probs_from_lse(
     >>> bool(torch.allclose(p, image_to_text_probs(q, k, slice(6, 9), 0.5), atol=1e-6))
     True
     """
-    n_heads, n_queries, _ = query.shape
-    keys = text_key.float().transpose(1, 2)
-    chunk = query_chunk(n_heads, keys.shape[-1], limit_bytes)
-    rows = []
-    for start in range(0, n_queries, chunk):
-        block = torch.matmul(query[:, start : start + chunk].float() * scale, keys)
-        block.sub_(lse[:, start : start + chunk, None].float()).exp_()
-        rows.append(block if heads else block.mean(dim=0))
-    return torch.cat(rows, dim=1 if heads else 0)
+
+    def block(scores: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scores.sub_(lse[:, rows, None].float()).exp_()
+
+    return _in_query_chunks(query, text_key, scale, block, limit_bytes, heads)
