@@ -76,9 +76,7 @@ class FluxCaptureProcessor(JointCaptureProcessor):
             )
         else:
             n_text = self.text_length
-        probs = self.sdpa_probs(slice(n_text, None), slice(0, n_text))
-        if probs is not None:
-            self.recorder.add(self.layer, probs)
+        if self.record_sdpa(slice(n_text, None), slice(0, n_text)):
             return
         cond = self.recorder.cond
         head_dim = int(attn.head_dim)

@@ -16,7 +16,7 @@ log-sum-exp its flash kernel computes anyway
 (:func:`~diffwidget.tracing.joint_attention.sdpa_with_lse`), and keeps SDPA's own
 inputs — the queries and keys after qk-norm and RoPE, exactly as the model made them.
 The family's ``record`` then needs only the image→text scores
-(:meth:`JointCaptureProcessor.sdpa_probs`); without such a call it falls back to the taps.
+(:meth:`JointCaptureProcessor.record_sdpa`); without such a call it falls back to the taps.
 """
 
 from __future__ import annotations
@@ -137,23 +137,26 @@ class JointCaptureProcessor(CaptureAttnProcessor):
             return getattr(attn, name)(source)
         return self.tap.take(attn, name, source)
 
-    def sdpa_probs(self, queries: slice, text: slice) -> torch.Tensor | None:
-        """Image→text probabilities from the caught SDPA call (``None`` without one).
+    def record_sdpa(self, queries: slice, text: slice) -> bool:
+        """Record the image→text probabilities from the caught SDPA call; ``False`` (nothing
+        recorded) without one.
 
         ``queries`` and ``text`` are the image-query and text-key positions of the joint
         sequence SDPA saw; the prompt's rows of the batch are kept.
         """
         call = self.sdpa
         if call is None:
-            return None
+            return False
         cond = self.recorder.cond
-        return text_probs_from_lse(
+        probs = text_probs_from_lse(
             cond(call.query)[0, :, queries],
             cond(call.key)[0, :, text],
             cond(call.lse)[0, :, queries],
             call.scale,
             heads=self.recorder.keep_heads,
         )
+        self.recorder.add(self.layer, probs)
+        return True
 
     def _forward(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.recorder.active:

@@ -49,9 +49,7 @@ class SD3CaptureProcessor(JointCaptureProcessor):
         if text is None:
             return
         n_image = hidden_states.shape[1]
-        probs = self.sdpa_probs(slice(0, n_image), slice(n_image, None))
-        if probs is not None:
-            self.recorder.add(self.layer, probs)
+        if self.record_sdpa(slice(0, n_image), slice(n_image, None)):
             return
         cond = self.recorder.cond
         query = cond(self._projection(attn, "to_q", hidden_states))
