@@ -101,14 +101,14 @@ REDRAW_JS = """(events) => {
 def make_trace(kind: str) -> tuple[Any, Any, str]:
     """Return (trace, pipe, description)."""
     if kind == "synthetic":
-        from diffwidget.tracing.synthetic import synthetic_trace
+        from diffwidget.testing.synthetic import synthetic_trace
 
         return synthetic_trace(n_steps=STEPS), None, "synthetic NumPy trace, 64×64 previews"
     if kind.endswith(".safetensors"):
         from diffwidget.tracing.trace import Trace
 
         return Trace.load(kind), None, f"saved trace {kind}"
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     if kind == "demo":
         from diffwidget.models.loader import load_demo_pipeline
@@ -122,7 +122,7 @@ def make_trace(kind: str) -> tuple[Any, Any, str]:
         prompt = "a large red circle on the left"
         label = "embedded model architecture with random weights (sizes as shipped)"
     else:
-        from diffwidget.tracing.tiny import tiny_sd_pipeline
+        from diffwidget.testing.tiny import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline()
         prompt, label = "a red circle on the left", "tiny random-weight SD pipeline (tests)"

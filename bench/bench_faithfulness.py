@@ -81,7 +81,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from diffwidget.models.scenes import SceneWorld
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     pipe = load(args)
     if args.guidance is None:

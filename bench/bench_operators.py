@@ -73,7 +73,7 @@ def attention_map(trace: Any, step: int) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffwidget.models.scenes import SceneWorld
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     if args.random_weights:
         from diffwidget.models.architecture import build_demo_pipeline

@@ -34,7 +34,7 @@ from benchlib import machine
 from resultslib import write_section
 
 from diffwidget.models.loader import DEFAULT_GUIDANCE, load_demo_pipeline
-from diffwidget.tracing.context import trace
+from diffwidget.tracing.generate import trace
 
 PROMPT = "a large red circle on the left"
 STEPS = 20

@@ -55,7 +55,7 @@ BENCH_STEP = 15  # the paper visualises step 15 of 20
 #: Stable Diffusion 1.5's UNet and text encoder shapes (random weights; timings only).
 def build(kind: str, latent: int | None = None) -> Any:
     """A pipeline-like object (unet, scheduler, text_encoder, tokenizer) with random weights."""
-    from diffwidget.tracing.tiny import _tokenizer, make_scheduler, tiny_sd_pipeline
+    from diffwidget.testing.tiny import _tokenizer, make_scheduler, tiny_sd_pipeline
 
     if kind == "tiny":
         return tiny_sd_pipeline(seed=0)

@@ -56,9 +56,10 @@ from benchlib import (
     sync,
 )
 
+from diffwidget.testing.tiny import make_scheduler
 from diffwidget.tracing.budget import BYTES_PER_MB
-from diffwidget.tracing.context import TraceContext, trace
-from diffwidget.tracing.tiny import make_scheduler
+from diffwidget.tracing.context import TraceContext
+from diffwidget.tracing.generate import trace
 
 PROMPT = "a red circle on the left"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,7 +127,7 @@ def _word_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
     from diffwidget.models.tokenizer import write_word_tokenizer
-    from diffwidget.tracing.tiny import TINY_WORDS
+    from diffwidget.testing.tiny import TINY_WORDS
 
     folder = write_word_tokenizer(TINY_WORDS, tempfile.mkdtemp(prefix="bench-tok-"), 77)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
@@ -139,14 +140,14 @@ def _to(pipe: Any, device: str, dtype: torch.dtype) -> Any:
 
 def build_tiny(device: str, dtype: torch.dtype) -> Any:
     """The tests' tiny random-weight pipeline."""
-    from diffwidget.tracing.tiny import tiny_sd_pipeline
+    from diffwidget.testing.tiny import tiny_sd_pipeline
 
     return _to(tiny_sd_pipeline(), device, dtype)
 
 
 def build_tiny_sdxl(device: str, dtype: torch.dtype) -> Any:
     """The tests' tiny random-weight SDXL pipeline (two text encoders, added conditioning)."""
-    from diffwidget.tracing.tiny import tiny_sdxl_pipeline
+    from diffwidget.testing.tiny import tiny_sdxl_pipeline
 
     return _to(tiny_sdxl_pipeline(), device, dtype)
 

@@ -249,7 +249,7 @@ def part_cam(key: str) -> Callable[[Suite, dict[str, Any]], None]:
 def build_dit(suite: Suite, model: str) -> Any:
     """The transformer: published shape (built on the device), or a tiny test one."""
     if suite.tiny:
-        from diffwidget.tracing.tiny_dit import tiny_flux_pipeline, tiny_sd3_pipeline
+        from diffwidget.testing.tiny_dit import tiny_flux_pipeline, tiny_sd3_pipeline
 
         pipe: Any = tiny_sd3_pipeline() if model == "sd3m" else tiny_flux_pipeline()
         return pipe.transformer.to(device=suite.device, dtype=suite.dtype).eval()

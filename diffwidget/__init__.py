@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from diffwidget.widget.run_browser import open_run
 
 #: Sub-packages reachable as attributes (``diffwidget.explain.DFRise``), imported on first use.
-_SUBPACKAGES = ("explain", "models", "runs", "tracing", "widget")
+_SUBPACKAGES = ("explain", "models", "runs", "testing", "tracing", "widget")
 
 __all__ = [
     "Explorer",

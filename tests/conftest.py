@@ -44,7 +44,7 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiffusionPipeline]:
     """Builds a fresh tiny ``StableDiffusionPipeline``: ``factory(seed=0, scheduler="dpm++")``."""
-    from diffwidget.tracing.tiny import tiny_sd_pipeline
+    from diffwidget.testing.tiny import tiny_sd_pipeline
 
     def build(**kwargs: Any) -> StableDiffusionPipeline:
         kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir / "sd")
@@ -56,7 +56,7 @@ def tiny_sd_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiffus
 @pytest.fixture(scope="session")
 def tiny_sdxl_pipe_factory(tiny_tokenizer_dir: Path) -> Callable[..., StableDiffusionXLPipeline]:
     """Builds a fresh tiny ``StableDiffusionXLPipeline``: ``factory(seed=0, scheduler="dpm++")``."""
-    from diffwidget.tracing.tiny import tiny_sdxl_pipeline
+    from diffwidget.testing.tiny import tiny_sdxl_pipeline
 
     def build(**kwargs: Any) -> StableDiffusionXLPipeline:
         kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir / "sdxl")
@@ -84,7 +84,7 @@ def tiny_sdxl_pipe(
 @pytest.fixture(scope="session")
 def tiny_trace(tiny_sd_pipe: StableDiffusionPipeline) -> Trace:
     """A traced 5-step run of ``tiny_sd_pipe`` (prompt ``TINY_PROMPT``, seed 0, CFG 7.5)."""
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     return trace(tiny_sd_pipe, TINY_PROMPT, num_inference_steps=TINY_STEPS, seed=0)
 
@@ -108,7 +108,7 @@ def family_trace(
     family_case: Callable[[str], tuple[Any, dict[str, Any]]],
 ) -> Callable[[str], Trace]:
     """``family_trace(name)``: a 3-step trace of the case's shared pipeline (cached)."""
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     cache: dict[str, Trace] = {}
 

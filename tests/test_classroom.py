@@ -154,10 +154,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
 def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pytest.importorskip("voila")
     root = tmp_path_factory.mktemp("classroom")
-    notebook = root / cli.QUICKSTART
-    shutil.copy(cli.notebooks_dir() / cli.QUICKSTART, notebook)
+    notebook = root / cli.common.QUICKSTART
+    shutil.copy(cli.common.notebooks_dir() / cli.common.QUICKSTART, notebook)
     port = free_port()
-    command, env = cli.classroom_command(notebook, port=port, ip="127.0.0.1", open_browser=False)
+    command, env = cli.demo.classroom_command(
+        notebook, port=port, ip="127.0.0.1", open_browser=False
+    )
     log = root / "voila.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -250,7 +252,7 @@ def test_demo_command_opens_the_quickstart_in_jupyterlab(tmp_path: Path, chromiu
     try:
         wait_for_port(port, process, log)
         tab = chromium.new_page(viewport={"width": 1200, "height": 900})
-        url = f"http://127.0.0.1:{port}/lab/tree/{cli.QUICKSTART}?reset&token={token}"
+        url = f"http://127.0.0.1:{port}/lab/tree/{cli.common.QUICKSTART}?reset&token={token}"
         tab.goto(url, timeout=RENDER_TIMEOUT_MS)
         tab.wait_for_function(
             "() => window.jupyterapp?.shell?.currentWidget?.sessionContext?.session?.kernel"
@@ -266,7 +268,7 @@ def test_demo_command_opens_the_quickstart_in_jupyterlab(tmp_path: Path, chromiu
             ).count()
             == 0
         )
-        assert (tmp_path / "work" / cli.QUICKSTART).is_file()  # the user's own copy
+        assert (tmp_path / "work" / cli.common.QUICKSTART).is_file()  # the user's own copy
     finally:
         if tab is not None:
             tab.close()

@@ -93,9 +93,11 @@ def test_unknown_word_error_lists_the_vocabulary(
 
 
 def test_caption_outside_the_grammar_is_a_note_not_an_error() -> None:
-    assert cli.check_prompt(GOOD_PROMPT) == []
-    assert cli.check_prompt("A red circle, on the left.") == []  # read as the tokenizer reads it
-    notes = cli.check_prompt("a red circle")  # known words, but no position: not the grammar
+    assert cli.export.check_prompt(GOOD_PROMPT) == []
+    assert (
+        cli.export.check_prompt("A red circle, on the left.") == []
+    )  # read as the tokenizer reads it
+    notes = cli.export.check_prompt("a red circle")  # known words, but no position: not the grammar
     assert len(notes) == 1
     assert "grammar" in notes[0]
 
@@ -156,18 +158,18 @@ def test_export_rejects_a_model_folder_without_a_pipeline(
 
 # ------------------------------------------------------------------------------ demo
 def test_bundled_notebooks_are_numbered_and_include_the_quickstart() -> None:
-    names = [path.name for path in cli.bundled_notebooks()]
-    assert names[0] == cli.QUICKSTART
+    names = [path.name for path in cli.common.bundled_notebooks()]
+    assert names[0] == cli.common.QUICKSTART
     assert [name[:2] for name in names] == [f"{i:02d}" for i in range(1, len(names) + 1)]
 
 
 def test_resolve_notebook_by_number_name_and_path(tmp_path: Path) -> None:
-    quickstart = cli.notebooks_dir() / cli.QUICKSTART
-    assert cli.resolve_notebook(None) == quickstart
-    assert cli.resolve_notebook("01") == quickstart
-    assert cli.resolve_notebook("01_quickstart") == quickstart
+    quickstart = cli.common.notebooks_dir() / cli.common.QUICKSTART
+    assert cli.common.resolve_notebook(None) == quickstart
+    assert cli.common.resolve_notebook("01") == quickstart
+    assert cli.common.resolve_notebook("01_quickstart") == quickstart
     own = write_notebook(tmp_path / "mine.ipynb", "1 + 1")
-    assert cli.resolve_notebook(str(own)) == own.resolve()
+    assert cli.common.resolve_notebook(str(own)) == own.resolve()
 
 
 @pytest.mark.parametrize(
@@ -197,12 +199,12 @@ def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
         calls.append(command)
         return 0
 
-    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(cli.demo.subprocess, "call", fake_call)
     workdir = tmp_path / "work"
     status, _, _ = run(["demo", "--dir", str(workdir), "--no-browser", "--port", "9999"], capsys)
-    copy = workdir / cli.QUICKSTART
+    copy = workdir / cli.common.QUICKSTART
     assert status == 0
-    assert copy.read_bytes() == (cli.notebooks_dir() / cli.QUICKSTART).read_bytes()
+    assert copy.read_bytes() == (cli.common.notebooks_dir() / cli.common.QUICKSTART).read_bytes()
     assert calls[0][:4] == [sys.executable, "-m", "jupyterlab", str(copy)]
     assert f"--ServerApp.root_dir={workdir.resolve()}" in calls[0]
     assert "--ServerApp.port=9999" in calls[0]
@@ -215,19 +217,19 @@ def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
 
 def hide_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     """Make ``find_spec`` report ``names`` as not installed."""
-    real = cli.importlib.util.find_spec
+    real = cli.common.importlib.util.find_spec
 
     def find_spec(name: str, *args: Any) -> Any:
         return None if name in names else real(name, *args)
 
-    monkeypatch.setattr(cli.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(cli.common.importlib.util, "find_spec", find_spec)
 
 
 def test_demo_without_jupyterlab_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hide_modules(monkeypatch, "jupyterlab", "voila")
-    root = Path(cli.__file__).resolve().parents[1]
+    root = Path(cli.__file__).resolve().parents[2]
     status, _, err = run(["demo", "--dir", str(tmp_path)], capsys)
     assert status == cli.EXIT_USAGE
     assert f"jupyterlab is not installed for {sys.executable}" in err
@@ -249,10 +251,11 @@ def test_check_without_the_notebook_tools_says_what_to_install(
 
 
 def test_install_hint_in_a_clone_names_the_clone() -> None:
-    root = Path(cli.__file__).resolve().parents[1]
-    assert cli.source_checkout() == root
+    root = Path(cli.__file__).resolve().parents[2]
+    assert cli.common.source_checkout() == root
     assert (
-        cli.install_hint("classroom") == f'{sys.executable} -m pip install -e "{root}[classroom]"'
+        cli.common.install_hint("classroom")
+        == f'{sys.executable} -m pip install -e "{root}[classroom]"'
     )
     pyproject = (root / "pyproject.toml").read_text()
     for extra in ("demo", "classroom"):  # the hints name extras that exist
@@ -263,16 +266,19 @@ def test_install_hint_from_a_wheel_lists_the_extra_requirements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Installed from a wheel there is no clone, and "diffwidget[...]" is on no index yet."""
-    monkeypatch.setattr(cli, "source_checkout", lambda: None)
+    monkeypatch.setattr(cli.common, "source_checkout", lambda: None)
     requires = [
         "torch>=2.2",
         "voila<0.6,>=0.5.13; extra == 'classroom'",
         'jupyterlab>=4; extra == "demo"',
         "pytest>=8; extra == 'test'",
     ]
-    monkeypatch.setattr(cli.importlib.metadata, "requires", lambda name: requires)
-    assert cli.install_hint("classroom") == f'{sys.executable} -m pip install "voila<0.6,>=0.5.13"'
-    assert cli.install_hint("demo") == f'{sys.executable} -m pip install "jupyterlab>=4"'
+    monkeypatch.setattr(cli.common.importlib.metadata, "requires", lambda name: requires)
+    assert (
+        cli.common.install_hint("classroom")
+        == f'{sys.executable} -m pip install "voila<0.6,>=0.5.13"'
+    )
+    assert cli.common.install_hint("demo") == f'{sys.executable} -m pip install "jupyterlab>=4"'
 
 
 STUB_MAIN = """
@@ -294,7 +300,7 @@ def test_demo_starts_programs_through_this_interpreter_not_path(
     (stubs / module / "__main__.py").write_text(STUB_MAIN)
     empty_bin.mkdir()
     record = tmp_path / "record.json"
-    root = Path(cli.__file__).resolve().parents[1]
+    root = Path(cli.__file__).resolve().parents[2]
     env = {
         key: value
         for key, value in os.environ.items()
@@ -319,7 +325,7 @@ def test_demo_starts_programs_through_this_interpreter_not_path(
     started = json.loads(record.read_text())
     assert started["module"] == module
     assert Path(started["executable"]).resolve() == Path(sys.executable).resolve()
-    assert str(tmp_path / "work" / cli.QUICKSTART) in started["argv"]
+    assert str(tmp_path / "work" / cli.common.QUICKSTART) in started["argv"]
     assert "--no-browser" in started["argv"]
     assert started["omp"] == "3"  # DIFFWIDGET_THREADS reaches the notebook kernels
     assert "DIFFWIDGET_THREADS=N" in result.stderr  # and the user is told how to change it
@@ -329,17 +335,19 @@ def test_kernels_keep_a_thread_count_the_user_set(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     monkeypatch.setenv("DIFFWIDGET_THREADS", "2")
-    assert cli._kernel_env()["OMP_NUM_THREADS"] == "4"
+    assert cli.demo._kernel_env()["OMP_NUM_THREADS"] == "4"
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cli._kernel_env()["OMP_NUM_THREADS"] == "2"
+    assert cli.demo._kernel_env()["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("DIFFWIDGET_THREADS")
-    assert cli._kernel_env()["OMP_NUM_THREADS"] == "1"
+    assert cli.demo._kernel_env()["OMP_NUM_THREADS"] == "1"
 
 
 def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None:
     pytest.importorskip("voila")
     notebook = write_notebook(tmp_path / "nb.ipynb", "1")
-    command, env = cli.classroom_command(notebook, port=8123, ip="127.0.0.1", open_browser=False)
+    command, env = cli.demo.classroom_command(
+        notebook, port=8123, ip="127.0.0.1", open_browser=False
+    )
     config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(os.pathsep)[0])
     assert command[:3] == [sys.executable, "-m", "voila"]
     assert command[3:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
@@ -390,7 +398,7 @@ def random_weight_model(monkeypatch: pytest.MonkeyPatch) -> None:
         assert model is None
         return build_demo_pipeline(seed=0)
 
-    monkeypatch.setattr(cli, "load_pipeline", load)
+    monkeypatch.setattr(cli.export, "load_pipeline", load)
 
 
 @pytest.mark.usefixtures("random_weight_model")

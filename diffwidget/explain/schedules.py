@@ -205,7 +205,7 @@ def run_with_timesteps(
         A schedule from this module (or any valid one).
     traced : bool
         Return a :class:`~diffwidget.tracing.trace.Trace` recorded by
-        :func:`diffwidget.tracing.context.trace` instead of the pipeline's output.
+        :func:`diffwidget.tracing.generate.trace` instead of the pipeline's output.
     **kwargs
         Passed to the pipeline call or to ``trace`` (``guidance_scale``, ``seed``, ...).
 
@@ -224,7 +224,7 @@ def run_with_timesteps(
     if "num_inference_steps" in kwargs:
         raise ValueError("pass either timesteps or num_inference_steps, not both")
     if traced:
-        from diffwidget.tracing.context import trace
+        from diffwidget.tracing.generate import trace
 
         return trace(pipe, prompt, num_inference_steps=len(ts), timesteps=ts, **kwargs)
     return pipe(prompt, timesteps=ts, **kwargs)

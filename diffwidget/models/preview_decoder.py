@@ -144,7 +144,7 @@ def shipped_preview_decoder(vae: Any) -> Any | None:
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
+    >>> from diffwidget.testing.tiny import tiny_sd_pipeline
     >>> shipped_preview_decoder(tiny_sd_pipeline().vae) is None
     True
     """

@@ -275,7 +275,7 @@ def compute_item(
     """
     from diffwidget.explain.faithfulness import InsertionDeletion
     from diffwidget.explain.registry import saliency_method
-    from diffwidget.tracing.context import trace as trace_run
+    from diffwidget.tracing.generate import trace as trace_run
 
     timing: dict[str, float] = {}
     start = clock()

@@ -98,7 +98,7 @@ class TraceContext:
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
+    >>> from diffwidget.testing.tiny import tiny_sd_pipeline
     >>> pipe = tiny_sd_pipeline()
     >>> with TraceContext(pipe, prompt="a red circle") as ctx:
     ...     out = pipe("a red circle", num_inference_steps=3, output_type="np")
@@ -465,7 +465,4 @@ class TraceContext:
         )
 
 
-# trace() lives in its own module; it is re-exported here, where it has always been found.
-from diffwidget.tracing.generate import trace  # noqa: E402
-
-__all__ = ["TraceContext", "trace"]
+__all__ = ["TraceContext"]

@@ -101,7 +101,7 @@ def trace(
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
+    >>> from diffwidget.testing.tiny import tiny_sd_pipeline
     >>> t = trace(tiny_sd_pipeline(), "a red circle", num_inference_steps=4)
     >>> t.n_steps, t.tokens[:4]
     (4, ['<|startoftext|>', 'a', 'red', 'circle'])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from typing import Any
 
@@ -28,14 +29,15 @@ def json_safe(value: Any) -> Any:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries a trace depends on, for its metadata."""
-    import diffusers
-    import torch
+    """Versions of the libraries a trace depends on, for its metadata.
 
-    import diffwidget
-
-    return {
-        "diffusers": diffusers.__version__,
-        "torch": torch.__version__,
-        "diffwidget": diffwidget.__version__,
-    }
+    Read from the installed distributions' metadata, so that this layer never imports the
+    package root; ``"unknown"`` for a copy run from a folder that was never installed.
+    """
+    found = {}
+    for name in ("diffusers", "torch", "diffwidget"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found

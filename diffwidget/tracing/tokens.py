@@ -165,7 +165,7 @@ def prompt_tokens(
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny import tiny_sd_pipeline
+    >>> from diffwidget.testing.tiny import tiny_sd_pipeline
     >>> tokens = prompt_tokens(tiny_sd_pipeline().tokenizer, "a red circle")
     >>> tokens.strings[:5]
     ['<|startoftext|>', 'a', 'red', 'circle', '<|endoftext|>']
@@ -202,7 +202,7 @@ def t5_tokens(tokenizer: Any, prompt: str, length: int) -> PromptTokens:
 
     Examples
     --------
-    >>> from diffwidget.tracing.tiny_dit import tiny_t5_tokenizer
+    >>> from diffwidget.testing.tiny_dit import tiny_t5_tokenizer
     >>> tokens = t5_tokens(tiny_t5_tokenizer(), "a red circle", 6)
     >>> tokens.strings
     ['a', 'red', 'circle', '</s>', '<pad>', '<pad>']

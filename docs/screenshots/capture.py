@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffwidget.explain.faithfulness import InsertionDeletion
     from diffwidget.explain.rise import DFRise
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
     from diffwidget.widget.explorer import Explorer
 
     if args.demo:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe, prompt = load_demo_pipeline(), "a large red circle on the left"
     else:
-        from diffwidget.tracing.tiny import tiny_sd_pipeline
+        from diffwidget.testing.tiny import tiny_sd_pipeline
 
         pipe, prompt = tiny_sd_pipeline(), "a red circle on the left"
     traced = trace(pipe, prompt, num_inference_steps=STEPS, seed=0)

@@ -74,7 +74,7 @@ def test_rise_counts_one_cfg_unet_call_and_derives_the_floor_from_it(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffwidget.tracing.tiny import tiny_sd_pipeline
+    from diffwidget.testing.tiny import tiny_sd_pipeline
 
     rec = tiny_run[0]["parts"]["rise"]
     # Independently: FLOPs of the UNet itself at the CFG batch of two (counts depend on
@@ -140,7 +140,7 @@ def test_cam_makes_its_own_sdxl_trace_and_reports_per_step_times(
 def test_dit_gives_the_analytic_numbers_and_no_cpu_peak(
     tiny_run: tuple[dict[str, Any], Path],
 ) -> None:
-    from diffwidget.tracing.tiny_dit import tiny_sd3_pipeline
+    from diffwidget.testing.tiny_dit import tiny_sd3_pipeline
 
     record = tiny_run[0]
     rec = record["parts"]["dit_sd3m"]

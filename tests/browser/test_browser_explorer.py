@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench.browserlib import JupyterServer, run_all_cells, run_code, write_notebook
-from diffwidget.tracing.synthetic import synthetic_trace
+from diffwidget.testing.synthetic import synthetic_trace
 from tests.browser.helpers import wait_for_json
 
 pytestmark = pytest.mark.browser

@@ -10,7 +10,7 @@ import pytest
 
 from bench.browserlib import run_code
 from diffwidget.explain.results import SaliencyMap
-from diffwidget.tracing.synthetic import synthetic_trace
+from diffwidget.testing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
 from tests.browser.helpers import wait_for_json as _wait_for_json
 from tests.browser.test_browser_explorer import canvas_pixels, open_explorer

@@ -16,7 +16,7 @@ import pytest
 
 from bench.browserlib import run_all_cells, write_notebook
 from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult, SaliencyMap
-from diffwidget.tracing.synthetic import synthetic_trace
+from diffwidget.testing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
 from tests.browser.test_browser_explorer import SETUP
 

@@ -31,8 +31,8 @@ def sd_trace(sd_pipe: Any) -> Trace:
 @pytest.fixture(scope="session")
 def sdxl_trace(tiny_sdxl_pipe: Any) -> Trace:
     """A 2-step run of the tiny SDXL pipeline traced by the tracing core (skips without it)."""
-    context = pytest.importorskip("diffwidget.tracing.context")
-    return context.trace(tiny_sdxl_pipe, PROMPT, num_inference_steps=2, seed=0)
+    generate = pytest.importorskip("diffwidget.tracing.generate")
+    return generate.trace(tiny_sdxl_pipe, PROMPT, num_inference_steps=2, seed=0)
 
 
 @pytest.fixture

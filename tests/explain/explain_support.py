@@ -18,7 +18,7 @@ def record_trace(
     pipe: Any, prompt: str, *, n_steps: int = N_STEPS, seed: int = 0, guidance: float = GUIDANCE
 ) -> Trace:
     """A traced run of ``pipe`` without decoded previews (the methods never need them)."""
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     return trace(
         pipe,

@@ -45,7 +45,7 @@ def test_demo_check_runs_the_notebook_with_the_chosen_model(
     status, out, err = run(["demo", "--check", "--model", "dit", "--notebook", str(path)], capsys)
     assert status == cli.EXIT_OK, err
     assert "ran without errors" in out
-    assert cli._kernel_env()[DEMO_MODEL_ENV] == "unet"  # the default, whatever the shell says
+    assert cli.demo._kernel_env()[DEMO_MODEL_ENV] == "unet"  # the default, whatever the shell says
 
 
 def test_export_loads_the_named_embedded_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,9 +56,9 @@ def test_export_loads_the_named_embedded_model(monkeypatch: pytest.MonkeyPatch) 
         return f"pipeline {model}"
 
     monkeypatch.setattr("diffwidget.models.loader.load_demo_pipeline", load)
-    assert cli.load_pipeline("dit") == "pipeline dit"
-    assert cli.load_pipeline("unet") == "pipeline unet"
-    assert cli.load_pipeline(None) == "pipeline unet"
+    assert cli.common.load_pipeline("dit") == "pipeline dit"
+    assert cli.common.load_pipeline("unet") == "pipeline unet"
+    assert cli.common.load_pipeline(None) == "pipeline unet"
     assert asked == ["dit", "unet", "unet"]
 
 

@@ -18,8 +18,8 @@ from diffwidget.models.preview_decoder import (
     shipped_preview_decoder,
     vae_fingerprint,
 )
-from diffwidget.tracing.context import trace
 from diffwidget.tracing.decode import decode_latents, decode_previews, resolve_preview_decoder
+from diffwidget.tracing.generate import trace
 
 #: Mean PSNR (dB) of the shipped decoder against the full VAE on a held-out trace's x̂0
 #: (measured 32-34 dB from step 2 on, 23 dB on the two noisiest steps).

@@ -253,7 +253,7 @@ def test_items_match_the_methods_called_directly(reference_run: Path, demo_pipe:
 
     from diffwidget.explain.cam import DFCam
     from diffwidget.explain.faithfulness import InsertionDeletion
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     torch.set_num_threads(1)
     record = results(reference_run)[sorted(results(reference_run))[0]]

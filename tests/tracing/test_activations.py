@@ -229,7 +229,7 @@ def test_clear_errors(tiny_sd_pipe: Any, tmp_path: Path) -> None:
 
 
 def test_x0_and_seeding_agree_with_a_traced_run(tiny_sd_pipe: Any) -> None:
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     recorder = ActivationRecorder(decode_x0=True, progress=False)
     record = recorder.record(tiny_sd_pipe, PROMPTS[:2], seeds=[3, 11], num_inference_steps=STEPS)

@@ -17,7 +17,7 @@ from diffwidget.tracing.attention import (
     attention_probs,
     cross_attention_layers,
 )
-from diffwidget.tracing.context import trace
+from diffwidget.tracing.generate import trace
 
 PROMPT = "a red circle on the left"
 #: float16 storage of probabilities: absolute rounding error per entry is below 2**-11.

@@ -13,9 +13,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffwidget.tracing.attention import CaptureAttnProcessor
 from diffwidget.tracing.budget import MemoryBudgetError
-from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.decode import to_uint8
 from diffwidget.tracing.families import denoiser_family
+from diffwidget.tracing.generate import trace
 from diffwidget.tracing.replay import StepReplay
 from diffwidget.tracing.trace import Trace
 from tests.family_cases import CASE_FAMILY, FAMILY_CASES, build_family_case

@@ -14,7 +14,7 @@ from diffwidget.explain.cam import DFCam
 from diffwidget.explain.faithfulness import InsertionDeletion
 from diffwidget.explain.relevance import TokenRelevance
 from diffwidget.explain.rise import DFRise
-from diffwidget.tracing.context import trace
+from diffwidget.tracing.generate import trace
 from diffwidget.tracing.replay import StepReplay
 from diffwidget.tracing.trace import Trace
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from diffwidget.tracing.attention import CaptureAttnProcessor
-from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.decode import to_uint8
+from diffwidget.tracing.generate import trace
 
 PROMPT = "a red circle on the left"
 STEPS = 4

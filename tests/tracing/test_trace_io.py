@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from diffwidget.tracing.budget import BYTES_PER_MB, MemoryBudgetError, estimate_step_bytes
-from diffwidget.tracing.context import TraceContext, trace
+from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.families.unet import grid_at_level, layer_grid, layer_level
+from diffwidget.tracing.generate import trace
 from diffwidget.tracing.tokens import prompt_tokens
 from diffwidget.tracing.trace import Trace, TraceFileError
 
@@ -197,7 +198,7 @@ def test_sd15_sized_estimate() -> None:
 
 
 def test_tiny_tokenizer_has_one_token_per_known_word(tiny_sd_pipe: Any) -> None:
-    from diffwidget.tracing.tiny import TINY_WORDS
+    from diffwidget.testing.tiny import TINY_WORDS
 
     tokenizer = tiny_sd_pipe.tokenizer
     # transformers 5 can silently build a 3-token vocabulary from misread files.

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffwidget.tracing.context import trace
 from diffwidget.tracing.decode import to_uint8
+from diffwidget.tracing.generate import trace
 
 PROMPT = "a red circle on the left"
 STEPS = 3

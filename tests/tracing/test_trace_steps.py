@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffwidget.tracing.context import trace
+from diffwidget.tracing.generate import trace
 from diffwidget.tracing.noise import predict_x0, scheduler_family
 
 PROMPT = "a red circle on the left"

@@ -251,7 +251,7 @@ def test_widget_modules_import_without_torch(tmp_path):
         "import diffwidget.widget.explorer, diffwidget.widget.export, diffwidget.widget.figures\n"
         "import diffwidget.widget.layers, diffwidget.widget.snapshot, diffwidget.widget.reporting\n"
         "import diffwidget.explain.protocol\n"
-        "from diffwidget.tracing.synthetic import synthetic_trace\n"
+        "from diffwidget.testing.synthetic import synthetic_trace\n"
         "from diffwidget.widget.explorer import Explorer\n"
         "e = Explorer(synthetic_trace()); e.grid = 'attention'; e.attention_layer = '8x8'\n"
         f"e._repr_mimebundle_(); e.to_html({str(tmp_path / 'view.html')!r}); e.close()\n"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffwidget.explain.results import SaliencyMap
-from diffwidget.tracing.synthetic import synthetic_trace
+from diffwidget.testing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
 from diffwidget.widget.export import standalone_state
 from diffwidget.widget.figures import link_explorers

@@ -10,7 +10,7 @@ import pytest
 
 from diffwidget.explain.attention import AttentionMaps
 from diffwidget.explain.results import SaliencyMap
-from diffwidget.tracing.synthetic import LAYER_GRIDS, synthetic_trace
+from diffwidget.testing.synthetic import LAYER_GRIDS, synthetic_trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.codecs import decode_array, payload_nbytes
 from diffwidget.widget.explorer import Explorer

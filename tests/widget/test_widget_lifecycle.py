@@ -54,7 +54,7 @@ def test_a_closed_explorer_is_garbage(synthetic_trace):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 def test_rss_plateaus_over_trace_explorer_close_cycles(tiny_sd_pipe):
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     before = open_widgets()
     samples = []

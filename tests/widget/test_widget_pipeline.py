@@ -76,8 +76,8 @@ def test_faithfulness_in_the_view_equals_a_direct_evaluation(tiny_sd_pipe, tiny_
 
 def test_exact_decode_of_the_shown_step_on_the_embedded_model():
     from diffwidget.models.loader import load_demo_pipeline
-    from diffwidget.tracing.context import trace
     from diffwidget.tracing.decode import decode_latents
+    from diffwidget.tracing.generate import trace
 
     pipe = load_demo_pipeline()
     traced = trace(pipe, "a large red circle on the left", num_inference_steps=6, seed=0)

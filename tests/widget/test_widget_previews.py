@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffwidget.tracing.synthetic import synthetic_trace
+from diffwidget.testing.synthetic import synthetic_trace
 from diffwidget.widget.previews import fit_linear_decoder, noisy_previews, shrink_images
 
 

@@ -11,7 +11,7 @@ image space (decoder) and MSE in latent space (encoder). Everything is seeded.
 Command (the shipped weights: 66 minutes on the shared 2-core CPU with one torch thread,
 load average about 8, 20 of them building the data set)::
 
-    python -m diffwidget.tracing.train_preview_decoder --out diffwidget/models/preview/demo
+    python -m diffwidget.models.train_preview_decoder --out diffwidget/models/preview/demo
 
 The folder gets ``config.json``, the weights and ``preview.json`` (settings, the VAE's
 fingerprint, the held-out PSNR against the full VAE).
@@ -89,7 +89,7 @@ def build_dataset(pipe: Any, config: PreviewConfig) -> tuple[Any, Any, Any]:
     import torch
 
     from diffwidget.models.scenes import SceneWorld
-    from diffwidget.tracing.context import trace
+    from diffwidget.tracing.generate import trace
 
     vae = pipe.vae
     scaling = float(vae.config.scaling_factor)

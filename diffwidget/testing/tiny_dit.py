@@ -3,7 +3,7 @@
 The transformer and text-encoder configs follow the dummy components of diffusers' own
 pipeline tests (``tests/pipelines/stable_diffusion_3/``, ``flux/``, ``pixart_sigma/``),
 with two blocks of each kind so that a trace shows more than one layer, and tokenizers
-built locally (those tests download theirs): CLIP as :mod:`diffwidget.tracing.tiny` builds
+built locally (those tests download theirs): CLIP as :mod:`diffwidget.testing.tiny` builds
 it, T5 as a SentencePiece-style ``T5Tokenizer`` over the same words.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from diffwidget.tracing.tiny import TINY_WORDS, _text_config, _tokenizer, _vae
+from diffwidget.testing.tiny import TINY_WORDS, _text_config, _tokenizer, _vae
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline

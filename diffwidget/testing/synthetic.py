@@ -3,7 +3,7 @@
 It has everything the explorer shows (previews, attention of three layers on different grids,
 one of them non-square, curves' timesteps) and needs no model and no torch, so the widget,
 its export and its real-browser behaviour can be shown, tested and benchmarked on any machine.
-Its numbers mean nothing; :mod:`diffwidget.tracing.tiny` builds real (random-weight) pipelines.
+Its numbers mean nothing; :mod:`diffwidget.testing.tiny` builds real (random-weight) pipelines.
 """
 
 from __future__ import annotations
