@@ -3,7 +3,8 @@
 Every string that comes from a file (prompt, item id, stored error, folder name, metric and
 curve names, token strings, layer names, settings) carries payloads that run script if a view
 ever parses them as HTML: ``<img onerror>``, ``<script>``, ``<svg onload>``, an ``<iframe
-srcdoc>``, a ``javascript:`` link, quote-breaking attribute escapes and a MathJax ``\\href``.
+srcdoc>``, a ``javascript:`` link, quote-breaking attribute escapes, element-closing escapes
+(``</title>``, ``</textarea>``) and a MathJax ``\\href``.
 Each payload calls ``alert`` and requests a URL holding :data:`MARK`, so a browser test sees
 any of them fire (a dialog, a request, an instrumented call). Built with NumPy only.
 """
@@ -37,6 +38,7 @@ def payload(tag: str) -> str:
         f" <script>{code}</script>"
         f' "><svg onload="{code}"></svg>'
         f" '><img src={MARK}-{tag}-q.png onerror={code}>"
+        f" </title></textarea></style><img src={MARK}-{tag}-t.png onerror={code}>"
         f' <iframe srcdoc="<script>{code}</script>"></iframe>'
         f' <a href="javascript:{code}">javascript:alert(1)</a>'
         f" $\\href{{javascript:alert('{MARK}-{tag}')}}{{click}}$"

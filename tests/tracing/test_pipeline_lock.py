@@ -118,15 +118,18 @@ def test_trace_waits_for_a_running_df_rise(pipe, alone, explorer_of):
     )
     worker.start()
     worker.join(BLOCKED_S)
-    assert worker.is_alive() and steps == [], "the trace ran while DF-RISE held the pipeline"
+    assert worker.is_alive(), "the trace ran while DF-RISE held the pipeline"
+    assert steps == []
     method.gate.set()
     saliency = future.result(WAIT_S)
     worker.join(WAIT_S)
     assert not worker.is_alive()
-    assert len(steps) == STEPS and min(steps) > method.ended_at  # strictly after DF-RISE
+    assert len(steps) == STEPS
+    assert min(steps) > method.ended_at  # strictly after DF-RISE
     _same_trace(result["trace"], alone["trace"])
     np.testing.assert_array_equal(saliency.map, alone["rise"])
-    assert explorer.status == "done" and explorer.error == ""
+    assert explorer.status == "done"
+    assert explorer.error == ""
 
 
 def test_df_rise_waits_for_a_running_trace(pipe, alone, explorer_of):
@@ -151,12 +154,14 @@ def test_df_rise_waits_for_a_running_trace(pipe, alone, explorer_of):
     assert in_step.wait(WAIT_S)  # the trace's hooks are installed, its loop is parked
     future = explorer.compute("df_rise", RISE_STEP)
     time.sleep(BLOCKED_S)
-    assert not future.done() and np.isnan(method.started_at), "DF-RISE ran inside the trace"
+    assert not future.done(), "DF-RISE ran inside the trace"
+    assert np.isnan(method.started_at)
     assert explorer.status == "running"
     resume.set()
     worker.join(WAIT_S)
     saliency = future.result(WAIT_S)
-    assert len(steps) == STEPS and method.started_at > max(steps)  # after the trace's loop
+    assert len(steps) == STEPS
+    assert method.started_at > max(steps)  # after the trace's loop
     _same_trace(result["trace"], alone["trace"])
     np.testing.assert_array_equal(saliency.map, alone["rise"])
 
