@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffwidget._markup import markdown_text
 from diffwidget.runs.aggregation import RANDOM_ORDER, ROLES_CURVE, SEGMENTATION_CURVE
 from diffwidget.runs.segmentation import DAAM_TAU
 from diffwidget.runs.store import atomic_write
@@ -103,7 +104,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return str(value).replace("|", "\\|")
+        return markdown_text(value)
     return "–" if not np.isfinite(number) else f"{number:.{digits}f}"
 
 
@@ -153,7 +154,7 @@ def write_summary(
         "",
         f"{len(table)} items: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
         "",
-        "Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items()) + ".",
+        "Settings: " + "; ".join(markdown_text(f"{k} = {v}") for k, v in settings.items()) + ".",
         "",
     ]
     if len(faith):
@@ -206,24 +207,28 @@ def write_summary(
         lines += ["## Token roles (attention mass, mean over items per step)", ""]
         for line in curves[ROLES_CURVE]["lines"]:
             values = ", ".join(_fmt(v, 3) for v in line["mean"])
-            lines.append(f"- {line['label']} (n = {line['n']}): {values}")
+            lines.append(f"- {markdown_text(line['label'])} (n = {line['n']}): {values}")
         lines.append("")
     if probes is not None:
         first = probes.first_step_above()
         lines += ["## Concept probes (unconditional half, held-out ROC-AUC)", ""]
-        lines += [f"- {c}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts]
+        lines += [
+            f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
+        ]
         lines.append("")
     lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
     lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
     column = worst_metric(table)
     if column is not None:
         worst = table[table["status"] == "ok"].sort_values(column).head(WORST_ITEMS)
-        lines += ["", f"## Worst items by {column}", ""]
+        lines += ["", f"## Worst items by {markdown_text(column)}", ""]
         lines += _markdown(worst, ["key", "prompt", column])
     failed = table[table["status"] == "failed"]
     if len(failed):
         lines += ["", "## Failed items", ""]
-        lines += [f"- {row.key}: {row.error}" for row in failed.itertuples()]
+        lines += [
+            f"- {markdown_text(row.key)}: {markdown_text(row.error)}" for row in failed.itertuples()
+        ]
     if figures:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures]
     text = "\n".join(lines) + "\n"

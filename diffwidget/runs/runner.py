@@ -29,6 +29,7 @@ from diffwidget.runs.store import (
     item_key,
     write_json,
 )
+from diffwidget.tracing.lock import hold_pipeline
 
 #: Called after every item this process finishes: ``on_item(key, status)``.
 ItemCallback = Callable[[str, str], None]
@@ -356,7 +357,10 @@ def _compute(
                 "process": {"rank": procs.rank, "count": procs.count},
             }
             try:
-                output = compute_item(pipe, item, seed, settings, scene_metrics=scene_metrics)
+                # The trace and the maps of one item never interleave with other work
+                # on this pipeline (an explorer's DF-RISE in the same notebook).
+                with hold_pipeline(pipe, f"run item {key}"):
+                    output = compute_item(pipe, item, seed, settings, scene_metrics=scene_metrics)
                 _store_item(store, key, base, output, settings.save_traces)
                 report.computed.append(key)
                 status = "ok"

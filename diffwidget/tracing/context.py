@@ -34,6 +34,7 @@ from diffwidget.tracing.calls import record_calls
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
 from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
+from diffwidget.tracing.lock import DEFAULT_WAIT_S, pipeline_lock, trace_task
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
     PredictionSource,
@@ -198,7 +199,14 @@ class TraceContext:
         return step_bytes
 
     # ------------------------------------------------------------- install/restore
+    #: Whether this context holds its pipeline's lock (``diffwidget.tracing.lock``).
+    _holds_pipeline = False
+
     def __enter__(self) -> TraceContext:
+        # Nothing else may drive the pipeline while its hooks are ours (an explorer's
+        # DF-RISE would be recorded as steps of this trace): wait for it, or refuse.
+        pipeline_lock(self.pipe).acquire(trace_task(self.prompt), DEFAULT_WAIT_S)
+        self._holds_pipeline = True
         self.records = StepRecords()
         self.recorder.step = 0
         self.recorder.maps = {}
@@ -227,7 +235,12 @@ class TraceContext:
             self._hooks.close()
             self._unwrap_scheduler()
         finally:
-            self.capture.restore()
+            try:
+                self.capture.restore()
+            finally:
+                if self._holds_pipeline:
+                    self._holds_pipeline = False
+                    pipeline_lock(self.pipe).release()
 
     def _wrap_scheduler(self) -> None:
         scheduler = self.pipe.scheduler

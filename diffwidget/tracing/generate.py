@@ -15,6 +15,7 @@ import numpy as np
 from diffwidget.tracing.budget import DEFAULT_MEMORY_BUDGET_MB
 from diffwidget.tracing.decode import PreviewDecoder
 from diffwidget.tracing.families import denoiser_family
+from diffwidget.tracing.lock import hold_pipeline, trace_task
 from diffwidget.tracing.noise import PredictionSource
 from diffwidget.tracing.tokens import TokenSelection
 
@@ -160,14 +161,16 @@ def trace(
     ctx.check_budget(num_inference_steps, height, width)
 
     generator = torch.Generator("cpu").manual_seed(seed)
-    with ctx:
-        output = pipe(
-            prompt,
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
-            generator=generator,
-            output_type="np",
-            **call,
-        )
-    return ctx.result(image=np.asarray(output.images[0]))
+    # Held across the call and the previews' decode; the context takes it again (reentrant).
+    with hold_pipeline(pipe, trace_task(prompt)):
+        with ctx:
+            output = pipe(
+                prompt,
+                num_inference_steps=num_inference_steps,
+                height=height,
+                width=width,
+                generator=generator,
+                output_type="np",
+                **call,
+            )
+        return ctx.result(image=np.asarray(output.images[0]))

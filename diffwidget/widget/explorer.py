@@ -138,6 +138,8 @@ class Explorer(ExplorerWork):
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._figures: list[Any] = []
+        self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
+        self._closed = False
         self._attention_config = attention
         self.attention_result: AttentionResult | None = None
         self._default_attention_layers: list[str] = []
@@ -153,6 +155,7 @@ class Explorer(ExplorerWork):
             on_done=self._job_done,
             on_cancel=self._job_cancelled,
             on_error=self._job_failed,
+            pipeline=pipe,
         )
         self.widget.on_message("cancel", lambda _content: self.cancel())
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
@@ -562,8 +565,16 @@ class Explorer(ExplorerWork):
 
         return export_html(self, path, title=title)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def close(self) -> None:
-        """Stop background work and close every widget this explorer created."""
+        """Stop background work, leave every link and close every widget it created."""
+        self._closed = True
+        for link in list(self._links):
+            link.remove(self)
         self._jobs.close(timeout=CLOSE_TIMEOUT_S)
         for figure in self._figures:
             figure.unlink()

@@ -12,11 +12,11 @@ the grid and every overlay and faithfulness result computed before export work.
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffwidget._markup import escape
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import to_transport
 from diffwidget.widget.model import ESM_PATH
@@ -70,9 +70,14 @@ def script_safe_json(value: Any) -> str:
     '{"prompt":"\\\\u003c/script\\\\u003e\\\\u003c!--"}'
     """
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    for char, escape in _SCRIPT_UNSAFE.items():
-        text = text.replace(char, escape)
+    for char, code in _SCRIPT_UNSAFE.items():
+        text = text.replace(char, code)
     return text
+
+
+def module_base64() -> str:
+    """The bundled ES module as base64 text (letters, digits, ``+ / =``: inert in a page)."""
+    return base64.b64encode(ESM_PATH.read_bytes()).decode("ascii")
 
 
 def standalone_state(explorer: Explorer) -> dict[str, Any]:
@@ -128,12 +133,11 @@ def export_html(explorer: Explorer, path: str | Path, *, title: str | None = Non
     path = Path(path)
     if path.suffix != ".html":
         path = path.with_suffix(path.suffix + ".html")
-    state_json = script_safe_json(to_transport(standalone_state(explorer), "base64"))
-    module = base64.b64encode(ESM_PATH.read_bytes()).decode("ascii")
+    # Every field is made safe where it is filled in (the markup lint checks this).
     page = _TEMPLATE.format(
-        title=html.escape(title or f"diffwidget: {explorer.trace.prompt}"),
-        state=state_json,
-        module=module,
+        title=escape(title or f"diffwidget: {explorer.trace.prompt}"),
+        state=script_safe_json(to_transport(standalone_state(explorer), "base64")),
+        module=module_base64(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

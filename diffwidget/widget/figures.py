@@ -8,7 +8,7 @@ cursor is a two-point ``Lines`` mark moved by a Python observer of the explorer'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -217,16 +217,73 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
 
 
 class ExplorerLink:
-    """Keeps several explorers on one step; ``unlink()`` undoes it."""
+    """Keeps several explorers on one step; ``unlink()`` undoes it.
 
-    def __init__(self, undo: list[Callable[[], None]]) -> None:
-        self._undo = undo
+    Closing an explorer takes it out of every link it is in (the others stay linked), so
+    moving a remaining explorer never reaches a closed one.
+    """
+
+    def __init__(self, explorers: Sequence[Explorer]) -> None:
+        self._members: list[Explorer] = []
+        self._handlers: dict[int, Callable[[Any], None]] = {}
+        # Browser-side links (same step counts), each with the two explorers it ties.
+        self._jslinks: list[tuple[Explorer, Explorer, Any]] = []
+        self._busy = False
+        for explorer in explorers:
+            self._members.append(explorer)
+            handler = self._propagator(explorer)
+            self._handlers[id(explorer)] = handler
+            explorer.widget.observe(handler, names=["step"])
+            explorer._links.append(self)
+
+    @property
+    def explorers(self) -> list[Explorer]:
+        """The explorers still linked."""
+        return list(self._members)
+
+    def _propagator(self, source: Explorer) -> Callable[[Any], None]:
+        def propagate(_change: Any) -> None:
+            if self._busy:
+                return
+            self._busy = True
+            try:
+                fraction = source.step / max(source.trace.n_steps - 1, 1)
+                for target in list(self._members):
+                    if target is not source:
+                        target.step = round(fraction * (target.trace.n_steps - 1))
+            finally:
+                self._busy = False
+
+        return propagate
+
+    def _jslink(self, first: Explorer, other: Explorer) -> None:
+        import ipywidgets
+
+        link = ipywidgets.jslink((first.widget, "step"), (other.widget, "step"))
+        self._jslinks.append((first, other, link))
+
+    def remove(self, explorer: Explorer) -> None:
+        """Take ``explorer`` out of the link (the others stay linked)."""
+        if explorer not in self._members:
+            return
+        self._members.remove(explorer)
+        explorer.widget.unobserve(self._handlers.pop(id(explorer)), names=["step"])
+        if self in explorer._links:
+            explorer._links.remove(self)
+        kept = []
+        for first, other, link in self._jslinks:
+            if explorer in (first, other):
+                link.unlink()
+            else:
+                kept.append((first, other, link))
+        self._jslinks = kept
+        if len(self._members) == 1:
+            self.remove(self._members[0])  # nothing left to link it to
 
     def unlink(self) -> None:
         """Stop linking."""
-        for undo in self._undo:
-            undo()
-        self._undo = []
+        for explorer in list(self._members):
+            self.remove(explorer)
 
 
 def link_explorers(*explorers: Explorer) -> ExplorerLink:
@@ -234,7 +291,8 @@ def link_explorers(*explorers: Explorer) -> ExplorerLink:
 
     Explorers with the same number of steps are linked in the browser with
     ``ipywidgets.jslink`` (no kernel round trip, works in exported notebooks); otherwise the
-    step is mapped by its fraction of the run through a Python observer.
+    step is mapped by its fraction of the run through a Python observer. Closing one of the
+    explorers takes it out of the link.
 
     Examples
     --------
@@ -242,40 +300,14 @@ def link_explorers(*explorers: Explorer) -> ExplorerLink:
     >>> explorer_a.step = 5; explorer_b.step  # doctest: +SKIP
     5
     """
-    import ipywidgets
-
     if len(explorers) < 2:
         raise ValueError("link_explorers needs at least two explorers")
-    first = explorers[0]
-    undo: list[Callable[[], None]] = []
+    closed = [e for e in explorers if e.closed]
+    if closed:
+        raise ValueError("this explorer was closed; link open explorers only")
+    link = ExplorerLink(explorers)
     if len({e.trace.n_steps for e in explorers}) == 1:
+        # jslink acts in the browser only; the observers keep kernel-side values in step too.
         for other in explorers[1:]:
-            link = ipywidgets.jslink((first.widget, "step"), (other.widget, "step"))
-            undo.append(link.unlink)
-        # jslink acts in the browser only; keep kernel-side values in step too.
-    busy = False
-
-    def make(source: Explorer) -> Callable[[Any], None]:
-        def propagate(_change: Any) -> None:
-            nonlocal busy
-            if busy:
-                return
-            busy = True
-            try:
-                fraction = source.step / max(source.trace.n_steps - 1, 1)
-                for target in explorers:
-                    if target is not source:
-                        n = target.trace.n_steps
-                        target.step = round(fraction * (n - 1))
-            finally:
-                busy = False
-
-        return propagate
-
-    for explorer in explorers:
-        handler = make(explorer)
-        explorer.widget.observe(handler, names=["step"])
-        undo.append(
-            lambda e=explorer, h=handler: e.widget.unobserve(h, names=["step"])  # type: ignore[misc]
-        )
-    return ExplorerLink(undo)
+            link._jslink(explorers[0], other)
+    return link

@@ -10,6 +10,10 @@ faithfulness curves run in a worker thread. Two kinds of requests share it:
 * **explicit requests** come from code (``explorer.compute(...)``). They queue in order and
   run before pending view requests; view requests never replace or stop them. Only
   :meth:`Jobs.cancel` (the cancel button, ``explorer.cancel()``) stops them.
+
+Each request holds its pipeline's lock (:mod:`diffwidget.tracing.lock`) while it runs, so a
+``trace()`` in a cell and the slider's DF-RISE wait for each other instead of interleaving.
+A request waiting for the lock stops waiting when it is cancelled.
 """
 
 from __future__ import annotations
@@ -22,8 +26,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffwidget.tracing.lock import hold_pipeline
+
 #: Seconds between two progress updates pushed to the view (a trait sync each).
 PROGRESS_INTERVAL_S = 0.05
+#: Seconds a request waits for a pipeline another thread uses (a trace in a cell, another
+#: explorer's job) before it fails with "pipeline busy"; cancelling stops the wait at once.
+PIPELINE_WAIT_S = 600.0
+#: How a busy message tells others to stop a running request.
+HOW_TO_CANCEL = "explorer.cancel() or the cancel button"
 
 Runner = Callable[["Request", Callable[[int, int], bool]], Any]
 
@@ -62,6 +73,8 @@ class Jobs:
         the work should stop.
     on_start, on_progress, on_done, on_cancel, on_error : callable
         Notifications, called from the worker thread.
+    pipeline : diffusers pipeline, optional
+        Whose lock each request holds while it runs (none without a pipeline).
     """
 
     def __init__(
@@ -73,8 +86,10 @@ class Jobs:
         on_done: Callable[[Request, Any], None],
         on_cancel: Callable[[Request, Any], None],
         on_error: Callable[[Request, BaseException], None],
+        pipeline: Any = None,
     ) -> None:
         self._run = run
+        self._pipeline = pipeline
         self._on_start = on_start
         self._on_progress = on_progress
         self._on_done = on_done
@@ -205,7 +220,14 @@ class Jobs:
 
         self._on_start(request)
         try:
-            result = self._run(request, progress)
+            with hold_pipeline(
+                self._pipeline,
+                request.label,
+                timeout=PIPELINE_WAIT_S,
+                cancelled=request.cancel.is_set,
+                how_to_stop=HOW_TO_CANCEL,
+            ) as held:
+                result = self._run(request, progress) if held else None
             if request.cancel.is_set():
                 self._on_cancel(request, result)
             else:

@@ -202,6 +202,12 @@ def saliency_grid(kind: str, results: Mapping[int, SaliencyMap], latent: tuple[i
     [4, 8, 12]
     """
     steps = sorted(results)
+    if not steps:
+        raise ValueError(
+            f"{method_label(kind)} is not computed yet: compute it at the steps you want "
+            f"(explorer.compute({kind!r}, step), or show the {method_label(kind)} overlay and "
+            "move the slider; both need Explorer(trace, pipe=pipe)), then open the grid"
+        )
     names = [o["value"] for o in saliency_layer_options(kind, results)[1:]]
     if not names:
         raise ValueError(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from diffwidget._markup import safe_html
 from diffwidget.runs.aggregation import ITEM_COLUMNS, RANDOM_ORDER, aggregate_curves
 from diffwidget.runs.open import RunResult
 from diffwidget.runs.report import worst_metric
@@ -26,6 +27,8 @@ LIST_ROWS = 12
 #: Characters of the prompt shown per row.
 PROMPT_WIDTH = 48
 _BAND_OPACITY = 0.2
+#: How to compute an item again: resuming a run recomputes what is missing or damaged.
+_RESUME = "resume the run (the same `diffwidget run` command with the same --out) to compute it"
 
 
 class RunView(RunResult):
@@ -70,6 +73,31 @@ def open_run(path: str | Path) -> RunView:
     >>> run.browser()  # doctest: +SKIP
     """
     return RunView(path)
+
+
+def item_message(record: dict[str, Any]) -> str:
+    """Why an item has no explorer, by its status: not computed yet, failed, damaged, no trace.
+
+    Examples
+    --------
+    >>> item_message({"status": "missing"}).split(":")[0]
+    'not computed yet (status missing)'
+    >>> item_message({"status": "failed", "error": {"type": "ValueError", "message": "bad"}})
+    'failed: ValueError: bad'
+    """
+    status = record["status"]
+    if status == "missing":
+        return f"not computed yet (status missing): {_RESUME}"
+    if status == "corrupt":
+        return f"its result file is damaged or incomplete (status corrupt): {_RESUME} again"
+    if status == "failed":
+        error = record.get("error") or {}
+        kind = error.get("type") or "error"
+        return f"failed: {kind}: {error.get('message') or 'the run recorded no message'}"
+    return (
+        f"computed (status {status}), but the run kept no trace of it; rerun it without "
+        "--no-traces (save_traces=True) to open its explorer"
+    )
 
 
 def _row_label(row: Any, column: str | None) -> str:
@@ -139,9 +167,13 @@ class RunBrowser:
         self._below = w.VBox([])
         counts = table["status"].value_counts().to_dict()
         header = w.HTML(
-            f"<b>{run.path.name}</b>: {len(table)} items ("
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-            + "). Click an item to open its explorer below."
+            safe_html(
+                "<b>{name}</b>: {count} items ({statuses}). Click an item to open its "
+                "explorer below.",
+                name=run.path.name,
+                count=len(table),
+                statuses=", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            )
         )
         self.widget = w.VBox(
             [
@@ -206,12 +238,12 @@ class RunBrowser:
             self.explorer = None
         record = self.run.record(key)
         if record["status"] != "ok" or "trace" not in record.get("files", {}):
-            error = record.get("error") or {}
-            text = error.get("message") or "no trace was kept for this item"
-            self._below.children = [w.HTML(f"<b>{key}</b> ({record['status']}): {text}")]
+            self._below.children = [
+                w.HTML(safe_html("<b>{key}</b>: {text}", key=key, text=item_message(record)))
+            ]
             return
         self.explorer = self.run.explorer(key)
-        caption = w.HTML(f"<b>{key}</b>: {record['prompt']}")
+        caption = w.HTML(safe_html("<b>{key}</b>: {prompt}", key=key, prompt=record["prompt"]))
         self._below.children = [caption, self.explorer.widget]
 
     # ------------------------------------------------------------------ curves
@@ -221,7 +253,7 @@ class RunBrowser:
         self._x = bq.LinearScale()
         self._y = bq.LinearScale()
         self._x_axis = bq.Axis(scale=self._x, label="")
-        self._y_axis = bq.Axis(scale=self._y, orientation="vertical", label="")
+        self._y_axis = bq.Axis(scale=self._y, side="left", label="")
         return bq.Figure(
             marks=[],
             axes=[self._x_axis, self._y_axis],

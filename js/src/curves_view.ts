@@ -1,6 +1,6 @@
 import { setStep, shownStep, tokenVisible } from "./actions";
 import { checkPayload, float32Of } from "./data";
-import { type Cleanup, h, type Model, onChanges } from "./model";
+import { type Cleanup, h, type Model, onChanges, setSafeAttribute } from "./model";
 import { formatValue } from "./scale_view";
 import {
   CURVE_GROUP_TITLES,
@@ -87,7 +87,7 @@ function svg<K extends keyof SVGElementTagNameMap>(
   text?: string,
 ): SVGElementTagNameMap[K] {
   const node = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const [k, v] of Object.entries(attrs)) setSafeAttribute(node, k, v);
   if (text !== undefined) node.textContent = text;
   return node;
 }

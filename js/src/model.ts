@@ -26,3 +26,16 @@ export function h<K extends keyof HTMLElementTagNameMap>(
   if (text !== undefined) node.textContent = text;
   return node;
 }
+
+/** Attribute names that run code (`on…`) or load a URL: never set from a name held in data. */
+const UNSAFE_ATTRIBUTE = /^(on|(xlink:)?href$|src$|srcdoc$|action$|formaction$)/i;
+
+/**
+ * Set an attribute whose *name* is held in a variable (an SVG helper's attribute map).
+ * Values set with `setAttribute` are text, never parsed; names that run code or load a URL
+ * are refused, so no map can ever add an event handler or a link.
+ */
+export function setSafeAttribute(node: Element, name: string, value: string): void {
+  if (UNSAFE_ATTRIBUTE.test(name)) throw new Error(`refusing to set attribute ${name}`);
+  node.setAttribute(name, value);
+}

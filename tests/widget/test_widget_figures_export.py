@@ -70,6 +70,43 @@ def test_link_explorers_same_and_different_lengths():
         e.close()
 
 
+class _InstantRise:
+    """A DF-RISE stand-in: the same blob at every step, at once."""
+
+    name, label = "df_rise", "DF-RISE"
+
+    def attribute(self, pipe, trace, step, progress=None):
+        value = np.eye(trace.latent_shape[0], dtype=np.float32)
+        return SaliencyMap("df_rise", step, int(trace.timesteps[step]), value, value)
+
+    def describe(self, result):
+        return "instant DF-RISE"
+
+
+def test_closing_an_explorer_takes_it_out_of_its_links():
+    a = Explorer(synthetic_trace(), methods={"df_rise": _InstantRise()})
+    b, c = Explorer(synthetic_trace(seed=1)), Explorer(synthetic_trace(n_steps=10))
+    d = Explorer(synthetic_trace(seed=2))
+    try:
+        link = link_explorers(a, b, c)
+        other = link_explorers(a, d)
+        a.overlay = "df_rise"  # moving a would now request DF-RISE from its worker
+        a.close()
+        b.step = 19  # reached the closed explorer before: "this explorer was closed"
+        assert c.step == 9
+        assert a.step == 0
+        assert link.explorers == [b, c]
+        assert all(a not in pair for *pair, _link in link._jslinks)
+        assert other.explorers == []  # d has nothing left to follow
+        d.step = 4
+        assert b.step == 19
+        with pytest.raises(ValueError, match="this explorer was closed"):
+            link_explorers(a, b)
+    finally:
+        for explorer in (a, b, c, d):
+            explorer.close()
+
+
 def test_html_export_inlines_module_and_state(explorer, tmp_path):
     value = np.eye(16, dtype=np.float32)
     explorer.add_overlay("df_rise", 4, SaliencyMap("df_rise", 4, 0, value, value))

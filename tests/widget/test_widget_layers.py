@@ -150,9 +150,20 @@ def test_saliency_grid_and_layer_filter_from_computed_maps(explorer):
     shown = decode_array(explorer.widget.overlays["df_cam"]["maps"])
     np.testing.assert_allclose(shown[0], _cam(3, latent).layers["up_blocks.2"], atol=1 / 255)
     assert "showing layer up_blocks.2 only" in explorer.widget.overlays["df_cam"]["descriptions"][0]
-    # DF-RISE has no per-layer maps: asking for its grid says so.
+    # DF-RISE maps have no per-layer maps: asking for their grid says so.
+    rise = _cam(3, latent)
+    explorer.add_overlay("df_rise", 3, dataclasses.replace(rise, method="df_rise", layers={}))
     explorer.grid = "df_rise"
     assert "no per-layer maps" in explorer.error
+
+
+def test_grid_of_a_method_not_computed_yet_says_how_to_compute_it(explorer):
+    explorer.grid = "df_cam"
+    error = explorer.error
+    assert error.startswith("DF-CAM is not computed yet")
+    assert "explorer.compute('df_cam', step)" in error
+    assert "per-layer" not in error  # the maps exist once computed; nothing is missing
+    assert explorer.widget.grid_data is None
 
 
 def test_grid_payload_of_a_sd_sized_trace_stays_small():

@@ -1,0 +1,162 @@
+"""Hostile data as people pass it around: a run folder and a trace whose strings are markup.
+
+Every string that comes from a file (prompt, item id, stored error, folder name, metric and
+curve names, token strings, layer names, settings) carries payloads that run script if a view
+ever parses them as HTML: ``<img onerror>``, ``<script>``, ``<svg onload>``, an ``<iframe
+srcdoc>``, a ``javascript:`` link, quote-breaking attribute escapes, element-closing escapes
+(``</title>``, ``</textarea>``) and a MathJax ``\\href``.
+Each payload calls ``alert`` and requests a URL holding :data:`MARK`, so a browser test sees
+any of them fire (a dialog, a request, an instrumented call). Built with NumPy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from diffwidget.runs.prompts import PromptItem
+from diffwidget.runs.store import FORMAT_VERSION, RunStore, item_key, write_json
+from diffwidget.testing.synthetic import LAYER_GRIDS, synthetic_trace
+from diffwidget.tracing.trace import Trace
+
+#: In every payload's URLs and alerts: a request or a dialog holding it means script ran.
+MARK = "dwxss"
+#: Steps of the hostile trace.
+N_STEPS = 6
+
+
+def payload(tag: str) -> str:
+    """Text with every kind of markup payload; ``tag`` names where it was placed."""
+    code = (
+        f"alert('{MARK}-{tag}');fetch('/api/contents/{MARK}-{tag}.txt',"
+        "{method:'PUT',body:JSON.stringify({type:'file',format:'text',content:'x'})})"
+    )
+    return (
+        f'a red circle <img src="{MARK}-{tag}.png" onerror="{code}">'
+        f" <script>{code}</script>"
+        f' "><svg onload="{code}"></svg>'
+        f" '><img src={MARK}-{tag}-q.png onerror={code}>"
+        f" </title></textarea></style><img src={MARK}-{tag}-t.png onerror={code}>"
+        f' <iframe srcdoc="<script>{code}</script>"></iframe>'
+        f' <a href="javascript:{code}">javascript:alert(1)</a>'
+        f" $\\href{{javascript:alert('{MARK}-{tag}')}}{{click}}$"
+    )
+
+
+def file_safe_payload(tag: str) -> str:
+    """A payload that can be a file or folder name (no ``/``, under 120 bytes)."""
+    return (
+        f"{tag}\"'><img src={MARK}-{tag}.png onerror=alert('{MARK}-{tag}')>"
+        f"<svg onload=alert('{MARK}-{tag}')>javascript:alert(1)"
+    )
+
+
+#: The folder name of :func:`write_hostile_run`'s run.
+RUN_FOLDER = "run-" + file_safe_payload("folder")
+#: Ids of its items: traced, failed, not computed yet.
+OK_ID = file_safe_payload("id")
+FAILED_ID = file_safe_payload("failed")
+MISSING_ID = file_safe_payload("missing")
+
+
+def key_of(item_id: str, seed: int) -> str:
+    """The key of an item of :func:`write_hostile_run` (its base seed given)."""
+    return item_key(item_id, PromptItem(item_id, "", seed=seed).generator_seed(0))
+
+
+OK_KEY, FAILED_KEY, MISSING_KEY = key_of(OK_ID, 1), key_of(FAILED_ID, 2), key_of(MISSING_ID, 3)
+#: The prompt of the traced item (and of its trace).
+PROMPT = payload("prompt")
+#: The failed item's stored error message.
+ERROR = payload("error")
+#: A metric and a curve name stored in the records.
+METRIC = payload("metric") + ".deletion_gain"
+CURVE = payload("curve")
+#: The hostile layer's name (a module path in a real trace).
+LAYER = "down_blocks.0." + payload("layer")
+
+
+def hostile_trace() -> Trace:
+    """The synthetic trace with a hostile prompt, two hostile tokens and a hostile layer."""
+    trace = synthetic_trace(n_steps=N_STEPS, prompt=PROMPT)
+    tokens = list(trace.tokens)
+    tokens[2], tokens[3] = payload("token"), file_safe_payload("token2")
+    first = next(iter(LAYER_GRIDS))
+    attention = {(LAYER if name == first else name): maps for name, maps in trace.attention.items()}
+    return dataclasses.replace(trace, tokens=tokens, attention=attention)
+
+
+def _curve() -> dict[str, object]:
+    fractions = np.linspace(0.0, 1.0, 5)
+    return {
+        "step": 2,
+        "fractions": fractions.tolist(),
+        "deletion": (1 - fractions).tolist(),
+        "insertion": fractions.tolist(),
+        "random_deletion": (1 - 0.5 * fractions).tolist(),
+        "random_insertion": (0.5 * fractions).tolist(),
+    }
+
+
+def write_hostile_run(parent: Path) -> Path:
+    """A run folder (as ``diffwidget run`` writes one) whose every string is hostile.
+
+    Items: one finished with a trace, one failed with a hostile error, one not computed yet.
+    """
+    store = RunStore(parent / RUN_FOLDER)
+    items = [
+        PromptItem(OK_ID, PROMPT, labels={"colour": payload("label")}, seed=1),
+        PromptItem(FAILED_ID, payload("failed-prompt"), seed=2),
+        PromptItem(MISSING_ID, payload("missing-prompt"), seed=3),
+    ]
+    write_json(
+        store.manifest_path,
+        {
+            "format_version": FORMAT_VERSION,
+            "settings": {"seeds": [0], "metrics": [], "model": payload("setting")},
+            "items": [item.to_json() for item in items],
+        },
+    )
+    ok, failed = items[0], items[1]
+    key = item_key(ok.id, ok.generator_seed(0))
+    trace_path = store.trace_path(key)
+    trace_path.parent.mkdir(parents=True)
+    hostile_trace().save(trace_path)
+    arrays_path = store.arrays_path(key)
+    arrays_path.parent.mkdir(parents=True)
+    np.savez(arrays_path)
+    base = {"format_version": FORMAT_VERSION, "offset": 0}
+    write_json(
+        store.item_path(key),
+        {
+            **base,
+            "key": key,
+            "id": ok.id,
+            "seed": ok.generator_seed(0),
+            "prompt": ok.prompt,
+            "status": "ok",
+            "metrics": {"seg.ours.iou@0.4": 0.25, METRIC: 0.1},
+            "curves": {CURVE: _curve()},
+            "maps": [],
+            "files": {
+                "trace": store.file_entry(trace_path),
+                "arrays": store.file_entry(arrays_path),
+            },
+        },
+    )
+    failed_key = item_key(failed.id, failed.generator_seed(0))
+    write_json(
+        store.item_path(failed_key),
+        {
+            **base,
+            "key": failed_key,
+            "id": failed.id,
+            "seed": failed.generator_seed(0),
+            "prompt": failed.prompt,
+            "status": "failed",
+            "error": {"type": "RuntimeError", "message": ERROR, "traceback": ERROR},
+        },
+    )
+    return store.root
