@@ -5,9 +5,101 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffwidget.cli.common import DEFAULT_STEPS, EXIT_OK, UsageError
+from diffwidget.cli.common import EXIT_OK, UsageError
+
+if TYPE_CHECKING:
+    from diffwidget.explain.config import MethodConfig
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+
+#: The one place where the command line meets the methods' typed configs: each flag sets
+#: one setting of one method (``faithfulness``: the insertion/deletion evaluator). ``--set
+#: METHOD.SETTING=VALUE`` reaches every other setting; unset, the configs' defaults hold.
+CONFIG_FLAGS: dict[str, tuple[str, str, type]] = {
+    "--rise-masks": ("df_rise", "n_masks", int),
+    "--n-random": ("faithfulness", "n_random", int),
+    "--cells-per-stage": ("faithfulness", "cells_per_stage", int),
+}
+_FAITHFULNESS = "faithfulness"
+
+
+def _flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Method -> setting -> text, from the flags and ``--set``, checked against --methods."""
+    given: dict[str, dict[str, str]] = {}
+    for flag, (method, setting, _) in CONFIG_FLAGS.items():
+        value = getattr(args, _flag_dest(flag))
+        if value is not None:
+            given.setdefault(method, {})[setting] = str(value)
+    for text in args.set:
+        target, equals, value = text.partition("=")
+        method, dot, setting = target.partition(".")
+        if not equals or not dot:
+            raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
+        given.setdefault(method, {})[setting] = value
+    unknown = sorted(set(given) - {*args.methods, _FAITHFULNESS})
+    if unknown:
+        raise UsageError(
+            f"settings for {unknown}, which --methods ({' '.join(args.methods)}) does not "
+            "compute; add them to --methods"
+        )
+    return given
+
+
+def method_configs(
+    args: argparse.Namespace,
+) -> tuple[list[str | MethodConfig], InsertionDeletionConfig]:
+    """The run's methods (names, or configs where settings were given) and the evaluator's
+    config, from the command line."""
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.explain.registry import config_class
+
+    configs: dict[str, MethodConfig] = {}
+    for method, settings in _given_settings(args).items():
+        kind = InsertionDeletionConfig if method == _FAITHFULNESS else config_class(method)
+        config = kind()
+        for setting, text in settings.items():
+            try:
+                config = config.with_text(setting, text)
+            except ValueError as error:
+                raise UsageError(f"{method}.{setting}: {error}") from None
+        configs[method] = config
+    evaluator = configs.pop(_FAITHFULNESS, None)
+    assert evaluator is None or isinstance(evaluator, InsertionDeletionConfig)
+    return [
+        configs.get(name, name) for name in args.methods
+    ], evaluator or InsertionDeletionConfig()
+
+
+class _ConfigDefault:
+    """A config's default, looked up only when ``--help`` prints it (configs need torch)."""
+
+    def __init__(self, method: str, setting: str) -> None:
+        self.method, self.setting = method, setting
+
+    def __str__(self) -> str:
+        from diffwidget.explain.faithfulness import InsertionDeletionConfig
+        from diffwidget.explain.registry import config_class
+
+        kind = (
+            InsertionDeletionConfig if self.method == _FAITHFULNESS else config_class(self.method)
+        )
+        return str(getattr(kind(), self.setting))
+
+
+class _ConfigFlag(argparse.Action):
+    """``--flag VALUE`` for one config setting; ``%(config_default)s`` in its help."""
+
+    def __init__(self, *args: Any, config_default: _ConfigDefault, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_default = config_default
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
 
 
 def run_prompts(args: argparse.Namespace) -> int:
@@ -24,20 +116,19 @@ def run_prompts(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    methods, faithfulness = method_configs(args)
     try:
         report = run(
             args.prompts,
             args.out,
-            methods=args.methods,
+            methods=methods,
             steps=args.steps,
             seeds=args.seeds,
             shard=args.shard,
             inference_steps=args.inference_steps,
             guidance=args.guidance,
             model=args.model,
-            rise_masks=args.rise_masks,
-            n_random=args.n_random,
-            cells_per_stage=args.cells_per_stage,
+            faithfulness=faithfulness,
             metrics=args.metrics,
             save_traces=not args.no_traces,
             device="cpu" if args.cpu else None,
@@ -56,7 +147,13 @@ def run_prompts(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add ``diffwidget run`` to the subcommands ``sub``."""
-    from diffwidget.runs.metrics import DEFAULT_METRICS, MAP_METHODS, METRICS
+    from diffwidget.runs.metrics import (
+        DEFAULT_METHODS,
+        DEFAULT_METRICS,
+        MAP_METHODS,
+        METRICS,
+        RunSettings,
+    )
 
     p_run = sub.add_parser(
         "run",
@@ -83,8 +180,8 @@ def add_parser(sub: Any) -> None:
         "--methods",
         nargs="+",
         choices=MAP_METHODS,
-        default=list(MAP_METHODS),
-        help="maps computed at every explained step (default: all)",
+        default=list(DEFAULT_METHODS),
+        help="maps computed at every explained step (default: %(default)s)",
     )
     p_run.add_argument(
         "--steps",
@@ -104,7 +201,7 @@ def add_parser(sub: Any) -> None:
     p_run.add_argument(
         "--inference-steps",
         type=int,
-        default=DEFAULT_STEPS,
+        default=RunSettings.inference_steps,
         help="denoising steps per prompt (default: %(default)s)",
     )
     p_run.add_argument("--guidance", type=float, default=None, help="CFG scale above 1")
@@ -114,20 +211,27 @@ def add_parser(sub: Any) -> None:
         metavar="unet|dit|DIR",
         help="embedded model (unet, the default, or dit) or a local diffusers pipeline folder",
     )
+    helps = {
+        "--rise-masks": "DF-RISE masks per map",
+        "--n-random": "random orders beside each AUC",
+        "--cells-per-stage": "faithfulness stage size (none: the paper's, scaled to the latent)",
+    }
+    for flag, (method, setting, kind) in CONFIG_FLAGS.items():
+        p_run.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            action=_ConfigFlag,
+            config_default=_ConfigDefault(method, setting),
+            help=f"{helps[flag]} (default: %(config_default)s; sets {method}.{setting})",
+        )
     p_run.add_argument(
-        "--rise-masks", type=int, default=500, help="DF-RISE masks (default: %(default)s)"
-    )
-    p_run.add_argument(
-        "--n-random",
-        type=int,
-        default=3,
-        help="random orders beside each AUC (default: %(default)s)",
-    )
-    p_run.add_argument(
-        "--cells-per-stage",
-        type=int,
-        default=None,
-        help="faithfulness stage size (default: the paper's, scaled to the latent)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.SETTING=VALUE",
+        help="any setting of a method's config, e.g. df_rise.p=0.3 or faithfulness.operator=zero "
+        "(repeatable)",
     )
     p_run.add_argument(
         "--metrics",

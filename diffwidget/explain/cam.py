@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +159,7 @@ def _layer_cams(
     replay: StepReplay,
     paths: list[str],
     acts: dict[str, list[torch.Tensor]],
-    grad_of: dict[int, torch.Tensor | None],
+    grad_of: Mapping[int, torch.Tensor | None],
     size: tuple[int, int],
     w: float,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:

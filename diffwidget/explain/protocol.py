@@ -96,8 +96,15 @@ class Cancelled(Exception):
 class SaliencyMethod(Protocol):
     """A per-step saliency method as the widget and the runner use it."""
 
-    name: str
-    label: str
+    @property
+    def name(self) -> str:
+        """Its registry name (a class attribute will do)."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """How people call it."""
+        ...
 
     def attribute(
         self, pipe: Any, trace: Any, step: int, progress: ProgressCallback | None = None

@@ -46,7 +46,7 @@ def _load(name: str) -> type[SaliencyMethodBase[Any]]:
             f"{entry.module}.{entry.cls} is named {getattr(cls, 'name', None)!r}, but the "
             f"registry lists it as {name!r}; make them agree in diffwidget/explain/protocol.py"
         )
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 #: Methods that return a :class:`~diffwidget.explain.results.SaliencyMap` for one step.

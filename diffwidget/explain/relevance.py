@@ -212,7 +212,7 @@ class TokenRelevanceConfig(MethodConfig):
     Examples
     --------
     >>> TokenRelevanceConfig(text_encoder=False).to_json()
-    {'self_attention': True, 'text_encoder': False}
+    {'text_encoder': False, 'self_attention': True}
     """
 
     text_encoder: bool = True
