@@ -14,92 +14,64 @@ if TYPE_CHECKING:
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
 
 #: The one place where the command line meets the methods' typed configs: each flag sets
-#: one setting of one method (``faithfulness``: the insertion/deletion evaluator). ``--set
-#: METHOD.SETTING=VALUE`` reaches every other setting; unset, the configs' defaults hold.
-CONFIG_FLAGS: dict[str, tuple[str, str, type]] = {
-    "--rise-masks": ("df_rise", "n_masks", int),
-    "--n-random": ("faithfulness", "n_random", int),
-    "--cells-per-stage": ("faithfulness", "cells_per_stage", int),
+#: one setting of one method (``faithfulness``: the insertion/deletion evaluator); ``--set
+#: METHOD.SETTING=VALUE`` reaches every other setting. Unset, the configs' defaults hold.
+CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--rise-masks": ("df_rise", "n_masks", "DF-RISE masks per map"),
+    "--n-random": ("faithfulness", "n_random", "random orders beside each AUC"),
+    "--cells-per-stage": ("faithfulness", "cells_per_stage", "cells per faithfulness stage"),
 }
 _FAITHFULNESS = "faithfulness"
 
 
-def _flag_dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def _config_class(method: str) -> type[MethodConfig]:
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.explain.registry import config_class
+
+    return InsertionDeletionConfig if method == _FAITHFULNESS else config_class(method)
 
 
-def _given_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """Method -> setting -> text, from the flags and ``--set``, checked against --methods."""
-    given: dict[str, dict[str, str]] = {}
-    for flag, (method, setting, _) in CONFIG_FLAGS.items():
-        value = getattr(args, _flag_dest(flag))
-        if value is not None:
-            given.setdefault(method, {})[setting] = str(value)
-    for text in args.set:
-        target, equals, value = text.partition("=")
-        method, dot, setting = target.partition(".")
-        if not equals or not dot:
-            raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
-        given.setdefault(method, {})[setting] = value
-    unknown = sorted(set(given) - {*args.methods, _FAITHFULNESS})
-    if unknown:
-        raise UsageError(
-            f"settings for {unknown}, which --methods ({' '.join(args.methods)}) does not "
-            "compute; add them to --methods"
-        )
-    return given
+class _ConfigDefault:
+    """A flag's value until it is given: the config's default, read only when ``--help``
+    prints it (configs import torch)."""
+
+    def __init__(self, method: str, setting: str) -> None:
+        self.method, self.setting = method, setting
+
+    def __str__(self) -> str:
+        return str(getattr(_config_class(self.method)(), self.setting))
 
 
 def method_configs(
     args: argparse.Namespace,
 ) -> tuple[list[str | MethodConfig], InsertionDeletionConfig]:
     """The run's methods (names, or configs where settings were given) and the evaluator's
-    config, from the command line."""
+    config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
-    from diffwidget.explain.registry import config_class
 
+    given = [
+        (method, setting, value)
+        for flag, (method, setting, _) in CONFIG_FLAGS.items()
+        if not isinstance(value := getattr(args, flag[2:].replace("-", "_")), _ConfigDefault)
+    ]
+    for text in args.set:
+        target, equals, value = text.partition("=")
+        method, dot, setting = target.partition(".")
+        if not equals or not dot:
+            raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
+        given.append((method, setting, value))
     configs: dict[str, MethodConfig] = {}
-    for method, settings in _given_settings(args).items():
-        kind = InsertionDeletionConfig if method == _FAITHFULNESS else config_class(method)
-        config = kind()
-        for setting, text in settings.items():
-            try:
-                config = config.with_text(setting, text)
-            except ValueError as error:
-                raise UsageError(f"{method}.{setting}: {error}") from None
-        configs[method] = config
-    evaluator = configs.pop(_FAITHFULNESS, None)
-    assert evaluator is None or isinstance(evaluator, InsertionDeletionConfig)
-    return [
-        configs.get(name, name) for name in args.methods
-    ], evaluator or InsertionDeletionConfig()
-
-
-class _ConfigDefault:
-    """A config's default, looked up only when ``--help`` prints it (configs need torch)."""
-
-    def __init__(self, method: str, setting: str) -> None:
-        self.method, self.setting = method, setting
-
-    def __str__(self) -> str:
-        from diffwidget.explain.faithfulness import InsertionDeletionConfig
-        from diffwidget.explain.registry import config_class
-
-        kind = (
-            InsertionDeletionConfig if self.method == _FAITHFULNESS else config_class(self.method)
-        )
-        return str(getattr(kind(), self.setting))
-
-
-class _ConfigFlag(argparse.Action):
-    """``--flag VALUE`` for one config setting; ``%(config_default)s`` in its help."""
-
-    def __init__(self, *args: Any, config_default: _ConfigDefault, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.config_default = config_default
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
-        setattr(namespace, self.dest, values)
+    for method, setting, value in given:
+        if method not in (*args.methods, _FAITHFULNESS):
+            raise UsageError(f"{method}.{setting} is set, but --methods does not compute {method}")
+        try:
+            config = configs.get(method) or _config_class(method)()
+            configs[method] = config.with_text(setting, value)
+        except ValueError as error:
+            raise UsageError(f"{method}.{setting}: {error}") from None
+    evaluator = configs.pop(_FAITHFULNESS, None) or InsertionDeletionConfig()
+    assert isinstance(evaluator, InsertionDeletionConfig)
+    return [configs.get(name, name) for name in args.methods], evaluator
 
 
 def run_prompts(args: argparse.Namespace) -> int:
@@ -211,19 +183,11 @@ def add_parser(sub: Any) -> None:
         metavar="unet|dit|DIR",
         help="embedded model (unet, the default, or dit) or a local diffusers pipeline folder",
     )
-    helps = {
-        "--rise-masks": "DF-RISE masks per map",
-        "--n-random": "random orders beside each AUC",
-        "--cells-per-stage": "faithfulness stage size (none: the paper's, scaled to the latent)",
-    }
-    for flag, (method, setting, kind) in CONFIG_FLAGS.items():
+    for flag, (method, setting, text) in CONFIG_FLAGS.items():
         p_run.add_argument(
             flag,
-            type=kind,
-            default=None,
-            action=_ConfigFlag,
-            config_default=_ConfigDefault(method, setting),
-            help=f"{helps[flag]} (default: %(config_default)s; sets {method}.{setting})",
+            default=_ConfigDefault(method, setting),
+            help=f"{text} (default: %(default)s; sets {method}.{setting})",
         )
     p_run.add_argument(
         "--set",
