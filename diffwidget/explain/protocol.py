@@ -54,7 +54,7 @@ class MethodEntry:
 
 
 #: Registry names of the per-step saliency methods (one name per line of :data:`METHODS`).
-SaliencyMethodName = Literal["df_rise", "df_cam"]
+SaliencyMethodName = Literal["df_rise", "df_cam", "occlusion"]
 #: The registry of the per-step saliency methods, in menu order.
 METHODS: dict[str, MethodEntry] = {
     "df_rise": MethodEntry(
@@ -68,6 +68,12 @@ METHODS: dict[str, MethodEntry] = {
         "Grad-CAM weight (activation × mean gradient, ReLU)",
         "diffwidget.explain.cam",
         "DFCam",
+    ),
+    "occlusion": MethodEntry(
+        "Occlusion",
+        "drop in similarity of the prediction when a window over the cell is zeroed",
+        "diffwidget.explain.occlusion",
+        "Occlusion",
     ),
 }
 SALIENCY_METHOD_NAMES: tuple[str, ...] = get_args(SaliencyMethodName)

@@ -26,7 +26,7 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
     )
     try:
         widget = explorer.widget
-        assert widget.available == ["none", "attention", "df_rise", "df_cam"]
+        assert widget.available == ["none", "attention", "df_rise", "df_cam", "occlusion"]
         h, w = tiny_trace.latent_shape
         n, t = tiny_trace.n_steps, len(tiny_trace.tokens)
         assert decode_array(widget.attention).shape == (n, t, h, w)
