@@ -1,24 +1,16 @@
 """One base for the explanation methods (captum's ``Attribution``): settings and the shared loop.
 
 A method is a class with a registry ``name``, a typed config (:class:`MethodConfig`) and one
-verb. It writes only its algorithm; the base owns what every method used to write again:
-
-* **settings**: ``Method(config)`` or ``Method(**settings)`` builds and validates the config;
-  ``method.config`` is the frozen record, ``method.config.to_json()`` its stable JSON form;
-* **step checks and replay**: :meth:`Method.step_inputs` validates the loop index (with a hint
-  when a scheduler timestep was passed) and builds the stateless
-  :class:`~diffwidget.tracing.replay.StepReplay`;
-* **the loop** (:class:`Loop`): work items (masks, orderings, steps) in batches, a ``tqdm``
-  bar, the caller's ``progress(done, total)``, cancel (``progress`` returns ``False``) and
-  Ctrl-C, the time to the first batch, and a typed :class:`LoopStatus`;
-* **saliency results**: :class:`SaliencyMethodBase` turns a method's raw map into a
-  :class:`~diffwidget.explain.results.SaliencyMap` (normalised, timed, step and timestep set).
+verb, and writes only its algorithm. The base builds and checks the config, checks the step
+and builds the stateless replay (:meth:`Method.step_inputs`), runs work items in batches with
+a progress bar, the caller's ``progress``, cancel and Ctrl-C (:class:`Loop`, which keeps a
+typed :class:`LoopStatus`), and turns a raw map into a
+:class:`~diffwidget.explain.results.SaliencyMap` (:class:`SaliencyMethodBase`).
 
 Examples
 --------
 >>> from diffwidget.explain.rise import DFRise  # doctest: +SKIP
->>> rise = DFRise(n_masks=200)  # doctest: +SKIP
->>> rise.config.to_json()["n_masks"]  # doctest: +SKIP
+>>> DFRise(n_masks=200).config.to_json()["n_masks"]  # doctest: +SKIP
 200
 """
 
