@@ -167,14 +167,8 @@ def projection(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            run(
-                f"scene:{args.prompts}",
-                Path(folder) / "run",
-                pipe=pipe,
-                progress=False,
-                rise_masks=500,
-                n_random=3,
-            )
+            # The methods' defaults are the paper's settings (500 masks, 3 random orders).
+            run(f"scene:{args.prompts}", Path(folder) / "run", pipe=pipe, progress=False)
             wall = time.perf_counter() - start
             items = sorted((Path(folder) / "run" / "items").glob("*.json"))
             records = [json.loads(p.read_text()) for p in items]

@@ -5,9 +5,73 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffwidget.cli.common import DEFAULT_STEPS, EXIT_OK, UsageError
+from diffwidget.cli.common import EXIT_OK, UsageError
+
+if TYPE_CHECKING:
+    from diffwidget.explain.config import MethodConfig
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+
+#: The one place where the command line meets the methods' typed configs: each flag sets
+#: one setting of one method (``faithfulness``: the insertion/deletion evaluator); ``--set
+#: METHOD.SETTING=VALUE`` reaches every other setting. Unset, the configs' defaults hold.
+CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--rise-masks": ("df_rise", "n_masks", "DF-RISE masks per map"),
+    "--n-random": ("faithfulness", "n_random", "random orders beside each AUC"),
+    "--cells-per-stage": ("faithfulness", "cells_per_stage", "cells per faithfulness stage"),
+}
+_FAITHFULNESS = "faithfulness"
+
+
+def _config_class(method: str) -> type[MethodConfig]:
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.explain.registry import config_class
+
+    return InsertionDeletionConfig if method == _FAITHFULNESS else config_class(method)
+
+
+class _ConfigDefault:
+    """A flag's value until it is given: the config's default, read only when ``--help``
+    prints it (configs import torch)."""
+
+    def __init__(self, method: str, setting: str) -> None:
+        self.method, self.setting = method, setting
+
+    def __str__(self) -> str:
+        return str(getattr(_config_class(self.method)(), self.setting))
+
+
+def method_configs(
+    args: argparse.Namespace,
+) -> tuple[list[str | MethodConfig], InsertionDeletionConfig]:
+    """The run's methods (names, or configs where settings were given) and the evaluator's
+    config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+
+    given = [
+        (method, setting, value)
+        for flag, (method, setting, _) in CONFIG_FLAGS.items()
+        if not isinstance(value := getattr(args, flag[2:].replace("-", "_")), _ConfigDefault)
+    ]
+    for text in args.set:
+        target, equals, value = text.partition("=")
+        method, dot, setting = target.partition(".")
+        if not equals or not dot:
+            raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
+        given.append((method, setting, value))
+    configs: dict[str, MethodConfig] = {}
+    for method, setting, value in given:
+        if method not in (*args.methods, _FAITHFULNESS):
+            raise UsageError(f"{method}.{setting} is set, but --methods does not compute {method}")
+        try:
+            config = configs.get(method) or _config_class(method)()
+            configs[method] = config.with_text(setting, value)
+        except ValueError as error:
+            raise UsageError(f"{method}.{setting}: {error}") from None
+    evaluator = configs.pop(_FAITHFULNESS, None) or InsertionDeletionConfig()
+    assert isinstance(evaluator, InsertionDeletionConfig)
+    return [configs.get(name, name) for name in args.methods], evaluator
 
 
 def run_prompts(args: argparse.Namespace) -> int:
@@ -24,20 +88,19 @@ def run_prompts(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    methods, faithfulness = method_configs(args)
     try:
         report = run(
             args.prompts,
             args.out,
-            methods=args.methods,
+            methods=methods,
             steps=args.steps,
             seeds=args.seeds,
             shard=args.shard,
             inference_steps=args.inference_steps,
             guidance=args.guidance,
             model=args.model,
-            rise_masks=args.rise_masks,
-            n_random=args.n_random,
-            cells_per_stage=args.cells_per_stage,
+            faithfulness=faithfulness,
             metrics=args.metrics,
             save_traces=not args.no_traces,
             device="cpu" if args.cpu else None,
@@ -56,7 +119,13 @@ def run_prompts(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add ``diffwidget run`` to the subcommands ``sub``."""
-    from diffwidget.runs.metrics import DEFAULT_METRICS, MAP_METHODS, METRICS
+    from diffwidget.runs.metrics import (
+        DEFAULT_METHODS,
+        DEFAULT_METRICS,
+        MAP_METHODS,
+        METRICS,
+        RunSettings,
+    )
 
     p_run = sub.add_parser(
         "run",
@@ -83,8 +152,8 @@ def add_parser(sub: Any) -> None:
         "--methods",
         nargs="+",
         choices=MAP_METHODS,
-        default=list(MAP_METHODS),
-        help="maps computed at every explained step (default: all)",
+        default=list(DEFAULT_METHODS),
+        help="maps computed at every explained step (default: %(default)s)",
     )
     p_run.add_argument(
         "--steps",
@@ -104,7 +173,7 @@ def add_parser(sub: Any) -> None:
     p_run.add_argument(
         "--inference-steps",
         type=int,
-        default=DEFAULT_STEPS,
+        default=RunSettings.inference_steps,
         help="denoising steps per prompt (default: %(default)s)",
     )
     p_run.add_argument("--guidance", type=float, default=None, help="CFG scale above 1")
@@ -114,20 +183,19 @@ def add_parser(sub: Any) -> None:
         metavar="unet|dit|DIR",
         help="embedded model (unet, the default, or dit) or a local diffusers pipeline folder",
     )
+    for flag, (method, setting, text) in CONFIG_FLAGS.items():
+        p_run.add_argument(
+            flag,
+            default=_ConfigDefault(method, setting),
+            help=f"{text} (default: %(default)s; sets {method}.{setting})",
+        )
     p_run.add_argument(
-        "--rise-masks", type=int, default=500, help="DF-RISE masks (default: %(default)s)"
-    )
-    p_run.add_argument(
-        "--n-random",
-        type=int,
-        default=3,
-        help="random orders beside each AUC (default: %(default)s)",
-    )
-    p_run.add_argument(
-        "--cells-per-stage",
-        type=int,
-        default=None,
-        help="faithfulness stage size (default: the paper's, scaled to the latent)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.SETTING=VALUE",
+        help="any setting of a method's config, e.g. df_rise.p=0.3 or faithfulness.operator=zero "
+        "(repeatable)",
     )
     p_run.add_argument(
         "--metrics",

@@ -16,9 +16,13 @@ from typing import Any
 _LAZY = {
     "AttentionMaps": "diffwidget.explain.attention",
     "DFRise": "diffwidget.explain.rise",
+    "DFRiseConfig": "diffwidget.explain.rise",
     "DFCam": "diffwidget.explain.cam",
+    "DFCamConfig": "diffwidget.explain.cam",
     "TokenRelevance": "diffwidget.explain.relevance",
+    "TokenRelevanceConfig": "diffwidget.explain.relevance",
     "InsertionDeletion": "diffwidget.explain.faithfulness",
+    "InsertionDeletionConfig": "diffwidget.explain.faithfulness",
     "ConceptProbe": "diffwidget.explain.probes",
     "ConceptCurves": "diffwidget.explain.probes",
     "ConceptSet": "diffwidget.explain.concepts",

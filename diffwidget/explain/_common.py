@@ -1,4 +1,4 @@
-"""Small helpers shared by the explanation methods (device memory, progress, step checks)."""
+"""Small helpers shared by the explanation methods (device memory, batch sizes, checks)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-#: Progress callbacks are called as ``progress(done, total)``; returning ``False`` cancels.
-ProgressCallback = Callable[[int, int], "bool | None"]
+from diffwidget.explain.protocol import ProgressCallback
+
+__all__ = ["ProgressCallback", "auto_batch_size", "check_int", "check_step", "choose_batch"]
 
 #: Share of the free device memory a batch may use (the rest is headroom for the allocator).
 MEMORY_HEADROOM = 0.6
@@ -121,3 +122,22 @@ def auto_batch_size(
     cells = grid[0] * grid[1]
     size = max(1, min(n_items, MAX_AUTO_BATCH, CPU_BATCH_AT_16x16 * _CPU_REFERENCE_CELLS // cells))
     return size, "CPU default scaled by latent area"
+
+
+def choose_batch(
+    given: int | None,
+    probe: Callable[[int], Any],
+    device: torch.device,
+    n_items: int,
+    grid: tuple[int, int],
+) -> tuple[int, str]:
+    """The batch size a user gave (at most ``n_items``), else :func:`auto_batch_size`'s.
+
+    Examples
+    --------
+    >>> choose_batch(64, print, torch.device("cpu"), 10, (16, 16))
+    (10, 'given')
+    """
+    if given is not None:
+        return min(given, n_items), "given"
+    return auto_batch_size(probe, device, n_items, grid)

@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, check_step, check_str_list
-from diffwidget.explain.protocol import METHOD_LABELS, describe_saliency
+from diffwidget.explain._common import ProgressCallback, check_str_list
+from diffwidget.explain.base import SaliencyMethodBase, SaliencyParts, StepInputs
+from diffwidget.explain.config import MethodConfig
+from diffwidget.explain.protocol import describe_saliency
 from diffwidget.explain.results import SaliencyMap, minmax
 from diffwidget.tracing.hooks import capture_outputs
 from diffwidget.tracing.replay import StepReplay
 
-if TYPE_CHECKING:
-    from diffwidget.tracing.trace import Trace
+
+@dataclass(frozen=True)
+class DFCamConfig(MethodConfig):
+    """Settings of :class:`DFCam`: the module paths of its layers (``None``: the family's).
+
+    Examples
+    --------
+    >>> DFCamConfig(blocks=["mid_block"]).to_json()
+    {'blocks': ['mid_block']}
+    """
+
+    blocks: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        chosen = check_str_list("blocks", self.blocks)
+        if chosen is not None and not chosen:
+            raise ValueError("blocks is empty; pass None for every block or a list of module paths")
+        self._normalise("blocks", None if chosen is None else tuple(chosen))
 
 
-class DFCam:
+class DFCam(SaliencyMethodBase[DFCamConfig]):
     """DF-CAM: Grad-CAM maps of denoiser layers at step ``t`` (Park, Ju & Lee 2024, Sec. 3.3).
 
     One forward and one backward pass of the denoiser (with classifier-free guidance,
@@ -41,6 +59,8 @@ class DFCam:
 
     Parameters
     ----------
+    config : DFCamConfig, optional
+        The setting below as a record (``DFCam(config)``); or pass it by name.
     blocks : sequence of str, optional
         Diffusers module paths of the layers, e.g. ``["down_blocks.1", "mid_block"]``,
         ``["up_blocks.1.attentions.0"]`` or ``["transformer_blocks.3"]``. Default: the
@@ -72,13 +92,7 @@ class DFCam:
     """
 
     name = "df_cam"
-    label = METHOD_LABELS[name]
-
-    def __init__(self, blocks: Sequence[str] | None = None) -> None:
-        chosen = check_str_list("blocks", blocks)
-        if chosen is not None and not chosen:
-            raise ValueError("blocks is empty; pass None for every block or a list of module paths")
-        self.blocks = chosen
+    config_class = DFCamConfig
 
     def describe(self, result: SaliencyMap) -> str:
         """The caption of ``result``: the layers summed and how they were combined."""
@@ -92,39 +106,14 @@ class DFCam:
             text += "; activations and gradients CFG-combined"
         return text
 
-    def attribute(
-        self,
-        pipe: Any,
-        trace: Trace,
-        step: int,
-        progress: ProgressCallback | None = None,
-    ) -> SaliencyMap:
-        """Compute the DF-CAM maps at loop index ``step``.
-
-        Parameters
-        ----------
-        pipe : DiffusionPipeline
-            The pipeline the trace came from.
-        trace : Trace
-            The recorded run.
-        step : int
-            Loop index (not the scheduler timestep).
-        progress : callable, optional
-            Called as ``progress(0, 1)`` before and ``progress(1, 1)`` after the pass; the
-            work is one pass, so returning ``False`` has nothing to cancel.
-
-        Returns
-        -------
-        SaliencyMap
-            ``layers`` maps block path -> ``(h, w)`` map in [0, 1].
-        """
-        step = check_step(trace, step)
-        start_time = time.perf_counter()
-        replay = StepReplay(pipe, trace)
+    def _saliency(self, inputs: StepInputs, progress: ProgressCallback | None) -> SaliencyParts:
+        """One forward and one backward at the recorded ``x_t``: ``progress(0, 1)`` before
+        and ``progress(1, 1)`` after; one pass has nothing to cancel."""
+        replay, step = inputs.replay, inputs.step
         family = replay.family
-        paths = self.blocks if self.blocks is not None else family.cam_layers()
-        size = trace.latent_shape
-        w = float(trace.guidance_scale)
+        blocks = self.config.blocks
+        paths = list(blocks) if blocks is not None else family.cam_layers()
+        w = float(inputs.trace.guidance_scale)
         if progress is not None:
             progress(0, 1)
         # The input requires grad so the graph exists even when the model is frozen; grad
@@ -147,40 +136,11 @@ class DFCam:
             tensors = [t for p in paths for t in acts[p]]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
         grad_of = dict(zip(map(id, tensors), grads, strict=True))
-        layers: dict[str, Any] = {}
-        layers_raw: dict[str, Any] = {}
-        peaks: dict[str, float] = {}
-        empty: list[str] = []
-        with torch.no_grad():
-            for path in paths:
-                calls = acts[path]
-                a_u, a_c = replay.halves([t.detach().float() for t in calls])
-                g_u, g_c = replay.halves([_grad_or_zeros(grad_of[id(t)], t).float() for t in calls])
-                if a_u is not None and g_u is not None:
-                    a = a_u + w * (a_c - a_u)
-                    # dy/dA_u and dy/dA_c already carry (1 - w) and w.
-                    g = g_u + g_c
-                else:
-                    a, g = a_c, g_c
-                a = family.spatial(a, replay.layout)[-1]
-                g = family.spatial(g, replay.layout)[-1]
-                alpha = g.mean(dim=(1, 2))
-                cam = F.relu((alpha[:, None, None] * a).sum(0))
-                peaks[path] = float(cam.max())
-                up = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)
-                layers_raw[path] = up[0, 0].cpu().numpy().astype("float32")
-                if peaks[path] <= 0:
-                    empty.append(path)
-                layers[path] = minmax(layers_raw[path])
-        raw = sum(layers.values())
+        layers, layers_raw, peaks = _layer_cams(replay, paths, acts, grad_of, inputs.size, w)
         if progress is not None:
             progress(1, 1)
-        return SaliencyMap(
-            method=self.name,
-            step=step,
-            timestep=int(trace.timesteps[step]),
-            map=minmax(raw),
-            raw=raw.astype("float32"),
+        return SaliencyParts(
+            raw=sum(layers.values()),
             layers=layers,
             layers_raw=layers_raw,
             meta={
@@ -190,10 +150,44 @@ class DFCam:
                 "cfg_combined": replay.do_cfg,
                 "guidance_scale": w,
                 "cam_peaks": peaks,
-                "empty_layers": empty,
-                "seconds": time.perf_counter() - start_time,
+                "empty_layers": [path for path in paths if peaks[path] <= 0],
             },
         )
+
+
+def _layer_cams(
+    replay: StepReplay,
+    paths: list[str],
+    acts: dict[str, list[torch.Tensor]],
+    grad_of: Mapping[int, torch.Tensor | None],
+    size: tuple[int, int],
+    w: float,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """Each block's CAM on the latent grid: normalised, raw, and its peak before upsampling."""
+    family = replay.family
+    layers: dict[str, Any] = {}
+    layers_raw: dict[str, Any] = {}
+    peaks: dict[str, float] = {}
+    with torch.no_grad():
+        for path in paths:
+            calls = acts[path]
+            a_u, a_c = replay.halves([t.detach().float() for t in calls])
+            g_u, g_c = replay.halves([_grad_or_zeros(grad_of[id(t)], t).float() for t in calls])
+            if a_u is not None and g_u is not None:
+                a = a_u + w * (a_c - a_u)
+                # dy/dA_u and dy/dA_c already carry (1 - w) and w.
+                g = g_u + g_c
+            else:
+                a, g = a_c, g_c
+            a = family.spatial(a, replay.layout)[-1]
+            g = family.spatial(g, replay.layout)[-1]
+            alpha = g.mean(dim=(1, 2))
+            cam = F.relu((alpha[:, None, None] * a).sum(0))
+            peaks[path] = float(cam.max())
+            up = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)
+            layers_raw[path] = up[0, 0].cpu().numpy().astype("float32")
+            layers[path] = minmax(layers_raw[path])
+    return layers, layers_raw, peaks
 
 
 def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

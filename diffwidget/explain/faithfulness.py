@@ -6,13 +6,16 @@ import contextlib
 import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
+from diffwidget.explain._common import ProgressCallback, check_int, check_step, choose_batch
+from diffwidget.explain.base import Method, StepInputs
+from diffwidget.explain.config import MethodConfig
 from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult, SaliencyMap
 from diffwidget.explain.similarity import effective_window, gaussian_window, similarity
 from diffwidget.tracing.replay import StepReplay
@@ -21,7 +24,9 @@ if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
 
 AucSimilarity = Literal["ssim", "cosine"]
+AUC_SIMILARITIES: tuple[str, ...] = get_args(AucSimilarity)
 AucTarget = Literal["x0", "prev"]
+AUC_TARGETS: tuple[str, ...] = get_args(AucTarget)
 #: What a deleted cell becomes (and what insertion starts from).
 AucOperator = Literal["paper", "zero", "blur", "renoise"]
 AUC_OPERATORS: tuple[str, ...] = get_args(AucOperator)
@@ -79,7 +84,43 @@ def stage_plan(size: tuple[int, int], cells_per_stage: int | None = None) -> tup
     return cps, math.ceil(n / cps) + 1
 
 
-class InsertionDeletion:
+@dataclass(frozen=True)
+class InsertionDeletionConfig(MethodConfig):
+    """Settings of :class:`InsertionDeletion` (each is described there); validated when built.
+
+    Examples
+    --------
+    >>> InsertionDeletionConfig(n_random=1).n_random
+    1
+    """
+
+    similarity: AucSimilarity = "ssim"
+    cells_per_stage: int | None = None
+    blur_kernel: int = BLUR_KERNEL
+    blur_sigma: float = BLUR_SIGMA
+    n_random: int = 3
+    seed: int = 0
+    target: AucTarget = "x0"
+    batch_size: int | None = None
+    operator: AucOperator = DEFAULT_OPERATOR
+
+    def __post_init__(self) -> None:
+        if self.operator not in AUC_OPERATORS:
+            raise ValueError(f"unknown operator {self.operator!r}; use one of {AUC_OPERATORS}")
+        if self.similarity not in AUC_SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; use 'ssim' or 'cosine'")
+        if self.target not in AUC_TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; use 'x0' or 'prev'")
+        self._normalise("n_random", check_int("n_random", self.n_random))
+        self._normalise(
+            "cells_per_stage", check_int("cells_per_stage", self.cells_per_stage, optional=True)
+        )
+        self._normalise("batch_size", check_int("batch_size", self.batch_size, optional=True))
+        self._normalise("seed", check_int("seed", self.seed, 0))
+        self._normalise("blur_kernel", check_int("blur_kernel", self.blur_kernel))
+
+
+class InsertionDeletion(Method[InsertionDeletionConfig]):
     """Insertion and deletion curves for a saliency map at one step, beside random orders.
 
     Latent cells are ordered by decreasing saliency. *Deletion* zeroes them (all channels)
@@ -91,6 +132,8 @@ class InsertionDeletion:
 
     Parameters
     ----------
+    config : InsertionDeletionConfig, optional
+        The settings below as one record; or pass them by name.
     similarity : {"ssim", "cosine"}
         Full SSIM (Gaussian window shrunk to fit the grid, data range of the reference) or
         cosine similarity, both in latent space.
@@ -127,38 +170,21 @@ class InsertionDeletion:
     Change the pipeline's weights in place and you need a new evaluator.
     """
 
+    name = "faithfulness"
+    label = "insertion/deletion"
+    config_class = InsertionDeletionConfig
+    unit = "ordering"
+    progress_bar_default = False
+
     def __init__(
         self,
-        similarity: AucSimilarity = "ssim",
-        cells_per_stage: int | None = None,
-        blur_kernel: int = BLUR_KERNEL,
-        blur_sigma: float = BLUR_SIGMA,
-        n_random: int = 3,
-        seed: int = 0,
-        target: AucTarget = "x0",
-        batch_size: int | None = None,
-        operator: AucOperator = DEFAULT_OPERATOR,
+        config: InsertionDeletionConfig | None = None,
+        /,
+        *,
+        progress_bar: bool | None = None,
+        **settings: Any,
     ) -> None:
-        if operator not in AUC_OPERATORS:
-            raise ValueError(f"unknown operator {operator!r}; use one of {AUC_OPERATORS}")
-        if similarity not in ("ssim", "cosine"):
-            raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
-        if target not in ("x0", "prev"):
-            raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
-        n_random = int(check_int("n_random", n_random))  # type: ignore[arg-type]
-        cells_per_stage = check_int("cells_per_stage", cells_per_stage, optional=True)
-        batch_size = check_int("batch_size", batch_size, optional=True)
-        seed = int(check_int("seed", seed, 0))  # type: ignore[arg-type]
-        blur_kernel = int(check_int("blur_kernel", blur_kernel))  # type: ignore[arg-type]
-        self.similarity = similarity
-        self.cells_per_stage = cells_per_stage
-        self.blur_kernel = blur_kernel
-        self.blur_sigma = blur_sigma
-        self.n_random = n_random
-        self.seed = seed
-        self.target = target
-        self.batch_size = batch_size
-        self.operator = operator
+        super().__init__(config, progress_bar=progress_bar, **settings)
         # step -> (weakref to pipe, weakref to trace, deletion curves, insertion curves)
         self._random: dict[int, tuple[Any, Any, list[np.ndarray], list[np.ndarray]]] = {}
 
@@ -181,18 +207,18 @@ class InsertionDeletion:
         self, replay: StepReplay, step: int, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What deletion puts in place of a cell, and what insertion starts from."""
-        if self.operator == "renoise":
+        if self.config.operator == "renoise":
             # x_t = alpha x0 + sigma eps in the scheduler's own scale: sigma is the step's
             # noise level (VP, sigma-space and flow schedules alike).
             _, std, _ = replay.coefficients(step)
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.config.seed)
             noise = std * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
             return noise, noise
-        blurred = blur_latent(x, self.blur_kernel, self.blur_sigma)
+        blurred = blur_latent(x, self.config.blur_kernel, self.config.blur_sigma)
         zero = torch.zeros_like(x)
-        if self.operator == "zero":
+        if self.config.operator == "zero":
             return zero, zero
-        if self.operator == "blur":
+        if self.config.operator == "blur":
             return blurred, blurred
         return zero, blurred
 
@@ -208,7 +234,7 @@ class InsertionDeletion:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = x.shape[-2:]
         n = h * w
-        cps, n_stages = stage_plan((h, w), self.cells_per_stage)
+        cps, n_stages = stage_plan((h, w), self.config.cells_per_stage)
         counts = torch.clamp(torch.arange(n_stages) * cps, max=n)
         rank = torch.empty(n, dtype=torch.long)
         rank[order] = torch.arange(n)
@@ -220,8 +246,8 @@ class InsertionDeletion:
         latents = torch.cat([deleted, inserted])
         scores = []
         for begin in range(0, len(latents), batch):
-            pred = replay.predict(latents[begin : begin + batch], step, self.target)
-            scores.append(similarity(pred, ref, self.similarity).cpu())
+            pred = replay.predict(latents[begin : begin + batch], step, self.config.target)
+            scores.append(similarity(pred, ref, self.config.similarity).cpu())
         s = torch.cat(scores).numpy().astype(np.float32)
         return (counts.numpy() / n).astype(np.float32), s[:n_stages], s[n_stages:]
 
@@ -246,7 +272,9 @@ class InsertionDeletion:
         saliency : SaliencyMap or ndarray of shape (h, w)
             Higher means more important; ties are broken by cell index.
         progress : callable, optional
-            ``progress(done, total)`` after each ordering (saliency, then random ones).
+            ``progress(done, total)`` after each ordering (saliency, then random ones);
+            returning ``False`` before the last one raises
+            :class:`~diffwidget.explain.protocol.Cancelled` (curves have no partial form).
 
         Returns
         -------
@@ -260,66 +288,79 @@ class InsertionDeletion:
                 f"saliency has shape {values.shape} but the latent grid is {size}; pass a map "
                 "on the latent grid (SaliencyMap.raw or .map)"
             )
-        replay = StepReplay(pipe, trace)
+        inputs = self.step_inputs(pipe, trace, step)
+        config, replay = self.config, inputs.replay
         x = replay.latent(step)
-        ref = replay.predict(x, step, self.target)
+        ref = replay.predict(x, step, config.target)
         baselines = self._baselines(replay, step, x)
-        n = size[0] * size[1]
-        cps, n_stages = stage_plan(size, self.cells_per_stage)
-        if self.batch_size is not None:
-            batch = self.batch_size
-        else:
-            batch, _ = auto_batch_size(
-                lambda k: replay.predict(x.expand(k, -1, -1, -1), step, self.target),
-                replay.device,
-                2 * n_stages,
-                size,
-            )
-        flat = torch.as_tensor(np.nan_to_num(values.astype(np.float64)).ravel())
-        order = torch.argsort(-flat, stable=True)
-        total = 1 + self.n_random
-        frac, sal_del, sal_ins = self._curves(replay, step, order, x, baselines, ref, batch)
-        if progress is not None:
-            progress(1, total)
+        batch, _ = choose_batch(
+            config.batch_size,
+            lambda k: replay.predict(x.expand(k, -1, -1, -1), step, config.target),
+            replay.device,
+            2 * stage_plan(size, config.cells_per_stage)[1],  # deleted and inserted latents
+            size,
+        )
         cached = self._cached_random(pipe, trace, step)
-        rand_del, rand_ins = cached if cached is not None else ([], [])
-        gen = torch.Generator().manual_seed(self.seed)
-        for k in range(self.n_random):
-            if cached is None:
-                _, d, i = self._curves(
-                    replay, step, torch.randperm(n, generator=gen), x, baselines, ref, batch
-                )
-                rand_del.append(d)
-                rand_ins.append(i)
-            if progress is not None:
-                progress(2 + k, total)
+        orders = self._orders(values, with_random=cached is None)
+        curves = []
+        with self.loop(1 + config.n_random, 1, progress, start=inputs.start, partial=False) as loop:
+            for k, _ in loop:
+                if k < len(orders):  # the random curves are computed unless cached
+                    curves.append(self._curves(replay, step, orders[k], x, baselines, ref, batch))
+        random = cached or ([c[1] for c in curves[1:]], [c[2] for c in curves[1:]])
         if cached is None:
-            self._remember_random(pipe, trace, step, (rand_del, rand_ins))
+            self._remember_random(pipe, trace, step, random)
+        return self._result(inputs, curves[0], random, reused=cached is not None)
+
+    def _orders(self, values: np.ndarray, *, with_random: bool) -> list[torch.Tensor]:
+        """The map's order of the cells (decreasing, ties by index), then the random ones."""
+        flat = torch.as_tensor(np.nan_to_num(values.astype(np.float64)).ravel())
+        orders = [torch.argsort(-flat, stable=True)]
+        if with_random:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            orders += [
+                torch.randperm(len(flat), generator=gen) for _ in range(self.config.n_random)
+            ]
+        return orders
+
+    def _result(
+        self,
+        inputs: StepInputs,
+        own: tuple[np.ndarray, np.ndarray, np.ndarray],
+        random: tuple[list[np.ndarray], list[np.ndarray]],
+        *,
+        reused: bool,
+    ) -> FaithfulnessResult:
+        """The map's curves beside the mean random curves, with the settings used."""
+        config, size = self.config, inputs.size
+        frac, sal_del, sal_ins = own
+        rand_del, rand_ins = random
+        cps, n_stages = stage_plan(size, config.cells_per_stage)
         mean_del = np.mean(rand_del, axis=0).astype(np.float32)
         mean_ins = np.mean(rand_ins, axis=0).astype(np.float32)
-        kernel = effective_window(size, self.blur_kernel)
+        kernel = effective_window(size, config.blur_kernel)
         meta: dict[str, Any] = {
-            "operator": self.operator,
-            "operator_text": OPERATOR_TEXT[self.operator],
-            "similarity": self.similarity,
-            "target": self.target,
+            "operator": config.operator,
+            "operator_text": OPERATOR_TEXT[config.operator],
+            "similarity": config.similarity,
+            "target": config.target,
             "cells_per_stage": cps,
             "n_stages": n_stages,
             "blur_kernel": kernel,
-            "blur_sigma": self.blur_sigma,
-            "n_random": self.n_random,
-            "seed": self.seed,
+            "blur_sigma": config.blur_sigma,
+            "n_random": config.n_random,
+            "seed": config.seed,
             "random_deletion_auc_sd": float(np.std([trapezoid_auc(frac, d) for d in rand_del])),
             "random_insertion_auc_sd": float(np.std([trapezoid_auc(frac, i) for i in rand_ins])),
-            "random_reused": cached is not None,
+            "random_reused": reused,
         }
-        if kernel != self.blur_kernel:
+        if kernel != config.blur_kernel:
             meta["blur_note"] = (
-                f"latent grid {size[0]}x{size[1]} is too small for a {self.blur_kernel}x"
-                f"{self.blur_kernel} blur; used {kernel}x{kernel}"
+                f"latent grid {size[0]}x{size[1]} is too small for a {config.blur_kernel}x"
+                f"{config.blur_kernel} blur; used {kernel}x{kernel}"
             )
         return FaithfulnessResult(
-            step=step,
+            step=inputs.step,
             saliency=FaithfulnessCurves(
                 frac, sal_del, sal_ins, trapezoid_auc(frac, sal_del), trapezoid_auc(frac, sal_ins)
             ),

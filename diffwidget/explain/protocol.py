@@ -2,16 +2,19 @@
 
 Every per-step saliency method (DF-RISE, DF-CAM, or one of yours) is an object that
 
-* is configured in ``__init__`` (number of masks, layers, seed, ...);
+* is configured in ``__init__`` (number of masks, layers, seed, ...), usually through a
+  typed config (:class:`~diffwidget.explain.base.SaliencyMethodBase` does this for you);
 * has ``name`` (its registry name) and ``label`` (how people call it);
 * computes with one verb, ``attribute(pipe, trace, step, progress=None)``, returning a
   :class:`~diffwidget.explain.results.SaliencyMap`;
 * writes the sentence shown under its map with ``describe(result)``.
 
-The names and labels of the registered methods live here, once: the registry
-(:mod:`diffwidget.explain.registry`), the widget's overlay enumeration and the generated
-``js/src/schema.ts`` all read them. This module imports no torch, so the widget can check
-method objects without it.
+This module holds the registry of the saliency methods, one line each (:data:`METHODS`):
+name, label, what a value of its map means, and where its class lives. The class registry
+(:mod:`diffwidget.explain.registry`), the runs' ``--methods``, the widget's overlay
+enumeration and the generated ``js/src/schema.ts`` all read it. A new method is its own
+file plus its line here. This module imports no torch, so the widget can check method
+objects without it.
 
 Examples
 --------
@@ -23,21 +26,66 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
 if TYPE_CHECKING:
     from diffwidget.explain.results import SaliencyMap
 
-#: Registry names of the per-step saliency methods.
-SaliencyMethodName = Literal["df_rise", "df_cam"]
-SALIENCY_METHOD_NAMES: tuple[str, ...] = get_args(SaliencyMethodName)
-#: How each method is called in captions, menus and errors.
-METHOD_LABELS: dict[str, str] = {"df_rise": "DF-RISE", "df_cam": "DF-CAM"}
-#: What one value of each method's (normalised) map means, for colour scales.
-METHOD_VALUES: dict[str, str] = {
-    "df_rise": "similarity of the prediction when the cell is kept",
-    "df_cam": "Grad-CAM weight (activation × mean gradient, ReLU)",
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered saliency method.
+
+    Attributes
+    ----------
+    label : str
+        How it is called in captions, menus and errors.
+    value : str
+        What one value of its (normalised) map means, for colour scales.
+    module, cls : str
+        Where the class lives (imported on first use by the registry).
+    """
+
+    label: str
+    value: str
+    module: str
+    cls: str
+
+
+#: Registry names of the per-step saliency methods (one name per line of :data:`METHODS`).
+SaliencyMethodName = Literal["df_rise", "df_cam", "occlusion"]
+#: The registry of the per-step saliency methods, in menu order.
+METHODS: dict[str, MethodEntry] = {
+    "df_rise": MethodEntry(
+        "DF-RISE",
+        "similarity of the prediction when the cell is kept",
+        "diffwidget.explain.rise",
+        "DFRise",
+    ),
+    "df_cam": MethodEntry(
+        "DF-CAM",
+        "Grad-CAM weight (activation × mean gradient, ReLU)",
+        "diffwidget.explain.cam",
+        "DFCam",
+    ),
+    "occlusion": MethodEntry(
+        "Occlusion",
+        "drop in similarity of the prediction when a window over the cell is zeroed",
+        "diffwidget.explain.occlusion",
+        "Occlusion",
+    ),
 }
+SALIENCY_METHOD_NAMES: tuple[str, ...] = get_args(SaliencyMethodName)
+if tuple(METHODS) != SALIENCY_METHOD_NAMES:  # pragma: no cover - import-time guard
+    raise ImportError(
+        f"the registry's methods {list(METHODS)} and SaliencyMethodName "
+        f"{list(SALIENCY_METHOD_NAMES)} differ; name each method in both, in the same order"
+    )
+#: How each method is called in captions, menus and errors.
+METHOD_LABELS: dict[str, str] = {name: entry.label for name, entry in METHODS.items()}
+#: What one value of each method's (normalised) map means, for colour scales.
+METHOD_VALUES: dict[str, str] = {name: entry.value for name, entry in METHODS.items()}
 #: ``progress(done, total)``; returning ``False`` asks the method to stop early.
 ProgressCallback = Callable[[int, int], "bool | None"]
 #: Settings named in captions when they are in a result's ``meta``.
@@ -46,12 +94,23 @@ CAPTION_SETTINGS = ("n_masks", "p", "masks", "similarity", "target", "seed", "la
 _NAMED_LIMIT = 6
 
 
+class Cancelled(Exception):
+    """Raised by a method without a partial result when ``progress`` returns ``False``."""
+
+
 @runtime_checkable
 class SaliencyMethod(Protocol):
     """A per-step saliency method as the widget and the runner use it."""
 
-    name: str
-    label: str
+    @property
+    def name(self) -> str:
+        """Its registry name (a class attribute will do)."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """How people call it."""
+        ...
 
     def attribute(
         self, pipe: Any, trace: Any, step: int, progress: ProgressCallback | None = None

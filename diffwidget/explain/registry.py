@@ -1,35 +1,68 @@
-"""The registry of explanation methods, read by the widget, the runner and the contract tests.
+"""The registry of explanation methods: names -> classes -> configs.
 
-Names and labels come from :mod:`diffwidget.explain.protocol`; the widget computes a heavy
-overlay through exactly one call::
+The saliency methods are the lines of :data:`diffwidget.explain.protocol.METHODS` (name,
+label and where the class lives); this module imports their classes. The widget computes a
+heavy overlay through exactly one call::
 
-    saliency_method(name)(**settings).attribute(pipe, trace, step, progress=callback)
+    saliency_method(name)(config_or_settings).attribute(pipe, trace, step, progress=callback)
+
+and a run rebuilds a method from its stored config with :func:`build`.
+
+Examples
+--------
+>>> config_class("df_rise").__name__
+'DFRiseConfig'
+>>> type(build(config_class("df_cam")())).__name__
+'DFCam'
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+from typing import Any
 
-from diffwidget.explain.cam import DFCam
-from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES, SaliencyMethodName
+from diffwidget.explain.base import Method, SaliencyMethodBase
+from diffwidget.explain.config import MethodConfig
+from diffwidget.explain.protocol import METHODS, SaliencyMethodName
 from diffwidget.explain.relevance import TokenRelevance
-from diffwidget.explain.rise import DFRise
 
-__all__ = ["SALIENCY_METHODS", "TOKEN_METHODS", "SaliencyMethodName", "saliency_method"]
+__all__ = [
+    "SALIENCY_METHODS",
+    "TOKEN_METHODS",
+    "SaliencyMethodName",
+    "build",
+    "config_class",
+    "method_name",
+    "saliency_method",
+]
+
+
+def _load(name: str) -> type[SaliencyMethodBase[Any]]:
+    entry = METHODS[name]
+    cls = getattr(importlib.import_module(entry.module), entry.cls)
+    if getattr(cls, "name", None) != name:  # pragma: no cover - import-time guard
+        raise ImportError(
+            f"{entry.module}.{entry.cls} is named {getattr(cls, 'name', None)!r}, but the "
+            f"registry lists it as {name!r}; make them agree in diffwidget/explain/protocol.py"
+        )
+    return cls
+
 
 #: Methods that return a :class:`~diffwidget.explain.results.SaliencyMap` for one step.
-SALIENCY_METHODS: dict[str, type] = {cls.name: cls for cls in (DFRise, DFCam)}
+SALIENCY_METHODS: dict[str, type[SaliencyMethodBase[Any]]] = {name: _load(name) for name in METHODS}
 #: Methods that return a :class:`~diffwidget.explain.results.TokenRelevanceResult`.
-TOKEN_METHODS: dict[str, type] = {"token_relevance": TokenRelevance}
-
-if tuple(SALIENCY_METHODS) != SALIENCY_METHOD_NAMES:  # pragma: no cover - import-time guard
-    raise ImportError(
-        f"the saliency classes {sorted(SALIENCY_METHODS)} do not match the protocol's names "
-        f"{SALIENCY_METHOD_NAMES}; add the new method to diffwidget/explain/protocol.py"
-    )
+TOKEN_METHODS: dict[str, type[Method[Any]]] = {TokenRelevance.name: TokenRelevance}
+_ALL: dict[str, type[Method[Any]]] = {**SALIENCY_METHODS, **TOKEN_METHODS}
 
 
-def saliency_method(name: str) -> type:
+def _unknown(name: str, known: dict[str, Any], what: str) -> KeyError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"no {what} {name!r}.{hint} Registered: {sorted(known)}")
+
+
+def saliency_method(name: str) -> type[SaliencyMethodBase[Any]]:
     """The saliency method class registered under ``name``.
 
     Raises
@@ -45,8 +78,33 @@ def saliency_method(name: str) -> type:
     try:
         return SALIENCY_METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(SALIENCY_METHODS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(
-            f"no saliency method {name!r}.{hint} Registered: {sorted(SALIENCY_METHODS)}"
-        ) from None
+        raise _unknown(name, SALIENCY_METHODS, "saliency method") from None
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of the registered method ``name`` (saliency or token method)."""
+    try:
+        return _ALL[name].config_class
+    except KeyError:
+        raise _unknown(name, _ALL, "method") from None
+
+
+def method_name(config: MethodConfig) -> str:
+    """The registry name of the method ``config`` configures.
+
+    Raises
+    ------
+    TypeError
+        For a config no registered method takes.
+    """
+    for name, cls in _ALL.items():
+        if type(config) is cls.config_class:
+            return name
+    raise TypeError(
+        f"{type(config).__name__} configures no registered method; registered: {sorted(_ALL)}"
+    )
+
+
+def build(config: MethodConfig, **options: Any) -> Method[Any]:
+    """The registered method configured by ``config`` (``options``: e.g. ``progress_bar``)."""
+    return _ALL[method_name(config)](config, **options)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffwidget.explain._common import ProgressCallback, check_int_list, check_step
+from diffwidget.explain.base import LoopStatus, Method
+from diffwidget.explain.config import MethodConfig
 from diffwidget.explain.joint_relevance import is_joint, joint_step
 from diffwidget.explain.results import TokenRelevanceResult, minmax
 from diffwidget.tracing.replay import StepReplay
@@ -203,7 +205,21 @@ def _resample_rows(r_it: torch.Tensor, old: tuple[int, int], new: tuple[int, int
     return F.interpolate(maps, size=new, mode=mode)[0].reshape(r_it.shape[1], -1).T
 
 
-class TokenRelevance:
+@dataclass(frozen=True)
+class TokenRelevanceConfig(MethodConfig):
+    """Settings of :class:`TokenRelevance` (each is described there).
+
+    Examples
+    --------
+    >>> TokenRelevanceConfig(text_encoder=False).to_json()
+    {'text_encoder': False, 'self_attention': True}
+    """
+
+    text_encoder: bool = True
+    self_attention: bool = True
+
+
+class TokenRelevance(Method[TokenRelevanceConfig]):
     """Relevance of each prompt token at each step (the paper's R2, Chefer et al. 2021 rules).
 
     At every explained step the UNet is replayed once at the recorded ``x_t`` (one forward,
@@ -227,6 +243,8 @@ class TokenRelevance:
 
     Parameters
     ----------
+    config : TokenRelevanceConfig, optional
+        The settings below as one record; or pass them by name.
     text_encoder : bool
         Propagate through the text encoder's self-attention (``R_tt``); with ``False``,
         ``R_tt = I``.
@@ -259,13 +277,9 @@ class TokenRelevance:
     """
 
     name = "token_relevance"
-
-    def __init__(
-        self, *, text_encoder: bool = True, self_attention: bool = True, progress_bar: bool = True
-    ) -> None:
-        self.text_encoder = text_encoder
-        self.self_attention = self_attention
-        self.progress_bar = progress_bar
+    label = "token relevance"
+    config_class = TokenRelevanceConfig
+    unit = "step"
 
     # ------------------------------------------------------------------ text side
     def _token_ids(self, pipe: Any, trace: Trace, length: int) -> torch.Tensor:
@@ -290,7 +304,7 @@ class TokenRelevance:
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Conditional embedding with gradients and the text self-attention probabilities."""
         encoder = getattr(pipe, "text_encoder", None)
-        if not self.text_encoder or encoder is None or hasattr(pipe, "text_encoder_2"):
+        if not self.config.text_encoder or encoder is None or hasattr(pipe, "text_encoder_2"):
             return None, []
         device = next(encoder.parameters()).device
         with _text_attention_probs(encoder) as text_attn:
@@ -343,7 +357,7 @@ class TokenRelevance:
                     if a_bar.shape[1] != length:
                         continue
                     r_it = r_it + _normalise(r_ii).T @ a_bar @ r_tt_bar
-                elif self.self_attention:
+                elif self.config.self_attention:
                     r_ii = r_ii + a_bar @ r_ii
                     r_it = r_it + a_bar @ r_it
             if grid is None:
@@ -374,21 +388,14 @@ class TokenRelevance:
         steps : sequence of int, optional
             Loop indices to explain.
         progress : callable, optional
-            ``progress(done, total)`` after each step; returning ``False`` stops and returns
-            the steps done so far (``meta["complete"] = False``).
+            ``progress(done, total)`` after each step; ``False`` or Ctrl-C stops with the
+            steps done so far (``meta["complete"] = False``).
 
         Returns
         -------
         TokenRelevanceResult
         """
-        from tqdm.auto import tqdm
-
-        listed = check_int_list("steps", steps)
-        chosen = (
-            list(range(trace.n_steps)) if listed is None else [check_step(trace, s) for s in listed]
-        )
-        if not chosen:
-            raise ValueError("steps is empty; pass None for every step or a list of loop indices")
+        chosen = _chosen_steps(trace, steps)
         start_time = time.perf_counter()
         replay = StepReplay(pipe, trace)
         joint = is_joint(replay.family)
@@ -396,40 +403,50 @@ class TokenRelevance:
         # Joint families do not propagate through their text encoders: no ids needed.
         ids = None if joint else self._token_ids(pipe, trace, length)
         keep = self._stored_positions(trace, length)
-        rows: list[np.ndarray] = []
-        maps: list[np.ndarray] = []
+        rows: list[tuple[np.ndarray, np.ndarray]] = []  # stored tokens' (relevance, maps)
         grids: set[tuple[int, int]] = set()
         text_layers = 0
-        complete = True
-        bar = tqdm(total=len(chosen), desc="token relevance", disable=not self.progress_bar)
-        try:
-            with eager_text_attention(getattr(pipe, "text_encoder", None)):
-                for done, step in enumerate(chosen, start=1):
-                    if joint:
-                        rel, rmap, grid = joint_step(replay, step)
-                    else:
-                        assert ids is not None
-                        rel, rmap, grid, text_layers = self._step(pipe, replay, step, ids)
-                    rows.append(rel.numpy()[keep])
-                    maps.append(rmap.numpy()[keep])
-                    grids.add(grid)
-                    bar.update(1)
-                    if progress is not None and progress(done, len(chosen)) is False:
-                        complete = done == len(chosen)
-                        break
-        except KeyboardInterrupt:
-            if not rows:
-                raise
-            complete = False
-        finally:
-            bar.close()
-        relevance = np.stack(rows).astype(np.float32)
+        with (
+            self.loop(len(chosen), 1, progress, start=start_time) as loop,
+            eager_text_attention(getattr(pipe, "text_encoder", None)),
+        ):
+            for k, _ in loop:
+                if joint:
+                    rel, rmap, grid = joint_step(replay, chosen[k])
+                else:
+                    assert ids is not None
+                    rel, rmap, grid, text_layers = self._step(pipe, replay, chosen[k], ids)
+                rows.append((rel.numpy()[keep], rmap.numpy()[keep]))
+                grids.add(grid)
+        rules = "joint self-attention (Chefer)" if joint else "cross- and self-attention (Chefer)"
+        meta = {
+            "target": "sum of the CFG-combined model output",
+            "rules": rules,
+            "text_half": "cond",
+            "text_encoder_used": text_layers > 0,
+            "text_attention_layers": text_layers,
+            "self_attention": self.config.self_attention,
+            "token_positions": keep,
+            "final_grid": sorted(grids),
+        }
+        return self._result(trace, chosen[: len(rows)], rows, meta, loop.status, start_time)
+
+    def _result(
+        self,
+        trace: Trace,
+        done_steps: list[int],
+        rows: list[tuple[np.ndarray, np.ndarray]],
+        meta: dict[str, Any],
+        status: LoopStatus,
+        start_time: float,
+    ) -> TokenRelevanceResult:
+        """Stack the steps done; normalise each over the word tokens."""
+        relevance = np.stack([row for row, _ in rows]).astype(np.float32)
         words = [i for i, kind in enumerate(trace.token_kinds) if kind == "word"]
         normalized = np.zeros_like(relevance)
         if words:
             for s in range(len(relevance)):
                 normalized[s, words] = minmax(relevance[s, words])
-        done_steps = chosen[: len(rows)]
         return TokenRelevanceResult(
             tokens=list(trace.tokens),
             token_kinds=list(trace.token_kinds),
@@ -437,19 +454,17 @@ class TokenRelevance:
             timesteps=np.asarray([int(trace.timesteps[s]) for s in done_steps], dtype=np.int64),
             relevance=relevance,
             normalized=normalized,
-            maps=np.stack(maps).astype(np.float32),
-            meta={
-                "target": "sum of the CFG-combined model output",
-                "rules": "joint self-attention (Chefer)"
-                if joint
-                else "cross- and self-attention (Chefer)",
-                "text_half": "cond",
-                "text_encoder_used": text_layers > 0,
-                "text_attention_layers": text_layers,
-                "self_attention": self.self_attention,
-                "token_positions": keep,
-                "final_grid": sorted(grids),
-                "complete": complete and len(rows) == len(chosen),
-                "seconds": time.perf_counter() - start_time,
-            },
+            maps=np.stack([maps for _, maps in rows]).astype(np.float32),
+            meta={**meta, **status.to_meta(), "seconds": time.perf_counter() - start_time},
         )
+
+
+def _chosen_steps(trace: Trace, steps: Sequence[int] | None) -> list[int]:
+    """The checked loop indices to explain (every step when ``steps`` is None)."""
+    listed = check_int_list("steps", steps)
+    chosen = (
+        list(range(trace.n_steps)) if listed is None else [check_step(trace, s) for s in listed]
+    )
+    if not chosen:
+        raise ValueError("steps is empty; pass None for every step or a list of loop indices")
+    return chosen

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-import time
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffwidget.explain._common import ProgressCallback, auto_batch_size, check_int, check_step
+from diffwidget.explain._common import ProgressCallback, check_int, choose_batch
 from diffwidget.explain._compile import COMPILE_TOLERANCE, CompiledDenoiser, disagreement
-from diffwidget.explain.protocol import METHOD_LABELS, describe_saliency
-from diffwidget.explain.results import SaliencyMap, minmax
+from diffwidget.explain.base import Convergence, SaliencyMethodBase, SaliencyParts, StepInputs
+from diffwidget.explain.config import MethodConfig
+from diffwidget.explain.protocol import describe_saliency
+from diffwidget.explain.results import SaliencyMap
 from diffwidget.explain.similarity import (
     SSIM_SIGMA,
     SSIM_WINDOW,
@@ -23,12 +25,12 @@ from diffwidget.explain.similarity import (
 )
 from diffwidget.tracing.replay import StepReplay
 
-if TYPE_CHECKING:
-    from diffwidget.tracing.trace import Trace
-
 MaskKind = Literal["bernoulli", "smooth"]
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
 RiseSimilarity = Literal["ssim", "cosine"]
+RISE_SIMILARITIES: tuple[str, ...] = get_args(RiseSimilarity)
 RiseTarget = Literal["x0", "prev"]
+RISE_TARGETS: tuple[str, ...] = get_args(RiseTarget)
 
 #: RISE's coarse grid (Petsiuk et al. 2018 use 7x7 on 224x224 images); we use 8x8 so a
 #: 64x64 latent gets 8x8-cell blocks.
@@ -91,7 +93,71 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / denom) if denom > 0 else 0.0
 
 
-class DFRise:
+@dataclass(frozen=True)
+class DFRiseConfig(MethodConfig):
+    """Settings of :class:`DFRise` (each is described there); validated when built.
+
+    Examples
+    --------
+    >>> DFRiseConfig(n_masks=200).n_masks
+    200
+    """
+
+    n_masks: int = 500
+    p: float = 0.5
+    masks: MaskKind = "bernoulli"
+    similarity: RiseSimilarity = "ssim"
+    target: RiseTarget = "x0"
+    batch_size: int | None = None
+    seed: int = 0
+    grid: int = SMOOTH_GRID
+    center: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self._normalise("n_masks", check_int("n_masks", self.n_masks))
+        self._normalise("batch_size", check_int("batch_size", self.batch_size, optional=True))
+        self._normalise("seed", check_int("seed", self.seed, 0))
+        self._normalise("grid", check_int("grid", self.grid, 2))
+        p = self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"p must be a number strictly between 0 and 1, got {p!r}")
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p must be strictly between 0 and 1, got {p}")
+        if self.masks not in MASK_KINDS:
+            raise ValueError(f"unknown masks {self.masks!r}; use 'bernoulli' or 'smooth'")
+        if self.similarity not in RISE_SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; use 'ssim' or 'cosine'")
+        if self.target not in RISE_TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; use 'x0' or 'prev'")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
+
+
+class _MaskSums:
+    """Running sums over the even- and the odd-numbered masks (axis 0), kept apart for the
+    split-half estimate."""
+
+    def __init__(self, size: tuple[int, int], n_masks: int) -> None:
+        self.weighted = torch.zeros(2, *size, dtype=torch.float64)
+        self.counts = torch.zeros(2, *size, dtype=torch.float64)
+        self.score_sum = torch.zeros(2, dtype=torch.float64)
+        self.n = torch.zeros(2, dtype=torch.float64)
+        self.parity = torch.arange(n_masks) % 2
+
+    def add(self, s: torch.Tensor, m: torch.Tensor, begin: int) -> None:
+        """Add the scores ``s`` of the masks ``m``, the first of which is mask ``begin``."""
+        m64 = m.double()
+        contrib = s[:, None, None] * m64
+        par = self.parity[begin : begin + len(m)]
+        for half in (0, 1):
+            self.weighted[half] += contrib[par == half].sum(0)
+            self.counts[half] += m64[par == half].sum(0)
+            self.score_sum[half] += s[par == half].sum()
+            self.n[half] += int((par == half).sum())
+
+
+class DFRise(SaliencyMethodBase[DFRiseConfig]):
     """DF-RISE saliency of the latent ``x_t`` at one step (Park, Ju & Lee 2024, Sec. 3.2).
 
     ``n_masks`` binary masks ``M_k`` over the latent grid zero the masked cells on all
@@ -102,6 +168,8 @@ class DFRise:
 
     Parameters
     ----------
+    config : DFRiseConfig, optional
+        The settings below as one record (``DFRise(config)``); or pass them by name.
     n_masks : int
         ``N``; the paper uses 500.
     p : float
@@ -122,8 +190,6 @@ class DFRise:
         Masks per UNet call; chosen from free memory when omitted.
     seed : int
         Seed of the masks.
-    progress_bar : bool
-        Show a ``tqdm.auto`` progress bar.
     grid : int
         Coarse grid side of ``"smooth"`` masks.
     center : bool
@@ -144,6 +210,8 @@ class DFRise:
         so that one shape is compiled; the first masked prediction is checked against the
         eager denoiser. Off by default, because an interactive call should not start with
         a compilation; worth it for long runs (``bench/RESULTS_explain.md``).
+    progress_bar : bool
+        Show a ``tqdm.auto`` progress bar (not a setting of the result).
 
     Notes
     -----
@@ -173,50 +241,18 @@ class DFRise:
     """
 
     name = "df_rise"
-    label = METHOD_LABELS[name]
+    config_class = DFRiseConfig
+    unit = "mask"
 
     def __init__(
         self,
-        n_masks: int = 500,
-        p: float = 0.5,
-        masks: MaskKind = "bernoulli",
-        similarity: RiseSimilarity = "ssim",
-        target: RiseTarget = "x0",
-        batch_size: int | None = None,
-        seed: int = 0,
+        config: DFRiseConfig | None = None,
+        /,
         *,
-        progress_bar: bool = True,
-        grid: int = SMOOTH_GRID,
-        center: bool = True,
-        compile: bool = False,
+        progress_bar: bool | None = None,
+        **settings: Any,
     ) -> None:
-        n_masks = int(check_int("n_masks", n_masks))  # type: ignore[arg-type]
-        batch_size = check_int("batch_size", batch_size, optional=True)
-        seed = int(check_int("seed", seed, 0))  # type: ignore[arg-type]
-        grid = int(check_int("grid", grid, 2))  # type: ignore[arg-type]
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
-            raise TypeError(f"p must be a number strictly between 0 and 1, got {p!r}")
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"p must be strictly between 0 and 1, got {p}")
-        if masks not in ("bernoulli", "smooth"):
-            raise ValueError(f"unknown masks {masks!r}; use 'bernoulli' or 'smooth'")
-        if similarity not in ("ssim", "cosine"):
-            raise ValueError(f"unknown similarity {similarity!r}; use 'ssim' or 'cosine'")
-        if target not in ("x0", "prev"):
-            raise ValueError(f"unknown target {target!r}; use 'x0' or 'prev'")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False, got {compile!r}")
-        self.n_masks = n_masks
-        self.p = p
-        self.masks = masks
-        self.similarity = similarity
-        self.target = target
-        self.batch_size = batch_size
-        self.seed = seed
-        self.progress_bar = progress_bar
-        self.grid = grid
-        self.center = center
-        self.compile = compile
+        super().__init__(config, progress_bar=progress_bar, **settings)
         # The denoiser compiled by the last call (kept so later calls reuse it).
         self._compiled: CompiledDenoiser | None = None
 
@@ -229,32 +265,26 @@ class DFRise:
             text += f" (partial: {result.meta.get('n_used')} masks)"
         return text
 
-    def _estimate(
-        self,
-        weighted: torch.Tensor,
-        counts: torch.Tensor,
-        score_sum: torch.Tensor,
-        n: torch.Tensor,
-        *,
-        per_half: bool,
-    ) -> torch.Tensor:
+    def _estimate(self, sums: _MaskSums, *, per_half: bool) -> torch.Tensor:
         """``sum_k s_k M_k / (n p)``, optionally minus ``mean(s) sum_k M_k / (n p)``.
 
-        All inputs hold the even- and odd-numbered masks' sums separately (axis 0).
+        Per half (even- and odd-numbered masks, axis 0) or for all masks together.
         """
+        weighted, counts, score_sum, n = sums.weighted, sums.counts, sums.score_sum, sums.n
         if not per_half:
             weighted, counts, score_sum, n = (
                 t.sum(0, keepdim=True) for t in (weighted, counts, score_sum, n)
             )
         n = n.clamp_min(1)
-        est = weighted / (n[:, None, None] * self.p)
-        if self.center:
+        p = self.config.p
+        est = weighted / (n[:, None, None] * p)
+        if self.config.center:
             mean_s = score_sum / n
-            est = est - mean_s[:, None, None] * counts / (n[:, None, None] * self.p)
+            est = est - mean_s[:, None, None] * counts / (n[:, None, None] * p)
         return est if per_half else est[0]
 
     def _score(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        kind: SimilarityName = "ssim_structure" if self.similarity == "ssim" else "cosine"
+        kind: SimilarityName = "ssim_structure" if self.config.similarity == "ssim" else "cosine"
         return similarity(pred, ref, kind, window=SSIM_WINDOW, sigma=SSIM_SIGMA)
 
     def _check_compiled(self, compiled: torch.Tensor, eager: torch.Tensor) -> None:
@@ -270,149 +300,94 @@ class DFRise:
             )
 
     def _predict(self, runner: StepReplay, masked: torch.Tensor, step: int) -> torch.Tensor:
-        if not self.compile:
-            return runner.predict(masked, step, self.target)
+        if not self.config.compile:
+            return runner.predict(masked, step, self.config.target)
         try:
-            return runner.predict(masked, step, self.target)
+            return runner.predict(masked, step, self.config.target)
         except Exception as error:  # inductor raises many kinds (compiler, codegen, backend)
             raise RuntimeError(
                 f"the torch.compile'd denoiser failed ({type(error).__name__}: {error}); "
                 "DFRise(compile=False) runs without torch.compile"
             ) from error
 
-    def attribute(
+    def _runner(self, inputs: StepInputs, batch: int) -> tuple[StepReplay, int]:
+        """The replay the masked batches go through, and the batch size it needs."""
+        if not self.config.compile:
+            return inputs.replay, batch
+        unet = inputs.replay.unet
+        if self._compiled is None or not self._compiled.is_current(unet):
+            self._compiled = CompiledDenoiser(unet)
+        runner = StepReplay(inputs.pipe, inputs.trace, denoiser=self._compiled)
+        # Equal batches (the last one padded) so that a single shape is compiled.
+        n = self.config.n_masks
+        return runner, math.ceil(n / math.ceil(n / batch))
+
+    def _mask_scores(
         self,
-        pipe: Any,
-        trace: Trace,
-        step: int,
-        progress: ProgressCallback | None = None,
-    ) -> SaliencyMap:
-        """Compute the DF-RISE map at loop index ``step``.
+        runner: StepReplay,
+        inputs: StepInputs,
+        masked: torch.Tensor,
+        ref: torch.Tensor,
+        batch: int,
+        *,
+        first: bool,
+    ) -> torch.Tensor:
+        """Similarity of each masked latent's prediction to the unmasked one (float64, CPU)."""
+        n, step, target = len(masked), inputs.step, self.config.target
+        if self.config.compile and n < batch:
+            masked = torch.cat([masked, masked[:1].expand(batch - n, -1, -1, -1)])
+        pred = self._predict(runner, masked, step)[:n]
+        if first and self.config.compile:
+            self._check_compiled(pred[:1], inputs.replay.predict(masked[:1], step, target))
+        return self._score(pred, ref).double().cpu()
 
-        Parameters
-        ----------
-        pipe : DiffusionPipeline
-            The pipeline the trace came from.
-        trace : Trace
-            The recorded run.
-        step : int
-            Loop index (not the scheduler timestep).
-        progress : callable, optional
-            Called as ``progress(done, total)`` after every batch; returning ``False``
-            stops early and returns the partial estimate (``meta["complete"] = False``).
-            Pressing Ctrl-C does the same.
-
-        Returns
-        -------
-        SaliencyMap
-        """
-        from tqdm.auto import tqdm
-
-        step = check_step(trace, step)
-        start_time = time.perf_counter()
-        replay = StepReplay(pipe, trace)
-        size = trace.latent_shape
+    def _saliency(self, inputs: StepInputs, progress: ProgressCallback | None) -> SaliencyParts:
+        config, replay, step, size = self.config, inputs.replay, inputs.step, inputs.size
         x = replay.latent(step)
-        ref = replay.predict(x, step, self.target)
-        masks = make_masks(self.n_masks, size, self.p, self.masks, self.seed, self.grid)
-
-        def probe(n: int) -> Any:
-            return replay.predict(x.expand(n, -1, -1, -1), step, self.target)
-
-        if self.batch_size is not None:
-            batch, batch_note = min(self.batch_size, self.n_masks), "given"
-        else:
-            batch, batch_note = auto_batch_size(probe, replay.device, self.n_masks, size)
-        runner = replay
-        if self.compile:
-            if self._compiled is None or not self._compiled.is_current(replay.unet):
-                self._compiled = CompiledDenoiser(replay.unet)
-            runner = StepReplay(pipe, trace, denoiser=self._compiled)
-            # Equal batches (the last one padded) so that a single shape is compiled.
-            batch = math.ceil(self.n_masks / math.ceil(self.n_masks / batch))
-        # Sums over even- and odd-numbered masks, kept apart for the split-half estimate.
-        weighted = torch.zeros(2, *size, dtype=torch.float64)
-        counts = torch.zeros(2, *size, dtype=torch.float64)
-        score_sum = torch.zeros(2, dtype=torch.float64)
-        n_half = torch.zeros(2, dtype=torch.float64)
-        parity = torch.arange(self.n_masks) % 2
-        done = 0
-        first_batch_seconds: float | None = None
-        cancelled = interrupted = False
-        history: list[list[float]] = []
+        ref = replay.predict(x, step, config.target)
+        masks = make_masks(config.n_masks, size, config.p, config.masks, config.seed, config.grid)
+        batch, batch_note = choose_batch(
+            config.batch_size,
+            lambda n: replay.predict(x.expand(n, -1, -1, -1), step, config.target),
+            replay.device,
+            config.n_masks,
+            size,
+        )
+        runner, batch = self._runner(inputs, batch)
+        sums = _MaskSums(size, config.n_masks)
+        convergence = Convergence()
         scores: list[float] = []
-        bar = tqdm(total=self.n_masks, desc="DF-RISE", unit="mask", disable=not self.progress_bar)
-        try:
-            for begin in range(0, self.n_masks, batch):
-                m = masks[begin : begin + batch]
+        with self.loop(config.n_masks, batch, progress, start=inputs.start) as loop:
+            for begin, end in loop:
+                m = masks[begin:end]
                 masked = x * m.to(replay.device)[:, None]
-                if self.compile and len(m) < batch:
-                    masked = torch.cat([masked, masked[:1].expand(batch - len(m), -1, -1, -1)])
-                pred = self._predict(runner, masked, step)[: len(m)]
-                if first_batch_seconds is None:
-                    first_batch_seconds = time.perf_counter() - start_time
-                    if self.compile:
-                        self._check_compiled(
-                            pred[:1], replay.predict(masked[:1], step, self.target)
-                        )
-                s = self._score(pred, ref).double().cpu()
-                m64 = m.double()
-                contrib = s[:, None, None] * m64
-                par = parity[begin : begin + len(m)]
-                for half in (0, 1):
-                    weighted[half] += contrib[par == half].sum(0)
-                    counts[half] += m64[par == half].sum(0)
-                    score_sum[half] += s[par == half].sum()
-                    n_half[half] += int((par == half).sum())
+                s = self._mask_scores(runner, inputs, masked, ref, batch, first=begin == 0)
+                sums.add(s, m, begin)
                 scores += s.tolist()
-                done += len(m)
-                bar.update(len(m))
-                halves = self._estimate(weighted, counts, score_sum, n_half, per_half=True)
-                r = _pearson(halves[0], halves[1])
-                history.append([done, r])
-                if progress is not None and progress(done, self.n_masks) is False:
-                    cancelled = done < self.n_masks
-                    break
-        except KeyboardInterrupt:
-            if done == 0:
-                raise
-            interrupted = True
-        finally:
-            bar.close()
-        estimate = self._estimate(weighted, counts, score_sum, n_half, per_half=False)
-        raw = estimate.float().numpy()
-        r = history[-1][1] if history else 0.0
-        window = effective_window(size, SSIM_WINDOW)
+                halves = self._estimate(sums, per_half=True)
+                convergence.add(end, _pearson(halves[0], halves[1]))
         meta: dict[str, Any] = {
-            "n_masks": self.n_masks,
-            "n_used": done,
-            "p": self.p,
-            "masks": self.masks,
-            "similarity": self.similarity,
-            "target": self.target,
-            "seed": self.seed,
-            "center": self.center,
+            **config.to_json(),
             "batch_size": batch,
             "batch_size_source": batch_note,
-            "complete": done == self.n_masks and not cancelled and not interrupted,
-            "cancelled": cancelled,
-            "interrupted": interrupted,
-            "convergence": {
-                "split_half_r": r,
-                "reliability": 2 * r / (1 + r) if r > -1 else 0.0,
-                "history": history,
-            },
+            **loop.status.to_meta(),
+            "convergence": convergence.to_json(),
             "score_mean": float(np.mean(scores)) if scores else float("nan"),
             "score_std": float(np.std(scores)) if scores else float("nan"),
             "device": str(replay.device),
-            "compile": self.compile,
-            "seconds": time.perf_counter() - start_time,
-            # Includes the compilation with compile=True (the setup before the loop too).
-            "first_batch_seconds": first_batch_seconds,
+            # first_batch_seconds includes the compilation with compile=True.
         }
-        if self.masks == "smooth":
-            meta["grid"] = max(2, min(self.grid, size[0] // 2, size[1] // 2))
-        if self.similarity == "ssim":
+        meta.pop("grid")
+        meta.update(self._grid_meta(size))
+        return SaliencyParts(self._estimate(sums, per_half=False).float().numpy(), meta)
+
+    def _grid_meta(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The coarse grid and SSIM window actually used on this latent grid."""
+        meta: dict[str, Any] = {}
+        if self.config.masks == "smooth":
+            meta["grid"] = max(2, min(self.config.grid, size[0] // 2, size[1] // 2))
+        if self.config.similarity == "ssim":
+            window = effective_window(size, SSIM_WINDOW)
             meta["window"] = window
             meta["sigma"] = SSIM_SIGMA
             meta["window_positions"] = "every latent cell (symmetric extension)"
@@ -421,12 +396,4 @@ class DFRise:
                     f"latent grid {size[0]}x{size[1]} is smaller than the paper's "
                     f"{SSIM_WINDOW}x{SSIM_WINDOW} SSIM window; used {window}x{window}"
                 )
-        return SaliencyMap(
-            method=self.name,
-            step=step,
-            timestep=int(trace.timesteps[step]),
-            map=minmax(raw),
-            raw=raw,
-            layers={},
-            meta=meta,
-        )
+        return meta

@@ -11,13 +11,15 @@ optionally record pooled UNet activations for the concept probes fitted across t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
+from diffwidget.explain.config import MethodConfig
+from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES, SaliencyMethodName
 from diffwidget.explain.results import FaithfulnessResult, SaliencyMap, minmax
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import (
@@ -30,11 +32,21 @@ from diffwidget.runs.segmentation import (
 )
 from diffwidget.tracing.trace import Trace
 
-MapMethod = Literal["attention", "df_rise", "df_cam"]
+if TYPE_CHECKING:
+    from diffwidget.explain.base import Method
+    from diffwidget.explain.faithfulness import InsertionDeletionConfig
+
+#: Maps a run can compute: the trace's cross-attention and every registered saliency method.
+MapMethod = Literal["attention", SaliencyMethodName]
 MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
+#: A map method as a run takes it: a name (default settings), a config, or a method object.
+MethodChoice: TypeAlias = "str | MethodConfig | Method[Any]"
 Metric = Literal["faithfulness", "segmentation", "roles", "probes"]
 METRICS: tuple[str, ...] = get_args(Metric)
-DEFAULT_METHODS: tuple[str, ...] = MAP_METHODS
+#: The paper's maps; other registered methods join a run when named.
+DEFAULT_METHODS: tuple[str, ...] = ("attention", "df_rise", "df_cam")
+#: The prefix of the insertion/deletion evaluator's settings in a run's settings.
+FAITHFULNESS = "faithfulness"
 DEFAULT_METRICS: tuple[str, ...] = ("faithfulness", "segmentation", "roles")
 #: Segmentation aggregations scored on every scene item: ours (AttentionMaps' defaults)
 #: and DAAM's baseline on the same stored maps.
@@ -44,10 +56,6 @@ PAPER_STEP_FRACTION = 0.75
 #: CFG halves whose pooled activations are kept for the probes; the unconditional half
 #: never sees the prompt, so what it carries came through the latent.
 PROBE_HALVES: tuple[str, ...] = ("cond", "uncond")
-#: Constructor options of the registry methods taken from the run settings.
-_METHOD_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "df_rise": lambda settings: {"n_masks": settings.rise_masks, "progress_bar": False},
-}
 #: Saliency meta entries that vary between runs of the same work (kept under "timing").
 _TIMING_META = ("seconds", "first_batch_seconds", "device")
 
@@ -84,8 +92,9 @@ class RunSettings:
 
     Attributes
     ----------
-    methods : list of {"attention", "df_rise", "df_cam"}
-        Maps computed at every explained step.
+    methods : list of {"attention", "df_rise", "df_cam", ...}
+        Maps computed at every explained step: ``"attention"`` and any registered saliency
+        method (default :data:`DEFAULT_METHODS`).
     steps : list of int
         Loop indices explained (default :func:`default_steps`).
     seeds : list of int
@@ -97,13 +106,11 @@ class RunSettings:
     model : str, optional
         ``"unet"`` or ``"dit"`` (an embedded model) or a local diffusers pipeline folder;
         ``None`` is the embedded UNet.
-    rise_masks : int
-        DF-RISE masks per map.
-    n_random : int
-        Random orders of the faithfulness baseline.
-    cells_per_stage : int, optional
-        Latent cells removed or restored per faithfulness stage (default: the paper's 64 of
-        4096, scaled to the grid).
+    configs : dict of str to MethodConfig
+        The typed settings of the saliency methods in ``methods``; a method without one
+        takes its config's defaults (:meth:`fill_configs` writes them in).
+    faithfulness : InsertionDeletionConfig, optional
+        Settings of the insertion/deletion evaluator (default: its config's defaults).
     metrics : list of {"faithfulness", "segmentation", "roles", "probes"}
         Metrics computed per item.
     save_traces : bool
@@ -116,9 +123,8 @@ class RunSettings:
     inference_steps: int = 20
     guidance: float | None = None
     model: str | None = None
-    rise_masks: int = 500
-    n_random: int = 3
-    cells_per_stage: int | None = None
+    configs: dict[str, MethodConfig] = field(default_factory=dict)
+    faithfulness: InsertionDeletionConfig | None = None
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     save_traces: bool = True
 
@@ -132,8 +138,39 @@ class RunSettings:
         assert self.steps is not None
         return list(self.steps)
 
+    @property
+    def saliency_methods(self) -> list[str]:
+        """The registered saliency methods among ``methods``."""
+        return [m for m in self.methods if m in SALIENCY_METHOD_NAMES]
+
+    def fill_configs(self) -> None:
+        """Write the default config of every saliency method without one, and of the
+        evaluator, in; refuse configs of methods the run does not compute."""
+        from diffwidget.explain.faithfulness import InsertionDeletionConfig
+        from diffwidget.explain.registry import config_class
+
+        extra = sorted(set(self.configs) - set(self.saliency_methods))
+        if extra:
+            raise ValueError(
+                f"settings given for {extra}, which this run does not compute; add them to "
+                f"methods ({self.methods})"
+            )
+        self.configs = {
+            name: self.configs.get(name) or config_class(name)() for name in self.saliency_methods
+        }
+        if self.faithfulness is None:
+            self.faithfulness = InsertionDeletionConfig()
+
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready settings for the manifest."""
+        """JSON-ready settings for the manifest; each method setting is ``"method.setting"``
+        (so a changed setting is named on its own when a run is resumed)."""
+        self.fill_configs()
+        assert self.faithfulness is not None
+        configs = {
+            f"{name}.{key}": value
+            for name, config in [*self.configs.items(), (FAITHFULNESS, self.faithfulness)]
+            for key, value in config.to_json().items()
+        }
         return {
             "methods": list(self.methods),
             "steps": self.explained_steps,
@@ -141,13 +178,44 @@ class RunSettings:
             "inference_steps": self.inference_steps,
             "guidance": self.guidance,
             "model": self.model,
-            "rise_masks": self.rise_masks,
-            "n_random": self.n_random,
-            "cells_per_stage": self.cells_per_stage,
+            **configs,
             "metrics": list(self.metrics),
             "save_traces": self.save_traces,
             "attention_defaults": _attention_defaults(),
         }
+
+
+def split_methods(choices: Sequence[MethodChoice]) -> tuple[list[str], dict[str, MethodConfig]]:
+    """The names of a run's maps and the configs among them.
+
+    Parameters
+    ----------
+    choices : sequence of str, MethodConfig or method objects
+        ``"attention"``, a registered name (its default settings), a config such as
+        ``DFRiseConfig(n_masks=200)``, or a configured method such as ``DFRise(n_masks=200)``.
+
+    Examples
+    --------
+    >>> split_methods(["attention", "df_cam"])
+    (['attention', 'df_cam'], {})
+    """
+    names: list[str] = []
+    configs: dict[str, MethodConfig] = {}
+    for choice in choices:
+        if isinstance(choice, str):
+            names.append(choice)
+            continue
+        config = getattr(choice, "config", choice)
+        if not isinstance(config, MethodConfig):
+            raise TypeError(
+                f"a run's methods are names, configs or method objects; got "
+                f"{type(choice).__name__} (e.g. pass DFRiseConfig(n_masks=200) or 'df_rise')"
+            )
+        from diffwidget.explain.registry import method_name
+
+        names.append(method_name(config))
+        configs[names[-1]] = config
+    return names, configs
 
 
 def _attention_defaults() -> dict[str, Any]:
@@ -277,6 +345,7 @@ def compute_item(
     from diffwidget.explain.registry import saliency_method
     from diffwidget.tracing.generate import trace as trace_run
 
+    settings.fill_configs()
     timing: dict[str, float] = {}
     start = clock()
     # No guidance given: trace() takes the pipeline's recommended scale and records it.
@@ -293,17 +362,18 @@ def compute_item(
     maps_meta: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
     attention = AttentionMaps(normalize="none").attribute(tr)
-    evaluator = InsertionDeletion(
-        n_random=settings.n_random, cells_per_stage=settings.cells_per_stage
-    )
+    evaluator = InsertionDeletion(settings.faithfulness)
+    methods = {
+        m: saliency_method(m)(settings.configs[m], progress_bar=False)
+        for m in settings.saliency_methods
+    }
     for step in settings.explained_steps:
         for method in settings.methods:
             begin = clock()
             if method == "attention":
                 saliency = attention_saliency(attention, tr, step)
             else:
-                options = _METHOD_OPTIONS.get(method, lambda _s: {})(settings)
-                saliency = saliency_method(method)(**options).attribute(pipe, tr, step)
+                saliency = methods[method].attribute(pipe, tr, step)
             name = f"{method}@{step}"
             timing[name] = clock() - begin
             meta = {k: v for k, v in saliency.meta.items() if k not in _TIMING_META}

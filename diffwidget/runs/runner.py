@@ -14,11 +14,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffwidget.runs.metrics import MAP_METHODS, METRICS, RunSettings, compute_item
+from diffwidget.runs.metrics import (
+    DEFAULT_METHODS,
+    MAP_METHODS,
+    METRICS,
+    MethodChoice,
+    RunSettings,
+    compute_item,
+    split_methods,
+)
 from diffwidget.runs.prompts import PromptItem, load_prompts
 from diffwidget.runs.sharding import Processes, Shard, processes
 from diffwidget.runs.store import (
@@ -30,6 +38,9 @@ from diffwidget.runs.store import (
     write_json,
 )
 from diffwidget.tracing.lock import hold_pipeline
+
+if TYPE_CHECKING:
+    from diffwidget.explain.faithfulness import InsertionDeletion, InsertionDeletionConfig
 
 #: Called after every item this process finishes: ``on_item(key, status)``.
 ItemCallback = Callable[[str, str], None]
@@ -103,10 +114,7 @@ def _check_settings(settings: RunSettings) -> RunSettings:
     if not settings.seeds or any(not isinstance(s, int) or s < 0 for s in settings.seeds):
         raise ValueError(f"seeds must be non-negative integers, got {settings.seeds}")
     settings.seeds = list(dict.fromkeys(settings.seeds))
-    if settings.rise_masks < 1 or settings.n_random < 1:
-        raise ValueError("rise_masks and n_random must be at least 1")
-    if settings.cells_per_stage is not None and settings.cells_per_stage < 1:
-        raise ValueError(f"cells_per_stage must be at least 1, got {settings.cells_per_stage}")
+    settings.fill_configs()  # the configs checked their own values when they were built
     if settings.guidance is not None and settings.guidance <= 1:
         raise ValueError(
             f"guidance must be above 1 (classifier-free guidance), got {settings.guidance}"
@@ -184,17 +192,15 @@ def run(
     prompts: str | Path | Sequence[str],
     out: str | Path,
     *,
-    methods: Sequence[str] | None = None,
+    methods: Sequence[MethodChoice] | None = None,
     steps: Sequence[int] | None = None,
     seeds: Sequence[int] = (0,),
     shard: str | Shard | None = None,
-    inference_steps: int = 20,
+    inference_steps: int = RunSettings.inference_steps,
     guidance: float | None = None,
     model: str | None = None,
     pipe: Any = None,
-    rise_masks: int = 500,
-    n_random: int = 3,
-    cells_per_stage: int | None = None,
+    faithfulness: InsertionDeletionConfig | InsertionDeletion | None = None,
     metrics: Sequence[str] | None = None,
     save_traces: bool = True,
     scene_metrics: bool | None = None,
@@ -212,8 +218,11 @@ def run(
         text file, a ``.jsonl`` file, or a list of captions.
     out : str or Path
         Run folder; an existing run there is resumed (same settings required).
-    methods : sequence of {"attention", "df_rise", "df_cam"}, optional
-        Maps computed at every explained step; default all three.
+    methods : sequence of str, method configs or method objects, optional
+        Maps computed at every explained step: ``"attention"`` or a registered saliency
+        method, by name (its default settings), by config (``DFRiseConfig(n_masks=200)``)
+        or as a configured object (``DFRise(n_masks=200)``); default ``"attention"``,
+        ``"df_rise"`` and ``"df_cam"``.
     steps : sequence of int, optional
         Loop indices explained; default the paper's step 15 of 20, scaled.
     seeds : sequence of int
@@ -229,10 +238,9 @@ def run(
         pipeline folder.
     pipe : diffusers pipeline, optional
         Use this pipeline object instead of loading one (single-process use).
-    rise_masks, n_random : int
-        DF-RISE masks per map; random orders of the faithfulness baseline.
-    cells_per_stage : int, optional
-        Faithfulness stage size (default: the paper's, scaled to the latent grid).
+    faithfulness : InsertionDeletionConfig or InsertionDeletion, optional
+        Settings of the insertion/deletion curves (random orders, stage size, ...); default
+        its config's defaults.
     metrics : sequence of {"faithfulness", "segmentation", "roles", "probes"}, optional
         Default faithfulness, segmentation and roles; ``"probes"`` also records pooled
         activations (one more generation per item) for concept curves across the set.
@@ -268,18 +276,22 @@ def run(
     """
     if aggregate:
         _check_aggregation_packages()
+    from diffwidget.explain.base import Method
+
     items = load_prompts(prompts)
+    names, configs = split_methods(methods if methods is not None else DEFAULT_METHODS)
     settings = check_settings(
         RunSettings(
-            methods=list(methods) if methods is not None else list(MAP_METHODS),
+            methods=names,
             steps=list(steps) if steps is not None else None,
             seeds=list(seeds),
             inference_steps=inference_steps,
             guidance=guidance,
             model=model,
-            rise_masks=rise_masks,
-            n_random=n_random,
-            cells_per_stage=cells_per_stage,
+            configs=configs,
+            faithfulness=faithfulness
+            if not isinstance(faithfulness, Method)
+            else faithfulness.config,
             metrics=list(metrics) if metrics is not None else RunSettings().metrics,
             save_traces=save_traces,
         )

@@ -22,7 +22,7 @@ from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.codecs import encode_array, quantise_uint8
-from diffwidget.widget.explorer_work import ExplorerWork
+from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
 from diffwidget.widget.previews import noisy_previews, preview_text, shrink_images, x0_previews
@@ -428,8 +428,7 @@ class Explorer(ExplorerWork):
         return self._submit_overlay(overlay, step, explicit=True)
 
     def _submit_overlay(self, kind: str, step: int, *, explicit: bool) -> Future:
-        label = f"{OVERLAY_LABELS[kind]} at step {step}"
-        return self._jobs.submit(("overlay", kind, step), label, explicit=explicit)
+        return self._jobs.submit(OverlayRequest(kind, step), explicit=explicit)
 
     def cancel(self) -> None:
         """Stop the running computation and drop waiting ones (also those made in code)."""

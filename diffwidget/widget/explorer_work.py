@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +33,42 @@ OVERLAY_LABELS = schema.OVERLAY_LABELS
 
 class _Stopped(Exception):
     """Raised inside a computation whose progress callback asked it to stop."""
+
+
+@dataclass(frozen=True)
+class OverlayRequest:
+    """Compute the saliency overlay ``overlay`` at loop index ``step``."""
+
+    overlay: str
+    step: int
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """``("overlay", overlay, step)``."""
+        return ("overlay", self.overlay, self.step)
+
+    @property
+    def label(self) -> str:
+        """E.g. "DF-RISE at step 3"."""
+        return f"{OVERLAY_LABELS[self.overlay]} at step {self.step}"
+
+
+@dataclass(frozen=True, eq=False)
+class FaithfulnessRequest:
+    """Insertion/deletion curves of ``saliency``, the map the ``view`` shows."""
+
+    view: FaithfulnessView
+    saliency: np.ndarray
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """``("faithfulness", *view.key())``: one request per map shown."""
+        return ("faithfulness", *self.view.key())
+
+    @property
+    def label(self) -> str:
+        """E.g. "faithfulness of DF-RISE at step 3"."""
+        return f"faithfulness of {OVERLAY_LABELS[self.view.overlay]} at step {self.view.step}"
 
 
 class ExplorerWork:
@@ -91,11 +128,8 @@ class ExplorerWork:
                 "(faithfulness=InsertionDeletion(...))"
             )
         view = FaithfulnessView.of(self.widget, self.step if step is None else step)
-        saliency = self._shown_map(view)
-        label = f"faithfulness of {OVERLAY_LABELS[view.overlay]} at step {view.step}"
-        params = {"view": view, "saliency": saliency}
         return self._jobs.submit(
-            ("faithfulness", *view.key()), label, explicit=explicit, params=params
+            FaithfulnessRequest(view, self._shown_map(view)), explicit=explicit
         )
 
     def _shown_map(self, view: FaithfulnessView) -> np.ndarray:
@@ -157,22 +191,25 @@ class ExplorerWork:
 
     # ----------------------------------------------------------------- the worker
     def _run(self, request: Request, progress: Callable[[int, int], bool]) -> Any:
-        if request.key[0] == "overlay":
-            kind, step = str(request.key[1]), int(request.key[2])
-            result = self._method(kind).attribute(self.pipe, self.trace, step, progress=progress)
+        work = request.work
+        if isinstance(work, OverlayRequest):
+            method = self._method(work.overlay)
+            result = method.attribute(self.pipe, self.trace, work.step, progress=progress)
             if not request.cancel.is_set():
-                self._store(kind, step, result)
+                self._store(work.overlay, work.step, result)
             return result
+        assert isinstance(work, FaithfulnessRequest)
 
         def stop_when_asked(done: int, total: int) -> bool:
+            # Raised, not returned: any evaluator stops, also one that ignores False.
             if not progress(done, total):
                 raise _Stopped
             return True
 
-        view = request.params["view"]
+        view = work.view
         try:
             result = self._evaluator_or_default().evaluate(
-                self.pipe, self.trace, view.step, request.params["saliency"], stop_when_asked
+                self.pipe, self.trace, view.step, work.saliency, stop_when_asked
             )
         except _Stopped:
             return None

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from diffwidget.tracing.lock import hold_pipeline
 
@@ -39,28 +39,46 @@ HOW_TO_CANCEL = "explorer.cancel() or the cancel button"
 Runner = Callable[["Request", Callable[[int, int], bool]], Any]
 
 
+class Work(Protocol):
+    """A typed record of one computation (an overlay at a step, faithfulness of a map)."""
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What is computed, e.g. ``("overlay", "df_rise", 3)``; equal keys are one request."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """How status lines and errors name it ("DF-RISE at step 3")."""
+        ...
+
+
 @dataclass
 class Request:
-    """One requested computation.
+    """One queued computation: its typed work record and the queue's bookkeeping.
 
     Attributes
     ----------
-    key : tuple
-        What is computed, e.g. ``("overlay", "df_rise", 3)``; equal keys are one request.
-    label : str
-        How status lines and errors name it ("DF-RISE at step 3").
+    work : Work
+        What to compute, with everything the runner needs.
     explicit : bool
         Made in code: never replaced or stopped by view requests.
-    params : dict
-        Whatever the runner needs beside the key.
     """
 
-    key: tuple[Any, ...]
-    label: str
+    work: Work
     explicit: bool = False
-    params: dict[str, Any] = field(default_factory=dict)
     future: Future = field(default_factory=Future)
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The work's identity."""
+        return self.work.key
+
+    @property
+    def label(self) -> str:
+        """The work's name in status lines."""
+        return self.work.label
 
 
 class Jobs:
@@ -118,27 +136,20 @@ class Jobs:
         live = [*self._explicit, self._pending, self._current]
         return [r for r in live if r is not None and not r.cancel.is_set()]
 
-    def submit(
-        self,
-        key: tuple[Any, ...],
-        label: str,
-        *,
-        explicit: bool = False,
-        params: dict[str, Any] | None = None,
-    ) -> Future:
-        """Queue a request; see the module docstring for how view and code requests differ."""
+    def submit(self, work: Work, *, explicit: bool = False) -> Future:
+        """Queue ``work``; see the module docstring for how view and code requests differ."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this explorer was closed; create a new one")
             for live in self._live():
-                if live.key == key:
+                if live.key == work.key:
                     if explicit and not live.explicit:
                         live.explicit = True  # now protected from later view requests
                         if live is self._pending:
                             self._pending = None
                             self._explicit.append(live)
                     return live.future
-            request = Request(key, label, explicit, dict(params or {}))
+            request = Request(work, explicit)
             if explicit:
                 self._explicit.append(request)
             else:

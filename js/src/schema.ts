@@ -1,11 +1,11 @@
 // Generated from diffwidget/widget/schema.py; do not edit.
 // Regenerate with `python -m diffwidget.widget.schema`.
 
-export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam";
-export const OVERLAY_KINDS: readonly OverlayKind[] = ["none", "attention", "df_rise", "df_cam"];
+export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion";
+export const OVERLAY_KINDS: readonly OverlayKind[] = ["none", "attention", "df_rise", "df_cam", "occlusion"];
 
-export type HeavyOverlay = "df_rise" | "df_cam";
-export const HEAVY_OVERLAYS: readonly HeavyOverlay[] = ["df_rise", "df_cam"];
+export type HeavyOverlay = "df_rise" | "df_cam" | "occlusion";
+export const HEAVY_OVERLAYS: readonly HeavyOverlay[] = ["df_rise", "df_cam", "occlusion"];
 
 export type Status = "idle" | "running" | "done" | "cancelled" | "error";
 export const STATUSES: readonly Status[] = ["idle", "running", "done", "cancelled", "error"];
@@ -26,7 +26,7 @@ export type FrontendMessage = "cancel" | "faithfulness" | "decode_step" | "buffe
 export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel", "faithfulness", "decode_step", "buffers_missing"];
 
 /** Human names of the overlays. */
-export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM" };
+export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM", occlusion: "Occlusion" };
 /** inferno colour map, evenly spaced stops in [0, 1]. */
 export const COLORMAP_NAME = "inferno";
 export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];

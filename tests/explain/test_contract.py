@@ -11,24 +11,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from explain_support import changed_keys, hook_counts, processors, scheduler_state
+from explain_support import FAST, changed_keys, hook_counts, processors, scheduler_state
 
 from diffwidget.explain.registry import SALIENCY_METHODS, TOKEN_METHODS, saliency_method
 from diffwidget.explain.results import SaliencyMap, TokenRelevanceResult
 from diffwidget.tracing.trace import Trace
 
-#: Settings that keep each method quick on the tiny pipeline; every registered method needs one.
-FAST: dict[str, dict[str, Any]] = {
-    "df_rise": {"n_masks": 6, "batch_size": 4, "progress_bar": False},
-    "df_cam": {},
-    "token_relevance": {"progress_bar": False},
-}
 ALL_METHODS = {**SALIENCY_METHODS, **TOKEN_METHODS}
 STEP = 1
 
 
+def _method(name: str) -> Any:
+    return ALL_METHODS[name](progress_bar=False, **FAST.get(name, {}))
+
+
 def _run(name: str, pipe: Any, trace: Trace) -> Any:
-    method = ALL_METHODS[name](**FAST[name])
+    method = _method(name)
     if name in TOKEN_METHODS:
         return method.attribute(pipe, trace, steps=[STEP])
     return method.attribute(pipe, trace, STEP)
@@ -50,8 +48,36 @@ def _state(pipe: Any) -> dict[str, Any]:
     }
 
 
-def test_every_method_has_fast_settings() -> None:
-    assert set(FAST) == set(ALL_METHODS)
+def test_fast_settings_name_registered_methods_and_valid_settings() -> None:
+    assert set(FAST) <= set(ALL_METHODS)
+    for name, settings in FAST.items():
+        assert ALL_METHODS[name].config_class(**settings).to_json().items() >= settings.items()
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_config_round_trip_and_registry(name: str) -> None:
+    """Every method has a typed config: defaults written once, a stable JSON form, rebuilt
+    into the same method by the registry (what runs store and replay)."""
+    import json
+
+    from diffwidget.explain.registry import build, config_class, method_name
+
+    cls = ALL_METHODS[name]
+    config = _method(name).config
+    assert config_class(name) is cls.config_class
+    assert type(config) is cls.config_class
+    text = json.dumps(config.to_json())
+    assert json.dumps(cls.config_class.from_json(json.loads(text)).to_json()) == text
+    assert cls.config_class.from_json(json.loads(text)) == config
+    assert list(config.to_json()) == list(cls.config_class.setting_names())
+    assert method_name(config) == name
+    rebuilt = build(config, progress_bar=False)
+    assert type(rebuilt) is cls
+    assert rebuilt.config == config
+    with pytest.raises(TypeError, match="no setting 'bogus'"):
+        cls(bogus=1)
+    with pytest.raises(ValueError, match="unknown keys 'bogus'"):
+        cls.config_class.from_json({"bogus": 1})
 
 
 @pytest.mark.parametrize("name", sorted(ALL_METHODS))
@@ -111,7 +137,7 @@ def test_registry_names() -> None:
 def test_widget_call_reports_progress(name: str, sd_pipe: Any, sd_trace: Trace) -> None:
     """The widget calls saliency_method(name)().attribute(pipe, trace, step, progress=cb)."""
     seen: list[tuple[int, int]] = []
-    method = saliency_method(name)(**FAST[name])
+    method = saliency_method(name)(progress_bar=False, **FAST.get(name, {}))
     result = method.attribute(sd_pipe, sd_trace, STEP, progress=lambda d, t: seen.append((d, t)))
     assert isinstance(result, SaliencyMap)
     assert seen

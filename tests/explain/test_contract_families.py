@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from explain_support import changed_keys, hook_counts, scheduler_state
+from explain_support import FAST, changed_keys, hook_counts, scheduler_state
 
-from diffwidget.explain.cam import DFCam
 from diffwidget.explain.faithfulness import InsertionDeletion
+from diffwidget.explain.registry import SALIENCY_METHODS, saliency_method
 from diffwidget.explain.relevance import TokenRelevance
-from diffwidget.explain.rise import DFRise
 from diffwidget.tracing.activations import ActivationRecorder
 from diffwidget.tracing.families import denoiser_family
 from diffwidget.tracing.trace import Trace
@@ -29,12 +28,11 @@ PROMPTS = ["a red circle on the left", "a blue square on the right"]
 
 
 def _saliency(method: str, pipe: Any, trace: Trace) -> list[np.ndarray]:
-    if method == "df_rise":
-        sal = DFRise(n_masks=6, batch_size=4, progress_bar=False).attribute(pipe, trace, STEP)
-        return [sal.map, sal.raw]
-    if method == "df_cam":
-        sal = DFCam().attribute(pipe, trace, STEP)
-        assert list(sal.layers) == denoiser_family(pipe).cam_layers()
+    if method in SALIENCY_METHODS:
+        settings = FAST.get(method, {})
+        sal = saliency_method(method)(progress_bar=False, **settings).attribute(pipe, trace, STEP)
+        if method == "df_cam":
+            assert list(sal.layers) == denoiser_family(pipe).cam_layers()
         return [sal.map, sal.raw, *sal.layers_raw.values()]
     if method == "faithfulness":
         result = InsertionDeletion(n_random=1).evaluate(pipe, trace, STEP, trace.latents[0, 0])
@@ -55,7 +53,8 @@ def _probe(pipe: Any, kwargs: dict[str, Any]) -> list[np.ndarray]:
     return [*record.activations.values(), record.x0_images.astype(np.float32)]
 
 
-METHODS = ["df_rise", "df_cam", "faithfulness", "token_relevance", "probes"]
+#: Every registered saliency method, then the other methods.
+METHODS = [*SALIENCY_METHODS, "faithfulness", "token_relevance", "probes"]
 #: (method, family) pairs refused with a clear error, and the words the error must contain.
 REFUSED: dict[tuple[str, str], str] = {}
 
@@ -105,7 +104,7 @@ def test_method_on_family(method: str, case: str, family_case: Any, family_trace
     if method != "probes":  # probes run the pipeline, which steps its own scheduler
         assert changed_keys(sched, scheduler_state(pipe.scheduler)) == []
     trace = family_trace(case)
-    if method in ("df_rise", "df_cam"):
+    if method in SALIENCY_METHODS:
         assert first[0].shape == trace.latent_shape
         assert 0.0 <= first[0].min() <= first[0].max() <= 1.0
     for a, b in zip(first, second, strict=True):
@@ -118,7 +117,7 @@ class _Boom(RuntimeError):
 
 
 @pytest.mark.parametrize("case", ["sd3", "flux", "pixart"])
-@pytest.mark.parametrize("method", ["df_rise", "df_cam", "faithfulness"])
+@pytest.mark.parametrize("method", [*SALIENCY_METHODS, "faithfulness"])
 def test_nothing_left_behind_after_an_exception(
     method: str, case: str, family_case: Any, family_trace: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

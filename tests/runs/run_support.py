@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from diffwidget.explain.faithfulness import InsertionDeletionConfig
+from diffwidget.explain.rise import DFRiseConfig
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = "scene:4"
 #: Few steps, masks and stages: every item takes about a second on one thread.
@@ -33,13 +36,12 @@ FAST = [
     "1",
     "--no-progress",
 ]
-#: The same settings as keyword arguments of ``diffwidget.runs.run``.
+#: The same settings as keyword arguments of ``diffwidget.runs.run``: typed configs.
 FAST_KWARGS: dict[str, Any] = {
     "inference_steps": 4,
     "steps": [2],
-    "rise_masks": 8,
-    "n_random": 1,
-    "cells_per_stage": 64,
+    "methods": ["attention", DFRiseConfig(n_masks=8), "df_cam"],
+    "faithfulness": InsertionDeletionConfig(n_random=1, cells_per_stage=64),
     "progress": False,
 }
 #: Record entries that say who computed an item and how long it took, not what.

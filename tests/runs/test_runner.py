@@ -24,6 +24,7 @@ from run_support import (
     results,
 )
 
+from diffwidget.explain.faithfulness import InsertionDeletionConfig
 from diffwidget.runs import runner
 from diffwidget.runs.prompts import PromptSourceError
 from diffwidget.runs.store import RunSetupError
@@ -101,6 +102,8 @@ def test_shards_of_a_job_array_complete_the_run(reference_run: Path, tmp_path: P
 
 _KILLED_RUN = """
 import os, signal, sys
+from diffwidget.explain.faithfulness import InsertionDeletionConfig
+from diffwidget.explain.rise import DFRiseConfig
 from diffwidget.runs import run
 done = []
 def on_item(key, status):
@@ -231,8 +234,9 @@ def test_embedded_models_are_named_like_on_the_command_line(
 
 def test_a_folder_with_another_run_is_refused(reference_run: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(runner, "_load_pipeline", lambda *_: pytest.fail("work started"))
+    faithfulness = InsertionDeletionConfig(n_random=2, cells_per_stage=64)
     with pytest.raises(RunSetupError, match="n_random: 1 there, 2 now"):
-        runner.run(PROMPTS, reference_run, **{**FAST_KWARGS, "n_random": 2})
+        runner.run(PROMPTS, reference_run, **{**FAST_KWARGS, "faithfulness": faithfulness})
 
 
 def test_cli_reports_bad_input_as_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

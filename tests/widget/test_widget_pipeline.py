@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
 
@@ -25,7 +26,7 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
     )
     try:
         widget = explorer.widget
-        assert widget.available == ["none", "attention", "df_rise", "df_cam"]
+        assert widget.available == ["none", "attention", "df_rise", "df_cam", "occlusion"]
         h, w = tiny_trace.latent_shape
         n, t = tiny_trace.n_steps, len(tiny_trace.tokens)
         assert decode_array(widget.attention).shape == (n, t, h, w)
@@ -48,6 +49,24 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
         )
         explorer.grid = "df_cam"
         assert widget.grid_data["layers"] == list(cam.layers)
+    finally:
+        explorer.close()
+
+
+@pytest.mark.parametrize("kind", schema.HEAVY_OVERLAYS)
+def test_every_registered_method_is_an_overlay_of_the_explorer(kind, tiny_sd_pipe, tiny_trace):
+    """The overlay menu offers each registered method, and computing it fills the overlay."""
+    from diffwidget.explain.rise import DFRise
+
+    quick = {"df_rise": DFRise(n_masks=TEST_MASKS, progress_bar=False)}
+    explorer = Explorer(tiny_trace, pipe=tiny_sd_pipe, methods=quick)
+    try:
+        assert kind in explorer.widget.available
+        result = explorer.compute(kind, step=1).result(WAIT_S)
+        stored = decode_array(explorer.widget.overlays[kind]["maps"])
+        np.testing.assert_allclose(stored[0], result.map, atol=1 / 255 + 1e-6)
+        label = schema.OVERLAY_LABELS[kind]
+        assert explorer.widget.overlays[kind]["descriptions"][0].startswith(label)
     finally:
         explorer.close()
 

@@ -48,7 +48,10 @@ def test_every_schema_trait_is_a_synced_trait_of_the_widget():
 def test_enums_come_from_the_literals_and_reach_typescript():
     assert get_args(schema.OverlayKind) == schema.OVERLAY_KINDS
     text = TS_SCHEMA.read_text()
-    assert 'export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam";' in text
+    assert (
+        'export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion";'
+        in text
+    )
     assert 'export type Status = "idle" | "running" | "done" | "cancelled" | "error";' in text
     widget = ExplorerWidget()
     with pytest.raises(Exception, match="overlay"):
