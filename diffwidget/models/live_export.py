@@ -58,6 +58,8 @@ PREVIEW_DECODER_NAME = "shipped demo decoder"
 ATTENTION_PREFIX = "attention:"
 _UINT8_MAX = 255.0
 _HEX_WORDS = "\x00words\x00"
+#: A word count no message holds otherwise, replaced by a placeholder in the template.
+_N_WORDS = 987654321
 _SCHEDULER_FIELDS = tuple(SchedulerFacts.__dataclass_fields__)
 
 
@@ -230,14 +232,14 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, inputs: list[str], o
 
 def tokenizer_facts(tokenizer: Any) -> TokenizerFacts:
     """The vocabulary, merges and messages the JavaScript tokenizer reads."""
-    from diffwidget.models.prompts import MAX_WORDS, unknown_words_message
+    from diffwidget.models.prompts import MAX_WORDS, too_long_message, unknown_words_message
     from diffwidget.models.scenes import VOCABULARY
     from diffwidget.models.tokenizer import SPELLINGS, WORD_END
 
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     unknown = unknown_words_message([_HEX_WORDS]).replace(repr(_HEX_WORDS), WORDS_PLACEHOLDER)
-    too_long = "the prompt has {n} words; the embedded model reads at most {max} and cuts the rest"
+    too_long = too_long_message(_N_WORDS).replace(str(_N_WORDS), "{n}")
     return TokenizerFacts(
         vocab={str(k): int(v) for k, v in model["vocab"].items()},
         merges=tuple(merges),
