@@ -109,3 +109,12 @@ def test_cli_writes_the_live_file_and_folder(tmp_path: Path, capsys) -> None:
 def test_cli_live_usage_errors(argv, message, capsys) -> None:
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_main_widget_bundle_holds_none_of_the_live_runtime() -> None:
+    from diffwidget.widget.model import ESM_PATH
+
+    widget = ESM_PATH.read_text()
+    assert "InferenceSession" not in widget
+    assert "wasm-unsafe-eval" not in widget
+    assert "InferenceSession" in live.LIVE_JS.read_text()
