@@ -57,6 +57,7 @@ const bytes = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.cha
 const url = URL.createObjectURL(new Blob([bytes], { type: "text/javascript" }));
 const live = await import(url);
 URL.revokeObjectURL(url);
+window.diffwidgetLiveModule = live;
 live.start(document.getElementById("diffwidget-live"), JSON.parse(text("diffwidget-live-config")));
 """
 _LOADER_FOLDER = """\

@@ -59,8 +59,12 @@ export interface LiveHandle {
   panels: { model: LocalModel | null; run: LiveRun | null }[];
   /** Milliseconds from start() to the first image on screen. */
   firstImageMs: number;
-  /** Milliseconds to compile onnxruntime-web and create the sessions. */
+  /** The same moment in milliseconds since navigation started (performance.now()). */
+  firstImageAt: number;
+  /** Milliseconds from start() until the model was ready (assets decoded, sessions made). */
   loadMs: number;
+  /** Milliseconds from start() until the assets were decoded and checked. */
+  assetsMs: number;
   error: string;
 }
 
@@ -172,7 +176,9 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
     generate: async () => [],
     panels,
     firstImageMs: Number.NaN,
+    firstImageAt: Number.NaN,
     loadMs: Number.NaN,
+    assetsMs: Number.NaN,
     error: "",
   };
   const fail = (message: string): void => {
@@ -252,7 +258,10 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
       if (mine !== generation) return runs; // a newer request replaced this one
       showRun(panel, model, run);
       runs.push(run);
-      if (Number.isNaN(handle.firstImageMs)) handle.firstImageMs = performance.now() - started;
+      if (Number.isNaN(handle.firstImageMs)) {
+        handle.firstImageAt = performance.now();
+        handle.firstImageMs = handle.firstImageAt - started;
+      }
       status.textContent = `generated in the browser in ${(run.millis / 1000).toFixed(2)} s (no kernel, no server)`;
     }
     linkSteps();
@@ -281,6 +290,7 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
   handle.ready = (async () => {
     try {
       const assets = await loadAssets(source, config.manifest);
+      handle.assetsMs = performance.now() - started;
       handle.model = await Model.create(assets);
       handle.loadMs = performance.now() - started;
       await generate();

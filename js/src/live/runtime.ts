@@ -71,11 +71,14 @@ export class LiveModel {
   }
 
   /** Compile the WebAssembly module and create one session per graph. */
-  static async create(assets: LiveAssets): Promise<LiveModel> {
+  static async create(
+    assets: LiveAssets,
+    level: ort.InferenceSession.SessionOptions["graphOptimizationLevel"] = "all",
+  ): Promise<LiveModel> {
     configure(assets.wasm);
     const options: ort.InferenceSession.SessionOptions = {
       executionProviders: ["wasm"],
-      graphOptimizationLevel: "all",
+      graphOptimizationLevel: level,
     };
     const entries = await Promise.all(
       assets.manifest.graphs.map(
