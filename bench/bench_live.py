@@ -63,7 +63,8 @@ GENERATE = """async ([caption, seed]) => {
   const run = runs[0];
   return {millis: run.millis, image: Array.from(run.image),
           previews: run.previews.map((p) => Array.from(p)),
-          attention: Object.fromEntries([...run.attention].map(([k, v]) => [k, v.map((a) => Array.from(a))]))};
+          attention: Object.fromEntries(
+            [...run.attention].map(([k, v]) => [k, v.map((a) => Array.from(a))]))};
 }"""
 LOAD_TIMEOUT_MS = 300_000
 
