@@ -250,3 +250,30 @@ def test_the_folder_works_on_a_static_host(page, tmp_path) -> None:
         browser_page.wait_for_selector(".dw-canvas[data-draws]")
     assert blocked == []
     assert console.errors == []
+
+
+def test_the_notebook_view_generates_after_the_kernel_died(jupyter_server, page) -> None:
+    from bench.browserlib import run_all_cells, write_notebook
+
+    browser_page, console = page
+    code = (
+        "from diffwidget.widget.live_widget import LiveExplorer\n"
+        "live = LiveExplorer('a large red circle on the left')\n"
+        "live"
+    )
+    write_notebook(jupyter_server.root / "live.ipynb", [code])
+    browser_page.goto(jupyter_server.page_url("lab/tree/live.ipynb"))
+    run_all_cells(browser_page)
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    browser_page.wait_for_selector(".dwl-root .dw-canvas[data-draws]")
+    browser_page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.sessionContext.session.shutdown()"
+    )
+    browser_page.wait_for_function(
+        "() => !window.jupyterapp.shell.currentWidget.sessionContext.session"
+    )
+    browser_page.fill(".dwl-caption-input >> nth=0", "a small green triangle at the top")
+    browser_page.evaluate("() => window.diffwidgetLive.generate()")
+    prompt = browser_page.locator(".dwl-panel >> nth=0 >> .dw-prompt").inner_text()
+    assert prompt == "a small green triangle at the top"
+    assert console.widget_errors() == []
