@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import diffwidget
-from diffwidget.widget import live
+from diffwidget.widget import layers, live
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
 from diffwidget.widget.export import standalone_state
@@ -38,8 +38,9 @@ NOISY_TOLERANCE = 3
 READY = """() => window.diffwidgetLive
   && (window.diffwidgetLive.error || !isNaN(window.diffwidgetLive.firstImageMs))"""
 #: A page's state as plain JSON: payload buffers as number arrays.
-STATE = """(index) => {
+STATE = """([index, grid]) => {
   const model = window.diffwidgetLive.panels[index].model;
+  if (grid) model.set("grid", grid);
   const plain = (v) => {
     if (v instanceof DataView) {
       return Array.from(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
@@ -52,7 +53,7 @@ STATE = """(index) => {
   };
   const keys = ["prompt", "tokens", "token_kinds", "timesteps", "token", "available",
     "descriptions", "layer_options", "scales", "previews", "noisy_previews", "attention",
-    "curves"];
+    "curves", "grid_data"];
   return Object.fromEntries(keys.map((k) => [k, plain(model.get(k))]));
 }"""
 RUN = """(index) => {
@@ -131,7 +132,7 @@ def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, refere
     browser_page.goto(live_file.as_uri())
     browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
     _generate(browser_page, CAPTION, SEED)
-    got = browser_page.evaluate(STATE, 0)
+    got = browser_page.evaluate(STATE, [0, "attention"])
     explorer = Explorer(reference)
     want = standalone_state(explorer)
     explorer.close()
@@ -152,6 +153,14 @@ def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, refere
     assert [s["name"] for s in got["curves"]["series"]] == reference.tokens
     curves = _array(got["curves"]["values"]) - _array(want["curves"]["values"])
     assert np.abs(curves).max() <= ATTENTION_TOLERANCE
+    # The layer × step grid, which the kernel computes on request, made in the page.
+    grid = layers.attention_grid(reference)
+    for key in ("source", "layers", "grids", "steps", "per_token", "description"):
+        assert got["grid_data"][key] == grid[key], key
+    a, b = _array(got["grid_data"]["maps"]), _array(grid["maps"])
+    code = _array(grid["maps"]["scale"]).max() / 255
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= ATTENTION_TOLERANCE + code
 
 
 def test_slider_chips_overlay_and_strip_work_on_browser_data(page, live_file) -> None:

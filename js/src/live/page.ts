@@ -8,7 +8,7 @@ import { mount } from "../index";
 import { LocalModel } from "../local_model";
 import { type Cleanup, h } from "../model";
 import { type AssetSource, loadAssets, type PageConfig, wasmProblem } from "./assets";
-import { stateFromRun } from "./payloads";
+import { attentionGrid, stateFromRun } from "./payloads";
 import { type GenerateRequest, type LiveModel, type LiveRun, LiveModel as Model } from "./runtime";
 
 /** Wait after the last control change before regenerating (milliseconds). */
@@ -222,6 +222,15 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
     });
     panel.model.on("change:step", mark);
     mark();
+    // The layer × step grid is the kernel's in a notebook; here the run has every map.
+    const grid = (): void => {
+      const kind = panel.model?.get("grid");
+      panel.model?.set(
+        "grid_data",
+        kind === "attention" ? attentionGrid(run, model.manifest) : null,
+      );
+    };
+    panel.model.on("change:grid", grid);
   };
 
   let generation = 0;

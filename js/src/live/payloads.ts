@@ -5,7 +5,7 @@
  * page cannot compute (the kernel's heavy overlays, layer filters) is left out, as in an
  * exported file.
  */
-import type { ArrayPayload, CurveSeries, ScaleInfo, WidgetState } from "../schema";
+import type { ArrayPayload, CurveSeries, GridData, ScaleInfo, WidgetState } from "../schema";
 import type { LiveManifest } from "./manifest";
 import type { LiveRun } from "./runtime";
 import { roundHalfEven } from "./scheduler";
@@ -270,6 +270,51 @@ export function previewText(m: LiveManifest, guidance: number): string {
 export const NOISY_TEXT =
   "Noisy latent x_t entering this step, through a linear latent→RGB map fitted on this " +
   "trace's x̂0 previews (no VAE in the kernel)";
+
+/** Largest side of one grid cell (layers.GRID_CELL_MAX). */
+const GRID_CELL_MAX = 16;
+
+/** layers.attention_grid: every layer × step × token, each cell resampled to one grid. */
+export function attentionGrid(run: LiveRun, m: LiveManifest): GridData {
+  const [h, w] = m.latent_hw;
+  const scale = Math.min(1, GRID_CELL_MAX / Math.max(h, w));
+  const cell: [number, number] = [
+    Math.max(1, Math.round(h * scale)),
+    Math.max(1, Math.round(w * scale)),
+  ];
+  const n = run.timesteps.length;
+  const t = run.selected.length;
+  const size = cell[0] * cell[1];
+  const maps = new Float32Array(m.attention.length * n * t * size);
+  m.attention.forEach((layer, row) => {
+    const [lh, lw] = layer.grid;
+    const perStep = run.attention.get(layer.layer) ?? [];
+    for (let s = 0; s < n; s++) {
+      for (let k = 0; k < t; k++) {
+        const map = new Float64Array(lh * lw);
+        for (let q = 0; q < lh * lw; q++) map[q] = Math.max(0, perStep[s][q * t + k]);
+        const up = upsample(map, lh, lw, cell[0], cell[1]);
+        maps.set(up, ((row * n + s) * t + k) * size);
+      }
+    }
+  });
+  const { q, scale: scales } = quantise(maps, size);
+  return {
+    source: "attention",
+    layers: m.attention.map((a) => a.layer),
+    grids: m.attention.map((a) => [a.grid[0], a.grid[1]]),
+    steps: run.timesteps.map((_, i) => i),
+    maps: {
+      ...payload("uint8", [m.attention.length, n, t, cell[0], cell[1]], q),
+      scale: payload("float32", [m.attention.length, n, t], scales),
+    },
+    per_token: true,
+    description:
+      "Attention of the image to the selected token per captured layer (rows) and step " +
+      "(columns), conditional CFG half, mean over heads; each cell resampled to " +
+      `${cell[0]}×${cell[1]} and divided by its own maximum`,
+  };
+}
 
 /** The explorer's whole state for a browser-made run (as `standalone_state` exports it). */
 export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): WidgetState {
