@@ -217,6 +217,13 @@ def test_unknown_words_are_named_as_python_names_them(page, live_file) -> None:
     _generate(browser_page, "a cat on the left", 0)
     warning = browser_page.inner_text(".dwl-warning >> nth=0")
     assert warning == unknown_words_message(["cat"])
+    # A control's change regenerates at once: ten steps give a strip of ten.
+    browser_page.fill(".dwl-range >> nth=1", "10")
+    browser_page.wait_for_function(
+        "() => document.querySelectorAll('.dwl-panel .dwl-strip canvas').length === 10"
+        " && window.diffwidgetLive.panels[0].run.timesteps.length === 10",
+        timeout=LOAD_TIMEOUT_MS,
+    )
 
 
 def test_a_csp_without_wasm_says_why_in_one_line(page, live_file, tmp_path) -> None:
