@@ -17,6 +17,13 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 WIDGET_JS = Path("diffwidget") / "widget" / "static" / "widget.js"
+#: Everything the front-end build writes that the wheel needs (the live page's bundle and
+#: onnxruntime-web's WebAssembly binary beside the widget's).
+BUILT = (
+    WIDGET_JS,
+    WIDGET_JS.with_name("live.js"),
+    WIDGET_JS.with_name("ort-wasm-simd-threaded.wasm"),
+)
 MIN_NODE = 18
 NODE_URL = "https://nodejs.org"
 
@@ -35,7 +42,7 @@ def node_major(node: str) -> int | None:
 
 def node_problem(root: Path) -> str | None:
     """Why the front-end cannot be built here, or ``None`` if it is built or can be."""
-    if (root / WIDGET_JS).is_file():
+    if all((root / path).is_file() for path in BUILT):
         return None  # already compiled (an sdist, or a clone that built it): npm is skipped
     node, npm = shutil.which("node"), shutil.which("npm")
     what = f"Node.js >= {MIN_NODE} with npm ({NODE_URL})"

@@ -18,6 +18,7 @@ _LAZY = {
     "load_demo_pipeline": "diffwidget.models.loader",
     "Explorer": "diffwidget.widget.explorer",
     "open_run": "diffwidget.widget.run_browser",
+    "LiveExplorer": "diffwidget.widget.live_widget",
 }
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from diffwidget.tracing.generate import trace
     from diffwidget.tracing.trace import Trace
     from diffwidget.widget.explorer import Explorer
+    from diffwidget.widget.live_widget import LiveExplorer
     from diffwidget.widget.run_browser import open_run
 
 #: Sub-packages reachable as attributes (``diffwidget.explain.DFRise``), imported on first use.
@@ -33,6 +35,7 @@ _SUBPACKAGES = ("explain", "models", "runs", "testing", "tracing", "widget")
 
 __all__ = [
     "Explorer",
+    "LiveExplorer",
     "Trace",
     "TraceContext",
     "__version__",

@@ -91,9 +91,10 @@ def fake_program(folder: Path, name: str, output: str) -> None:
 
 def source_tree(root: Path, *, built: bool) -> Path:
     if built:
-        target = root / "diffwidget" / "widget" / "static" / "widget.js"
-        target.parent.mkdir(parents=True)
-        target.write_text("export default {};\n")
+        static = root / "diffwidget" / "widget" / "static"
+        static.mkdir(parents=True)
+        for name in ("widget.js", "live.js", "ort-wasm-simd-threaded.wasm"):
+            (static / name).write_text("export default {};\n")
     return root
 
 
@@ -143,3 +144,12 @@ def test_recent_node_builds(
     fake_program(tmp_path, "npm", "10.0.0")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert hook.module.node_problem(source_tree(tmp_path / "src", built=False)) is None
+
+
+def test_a_front_end_without_the_live_bundle_still_needs_node(
+    hook: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    root = source_tree(tmp_path / "src", built=True)
+    (root / "diffwidget" / "widget" / "static" / "live.js").unlink()
+    assert hook.module.node_problem(root) == "node and npm not found on PATH"

@@ -13,6 +13,8 @@ $ diffwidget demo --notebook 03        # another bundled notebook
 $ diffwidget demo --model dit          # the notebooks on the embedded DiT
 $ diffwidget export "a large red circle on the left" -o explorer.html
 $ diffwidget export "a red circle in the middle" --model dit -o dit.html
+$ diffwidget export --live -o live.html   # any caption, generated in the browser
+$ diffwidget export --live --folder site/diffusion  # the same page for a static web host
 $ diffwidget run scene:50 --out scene-run  # a prompt set: maps and metrics per item
 """
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  diffwidget demo\n  diffwidget demo --classroom\n"
         '  diffwidget export "a large red circle on the left" -o explorer.html\n'
         '  diffwidget export "a large red circle on the left" --model dit -o dit.html\n'
+        "  diffwidget export --live -o live.html\n"
         "  diffwidget run scene:50 --out scene-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

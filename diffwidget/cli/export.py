@@ -1,4 +1,8 @@
-"""``diffwidget export``: trace one prompt and write a standalone HTML explorer."""
+"""``diffwidget export``: trace one prompt and write a standalone HTML explorer.
+
+With ``--live``: write the live page instead, where the embedded UNet generates any caption in
+the reader's browser (one offline HTML file, or ``--folder`` for a static web host).
+"""
 
 from __future__ import annotations
 
@@ -104,8 +108,52 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--overlay needs --step: the step whose saliency to compute")
 
 
+def export_live(args: argparse.Namespace) -> int:
+    """Write the live page: one offline HTML file, or a folder for a static web host."""
+    from diffwidget.widget.live import write_live_folder, write_live_html
+
+    if args.model not in (None, "unet"):
+        raise UsageError(
+            f"--live runs the embedded UNet in the browser; --model {args.model} is not exported "
+            "for the browser (leave --model out)"
+        )
+    if args.overlay or args.step is not None:
+        raise UsageError("--overlay and --step need the kernel; the live page has none")
+    prompt = (args.prompt or "").strip()
+    for caption in (prompt, args.compare):
+        if caption:
+            for note in check_prompt(caption):
+                print(note, file=sys.stderr)
+    if args.folder is not None:
+        folder = Path(args.folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--folder {folder} is a file; give a folder")
+        if folder.is_dir() and (folder / "index.html").exists() and not args.force:
+            raise UsageError(f"{folder}/index.html exists; pass --force to replace it")
+        write_live_folder(folder, prompt=prompt, compare=args.compare)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+        print(f"wrote {folder} ({size:.1f} MB): copy the folder to any static web host")
+        return EXIT_OK
+    output = check_output(args.output)
+    path = write_live_html(output, prompt=prompt, compare=args.compare)
+    size_mb = path.stat().st_size / 1e6
+    print(
+        f"wrote {path} ({size_mb:.1f} MB): open it in a browser, type a caption; no kernel needed"
+    )
+    return EXIT_OK
+
+
 def export(args: argparse.Namespace) -> int:
     """Trace one prompt and write a standalone HTML explorer."""
+    if args.live:
+        return export_live(args)
+    if args.folder is not None or args.compare:
+        raise UsageError("--folder and --compare belong to --live")
+    if args.prompt is None:
+        raise UsageError(
+            'pass a caption to trace, e.g. "a large red circle on the left" (or --live for '
+            "a page that generates captions in the browser)"
+        )
     prompt = args.prompt.strip()
     output = check_output(args.output)
     check_numbers(args)
@@ -162,7 +210,30 @@ def add_parser(sub: Any) -> None:
         description="Trace one prompt and write an explorer that works offline in any "
         "browser, without Jupyter.",
     )
-    p_export.add_argument("prompt", help='a caption, e.g. "a large red circle on the left"')
+    p_export.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help='a caption, e.g. "a large red circle on the left" (with --live: the first one shown)',
+    )
+    p_export.add_argument(
+        "--live",
+        action="store_true",
+        help="write a page that generates any caption in the browser (embedded UNet, "
+        "onnxruntime-web; no kernel, no server, nothing downloaded)",
+    )
+    p_export.add_argument(
+        "--folder",
+        default=None,
+        help="with --live: write the page as a folder (index.html and its files) for a static "
+        "web host such as a course page, instead of one HTML file",
+    )
+    p_export.add_argument(
+        "--compare", default="", help="with --live: a second caption shown side by side"
+    )
+    p_export.add_argument(
+        "--force", action="store_true", help="with --folder: replace an existing page"
+    )
     p_export.add_argument(
         "-o", "--output", default="explorer.html", help="HTML file to write (default: %(default)s)"
     )

@@ -96,6 +96,14 @@ def unknown_words_message(words: Sequence[str]) -> str:
     )
 
 
+def too_long_message(n_words: int) -> str:
+    """The explanation shown for a prompt of ``n_words`` words, more than the model reads."""
+    return (
+        f"the prompt has {n_words} words; the embedded model reads at most {MAX_WORDS} and "
+        f"cuts the rest. It was trained on {grammar()}"
+    )
+
+
 def check_prompt(prompt: str | Sequence[str], *, stacklevel: int = 2) -> list[str]:
     """Warn once if ``prompt`` holds unknown words (or more words than the model reads).
 
@@ -135,10 +143,5 @@ def check_prompt(prompt: str | Sequence[str], *, stacklevel: int = 2) -> list[st
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     longest = max((len(normalise_caption(p).split()) for p in prompts), default=0)
     if longest > MAX_WORDS:
-        warnings.warn(
-            f"the prompt has {longest} words; the embedded model reads at most {MAX_WORDS} and "
-            f"cuts the rest. It was trained on {grammar()}",
-            PromptTooLongWarning,
-            stacklevel=stacklevel,
-        )
+        warnings.warn(too_long_message(longest), PromptTooLongWarning, stacklevel=stacklevel)
     return []

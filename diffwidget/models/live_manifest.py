@@ -1,0 +1,407 @@
+"""What the browser needs to run an embedded model: the exported graphs' manifest (no torch).
+
+:mod:`diffwidget.models.live_export` exports the embedded UNet pipeline's graphs to ONNX at
+build time and writes them, with ``manifest.json``, into ``diffwidget/models/live/<model>/``
+(shipped in the wheel; users never export). The manifest is the one record the JavaScript
+runtime reads: the graph files and their outputs, the attention layers and their grids, the
+scheduler's configuration, the tokenizer's vocabulary, merges and normalisation, the
+unknown-word message, the sampling defaults, a fingerprint of the weights the graphs were
+exported from (a stale export fails a test) and the versions that made and checked it.
+
+Examples
+--------
+>>> manifest = LiveManifest.load(LIVE_DIR / "unet" / MANIFEST_FILE)
+>>> manifest.model, manifest.latent_hw
+('unet', (16, 16))
+>>> manifest.fingerprint == weights_fingerprint("unet")
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+#: Folder of the exported graphs, one sub-folder per embedded model.
+LIVE_DIR = Path(__file__).resolve().parent / "live"
+MANIFEST_FILE = "manifest.json"
+#: Version of the manifest's layout; the JavaScript runtime refuses other versions.
+LIVE_FORMAT = 1
+GraphName = Literal["text_encoder", "unet", "preview", "vae"]
+GRAPH_NAMES: tuple[str, ...] = get_args(GraphName)
+#: Files whose bytes define the exported graphs: the pipeline folder's weights, configs and
+#: tokenizer, and the shipped preview decoder. Relative to ``diffwidget/models``.
+_FINGERPRINTED: dict[str, tuple[str, ...]] = {
+    "unet": (
+        "demo/model_index.json",
+        "demo/scheduler/scheduler_config.json",
+        "demo/text_encoder/config.json",
+        "demo/text_encoder/model.safetensors",
+        "demo/tokenizer/tokenizer.json",
+        "demo/tokenizer/tokenizer_config.json",
+        "demo/unet/config.json",
+        "demo/unet/diffusion_pytorch_model.safetensors",
+        "demo/vae/config.json",
+        "demo/vae/diffusion_pytorch_model.safetensors",
+        "preview/demo/config.json",
+        "preview/demo/diffusion_pytorch_model.safetensors",
+    ),
+}
+_MODELS_DIR = Path(__file__).resolve().parent
+#: Placeholder the unknown-word message template carries where the words go.
+WORDS_PLACEHOLDER = "{words}"
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+#: Largest manifest accepted (it holds a vocabulary of a few hundred entries).
+MAX_MANIFEST_BYTES = 1_000_000
+
+
+class LiveManifestError(ValueError):
+    """A manifest that is missing, malformed or does not match its graph files."""
+
+
+def weights_fingerprint(model: str = "unet") -> str:
+    """SHA-256 over the shipped files an export of ``model`` is made from.
+
+    Examples
+    --------
+    >>> len(weights_fingerprint("unet"))
+    64
+    """
+    if model not in _FINGERPRINTED:
+        raise ValueError(f"no live export for model {model!r}; choose {sorted(_FINGERPRINTED)}")
+    digest = hashlib.sha256()
+    for name in _FINGERPRINTED[model]:
+        digest.update(name.encode() + b"\0")
+        digest.update(hashlib.sha256((_MODELS_DIR / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One exported ONNX graph: its file, checksum and named inputs and outputs."""
+
+    name: GraphName
+    file: str
+    sha256: str
+    bytes: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttentionOutput:
+    """One cross-attention layer whose probabilities the UNet graph returns.
+
+    ``output`` is ``[n_queries, n_text]`` float32: softmax over the text keys of the
+    conditional CFG half (batch row 1), mean over heads, queries row-major on ``grid``.
+    """
+
+    layer: str
+    grid: tuple[int, int]
+    output: str
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What the JavaScript tokenizer needs to tokenize exactly as the Python one.
+
+    The normalisation is :func:`diffwidget.models.tokenizer.caption_normalizer`'s: NFC, lower
+    case, every character that is not a letter, digit or white space to a space,
+    ``spellings`` replaced as whole words, runs of white space to one space. Words are then
+    split into runs of letters and single digits, and each run goes through CLIP's byte-pair
+    merges (``merges``, in rank order; ``word_end`` marks the end of a word).
+    """
+
+    vocab: dict[str, int]
+    merges: tuple[str, ...]
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    max_length: int
+    word_end: str
+    spellings: dict[str, str]
+    known_words: tuple[str, ...]
+    max_words: int
+    unknown_words_template: str
+    too_long_template: str
+
+
+@dataclass(frozen=True)
+class SchedulerFacts:
+    """The shipped scheduler (diffusers' ``DPMSolverMultistepScheduler``) and its config."""
+
+    class_name: str
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str
+    rescale_betas_zero_snr: bool
+    timestep_spacing: str
+    steps_offset: int
+    prediction_type: str
+    algorithm_type: str
+    solver_order: int
+    solver_type: str
+    lower_order_final: bool
+    euler_at_final: bool
+    final_sigmas_type: str
+
+
+@dataclass(frozen=True)
+class LiveManifest:
+    """Everything the browser runtime reads about one exported embedded model."""
+
+    format_version: int
+    model: str
+    graphs: tuple[GraphFile, ...]
+    attention: tuple[AttentionOutput, ...]
+    latent_channels: int
+    latent_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    #: Rows of the UNet graph's batch: ``("uncond", "cond")`` (batched CFG).
+    cfg_halves: tuple[str, ...]
+    scheduler: SchedulerFacts
+    tokenizer: TokenizerFacts
+    default_steps: int
+    default_guidance: float
+    max_steps: int
+    #: What decodes the previews (``Trace.meta["preview_decoder"]``).
+    preview_decoder: str
+    fingerprint: str
+    opset: int
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def graph(self, name: str) -> GraphFile:
+        """The graph called ``name``."""
+        for graph in self.graphs:
+            if graph.name == name:
+                return graph
+        raise KeyError(
+            f"the manifest has no graph {name!r}; it has {[g.name for g in self.graphs]}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (what ``manifest.json`` holds)."""
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``manifest.json`` into ``folder``."""
+        path = Path(folder) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: Any) -> LiveManifest:
+        """Validate and build a manifest from decoded JSON.
+
+        Raises
+        ------
+        LiveManifestError
+            Naming the first field that is missing or of the wrong kind.
+        """
+        try:
+            return _build(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LiveManifestError(f"invalid live manifest: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> LiveManifest:
+        """Read and validate a ``manifest.json``.
+
+        Raises
+        ------
+        FileNotFoundError
+            When there is no manifest (the export was never run).
+        LiveManifestError
+            When it is malformed.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: export the live graphs with "
+                "`python -m diffwidget.models.live_export`"
+            )
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise LiveManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+        return cls.from_json(json.loads(path.read_text()))
+
+    def check_files(self, folder: str | Path) -> None:
+        """Check every graph file exists with the recorded size and checksum.
+
+        Raises
+        ------
+        LiveManifestError
+            Naming the file that is missing or differs.
+        """
+        for graph in self.graphs:
+            path = Path(folder) / graph.file
+            if not path.is_file():
+                raise LiveManifestError(f"{path} is missing; re-export the live graphs")
+            if path.stat().st_size != graph.bytes or file_sha256(path) != graph.sha256:
+                raise LiveManifestError(
+                    f"{path} differs from the manifest (size or SHA-256); re-export the live graphs"
+                )
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TypeError(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise TypeError(f"{what} must be a pair of integers, got {value!r}")
+    return (_int(value[0], what, 1), _int(value[1], what, 1))
+
+
+def _strs(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what} must be a list of strings")
+    return tuple(_str(v, what) for v in value)
+
+
+def _str_map(value: Any, what: str, kind: type) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be an object")
+    for key, item in value.items():
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise TypeError(f"{what}[{key!r}] must be a {kind.__name__}")
+    return dict(value)
+
+
+def _graph(data: Any) -> GraphFile:
+    name = _str(data["name"], "graph name")
+    if name not in GRAPH_NAMES:
+        raise ValueError(f"unknown graph {name!r}; expected one of {GRAPH_NAMES}")
+    file = _str(data["file"], "graph file")
+    if "/" in file or "\\" in file or file.startswith(".") or not file.endswith(".onnx"):
+        raise ValueError(f"graph file {file!r} must be a plain .onnx file name")
+    sha = _str(data["sha256"], "sha256")
+    if not _HEX.match(sha):
+        raise ValueError(f"sha256 of {file} is not 64 hex digits")
+    return GraphFile(
+        name=name,  # type: ignore[arg-type]
+        file=file,
+        sha256=sha,
+        bytes=_int(data["bytes"], "bytes", 1),
+        inputs=_strs(data["inputs"], "inputs"),
+        outputs=_strs(data["outputs"], "outputs"),
+    )
+
+
+def _build(data: Any) -> LiveManifest:
+    if not isinstance(data, dict):
+        raise TypeError("a manifest is a JSON object")
+    version = _int(data["format_version"], "format_version", 1)
+    if version != LIVE_FORMAT:
+        raise ValueError(f"format_version {version} is not {LIVE_FORMAT}; re-export")
+    graphs = tuple(_graph(g) for g in data["graphs"])
+    if sorted(g.name for g in graphs) != sorted(GRAPH_NAMES):
+        raise ValueError(f"graphs must be exactly {GRAPH_NAMES}")
+    attention = tuple(
+        AttentionOutput(
+            layer=_str(a["layer"], "attention layer"),
+            grid=_pair(a["grid"], "attention grid"),
+            output=_str(a["output"], "attention output"),
+        )
+        for a in data["attention"]
+    )
+    unet_outputs = set(next(g for g in graphs if g.name == "unet").outputs)
+    missing = [a.output for a in attention if a.output not in unet_outputs]
+    if missing:
+        raise ValueError(f"attention outputs {missing} are not outputs of the unet graph")
+    tok = data["tokenizer"]
+    tokenizer = TokenizerFacts(
+        vocab=_str_map(tok["vocab"], "vocab", int),
+        merges=_strs(tok["merges"], "merges"),
+        bos_id=_int(tok["bos_id"], "bos_id"),
+        eos_id=_int(tok["eos_id"], "eos_id"),
+        pad_id=_int(tok["pad_id"], "pad_id"),
+        unk_id=_int(tok["unk_id"], "unk_id"),
+        max_length=_int(tok["max_length"], "max_length", 2),
+        word_end=_str(tok["word_end"], "word_end"),
+        spellings=_str_map(tok["spellings"], "spellings", str),
+        known_words=_strs(tok["known_words"], "known_words"),
+        max_words=_int(tok["max_words"], "max_words", 1),
+        unknown_words_template=_str(tok["unknown_words_template"], "unknown_words_template"),
+        too_long_template=_str(tok["too_long_template"], "too_long_template"),
+    )
+    if WORDS_PLACEHOLDER not in tokenizer.unknown_words_template:
+        raise ValueError(f"unknown_words_template lacks {WORDS_PLACEHOLDER}")
+    s = data["scheduler"]
+    scheduler = SchedulerFacts(
+        class_name=_str(s["class_name"], "scheduler class_name"),
+        num_train_timesteps=_int(s["num_train_timesteps"], "num_train_timesteps", 1),
+        beta_start=float(s["beta_start"]),
+        beta_end=float(s["beta_end"]),
+        beta_schedule=_str(s["beta_schedule"], "beta_schedule"),
+        rescale_betas_zero_snr=bool(s["rescale_betas_zero_snr"]),
+        timestep_spacing=_str(s["timestep_spacing"], "timestep_spacing"),
+        steps_offset=_int(s["steps_offset"], "steps_offset"),
+        prediction_type=_str(s["prediction_type"], "prediction_type"),
+        algorithm_type=_str(s["algorithm_type"], "algorithm_type"),
+        solver_order=_int(s["solver_order"], "solver_order", 1),
+        solver_type=_str(s["solver_type"], "solver_type"),
+        lower_order_final=bool(s["lower_order_final"]),
+        euler_at_final=bool(s["euler_at_final"]),
+        final_sigmas_type=_str(s["final_sigmas_type"], "final_sigmas_type"),
+    )
+    fingerprint = _str(data["fingerprint"], "fingerprint")
+    if not _HEX.match(fingerprint):
+        raise ValueError("fingerprint is not 64 hex digits")
+    return LiveManifest(
+        format_version=version,
+        model=_str(data["model"], "model"),
+        graphs=graphs,
+        attention=attention,
+        latent_channels=_int(data["latent_channels"], "latent_channels", 1),
+        latent_hw=_pair(data["latent_hw"], "latent_hw"),
+        image_hw=_pair(data["image_hw"], "image_hw"),
+        cfg_halves=_strs(data["cfg_halves"], "cfg_halves"),
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        default_steps=_int(data["default_steps"], "default_steps", 1),
+        default_guidance=float(data["default_guidance"]),
+        max_steps=_int(data["max_steps"], "max_steps", 1),
+        preview_decoder=_str(data["preview_decoder"], "preview_decoder"),
+        fingerprint=fingerprint,
+        opset=_int(data["opset"], "opset", 1),
+        versions=_str_map(data["versions"], "versions", str),
+    )
+
+
+def live_folder(model: str = "unet") -> Path:
+    """The folder of ``model``'s exported graphs."""
+    return LIVE_DIR / model
+
+
+def load_live_manifest(model: str = "unet", *, check_files: bool = True) -> LiveManifest:
+    """The shipped manifest of ``model``, its graph files checked.
+
+    Examples
+    --------
+    >>> load_live_manifest().graph("unet").file
+    'unet.onnx'
+    """
+    folder = live_folder(model)
+    manifest = LiveManifest.load(folder / MANIFEST_FILE)
+    if check_files:
+        manifest.check_files(folder)
+    return manifest

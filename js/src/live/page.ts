@@ -1,0 +1,311 @@
+/**
+ * The live page for students: a caption box first; seed, guidance and step count as controls
+ * that regenerate at once; the denoising as a strip of steps above the explorer (slider,
+ * token chips, one overlay at a time); the explorer's long captions folded to one line (a
+ * click unfolds them); an optional second caption side by side on the same slider.
+ */
+import { mount } from "../index";
+import { LocalModel } from "../local_model";
+import { type Cleanup, h } from "../model";
+import { type AssetSource, loadAssets, type PageConfig, wasmProblem } from "./assets";
+import { attentionGrid, stateFromRun } from "./payloads";
+import { type GenerateRequest, type LiveModel, type LiveRun, LiveModel as Model } from "./runtime";
+
+/** Wait after the last control change before regenerating (milliseconds). */
+const DEBOUNCE_MS = 250;
+const THUMB = 40;
+const MAX_STEPS_CONTROL = 50;
+
+export const PAGE_STYLES = `
+.dwl-root { font: 14px system-ui, sans-serif; color: #222; max-width: 1100px; }
+.dwl-captions { display: flex; gap: 8px; flex-wrap: wrap; align-items: center; }
+.dwl-caption-input { flex: 1 1 320px; font-size: 18px; padding: 6px 8px; }
+.dwl-controls { display: flex; gap: 16px; flex-wrap: wrap; margin: 8px 0; align-items: center; }
+.dwl-controls label { display: flex; gap: 6px; align-items: center; }
+.dwl-status { min-height: 1.4em; color: #555; }
+.dwl-warning { color: #8a4b00; font-size: 13px; }
+.dwl-error { color: #a00; font-weight: 600; }
+.dwl-panels { display: flex; gap: 16px; flex-wrap: wrap; align-items: flex-start; }
+.dwl-panel { flex: 1 1 480px; min-width: 0; }
+.dwl-strip { display: flex; gap: 2px; overflow-x: auto; margin: 6px 0; }
+.dwl-strip canvas { width: ${THUMB}px; height: ${THUMB}px; image-rendering: pixelated; cursor: pointer;
+  border: 2px solid transparent; }
+.dwl-strip canvas.dwl-current { border-color: #e15759; }
+.dwl-panel .dw-caption { display: -webkit-box; -webkit-line-clamp: 1; -webkit-box-orient: vertical;
+  overflow: hidden; cursor: pointer; }
+.dwl-panel .dw-caption::before { content: "▸ "; }
+.dwl-panel.dwl-unfolded .dw-caption { display: block; }
+.dwl-panel.dwl-unfolded .dw-caption::before { content: "▾ "; }
+.dwl-licences { margin-top: 24px; font-size: 12px; color: #555; }
+`;
+
+interface Panel {
+  input: HTMLInputElement;
+  warning: HTMLElement;
+  strip: HTMLElement;
+  host: HTMLElement;
+  element: HTMLElement;
+  model: LocalModel | null;
+  cleanup: Cleanup | null;
+  run: LiveRun | null;
+}
+
+/** What tests and the benchmark read from `window.diffwidgetLive`. */
+export interface LiveHandle {
+  model: LiveModel | null;
+  ready: Promise<void>;
+  /** Generate the captions in the boxes now; resolves with the runs. */
+  generate(): Promise<LiveRun[]>;
+  panels: { model: LocalModel | null; run: LiveRun | null }[];
+  /** Milliseconds from start() to the first image on screen. */
+  firstImageMs: number;
+  /** The same moment in milliseconds since navigation started (performance.now()). */
+  firstImageAt: number;
+  /** Milliseconds from start() until the model was ready (assets decoded, sessions made). */
+  loadMs: number;
+  /** Milliseconds from start() until the assets were decoded and checked. */
+  assetsMs: number;
+  error: string;
+}
+
+function drawThumb(canvas: HTMLCanvasElement, rgb: Uint8Array, size: number): void {
+  canvas.width = size;
+  canvas.height = size;
+  const ctx = canvas.getContext("2d");
+  if (!ctx) return;
+  const image = ctx.createImageData(size, size);
+  for (let i = 0; i < size * size; i++) {
+    image.data[4 * i] = rgb[3 * i];
+    image.data[4 * i + 1] = rgb[3 * i + 1];
+    image.data[4 * i + 2] = rgb[3 * i + 2];
+    image.data[4 * i + 3] = 255;
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
+function numberInput(label: string, value: number, min: number, max: number, step: number) {
+  const wrap = h("label", "dwl-control", label);
+  const input = h("input", "dwl-number");
+  input.type = "number";
+  input.min = String(min);
+  input.max = String(max);
+  input.step = String(step);
+  input.value = String(value);
+  input.setAttribute("aria-label", label);
+  wrap.appendChild(input);
+  return { wrap, input };
+}
+
+function rangeInput(label: string, value: number, min: number, max: number, step: number) {
+  const wrap = h("label", "dwl-control", label);
+  const input = h("input", "dwl-range");
+  input.type = "range";
+  input.min = String(min);
+  input.max = String(max);
+  input.step = String(step);
+  input.value = String(value);
+  input.setAttribute("aria-label", label);
+  const shown = h("span", "dwl-value", input.value);
+  input.addEventListener("input", () => {
+    shown.textContent = input.value;
+  });
+  wrap.append(input, shown);
+  return { wrap, input };
+}
+
+/** Build the page in `root` and start loading the model; returns the handle tests read. */
+export function startPage(root: HTMLElement, source: AssetSource, config: PageConfig): LiveHandle {
+  const started = performance.now();
+  const manifest = config.manifest as { default_steps?: number; default_guidance?: number };
+  const style = document.createElement("style");
+  style.textContent = PAGE_STYLES;
+  const page = h("div", "dwl-root");
+  const captions = h("div", "dwl-captions");
+  const status = h("div", "dwl-status", "loading the model…");
+  status.setAttribute("role", "status");
+  status.setAttribute("aria-live", "polite");
+  const button = h("button", "dwl-generate", "Generate");
+  button.type = "button";
+  const seed = numberInput("seed", 0, 0, 2 ** 32 - 1, 1);
+  const guidance = rangeInput("guidance", manifest.default_guidance ?? 3, 1.5, 10, 0.5);
+  const steps = rangeInput("steps", manifest.default_steps ?? 20, 1, MAX_STEPS_CONTROL, 1);
+  const compare = h("label", "dwl-control", "compare a second caption");
+  const compareBox = h("input", "dwl-compare");
+  compareBox.type = "checkbox";
+  compareBox.checked = config.compare !== "";
+  compare.prepend(compareBox);
+  const controls = h("div", "dwl-controls");
+  controls.append(seed.wrap, guidance.wrap, steps.wrap, compare);
+  const panelsEl = h("div", "dwl-panels");
+  page.append(captions, controls, status, panelsEl);
+  root.append(style, page);
+
+  const makePanel = (text: string): Panel => {
+    const input = h("input", "dwl-caption-input");
+    input.type = "text";
+    input.value = text;
+    input.placeholder = "type a caption, e.g. a large red circle on the left";
+    input.setAttribute("aria-label", "caption");
+    const element = h("div", "dwl-panel");
+    const warning = h("div", "dwl-warning");
+    const strip = h("div", "dwl-strip");
+    strip.setAttribute("aria-label", "denoising steps");
+    const host = h("div", "dwl-explorer");
+    element.append(warning, strip, host);
+    // One click on the explorer's caption unfolds or folds it.
+    host.addEventListener("click", (event) => {
+      if ((event.target as HTMLElement).classList.contains("dw-caption")) {
+        element.classList.toggle("dwl-unfolded");
+      }
+    });
+    return { input, warning, strip, host, element, model: null, cleanup: null, run: null };
+  };
+  const panels = [makePanel(config.prompt), makePanel(config.compare || config.prompt)];
+  captions.append(panels[0].input, button, panels[1].input);
+  for (const p of panels) panelsEl.appendChild(p.element);
+  const showCompare = (): void => {
+    const on = compareBox.checked;
+    panels[1].input.hidden = !on;
+    panels[1].element.hidden = !on;
+  };
+  showCompare();
+
+  const handle: LiveHandle = {
+    model: null,
+    ready: Promise.resolve(),
+    generate: async () => [],
+    panels,
+    firstImageMs: Number.NaN,
+    firstImageAt: Number.NaN,
+    loadMs: Number.NaN,
+    assetsMs: Number.NaN,
+    error: "",
+  };
+  const fail = (message: string): void => {
+    handle.error = message;
+    status.textContent = message;
+    status.className = "dwl-status dwl-error";
+    button.disabled = true;
+  };
+  const problem = wasmProblem();
+  if (problem) {
+    fail(problem);
+    return handle;
+  }
+
+  const linkSteps = (): void => {
+    const [a, b] = panels.map((p) => p.model);
+    if (!a || !b || panels[1].element.hidden) return;
+    const follow = (from: LocalModel, to: LocalModel) => () => {
+      const step = Math.min(from.get("step"), to.get("timesteps").length - 1);
+      if (to.get("step") !== step) to.set("step", step);
+    };
+    a.on("change:step", follow(a, b));
+    b.on("change:step", follow(b, a));
+  };
+
+  const showRun = (panel: Panel, model: LiveModel, run: LiveRun): void => {
+    panel.cleanup?.();
+    const state = stateFromRun(run, model.manifest, config.facts);
+    panel.model = new LocalModel(state);
+    panel.run = run;
+    panel.cleanup = mount(panel.model.asModel(), panel.host);
+    const thumbs = [...panel.strip.querySelectorAll("canvas")];
+    const mark = (): void => {
+      const step = panel.model?.get("step") ?? 0;
+      thumbs.forEach((c, i) => {
+        c.classList.toggle("dwl-current", i === step);
+      });
+    };
+    thumbs.forEach((canvas, i) => {
+      canvas.onclick = () => panel.model?.set("step", i);
+    });
+    panel.model.on("change:step", mark);
+    mark();
+    // The layer × step grid is the kernel's in a notebook; here the run has every map.
+    const grid = (): void => {
+      const kind = panel.model?.get("grid");
+      panel.model?.set(
+        "grid_data",
+        kind === "attention" ? attentionGrid(run, model.manifest) : null,
+      );
+    };
+    panel.model.on("change:grid", grid);
+  };
+
+  let generation = 0;
+  const generate = async (): Promise<LiveRun[]> => {
+    const model = handle.model;
+    if (!model) return [];
+    const mine = ++generation;
+    const active = panels.filter((p) => !p.element.hidden);
+    const runs: LiveRun[] = [];
+    for (const panel of active) {
+      const request: GenerateRequest = {
+        prompt: panel.input.value,
+        seed: Number(seed.input.value),
+        steps: Number(steps.input.value),
+        guidance: Number(guidance.input.value),
+      };
+      const problem = model.problem(request);
+      if (problem) {
+        fail(problem);
+        return [];
+      }
+      panel.warning.textContent = model.tokenizer.warning(request.prompt);
+      panel.strip.replaceChildren();
+      status.className = "dwl-status";
+      button.disabled = false;
+      const size = model.manifest.image_hw[0];
+      const run = await model.generate(request, (step, partial) => {
+        const canvas = h("canvas", "dwl-thumb");
+        canvas.title = `step ${step} (t = ${partial.timesteps[step]})`;
+        drawThumb(canvas, partial.previews[step], size);
+        panel.strip.appendChild(canvas);
+        status.textContent = `denoising: step ${step + 1} of ${request.steps}`;
+      });
+      if (mine !== generation) return runs; // a newer request replaced this one
+      showRun(panel, model, run);
+      runs.push(run);
+      if (Number.isNaN(handle.firstImageMs)) {
+        handle.firstImageAt = performance.now();
+        handle.firstImageMs = handle.firstImageAt - started;
+      }
+      status.textContent = `generated in the browser in ${(run.millis / 1000).toFixed(2)} s (no kernel, no server)`;
+    }
+    linkSteps();
+    return runs;
+  };
+  handle.generate = generate;
+
+  let timer = 0;
+  const later = (): void => {
+    window.clearTimeout(timer);
+    timer = window.setTimeout(() => void generate().catch((e) => fail(String(e))), DEBOUNCE_MS);
+  };
+  button.addEventListener("click", () => void generate().catch((e) => fail(String(e))));
+  for (const p of panels) {
+    p.input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") void generate().catch((e) => fail(String(e)));
+    });
+  }
+  for (const input of [seed.input, guidance.input, steps.input])
+    input.addEventListener("change", later);
+  compareBox.addEventListener("change", () => {
+    showCompare();
+    later();
+  });
+
+  handle.ready = (async () => {
+    try {
+      const assets = await loadAssets(source, config.manifest);
+      handle.assetsMs = performance.now() - started;
+      handle.model = await Model.create(assets);
+      handle.loadMs = performance.now() - started;
+      await generate();
+    } catch (error) {
+      fail(`the model could not start in this browser: ${String(error)}`);
+    }
+  })();
+  return handle;
+}

@@ -1,0 +1,120 @@
+"""The live page's files: what they embed, what they refuse, and the CLI that writes them.
+
+What the page does in a browser is tested in ``tests/browser/test_browser_live.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from diffwidget import cli
+from diffwidget.models.live_manifest import load_live_manifest
+from diffwidget.widget import live
+
+pytestmark = pytest.mark.skipif(
+    not live.LIVE_JS.is_file(), reason="needs the built front end (npm run build in js/)"
+)
+#: The page's download budget (gzip), from the live model's goals.
+GZIP_BUDGET = 8_000_000
+
+
+def _config(page: str) -> dict:
+    match = re.search(r'id="diffwidget-live-config">(.*?)</script>', page, re.S)
+    assert match is not None
+    return json.loads(match.group(1))
+
+
+def test_the_single_file_embeds_every_asset_byte_for_byte(tmp_path: Path) -> None:
+    path = live.write_live_html(tmp_path / "page.html", prompt="a red circle on the left")
+    page = path.read_text()
+    manifest = load_live_manifest()
+    embedded = dict(
+        re.findall(r'data-file="([^"]+)" data-encoding="gzip">([A-Za-z0-9+/=]+)</script>', page)
+    )
+    assert sorted(embedded) == sorted([g.file for g in manifest.graphs] + [live.WASM_FILE])
+    for graph in manifest.graphs:
+        raw = gzip.decompress(base64.b64decode(embedded[graph.file]))
+        assert raw == (live.live_folder("unet") / graph.file).read_bytes()
+    config = _config(page)
+    assert config["prompt"] == "a red circle on the left"
+    assert config["manifest"]["fingerprint"] == manifest.fingerprint
+    assert "ThirdPartyNotices.txt" in page
+    assert "MIT License" in page
+    # No address outside the page: nothing is fetched.
+    assert not re.search(r"https?://(?!www\.w3\.org)", page.split('id="diffwidget-live-config"')[0])
+
+
+def test_the_page_fits_the_download_budget(tmp_path: Path) -> None:
+    path = live.write_live_html(tmp_path / "page.html")
+    assert len(gzip.compress(path.read_bytes(), 6)) <= GZIP_BUDGET
+
+
+def test_a_caption_cannot_end_the_script_element(tmp_path: Path) -> None:
+    evil = "</script><script>alert(1)</script><!--"
+    page = live.write_live_html(tmp_path / "p.html", prompt=evil).read_text()
+    assert "<script>alert(1)" not in page
+    assert _config(page)["prompt"] == evil
+    assert "&lt;/script&gt;" in page.split("<title>")[1].split("</title>")[0]
+
+
+def test_captions_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="longer than"):
+        live.write_live_html(tmp_path / "p.html", prompt="a " * live.MAX_CAPTION_CHARS)
+    with pytest.raises(TypeError, match="string"):
+        live.live_config(prompt=3)  # type: ignore[arg-type]
+
+
+def test_the_folder_holds_the_page_and_its_files(tmp_path: Path) -> None:
+    index = live.write_live_folder(tmp_path / "site", compare="a blue square at the top")
+    names = {p.name for p in index.parent.iterdir()}
+    manifest = load_live_manifest()
+    assert {g.file for g in manifest.graphs} | {"index.html", "live.js", live.WASM_FILE} <= names
+    assert (index.parent / "licenses" / "onnxruntime-web" / "ThirdPartyNotices.txt").is_file()
+    page = index.read_text()
+    assert 'from "./live.js"' in page
+    assert "data-file=" not in page  # assets are fetched from the folder, not embedded
+    assert _config(page)["compare"] == "a blue square at the top"
+
+
+def test_the_runtime_version_is_the_pinned_one() -> None:
+    package = json.loads((Path(__file__).resolve().parents[2] / "js" / "package.json").read_text())
+    assert package["dependencies"]["onnxruntime-web"] == live.runtime_version()
+
+
+def test_cli_writes_the_live_file_and_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "live.html"
+    assert cli.main(["export", "--live", "a small blue square at the top", "-o", str(out)]) == 0
+    assert _config(out.read_text())["prompt"] == "a small blue square at the top"
+    assert cli.main(["export", "--live", "--folder", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert cli.main(["export", "--live", "--folder", str(tmp_path / "site")]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["export", "--live", "--model", "dit"], "not exported for the browser"),
+        (["export", "--live", "--overlay", "df_rise", "--step", "1"], "need the kernel"),
+        (["export", "--folder", "x"], "belong to --live"),
+        (["export"], "pass a caption"),
+    ],
+)
+def test_cli_live_usage_errors(argv, message, capsys) -> None:
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_main_widget_bundle_holds_none_of_the_live_runtime() -> None:
+    from diffwidget.widget.model import ESM_PATH
+
+    widget = ESM_PATH.read_text()
+    assert "InferenceSession" not in widget
+    assert "wasm-unsafe-eval" not in widget
+    assert "InferenceSession" in live.LIVE_JS.read_text()
