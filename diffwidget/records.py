@@ -36,9 +36,9 @@ import numpy as np
 MAX_DEPTH = 32
 #: Largest JSON text read, in characters.
 MAX_JSON_CHARS = 16 * 2**20
-#: ``Annotated[float, NON_FINITE]``: NaN and infinities allowed (JSON: "NaN", "Infinity").
+#: ``Annotated[float, NON_FINITE]`` (or on a :data:`JsonValue`): NaN and infinities allowed,
+#: written as JSON's ``NaN``/``Infinity`` tokens (as Python's ``json`` does).
 NON_FINITE = "non-finite allowed"
-_NON_FINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _SHOWN = 40
 # One JSON string literal, escapes included, written so that it matches in linear time.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -249,7 +249,7 @@ class _Reader:
         if depth > MAX_DEPTH:
             raise self.fail(path, f"is nested deeper than {MAX_DEPTH}")
         if _JSON_MARK in marks:
-            return self.json(data, path, depth)
+            return self.json(data, path, depth, NON_FINITE in marks)
         if _is_record(base):
             return self.record(base, self.typed(data, dict, hint, path), path, depth)
         if origin is Literal:
@@ -311,22 +311,22 @@ class _Reader:
             raise self.fail(path, wrong) from None
 
     def number(self, data: object, non_finite: bool, path: str) -> float:
-        if isinstance(data, str) and data in _NON_FINITE_TEXT:
-            data = _NON_FINITE_TEXT[data]
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise self.fail(path, f"should be a number, got {_shown(data)}")
         if not (non_finite or math.isfinite(data)):
             raise self.fail(path, f"should be a finite number, got {data!r}")
         return float(data)
 
-    def json(self, data: object, path: str, depth: int) -> object:
+    def json(self, data: object, path: str, depth: int, non_finite: bool = False) -> object:
         if depth > MAX_DEPTH:
             raise self.fail(path, f"is nested deeper than {MAX_DEPTH}")
         if isinstance(data, list):
-            return [self.json(d, f"{path}[{i}]", depth + 1) for i, d in enumerate(data)]
+            return [self.json(d, f"{path}[{i}]", depth + 1, non_finite) for i, d in enumerate(data)]
         if isinstance(data, dict):
-            return {k: self.json(v, f"{path}[{k!r}]", depth + 1) for k, v in data.items()}
-        if isinstance(data, float) and not math.isfinite(data):
+            return {
+                k: self.json(v, f"{path}[{k!r}]", depth + 1, non_finite) for k, v in data.items()
+            }
+        if isinstance(data, float) and not (non_finite or math.isfinite(data)):
             raise self.fail(path, f"should be a finite number, got {data!r}")
         if data is None or isinstance(data, (str, int, float)):
             return data
@@ -399,8 +399,6 @@ def _encode(value: object, path: str, arrays: dict[str, np.ndarray]) -> object:
         return {k: _encode(v, _at(path, f"[{k!r}]"), arrays) for k, v in value.items()}
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
 
 
@@ -455,7 +453,7 @@ class Record:
 
     def save(self, path: str | Path) -> Path:
         """Write ``.json`` (records without arrays) or ``.npz`` (a JSON header and the arrays)."""
-        path, text = Path(path), json.dumps(self.to_json(), allow_nan=False)
+        path, text = Path(path), json.dumps(self.to_json())
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
             payload: dict[str, Any] = {"header": np.array(text), **self.arrays()}
