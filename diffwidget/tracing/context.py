@@ -33,6 +33,13 @@ from diffwidget.tracing.budget import (
 from diffwidget.tracing.calls import record_calls
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
 from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
+from diffwidget.tracing.facts import (
+    CfgFacts,
+    ConditioningEntry,
+    LatentLayoutFacts,
+    NoiseSchedule,
+    TraceFacts,
+)
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
@@ -406,45 +413,45 @@ class TraceContext:
         factor = self.family.vae_scale_factor()
         conditioning = records.conditioning
         assert conditioning is not None
-        meta = {
-            "family": self.family.name,
-            "pipeline": type(self.pipe).__name__,
-            "denoiser": type(self.family.denoiser).__name__,
-            "scheduler": type(scheduler).__name__,
-            "scheduler_config": dict(scheduler.config),
-            "prediction_type": kind,
-            "seed": self.seed,
-            "height": int(previews.shape[1])
-            if previews is not None
-            else layout.latent_hw[0] * factor,
-            "width": int(previews.shape[2])
-            if previews is not None
-            else layout.latent_hw[1] * factor,
-            "negative_prompt": self.negative_prompt,
-            "cfg": records.cfg.guided,
-            "cfg_layout": records.cfg.to_meta(),
-            "preview_source": self.preview_from if previews is not None else None,
-            "preview_decoder": preview_decoder,
-            "token_indices": keep,
-            "token_segments": [tokens.segments[i] for i in keep] if tokens else None,
-            "token_words": [tokens.words[i] for i in keep] if tokens else None,
-            "n_text_tokens": self.recorder.n_tokens_total,
-            "attention_grids": grids,
-            "attention_normalisation": self.family.normalisation,
-            "latent_layout": {"latent_hw": list(layout.latent_hw), "patch": layout.patch},
-            "conditioning": conditioning.layout,
-            "model_timesteps": records.model_timesteps,
-            "model_timestep_dtype": records.model_timestep_dtype,
-            "noise_schedule": {
-                "family": self.noise_family,
-                "alpha": alpha.ravel().tolist(),
-                "sigma": sigma.ravel().tolist(),
-                "model_input_scale": scale.ravel().tolist(),
-            },
-            "timesteps_exact": timesteps_exact.tolist(),
-            "unet_dtype": str(self.family.denoiser.dtype).replace("torch.", ""),
-            "versions": versions(),
-        }
+        height, width = layout.latent_hw[0] * factor, layout.latent_hw[1] * factor
+        if previews is not None:
+            height, width = previews.shape[1:3]
+        facts = TraceFacts(
+            family=self.family.name,  # type: ignore[arg-type]
+            pipeline=type(self.pipe).__name__,
+            denoiser=type(self.family.denoiser).__name__,
+            scheduler=type(scheduler).__name__,
+            scheduler_config=json_safe(dict(scheduler.config)),
+            prediction_type=kind,
+            seed=self.seed,
+            height=int(height),
+            width=int(width),
+            negative_prompt=self.negative_prompt,
+            cfg_layout=CfgFacts(records.cfg.kind, list(records.cfg.halves)),
+            preview_source=self.preview_from if previews is not None else None,
+            preview_decoder=preview_decoder,
+            token_indices=list(keep),
+            token_segments=[tokens.segments[i] for i in keep] if tokens else None,
+            token_words=[tokens.words[i] for i in keep] if tokens else None,
+            n_text_tokens=self.recorder.n_tokens_total,
+            attention_grids={layer: (int(g[0]), int(g[1])) for layer, g in grids.items()},
+            attention_normalisation=self.family.normalisation,
+            latent_layout=LatentLayoutFacts(
+                (int(layout.latent_hw[0]), int(layout.latent_hw[1])), int(layout.patch)
+            ),
+            conditioning=[ConditioningEntry.from_json(e) for e in conditioning.layout],
+            model_timesteps=list(records.model_timesteps),
+            model_timestep_dtype=records.model_timestep_dtype,  # type: ignore[arg-type]
+            noise_schedule=NoiseSchedule(
+                self.noise_family,
+                alpha.ravel().tolist(),
+                sigma.ravel().tolist(),
+                scale.ravel().tolist(),
+            ),
+            timesteps_exact=timesteps_exact.tolist(),
+            unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),
+            versions=versions(),
+        )
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
             tokens=[tokens.strings[i] for i in keep] if tokens else [str(i) for i in keep],
@@ -461,7 +468,7 @@ class TraceContext:
             previews=previews,
             image=image,
             extra=conditioning.extra,
-            meta=json_safe(meta),
+            facts=facts,
         )
 
 

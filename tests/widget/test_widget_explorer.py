@@ -116,7 +116,7 @@ def test_x0_caption_names_the_prediction_shown(synthetic_trace):
     import dataclasses
 
     conditional = dataclasses.replace(
-        synthetic_trace, meta={**synthetic_trace.meta, "preview_source": "cond"}
+        synthetic_trace, facts=dataclasses.replace(synthetic_trace.facts, preview_source="cond")
     )
     for trace, expected in (
         (synthetic_trace, "guided noise prediction"),
