@@ -43,8 +43,8 @@ NORMALISATION_TEXT: dict[str, str] = {
 ATTENTION_VALUE: dict[str, str] = {
     "text_softmax": "cross-attention probability of the token at each latent cell",
     "joint_share": (
-        "joint-attention share of the token at each latent cell (image→text block of the "
-        "joint softmax, not a probability over the text)"
+        "joint-attention share of the token at each latent cell (its part of the joint "
+        "softmax over image and text keys)"
     ),
 }
 #: Timestep dtypes a replay may build (the denoiser's own timestep argument); nothing else

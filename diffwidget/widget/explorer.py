@@ -220,7 +220,7 @@ class Explorer(ExplorerWork):
             widget.publish("noisy_previews", encode_array(shrink_images(noisy)))
             widget.descriptions = descriptions
             widget.token = first_content_token(trace)
-            widget.scales = scale_infos()
+            widget.scales = scale_infos(trace.facts.attention_value)
             self._sync_attention()
             self._sync_options()
             self._sync_available()
@@ -456,7 +456,7 @@ class Explorer(ExplorerWork):
             self._cache[kind][step] = result
         self._sync_overlays(kind)
         self._sync_options()
-        self.widget.scales = scale_infos()
+        self.widget.scales = scale_infos(self.trace.facts.attention_value)
         if self.widget.grid == kind:
             self._refresh_grid()
 
