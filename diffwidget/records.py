@@ -361,8 +361,9 @@ class _Reader:
 
     def named_arrays(self, listed: object, hint: Any, path: str) -> dict[str, np.ndarray]:
         names = self.value([] if listed is None else listed, list[str], path, 0)
+        each = _args(_split(hint)[0])[1]  # the values' Annotated spec
         return {
-            k: self.array(f"{path}[{k!r}]", hint, f"{_key(path)}/{i}") for i, k in enumerate(names)
+            k: self.array(f"{path}[{k!r}]", each, f"{_key(path)}/{i}") for i, k in enumerate(names)
         }
 
     def array(self, path: str, hint: Any, name: str = "") -> np.ndarray:
