@@ -45,10 +45,12 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_MARK = "any JSON value"
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import TypeAlias
 
+    # Sequence and Mapping (covariant) so that a list[int] or dict[str, float] is a JsonValue.
     JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs Union here
-        str, int, float, bool, list["JsonValue"], dict[str, "JsonValue"], None
+        str, int, float, bool, Sequence["JsonValue"], Mapping[str, "JsonValue"], None
     ]
 else:
     #: Any JSON value (finite numbers, depth bounded): scheduler configs, method settings.
