@@ -230,6 +230,8 @@ def check_layout(path: Path, header: TraceHeader, shapes: Shapes) -> None:
     def fail(problem: str, field: str = "") -> TraceFileError:
         return TraceFileError(path, problem, field=field)
 
+    if not header.attention_layers:
+        raise fail("lists no attention layer; a trace records at least one", "attention_layers")
     missing = [name for name in ARRAY_FIELDS if name not in shapes]
     missing += [ATTN_PREFIX + n for n in header.attention_layers if ATTN_PREFIX + n not in shapes]
     if missing:
