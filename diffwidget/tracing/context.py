@@ -17,6 +17,7 @@ Everything is restored in ``finally``, also when the pipeline raises.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +39,7 @@ from diffwidget.tracing.facts import (
     ConditioningEntry,
     LatentLayoutFacts,
     NoiseSchedule,
+    TextCut,
     TraceFacts,
 )
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
@@ -50,7 +52,7 @@ from diffwidget.tracing.noise import (
 )
 from diffwidget.tracing.pipeline_info import json_safe, versions
 from diffwidget.tracing.recording import StepRecords, conditioning_record
-from diffwidget.tracing.tokens import PromptTokens, TokenSelection
+from diffwidget.tracing.tokens import PromptTokens, PromptTruncatedWarning, TokenSelection
 from diffwidget.tracing.trace import Trace
 
 #: Latents decoded per VAE call when making previews (bounds peak memory).
@@ -410,6 +412,7 @@ class TraceContext:
             image = to_uint8(image)
         tokens = self.prompt_tokens
         keep = self.token_indices
+        text_cut = _text_cut(tokens)
         factor = self.family.vae_scale_factor()
         conditioning = records.conditioning
         assert conditioning is not None
@@ -434,6 +437,7 @@ class TraceContext:
             token_segments=[tokens.segments[i] for i in keep] if tokens else None,
             token_words=[tokens.words[i] for i in keep] if tokens else None,
             n_text_tokens=self.recorder.n_tokens_total,
+            text_cut=text_cut,
             attention_grids={layer: (int(g[0]), int(g[1])) for layer, g in grids.items()},
             attention_normalisation=self.family.normalisation,
             latent_layout=LatentLayoutFacts(
@@ -470,6 +474,24 @@ class TraceContext:
             extra=conditioning.extra,
             facts=facts,
         )
+
+
+def _text_cut(tokens: PromptTokens | None) -> list[TextCut]:
+    """The prompt's words each text encoder cut, warned about once per trace."""
+    if tokens is None or not tokens.dropped:
+        return []
+    cuts = [
+        TextCut(segment, tokens.segments.count(segment), words)
+        for segment, words in tokens.dropped.items()
+    ]
+    # Warned here, when the trace is made, so that one traced prompt warns once.
+    warnings.warn(
+        TraceFacts(text_cut=cuts).cut_note()
+        + " Shorten the prompt, or read the trace knowing those words had no effect there.",
+        PromptTruncatedWarning,
+        stacklevel=3,
+    )
+    return cuts
 
 
 __all__ = ["TraceContext"]

@@ -210,10 +210,19 @@ class TraceFacts(Record):
         """What one stored attention value is (for colour scales and captions)."""
         return ATTENTION_VALUE[self.attention_normalisation]
 
-    @property
-    def dropped_words(self) -> list[str]:
-        """Words of the prompt that some text encoder never saw (empty when none was cut)."""
-        seen: dict[str, None] = {}
+    def cut_note(self) -> str:
+        """One sentence per text encoder that cut the prompt, naming the words it never saw.
+
+        Examples
+        --------
+        >>> TraceFacts(text_cut=[TextCut("clip", 77, ["blue", "square"])]).cut_note()[-28:]
+        '77 positions: "blue square".'
+        """
+        notes = []
         for cut in self.text_cut:
-            seen.update(dict.fromkeys(cut.dropped))
-        return list(seen)
+            words = " ".join(cut.dropped)
+            notes.append(
+                f"Words the {cut.segment} text encoder never saw, beyond its {cut.limit} "
+                f'positions: "{words}".'
+            )
+        return " ".join(notes)

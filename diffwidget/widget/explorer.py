@@ -234,7 +234,10 @@ class Explorer(ExplorerWork):
         else:
             q, scale = quantise_uint8(result.maps)
             self.widget.publish("attention", encode_array(q, scale=scale))
-            descriptions["attention"] = result.description
+            note = self.trace.facts.cut_note().rstrip(".")  # the view ends the sentence
+            descriptions["attention"] = (
+                f"{result.description}; {note}" if note else result.description
+            )
             mass = [
                 ({"name": name, "group": "attention_mass", "token": token}, result.mass[:, token])
                 for token, name in enumerate(self.trace.tokens)
