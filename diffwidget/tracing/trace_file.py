@@ -39,8 +39,8 @@ HEADS_PREFIX = "attention_heads/"
 EXTRA_PREFIX = "extra/"
 ARRAY_FIELDS = ("timesteps", "latents", "noise_pred", "pred_x0", "final_latent", "prompt_embeds")
 OPTIONAL_ARRAY_FIELDS = ("previews", "image")
-#: Attention grids are the latent grid halved (rounding up) at most this many times: UNet
-#: levels 64/32/16/8 of a 64 latent, a DiT's 2x2 patches. It bounds what a view derives
+#: Each side of an attention grid is the latent's halved (rounding up) at most this many times:
+#: UNet levels 64/32/16/8 of a 64 latent, a DiT's 2x2 patches. It bounds what a view derives
 #: from a stored map (a 1x1 map upsampled to a 256x256 latent is 65,536 times larger).
 MAX_ATTENTION_LEVEL = 3
 MAX_IMAGE_SIDE = 16_384
@@ -325,11 +325,13 @@ def _check_attention(
             f"attention layer {layer!r} stores {tokens} tokens, the header lists "
             f"{len(header.tokens)}"
         )
-    grids = [(math.ceil(h / 2**k), math.ceil(w / 2**k)) for k in range(MAX_ATTENTION_LEVEL + 1)]
-    if (gh, gw) not in grids:
+    # Each side on its own: a bound on what views derive, not a model's exact geometry.
+    rows, cols = ([math.ceil(n / 2**k) for k in range(MAX_ATTENTION_LEVEL + 1)] for n in (h, w))
+    if gh not in rows or gw not in cols:
         raise fail(
             f"attention layer {layer!r} has a {gh}×{gw} grid, which a {h}×{w} latent does not "
-            f"produce (expected one of {', '.join(f'{a}×{b}' for a, b in grids)})"
+            f"produce (each side is the latent's halved at most {MAX_ATTENTION_LEVEL} times: "
+            f"{'/'.join(map(str, rows))} × {'/'.join(map(str, cols))})"
         )
     recorded = header.meta.attention_grids.get(layer)
     if recorded is not None and recorded != (gh, gw):

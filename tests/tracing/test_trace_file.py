@@ -124,7 +124,10 @@ def crafted(target: Path, n_tokens: int) -> Path:
 
 @pytest.mark.parametrize(
     ("n_tokens", "fragment"),
-    [(20_000, "'tokens' has length 20000, at most 4096"), (4_000, "1×1 grid, which a 256×256")],
+    [
+        (20_000, "'tokens' has length 20000, at most 4096"),
+        (4_000, "1×1 grid, which a 256×256 latent does not produce"),
+    ],
 )
 def test_crafted_file_is_refused_before_anything_is_derived(
     tmp_path: Path, n_tokens: int, fragment: str
