@@ -379,26 +379,11 @@ class TraceContext:
             )
         n = records.n_steps
         latents, noise_pred = records.arrays()
-        scheduler = self.pipe.scheduler
         timesteps_exact = torch.stack(records.timesteps).double().cpu().numpy()
-        alpha, sigma, scale = records.coefficients(scheduler, self.noise_family)
+        alpha, sigma, scale = records.coefficients(self.pipe.scheduler, self.noise_family)
         kind = self.prediction_type
         pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, kind).astype(np.float32)
-        layout = records.layout
-        attention, grids = {}, {}
-        for layer in self.capture.layers:
-            maps = torch.stack(self.recorder.maps[layer][:n]).cpu().numpy()
-            grid = self.family.site_grid(layer, maps.shape[1], layout)
-            attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
-            grids[layer] = list(grid)
-        heads = {
-            layer: torch.stack(per_step[:n]).cpu().numpy()
-            for layer, per_step in self.recorder.head_maps.items()
-        }
-        attention_heads = {
-            layer: maps.reshape(n, maps.shape[1], *grids[layer], maps.shape[-1])
-            for layer, maps in heads.items()
-        }
+        attention, attention_heads, grids = self._attention_arrays(n)
         shown_x0 = pred_x0
         if self.preview_from == "cond":
             cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
@@ -410,52 +395,16 @@ class TraceContext:
         )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
-        tokens = self.prompt_tokens
-        keep = self.token_indices
-        text_cut = _text_cut(tokens)
-        factor = self.family.vae_scale_factor()
+        tokens, keep = self.prompt_tokens, self.token_indices
         conditioning = records.conditioning
         assert conditioning is not None
-        height, width = layout.latent_hw[0] * factor, layout.latent_hw[1] * factor
-        if previews is not None:
-            height, width = previews.shape[1:3]
-        facts = TraceFacts(
-            family=self.family.name,  # type: ignore[arg-type]
-            pipeline=type(self.pipe).__name__,
-            denoiser=type(self.family.denoiser).__name__,
-            scheduler=type(scheduler).__name__,
-            scheduler_config=json_safe(dict(scheduler.config)),
-            prediction_type=kind,
-            seed=self.seed,
-            height=int(height),
-            width=int(width),
-            negative_prompt=self.negative_prompt,
-            cfg_layout=CfgFacts(records.cfg.kind, list(records.cfg.halves)),
-            preview_source=self.preview_from if previews is not None else None,
-            preview_decoder=preview_decoder,
-            token_indices=list(keep),
-            token_segments=[tokens.segments[i] for i in keep] if tokens else None,
-            token_words=[tokens.words[i] for i in keep] if tokens else None,
-            n_text_tokens=self.recorder.n_tokens_total,
-            text_cut=text_cut,
-            attention_grids={layer: (int(g[0]), int(g[1])) for layer, g in grids.items()},
-            attention_normalisation=self.family.normalisation,
-            latent_layout=LatentLayoutFacts(
-                (int(layout.latent_hw[0]), int(layout.latent_hw[1])), int(layout.patch)
-            ),
-            conditioning=[ConditioningEntry.from_json(e) for e in conditioning.layout],
-            model_timesteps=list(records.model_timesteps),
-            model_timestep_dtype=records.model_timestep_dtype,  # type: ignore[arg-type]
-            noise_schedule=NoiseSchedule(
-                self.noise_family,
-                alpha.ravel().tolist(),
-                sigma.ravel().tolist(),
-                scale.ravel().tolist(),
-            ),
-            timesteps_exact=timesteps_exact.tolist(),
-            unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),
-            versions=versions(),
+        schedule = NoiseSchedule(
+            self.noise_family,
+            alpha.ravel().tolist(),
+            sigma.ravel().tolist(),
+            scale.ravel().tolist(),
         )
+        facts = self._facts(schedule, timesteps_exact.tolist(), grids, previews, preview_decoder)
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
             tokens=[tokens.strings[i] for i in keep] if tokens else [str(i) for i in keep],
@@ -475,6 +424,72 @@ class TraceContext:
             facts=facts,
         )
 
+    def _attention_arrays(
+        self, n: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+        """Each layer's maps on its own grid (mean over heads, and per head), and the grids."""
+        layout = self.records.layout
+        attention, grids = {}, {}
+        for layer in self.capture.layers:
+            maps = torch.stack(self.recorder.maps[layer][:n]).cpu().numpy()
+            grid = self.family.site_grid(layer, maps.shape[1], layout)
+            attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
+            grids[layer] = (int(grid[0]), int(grid[1]))
+        heads = {}
+        for layer, per_step in self.recorder.head_maps.items():
+            maps = torch.stack(per_step[:n]).cpu().numpy()
+            heads[layer] = maps.reshape(n, maps.shape[1], *grids[layer], maps.shape[-1])
+        return attention, heads, grids
+
+    def _facts(
+        self,
+        schedule: NoiseSchedule,
+        timesteps_exact: list[float],
+        grids: dict[str, tuple[int, int]],
+        previews: np.ndarray | None,
+        preview_decoder: str | None,
+    ) -> TraceFacts:
+        """The trace's facts (:class:`~diffwidget.tracing.facts.TraceFacts`)."""
+        records, tokens, keep = self.records, self.prompt_tokens, self.token_indices
+        scheduler, layout = self.pipe.scheduler, records.layout
+        factor = self.family.vae_scale_factor()
+        height, width = layout.latent_hw[0] * factor, layout.latent_hw[1] * factor
+        if previews is not None:
+            height, width = previews.shape[1:3]
+        assert records.conditioning is not None
+        return TraceFacts(
+            family=self.family.name,  # type: ignore[arg-type]
+            pipeline=type(self.pipe).__name__,
+            denoiser=type(self.family.denoiser).__name__,
+            scheduler=type(scheduler).__name__,
+            scheduler_config=json_safe(dict(scheduler.config)),
+            prediction_type=self.prediction_type,
+            seed=self.seed,
+            height=int(height),
+            width=int(width),
+            negative_prompt=self.negative_prompt,
+            cfg_layout=CfgFacts(records.cfg.kind, list(records.cfg.halves)),
+            preview_source=self.preview_from if previews is not None else None,
+            preview_decoder=preview_decoder,
+            token_indices=list(keep),
+            token_segments=[tokens.segments[i] for i in keep] if tokens else None,
+            token_words=[tokens.words[i] for i in keep] if tokens else None,
+            n_text_tokens=self.recorder.n_tokens_total,
+            text_cut=_text_cut(tokens),
+            attention_grids=grids,
+            attention_normalisation=self.family.normalisation,
+            latent_layout=LatentLayoutFacts(
+                (int(layout.latent_hw[0]), int(layout.latent_hw[1])), int(layout.patch)
+            ),
+            conditioning=[ConditioningEntry.from_json(e) for e in records.conditioning.layout],
+            model_timesteps=list(records.model_timesteps),
+            model_timestep_dtype=records.model_timestep_dtype,  # type: ignore[arg-type]
+            noise_schedule=schedule,
+            timesteps_exact=timesteps_exact,
+            unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),
+            versions=versions(),
+        )
+
 
 def _text_cut(tokens: PromptTokens | None) -> list[TextCut]:
     """The prompt's words each text encoder cut, warned about once per trace."""
@@ -489,7 +504,7 @@ def _text_cut(tokens: PromptTokens | None) -> list[TextCut]:
         TraceFacts(text_cut=cuts).cut_note()
         + " Shorten the prompt, or read the trace knowing those words had no effect there.",
         PromptTruncatedWarning,
-        stacklevel=3,
+        stacklevel=4,  # _text_cut < _facts < result < the caller of result (trace())
     )
     return cuts
 

@@ -129,3 +129,32 @@ def test_facts_are_frozen_and_compare_by_value() -> None:
     assert a == TraceFacts.from_json(a.to_json())
     with pytest.raises(AttributeError):
         a.family = "flux"  # type: ignore[misc]
+
+
+#: How each stored format-2 trace was made (see tests/tracing/trace_data.py).
+RETRACE = {"format2_sd": ("sd", 0), "format2_sd3": ("sd3", 1), "format2_flux": ("flux_true_cfg", 1)}
+
+
+@pytest.mark.parametrize("name", sorted(RETRACE))
+def test_tracing_again_matches_the_file_the_previous_version_wrote(
+    name: str, family_case: Any
+) -> None:
+    """Same run, same arrays and facts (bit for bit on the machine that wrote the files)."""
+    from diffwidget.testing.tiny import tiny_sd_pipeline
+    from diffwidget.tracing.generate import trace
+
+    case, seed = RETRACE[name]
+    pipe, kwargs = (tiny_sd_pipeline(), {}) if case == "sd" else family_case(case)
+    new = trace(pipe, "a red circle on the left", num_inference_steps=2, seed=seed, **kwargs)
+    old = load_trace_data(name)
+    for field in ("latents", "noise_pred", "pred_x0", "final_latent", "prompt_embeds"):
+        np.testing.assert_allclose(getattr(new, field), getattr(old, field), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.image, old.image, atol=1)
+    assert list(new.attention) == list(old.attention)
+    for layer, maps in old.attention.items():
+        np.testing.assert_allclose(new.attention[layer], maps, atol=1e-3)
+    # Versions and the scheduler's set of defaulted keys (a set: any order) may differ.
+    skip = {"versions", "scheduler_config"}
+    assert {k: v for k, v in new.facts.to_json().items() if k not in skip} == {
+        k: v for k, v in old.facts.to_json().items() if k not in skip
+    }
