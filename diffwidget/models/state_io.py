@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffwidget.records import RecordError, parse_json
+
+if TYPE_CHECKING:
+    import torch
 
 #: Metadata key of the JSON skeleton.
 STATE_KEY = "diffwidget_state"
@@ -27,7 +30,7 @@ class StateFileError(RecordError):
     """A training-state file that cannot be read; the message names the file and the part."""
 
 
-def _split(value: Any, tensors: dict[str, Any]) -> Any:
+def _split(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -59,7 +62,7 @@ def save_state(state: Any, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_split(state, tensors))
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={STATE_KEY: skeleton})

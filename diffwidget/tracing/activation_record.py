@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from diffwidget.records import JsonValue, Record, RecordError, check_npz, parse_json
+from diffwidget.records import JsonValue, Record, RecordError, check_npz, parse_json, write_npz
 
 Pooling = Literal["mean", "grid"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -176,14 +176,9 @@ class ActivationRecord:
             arrays["images"] = self.images
         if self.x0_images is not None:
             arrays["x0_images"] = self.x0_images
-        payload: dict[str, np.ndarray] = {
-            "header": np.array(json.dumps(header.to_json())),
-            "timesteps": self.timesteps,
-            **arrays,
-        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **payload)  # type: ignore[arg-type]
-        return path
+        header_text = np.array(json.dumps(header.to_json()))
+        return write_npz(path, {"header": header_text, "timesteps": self.timesteps, **arrays})
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationRecord:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,9 +37,11 @@ from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
 from diffwidget.tracing.facts import (
     CfgFacts,
     ConditioningEntry,
+    FamilyName,
     LatentLayoutFacts,
     NoiseSchedule,
     TextCut,
+    TimestepDtype,
     TraceFacts,
 )
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
@@ -458,7 +460,7 @@ class TraceContext:
             height, width = previews.shape[1:3]
         assert records.conditioning is not None
         return TraceFacts(
-            family=self.family.name,  # type: ignore[arg-type]
+            family=cast(FamilyName, self.family.name),
             pipeline=type(self.pipe).__name__,
             denoiser=type(self.family.denoiser).__name__,
             scheduler=type(scheduler).__name__,
@@ -483,7 +485,7 @@ class TraceContext:
             ),
             conditioning=[ConditioningEntry.from_json(e) for e in records.conditioning.layout],
             model_timesteps=list(records.model_timesteps),
-            model_timestep_dtype=records.model_timestep_dtype,  # type: ignore[arg-type]
+            model_timestep_dtype=cast(TimestepDtype, records.model_timestep_dtype),
             noise_schedule=schedule,
             timesteps_exact=timesteps_exact,
             unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),

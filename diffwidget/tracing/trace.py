@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -232,7 +233,8 @@ class Trace:
             return cls(
                 prompt=header.prompt,
                 tokens=list(header.tokens),
-                token_kinds=list(header.token_kinds),  # type: ignore[arg-type]
+                # Checked against TOKEN_KINDS by the header (check_tokens).
+                token_kinds=cast(list[TokenKind], list(header.token_kinds)),
                 attention={layer: arrays[ATTN_PREFIX + layer] for layer in layers},
                 guidance_scale=header.guidance_scale,
                 extra={
