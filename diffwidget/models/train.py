@@ -357,7 +357,7 @@ def train(
         for shadow, weights in zip(ema.shadow, saved["ema"], strict=True):
             shadow.load_state_dict(weights)
         optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"].cpu() if device == "cpu" else saved["generator"])
+        generator.set_state(saved["generator"].cpu())  # generator states are CPU byte tensors
         first_step, running, before_s = saved["step"], saved["running"], saved["stage2_s"]
         state["resumed_at"] = [*saved.get("resumed_at", []), first_step]
 
