@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, fn in variants.items():  # warm-up
         out = fn()
         if name != "plain":
-            decoders[name] = out.meta.get("preview_decoder")
+            decoders[name] = out.facts.preview_decoder
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):

@@ -316,7 +316,7 @@ class AttentionMaps:
             if len(steps) == trace.n_steps
             else f"steps {steps[0]}–{steps[-1]} ({len(steps)})"
         )
-        normalisation = str(trace.meta.get("attention_normalisation", "text_softmax"))
+        normalisation = trace.facts.attention_normalisation
         kind = "Joint-attention" if normalisation == "joint_share" else "Cross-attention"
         what = {
             "none": f"{kind} probability ({NORMALISATION_TEXT[normalisation]}),",

@@ -16,9 +16,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+
+from diffwidget.records import NON_FINITE, Array, JsonValue, Record, RecordError, parse_json
 
 CurveKind = Literal["probe_auc", "x0_agreement"]
 CURVE_KINDS: tuple[str, ...] = get_args(CurveKind)
@@ -40,8 +42,8 @@ PROBE_BLAS_THREADS = 1
 Labels = Mapping[str, Sequence[Any]]
 
 
-@dataclass
-class ConceptCurves:
+@dataclass(frozen=True, eq=False)
+class ConceptCurves(Record):
     """One curve per concept over denoising steps, with a band: what the widget draws.
 
     Used for concept-AUC curves (``kind="probe_auc"``, from :class:`ConceptProbe`) and for
@@ -74,17 +76,22 @@ class ConceptCurves:
 
     kind: CurveKind
     concepts: list[str]
-    timesteps: np.ndarray
-    curves: np.ndarray
-    band_low: np.ndarray
-    band_high: np.ndarray
-    chance: np.ndarray
+    timesteps: Annotated[np.ndarray, Array(ndim=1, kinds="iu")]
+    curves: Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+    band_low: Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+    band_high: Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+    chance: Annotated[np.ndarray, Array(ndim=1, kinds="f")]
     classes: dict[str, list[str]] = field(default_factory=dict)
     n_examples: dict[str, int] = field(default_factory=dict)
-    fold_scores: np.ndarray | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    fold_scores: Annotated[np.ndarray, Array(ndim=3, kinds="f")] | None = None
+    meta: dict[str, Annotated[JsonValue, NON_FINITE]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                "written by a newer diffwidget; upgrade with `pip install -U diffwidget`"
+            )
         if self.kind not in CURVE_KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; use one of {CURVE_KINDS}")
         shape = (len(self.concepts), len(self.timesteps))
@@ -153,46 +160,33 @@ class ConceptCurves:
             key=lambda c: (first[c] if first[c] is not None else never, self.concepts.index(c)),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form (lists of floats), e.g. for a widget trait or bqplot."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "concepts": self.concepts,
-            "timesteps": self.timesteps.astype(int).tolist(),
-            "curves": self.curves.astype(float).tolist(),
-            "band_low": self.band_low.astype(float).tolist(),
-            "band_high": self.band_high.astype(float).tolist(),
-            "chance": self.chance.astype(float).tolist(),
-            "classes": self.classes,
-            "n_examples": self.n_examples,
-            "fold_scores": None
-            if self.fold_scores is None
-            else self.fold_scores.astype(float).tolist(),
-            "meta": self.meta,
-        }
+    def to_dict(self) -> dict[str, JsonValue]:
+        """Plain JSON form (arrays as lists of numbers), e.g. for a widget trait or bqplot."""
+        lists = {name: array.tolist() for name, array in self.arrays().items()}
+        return {**self.to_json(), "fold_scores": None, **lists}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ConceptCurves:
-        """Inverse of :meth:`to_dict`."""
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                "written by a newer diffwidget; upgrade with `pip install -U diffwidget`"
-            )
-        folds = data.get("fold_scores")
-        return cls(
-            kind=data["kind"],
-            concepts=list(data["concepts"]),
-            timesteps=np.asarray(data["timesteps"], dtype=np.int64),
-            curves=np.asarray(data["curves"], dtype=np.float32),
-            band_low=np.asarray(data["band_low"], dtype=np.float32),
-            band_high=np.asarray(data["band_high"], dtype=np.float32),
-            chance=np.asarray(data["chance"], dtype=np.float32),
-            classes={k: list(v) for k, v in data.get("classes", {}).items()},
-            n_examples={k: int(v) for k, v in data.get("n_examples", {}).items()},
-            fold_scores=None if folds is None else np.asarray(folds, dtype=np.float32),
-            meta=dict(data.get("meta", {})),
-        )
+    def from_dict(cls, data: Mapping[str, object], where: str | Path = "") -> ConceptCurves:
+        """Inverse of :meth:`to_dict`, every field validated.
+
+        Raises
+        ------
+        RecordError
+            Naming the field that is missing or wrong.
+        """
+        header = {k: v for k, v in data.items() if k not in _ARRAY_DTYPES}
+        arrays = {}
+        for name, dtype in _ARRAY_DTYPES.items():
+            value = data.get(name)
+            if value is None:
+                continue
+            try:
+                arrays[name] = np.asarray(value, dtype=dtype)
+            except (TypeError, ValueError):
+                raise RecordError(
+                    where, "should be a (nested) list of numbers", field=name
+                ) from None
+        return cls.from_json(header, where=where, arrays=arrays)
 
     def save(self, path: str | Path) -> Path:
         """Write to ``.json`` (human-readable) or ``.npz`` (binary), chosen by the suffix.
@@ -204,39 +198,37 @@ class ConceptCurves:
         ['colour', 'size', 'shape', 'position']
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
-            header = {k: v for k, v in self.to_dict().items() if not _is_array_field(k)}
-            arrays = {
-                k: getattr(self, k)
-                for k in ("timesteps", "curves", "band_low", "band_high", "chance")
-            }
-            if self.fold_scores is not None:
-                arrays["fold_scores"] = self.fold_scores
-            np.savez(path, header=np.array(json.dumps(header)), **arrays)
-        elif path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict()))
-        else:
+            return super().save(path)
+        if path.suffix != ".json":
             raise ValueError(f"save to a .json or .npz path, not {path.name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict()))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> ConceptCurves:
-        """Read curves written by :meth:`save`."""
+    def load(cls, path: str | Path, *, error: type[RecordError] = RecordError) -> ConceptCurves:
+        """Read curves written by :meth:`save` (validated, sizes checked before reading)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no concept curves at {path}; write them with .save(path)")
         if path.suffix == ".json":
-            return cls.from_dict(json.loads(path.read_text()))
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            for name in ("timesteps", "curves", "band_low", "band_high", "chance", "fold_scores"):
-                header[name] = data.get(name)
-        return cls.from_dict(header)
+            data = parse_json(path.read_bytes(), path, error=error)
+            if not isinstance(data, dict):
+                raise error(path, "should be a JSON object of concept curves")
+            return cls.from_dict(data, where=path)
+        return super().load(path, error=error)
 
 
-def _is_array_field(name: str) -> bool:
-    return name in {"timesteps", "curves", "band_low", "band_high", "chance", "fold_scores"}
+#: The array fields and the dtype each is read as from JSON lists.
+_ARRAY_DTYPES = {
+    "timesteps": np.int64,
+    "curves": np.float32,
+    "band_low": np.float32,
+    "band_high": np.float32,
+    "chance": np.float32,
+    "fold_scores": np.float32,
+}
 
 
 def default_classifier(seed: int = 0) -> Any:

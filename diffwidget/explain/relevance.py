@@ -293,10 +293,9 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
         return tokens.input_ids
 
     def _stored_positions(self, trace: Trace, length: int) -> list[int]:
-        for key in ("token_indices", "token_positions", "kept_token_indices"):
-            if key in trace.meta:
-                return [int(i) for i in trace.meta[key]]
-        # Stored tokens are start, words, end and one padding: consecutive positions.
+        if trace.facts.token_indices is not None:
+            return list(trace.facts.token_indices)
+        # Traces built in code may not say: start, words, end and one padding, consecutive.
         return list(range(min(len(trace.tokens), length)))
 
     def _text_pass(

@@ -1,15 +1,26 @@
 """Typed results of the explanation methods (NumPy only, JSON-friendly metadata).
 
 Every method returns one of these, never a bare tensor, so the widget and a batch runner
-can store and ship results without torch.
+can store and ship results without torch. Each is a :class:`~diffwidget.records.Record`:
+one JSON form and one save/load (``result.save("map.npz")``, ``SaliencyMap.load(...)``,
+or ``to_json()`` and ``arrays(prefix)`` for several results in one file), so every field,
+arrays included, reaches the disk and comes back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated
 
 import numpy as np
+
+from diffwidget.records import NON_FINITE, Array, JsonValue, MaxLen, Record
+
+#: A result's settings and facts: JSON values (NaN allowed, e.g. an undefined correlation).
+Meta = dict[str, Annotated[JsonValue, NON_FINITE]]
+Map2d = Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+Curve = Annotated[np.ndarray, Array(ndim=1, kinds="f")]
+_NAME = MaxLen(1000)
 
 #: Below this range a map counts as constant and normalises to zeros.
 _FLAT = 1e-12
@@ -25,8 +36,8 @@ def minmax(values: np.ndarray) -> np.ndarray:
     return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
-@dataclass
-class SaliencyMap:
+@dataclass(frozen=True, eq=False)
+class SaliencyMap(Record):
     """A saliency map over the latent grid at one denoising step.
 
     Attributes
@@ -50,14 +61,14 @@ class SaliencyMap:
         alpha_k A_k)`` on the latent grid), so their scale can be compared and checked.
     """
 
-    method: str
+    method: Annotated[str, _NAME]
     step: int
     timestep: int
-    map: np.ndarray
-    raw: np.ndarray
-    layers: dict[str, np.ndarray] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    layers_raw: dict[str, np.ndarray] = field(default_factory=dict)
+    map: Map2d
+    raw: Map2d
+    layers: dict[str, Map2d] = field(default_factory=dict)
+    meta: Meta = field(default_factory=dict)
+    layers_raw: dict[str, Map2d] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,8 +76,8 @@ class SaliencyMap:
         return (int(self.map.shape[0]), int(self.map.shape[1]))
 
 
-@dataclass
-class TokenRelevanceResult:
+@dataclass(frozen=True, eq=False)
+class TokenRelevanceResult(Record):
     """Relevance of each stored prompt token at each explained step.
 
     Attributes
@@ -91,14 +102,14 @@ class TokenRelevanceResult:
         Settings and documented simplifications.
     """
 
-    tokens: list[str]
-    token_kinds: list[str]
-    steps: np.ndarray
-    timesteps: np.ndarray
-    relevance: np.ndarray
-    normalized: np.ndarray
-    maps: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
+    tokens: list[Annotated[str, _NAME]]
+    token_kinds: list[Annotated[str, _NAME]]
+    steps: Annotated[np.ndarray, Array(ndim=1, kinds="iu")]
+    timesteps: Annotated[np.ndarray, Array(ndim=1, kinds="iu")]
+    relevance: Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+    normalized: Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+    maps: Annotated[np.ndarray, Array(ndim=4, kinds="f")]
+    meta: Meta = field(default_factory=dict)
 
     def at(self, step: int) -> dict[str, float]:
         """Normalised relevance of the word tokens at loop index ``step``."""
@@ -113,8 +124,8 @@ class TokenRelevanceResult:
         }
 
 
-@dataclass
-class FaithfulnessCurves:
+@dataclass(frozen=True, eq=False)
+class FaithfulnessCurves(Record):
     """Insertion and deletion curves for one ordering of the latent cells.
 
     Attributes
@@ -128,15 +139,15 @@ class FaithfulnessCurves:
         mean a more faithful ordering.
     """
 
-    fractions: np.ndarray
-    deletion: np.ndarray
-    insertion: np.ndarray
+    fractions: Curve
+    deletion: Curve
+    insertion: Curve
     deletion_auc: float
     insertion_auc: float
 
 
-@dataclass
-class FaithfulnessResult:
+@dataclass(frozen=True, eq=False)
+class FaithfulnessResult(Record):
     """Insertion/deletion evaluation of a saliency map beside a random-order baseline.
 
     Attributes
@@ -154,7 +165,7 @@ class FaithfulnessResult:
     step: int
     saliency: FaithfulnessCurves
     random: FaithfulnessCurves
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Meta = field(default_factory=dict)
 
     @property
     def deletion_gain(self) -> float:

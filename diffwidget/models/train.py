@@ -23,9 +23,11 @@ Two stages, both on scenes drawn from :class:`~diffwidget.models.scenes.SceneWor
    the ``finetune`` config).
 
 Checkpoints are complete pipeline folders, written to a temporary folder and renamed (so a
-reader never sees half a checkpoint); ``OUT/latest`` names the newest. ``OUT/resume.pt``
-holds the raw weights, the EMA, the optimiser and the random state of the newest checkpoint:
-running the same command again continues from there.
+reader never sees half a checkpoint); ``OUT/latest`` names the newest.
+``OUT/resume.safetensors`` holds the raw weights, the EMA, the optimiser and the random state
+of the newest checkpoint: running the same command again continues from there. Training state
+is stored without pickle (:mod:`diffwidget.models.state_io`), so a run folder from someone else
+runs no code; the ``.pt`` files of older runs are read with ``torch.load(weights_only=True)``.
 
 Commands (settings in :mod:`diffwidget.models.recipes`)::
 
@@ -63,12 +65,15 @@ from diffwidget.models.architecture import build_components
 from diffwidget.models.objectives import LatentSet, Objective, UNetObjective, init_from_pipeline
 from diffwidget.models.recipes import CONFIGS, ModelName, TrainConfig
 from diffwidget.models.scenes import SceneWorld
+from diffwidget.models.state_io import load_state, save_state
 
 ENCODE_BATCH = 256
 LATEST_FILE = "latest"
 VAE_FOLDER = "vae_stage1"
-DATA_FILE = "latents.pt"
-RESUME_FILE = "resume.pt"
+DATA_FILE = "latents.safetensors"
+RESUME_FILE = "resume.safetensors"
+#: What older versions wrote instead (pickles, read with ``weights_only=True`` only).
+LEGACY_SUFFIX = ".pt"
 KEEP_CHECKPOINTS = 2
 LOG_EVERY = 50
 
@@ -202,12 +207,20 @@ def latest_checkpoint(out: str | Path) -> Path:
     return out / pointer.read_text().strip()
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    import torch
+def _read_state(path: Path, device: str = "cpu") -> Any:
+    """Training state written by :func:`save_state`, or the ``.pt`` an older version wrote.
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    Returns ``None`` when neither exists. An old ``.pt`` is read with ``weights_only=True``:
+    tensors, containers and numbers only, never code.
+    """
+    if path.exists():
+        return load_state(path, device)
+    legacy = path.with_suffix(LEGACY_SUFFIX)
+    if legacy.exists():
+        import torch
+
+        return torch.load(legacy, map_location=device, weights_only=True)
+    return None
 
 
 def _stage1(
@@ -311,13 +324,14 @@ def train(
     state["vae_minutes"] = (time.monotonic() - t0) / 60
 
     data_file = out / DATA_FILE
-    if data_file.exists():
-        data = LatentSet(**torch.load(data_file, weights_only=False))
+    stored = _read_state(data_file)
+    if stored is not None:
+        data = LatentSet(**stored)
     else:
         data = encode_dataset(
             vae, components["tokenizer"], SceneWorld(seed), config.n_scenes, progress, device
         )
-        _atomic_save(asdict(data), data_file)
+        save_state(asdict(data), data_file)
     scale = 1.0 / float(data.mean.std())
     vae.register_to_config(scaling_factor=scale)
     state["scaling_factor"] = scale
@@ -336,14 +350,14 @@ def train(
     n = mean.shape[0]
     first_step, running, before_s = 0, 0.0, 0.0
     resume_file = out / RESUME_FILE
-    if resume_file.exists():
-        saved = torch.load(resume_file, map_location=device, weights_only=False)
+    saved = _read_state(resume_file, device)
+    if saved is not None:
         for module, weights in zip(objective.trained, saved["trained"], strict=True):
             module.load_state_dict(weights)
         for shadow, weights in zip(ema.shadow, saved["ema"], strict=True):
             shadow.load_state_dict(weights)
         optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"].cpu() if device == "cpu" else saved["generator"])
+        generator.set_state(saved["generator"].cpu())  # generator states are CPU byte tensors
         first_step, running, before_s = saved["step"], saved["running"], saved["stage2_s"]
         state["resumed_at"] = [*saved.get("resumed_at", []), first_step]
 
@@ -367,7 +381,7 @@ def train(
             "stage2_s": stage2_s,
             "resumed_at": state.get("resumed_at", []),
         }
-        _atomic_save(resume, resume_file)
+        save_state(resume, resume_file)
         return final
 
     bar = tqdm(

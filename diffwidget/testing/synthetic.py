@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffwidget.tracing.trace import Trace
+from diffwidget.tracing.trace import Trace, TraceFacts
 
 TOKENS = ["<|startoftext|>", "a", "red", "circle", "left", "<|endoftext|>", "<|endoftext|>"]
 KINDS = ["start", "word", "word", "word", "word", "end", "pad"]
@@ -105,5 +105,5 @@ def synthetic_trace(
         guidance_scale=7.5,
         previews=previews,
         image=previews[-1].copy(),
-        meta={"seed": seed, "synthetic": True},
+        facts=TraceFacts(seed=seed, pipeline="synthetic"),
     )

@@ -12,9 +12,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
+
+from diffwidget.records import JsonValue, Record, RecordError, check_npz, parse_json, write_npz
 
 Pooling = Literal["mean", "grid"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -65,7 +67,7 @@ class ActivationRecord:
     grid_size: int = 1
     images: np.ndarray | None = None
     x0_images: np.ndarray | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, JsonValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, steps = len(self.prompts), len(self.timesteps)
@@ -156,15 +158,14 @@ class ActivationRecord:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
-        header = {
-            "format_version": FORMAT_VERSION,
-            "prompts": self.prompts,
-            "seeds": self.seeds,
-            "blocks": {half: list(self._arrays(half)) for half in self.halves},
-            "pooling": self.pooling,
-            "grid_size": self.grid_size,
-            "meta": self.meta,
-        }
+        header = ActivationHeader(
+            prompts=list(self.prompts),
+            seeds=[int(s) for s in self.seeds],
+            blocks={half: list(self._arrays(half)) for half in self.halves},
+            pooling=self.pooling,
+            grid_size=int(self.grid_size),
+            meta=self.meta,
+        )
         # Module paths are kept in the JSON header (order included); array keys are indices.
         arrays = {
             f"{_ACT_PREFIX}{half}/{i}": array
@@ -175,43 +176,74 @@ class ActivationRecord:
             arrays["images"] = self.images
         if self.x0_images is not None:
             arrays["x0_images"] = self.x0_images
-        payload: dict[str, Any] = {
-            "header": np.array(json.dumps(header)),
-            "timesteps": self.timesteps,
-            **arrays,
-        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **payload)
-        return path
+        header_text = np.array(json.dumps(header.to_json()))
+        return write_npz(path, {"header": header_text, "timesteps": self.timesteps, **arrays})
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationRecord:
-        """Read a record written by :meth:`save`."""
+        """Read a record written by :meth:`save`; array sizes are checked before reading.
+
+        Raises
+        ------
+        RecordError
+            When the file is not an activation record or is damaged (naming the field).
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no activation record at {path}; write one with .save(path)")
+        check_npz(path)
         with np.load(path, allow_pickle=False) as data:
-            if "header" not in data:
-                raise ValueError(f"{path} is an .npz file but not a diffwidget activation record")
-            header = json.loads(str(data["header"]))
-            if header["format_version"] > FORMAT_VERSION:
-                raise ValueError(
-                    f"{path} was written by a newer diffwidget; upgrade with "
-                    "`pip install -U diffwidget`"
+            if "header" not in data.files:
+                raise RecordError(path, "an .npz file but not a diffwidget activation record")
+            header = ActivationHeader.from_json(parse_json(str(data["header"]), path), where=path)
+            if header.format_version > FORMAT_VERSION:
+                raise RecordError(
+                    path,
+                    "written by a newer diffwidget",
+                    "upgrade with `pip install -U diffwidget`",
                 )
+            names = [
+                f"{_ACT_PREFIX}{half}/{i}"
+                for half, b in header.blocks.items()
+                for i in range(len(b))
+            ]
+            missing = [name for name in ["timesteps", *names] if name not in data.files]
+            if missing:
+                raise RecordError(path, f"arrays missing: {', '.join(missing)}")
             halves = {
                 half: {b: data[f"{_ACT_PREFIX}{half}/{i}"] for i, b in enumerate(blocks)}
-                for half, blocks in header["blocks"].items()
+                for half, blocks in header.blocks.items()
             }
-            return cls(
-                prompts=list(header["prompts"]),
-                seeds=[int(s) for s in header["seeds"]],
-                timesteps=data["timesteps"],
-                activations=halves.get("cond", {}),
-                uncond_activations=halves.get("uncond", {}),
-                pooling=header["pooling"],
-                grid_size=int(header["grid_size"]),
-                images=data.get("images"),
-                x0_images=data.get("x0_images"),
-                meta=header["meta"],
-            )
+            try:
+                return cls(
+                    prompts=list(header.prompts),
+                    seeds=list(header.seeds),
+                    timesteps=data["timesteps"],
+                    activations=halves.get("cond", {}),
+                    uncond_activations=halves.get("uncond", {}),
+                    pooling=header.pooling,
+                    grid_size=header.grid_size,
+                    images=data["images"] if "images" in data.files else None,
+                    x0_images=data["x0_images"] if "x0_images" in data.files else None,
+                    meta=header.meta,
+                )
+            except ValueError as error:  # __post_init__'s shape checks
+                raise RecordError(path, str(error)) from None
+
+
+@dataclass(frozen=True)
+class ActivationHeader(Record):
+    """The JSON header of an activation record file."""
+
+    prompts: list[str]
+    seeds: list[int]
+    blocks: dict[str, list[str]]
+    pooling: Pooling
+    grid_size: int
+    meta: dict[str, JsonValue]
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not set(self.blocks) <= set(HALVES):
+            raise ValueError(f"blocks are listed per CFG half {HALVES}, got {list(self.blocks)}")

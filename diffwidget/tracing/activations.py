@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
+from diffwidget.records import JsonValue
 from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRecord, Half, Pooling
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.decode import decode_latents, to_uint8
@@ -323,7 +324,7 @@ class ActivationRecorder:
 
         assert timesteps is not None
         assert images is not None
-        meta = {
+        meta: dict[str, JsonValue] = {
             "pipeline": type(pipe).__name__,
             "scheduler": type(pipe.scheduler).__name__,
             "num_inference_steps": num_inference_steps,

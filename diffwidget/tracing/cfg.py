@@ -109,23 +109,3 @@ class CfgLayout:
         if uncond is None or not self.guided:
             return cond
         return guide(uncond, cond, self.guidance_scale)
-
-    def to_meta(self) -> dict[str, object]:
-        """JSON form kept in ``Trace.meta["cfg_layout"]`` (``w`` is ``Trace.guidance_scale``)."""
-        return {"layout": self.kind, "halves": list(self.halves)}
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, object], guidance_scale: float, n_rows: int) -> CfgLayout:
-        """The layout a saved trace replays with.
-
-        As in diffusers, a guidance scale ``<= 1`` runs the prompt's half alone, so a trace
-        whose ``guidance_scale`` was lowered after recording replays without CFG. Traces of
-        format 1 (UNet pipelines only) recorded no layout: CFG was batched when ``w > 1``.
-        """
-        recorded = meta.get("cfg_layout")
-        kind: CfgKind = "batched"
-        if isinstance(recorded, dict):
-            kind = recorded["layout"]
-        if guidance_scale <= 1.0 or n_rows < 2:
-            kind = "none"
-        return cls(kind, guidance_scale)

@@ -17,8 +17,9 @@ Everything is restored in ``finally``, also when the pipeline raises.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,6 +34,16 @@ from diffwidget.tracing.budget import (
 from diffwidget.tracing.calls import record_calls
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
 from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
+from diffwidget.tracing.facts import (
+    CfgFacts,
+    ConditioningEntry,
+    FamilyName,
+    LatentLayoutFacts,
+    NoiseSchedule,
+    TextCut,
+    TimestepDtype,
+    TraceFacts,
+)
 from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
 from diffwidget.tracing.lock import DEFAULT_WAIT_S, pipeline_lock, trace_task
 from diffwidget.tracing.noise import (
@@ -44,7 +55,7 @@ from diffwidget.tracing.noise import (
 )
 from diffwidget.tracing.pipeline_info import json_safe, versions
 from diffwidget.tracing.recording import StepRecords, conditioning_record
-from diffwidget.tracing.tokens import PromptTokens, TokenSelection
+from diffwidget.tracing.tokens import PromptTokens, PromptTruncatedWarning, TokenSelection
 from diffwidget.tracing.trace import Trace
 
 #: Latents decoded per VAE call when making previews (bounds peak memory).
@@ -383,26 +394,11 @@ class TraceContext:
             )
         n = records.n_steps
         latents, noise_pred = records.arrays()
-        scheduler = self.pipe.scheduler
         timesteps_exact = torch.stack(records.timesteps).double().cpu().numpy()
-        alpha, sigma, scale = records.coefficients(scheduler, self.noise_family)
+        alpha, sigma, scale = records.coefficients(self.pipe.scheduler, self.noise_family)
         kind = self.prediction_type
         pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, kind).astype(np.float32)
-        layout = records.layout
-        attention, grids = {}, {}
-        for layer in self.capture.layers:
-            maps = torch.stack(self.recorder.maps[layer][:n]).cpu().numpy()
-            grid = self.family.site_grid(layer, maps.shape[1], layout)
-            attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
-            grids[layer] = list(grid)
-        heads = {
-            layer: torch.stack(per_step[:n]).cpu().numpy()
-            for layer, per_step in self.recorder.head_maps.items()
-        }
-        attention_heads = {
-            layer: maps.reshape(n, maps.shape[1], *grids[layer], maps.shape[-1])
-            for layer, maps in heads.items()
-        }
+        attention, attention_heads, grids = self._attention_arrays(n)
         shown_x0 = pred_x0
         if self.preview_from == "cond":
             cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
@@ -414,50 +410,16 @@ class TraceContext:
         )
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
-        tokens = self.prompt_tokens
-        keep = self.token_indices
-        factor = self.family.vae_scale_factor()
+        tokens, keep = self.prompt_tokens, self.token_indices
         conditioning = records.conditioning
         assert conditioning is not None
-        meta = {
-            "family": self.family.name,
-            "pipeline": type(self.pipe).__name__,
-            "denoiser": type(self.family.denoiser).__name__,
-            "scheduler": type(scheduler).__name__,
-            "scheduler_config": dict(scheduler.config),
-            "prediction_type": kind,
-            "seed": self.seed,
-            "height": int(previews.shape[1])
-            if previews is not None
-            else layout.latent_hw[0] * factor,
-            "width": int(previews.shape[2])
-            if previews is not None
-            else layout.latent_hw[1] * factor,
-            "negative_prompt": self.negative_prompt,
-            "cfg": records.cfg.guided,
-            "cfg_layout": records.cfg.to_meta(),
-            "preview_source": self.preview_from if previews is not None else None,
-            "preview_decoder": preview_decoder,
-            "token_indices": keep,
-            "token_segments": [tokens.segments[i] for i in keep] if tokens else None,
-            "token_words": [tokens.words[i] for i in keep] if tokens else None,
-            "n_text_tokens": self.recorder.n_tokens_total,
-            "attention_grids": grids,
-            "attention_normalisation": self.family.normalisation,
-            "latent_layout": {"latent_hw": list(layout.latent_hw), "patch": layout.patch},
-            "conditioning": conditioning.layout,
-            "model_timesteps": records.model_timesteps,
-            "model_timestep_dtype": records.model_timestep_dtype,
-            "noise_schedule": {
-                "family": self.noise_family,
-                "alpha": alpha.ravel().tolist(),
-                "sigma": sigma.ravel().tolist(),
-                "model_input_scale": scale.ravel().tolist(),
-            },
-            "timesteps_exact": timesteps_exact.tolist(),
-            "unet_dtype": str(self.family.denoiser.dtype).replace("torch.", ""),
-            "versions": versions(),
-        }
+        schedule = NoiseSchedule(
+            self.noise_family,
+            alpha.ravel().tolist(),
+            sigma.ravel().tolist(),
+            scale.ravel().tolist(),
+        )
+        facts = self._facts(schedule, timesteps_exact.tolist(), grids, previews, preview_decoder)
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
             tokens=[tokens.strings[i] for i in keep] if tokens else [str(i) for i in keep],
@@ -474,8 +436,92 @@ class TraceContext:
             previews=previews,
             image=image,
             extra=conditioning.extra,
-            meta=json_safe(meta),
+            facts=facts,
         )
+
+    def _attention_arrays(
+        self, n: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+        """Each layer's maps on its own grid (mean over heads, and per head), and the grids."""
+        layout = self.records.layout
+        attention, grids = {}, {}
+        for layer in self.capture.layers:
+            maps = torch.stack(self.recorder.maps[layer][:n]).cpu().numpy()
+            grid = self.family.site_grid(layer, maps.shape[1], layout)
+            attention[layer] = maps.reshape(n, *grid, maps.shape[-1])
+            grids[layer] = (int(grid[0]), int(grid[1]))
+        heads = {}
+        for layer, per_step in self.recorder.head_maps.items():
+            maps = torch.stack(per_step[:n]).cpu().numpy()
+            heads[layer] = maps.reshape(n, maps.shape[1], *grids[layer], maps.shape[-1])
+        return attention, heads, grids
+
+    def _facts(
+        self,
+        schedule: NoiseSchedule,
+        timesteps_exact: list[float],
+        grids: dict[str, tuple[int, int]],
+        previews: np.ndarray | None,
+        preview_decoder: str | None,
+    ) -> TraceFacts:
+        """The trace's facts (:class:`~diffwidget.tracing.facts.TraceFacts`)."""
+        records, tokens, keep = self.records, self.prompt_tokens, self.token_indices
+        scheduler, layout = self.pipe.scheduler, records.layout
+        factor = self.family.vae_scale_factor()
+        height, width = layout.latent_hw[0] * factor, layout.latent_hw[1] * factor
+        if previews is not None:
+            height, width = previews.shape[1:3]
+        assert records.conditioning is not None
+        return TraceFacts(
+            family=cast(FamilyName, self.family.name),
+            pipeline=type(self.pipe).__name__,
+            denoiser=type(self.family.denoiser).__name__,
+            scheduler=type(scheduler).__name__,
+            scheduler_config=json_safe(dict(scheduler.config)),
+            prediction_type=self.prediction_type,
+            seed=self.seed,
+            height=int(height),
+            width=int(width),
+            negative_prompt=self.negative_prompt,
+            cfg_layout=CfgFacts(records.cfg.kind, list(records.cfg.halves)),
+            preview_source=self.preview_from if previews is not None else None,
+            preview_decoder=preview_decoder,
+            token_indices=list(keep),
+            token_segments=[tokens.segments[i] for i in keep] if tokens else None,
+            token_words=[tokens.words[i] for i in keep] if tokens else None,
+            n_text_tokens=self.recorder.n_tokens_total,
+            text_cut=_text_cut(tokens),
+            attention_grids=grids,
+            attention_normalisation=self.family.normalisation,
+            latent_layout=LatentLayoutFacts(
+                (int(layout.latent_hw[0]), int(layout.latent_hw[1])), int(layout.patch)
+            ),
+            conditioning=[ConditioningEntry.from_json(e) for e in records.conditioning.layout],
+            model_timesteps=list(records.model_timesteps),
+            model_timestep_dtype=cast(TimestepDtype, records.model_timestep_dtype),
+            noise_schedule=schedule,
+            timesteps_exact=timesteps_exact,
+            unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),
+            versions=versions(),
+        )
+
+
+def _text_cut(tokens: PromptTokens | None) -> list[TextCut]:
+    """The prompt's words each text encoder cut, warned about once per trace."""
+    if tokens is None or not tokens.dropped:
+        return []
+    cuts = [
+        TextCut(segment, tokens.segments.count(segment), words)
+        for segment, words in tokens.dropped.items()
+    ]
+    # Warned here, when the trace is made, so that one traced prompt warns once.
+    warnings.warn(
+        TraceFacts(text_cut=cuts).cut_note()
+        + " Shorten the prompt, or read the trace knowing those words had no effect there.",
+        PromptTruncatedWarning,
+        stacklevel=4,  # _text_cut < _facts < result < the caller of result (trace())
+    )
+    return cuts
 
 
 __all__ = ["TraceContext"]

@@ -9,22 +9,20 @@ the CFG halves on axis 0 in ``("uncond", "cond")`` order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
 
 from diffwidget.tracing.cfg import CfgKind, CfgLayout, guide
+from diffwidget.tracing.facts import TEXT_ARGUMENT, ConditioningKind
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-#: ``Trace.meta["conditioning"]`` entry kinds: tensors with one row per CFG half, tensors
-#: without a batch axis, ``None`` arguments and plain values.
-CONDITIONING_KINDS = ("rows", "batch_free", "none", "value")
-#: The keyword whose tensor is stored as ``Trace.prompt_embeds``.
-TEXT_ARGUMENT = "encoder_hidden_states"
+#: ``Trace.facts.conditioning`` entry kinds (:data:`~diffwidget.tracing.facts.ConditioningKind`).
+CONDITIONING_KINDS: tuple[str, ...] = get_args(ConditioningKind)
 
 
 @dataclass

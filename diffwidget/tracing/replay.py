@@ -7,10 +7,10 @@ probes corrupts the scheduler (the defect of the paper's public code). :class:`S
 never touches the scheduler: a trace records everything a replay needs —
 
 * the exact arguments of the step-0 denoiser calls (text embeddings, pooled projections,
-  ``txt_ids``/``img_ids``, ``guidance``, added conditioning; ``Trace.meta["conditioning"]``)
-  and the timestep argument of every step (``meta["model_timesteps"]``);
+  ``txt_ids``/``img_ids``, ``guidance``, added conditioning; ``Trace.facts.conditioning``)
+  and the timestep argument of every step (``facts.model_timesteps``);
 * each step's coefficients ``x_t = alpha x0 + sigma eps`` and the model-input scale
-  (``meta["noise_schedule"]``) and the CFG layout (``meta["cfg_layout"]``);
+  (``facts.noise_schedule``) and the CFG layout (``facts.cfg_layout``);
 
 and the denoiser family (:mod:`diffwidget.tracing.families`) builds the call exactly as the
 pipeline did: latent scaled, packed (Flux) and CFG-batched (or called per half), output
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import numpy as np
 import torch
 
-from diffwidget.tracing.cfg import CfgLayout
-from diffwidget.tracing.families import LEGACY_FAMILY, LatentLayout, denoiser_family
+from diffwidget.tracing.facts import NoiseSchedule, TimestepDtype
+from diffwidget.tracing.families import LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     predict_eps,
     predict_x0,
@@ -49,24 +49,29 @@ def _grad_mode(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _legacy_conditioning(trace: Trace) -> list[dict[str, Any]]:
-    """Format-1 (UNet) traces: text embeddings, then SDXL's added conditioning in ``extra``."""
-    entries: list[dict[str, Any]] = [{"name": TEXT_ARGUMENT, "parent": None, "kind": "rows"}]
-    entries += [{"name": k, "parent": "added_cond_kwargs", "kind": "rows"} for k in trace.extra]
-    return entries
+#: The torch dtype of each timestep dtype a trace may name (an allow-list, never getattr).
+_TIMESTEP_DTYPES: dict[TimestepDtype, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
 
 
-def _schedule_from(scheduler: Any, trace: Trace) -> dict[str, list[float]]:
+def _schedule_from(scheduler: Any, trace: Trace) -> NoiseSchedule:
     """Coefficients read from the pipeline's scheduler, for traces that do not carry them."""
     family = scheduler_family(scheduler)
     coefficients = [
         step_coefficients(scheduler, family, float(t), i) for i, t in enumerate(trace.timesteps)
     ]
-    return {
-        "alpha": [c.alpha for c in coefficients],
-        "sigma": [c.sigma for c in coefficients],
-        "model_input_scale": [c.input_scale for c in coefficients],
-    }
+    return NoiseSchedule(
+        family,
+        [c.alpha for c in coefficients],
+        [c.sigma for c in coefficients],
+        [c.input_scale for c in coefficients],
+    )
 
 
 class StepReplay:
@@ -113,10 +118,10 @@ class StepReplay:
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         self.family = denoiser_family(pipe)
-        recorded = trace.meta.get("family", LEGACY_FAMILY)
-        if recorded != self.family.name:
+        facts = trace.facts
+        if facts.family != self.family.name:
             raise ValueError(
-                f"this trace was recorded with a {recorded} pipeline, but "
+                f"this trace was recorded with a {facts.family} pipeline, but "
                 f"{type(pipe).__name__} is a {self.family.name} pipeline; pass the pipeline "
                 "the trace came from"
             )
@@ -129,29 +134,28 @@ class StepReplay:
         param = next(self.unet.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
-        meta = trace.meta
-        self.cfg = CfgLayout.from_meta(meta, float(trace.guidance_scale), len(trace.prompt_embeds))
-        self.prediction_type = str(meta.get("prediction_type") or prediction_type(pipe.scheduler))
-        schedule = meta.get("noise_schedule") or _schedule_from(pipe.scheduler, trace)
+        self.cfg = facts.cfg(float(trace.guidance_scale), len(trace.prompt_embeds))
+        self.prediction_type = str(facts.prediction_type or prediction_type(pipe.scheduler))
+        schedule = facts.noise_schedule or _schedule_from(pipe.scheduler, trace)
         n = trace.n_steps
-        self._alpha = np.asarray(schedule["alpha"], dtype=np.float64)
-        self._sigma = np.asarray(schedule["sigma"], dtype=np.float64)
-        self._scale = np.asarray(schedule["model_input_scale"], dtype=np.float64)
+        self._alpha = np.asarray(schedule.alpha, dtype=np.float64)
+        self._sigma = np.asarray(schedule.sigma, dtype=np.float64)
+        self._scale = np.asarray(schedule.model_input_scale, dtype=np.float64)
         if len(self._alpha) != n:
             raise ValueError(
                 f"the trace's noise schedule has {len(self._alpha)} steps for {n} recorded "
                 "steps; the file is inconsistent, record it again"
             )
-        times = meta.get("model_timesteps") or meta.get("timesteps_exact") or trace.timesteps
-        self._model_t = [float(t) for t in times]
-        self._t_dtype = getattr(torch, str(meta.get("model_timestep_dtype", "float32")))
-        latent_layout = meta.get("latent_layout")
+        times = facts.timesteps_in
+        self._model_t = [float(t) for t in (times if times is not None else trace.timesteps)]
+        self._t_dtype = _TIMESTEP_DTYPES[facts.model_timestep_dtype]
+        latent_layout = facts.latent_layout
         self.layout = (
-            LatentLayout(tuple(latent_layout["latent_hw"]), int(latent_layout["patch"]))
-            if latent_layout
+            LatentLayout(latent_layout.latent_hw, latent_layout.patch)
+            if latent_layout is not None
             else LatentLayout(trace.latent_shape, 1)
         )
-        self._entries = meta.get("conditioning") or _legacy_conditioning(trace)
+        self._entries = facts.call_layout(list(trace.extra))
         embeds = torch.as_tensor(trace.prompt_embeds)
         self.cond_embeds = embeds[-1:].to(self.device, self.dtype)
         self.uncond_embeds = embeds[:1].to(self.device, self.dtype) if len(embeds) > 1 else None
@@ -202,12 +206,12 @@ class StepReplay:
         """The conditioning keywords of one CFG half (``row`` into the stored rows), batched."""
         kwargs: dict[str, Any] = {}
         for entry in self._entries:
-            name, parent, kind = entry["name"], entry.get("parent"), entry["kind"]
+            name, parent, kind = entry.name, entry.parent, entry.kind
             value: Any
             if kind == "none":
                 value = None
             elif kind == "value":
-                value = entry["value"]
+                value = entry.value
             elif name == TEXT_ARGUMENT and parent is None:
                 if row == -1:
                     embeds = self.cond_embeds if cond_embeds is None else cond_embeds.to(self.dtype)

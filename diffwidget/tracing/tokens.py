@@ -23,9 +23,10 @@ to within its segment, so the two copies of a word in SD3 can be found together.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
+from diffwidget.models.prompts import PromptTooLongWarning
 from diffwidget.tracing.trace import TokenKind
 
 TokenSelection = Union[Literal["default", "all"], Sequence[int]]  # noqa: UP007 - runtime alias
@@ -37,6 +38,10 @@ DEFAULT_SEGMENT = "clip"
 T5_SEGMENT = "t5"
 #: Shown for positions whose embedding is all zeros (SD3 without T5).
 EMPTY_TOKEN = "<empty>"
+
+
+class PromptTruncatedWarning(PromptTooLongWarning):
+    """A prompt is longer than a text encoder reads: the trace records the words it cut."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class PromptTokens:
         Readable token strings (CLIP's ``</w>`` word-end marker removed).
     kinds : list of {"start", "word", "end", "pad"}
         Kind of each position.
+    segments : list of str
+        The text encoder ("clip", "t5") of each position.
+    words : list of int
+        Index of the prompt word each position belongs to within its segment (-1 for none).
+    dropped : dict of str to list of str
+        Per segment cut short, the words of the prompt beyond its length (never seen by
+        that encoder); empty when the prompt fits.
     """
 
     ids: list[int]
@@ -58,6 +70,7 @@ class PromptTokens:
     kinds: list[TokenKind]
     segments: list[str] = field(default_factory=list)
     words: list[int] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -79,6 +92,7 @@ class PromptTokens:
             kinds=self.kinds + other.kinds,
             segments=self.segments + other.segments,
             words=self.words + other.words,
+            dropped={**self.dropped, **other.dropped},
         )
 
     def select(self, selection: TokenSelection = "default") -> list[int]:
@@ -138,6 +152,26 @@ def _word_indices(kinds: Sequence[str]) -> list[int]:
     return out
 
 
+def _cut_words(tokenizer: Any, prompt: str, kept: int, segment: str) -> dict[str, list[str]]:
+    """The words of ``prompt`` past its first ``kept`` word pieces (``{}`` when none are)."""
+    # verbose=False: the tokenizer's own "longer than the maximum" notice is what we replace.
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    if len(pieces) <= kept:
+        return {}
+    words: list[str] = []
+    new_word = True
+    for piece in pieces[kept:]:
+        # T5 marks where a word starts, CLIP where one ends: split the cut pieces the same way.
+        if segment == T5_SEGMENT:
+            new_word = new_word or piece.startswith(T5_WORD_START)
+        if new_word:
+            words.append("")
+        words[-1] += _readable(piece)
+        new_word = segment != T5_SEGMENT and piece.endswith(WORD_END)
+    return {segment: [w for w in words if w]}
+
+
 def _with_words(tokens: PromptTokens, raw: Sequence[str], segment: str) -> PromptTokens:
     # CLIP's BPE marks the *end* of a word with "</w>", SentencePiece (T5) the *start* of one
     # with "▁": pieces of one word share its index.
@@ -194,7 +228,10 @@ def prompt_tokens(
             kinds.append("word")
     raw = tokenizer.convert_ids_to_tokens(ids)
     tokens = PromptTokens(ids=ids, strings=[_readable(t) for t in raw], kinds=kinds)
-    return _with_words(tokens, raw, segment)
+    kept = kinds.count("word")
+    return replace(
+        _with_words(tokens, raw, segment), dropped=_cut_words(tokenizer, prompt, kept, segment)
+    )
 
 
 def t5_tokens(tokenizer: Any, prompt: str, length: int) -> PromptTokens:
@@ -226,7 +263,11 @@ def t5_tokens(tokenizer: Any, prompt: str, length: int) -> PromptTokens:
             kinds.append("pad" if token_id == tokenizer.pad_token_id else "word")
     raw = tokenizer.convert_ids_to_tokens(ids)
     tokens = PromptTokens(ids=ids, strings=[_readable(t) for t in raw], kinds=kinds)
-    return _with_words(tokens, raw, T5_SEGMENT)
+    kept = kinds.count("word")
+    return replace(
+        _with_words(tokens, raw, T5_SEGMENT),
+        dropped=_cut_words(tokenizer, prompt, kept, T5_SEGMENT),
+    )
 
 
 def empty_tokens(length: int, segment: str = T5_SEGMENT) -> PromptTokens:

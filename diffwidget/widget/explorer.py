@@ -223,7 +223,7 @@ class Explorer(ExplorerWork):
             widget.publish("noisy_previews", encode_array(shrink_images(noisy)))
             widget.descriptions = descriptions
             widget.token = first_content_token(trace)
-            widget.scales = scale_infos()
+            widget.scales = scale_infos(trace.facts.attention_value)
             self._sync_attention()
             self._sync_options()
             self._sync_available()
@@ -237,7 +237,10 @@ class Explorer(ExplorerWork):
         else:
             q, scale = quantise_uint8(result.maps)
             self.widget.publish("attention", encode_array(q, scale=scale))
-            descriptions["attention"] = result.description
+            note = self.trace.facts.cut_note().rstrip(".")  # the view ends the sentence
+            descriptions["attention"] = (
+                f"{result.description}; {note}" if note else result.description
+            )
             mass = [
                 ({"name": name, "group": "attention_mass", "token": token}, result.mass[:, token])
                 for token, name in enumerate(self.trace.tokens)
@@ -458,7 +461,7 @@ class Explorer(ExplorerWork):
             self._cache[kind][step] = result
         self._sync_overlays(kind)
         self._sync_options()
-        self.widget.scales = scale_infos()
+        self.widget.scales = scale_infos(self.trace.facts.attention_value)
         if self.widget.grid == kind:
             self._refresh_grid()
 

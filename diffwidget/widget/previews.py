@@ -1,7 +1,7 @@
 """RGB images per step for the view: predicted x̂0 and the noisy latent x_t.
 
 Traces made with ``decode_previews=True`` already hold decoded x̂0 previews (by the full VAE,
-or by a tiny preview decoder distilled from it, as ``meta["preview_decoder"]`` says); the
+or by a tiny preview decoder distilled from it, as ``facts.preview_decoder`` says); the
 explorer can replace one step's preview by a full VAE decode on request. The noisy
 latent is decoded by the VAE when a pipeline is at hand; otherwise by a linear latent→RGB
 map fitted (least squares) on the trace's own pairs of x̂0 latents and decoded previews,
@@ -61,7 +61,7 @@ def x0_previews(trace: Trace) -> np.ndarray:
 
 def preview_text(trace: Trace, exact_steps: Sequence[int] = ()) -> str:
     """The caption of the x̂0 image: which decoder made it, from which prediction."""
-    decoder = trace.meta.get("preview_decoder") or "vae"
+    decoder = trace.facts.preview_decoder or "vae"
     if trace.previews is None:
         how = "by a view of the latent's first three channels (no decoded previews)"
     elif decoder == "vae":
@@ -69,7 +69,7 @@ def preview_text(trace: Trace, exact_steps: Sequence[int] = ()) -> str:
     else:
         how = f"by the tiny preview decoder ({decoder}, distilled from the VAE)"
     text = f"Predicted clean image x̂0 at this step, decoded {how}"
-    if trace.previews is not None and trace.meta.get("preview_source") == "cond":
+    if trace.previews is not None and trace.facts.preview_source == "cond":
         text += ", from the conditional CFG half's noise prediction (no guidance)"
     elif trace.guidance_scale > 1:
         text += (
@@ -97,7 +97,7 @@ def exact_preview(trace: Trace, pipe: Any, step: int) -> np.ndarray:
             "an exact decode needs the pipeline's VAE: create the explorer with "
             "Explorer(trace, pipe=pipe)"
         )
-    if trace.meta.get("preview_source") == "cond":
+    if trace.facts.preview_source == "cond":
         raise ValueError(
             "this trace's previews come from the conditional CFG half, which the trace does "
             "not store; trace again with preview_decoder='vae' for exact previews"

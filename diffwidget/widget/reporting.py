@@ -17,11 +17,16 @@ from diffwidget.widget import schema
 from diffwidget.widget.codecs import encode_array
 
 
-def scale_infos() -> dict[str, dict[str, str]]:
-    """What one value of each overlay means and how its maps are normalised."""
+def scale_infos(attention_value: str) -> dict[str, dict[str, str]]:
+    """What one value of each overlay means and how its maps are normalised.
+
+    ``attention_value`` is what the trace's attention values are
+    (:attr:`~diffwidget.tracing.facts.TraceFacts.attention_value`): a cross-attention
+    probability, or a joint-attention share on SD3 and Flux.
+    """
     infos = {
         "attention": {
-            "meaning": "cross-attention probability of the token at each latent cell",
+            "meaning": attention_value,
             "normalisation": "each map divided by its own maximum; the scale shows that maximum",
         }
     }

@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from diffwidget.tracing.trace import Trace
+from diffwidget.tracing.trace import Trace, TraceFacts
 
 GRID = 8
 CHANNELS = 4
@@ -190,7 +190,7 @@ def make_toy_trace(pipe: ToyPipe, guidance: float = 3.0) -> Trace:
         prompt_embeds=embeds.numpy(),
         attention={},
         guidance_scale=guidance,
-        meta={"token_indices": list(range(len(TOY_WORDS) + 3))},
+        facts=TraceFacts(token_indices=list(range(len(TOY_WORDS) + 3))),
     )
 
 
@@ -251,5 +251,5 @@ def make_corner_trace(pipe: ToyPipe) -> Trace:
         prompt_embeds=base.prompt_embeds,
         attention={},
         guidance_scale=base.guidance_scale,
-        meta=base.meta,
+        facts=base.facts,
     )

@@ -84,8 +84,8 @@ def _separate_pass_cam(pipe: Any, trace: Trace, step: int, path: str) -> np.ndar
     unet = pipe.unet
     w = float(trace.guidance_scale)
     # The UNet's inputs as the pipeline built them, read from the trace's own record.
-    t = torch.tensor(trace.meta["model_timesteps"][step])
-    scale = trace.meta["noise_schedule"]["model_input_scale"][step]
+    t = torch.tensor(trace.facts.model_timesteps[step])
+    scale = trace.facts.noise_schedule.model_input_scale[step]
     x_in = torch.as_tensor(trace.latents[step])[None] * scale
     embeds = torch.as_tensor(trace.prompt_embeds)
     acts: list[torch.Tensor] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_identical_text_positions_get_identical_relevance(
     pipe, _ = family_case("sd3_no_t5")
     trace = family_trace("sd3_no_t5")
     keep = list(range(int(trace.prompt_embeds.shape[1])))
-    full = type(trace)(**{**vars(trace), "meta": {**trace.meta, "token_indices": keep}})
+    full = type(trace)(**{**vars(trace), "facts": replace(trace.facts, token_indices=keep)})
     full.tokens = [str(i) for i in keep]
     full.token_kinds = ["pad"] * len(keep)
     rel = TokenRelevance(progress_bar=False).attribute(pipe, full, steps=[1])

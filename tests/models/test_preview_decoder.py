@@ -55,14 +55,14 @@ def test_default_trace_of_the_demo_model_uses_it_and_stays_close_to_the_vae(
     demo_pipe: Any,
 ) -> None:
     traced = trace(demo_pipe, PROMPT, num_inference_steps=20, seed=11)
-    assert traced.meta["preview_decoder"] == "shipped demo decoder"
+    assert traced.facts.preview_decoder == "shipped demo decoder"
     reference = decode_latents(demo_pipe, traced.pred_x0)  # the full VAE, independently
     assert traced.previews.shape == reference.shape
     values = psnr(traced.previews, reference)
     assert values.mean() > MIN_MEAN_PSNR_DB, values.round(1)
     assert values.min() > MIN_STEP_PSNR_DB, values.round(1)
     exact = trace(demo_pipe, PROMPT, num_inference_steps=20, seed=11, preview_decoder="vae")
-    assert exact.meta["preview_decoder"] == "vae"
+    assert exact.facts.preview_decoder == "vae"
     np.testing.assert_array_equal(exact.previews, reference)
 
 
@@ -108,7 +108,7 @@ def test_a_taesd_folder_decodes_the_previews(tiny_sd_pipe: Any, tmp_path: Path) 
 
     folder = _taesd_folder(tmp_path)
     traced = trace(tiny_sd_pipe, "a red circle", num_inference_steps=3, preview_decoder=folder)
-    assert traced.meta["preview_decoder"] == folder.name
+    assert traced.facts.preview_decoder == folder.name
     # By hand: the decoder's output in [-1, 1], mapped to [0, 1] and rounded as diffusers does.
     model = AutoencoderTiny.from_pretrained(str(folder)).eval()
     with torch.no_grad():

@@ -36,7 +36,7 @@ def test_rows_sum_to_one_over_all_tokens(tiny_sd_pipe: Any) -> None:
 
 def test_default_selection_keeps_the_same_columns(tiny_sd_pipe: Any, tiny_trace: Any) -> None:
     full = trace(tiny_sd_pipe, PROMPT, num_inference_steps=5, tokens="all", decode_previews=False)
-    kept = tiny_trace.meta["token_indices"]
+    kept = tiny_trace.facts.token_indices
     assert kept == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     for layer, maps in tiny_trace.attention.items():
         np.testing.assert_array_equal(maps, full.attention[layer][..., kept])
@@ -52,7 +52,7 @@ def test_layers_in_data_flow_order_with_their_grids(tiny_trace: Any) -> None:
     assert grids["down_blocks.0.attentions.0.transformer_blocks.0.attn2"] == (16, 16)
     assert grids["mid_block.attentions.0.transformer_blocks.0.attn2"] == (8, 8)
     assert grids["up_blocks.1.attentions.1.transformer_blocks.0.attn2"] == (16, 16)
-    assert tiny_trace.meta["attention_grids"] == {k: list(v) for k, v in grids.items()}
+    assert tiny_trace.facts.attention_grids == {k: tuple(v) for k, v in grids.items()}
 
 
 def _reference_probs(pipe: Any, seed: int) -> dict[str, torch.Tensor]:

@@ -73,14 +73,14 @@ SITES["flux_true_cfg"] = SITES["flux"]
 def test_every_text_attention_block_is_captured(case: str, family_trace: Any) -> None:
     traced = family_trace(case)
     assert list(traced.attention) == SITES[case]
-    assert traced.meta["family"] == CASE_FAMILY[case]
+    assert traced.facts.family == CASE_FAMILY[case]
     n_tokens = len(traced.tokens)
     for layer, maps in traced.attention.items():
         assert maps.shape == (STEPS, 8, 8, n_tokens), layer
         assert maps.dtype == np.float16
         assert np.isfinite(maps).all()
         assert (maps >= 0).all()
-    share = traced.meta["attention_normalisation"]
+    share = traced.facts.attention_normalisation
     assert share == ("text_softmax" if case == "pixart" else "joint_share")
 
 
@@ -183,7 +183,7 @@ def test_maps_equal_a_full_joint_softmax(
     finally:
         module.set_processor(spy.original)
     assert bool(from_kernel) == (kernel == "flash")
-    n_text = int(traced.meta["n_text_tokens"])
+    n_text = int(traced.facts.n_text_tokens)
     expected = _full_joint_softmax(case, spy, n_text).numpy()
     got = traced.attention[site][0].reshape(-1, n_text).astype(np.float32)
     assert expected.shape == got.shape
@@ -196,8 +196,8 @@ def test_maps_equal_a_full_joint_softmax(
 def test_flux_true_cfg_keeps_the_prompts_call(family_trace: Any) -> None:
     """With true_cfg_scale the maps come from the 'cond' call: step 0 equals plain Flux's."""
     distilled, separate = family_trace("flux"), family_trace("flux_true_cfg")
-    assert separate.meta["cfg_layout"]["layout"] == "separate"
-    assert distilled.meta["cfg_layout"]["layout"] == "none"
+    assert separate.facts.cfg_layout.layout == "separate"
+    assert distilled.facts.cfg_layout.layout == "none"
     assert separate.guidance_scale == 2.0
     for layer in distilled.attention:
         np.testing.assert_array_equal(separate.attention[layer][0], distilled.attention[layer][0])
@@ -272,7 +272,7 @@ def test_save_and_load_are_exact(case: str, family_trace: Any, tmp_path: Any) ->
     for key, value in traced.extra.items():
         np.testing.assert_array_equal(loaded.extra[key], value)
     assert list(loaded.attention) == list(traced.attention)
-    assert loaded.meta == traced.meta
+    assert loaded.facts == traced.facts
 
 
 @pytest.mark.parametrize("case", ["sd3", "flux", "pixart"])
@@ -308,7 +308,7 @@ def test_memory_budget_is_checked_before_running(case: str, family_case: FamilyC
 
 def test_sd3_tokens_appear_twice(family_trace: Any) -> None:
     traced = family_trace("sd3")
-    segments, words = traced.meta["token_segments"], traced.meta["token_words"]
+    segments, words = traced.facts.token_segments, traced.facts.token_words
     clip = [
         t
         for t, g, k in zip(traced.tokens, segments, traced.token_kinds, strict=True)
@@ -379,7 +379,7 @@ def test_flow_sigma_solvers_agree_with_the_schedulers_x0(solver: str) -> None:
         use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0
     )
     traced = trace(pipe, TINY_PROMPT, num_inference_steps=4, **kwargs)
-    assert traced.meta["noise_schedule"]["family"] == "flow"
+    assert traced.facts.noise_schedule.family == "flow"
     reference = copy.deepcopy(pipe.scheduler)
     reference.set_timesteps(4)
     for step in range(4):

@@ -96,7 +96,7 @@ def test_bad_step_counts(tiny_sd_pipe: Any, steps: Any, error: type, match: str)
 def test_low_guidance_is_recorded_as_given(tiny_sd_pipe: Any, scale: float) -> None:
     traced = trace(tiny_sd_pipe, PROMPT, num_inference_steps=2, guidance_scale=scale)
     assert traced.guidance_scale == scale
-    assert traced.meta["cfg_layout"]["layout"] == "none"
+    assert traced.facts.cfg_layout.layout == "none"
     # diffusers runs the prompt alone at w <= 1; the replay does the same.
     replay = StepReplay(tiny_sd_pipe, traced)
     np.testing.assert_allclose(

@@ -60,11 +60,11 @@ def test_trace_records_every_step(tiny_trace: Any) -> None:
     assert tiny_trace.previews.dtype == tiny_trace.image.dtype == np.uint8
     assert tiny_trace.prompt_embeds.shape == (2, 77, 32)
     assert tiny_trace.guidance_scale == 7.5
-    assert tiny_trace.meta["cfg"] is True
-    assert tiny_trace.meta["seed"] == 0
-    assert tiny_trace.meta["pipeline"] == "StableDiffusionPipeline"
-    assert tiny_trace.meta["scheduler"] == "DPMSolverMultistepScheduler"
-    assert tiny_trace.meta["versions"]["diffusers"]
+    assert tiny_trace.facts.guided is True
+    assert tiny_trace.facts.seed == 0
+    assert tiny_trace.facts.pipeline == "StableDiffusionPipeline"
+    assert tiny_trace.facts.scheduler == "DPMSolverMultistepScheduler"
+    assert tiny_trace.facts.versions["diffusers"]
     # The latent entering step i+1 is the one step i produced, never the same tensor twice.
     assert all(
         not np.array_equal(a, b)
@@ -130,8 +130,8 @@ def test_user_callback_is_chained(tiny_sd_pipe: Any) -> None:
 
 def test_no_cfg_traces_the_whole_batch(tiny_sd_pipe: Any) -> None:
     traced = trace(tiny_sd_pipe, PROMPT, num_inference_steps=3, guidance_scale=1.0)
-    assert traced.meta["cfg"] is False
-    assert traced.meta["cfg_layout"]["halves"] == ["cond"]
+    assert traced.facts.guided is False
+    assert traced.facts.cfg_layout.halves == ["cond"]
     assert traced.guidance_scale == 1.0
     # Without CFG the UNet sees only the prompt's embedding, and that is what is kept.
     assert traced.prompt_embeds.shape == (1, 77, 32)
@@ -168,7 +168,7 @@ def test_previews_from_the_conditional_half(tiny_sd_pipe: Any) -> None:
     assert cond.previews is not None
     assert guided.previews is not None
     assert no_cfg.previews is not None
-    assert (cond.meta["preview_source"], guided.meta["preview_source"]) == ("cond", "guided")
+    assert (cond.facts.preview_source, guided.facts.preview_source) == ("cond", "guided")
     # Only the previews change: the run, its guided prediction and its image do not.
     np.testing.assert_array_equal(cond.pred_x0, guided.pred_x0)
     np.testing.assert_array_equal(cond.image, guided.image)

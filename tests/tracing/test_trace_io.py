@@ -16,7 +16,7 @@ from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.families.unet import grid_at_level, layer_grid, layer_level
 from diffwidget.tracing.generate import trace
 from diffwidget.tracing.tokens import prompt_tokens
-from diffwidget.tracing.trace import Trace, TraceFileError
+from diffwidget.tracing.trace import Trace, TraceFacts, TraceFileError
 
 PROMPT = "a red circle on the left"
 
@@ -49,7 +49,7 @@ def assert_traces_identical(a: Trace, b: Trace) -> None:
         b.token_kinds,
         b.guidance_scale,
     )
-    assert a.meta == b.meta
+    assert a.facts == b.facts
 
 
 def test_save_load_round_trip_is_exact(tiny_trace: Trace, tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ def small_trace(n_steps: int = 2) -> Trace:
         guidance_scale=3.0,
         previews=np.zeros((n_steps, 8, 8, 3), dtype=np.uint8),
         image=np.zeros((8, 8, 3), dtype=np.uint8),
-        meta={"seed": 0},
+        facts=TraceFacts(seed=0),
     )
 
 

@@ -26,7 +26,7 @@ def test_sdxl_trace(tiny_sdxl_pipe: Any) -> None:
         generator=torch.Generator("cpu").manual_seed(2),
     ).images[0]
     np.testing.assert_array_equal(traced.image, to_uint8(plain))
-    assert traced.meta["pipeline"] == "StableDiffusionXLPipeline"
+    assert traced.facts.pipeline == "StableDiffusionXLPipeline"
     # Concatenated hidden states of both encoders (16 + 16), CFG order on axis 0.
     assert traced.prompt_embeds.shape == (2, 77, 32)
     assert traced.extra["text_embeds"].shape == (2, 16)
@@ -67,5 +67,5 @@ def test_context_records_added_cond_from_the_unet_call(tiny_sdxl_pipe: Any) -> N
     record = ctx.result()
     assert record.extra["time_ids"].shape == (2, 6)
     assert record.extra["text_embeds"].shape[0] == 2
-    parents = {e["name"]: e["parent"] for e in record.meta["conditioning"]}
+    parents = {e.name: e.parent for e in record.facts.conditioning or []}
     assert parents["time_ids"] == parents["text_embeds"] == "added_cond_kwargs"

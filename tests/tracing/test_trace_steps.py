@@ -30,7 +30,7 @@ def test_steps_timesteps_and_x0_match_the_scheduler(
     traced = trace(pipe, PROMPT, num_inference_steps=STEPS, decode_previews=False)
     expected = fresh_scheduler(pipe, STEPS).timesteps.numpy()
     assert traced.n_steps == len(expected)
-    np.testing.assert_array_equal(traced.meta["timesteps_exact"], expected.astype(np.float64))
+    np.testing.assert_array_equal(traced.facts.timesteps_exact, expected.astype(np.float64))
     np.testing.assert_array_equal(traced.timesteps, np.round(expected).astype(np.int64))
     assert traced.timesteps.dtype == np.int64
     assert traced.timesteps[0] > traced.timesteps[-1]
@@ -102,7 +102,7 @@ def test_v_prediction_pipeline(tiny_sd_pipe_factory: Callable[..., Any]) -> None
         pipe.scheduler.config, prediction_type="v_prediction", clip_sample=False
     )
     traced = trace(pipe, PROMPT, num_inference_steps=3, decode_previews=False)
-    assert traced.meta["prediction_type"] == "v_prediction"
+    assert traced.facts.prediction_type == "v_prediction"
     replay = fresh_scheduler(pipe, 3)
     out = replay.step(
         torch.from_numpy(traced.noise_pred[1][None]),

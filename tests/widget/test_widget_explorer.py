@@ -116,7 +116,7 @@ def test_x0_caption_names_the_prediction_shown(synthetic_trace):
     import dataclasses
 
     conditional = dataclasses.replace(
-        synthetic_trace, meta={**synthetic_trace.meta, "preview_source": "cond"}
+        synthetic_trace, facts=dataclasses.replace(synthetic_trace.facts, preview_source="cond")
     )
     for trace, expected in (
         (synthetic_trace, "guided noise prediction"),
@@ -287,3 +287,25 @@ def test_token_relevance_curves_fill_explained_steps(make_explorer, synthetic_tr
     assert explorer.figure("token_relevance").marks[0].labels == ["a", "red", "circle", "left"]
     with pytest.raises(ValueError, match="another trace"):
         explorer.add_token_relevance(SimpleNamespace(tokens=["x"], steps=[0], normalized=[[1]]))
+
+
+@pytest.mark.parametrize(
+    ("name", "meaning", "caption"),
+    [
+        ("format2_sd", "cross-attention probability", "Cross-attention probability"),
+        ("format1_sd", "cross-attention probability", "Cross-attention probability"),
+        ("format2_sd3", "joint-attention share", "Joint-attention probability"),
+        ("format2_flux", "joint-attention share", "Joint-attention probability"),
+    ],
+)
+def test_colour_scale_says_what_the_attention_value_is(name, meaning, caption):
+    from tests.tracing.trace_data import load_trace_data
+
+    explorer = Explorer(load_trace_data(name))
+    try:
+        scale = explorer.widget.scales["attention"]["meaning"]
+        assert scale.startswith(meaning)
+        assert ("cross-attention" in scale) == meaning.startswith("cross")
+        assert explorer.widget.descriptions["attention"].startswith(caption)
+    finally:
+        explorer.close()
