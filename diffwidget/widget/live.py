@@ -121,11 +121,13 @@ def page_facts() -> dict[str, Any]:
     >>> sorted(page_facts())
     ['function_words', 'normalisation_text', 'preferred_resolution', 'scales']
     """
+    from diffwidget.tracing.facts import ATTENTION_VALUE
     from diffwidget.widget.explorer import FUNCTION_WORDS
     from diffwidget.widget.reporting import scale_infos
 
     return {
-        "scales": scale_infos(),
+        # The live models are the embedded UNet's: cross-attention over the text.
+        "scales": scale_infos(ATTENTION_VALUE["text_softmax"]),
         "function_words": sorted(FUNCTION_WORDS),
         "normalisation_text": NORMALISATION_TEXT["text_softmax"],
         "preferred_resolution": PREFERRED_RESOLUTION,
