@@ -182,7 +182,7 @@ def check_run_views(watch: Watch) -> None:
     assert flat(hostile.token_payload("token")) in chips
     assert flat(hostile.file_safe_payload("token2")) in chips
     assert flat(hostile.token_payload("token")) in shown(page, ".dw-caption")
-    assert flat(hostile.payload("layer")) in shown(page, ".dw-grid-label")
+    assert flat(hostile.token_payload("layer")) in shown(page, ".dw-grid-label")
     labels = svg_text(page)  # curves' direct labels, bqplot labels, legends and titles
     assert flat(hostile.token_payload("token")) in labels
     assert flat(hostile.CURVE) in labels
