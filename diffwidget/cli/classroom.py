@@ -37,9 +37,10 @@ from diffwidget.cli.serve import serve
 
 ClassroomMode = Literal["voila"]
 DEFAULT_PORT = 8866
-#: Resident memory of one student's kernel after Voila ran the quickstart (embedded UNet,
-#: a 20-step trace, the explorer), rounded up: 579–620 MB measured on Linux, torch 2.13 CPU
-#: (``bench/bench_classroom.py``; ``tests/test_classroom.py`` fails if a kernel exceeds it).
+#: Resident memory of one student's kernel running the quickstart (embedded UNet, a 20-step
+#: trace, the explorer): 549–555 MB once the page has loaded, 697 MB after the student
+#: computed DF-RISE and DF-CAM (Linux, torch 2.13 CPU; bench/RESULTS_classroom.md).
+#: ``tests/test_classroom.py`` fails if a freshly loaded kernel exceeds it.
 KERNEL_MEMORY_MB = 700
 #: Memory kept for the Voila server, the system and the teacher's own browser.
 RESERVED_MEMORY_MB = 1500
