@@ -21,15 +21,18 @@ from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
-from diffwidget.widget.codecs import encode_array, quantise_uint8
+from diffwidget.widget.attention_views import AttentionViews, filter_values
+from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.explorer_work import ExplorerWork
+from diffwidget.widget.export import ExportPlan, ExportSource, export_plan
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
-from diffwidget.widget.previews import noisy_previews, preview_text, shrink_images, x0_previews
+from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
 from diffwidget.widget.reporting import (
     close_widget_tree,
     scale_infos,
 )
+from diffwidget.widget.snapshot import mimebundle, summary_line
 
 if TYPE_CHECKING:
     from diffwidget.explain.results import SaliencyMap
@@ -138,13 +141,11 @@ class Explorer(ExplorerWork):
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._figures: list[Any] = []
-        self._attention_config = attention
-        self.attention_result: AttentionResult | None = None
-        self._default_attention_layers: list[str] = []
-        if trace.attention:
-            self.attention_result = (attention or AttentionMaps()).attribute(trace)
-            self._default_attention_layers = list(self.attention_result.layers)
         self.widget = ExplorerWidget()
+        self._views = AttentionViews(trace, attention, self.widget)
+        #: The attention shown under the current filter, on its own grid (``None`` without).
+        self.attention_result: AttentionResult | None = self._views.shown
+        self._noisy: dict[str, Any] | None = None
         self._populate()
         self._jobs = Jobs(
             self._run,
@@ -162,6 +163,8 @@ class Explorer(ExplorerWork):
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
         self.widget.observe(self._refresh_grid, names=["grid"])
+        self.widget.observe(self._refresh_grid_token, names=["token"])
+        self.widget.observe(self._show_noisy, names=["image_mode"])
 
     def _resolve_methods(
         self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None
@@ -207,40 +210,40 @@ class Explorer(ExplorerWork):
     # ----------------------------------------------------------------- state set-up
     def _populate(self) -> None:
         trace, widget = self.trace, self.widget
-        x0 = shrink_images(x0_previews(trace))
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
         noisy, noisy_text = noisy_previews(trace, vae_pipe)
+        # Built now (display size, cheap), sent when the view first shows it.
+        self._noisy = encode_array(noisy)
         descriptions = {"x0": preview_text(trace), "noisy": noisy_text}
         with widget.hold_sync():
             widget.prompt = trace.prompt
             widget.tokens = list(trace.tokens)
             widget.token_kinds = list(trace.token_kinds)
             widget.timesteps = [int(t) for t in trace.timesteps]
-            widget.publish("previews", encode_array(x0))
-            widget.publish("noisy_previews", encode_array(shrink_images(noisy)))
+            widget.publish("previews", encode_array(x0_previews(trace)))
             widget.descriptions = descriptions
             widget.token = first_content_token(trace)
             widget.scales = scale_infos()
+            self._views.publish_default()
             self._sync_attention()
             self._sync_options()
             self._sync_available()
 
+    def _show_noisy(self, _change: Any = None) -> None:
+        if self.widget.image_mode == "noisy" and self.widget.noisy_previews is None:
+            self.widget.publish("noisy_previews", self._noisy)
+
     def _sync_attention(self) -> None:
+        """The attention-mass curves of the filter shown (its maps are sent by the views)."""
         result = self.attention_result
-        descriptions = dict(self.widget.descriptions)
         self._curves = [c for c in self._curves if c[0]["group"] != "attention_mass"]
-        if result is None:
-            self.widget.publish("attention", None)
-        else:
-            q, scale = quantise_uint8(result.maps)
-            self.widget.publish("attention", encode_array(q, scale=scale))
-            descriptions["attention"] = result.description
-            mass = [
-                ({"name": name, "group": "attention_mass", "token": token}, result.mass[:, token])
+        if result is not None:
+            mass = np.full((self.trace.n_steps, len(self.trace.tokens)), np.nan, np.float32)
+            mass[np.asarray(result.steps, dtype=np.int64)] = result.mass
+            self._curves = [
+                ({"name": name, "group": "attention_mass", "token": token}, mass[:, token])
                 for token, name in enumerate(self.trace.tokens)
-            ]
-            self._curves = mass + self._curves
-        self.widget.descriptions = descriptions
+            ] + self._curves
         self._sync_curves()
 
     def _sync_options(self) -> None:
@@ -250,7 +253,7 @@ class Explorer(ExplorerWork):
                 for kind in schema.HEAVY_OVERLAYS
             }
         self.widget.layer_options = {
-            "attention": layers.attention_options(self.trace, self._default_attention_layers),
+            "attention": layers.attention_options(self.trace, self._views.default_layers),
             "saliency": {kind: options for kind, options in saliency.items() if options},
             "heads": layers.n_heads(self.trace),
         }
@@ -298,7 +301,7 @@ class Explorer(ExplorerWork):
                 ranges.append([float(np.nanmin(raw)), float(np.nanmax(raw))])
                 text = method.describe(result) if method is not None else _generic(kind, result)
                 if chosen is not None:
-                    text += f"; showing layer {layers.short_layer(layer)} only"
+                    text += f"; showing layer {layer} only"
                 texts.append(text)
             overlays[kind] = {
                 "steps": list(cached),
@@ -510,20 +513,16 @@ class Explorer(ExplorerWork):
         self._submit_overlay(kind, step, explicit=False)
 
     # ----------------------------------------------------------------- filters and grid
-    def _refresh_attention(self, _change: Any = None) -> None:
-        try:
-            self.attention_result = layers.filtered_attention(
-                self.trace,
-                self._attention_config,
-                self.widget.attention_layer,
-                int(self.widget.attention_head),
-            )
-        except (ValueError, KeyError) as exc:
-            self.widget.error = str(exc)
-            return
+    def _refresh_attention(self, change: Any = None) -> None:
         with self.widget.hold_sync():
+            try:
+                self.attention_result = self._views.refresh()
+            except (ValueError, KeyError) as exc:
+                self.widget.error = str(exc)
+                return
             self._sync_attention()
-            if self.widget.grid == "attention":
+            # The grid shows every layer: only a new head changes its cells.
+            if self.widget.grid == "attention" and getattr(change, "name", "") != "attention_layer":
                 self._refresh_grid()
 
     def _refresh_saliency_layer(self, _change: Any = None) -> None:
@@ -532,20 +531,15 @@ class Explorer(ExplorerWork):
                 self._sync_overlays(kind)
 
     def _refresh_grid(self, _change: Any = None) -> None:
-        source = self.widget.grid
         try:
-            if source == "none":
-                data = None
-            elif source == "attention":
-                if not self.trace.attention:
-                    raise ValueError("this trace holds no cross-attention to put in a grid")
-                data = layers.attention_grid(self.trace, int(self.widget.attention_head))
-            else:
-                data = layers.saliency_grid(source, self.cached(source), self.trace.latent_shape)
+            self._views.publish_grid(self.cached)
         except ValueError as exc:
             self.widget.error = str(exc)
-            data = None
-        self.widget.publish("grid_data", data)
+
+    def _refresh_grid_token(self, _change: Any = None) -> None:
+        grid = self.widget.grid_data
+        if grid is not None and grid.get("per_token"):
+            self._views.publish_grid_token()
 
     # ----------------------------------------------------------------- output
     def figure(self, kind: str = "attention_mass") -> Any:
@@ -556,11 +550,65 @@ class Explorer(ExplorerWork):
         self._figures.append(figure)
         return figure
 
-    def to_html(self, path: str | Path, *, title: str | None = None) -> Path:
-        """Write a standalone HTML file of this explorer that works offline."""
-        from diffwidget.widget.export import export_html
+    def export(
+        self,
+        *,
+        steps: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        compress: bool = True,
+        title: str | None = None,
+    ) -> ExportPlan:
+        """Prepare a standalone HTML file: its size, part by part, before anything is written.
 
-        return export_html(self, path, title=title)
+        Parameters
+        ----------
+        steps : sequence of int, optional
+            Loop indices to keep (default all); the file's slider counts the kept steps.
+        layers : sequence of str, optional
+            Grid rows to keep: module paths, block prefixes (``"up_blocks.0"``) or grids
+            (``"32x32"``); default every row.
+        compress : bool
+            Store the data gzip-compressed (inflated by the browser); ``False`` writes
+            plain base64 for browsers without ``DecompressionStream``.
+        title : str, optional
+            Page title; default the prompt.
+
+        Examples
+        --------
+        >>> plan = explorer.export(steps=range(0, 50, 5))  # doctest: +SKIP
+        >>> print(plan.summary())  # doctest: +SKIP
+        >>> plan.write("explorer.html")  # doctest: +SKIP
+        """
+        return export_plan(self, steps=steps, layers=layers, compress=compress, title=title)
+
+    def to_html(
+        self,
+        path: str | Path,
+        *,
+        title: str | None = None,
+        steps: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        compress: bool = True,
+    ) -> Path:
+        """Write a standalone HTML file of this explorer that works offline.
+
+        Takes the options of :meth:`export`; ``explorer.export(...).summary()`` says how
+        large the file will be first.
+        """
+        plan = self.export(steps=steps, layers=layers, compress=compress, title=title)
+        return plan.write(path)
+
+    def export_source(self) -> ExportSource:
+        """What an export reads: the synced state plus the parts the view gets on request."""
+        state = {
+            spec.name: to_transport(getattr(self.widget, spec.name), "binary")
+            for spec in schema.TRAITS
+        }
+        state["noisy_previews"] = self._noisy
+        options = dict(state["layer_options"])
+        options["attention"] = filter_values(options, state["attention_layer"])
+        state["layer_options"] = options
+        return ExportSource(state, self.trace.prompt, self._views.export_grid())
 
     def close(self) -> None:
         """Stop background work and close every widget this explorer created."""
@@ -572,14 +620,10 @@ class Explorer(ExplorerWork):
         close_widget_tree(self.widget)
 
     def __repr__(self) -> str:
-        from diffwidget.widget.snapshot import summary_line
-
-        return summary_line(self)
+        return summary_line(self.widget)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        from diffwidget.widget.snapshot import mimebundle
-
-        return mimebundle(self, **kwargs)
+        return mimebundle(self.widget, **kwargs)
 
 
 def _generic(kind: str, result: Any) -> str:

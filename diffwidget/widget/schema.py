@@ -193,7 +193,7 @@ TRAITS: tuple[TraitSpec, ...] = (
         "json",
         None,
         False,
-        "Decoded noisy latent x_t per step: uint8 [N, H, W, 3].",
+        "Decoded noisy latent x_t per step: uint8 [N, H, W, 3] (sent when first shown).",
         ts_type="ArrayPayload | null",
     ),
     TraitSpec(
@@ -201,8 +201,17 @@ TRAITS: tuple[TraitSpec, ...] = (
         "json",
         None,
         False,
-        "Per-token attention maps uint8 [N, T, h, w]; value = q / 255 * scale[N, T].",
-        ts_type="ArrayPayload | null",
+        "Per-token attention of the default filter, on its own grid (sent at open).",
+        ts_type="AttentionSet | null",
+    ),
+    TraitSpec(
+        "attention_filtered",
+        "json",
+        None,
+        False,
+        "Attention under the current filter when it is not the default (the view keeps each "
+        "one it received); null under the default.",
+        ts_type="AttentionSet | null",
     ),
     TraitSpec(
         "overlays",
@@ -269,6 +278,7 @@ PAYLOAD_TRAITS: tuple[str, ...] = (
     "previews",
     "noisy_previews",
     "attention",
+    "attention_filtered",
     "overlays",
     "grid_data",
     "faithfulness",
@@ -311,15 +321,43 @@ export interface LayerOptions {
   heads: number;
 }
 
-/** Small multiples: one map per (layer, step[, token]) on a common g x g grid. */
+/** Per-token attention under one filter, on the grid it was recorded on (views upsample). */
+export interface AttentionSet {
+  /** The `attention_layer` filter these maps answer ('' = the default selection). */
+  layer: string;
+  /** The `attention_head` they answer (-1 = mean over heads). */
+  head: number;
+  /** The maps' own grid [h, w]: the finest averaged layer's, never larger. */
+  grid: [number, number];
+  /** Loop index of each row of `maps`. */
+  steps: number[];
+  /** uint8 [S, T, h, w]; value = q / 255 * scale[S, T]. */
+  maps: ArrayPayload;
+  description: string;
+}
+
+/** Grid rows that share a block (module-path prefix) and a spatial grid. */
+export interface GridGroup {
+  /** The shared prefix, e.g. "down_blocks.2" or "single_transformer_blocks". */
+  name: string;
+  /** Full module paths of the rows. */
+  layers: string[];
+  /** Each path after the prefix. */
+  labels: string[];
+  /** The rows' own spatial grid [h, w]. */
+  grid: [number, number];
+  /** uint8 [L, S, T, h, w], h x w at most `grid`; each map divided by its own maximum. */
+  maps: ArrayPayload;
+}
+
+/** Small multiples: one map per (layer, step[, token]), rows grouped by block. */
 export interface GridData {
   source: OverlayKind;
-  layers: string[];
-  /** Each layer's own spatial grid [h, w]. */
-  grids: [number, number][];
+  groups: GridGroup[];
+  /** Loop index of each column. */
   steps: number[];
-  /** uint8 [L, S, T, g, g]; T = 1 when the maps do not depend on the token. */
-  maps: ArrayPayload;
+  /** Token indices held along the maps' T axis (per-token sources); [] otherwise (T = 1). */
+  tokens: number[];
   per_token: boolean;
   description: string;
 }

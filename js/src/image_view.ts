@@ -1,6 +1,6 @@
 import { shownStep } from "./actions";
 import { buildLut, colourise } from "./colormap";
-import { frameAt, overlayMap } from "./data";
+import { frameAt, overlayMap, resizeBilinear, shownAttention } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** Side of the drawn view in CSS pixels; previews are scaled up to it. */
@@ -16,9 +16,15 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
   el.appendChild(canvas);
   const ctx = canvas.getContext("2d");
   const lut = buildLut();
-  // Scratch canvases at native resolution, reused across frames (no allocation per redraw).
+  // Scratch canvas and buffers, reused across frames (no allocation per redraw).
   const base = document.createElement("canvas");
   const over = document.createElement("canvas");
+  over.width = VIEW_SIZE;
+  over.height = VIEW_SIZE;
+  const octx = over.getContext("2d");
+  const overlayPixels = octx?.createImageData(VIEW_SIZE, VIEW_SIZE);
+  const upsampled = new Uint8Array(VIEW_SIZE * VIEW_SIZE);
+  let scratch = new Float32Array(0);
   let draws = 0;
 
   const draw = (): void => {
@@ -51,22 +57,18 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       overlay: model.get("overlay"),
       step,
       token: model.get("token"),
-      attention: model.get("attention"),
+      attention: shownAttention(model),
       overlays: model.get("overlays"),
     });
-    if (map) {
-      if (over.width !== map.width || over.height !== map.height) {
-        over.width = map.width;
-        over.height = map.height;
-      }
-      const octx = over.getContext("2d");
-      if (octx) {
-        const img = octx.createImageData(map.width, map.height);
-        colourise(map.values, lut, model.get("opacity"), img.data);
-        octx.putImageData(img, 0, 0);
-        ctx.imageSmoothingEnabled = true; // the latent grid is coarse: interpolate it
-        ctx.drawImage(over, 0, 0, VIEW_SIZE, VIEW_SIZE);
-      }
+    if (map && octx && overlayPixels) {
+      // Maps arrive on their own (often non-square) grid: upsampled here, bilinearly with
+      // the kernel's convention, straight to the view's pixels.
+      if (scratch.length < map.height * VIEW_SIZE)
+        scratch = new Float32Array(map.height * VIEW_SIZE);
+      resizeBilinear(map, VIEW_SIZE, VIEW_SIZE, upsampled, scratch);
+      colourise(upsampled, lut, model.get("opacity"), overlayPixels.data);
+      octx.putImageData(overlayPixels, 0, 0);
+      ctx.drawImage(over, 0, 0);
     }
     draws += 1;
     // Timing marks for bench/bench_browser.py (ms since navigation start).
@@ -88,6 +90,9 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       "previews",
       "noisy_previews",
       "attention",
+      "attention_filtered",
+      "attention_layer",
+      "attention_head",
       "overlays",
       "timesteps",
     ],

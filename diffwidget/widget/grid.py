@@ -1,0 +1,165 @@
+"""The layer × step grid (Park, Ju & Lee 2024, Fig. 8), sized for models with 70 layers.
+
+Rows are the model's layers under their diffusers module paths, grouped by block
+(``down_blocks.2``, ``mid_block``, ``single_transformer_blocks``) and by grid; columns are
+steps. Each cell is the layer's own map, area-averaged to at most
+:data:`GRID_CELL_MAX` cells a side and never made larger than the layer's grid. The kernel
+builds every token's maps once; the live view is sent only the selected token's, an export
+all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from diffwidget.explain.attention import upsample_maps
+from diffwidget.explain.protocol import method_label
+from diffwidget.widget.codecs import quantise_uint8
+from diffwidget.widget.layers import head_view, layer_grids
+from diffwidget.widget.payloads import GridData, GridGroup
+from diffwidget.widget.schema import MEAN_OVER_HEADS
+
+if TYPE_CHECKING:
+    from diffwidget.explain.results import SaliencyMap
+    from diffwidget.tracing.trace import Trace
+
+#: Largest side of one grid cell (maps are area-averaged to at most this many cells).
+GRID_CELL_MAX = 16
+#: The module-path part that ends a UNet block's prefix (``down_blocks.2.attentions.0...``).
+_UNET_ATTENTIONS = ".attentions."
+
+
+def block_of(path: str) -> str:
+    """The block a module path belongs to: its rows are drawn together under this name.
+
+    Examples
+    --------
+    >>> block_of("down_blocks.2.attentions.1.transformer_blocks.9.attn2")
+    'down_blocks.2'
+    >>> block_of("single_transformer_blocks.12.attn"), block_of("up_blocks.2")
+    ('single_transformer_blocks', 'up_blocks')
+    """
+    if _UNET_ATTENTIONS in path:
+        return path.split(_UNET_ATTENTIONS, 1)[0]
+    head, _, rest = path.partition(".")
+    return head if rest else path
+
+
+def row_label(path: str, block: str) -> str:
+    """The module path after its block's prefix (the whole path when nothing is left)."""
+    return path[len(block) + 1 :] if path.startswith(block + ".") else path
+
+
+def cell_size(grid: tuple[int, int], cap: int = GRID_CELL_MAX) -> tuple[int, int]:
+    """Cells of a grid cell: the layer's grid, scaled down so its longer side is ≤ ``cap``."""
+    scale = min(1.0, cap / max(grid))
+    return max(1, round(grid[0] * scale)), max(1, round(grid[1] * scale))
+
+
+def shrink_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[..., h, w]`` maps to ``size``: block means for integer factors, else bilinear.
+
+    Examples
+    --------
+    >>> shrink_maps(np.arange(16.0).reshape(4, 4), (2, 2)).tolist()
+    [[2.5, 4.5], [10.5, 12.5]]
+    """
+    height, width = maps.shape[-2:]
+    if (height, width) == tuple(size):
+        return np.asarray(maps, dtype=np.float32)
+    if height % size[0] == 0 and width % size[1] == 0:
+        blocks = maps.reshape(*maps.shape[:-2], size[0], height // size[0], size[1], -1)
+        return blocks.mean(axis=(-3, -1), dtype=np.float32)
+    return upsample_maps(np.asarray(maps, dtype=np.float32), size)
+
+
+def _grouped(names: list[str], grids: Mapping[str, tuple[int, int]]) -> list[list[str]]:
+    """Rows grouped by (block, grid), groups and rows in first-seen order."""
+    groups: dict[tuple[str, tuple[int, int]], list[str]] = {}
+    for name in names:
+        groups.setdefault((block_of(name), grids[name]), []).append(name)
+    return list(groups.values())
+
+
+def _group(rows: list[str], grid: tuple[int, int], maps: list[np.ndarray]) -> GridGroup:
+    """One group from per-row float maps ``[S, T, h, w]`` already at the cell size."""
+    codes, scale = quantise_uint8(np.clip(np.nan_to_num(np.stack(maps)), 0.0, None))
+    block = block_of(rows[0])
+    labels = [row_label(name, block) for name in rows]
+    return GridGroup(block, rows, labels, grid, codes, scale)
+
+
+def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> GridData:
+    """Cross-attention of every layer × step × token, cells at most the layer's grid.
+
+    Examples
+    --------
+    >>> data = attention_grid(trace)  # doctest: +SKIP
+    >>> data.groups[0].name, data.groups[0].codes.shape  # doctest: +SKIP
+    ('down_blocks.0', (1, 20, 7, 16, 16))
+    """
+    view = head_view(trace, head)
+    grids = layer_grids(view)
+    groups = []
+    for rows in _grouped(list(view.attention), grids):
+        grid = grids[rows[0]]
+        cell = cell_size(grid)
+        maps = [shrink_maps(np.moveaxis(view.attention[name], -1, 1), cell) for name in rows]
+        groups.append(_group(rows, grid, maps))
+    head_text = "mean over heads" if head == MEAN_OVER_HEADS else f"head {head}"
+    description = (
+        "Attention of the image to the selected token per captured layer (rows, grouped by "
+        f"block) and step (columns), conditional CFG half, {head_text}; each cell is the "
+        f"layer's own map, area-averaged to at most {GRID_CELL_MAX}×{GRID_CELL_MAX}, divided "
+        "by its own maximum"
+    )
+    tokens = list(range(len(trace.tokens)))
+    return GridData("attention", groups, list(range(trace.n_steps)), tokens, description)
+
+
+def saliency_grid(
+    kind: str, results: Mapping[int, SaliencyMap], latent: tuple[int, int]
+) -> GridData:
+    """Grid of a method's per-layer maps for the steps computed so far.
+
+    Raises
+    ------
+    ValueError
+        When the method keeps no per-layer maps.
+
+    Examples
+    --------
+    >>> data = saliency_grid("df_cam", explorer.cached("df_cam"), (16, 16))  # doctest: +SKIP
+    >>> data.steps  # doctest: +SKIP
+    [4, 8, 12]
+    """
+    steps = sorted(results)
+    names: list[str] = []
+    for step in steps:
+        names += [n for n in results[step].layers if n not in names]
+    if not names:
+        raise ValueError(
+            f"{method_label(kind)} maps have no per-layer maps; the layer × step grid shows "
+            "attention or DF-CAM"
+        )
+    cell = cell_size(latent)
+    groups = []
+    for rows in _grouped(names, dict.fromkeys(names, latent)):
+        maps = []
+        for name in rows:
+            row = np.zeros((len(steps), 1, *cell), dtype=np.float32)
+            for column, step in enumerate(steps):
+                layer = results[step].layers.get(name)
+                if layer is not None:
+                    row[column, 0] = shrink_maps(np.asarray(layer, np.float32), cell)
+            maps.append(row)
+        groups.append(_group(rows, latent, maps))
+    description = (
+        f"{method_label(kind)} per layer (rows, grouped by block) at the {len(steps)} steps "
+        f"computed so far (columns); each layer's map min–max normalised, area-averaged to at "
+        f"most {GRID_CELL_MAX}×{GRID_CELL_MAX}"
+    )
+    return GridData(kind, groups, steps, [], description)
