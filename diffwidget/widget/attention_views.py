@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.widget import layers
 from diffwidget.widget.grid import attention_grid, saliency_grid
@@ -167,6 +169,20 @@ class AttentionViews:
     def export_grid(self) -> GridData | None:
         """The open grid with every token (for files that work without a kernel)."""
         return self._grid if str(self.widget.grid) != "none" else None
+
+
+def mass_curves(
+    trace: Trace, result: AttentionResult | None
+) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """One attention-mass curve per token (series, values over every step; NaN where absent)."""
+    if result is None:
+        return []
+    mass = np.full((trace.n_steps, len(trace.tokens)), np.nan, np.float32)
+    mass[np.asarray(result.steps, dtype=np.int64)] = result.mass
+    return [
+        ({"name": name, "group": "attention_mass", "token": token}, mass[:, token])
+        for token, name in enumerate(trace.tokens)
+    ]
 
 
 def filter_values(options: Mapping[str, Any], layer: str) -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
-from diffwidget.widget.attention_views import AttentionViews, filter_values
+from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.explorer_work import ExplorerWork
 from diffwidget.widget.export import ExportPlan, ExportSource, export_plan
@@ -235,15 +235,8 @@ class Explorer(ExplorerWork):
 
     def _sync_attention(self) -> None:
         """The attention-mass curves of the filter shown (its maps are sent by the views)."""
-        result = self.attention_result
         self._curves = [c for c in self._curves if c[0]["group"] != "attention_mass"]
-        if result is not None:
-            mass = np.full((self.trace.n_steps, len(self.trace.tokens)), np.nan, np.float32)
-            mass[np.asarray(result.steps, dtype=np.int64)] = result.mass
-            self._curves = [
-                ({"name": name, "group": "attention_mass", "token": token}, mass[:, token])
-                for token, name in enumerate(self.trace.tokens)
-            ] + self._curves
+        self._curves = mass_curves(self.trace, self.attention_result) + self._curves
         self._sync_curves()
 
     def _sync_options(self) -> None:
@@ -550,28 +543,12 @@ class Explorer(ExplorerWork):
         self._figures.append(figure)
         return figure
 
-    def export(
-        self,
-        *,
-        steps: Sequence[int] | None = None,
-        layers: Sequence[str] | None = None,
-        compress: bool = True,
-        title: str | None = None,
-    ) -> ExportPlan:
-        """Prepare a standalone HTML file: its size, part by part, before anything is written.
+    def export(self, **options: Any) -> ExportPlan:
+        """A standalone HTML file built in memory: its size part by part, before writing.
 
-        Parameters
-        ----------
-        steps : sequence of int, optional
-            Loop indices to keep (default all); the file's slider counts the kept steps.
-        layers : sequence of str, optional
-            Grid rows to keep: module paths, block prefixes (``"up_blocks.0"``) or grids
-            (``"32x32"``); default every row.
-        compress : bool
-            Store the data gzip-compressed (inflated by the browser); ``False`` writes
-            plain base64 for browsers without ``DecompressionStream``.
-        title : str, optional
-            Page title; default the prompt.
+        Takes ``steps`` (loop indices to keep), ``layers`` (grid rows: paths, blocks such as
+        ``"up_blocks.0"``, grids such as ``"32x32"``), ``compress`` and ``title``; see
+        :func:`~diffwidget.widget.export.export_plan`.
 
         Examples
         --------
@@ -579,24 +556,14 @@ class Explorer(ExplorerWork):
         >>> print(plan.summary())  # doctest: +SKIP
         >>> plan.write("explorer.html")  # doctest: +SKIP
         """
-        return export_plan(self, steps=steps, layers=layers, compress=compress, title=title)
+        return export_plan(self, **options)
 
-    def to_html(
-        self,
-        path: str | Path,
-        *,
-        title: str | None = None,
-        steps: Sequence[int] | None = None,
-        layers: Sequence[str] | None = None,
-        compress: bool = True,
-    ) -> Path:
+    def to_html(self, path: str | Path, **options: Any) -> Path:
         """Write a standalone HTML file of this explorer that works offline.
 
-        Takes the options of :meth:`export`; ``explorer.export(...).summary()`` says how
-        large the file will be first.
+        Takes the options of :meth:`export`, whose ``summary()`` says the size first.
         """
-        plan = self.export(steps=steps, layers=layers, compress=compress, title=title)
-        return plan.write(path)
+        return self.export(**options).write(path)
 
     def export_source(self) -> ExportSource:
         """What an export reads: the synced state plus the parts the view gets on request."""

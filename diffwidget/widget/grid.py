@@ -28,24 +28,30 @@ if TYPE_CHECKING:
 
 #: Largest side of one grid cell (maps are area-averaged to at most this many cells).
 GRID_CELL_MAX = 16
-#: The module-path part that ends a UNet block's prefix (``down_blocks.2.attentions.0...``).
-_UNET_ATTENTIONS = ".attentions."
+#: Parts of a path of one layer in a numbered container (``transformer_blocks.3.attn``).
+_LAYER_DEPTH = 3
 
 
 def block_of(path: str) -> str:
     """The block a module path belongs to: its rows are drawn together under this name.
 
+    A numbered container whose children are several modules (a UNet's ``down_blocks.2``
+    holds attentions, resnets, samplers) is the block; a numbered container of single
+    layers (a transformer's ``transformer_blocks.3.attn``) groups under its own name.
+
     Examples
     --------
     >>> block_of("down_blocks.2.attentions.1.transformer_blocks.9.attn2")
     'down_blocks.2'
+    >>> block_of("mid_block.attentions.0.transformer_blocks.0.attn2")
+    'mid_block'
     >>> block_of("single_transformer_blocks.12.attn"), block_of("up_blocks.2")
     ('single_transformer_blocks', 'up_blocks')
     """
-    if _UNET_ATTENTIONS in path:
-        return path.split(_UNET_ATTENTIONS, 1)[0]
-    head, _, rest = path.partition(".")
-    return head if rest else path
+    parts = path.split(".")
+    if len(parts) > _LAYER_DEPTH and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
 
 
 def row_label(path: str, block: str) -> str:
@@ -77,11 +83,15 @@ def shrink_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _grouped(names: list[str], grids: Mapping[str, tuple[int, int]]) -> list[list[str]]:
-    """Rows grouped by (block, grid), groups and rows in first-seen order."""
-    groups: dict[tuple[str, tuple[int, int]], list[str]] = {}
+    """Runs of consecutive rows with the same block and grid (the model's order is kept)."""
+    groups: list[list[str]] = []
     for name in names:
-        groups.setdefault((block_of(name), grids[name]), []).append(name)
-    return list(groups.values())
+        last = groups[-1][-1] if groups else None
+        if last is not None and (block_of(last), grids[last]) == (block_of(name), grids[name]):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 def _group(rows: list[str], grid: tuple[int, int], maps: list[np.ndarray]) -> GridGroup:
