@@ -311,7 +311,13 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
     box.dataset.token = String(held ? token : -1);
     box.dataset.drawnCells = String(drawn);
     box.dataset.drawMs = (performance.now() - started).toFixed(3);
+    // Geometry for tests and tools: where each layer row starts (content y, -1 when folded).
     box.dataset.labelPx = String(labelPx);
+    box.dataset.headerPx = String(HEADER_PX);
+    box.dataset.pitchPx = String(PITCH_PX);
+    const tops = new Array<number>(layout.rows).fill(-1);
+    for (const line of layout.lines) if (line.kind === "row") tops[line.row] = line.y;
+    box.dataset.rowTops = tops.join(",");
     highlight();
   };
 
