@@ -83,7 +83,7 @@ export const STYLES = `
 .dw-grid-caption { font-size: 12px; color: var(--jp-ui-font-color2, #555); margin-bottom: 4px; }
 /* Size containment: the grid scrolls inside the explorer's width instead of widening it.
    The canvas covers the scroll box's visible area and draws only what is in view. */
-.dw-grid-viewport { position: relative; contain: inline-size; }
+.dw-grid-viewport { position: relative; contain: inline-size; overflow: hidden; }
 .dw-grid-scroll { overflow: auto; cursor: pointer; }
 .dw-grid-sizer { pointer-events: none; }
 .dw-grid-canvas { position: absolute; top: 0; left: 0; display: block; pointer-events: none; }
