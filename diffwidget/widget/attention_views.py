@@ -56,8 +56,11 @@ class AttentionViews:
         self._cache: OrderedDict[tuple[tuple[str, ...], int], AttentionResult] = OrderedDict()
         self._grid: GridData | None = None
         self._grid_key: tuple[str, int] | None = None
+        # Per head: sums of layers sharing a grid, made once and reused by every filter.
+        self._sums: dict[int, dict[tuple[str, ...], np.ndarray]] = {}
         if trace.attention:
-            self.default = (config or AttentionMaps()).attribute(trace, grid="native")
+            sums = self._sums.setdefault(MEAN_OVER_HEADS, {})
+            self.default = (config or AttentionMaps()).attribute(trace, grid="native", sums=sums)
             self.shown = self.default
             self._remember(self.default, MEAN_OVER_HEADS)
 
@@ -93,7 +96,9 @@ class AttentionViews:
         if cached is not None:
             self._cache.move_to_end((chosen, head))
             return cached
-        result = layers.filtered_attention(self.trace, self.config, layer, head)
+        if head not in self._sums:  # one head's sums at a time (each is a trace's worth)
+            self._sums = {MEAN_OVER_HEADS: self._sums.get(MEAN_OVER_HEADS, {}), head: {}}
+        result = layers.filtered_attention(self.trace, self.config, layer, head, self._sums[head])
         self._remember(result, head)
         return result
 

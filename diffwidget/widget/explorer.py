@@ -211,7 +211,8 @@ class Explorer(ExplorerWork):
     def _populate(self) -> None:
         trace, widget = self.trace, self.widget
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
-        noisy, noisy_text = noisy_previews(trace, vae_pipe)
+        x0 = x0_previews(trace)
+        noisy, noisy_text = noisy_previews(trace, vae_pipe, x0=x0)
         # Built now (display size, cheap), sent when the view first shows it.
         self._noisy = encode_array(noisy)
         descriptions = {"x0": preview_text(trace), "noisy": noisy_text}
@@ -220,7 +221,7 @@ class Explorer(ExplorerWork):
             widget.tokens = list(trace.tokens)
             widget.token_kinds = list(trace.token_kinds)
             widget.timesteps = [int(t) for t in trace.timesteps]
-            widget.publish("previews", encode_array(x0_previews(trace)))
+            widget.publish("previews", encode_array(x0))
             widget.descriptions = descriptions
             widget.token = first_content_token(trace)
             widget.scales = scale_infos()

@@ -82,6 +82,21 @@ def shrink_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return upsample_maps(np.asarray(maps, dtype=np.float32), size)
 
 
+def _shrink_stored(stored: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
+    """A layer's stored ``[S, h, w, T]`` probabilities as ``[S, T, *cell]`` float32 maps.
+
+    Block means are taken in the stored layout (tokens contiguous), one axis at a time
+    (NumPy reduces two strided axes at once far more slowly); the result, a few percent of
+    the layer, is then transposed.
+    """
+    steps, height, width, _ = stored.shape
+    if height % cell[0] == 0 and width % cell[1] == 0:
+        fy, fx = height // cell[0], width // cell[1]
+        blocks = stored.astype(np.float32).reshape(steps, cell[0], fy, cell[1], fx, -1)
+        return np.moveaxis(blocks.sum(axis=2).sum(axis=3) / (fy * fx), -1, 1)
+    return shrink_maps(np.moveaxis(stored, -1, 1), cell)
+
+
 def _grouped(names: list[str], grids: Mapping[str, tuple[int, int]]) -> list[list[str]]:
     """Runs of consecutive rows with the same block and grid (the model's order is kept)."""
     groups: list[list[str]] = []
@@ -117,7 +132,7 @@ def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> GridData:
     for rows in _grouped(list(view.attention), grids):
         grid = grids[rows[0]]
         cell = cell_size(grid)
-        maps = [shrink_maps(np.moveaxis(view.attention[name], -1, 1), cell) for name in rows]
+        maps = [_shrink_stored(np.asarray(view.attention[name]), cell) for name in rows]
         groups.append(_group(rows, grid, maps))
     head_text = "mean over heads" if head == MEAN_OVER_HEADS else f"head {head}"
     description = (

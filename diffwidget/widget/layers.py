@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -130,7 +130,11 @@ def filter_config(trace: Trace, base: AttentionMaps | None, layer: str) -> Atten
 
 
 def filtered_attention(
-    trace: Trace, base: AttentionMaps | None, layer: str, head: int
+    trace: Trace,
+    base: AttentionMaps | None,
+    layer: str,
+    head: int,
+    sums: MutableMapping[tuple[str, ...], np.ndarray] | None = None,
 ) -> AttentionResult:
     """Attention under a filter (``layer``: '', a grid like '16x16', or a path), on its grid.
 
@@ -143,7 +147,8 @@ def filtered_attention(
     True
     """
     config = filter_config(trace, base, layer)
-    result = config.attribute(head_view(trace, head), grid="native")
+    # ``sums``: per-grid layer sums of this head made by earlier filters, reused.
+    result = config.attribute(head_view(trace, head), grid="native", sums=sums)
     if head != MEAN_OVER_HEADS:
         result.description = result.description.replace("mean over heads", f"head {head}")
     return result

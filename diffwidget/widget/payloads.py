@@ -104,7 +104,7 @@ class AttentionSet:
         cls, maps: np.ndarray, steps: Sequence[int], layer: str, head: int, text: str
     ) -> AttentionSet:
         """Quantise float maps ``[S, T, h, w]`` (probabilities) into a set."""
-        codes, scale = quantise_uint8(np.clip(maps, 0.0, None))
+        codes, scale = quantise_uint8(maps)
         grid = (int(maps.shape[-2]), int(maps.shape[-1]))
         return cls(layer, int(head), grid, [int(s) for s in steps], codes, scale, text)
 

@@ -195,12 +195,13 @@ def _design(latents: np.ndarray) -> np.ndarray:
     return np.concatenate([cells, np.ones((len(cells), 1))], axis=1)
 
 
-def fit_linear_decoder(trace: Trace) -> np.ndarray:
+def fit_linear_decoder(trace: Trace, colours: np.ndarray | None = None) -> np.ndarray:
     """Least-squares map ``[C + 1, 3]`` from latent channels (+ bias) to preview RGB in [0, 1].
 
-    Each latent cell's target colour is the area mean of the preview pixels it covers. The
-    normal equations are accumulated a few steps at a time, so memory does not grow with the
-    run or the image size.
+    Each latent cell's target colour is the area mean of the preview pixels it covers
+    (``colours``: those means, uint8 ``[N, h, w, 3]`` on the latent grid, when already made).
+    The normal equations are accumulated a few steps at a time, so memory does not grow with
+    the run or the image size.
 
     Raises
     ------
@@ -220,8 +221,11 @@ def fit_linear_decoder(trace: Trace) -> np.ndarray:
     for start in range(0, trace.n_steps, CHUNK_STEPS):
         stop = start + CHUNK_STEPS
         design = _design(trace.pred_x0[start:stop])
-        colours = resize_images(trace.previews[start:stop], trace.latent_shape)
-        target = colours.reshape(-1, 3).astype(np.float64) / _RGB_MAX
+        if colours is None:
+            chunk = resize_images(trace.previews[start:stop], trace.latent_shape)
+        else:
+            chunk = colours[start:stop]
+        target = chunk.reshape(-1, 3).astype(np.float64) / _RGB_MAX
         gram += design.T @ design
         moment += design.T @ target
     weights, *_ = np.linalg.lstsq(gram, moment, rcond=None)
@@ -247,11 +251,15 @@ def _vae_view(pipe: Any, latents: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 def noisy_previews(
-    trace: Trace, pipe: Any = None, max_size: int = MAX_PREVIEW_SIZE
+    trace: Trace,
+    pipe: Any = None,
+    max_size: int = MAX_PREVIEW_SIZE,
+    x0: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
     """uint8 ``[N, h, w, 3]`` images of the noisy latent x_t and a sentence saying how.
 
-    The images have the size of :func:`x0_previews`, so both image modes line up.
+    The images have the size of :func:`x0_previews`, so both image modes line up; pass its
+    result as ``x0`` to reuse it where it already lies on the latent grid (SDXL, Flux).
 
     Examples
     --------
@@ -271,7 +279,8 @@ def noisy_previews(
         return _latent_view(trace.latents, size), (
             "Noisy latent x_t entering this step: first three channels, standardised"
         )
-    weights = fit_linear_decoder(trace)
+    on_grid = x0 is not None and tuple(x0.shape[1:3]) == trace.latent_shape
+    weights = fit_linear_decoder(trace, x0 if on_grid else None)
     return _linear_view(trace.latents, weights, size), (
         "Noisy latent x_t entering this step, through a linear latent→RGB map fitted on "
         "this trace's x̂0 previews (no VAE in the kernel)"
