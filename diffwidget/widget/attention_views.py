@@ -158,6 +158,7 @@ class AttentionViews:
         try:
             data = self.grid_data(cached)
         except ValueError:
+            self._grid, self._grid_key = None, None
             self.widget.publish("grid_data", None)
             raise
         self.publish_grid_token(data)
