@@ -143,6 +143,9 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
   const collapsed = new Set<number>();
   let layout: GridLayout | null = null;
   let labelPx = LABEL_MIN_PX;
+  // The scroll box's size and offsets as of the last draw: scrubbing moves the outlines
+  // from these, never reading layout (a read would force a reflow of the page per frame).
+  const view = { width: 0, height: 0, left: 0, top: 0 };
   let shown: GridData | null = null;
   let frame = 0;
 
@@ -162,7 +165,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
   const highlight = (): void => {
     const grid = model.get("grid_data");
     if (!grid || !layout) return;
-    const { clientWidth: vw, clientHeight: vh, scrollLeft: sx, scrollTop: sy } = scroll;
+    const { width: vw, height: vh, left: sx, top: sy } = view;
     const index = grid.steps.indexOf(shownStep(model));
     const left = labelPx + index * PITCH_PX - sx - 1;
     column.hidden = index < 0 || left < labelPx - 1 || left > vw;
@@ -185,7 +188,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
     const height = Math.max(1, vh - HEADER_PX);
     const image = ctx.createImageData(width, height);
     image.data.fill(255);
-    const { scrollLeft: sx, scrollTop: sy } = scroll;
+    const { left: sx, top: sy } = view;
     const c0 = Math.floor(sx / PITCH_PX);
     const c1 = Math.min(layout.columns, Math.ceil((sx + width) / PITCH_PX));
     const token = model.get("token");
@@ -219,7 +222,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
 
   const paintText = (ctx: CanvasRenderingContext2D, grid: GridData, vw: number, vh: number) => {
     if (!layout) return;
-    const { scrollLeft: sx, scrollTop: sy } = scroll;
+    const { left: sx, top: sy } = view;
     ctx.font = FONT;
     ctx.textBaseline = "middle";
     ctx.fillStyle = BACKGROUND;
@@ -283,6 +286,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
     sizer.style.height = `${HEADER_PX + layout.height}px`;
     const vw = scroll.clientWidth;
     const vh = scroll.clientHeight;
+    Object.assign(view, { width: vw, height: vh, left: scroll.scrollLeft, top: scroll.scrollTop });
     if (canvas.width !== vw || canvas.height !== vh) {
       canvas.width = vw;
       canvas.height = vh;

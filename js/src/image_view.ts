@@ -5,6 +5,8 @@ import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** Side of the drawn view in CSS pixels; previews are scaled up to it. */
 export const VIEW_SIZE = 384;
+/** Side of the overlay's pixels when there is no image to match. */
+export const OVERLAY_FALLBACK = 128;
 
 /** Canvas with the image of the current step and the overlay on top. */
 export function imageView(model: Model, el: HTMLElement): Cleanup {
@@ -16,16 +18,25 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
   el.appendChild(canvas);
   const ctx = canvas.getContext("2d");
   const lut = buildLut();
-  // Scratch canvas and buffers, reused across frames (no allocation per redraw).
+  // Scratch canvases and buffers, reused across frames (no allocation per redraw).
   const base = document.createElement("canvas");
   const over = document.createElement("canvas");
-  over.width = VIEW_SIZE;
-  over.height = VIEW_SIZE;
   const octx = over.getContext("2d");
-  const overlayPixels = octx?.createImageData(VIEW_SIZE, VIEW_SIZE);
-  const upsampled = new Uint8Array(VIEW_SIZE * VIEW_SIZE);
+  let overlayPixels: ImageData | undefined;
+  let upsampled = new Uint8Array(0);
   let scratch = new Float32Array(0);
   let draws = 0;
+
+  /** Overlay buffers of `height` x `width` (made again only when the size changes). */
+  const overlayBuffers = (height: number, width: number): ImageData | undefined => {
+    if (over.width !== width || over.height !== height || !overlayPixels) {
+      over.width = width;
+      over.height = height;
+      overlayPixels = octx?.createImageData(width, height);
+      upsampled = new Uint8Array(width * height);
+    }
+    return overlayPixels;
+  };
 
   const draw = (): void => {
     if (!ctx) return;
@@ -60,15 +71,19 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       attention: shownAttention(model),
       overlays: model.get("overlays"),
     });
-    if (map && octx && overlayPixels) {
-      // Maps arrive on their own (often non-square) grid: upsampled here, bilinearly with
-      // the kernel's convention, straight to the view's pixels.
-      if (scratch.length < map.height * VIEW_SIZE)
-        scratch = new Float32Array(map.height * VIEW_SIZE);
-      resizeBilinear(map, VIEW_SIZE, VIEW_SIZE, upsampled, scratch);
-      colourise(upsampled, lut, model.get("opacity"), overlayPixels.data);
-      octx.putImageData(overlayPixels, 0, 0);
-      ctx.drawImage(over, 0, 0);
+    // Maps arrive on their own (often non-square) grid: upsampled here, bilinearly with the
+    // kernel's convention, to the image's own pixels (never below the map's), then scaled to
+    // the view with the canvas's smoothing like any picture.
+    const height = Math.max(frame?.height ?? OVERLAY_FALLBACK, map?.height ?? 0);
+    const width = Math.max(frame?.width ?? OVERLAY_FALLBACK, map?.width ?? 0);
+    const pixels = map && octx ? overlayBuffers(height, width) : undefined;
+    if (map && octx && pixels) {
+      if (scratch.length < map.height * width) scratch = new Float32Array(map.height * width);
+      resizeBilinear(map, height, width, upsampled, scratch);
+      colourise(upsampled, lut, model.get("opacity"), pixels.data);
+      octx.putImageData(pixels, 0, 0);
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(over, 0, 0, VIEW_SIZE, VIEW_SIZE);
     }
     draws += 1;
     // Timing marks for bench/bench_browser.py (ms since navigation start).
