@@ -24,7 +24,7 @@ from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.explorer_work import ExplorerWork
-from diffwidget.widget.export import ExportPlan, ExportSource, export_plan
+from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
 from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
@@ -35,6 +35,8 @@ from diffwidget.widget.reporting import (
 from diffwidget.widget.snapshot import mimebundle, summary_line
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from diffwidget.explain.results import SaliencyMap
 
 NoisyDecoder = Literal["linear", "vae"]
@@ -213,8 +215,7 @@ class Explorer(ExplorerWork):
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
         x0 = x0_previews(trace)
         noisy, noisy_text = noisy_previews(trace, vae_pipe, x0=x0)
-        # Built now (display size, cheap), sent when the view first shows it.
-        self._noisy = encode_array(noisy)
+        self._noisy = encode_array(noisy)  # built now (display size, cheap), sent when shown
         descriptions = {"x0": preview_text(trace), "noisy": noisy_text}
         with widget.hold_sync():
             widget.prompt = trace.prompt
@@ -230,7 +231,7 @@ class Explorer(ExplorerWork):
             self._sync_options()
             self._sync_available()
 
-    def _show_noisy(self, _change: Any = None) -> None:
+    def _show_noisy(self, _change: Any = None) -> None:  # sent when first shown
         if self.widget.image_mode == "noisy" and self.widget.noisy_previews is None:
             self.widget.publish("noisy_previews", self._noisy)
 
@@ -544,11 +545,10 @@ class Explorer(ExplorerWork):
         self._figures.append(figure)
         return figure
 
-    def export(self, **options: Any) -> ExportPlan:
-        """A standalone HTML file built in memory: its size part by part, before writing.
+    def export(self, **options: Unpack[ExportOptions]) -> ExportPlan:
+        """A standalone HTML file in memory: its size part by part, before writing.
 
-        Takes ``steps`` (loop indices to keep), ``layers`` (grid rows: paths, blocks such as
-        ``"up_blocks.0"``, grids such as ``"32x32"``), ``compress`` and ``title``; see
+        Options (``steps``, ``layers``, ``compress``, ``title``): see
         :func:`~diffwidget.widget.export.export_plan`.
 
         Examples
@@ -559,7 +559,7 @@ class Explorer(ExplorerWork):
         """
         return export_plan(self, **options)
 
-    def to_html(self, path: str | Path, **options: Any) -> Path:
+    def to_html(self, path: str | Path, **options: Unpack[ExportOptions]) -> Path:
         """Write a standalone HTML file of this explorer that works offline.
 
         Takes the options of :meth:`export`, whose ``summary()`` says the size first.

@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, encode_array, payload_nbytes
@@ -133,6 +133,15 @@ class ExportSource:
     state: dict[str, Any]
     prompt: str
     grid: GridData | None = None
+
+
+class ExportOptions(TypedDict, total=False):
+    """What :func:`export_plan` can be told (every key optional)."""
+
+    steps: Sequence[int] | None
+    layers: Sequence[str] | None
+    compress: bool
+    title: str | None
 
 
 class Exportable(Protocol):

@@ -228,3 +228,16 @@ def test_export_escapes_script_breaking_text(tmp_path, prompt):
         assert raw not in state_json
     assert json.loads(state_json)["prompt"] == prompt  # the same JSON value
     assert text.count("<script") == 4  # state, data, module, loader: nothing injected
+
+
+def test_export_and_snapshot_do_not_import_the_explorer():
+    """One direction: the explorer uses the export and the snapshot, never the reverse (not
+    even for type checking: they read a protocol and the widget's state)."""
+    from pathlib import Path
+
+    from tests.test_imports import imported_modules
+
+    widget = Path(__file__).resolve().parents[2] / "diffwidget" / "widget"
+    for name in ("export.py", "snapshot.py", "payloads.py", "grid.py", "attention_views.py"):
+        modules = [module for _, module in imported_modules(widget / name)]
+        assert not [m for m in modules if m.startswith("diffwidget.widget.explorer")], name
