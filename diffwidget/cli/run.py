@@ -5,16 +5,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffwidget.cli.common import DEFAULT_STEPS, EXIT_OK, UsageError
+from diffwidget.cli.common import (
+    DEFAULT_STEPS,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from diffwidget.runs.runner import RunReport
 
 
 def run_prompts(args: argparse.Namespace) -> int:
-    """Run a prompt set (``diffwidget.runs.run``) and say where the results are."""
+    """Run a prompt set (``diffwidget.runs.run``) and say where the results are.
+
+    Exit status: 0 when every item this process took succeeded; 1 when some failed (the
+    first error is named); 2 for bad input, refused before any work; 3 when an I/O error
+    such as a full disk stopped the run.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from diffwidget.runs.prompts import PromptSourceError
-    from diffwidget.runs.runner import run
+    from diffwidget.runs.runner import RunStoppedError, run
     from diffwidget.runs.sharding import DuplicatedProcessError
     from diffwidget.runs.store import RunSetupError
 
@@ -45,13 +59,33 @@ def run_prompts(args: argparse.Namespace) -> int:
         )
     except (PromptSourceError, RunSetupError, DuplicatedProcessError) as error:
         raise UsageError(str(error)) from None
+    except RunStoppedError as error:
+        _say(error.report)
+        print(f"diffwidget run: error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
+    _say(report)
+    if report.failed:
+        print(
+            f"diffwidget run: error: {len(report.failed)} items failed; the first: "
+            f"{report.first_error}. Rerun the command to retry them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _say(report: RunReport) -> None:
+    """One line of what this process did, and what it left to others."""
+    busy = f", {len(report.busy)} left to other processes" if report.busy else ""
+    summary = f"; summary: {report.summary}" if report.summary else ""
     print(
         f"process {report.rank}/{report.processes}: {len(report.computed)} computed, "
-        f"{len(report.failed)} failed, {len(report.skipped)} already done in {report.out}"
-        + (f"; summary: {report.summary}" if report.summary else ""),
+        f"{len(report.failed)} failed, {len(report.skipped)} already done{busy} in "
+        f"{report.out}{summary}",
         file=sys.stderr,
     )
-    return EXIT_OK
+    if report.no_summary:
+        print(f"diffwidget run: {report.no_summary}", file=sys.stderr)
 
 
 def add_parser(sub: Any) -> None:

@@ -10,6 +10,7 @@ run goes on. Whoever finishes the last item aggregates the run (no collectives n
 from __future__ import annotations
 
 import difflib
+import errno
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from diffwidget.runs.locks import ItemLock
 from diffwidget.runs.metrics import MAP_METHODS, METRICS, RunSettings, compute_item
 from diffwidget.runs.prompts import PromptItem, load_prompts
 from diffwidget.runs.sharding import Processes, Shard, processes
@@ -44,8 +46,14 @@ class RunReport:
         The run folder.
     computed, failed, skipped : list of str
         Item keys this process computed successfully, recorded as failed, or found done.
+    busy : list of str
+        Item keys another live process was computing (left to it).
+    first_error : str, optional
+        ``"<key>: <type>: <message>"`` of the first item this process recorded as failed.
     summary : Path, optional
         ``summary.md`` when this process aggregated the run.
+    no_summary : str, optional
+        Why every item is finished yet no summary was written (no item succeeded).
     rank, processes : int
         This process's index and the number of processes.
     """
@@ -54,9 +62,32 @@ class RunReport:
     computed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    first_error: str | None = None
     summary: Path | None = None
+    no_summary: str | None = None
     rank: int = 0
     processes: int = 1
+
+
+class RunStoppedError(RuntimeError):
+    """An I/O error (a full disk, a read-only or failing file system) stopped the run.
+
+    Attributes
+    ----------
+    report : RunReport
+        What the process did before it stopped.
+    """
+
+    def __init__(self, message: str, report: RunReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+#: Errors of the machine rather than of one item: raised while computing, they stop the run.
+STOP_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
+)
 
 
 def _choices(kind: str, given: Sequence[str], allowed: Sequence[str]) -> list[str]:
@@ -305,12 +336,26 @@ def run(
     mine = procs.split(chosen_shard.select(work))
     _compute(store, mine, settings, pipe, procs, report, scene_metrics, progress, on_item)
     if aggregate:
-        done = [store.status(item_key(i.id, s)) in ("ok", "failed") for i, _o, s in work]
-        if all(done):
-            from diffwidget.runs.aggregation import aggregate as write_aggregate
-
-            report.summary = write_aggregate(store.root)
+        _aggregate_when_finished(store, [item_key(i.id, s) for i, _o, s in work], report)
     return report
+
+
+def _aggregate_when_finished(store: RunStore, keys: list[str], report: RunReport) -> None:
+    """Write ``summary/`` when every item is finished and at least one succeeded."""
+    statuses = [store.status(key) for key in keys]
+    if not all(status in ("ok", "failed") for status in statuses):
+        return
+    if "ok" not in statuses:
+        report.no_summary = (
+            f"no summary written: all {len(keys)} items failed (see items/*.json for each error)"
+        )
+        return
+    from diffwidget.runs.aggregation import aggregate as write_aggregate
+
+    try:
+        report.summary = write_aggregate(store.root)
+    except OSError as error:
+        raise _stop(report, f"writing {store.summary_dir}", error) from error
 
 
 def _compute(
@@ -344,32 +389,94 @@ def _compute(
     with bar:
         for item, offset, seed in pending:
             key = item_key(item.id, seed)
-            store.remove_stale_temporaries(key)
-            base = {
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "id": item.id,
-                "seed": seed,
-                "offset": offset,
-                "prompt": item.prompt,
-                # Who computed it: varies with the launch, never part of the results.
-                "process": {"rank": procs.rank, "count": procs.count},
-            }
-            try:
-                output = compute_item(pipe, item, seed, settings, scene_metrics=scene_metrics)
-                _store_item(store, key, base, output, settings.save_traces)
-                report.computed.append(key)
-                status = "ok"
-            except Exception as error:  # recorded, and the run goes on
-                write_json(
-                    store.item_path(key),
-                    {**base, "status": "failed", "error": _error_record(error)},
-                )
-                report.failed.append(key)
-                status = "failed"
+            with store.lock(key) as lock:
+                if not lock.taken:
+                    report.busy.append(key)
+                    status = "busy"
+                elif store.status(key) == "ok":  # finished by another process meanwhile
+                    report.skipped.append(key)
+                    status = "ok"
+                else:
+                    work = _Work(item, offset, seed, key)
+                    status = _compute_one(
+                        store, work, settings, pipe, procs, report, scene_metrics, lock
+                    )
             bar.update()
-            if on_item is not None:
+            if on_item is not None and status in ("ok", "failed"):
                 on_item(key, status)
 
 
-__all__ = ["RunReport", "RunSetupError", "check_settings", "run"]
+@dataclass(frozen=True)
+class _Work:
+    item: PromptItem
+    offset: int
+    seed: int
+    key: str
+
+
+def _stop(report: RunReport, doing: str, error: OSError) -> RunStoppedError:
+    done = len(report.computed) + len(report.failed)
+    return RunStoppedError(
+        f"the run stopped: {doing} failed with {error}. {done} items were finished by this "
+        "process before; fix the cause (free disk space, a writable folder) and rerun the same "
+        "command to resume",
+        report,
+    )
+
+
+def _compute_one(
+    store: RunStore,
+    work: _Work,
+    settings: RunSettings,
+    pipe: Any,
+    procs: Processes,
+    report: RunReport,
+    scene_metrics: bool,
+    lock: ItemLock,
+) -> str:
+    """Compute and store one item under its lock; ``"ok"``, ``"failed"`` or ``"busy"``."""
+    key = work.key
+    base = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "id": work.item.id,
+        "seed": work.seed,
+        "offset": work.offset,
+        "prompt": work.item.prompt,
+        # Who computed it: varies with the launch, never part of the results.
+        "process": {"rank": procs.rank, "count": procs.count},
+    }
+    try:
+        store.remove_stale_temporaries(key)
+    except OSError as error:
+        raise _stop(report, f"cleaning {store.root}", error) from error
+    try:
+        output = compute_item(pipe, work.item, work.seed, settings, scene_metrics=scene_metrics)
+    except Exception as error:  # recorded, and the run goes on
+        if isinstance(error, OSError) and error.errno in STOP_ERRNOS:
+            raise _stop(report, f"computing item {key}", error) from error
+        if not lock.owned():  # taken over while this process was stalled
+            report.busy.append(key)
+            return "busy"
+        try:
+            write_json(
+                store.item_path(key), {**base, "status": "failed", "error": _error_record(error)}
+            )
+        except OSError as write_error:
+            raise _stop(report, f"writing {store.item_path(key)}", write_error) from write_error
+        report.failed.append(key)
+        if report.first_error is None:
+            report.first_error = f"{key}: {type(error).__name__}: {error}"
+        return "failed"
+    if not lock.owned():
+        report.busy.append(key)
+        return "busy"
+    try:
+        _store_item(store, key, base, output, settings.save_traces)
+    except OSError as error:
+        raise _stop(report, f"writing the files of item {key} in {store.root}", error) from error
+    report.computed.append(key)
+    return "ok"
+
+
+__all__ = ["RunReport", "RunSetupError", "RunStoppedError", "check_settings", "run"]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from diffwidget.runs.locks import ItemLock, ProcessTag, create_exclusive, temp_owner_gone
 from diffwidget.runs.prompts import PromptItem
 
 FORMAT_VERSION = 1
@@ -32,6 +34,9 @@ ITEMS_DIR = "items"
 TRACES_DIR = "traces"
 ARRAYS_DIR = "arrays"
 SUMMARY_DIR = "summary"
+LOCKS_DIR = "locks"
+#: Seconds a reader waits for a manifest another process is creating in place.
+MANIFEST_SETTLE_SECONDS = 5.0
 _TEMP_MARK = ".tmp"
 ItemStatus = Literal["ok", "failed", "missing", "corrupt"]
 
@@ -59,11 +64,13 @@ def _fsync(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``.
 
-    The temporary name sits in the same folder (so the rename is atomic) and keeps the
-    suffix, since some writers append one (``Trace.save``, ``numpy.savez``).
+    The temporary name sits in the same folder (so the rename is atomic), names its writer
+    (so no other process removes it while it is written, see
+    :func:`~diffwidget.runs.locks.temp_owner_gone`) and keeps the suffix, since some writers
+    append one (``Trace.save``, ``numpy.savez``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}{_TEMP_MARK}{os.getpid()}{path.suffix}")
+    temp = path.with_name(f".{path.stem}{ProcessTag.current().temp_mark}{path.suffix}")
     try:
         write(temp)
         _fsync(temp)
@@ -130,27 +137,57 @@ class RunStore:
         """Saliency maps and features of one item."""
         return self.root / ARRAYS_DIR / f"{key}.npz"
 
+    @property
+    def locks_dir(self) -> Path:
+        """Folder of the item locks."""
+        return self.root / LOCKS_DIR
+
+    def lock(self, key: str) -> ItemLock:
+        """The lock of one item (``with store.lock(key) as lock: if lock.taken: ...``)."""
+        return ItemLock(self.locks_dir, key)
+
     def remove_stale_temporaries(self, key: str) -> None:
-        """Delete temporary files a killed process left for this item."""
+        """Delete temporary files that killed processes left for this item.
+
+        Only files whose writer is gone are removed; a file another process is writing is
+        left alone.
+        """
         for folder in (ITEMS_DIR, TRACES_DIR, ARRAYS_DIR):
             for stale in (self.root / folder).glob(f".{key}{_TEMP_MARK}*"):
-                stale.unlink(missing_ok=True)
+                if temp_owner_gone(stale):
+                    stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------- manifest
-    def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest, or ``None`` when the folder holds no run yet."""
+    def read_manifest(self, *, settle: bool = False) -> dict[str, Any] | None:
+        """The manifest, or ``None`` when the folder holds no run yet.
+
+        ``settle``: a manifest being created in place (file systems without hard links) may
+        be read half-written; wait for it briefly instead of calling it unreadable.
+        """
         if not self.manifest_path.exists():
             return None
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RunSetupError(
-                f"{self.manifest_path} is not a readable run manifest ({error}); delete the "
-                "folder or choose another --out"
-            ) from None
+        deadline = time.monotonic() + (MANIFEST_SETTLE_SECONDS if settle else 0.0)
+        while True:
+            try:
+                data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+                break
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise RunSetupError(
+                    f"{self.manifest_path} is not a readable run manifest ({error}); delete "
+                    "the folder or choose another --out"
+                ) from None
         if not isinstance(data, dict) or "settings" not in data or "items" not in data:
             raise RunSetupError(f"{self.manifest_path} is not a diffwidget run manifest")
         return data
+
+    def _holds_other_files(self) -> bool:
+        """Whether the folder holds anything but hidden files (so it is not a new run's)."""
+        if not self.root.exists():
+            return False
+        return any(not entry.name.startswith(".") for entry in self.root.iterdir())
 
     def open_manifest(self, settings: dict[str, Any], items: list[PromptItem]) -> None:
         """Write the manifest, or check that an existing one asks for the same run.
@@ -167,16 +204,22 @@ class RunStore:
             "settings": _json_safe(settings),
             "items": [item.to_json() for item in items],
         }
+        text = json.dumps(record, indent=1, allow_nan=False)
+        record = json.loads(text)
         existing = self.read_manifest()
         if existing is None:
-            if self.root.exists() and any(
-                not entry.name.startswith(".") for entry in self.root.iterdir()
-            ):
-                raise RunSetupError(
-                    f"{self.root} is not empty and holds no run; choose an empty or new --out"
-                )
-            write_json(self.manifest_path, record)
-            return
+            if self._holds_other_files():
+                # Another process may have started this run since the manifest was looked for.
+                existing = self.read_manifest()
+                if existing is None:
+                    raise RunSetupError(
+                        f"{self.root} is not empty and holds no run; choose an empty or new --out"
+                    )
+            elif create_exclusive(self.manifest_path, text.encode("utf-8")):
+                return
+            else:  # another process created it first: same run, or refuse
+                existing = self.read_manifest(settle=True)
+                assert existing is not None
         differs = sorted(
             k
             for k in set(existing["settings"]) | set(record["settings"])
