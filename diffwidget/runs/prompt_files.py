@@ -152,6 +152,8 @@ def check_text(where: str, what: str, value: Any, *, max_chars: int | None = Non
             f"{where}: {what} holds an unpaired surrogate (a broken \\ud8xx escape); write the "
             "character itself"
         ) from None
+    if "\x00" in value:
+        raise PromptSourceError(f"{where}: {what} holds a NUL character (\\u0000); remove it")
     if max_chars is not None and not 0 < len(value) <= max_chars:
         raise PromptSourceError(f"{where}: {what} must hold 1 to {max_chars} characters")
     return value
