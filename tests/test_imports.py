@@ -28,6 +28,7 @@ NOT_TESTS = ("bench", "docs")
 #: Modules that must import on a machine without torch (every widget module is added).
 TORCH_FREE = (
     "diffwidget",
+    "diffwidget.records",
     "diffwidget.tracing.trace",
     "diffwidget.testing.synthetic",
     "diffwidget.explain",
