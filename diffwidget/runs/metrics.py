@@ -10,25 +10,31 @@ optionally record pooled UNet activations for the concept probes fitted across t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.results import FaithfulnessResult, SaliencyMap, minmax
+from diffwidget.runs.item_records import CurveEntry, ItemResult, MapEntry, json_safe
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import (
     DAAM_TAU,
     TAU_GRID,
+    SegmentationScores,
     daam_heat_maps,
     ours_heat_maps,
     score_item,
     word_token_positions,
 )
 from diffwidget.tracing.trace import Trace
+
+if TYPE_CHECKING:
+    from diffwidget.runs.settings import RunSettings
 
 MapMethod = Literal["attention", "df_rise", "df_cam"]
 MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
@@ -79,107 +85,24 @@ def attention_saliency(result: AttentionResult, trace: Trace, step: int) -> Sali
 
 
 @dataclass
-class RunSettings:
-    """Everything that decides an item's results (stored in the run manifest).
-
-    Attributes
-    ----------
-    methods : list of {"attention", "df_rise", "df_cam"}
-        Maps computed at every explained step.
-    steps : list of int
-        Loop indices explained (default :func:`default_steps`).
-    seeds : list of int
-        Seed offsets; each item runs once per offset (see ``PromptItem.generator_seed``).
-    inference_steps : int
-        Denoising steps of each generation.
-    guidance : float, optional
-        CFG scale; default the pipeline's recommended one.
-    model : str, optional
-        ``"unet"`` or ``"dit"`` (an embedded model) or a local diffusers pipeline folder;
-        ``None`` is the embedded UNet.
-    rise_masks : int
-        DF-RISE masks per map.
-    n_random : int
-        Random orders of the faithfulness baseline.
-    cells_per_stage : int, optional
-        Latent cells removed or restored per faithfulness stage (default: the paper's 64 of
-        4096, scaled to the grid).
-    metrics : list of {"faithfulness", "segmentation", "roles", "probes"}
-        Metrics computed per item.
-    save_traces : bool
-        Keep each item's Trace (needed to open its explorer).
-    """
-
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    steps: list[int] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    inference_steps: int = 20
-    guidance: float | None = None
-    model: str | None = None
-    rise_masks: int = 500
-    n_random: int = 3
-    cells_per_stage: int | None = None
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    save_traces: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps is None:
-            self.steps = default_steps(self.inference_steps)
-
-    @property
-    def explained_steps(self) -> list[int]:
-        """The loop indices explained (``steps`` after defaults)."""
-        assert self.steps is not None
-        return list(self.steps)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready settings for the manifest."""
-        return {
-            "methods": list(self.methods),
-            "steps": self.explained_steps,
-            "seeds": list(self.seeds),
-            "inference_steps": self.inference_steps,
-            "guidance": self.guidance,
-            "model": self.model,
-            "rise_masks": self.rise_masks,
-            "n_random": self.n_random,
-            "cells_per_stage": self.cells_per_stage,
-            "metrics": list(self.metrics),
-            "save_traces": self.save_traces,
-            "attention_defaults": _attention_defaults(),
-        }
-
-
-def _attention_defaults() -> dict[str, Any]:
-    """AttentionMaps' defaults: part of the settings, since the segmentation depends on them."""
-    maps = AttentionMaps()
-    return {
-        "layers": maps.layers,
-        "resolution": maps.resolution,
-        "window": list(maps.window),
-        "normalize": maps.normalize,
-    }
-
-
-@dataclass
 class ItemOutput:
-    """What one item produced: the JSON parts of its result, its trace and its arrays."""
+    """What one item produced: its result record, its trace and its arrays."""
 
-    record: dict[str, Any]
+    record: ItemResult
     trace: Trace | None
     arrays: dict[str, np.ndarray]
 
 
-def _faithfulness_entry(result: FaithfulnessResult) -> dict[str, Any]:
-    return {
-        "step": result.step,
-        "fractions": result.saliency.fractions.tolist(),
-        "deletion": result.saliency.deletion.tolist(),
-        "insertion": result.saliency.insertion.tolist(),
-        "random_deletion": result.random.deletion.tolist(),
-        "random_insertion": result.random.insertion.tolist(),
-        "meta": result.meta,
-    }
+def _faithfulness_entry(result: FaithfulnessResult) -> CurveEntry:
+    return CurveEntry(
+        step=result.step,
+        fractions=result.saliency.fractions.tolist(),
+        deletion=result.saliency.deletion.tolist(),
+        insertion=result.saliency.insertion.tolist(),
+        random_deletion=result.random.deletion.tolist(),
+        random_insertion=result.random.insertion.tolist(),
+        meta=json_safe(result.meta),
+    )
 
 
 def _faithfulness_metrics(name: str, result: FaithfulnessResult) -> dict[str, float]:
@@ -210,17 +133,17 @@ def _role_curves(
     return curves, metrics
 
 
-def _segmentation(trace: Trace, item: PromptItem) -> tuple[dict[str, Any], dict[str, float]]:
+def _segmentation(trace: Trace, item: PromptItem) -> tuple[SegmentationScores, dict[str, float]]:
     assert trace.image is not None
     size = (int(trace.image.shape[0]), int(trace.image.shape[1]))
     heat = {"ours": ours_heat_maps(trace, size), "daam": daam_heat_maps(trace, size)}
     scores = score_item(trace, item.objects, heat)
     at = int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))
-    metrics: dict[str, float] = {"seg.objects_found": float(np.mean(scores["found"]))}
-    for name, pairs in scores["pairs"].items():
+    metrics: dict[str, float] = {"seg.objects_found": float(np.mean(scores.found))}
+    for name, pairs in scores.pairs.items():
         if pairs:
-            metrics[f"seg.{name}.iou@{DAAM_TAU}"] = float(np.mean([p["iou"][at] for p in pairs]))
-            metrics[f"seg.{name}.ap"] = float(np.mean([p["ap"] for p in pairs]))
+            metrics[f"seg.{name}.iou@{DAAM_TAU}"] = float(np.mean([p.iou[at] for p in pairs]))
+            metrics[f"seg.{name}.ap"] = float(np.mean([p.ap for p in pairs]))
     return scores, metrics
 
 
@@ -265,7 +188,7 @@ def compute_item(
     seed : int
         The generator seed (``item.generator_seed(offset)``).
     settings : RunSettings
-        What to compute.
+        What to compute (:class:`~diffwidget.runs.settings.RunSettings`).
     scene_metrics : bool
         Whether the pipeline draws the scene world (segmentation needs its reader).
 
@@ -289,8 +212,8 @@ def compute_item(
     )
     timing["trace"] = clock() - start
     metrics: dict[str, float] = {}
-    curves: dict[str, Any] = {}
-    maps_meta: list[dict[str, Any]] = []
+    curves: dict[str, CurveEntry] = {}
+    maps_meta: list[MapEntry] = []
     arrays: dict[str, np.ndarray] = {}
     attention = AttentionMaps(normalize="none").attribute(tr)
     evaluator = InsertionDeletion(
@@ -308,15 +231,7 @@ def compute_item(
             timing[name] = clock() - begin
             meta = {k: v for k, v in saliency.meta.items() if k not in _TIMING_META}
             layers = list(saliency.layers)
-            maps_meta.append(
-                {
-                    "method": method,
-                    "step": step,
-                    "timestep": saliency.timestep,
-                    "meta": meta,
-                    "layers": layers,
-                }
-            )
+            maps_meta.append(MapEntry(method, step, saliency.timestep, json_safe(meta), layers))
             arrays[f"{name}/map"] = saliency.map
             arrays[f"{name}/raw"] = saliency.raw
             for k, layer in enumerate(layers):
@@ -342,13 +257,13 @@ def compute_item(
         arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
         timing["probes"] = clock() - begin
     timing["total"] = clock() - start
-    record = {
-        "metrics": metrics,
-        "curves": curves,
-        "maps": maps_meta,
-        "segmentation": segmentation,
-        "roles": role_curves,
-        "timesteps": tr.timesteps.tolist(),
-        "timing": timing,
-    }
+    record = ItemResult(
+        metrics={k: v if math.isfinite(v) else None for k, v in metrics.items()},
+        curves=curves,
+        maps=tuple(maps_meta),
+        segmentation=segmentation,
+        roles=role_curves,
+        timesteps=[int(t) for t in tr.timesteps.tolist()],
+        timing=timing,
+    )
     return ItemOutput(record, tr, arrays)

@@ -159,6 +159,14 @@ def check_text(where: str, what: str, value: Any, *, max_chars: int | None = Non
     return value
 
 
+def caption_text(where: str, value: Any) -> str:
+    """A caption: a string, stripped, not empty."""
+    caption = check_text(where, "the prompt", value).strip()
+    if not caption:
+        raise PromptSourceError(f"{where}: the prompt is empty")
+    return caption
+
+
 def check_id(where: str, value: Any) -> str:
     """A file-safe id: it names the item's files on every operating system.
 
@@ -283,7 +291,7 @@ def jsonl_line(where: str, number: int, line: str) -> PromptLine:
     unknown = sorted(set(data) - JSONL_KEYS)
     if unknown:
         raise PromptSourceError(f"{where}: unknown keys {unknown}; use only {sorted(JSONL_KEYS)}")
-    prompt = check_text(where, '"prompt"', data["prompt"]).strip()
+    prompt = caption_text(where, data["prompt"])
     item_id = data.get("id")
     if "id" in data:
         if isinstance(item_id, int) and not isinstance(item_id, bool):

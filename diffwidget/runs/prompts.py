@@ -35,12 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffwidget.records import Record
 from diffwidget.runs.prompt_files import (
     JSONL_EXAMPLE,
     MAX_PROMPTS,
+    MAX_SEED,
     PromptLine,
     PromptSourceError,
     check_id,
+    check_int,
+    check_labels,
+    check_roles,
     check_text,
     jsonl_line,
     read_lines,
@@ -61,7 +66,7 @@ SEED_MODULUS = 2**31
 
 
 @dataclass(frozen=True)
-class SceneTruth:
+class SceneTruth(Record):
     """What a scene-world caption says about one object, and which words say it.
 
     Attributes
@@ -81,7 +86,7 @@ class SceneTruth:
 
 
 @dataclass(frozen=True)
-class PromptItem:
+class PromptItem(Record):
     """One prompt of a run.
 
     Attributes
@@ -98,6 +103,12 @@ class PromptItem:
         Scene-world ground truth, empty for captions outside the grammar.
     seed : int, optional
         Base generator seed given by the source; otherwise derived from ``id``.
+
+    Raises
+    ------
+    PromptSourceError
+        For an id that is not file-safe, an empty prompt, word indices outside the prompt or
+        a seed out of range (also when read back from a run manifest).
     """
 
     id: str
@@ -106,6 +117,21 @@ class PromptItem:
     roles: dict[str, list[int]] = field(default_factory=dict)
     objects: tuple[SceneTruth, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"prompt {self.id!r}"
+        check_id(where, self.id)
+        if not check_text(where, "the prompt", self.prompt).strip():
+            raise PromptSourceError(f"{where}: the prompt is empty")
+        check_labels(where, self.labels)
+        n_words = len(self.prompt.split())
+        if self.roles:
+            check_roles(where, self.roles, n_words)
+        for truth in self.objects:
+            if not all(0 <= i < n_words for i in truth.words.values()):
+                raise PromptSourceError(f"{where}: scene-object words {truth.words} outside it")
+        if self.seed is not None:
+            check_int(where, "the seed", self.seed, 0, MAX_SEED)
 
     def generator_seed(self, offset: int = 0) -> int:
         """The seed of this item's generation number ``offset``.
@@ -123,41 +149,6 @@ class PromptItem:
         """
         base = self.seed if self.seed is not None else zlib.crc32(self.id.encode())
         return int((base + offset) % SEED_MODULUS)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready record (the run manifest stores one per item)."""
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "labels": dict(self.labels),
-            "roles": {k: list(v) for k, v in self.roles.items()},
-            "objects": [
-                {
-                    "colour": o.colour,
-                    "shape": o.shape,
-                    "size": o.size,
-                    "position": o.position,
-                    "words": dict(o.words),
-                }
-                for o in self.objects
-            ],
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PromptItem:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            id=str(data["id"]),
-            prompt=str(data["prompt"]),
-            labels={str(k): str(v) for k, v in data.get("labels", {}).items()},
-            roles={str(k): [int(i) for i in v] for k, v in data.get("roles", {}).items()},
-            objects=tuple(
-                SceneTruth(o["colour"], o["shape"], o["size"], o["position"], dict(o["words"]))
-                for o in data.get("objects", [])
-            ),
-            seed=data.get("seed"),
-        )
 
 
 def scene_ground_truth(prompt: str) -> tuple[tuple[SceneTruth, ...], dict[str, list[int]]]:
@@ -276,9 +267,7 @@ def _text_items(path: Path) -> Iterator[tuple[str, PromptItem]]:
     for number, text in read_lines(path):
         caption = text.strip()
         if caption and not caption.startswith("#"):
-            where = f"{path}:{number}"
-            check_text(where, "the caption", caption)
-            yield where, _item(f"line{number:05d}", caption)
+            yield f"{path}:{number}", _item(f"line{number:05d}", caption)
 
 
 def _check_items(source: str, found: Iterable[tuple[str, PromptItem]]) -> list[PromptItem]:
@@ -292,9 +281,6 @@ def _check_items(source: str, found: Iterable[tuple[str, PromptItem]]) -> list[P
             raise PromptSourceError(
                 f"{source} holds more than {MAX_PROMPTS} prompts; split it into several runs"
             )
-        check_id(where, item.id)
-        if not item.prompt.strip():
-            raise PromptSourceError(f"{where}: the prompt of id {item.id!r} is empty")
         folded = item.id.casefold()
         if folded in seen:
             first_where, first_id = seen[folded]

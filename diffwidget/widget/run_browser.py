@@ -205,13 +205,12 @@ class RunBrowser:
             self.explorer.close()
             self.explorer = None
         record = self.run.record(key)
-        if record["status"] != "ok" or "trace" not in record.get("files", {}):
-            error = record.get("error") or {}
-            text = error.get("message") or "no trace was kept for this item"
-            self._below.children = [w.HTML(f"<b>{key}</b> ({record['status']}): {text}")]
+        if record.ok is None or record.ok.files.trace is None:
+            text = record.error.message if record.error else "no trace was kept for this item"
+            self._below.children = [w.HTML(f"<b>{key}</b> ({record.status}): {text}")]
             return
         self.explorer = self.run.explorer(key)
-        caption = w.HTML(f"<b>{key}</b>: {record['prompt']}")
+        caption = w.HTML(f"<b>{key}</b>: {record.prompt}")
         self._below.children = [caption, self.explorer.widget]
 
     # ------------------------------------------------------------------ curves

@@ -101,18 +101,13 @@ def assert_same_results(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def fake_output(item: Any, seed: int) -> Any:
     """What ``compute_item`` returns, made without a pipeline (deterministic, tiny)."""
+    from diffwidget.runs.item_records import ItemResult
     from diffwidget.runs.metrics import ItemOutput
 
     rng = np.random.default_rng(seed)
-    record = {
-        "metrics": {"fake.score": float(rng.random())},
-        "curves": {},
-        "maps": [],
-        "segmentation": None,
-        "roles": None,
-        "timesteps": [999, 499],
-        "timing": {"total": 0.0},
-    }
+    record = ItemResult(
+        metrics={"fake.score": float(rng.random())}, timesteps=[999, 499], timing={"total": 0.0}
+    )
     return ItemOutput(record, None, {"fake@0/map": rng.random((4, 4)).astype(np.float32)})
 
 

@@ -228,7 +228,7 @@ def test_any_bytes_load_or_are_refused_clearly(tmp_path_factory, content, suffix
         ),
         ('{"prompt": "x", "labels": ["red"]}', '"labels" must be an object'),
         ('{"prompt": "a dog", "roles": {"subject": [true]}}', "must be a whole number, got true"),
-        ('{"prompt": 7}', '"prompt" must be a string, got a number'),
+        ('{"prompt": 7}', "the prompt must be a string, got a number"),
         ('{"prompt": "x", "prompt": "y"}', "the key 'prompt' is given twice"),
         ('{"prompt": "x", "seed": NaN}', "NaN is not JSON"),
         ('{"prompt": "x", "id": "a\\n"}', "not file-safe"),
@@ -327,7 +327,7 @@ def test_loading_memory_is_a_small_multiple_of_the_file(tmp_path: Path):
 
 def test_a_list_of_captions_must_hold_strings():
     with pytest.raises(
-        PromptSourceError, match=r"prompts\[1\]: a caption must be a string, got a number"
+        PromptSourceError, match=r"prompts\[1\]: the prompt must be a string, got a number"
     ):
         load_prompts(["a red circle", 3])
     with pytest.raises(PromptSourceError, match=r"a \.json file is not a prompt source"):
