@@ -18,9 +18,12 @@ from typing import Any, Literal
 from diffwidget.records import JsonValue, Record
 from diffwidget.runs.segmentation import SegmentationScores
 
-#: Format of the item records written now (1: before digests; still read).
-ITEM_FORMAT = 2
 ItemFormat = Literal[1, 2]
+#: Format of the item records written now (1: before digests; still read).
+ITEM_FORMAT: ItemFormat = 2
+#: Companion files an item may name: its maps and features, and its trace.
+Companion = Literal["arrays", "trace"]
+COMPANIONS: tuple[Companion, ...] = ("arrays", "trace")
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,6 @@ class FileEntry(Record):
 
 
 @dataclass(frozen=True)
-class ItemFiles(Record):
-    """The companion files of an item: its maps and features, and its trace."""
-
-    arrays: FileEntry | None = None
-    trace: FileEntry | None = None
-
-
-@dataclass(frozen=True)
 class ProcessInfo(Record):
     """Which process computed an item (varies with the launch, never part of the results)."""
 
@@ -135,7 +130,7 @@ class ItemRecord(ItemResult):
         Who computed it.
     error : ItemError, optional
         The error of a failed item.
-    files : ItemFiles
+    files : dict of {"arrays", "trace"} to FileEntry
         Companion files, each checked for its place and size when the record is read.
     """
 
@@ -150,13 +145,16 @@ class ItemRecord(ItemResult):
     settings_digest: str = ""
     process: ProcessInfo | None = None
     error: ItemError | None = None
-    files: ItemFiles = field(default_factory=ItemFiles)
+    files: dict[Companion, FileEntry] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.status == "failed") != (self.error is not None):
             raise ValueError('a record has an "error" exactly when its status is "failed"')
         if self.format_version >= ITEM_FORMAT and not self.digest:
             raise ValueError(f"a format-{self.format_version} record needs its digest")
+        unknown = sorted(set(self.files) - set(COMPANIONS))
+        if unknown:
+            raise ValueError(f"files names {unknown}; a record names only {list(COMPANIONS)}")
 
 
 def result_fields(result: ItemResult) -> dict[str, object]:

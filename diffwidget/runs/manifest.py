@@ -15,9 +15,9 @@ from diffwidget.records import Record
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import RunSettings, work_digest
 
-#: Format of the manifests written now (1: before digests; still read).
-MANIFEST_FORMAT = 2
 ManifestFormat = Literal[1, 2]
+#: Format of the manifests written now (1: before digests; still read).
+MANIFEST_FORMAT: ManifestFormat = 2
 
 
 def item_key(item_id: str, seed: int) -> str:

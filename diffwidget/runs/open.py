@@ -95,7 +95,7 @@ class RunResult:
         found = self.record(item, seed)
         if found.ok is None:
             raise ValueError(f"item {found.key} is {found.status}; it has no trace")
-        if found.ok.files.trace is None:
+        if "trace" not in found.ok.files:
             raise FileNotFoundError(
                 f"the run kept no traces (save_traces=False); rerun item {found.key} with "
                 "traces to open its explorer"

@@ -14,14 +14,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from diffwidget.runs.item_records import (
     ITEM_FORMAT,
     ItemError,
-    ItemFiles,
     ItemRecord,
     ItemResult,
     ProcessInfo,
@@ -31,7 +30,7 @@ from diffwidget.runs.locks import ItemLock
 from diffwidget.runs.manifest import RunManifest, Work
 from diffwidget.runs.metrics import DEFAULT_METHODS, DEFAULT_METRICS, ItemOutput, compute_item
 from diffwidget.runs.prompts import load_prompts
-from diffwidget.runs.settings import RunSettings, model_fingerprint
+from diffwidget.runs.settings import MapMethod, Metric, RunSettings, model_fingerprint
 from diffwidget.runs.sharding import Processes, Shard, processes
 from diffwidget.runs.store import RunSetupError, RunStore, atomic_write, write_json
 
@@ -164,13 +163,13 @@ def _store_item(
 ) -> None:
     """Write the companions first, the result file last (it names their sizes)."""
     arrays_path = store.arrays_path(work.key)
-    atomic_write(arrays_path, lambda p: np.savez(p, **output.arrays))
-    trace = None
+    arrays: dict[str, Any] = output.arrays
+    atomic_write(arrays_path, lambda p: np.savez(p, **arrays))
+    files = {"arrays": store.file_entry(arrays_path)}
     if save_traces and output.trace is not None:
         trace_path = store.trace_path(work.key)
         atomic_write(trace_path, output.trace.save)
-        trace = store.file_entry(trace_path)
-    files = ItemFiles(arrays=store.file_entry(arrays_path), trace=trace)
+        files["trace"] = store.file_entry(trace_path)
     record = _new_record(work, procs, status="ok", files=files, **result_fields(output.record))
     write_json(store.item_path(work.key), record.to_json())
 
@@ -266,7 +265,7 @@ def run(
     items = load_prompts(prompts)
     settings = check_settings(
         RunSettings(
-            methods=tuple(methods) if methods is not None else DEFAULT_METHODS,
+            methods=cast("tuple[MapMethod, ...]", tuple(methods or DEFAULT_METHODS)),
             steps=tuple(steps) if steps is not None else None,
             seeds=tuple(seeds),
             inference_steps=inference_steps,
@@ -275,7 +274,9 @@ def run(
             rise_masks=rise_masks,
             n_random=n_random,
             cells_per_stage=cells_per_stage,
-            metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
+            metrics=cast(
+                "tuple[Metric, ...]", tuple(metrics) if metrics is not None else DEFAULT_METRICS
+            ),
             save_traces=save_traces,
             scene_metrics=model is None if scene_metrics is None else scene_metrics,
         )

@@ -271,7 +271,7 @@ def folder_fingerprint(folders: Iterable[Path]) -> str:
     >>> len(folder_fingerprint([DEMO_DIR]))
     64
     """
-    entries = []
+    entries: list[JsonValue] = []
     for index, folder in enumerate(folders):
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder)

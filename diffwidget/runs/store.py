@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffwidget.records import RecordError, parse_json
-from diffwidget.runs.item_records import FileEntry, ItemError, ItemRecord
+from diffwidget.runs.item_records import Companion, FileEntry, ItemError, ItemRecord
 from diffwidget.runs.locks import ItemLock, ProcessTag, create_exclusive, temp_owner_gone
 from diffwidget.runs.manifest import RunManifest, Work
 from diffwidget.runs.prompts import PromptItem
@@ -48,7 +48,10 @@ MANIFEST_SETTLE_SECONDS = 5.0
 MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_ITEM_BYTES = 64 * 2**20
 _TEMP_MARK = ".tmp"
-_COMPANIONS = {"arrays": (ARRAYS_DIR, ".npz"), "trace": (TRACES_DIR, ".safetensors")}
+_COMPANIONS: dict[Companion, tuple[str, str]] = {
+    "arrays": (ARRAYS_DIR, ".npz"),
+    "trace": (TRACES_DIR, ".safetensors"),
+}
 ItemStatus = Literal["ok", "failed", "missing", "corrupt", "stale"]
 
 
@@ -375,12 +378,9 @@ class RunStore:
 
     def _companion_problem(self, record: ItemRecord) -> str:
         """Why a companion file named by the record cannot be trusted ("" when all can)."""
-        if record.status == "ok" and record.files.arrays is None:
+        if record.status == "ok" and "arrays" not in record.files:
             return "it names no arrays file"
-        for name in ("arrays", "trace"):
-            entry: FileEntry | None = getattr(record.files, name)
-            if entry is None:
-                continue
+        for name, entry in record.files.items():
             expected = self.companion_path(record.key, name)
             if entry.path != expected.relative_to(self.root).as_posix():
                 return f"files.{name} names {entry.path!r}, not its own place"
@@ -390,7 +390,7 @@ class RunStore:
                 return f"files.{name} is missing or not {entry.bytes} bytes"
         return ""
 
-    def companion_path(self, key: str, name: str) -> Path:
+    def companion_path(self, key: str, name: Companion) -> Path:
         """Where an item's ``"arrays"`` or ``"trace"`` file lies."""
         folder, suffix = _COMPANIONS[name]
         return self.root / folder / f"{key}{suffix}"

@@ -96,7 +96,7 @@ def _item_traces(run_dir: str | Path) -> list[tuple[PromptItem, Trace]]:
     _manifest, records = load_records(store)
     loaded = []
     for record in records:
-        if record.ok is not None and record.ok.files.trace is not None:
+        if record.ok is not None and "trace" in record.ok.files:
             item = record.work.item
             if item.objects:
                 loaded.append((item, Trace.load(store.trace_path(record.key))))

@@ -205,7 +205,7 @@ class RunBrowser:
             self.explorer.close()
             self.explorer = None
         record = self.run.record(key)
-        if record.ok is None or record.ok.files.trace is None:
+        if record.ok is None or "trace" not in record.ok.files:
             text = record.error.message if record.error else "no trace was kept for this item"
             self._below.children = [w.HTML(f"<b>{key}</b> ({record.status}): {text}")]
             return

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from diffwidget.runs import sharding
-from diffwidget.runs.item_records import ITEM_FORMAT, ItemFiles, ItemRecord
+from diffwidget.runs.item_records import ITEM_FORMAT, ItemRecord
 from diffwidget.runs.manifest import Work
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import RunSettings
@@ -50,7 +50,7 @@ def _ok_record(store: RunStore, work: Work, **changes: object) -> dict:
         status="ok",
         digest=work.digest,
         settings_digest=work.settings_digest,
-        files=ItemFiles(arrays=store.file_entry(companion)),
+        files={"arrays": store.file_entry(companion)},
     ).to_json()
     return {**record, **changes}
 
