@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from diffwidget.records import Record
+from diffwidget.runs.prompt_files import MAX_PROMPTS
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import RunSettings, work_digest
 
@@ -91,6 +92,12 @@ class RunManifest(Record):
             raise ValueError(
                 "settings_digest is not the digest of the settings (the file was edited); "
                 "restore it or start a new run"
+            )
+        units = len(self.items) * len(self.settings.seeds)
+        if units > MAX_PROMPTS:
+            raise ValueError(
+                f"{len(self.items)} items × {len(self.settings.seeds)} seeds make {units} units "
+                f"of work, more than {MAX_PROMPTS} in one run"
             )
         seen: set[str] = set()
         for item in self.items:

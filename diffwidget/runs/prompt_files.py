@@ -27,8 +27,9 @@ from typing import Any
 
 #: Longest line accepted, in bytes: a caption with its labels and roles is far shorter.
 MAX_LINE_BYTES = 64 * 1024
-#: Most prompts one source may hold (a run of this many items already takes days).
-MAX_PROMPTS = 1_000_000
+#: Most prompts one source may hold, and units of work (prompts × seeds) in one run: a run
+#: of this many items already takes days on eight GPUs.
+MAX_PROMPTS = 100_000
 #: Largest seed a JSONL line may give (torch generators take 64-bit seeds).
 MAX_SEED = 2**63 - 1
 #: Longest label, concept or role name, in characters.

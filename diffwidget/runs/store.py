@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from diffwidget.records import RecordError, parse_json
+from diffwidget.records import MAX_JSON_CHARS, RecordError, parse_json
 from diffwidget.runs.item_records import Companion, FileEntry, ItemError, ItemRecord
 from diffwidget.runs.locks import ItemLock, ProcessTag, create_exclusive, temp_owner_gone
 from diffwidget.runs.manifest import RunManifest, Work
@@ -43,10 +43,11 @@ SUMMARY_DIR = "summary"
 LOCKS_DIR = "locks"
 #: Seconds a reader waits for a manifest another process is creating in place.
 MANIFEST_SETTLE_SECONDS = 5.0
-#: Largest manifest and item record read, in bytes (a record of thousands of steps is far
-#: smaller; a larger file is not a record this package wrote).
-MAX_MANIFEST_BYTES = 256 * 2**20
-MAX_ITEM_BYTES = 64 * 2**20
+#: Largest manifest and item record read or written, in bytes: both are read whole, so a
+#: file from someone else is refused by its size before anything is allocated from it (a
+#: record of hundreds of maps is far smaller; a manifest holds ~300 bytes per prompt).
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_ITEM_BYTES = MAX_JSON_CHARS
 _TEMP_MARK = ".tmp"
 _COMPANIONS: dict[Companion, tuple[str, str]] = {
     "arrays": (ARRAYS_DIR, ".npz"),
@@ -231,10 +232,13 @@ class RunStore:
         Only files whose writer is gone are removed; a file another process is writing is
         left alone.
         """
-        for folder in (ITEMS_DIR, TRACES_DIR, ARRAYS_DIR):
-            for stale in (self.root / folder).glob(f".{key}{_TEMP_MARK}*"):
+        for folder, stem in ((ITEMS_DIR, key), (TRACES_DIR, key), (ARRAYS_DIR, key)):
+            for stale in (self.root / folder).glob(f".{stem}{_TEMP_MARK}*"):
                 if temp_owner_gone(stale):
                     stale.unlink(missing_ok=True)
+        for stale in self.locks_dir.glob(f".{key}.lock{_TEMP_MARK}*"):
+            if temp_owner_gone(stale):
+                stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------- manifest
     def read_manifest(self, *, settle: bool = False) -> RunManifest | None:
@@ -291,7 +295,10 @@ class RunStore:
         """
         if self.root.exists() and not self.root.is_dir():
             raise RunSetupError(f"{self.root} is a file; --out must be a folder")
-        wanted = RunManifest.create(settings, items)
+        try:
+            wanted = RunManifest.create(settings, items)
+        except ValueError as error:
+            raise RunSetupError(str(error)) from None
         existing = self.read_manifest()
         if existing is None:
             if self._holds_other_files():
@@ -303,6 +310,11 @@ class RunStore:
                     )
             else:
                 text = json.dumps(wanted.to_json(), indent=1, allow_nan=False)
+                if len(text) > MAX_MANIFEST_BYTES:
+                    raise RunSetupError(
+                        f"the prompt set makes a manifest of {len(text) // 2**20} MiB (at most "
+                        f"{MAX_MANIFEST_BYTES // 2**20} MiB); split it into several runs"
+                    )
                 if create_exclusive(self.manifest_path, text.encode("utf-8")):
                     return wanted
                 existing = self.read_manifest(settle=True)
@@ -336,7 +348,10 @@ class RunStore:
     # ---------------------------------------------------------------- items
     def _inside(self, path: Path) -> bool:
         """Whether ``path`` resolves (symbolic links followed) inside the run folder."""
-        return path.resolve().is_relative_to(self.root.resolve())
+        try:
+            return path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):  # a symbolic-link loop
+            return False
 
     def read_item(self, work: Work) -> ItemState:
         """What the folder holds for one unit of work, every field and file checked."""

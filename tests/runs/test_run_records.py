@@ -161,6 +161,7 @@ def test_a_mutated_manifest_opens_or_names_the_file_and_field(
         (lambda m: m["settings"].update(seeds=[True]), "settings.seeds"),
         (lambda m: m.update(items={"a": 1}), "items"),
         (lambda m: m["settings"].update(rise_masks=7), ""),  # edited: the digest disagrees
+        (lambda m: m["settings"].update(seeds=list(range(60_000))), ""),  # 120,000 units
     ],
 )
 def test_a_bad_manifest_is_an_error_naming_the_file_and_field(
@@ -231,9 +232,12 @@ def test_companions_outside_the_run_are_never_followed(small_run: Path, tmp_path
     shutil.move(run / "arrays", tmp_path / "arrays-elsewhere")
     (run / "arrays").symlink_to(tmp_path / "arrays-elsewhere")
     assert load_run(run).record(target.stem).status == "corrupt"
-    # An item record that is itself a link out of the run is not read either.
+    # An item record that is itself a link out of the run is not read either, nor a loop.
     shutil.move(target, elsewhere / target.name)
     target.symlink_to(elsewhere / target.name)
+    assert load_run(run).record(target.stem).status == "corrupt"
+    target.unlink()
+    target.symlink_to(target)
     assert load_run(run).record(target.stem).status == "corrupt"
 
 

@@ -121,6 +121,9 @@ def test_duplicated_processes_are_refused(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DuplicatedProcessError, match="every process would compute every item"):
         sharding.processes()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DuplicatedProcessError, match="'two' is not a number of processes"):
+        sharding.processes()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert sharding.processes().count == 1
     # On a machine without CUDA the state is always made with cpu=True (the pitfall's fix).
