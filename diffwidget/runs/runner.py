@@ -253,6 +253,10 @@ def run(
     PromptSourceError, ValueError, RunSetupError
         Before any work: a bad prompt source, an unknown method or metric, a step outside
         the run, a folder that holds another run.
+    RunStoppedError
+        When an I/O error such as a full disk stopped the run (its ``report`` says what was
+        done); items that fail for their own reasons are recorded and listed in
+        ``RunReport.failed`` instead.
 
     Examples
     --------
