@@ -42,6 +42,7 @@ from diffwidget.runs.prompt_files import (
     MAX_SEED,
     PromptLine,
     PromptSourceError,
+    caption_text,
     check_id,
     check_int,
     check_labels,
@@ -323,7 +324,7 @@ def load_prompts(source: str | Path | Sequence[str]) -> list[PromptItem]:
         captions = (
             (
                 f"prompts[{k}]",
-                _item(f"p{k:05d}", check_text(f"prompts[{k}]", "a caption", c).strip()),
+                _item(f"p{k:05d}", caption_text(f"prompts[{k}]", c)),
             )
             for k, c in enumerate(source)
         )
