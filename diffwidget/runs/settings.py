@@ -43,8 +43,6 @@ _NOT_RESULTS = frozenset({"seeds"})
 #: Files larger than this are fingerprinted by their size, head and tail, not read whole.
 _WHOLE_FILE_BYTES = 64 * 2**20
 _HEAD_TAIL_BYTES = 2**20
-#: Significant digits of the weight sums in a pipeline's fingerprint.
-_FINGERPRINT_DIGITS = 10
 
 
 @dataclass(frozen=True)
@@ -283,23 +281,20 @@ def folder_fingerprint(folders: Iterable[Path]) -> str:
 
 
 def pipeline_fingerprint(pipe: Any) -> str:
-    """A fingerprint of a pipeline object's weights: per tensor its name, shape, dtype, and
-    the sum and sum of squares of its values (computed where the tensor lives)."""
+    """A fingerprint of a pipeline object's weights: every tensor's name, shape, dtype and
+    bytes (copied to the CPU one at a time, so it does not depend on the device)."""
     import torch
 
-    entries: list[JsonValue] = []
+    digest = hashlib.sha256()
     for name in sorted(getattr(pipe, "components", {}) or {}):
         module = pipe.components[name]
         if not isinstance(module, torch.nn.Module):
             continue
-        with torch.no_grad():
-            for tensor_name, tensor in module.state_dict().items():
-                values = tensor.detach().to(torch.float64)
-                sums = torch.stack([values.sum(), values.square().sum()]).cpu().tolist()
-                # Rounded: reductions on another device may differ in the last bits.
-                shown = [f"{v:.{_FINGERPRINT_DIGITS}g}" for v in sums]
-                entries.append([name, tensor_name, list(tensor.shape), str(tensor.dtype), *shown])
-    return _sha256(entries)
+        for tensor_name, tensor in sorted(module.state_dict().items()):
+            value = tensor.detach().cpu().contiguous()
+            digest.update(repr((name, tensor_name, tuple(value.shape), str(value.dtype))).encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def model_fingerprint(model: str | None, pipe: Any = None) -> str:
