@@ -45,10 +45,12 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_MARK = "any JSON value"
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import TypeAlias
 
+    # Sequence and Mapping (covariant) so that a list[int] or dict[str, float] is a JsonValue.
     JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs Union here
-        str, int, float, bool, list["JsonValue"], dict[str, "JsonValue"], None
+        str, int, float, bool, Sequence["JsonValue"], Mapping[str, "JsonValue"], None
     ]
 else:
     #: Any JSON value (finite numbers, depth bounded): scheduler configs, method settings.
@@ -239,8 +241,8 @@ class _Reader:
         if not isinstance(data, want) or (want is int and isinstance(data, bool)):
             raise self.fail(path, f"should be {describe(hint)}, got {_shown(data)}")
         bound = next((m.n for m in _split(hint)[1] if isinstance(m, MaxLen)), None)
-        if bound is not None and len(data) > bound:  # type: ignore[arg-type]
-            raise self.fail(path, f"has length {len(data)}, at most {bound}")  # type: ignore[arg-type]
+        if bound is not None and isinstance(data, (str, list, dict)) and len(data) > bound:
+            raise self.fail(path, f"has length {len(data)}, at most {bound}")
         return data
 
     def value(self, data: object, hint: Any, path: str, depth: int) -> Any:
@@ -361,8 +363,9 @@ class _Reader:
 
     def named_arrays(self, listed: object, hint: Any, path: str) -> dict[str, np.ndarray]:
         names = self.value([] if listed is None else listed, list[str], path, 0)
+        each = _args(_split(hint)[0])[1]  # the values' Annotated spec
         return {
-            k: self.array(f"{path}[{k!r}]", hint, f"{_key(path)}/{i}") for i, k in enumerate(names)
+            k: self.array(f"{path}[{k!r}]", each, f"{_key(path)}/{i}") for i, k in enumerate(names)
         }
 
     def array(self, path: str, hint: Any, name: str = "") -> np.ndarray:
@@ -456,8 +459,7 @@ class Record:
         path, text = Path(path), json.dumps(self.to_json())
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
-            payload: dict[str, Any] = {"header": np.array(text), **self.arrays()}
-            np.savez(path, **payload)
+            write_npz(path, {"header": np.array(text), **self.arrays()})
         elif self.arrays():
             raise ValueError(f"{type(self).__name__} holds arrays: save it to a .npz file")
         else:
@@ -480,6 +482,15 @@ class Record:
                 raise error(path, f"not a saved {cls.__name__} (no header)")
             header = parse_json(str(npz["header"]), path, error=error)
             return cls.from_json(header, where=path, arrays=npz, error=error)
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """An uncompressed ``.npz`` of ``arrays``, as ``np.savez`` writes it (:func:`check_npz`)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return path
 
 
 def check_npz(path: Path, error: type[RecordError] = RecordError) -> None:

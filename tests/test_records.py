@@ -51,7 +51,7 @@ class Outer(Record):
         default_factory=lambda: np.zeros((1, 1), np.float32)
     )
     preview: np.ndarray | None = None
-    layers: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: dict[str, Annotated[np.ndarray, Array(ndim=2)]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,8 @@ def test_arrays_are_checked_and_missing_ones_named() -> None:
     assert error_of(named, arrays=arrays).field == "layers['a.b']"
     loaded = Outer.from_json(named, arrays={**arrays, "layers/0": np.ones((1, 1))})
     assert list(loaded.layers) == ["a.b"]
+    flat = {**arrays, "layers/0": np.ones(3)}
+    assert "expected 2 dimensions" in str(error_of(named, arrays=flat))
 
 
 def test_writing_refuses_what_reading_would() -> None:
