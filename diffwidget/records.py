@@ -36,19 +36,21 @@ import numpy as np
 MAX_DEPTH = 32
 #: Largest JSON text read, in characters.
 MAX_JSON_CHARS = 16 * 2**20
-#: ``Annotated[float, NON_FINITE]``: NaN and infinities allowed (JSON: "NaN", "Infinity").
+#: ``Annotated[float, NON_FINITE]`` (or on a :data:`JsonValue`): NaN and infinities allowed,
+#: written as JSON's ``NaN``/``Infinity`` tokens (as Python's ``json`` does).
 NON_FINITE = "non-finite allowed"
-_NON_FINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _SHOWN = 40
 # One JSON string literal, escapes included, written so that it matches in linear time.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_MARK = "any JSON value"
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import TypeAlias
 
+    # Sequence and Mapping (covariant) so that a list[int] or dict[str, float] is a JsonValue.
     JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs Union here
-        str, int, float, bool, list["JsonValue"], dict[str, "JsonValue"], None
+        str, int, float, bool, Sequence["JsonValue"], Mapping[str, "JsonValue"], None
     ]
 else:
     #: Any JSON value (finite numbers, depth bounded): scheduler configs, method settings.
@@ -239,8 +241,8 @@ class _Reader:
         if not isinstance(data, want) or (want is int and isinstance(data, bool)):
             raise self.fail(path, f"should be {describe(hint)}, got {_shown(data)}")
         bound = next((m.n for m in _split(hint)[1] if isinstance(m, MaxLen)), None)
-        if bound is not None and len(data) > bound:  # type: ignore[arg-type]
-            raise self.fail(path, f"has length {len(data)}, at most {bound}")  # type: ignore[arg-type]
+        if bound is not None and isinstance(data, (str, list, dict)) and len(data) > bound:
+            raise self.fail(path, f"has length {len(data)}, at most {bound}")
         return data
 
     def value(self, data: object, hint: Any, path: str, depth: int) -> Any:
@@ -249,7 +251,7 @@ class _Reader:
         if depth > MAX_DEPTH:
             raise self.fail(path, f"is nested deeper than {MAX_DEPTH}")
         if _JSON_MARK in marks:
-            return self.json(data, path, depth)
+            return self.json(data, path, depth, NON_FINITE in marks)
         if _is_record(base):
             return self.record(base, self.typed(data, dict, hint, path), path, depth)
         if origin is Literal:
@@ -311,22 +313,22 @@ class _Reader:
             raise self.fail(path, wrong) from None
 
     def number(self, data: object, non_finite: bool, path: str) -> float:
-        if isinstance(data, str) and data in _NON_FINITE_TEXT:
-            data = _NON_FINITE_TEXT[data]
         if not isinstance(data, (int, float)) or isinstance(data, bool):
             raise self.fail(path, f"should be a number, got {_shown(data)}")
         if not (non_finite or math.isfinite(data)):
             raise self.fail(path, f"should be a finite number, got {data!r}")
         return float(data)
 
-    def json(self, data: object, path: str, depth: int) -> object:
+    def json(self, data: object, path: str, depth: int, non_finite: bool = False) -> object:
         if depth > MAX_DEPTH:
             raise self.fail(path, f"is nested deeper than {MAX_DEPTH}")
         if isinstance(data, list):
-            return [self.json(d, f"{path}[{i}]", depth + 1) for i, d in enumerate(data)]
+            return [self.json(d, f"{path}[{i}]", depth + 1, non_finite) for i, d in enumerate(data)]
         if isinstance(data, dict):
-            return {k: self.json(v, f"{path}[{k!r}]", depth + 1) for k, v in data.items()}
-        if isinstance(data, float) and not math.isfinite(data):
+            return {
+                k: self.json(v, f"{path}[{k!r}]", depth + 1, non_finite) for k, v in data.items()
+            }
+        if isinstance(data, float) and not (non_finite or math.isfinite(data)):
             raise self.fail(path, f"should be a finite number, got {data!r}")
         if data is None or isinstance(data, (str, int, float)):
             return data
@@ -361,8 +363,9 @@ class _Reader:
 
     def named_arrays(self, listed: object, hint: Any, path: str) -> dict[str, np.ndarray]:
         names = self.value([] if listed is None else listed, list[str], path, 0)
+        each = _args(_split(hint)[0])[1]  # the values' Annotated spec
         return {
-            k: self.array(f"{path}[{k!r}]", hint, f"{_key(path)}/{i}") for i, k in enumerate(names)
+            k: self.array(f"{path}[{k!r}]", each, f"{_key(path)}/{i}") for i, k in enumerate(names)
         }
 
     def array(self, path: str, hint: Any, name: str = "") -> np.ndarray:
@@ -399,8 +402,6 @@ def _encode(value: object, path: str, arrays: dict[str, np.ndarray]) -> object:
         return {k: _encode(v, _at(path, f"[{k!r}]"), arrays) for k, v in value.items()}
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
 
 
@@ -455,11 +456,10 @@ class Record:
 
     def save(self, path: str | Path) -> Path:
         """Write ``.json`` (records without arrays) or ``.npz`` (a JSON header and the arrays)."""
-        path, text = Path(path), json.dumps(self.to_json(), allow_nan=False)
+        path, text = Path(path), json.dumps(self.to_json())
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
-            payload: dict[str, Any] = {"header": np.array(text), **self.arrays()}
-            np.savez(path, **payload)
+            write_npz(path, {"header": np.array(text), **self.arrays()})
         elif self.arrays():
             raise ValueError(f"{type(self).__name__} holds arrays: save it to a .npz file")
         else:
@@ -482,6 +482,15 @@ class Record:
                 raise error(path, f"not a saved {cls.__name__} (no header)")
             header = parse_json(str(npz["header"]), path, error=error)
             return cls.from_json(header, where=path, arrays=npz, error=error)
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """An uncompressed ``.npz`` of ``arrays``, as ``np.savez`` writes it (:func:`check_npz`)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return path
 
 
 def check_npz(path: Path, error: type[RecordError] = RecordError) -> None:

@@ -91,7 +91,7 @@ column = "seg.ours.iou@0.4"
 values = [run.table.set_index("key").loc[k, column] for k in browser.keys]
 assert values == sorted(values), values  # worst first
 assert browser.select(browser.keys[0]) is not None
-assert browser.explorer.trace.prompt == run.record(browser.keys[0])["prompt"]
+assert browser.explorer.trace.prompt == run.record(browser.keys[0]).prompt
 expected = {"df_rise@2 deletion", "segmentation mIoU by threshold", "token roles"}
 assert expected <= set(browser._curves)
 browser.sort("df_cam@2.deletion_gain", worst_first=False)
