@@ -191,10 +191,26 @@ def _segmentations(records: Sequence[RunItem]) -> list[SegmentationScores]:
     return [r.ok.segmentation for r in records if r.ok is not None and r.ok.segmentation]
 
 
+#: Pooled segmentation scores given a bootstrap interval, in the columns of the item sums.
+_SEGMENTATION_INTERVALS = ("miou_tau", "map")
+
+
 def segmentation_summary(per_item: Sequence[Sequence[PairScore]]) -> dict[str, float]:
-    """:func:`summarize_pairs` over all pairs, with item-level bootstrap intervals."""
+    """:func:`summarize_pairs` over all pairs, with item-level bootstrap intervals.
+
+    The keys are the same whatever the items hold (intervals NaN without pairs), so a
+    run whose every object went unfound still makes a table with every column.
+
+    Examples
+    --------
+    >>> sorted(segmentation_summary([[]]))[:3]
+    ['best_tau', 'map', 'map_ci_high']
+    """
     flat = [p for pairs in per_item for p in pairs]
     summary = summarize_pairs(flat)
+    for label in _SEGMENTATION_INTERVALS:
+        summary[f"{label}_ci_low"] = summary[f"{label}_ci_high"] = float("nan")
+    summary["n_items"] = float(len(per_item))
     if not flat:
         return summary
     at = int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))
@@ -206,14 +222,13 @@ def segmentation_summary(per_item: Sequence[Sequence[PairScore]]) -> dict[str, f
         ],
         dtype=np.float64,
     )
-    for column, label in ((0, "miou_tau"), (1, "map")):
+    for column, label in enumerate(_SEGMENTATION_INTERVALS):
 
         def pooled(rows: np.ndarray, c: int = column) -> float:
             return float(rows[:, c].sum() / max(rows[:, 2].sum(), 1))
 
         low, high = bootstrap_ci(sums, pooled)
         summary[f"{label}_ci_low"], summary[f"{label}_ci_high"] = low, high
-    summary["n_items"] = float(len(per_item))
     return summary
 
 
