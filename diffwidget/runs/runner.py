@@ -326,7 +326,7 @@ def _aggregate_when_finished(store: RunStore, work: list[Work], report: RunRepor
             f"no summary written: all {len(work)} items failed (see items/*.json for each error)"
         )
         return
-    from diffwidget.runs.aggregation import aggregate as write_aggregate
+    from diffwidget.runs.report import aggregate as write_aggregate
 
     try:
         report.summary = write_aggregate(store.root)
