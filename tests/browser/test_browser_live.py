@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import diffwidget
+from diffwidget.cli.static_site import make_server
 from diffwidget.widget import live
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
@@ -250,9 +251,13 @@ def test_a_csp_without_wasm_says_why_in_one_line(page, live_file, tmp_path) -> N
 
 
 @contextlib.contextmanager
-def _serve(folder: Path) -> Iterator[str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def _serve(folder: Path, host: str = "http.server") -> Iterator[str]:
+    """``folder`` on a generic static host (Python's), or on ``demo --classroom live``'s."""
+    if host == "classroom":
+        server: http.server.ThreadingHTTPServer = make_server(folder, "127.0.0.1", 0)
+    else:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -262,10 +267,11 @@ def _serve(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
-def test_the_folder_works_on_a_static_host(page, tmp_path) -> None:
+@pytest.mark.parametrize("host", ["http.server", "classroom"])
+def test_the_folder_works_on_a_static_host(page, tmp_path, host) -> None:
     browser_page, console = page
     live.write_live_folder(tmp_path / "site", prompt="a red circle in the centre")
-    with _serve(tmp_path / "site") as url:
+    with _serve(tmp_path / "site", host) as url:
         blocked = _offline(browser_page, allowed=url)
         browser_page.goto(url)
         browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
