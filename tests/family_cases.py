@@ -34,7 +34,7 @@ CASE_FAMILY.update({"flux_true_cfg": "flux", "pixart": "pixart"})
 
 def build_family_case(name: str) -> tuple[Any, dict[str, Any]]:
     """A fresh tiny pipeline of the case ``name`` and its trace() arguments."""
-    from diffwidget.tracing import tiny_dit
+    from diffwidget.testing import tiny_dit
 
     builder, kwargs = FAMILY_CASES[name]
     function, _, variant = builder.partition(":")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffwidget.tracing import synthetic
+from diffwidget.testing import synthetic
 
 
 @pytest.fixture
