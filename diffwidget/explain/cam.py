@@ -132,9 +132,7 @@ class DFCam:
         x = replay.latent(step).requires_grad_(True)
         with (
             torch.enable_grad(),
-            capture_outputs(
-                family.denoiser, paths, retain_grad=True, select=family.block_tensor
-            ) as acts,
+            capture_outputs(family, paths, retain_grad=True, cfg=replay.cfg) as acts,
         ):
             out = replay.model_output(x, step, grad=True)
             y = out.sum()
@@ -156,12 +154,8 @@ class DFCam:
                 calls = acts[path]
                 a_u, a_c = replay.halves([t.detach().float() for t in calls])
                 g_u, g_c = replay.halves([_grad_or_zeros(grad_of[id(t)], t).float() for t in calls])
-                if a_u is not None and g_u is not None:
-                    a = a_u + w * (a_c - a_u)
-                    # dy/dA_u and dy/dA_c already carry (1 - w) and w.
-                    g = g_u + g_c
-                else:
-                    a, g = a_c, g_c
+                # dy/dA_u and dy/dA_c already carry (1 - w) and w: the gradients add up.
+                a, g = replay.cfg.combine(a_u, a_c), replay.cfg.combine_gradients(g_u, g_c)
                 a = family.spatial(a, replay.layout)[-1]
                 g = family.spatial(g, replay.layout)[-1]
                 alpha = g.mean(dim=(1, 2))

@@ -83,6 +83,4 @@ def hook_counts(*modules: Any) -> int:
 
 def processors(unet: Any) -> dict[str, Any]:
     """Attention processor objects by module path."""
-    from diffwidget.explain.relevance import attention_modules
-
-    return {path: m.processor for path, m in attention_modules(unet).items()}
+    return {path: m.processor for path, m in unet.named_modules() if hasattr(m, "set_processor")}
