@@ -234,6 +234,14 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
     )
 
 
+def _forget_child_registries(root: nn.Module | None) -> None:
+    """Drop the list of child registries diffusers caches on ``root``'s registry (it walks
+    it to hand stateful hooks the ``cache_context``): module taps add and remove some."""
+    registry = getattr(root, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
 class ModuleTap(Tap, ModelHook):
     """A tap on one module of the denoiser (or of ``root``): a diffusers ``ModelHook``.
 
@@ -324,6 +332,7 @@ class TapRegistry:
     def __init__(self, taps: Sequence[Tap] = ()) -> None:
         self._taps: dict[str, Tap] = {}
         self._installed: list[Tap] = []
+        self._root: nn.Module | None = None
         for tap in taps:
             self.add(tap)
 
@@ -375,6 +384,9 @@ class TapRegistry:
     # ------------------------------------------------------------------ install/remove
     def install(self, loop: LoopState) -> None:
         """Install every tap in order; on a failure the installed ones are removed again."""
+        if self._installed:
+            raise RuntimeError("these taps are installed already; remove them first")
+        self._root = loop.family.denoiser
         try:
             for tap in self._taps.values():
                 self._installed.append(tap)
@@ -382,6 +394,7 @@ class TapRegistry:
         except BaseException:
             self.remove()
             raise
+        _forget_child_registries(self._root)
 
     def remove(self) -> None:
         """Remove every installed tap, last first; every removal is tried, the first error
@@ -393,6 +406,7 @@ class TapRegistry:
                 tap.remove()
             except BaseException as exc:  # the others must still be removed
                 error = error or exc
+        _forget_child_registries(self._root)
         if error is not None:
             raise error
 
