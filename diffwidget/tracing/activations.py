@@ -15,7 +15,8 @@ timesteps and x̂0, all removed when recording ends, also when the pipeline rais
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
@@ -133,10 +134,33 @@ class _Plan:
     blocks: list[str]
     cfg: CfgLayout
     layout: LatentLayout
-    call: dict[str, Any]
+    call: dict[str, object]
     store: Any
     n_steps: int
     out: dict[Half, dict[str, np.ndarray]] = field(default_factory=dict)
+    timesteps: np.ndarray | None = None
+    images: np.ndarray | None = None
+    x0_images: np.ndarray | None = None
+
+
+#: One batch's results: half -> block -> [B, n_steps, F], timesteps, uint8 images
+#: [B, H, W, 3] and the decoded x̂0 [B, n_steps, H, W, 3] (or None).
+_Batch = tuple[dict[Half, dict[str, np.ndarray]], np.ndarray, np.ndarray, np.ndarray | None]
+
+
+@contextmanager
+def _quiet_pipeline(pipe: Any) -> Iterator[None]:
+    """The pipeline's own progress bar off inside the block, its configuration put back."""
+    previous = getattr(pipe, "_progress_bar_config", None)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            pipe._progress_bar_config = previous
+        elif hasattr(pipe, "_progress_bar_config"):
+            del pipe._progress_bar_config
 
 
 class ActivationRecorder:
@@ -258,79 +282,27 @@ class ActivationRecorder:
 
         prompts = list(prompts)
         seeds = _check_request(prompts, seeds, seed, pipeline_kwargs)
+        call = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
         plan = self._plan(
-            pipe,
-            num_inference_steps,
-            guidance_scale,
-            negative_prompt,
-            height,
-            width,
-            pipeline_kwargs,
+            pipe, negative_prompt, {**call, "height": height, "width": width}, pipeline_kwargs
         )
         n = len(prompts)
-        images: np.ndarray | None = None
-        x0_images: np.ndarray | None = None
-        timesteps: np.ndarray | None = None
-        previous_bar = getattr(pipe, "_progress_bar_config", None)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        bar = tqdm(
-            total=n * num_inference_steps,
-            disable=not self.progress,
-            desc="recording activations",
-            unit="step",
-        )
-        try:
+        progress = {"disable": not self.progress, "desc": "recording activations", "unit": "step"}
+        with _quiet_pipeline(pipe), tqdm(total=n * num_inference_steps, **progress) as bar:
             for start in range(0, n, self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 rows = slice(start, start + len(batch))
                 if negative_prompt is not None:
                     plan.call["negative_prompt"] = [negative_prompt] * len(batch)
-                acts, batch_t, batch_images, decoded = self._run_batch(
-                    pipe, plan, batch, seeds[rows], bar
-                )
-                if timesteps is None:
-                    timesteps = batch_t
-                    images = np.empty((n, *batch_images.shape[1:]), dtype=np.uint8)
-                    if decoded is not None:
-                        x0_images = np.empty((n, *decoded.shape[1:]), dtype=np.uint8)
-                elif not np.array_equal(batch_t, timesteps):
-                    raise RuntimeError("timesteps differ between prompt batches; fix the scheduler")
-                self._store(plan, acts, rows, n)
-                assert images is not None
-                images[rows] = batch_images
-                if x0_images is not None and decoded is not None:
-                    x0_images[rows] = decoded
-        finally:
-            bar.close()
-            if previous_bar is not None:
-                pipe._progress_bar_config = previous_bar
-            elif hasattr(pipe, "_progress_bar_config"):
-                del pipe._progress_bar_config
-        assert timesteps is not None
-        assert images is not None
-        return ActivationRecord(
-            prompts=prompts,
-            seeds=[int(s) for s in seeds],
-            timesteps=timesteps.astype(np.int64),
-            activations=plan.out.get("cond", {}),
-            uncond_activations=plan.out.get("uncond", {}),
-            pooling=self.pooling,
-            grid_size=self.grid_size,
-            images=images,
-            x0_images=x0_images,
-            meta=self._meta(pipe, plan, guidance_scale, negative_prompt, images),
-        )
+                self._store(plan, self._run_batch(pipe, plan, batch, seeds[rows], bar), rows, n)
+        return self._result(pipe, plan, prompts, seeds, negative_prompt)
 
     def _plan(
         self,
         pipe: Any,
-        num_inference_steps: int,
-        guidance_scale: float,
         negative_prompt: str | None,
-        height: int | None,
-        width: int | None,
-        pipeline_kwargs: dict[str, Any],
+        call: Mapping[str, Any],
+        pipeline_kwargs: Mapping[str, object],
     ) -> _Plan:
         """Check the blocks and the CFG halves before anything is generated."""
         import torch
@@ -342,7 +314,7 @@ class ActivationRecorder:
         for path in blocks:
             resolve_module(family.denoiser, path)  # fail before generating anything
         cfg = family.cfg_layout(
-            guidance_scale, {"negative_prompt": negative_prompt, **pipeline_kwargs}
+            call["guidance_scale"], {"negative_prompt": negative_prompt, **pipeline_kwargs}
         )
         if not cfg.guided and "uncond" in self.halves:
             raise ValueError(
@@ -350,21 +322,14 @@ class ActivationRecorder:
                 "unconditional half; record halves=['cond'] or raise guidance_scale"
             )
         size = family.default_image_size()
-        call = {
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "height": height,
-            "width": width,
-            "output_type": "np",
-            **pipeline_kwargs,
-        }
+        call = {**call, "output_type": "np", **pipeline_kwargs}
         store = torch.float16 if self.dtype == "float16" else torch.float32
-        layout = family.layout_for(height or size, width or size)
-        return _Plan(family, list(blocks), cfg, layout, call, store, num_inference_steps)
+        layout = family.layout_for(call["height"] or size, call["width"] or size)
+        return _Plan(family, list(blocks), cfg, layout, call, store, call["num_inference_steps"])
 
     def _run_batch(
         self, pipe: Any, plan: _Plan, batch: list[str], seeds: list[int], bar: Any
-    ) -> tuple[dict[Half, dict[str, np.ndarray]], np.ndarray, np.ndarray, np.ndarray | None]:
+    ) -> _Batch:
         """One pipeline call observed by the taps.
 
         Returns half -> block -> [B, n_steps, F], timesteps, uint8 images [B, H, W, 3] and
@@ -418,10 +383,20 @@ class ActivationRecorder:
             decoded = flat.reshape(len(timesteps), len(batch), *flat.shape[1:]).swapaxes(0, 1)
         return acts, timesteps, images, decoded
 
-    def _store(
-        self, plan: _Plan, acts: dict[Half, dict[str, np.ndarray]], rows: slice, n: int
-    ) -> None:
-        """Copy one batch's activations into the record's arrays (allocated on first use)."""
+    def _store(self, plan: _Plan, batch: _Batch, rows: slice, n: int) -> None:
+        """Copy one batch's results into the record's arrays (allocated on first use)."""
+        acts, timesteps, images, decoded = batch
+        if plan.timesteps is None:
+            plan.timesteps = timesteps
+            plan.images = np.empty((n, *images.shape[1:]), dtype=np.uint8)
+            if decoded is not None:
+                plan.x0_images = np.empty((n, *decoded.shape[1:]), dtype=np.uint8)
+        elif not np.array_equal(timesteps, plan.timesteps):
+            raise RuntimeError("timesteps differ between prompt batches; fix the scheduler")
+        assert plan.images is not None
+        plan.images[rows] = images
+        if plan.x0_images is not None and decoded is not None:
+            plan.x0_images[rows] = decoded
         for half, per_block in acts.items():
             out = plan.out.setdefault(half, {})
             for path, values in per_block.items():
@@ -429,31 +404,48 @@ class ActivationRecorder:
                     out[path] = np.empty((n, *values.shape[1:]), dtype=self.dtype)
                 out[path][rows] = values
 
-    def _meta(
+    def _result(
         self,
         pipe: Any,
         plan: _Plan,
-        guidance_scale: float,
+        prompts: list[str],
+        seeds: list[int],
         negative_prompt: str | None,
-        images: np.ndarray,
-    ) -> dict[str, Any]:
-        return {
+    ) -> ActivationRecord:
+        assert plan.timesteps is not None
+        assert plan.images is not None
+        meta = {
             "pipeline": type(pipe).__name__,
             "scheduler": type(pipe.scheduler).__name__,
             "num_inference_steps": plan.n_steps,
-            "guidance_scale": guidance_scale,
+            "guidance_scale": plan.call["guidance_scale"],
             "cfg": plan.cfg.guided,
             "family": plan.family.name,
             "halves": self.halves,
             "negative_prompt": negative_prompt,
             "dtype": self.dtype,
-            "height": int(images.shape[1]),
-            "width": int(images.shape[2]),
+            "height": int(plan.images.shape[1]),
+            "width": int(plan.images.shape[2]),
         }
+        return ActivationRecord(
+            prompts=prompts,
+            seeds=[int(s) for s in seeds],
+            timesteps=plan.timesteps.astype(np.int64),
+            activations=plan.out.get("cond", {}),
+            uncond_activations=plan.out.get("uncond", {}),
+            pooling=self.pooling,
+            grid_size=self.grid_size,
+            images=plan.images,
+            x0_images=plan.x0_images,
+            meta=meta,
+        )
 
 
 def _check_request(
-    prompts: list[str], seeds: Sequence[int] | None, seed: int, pipeline_kwargs: dict[str, Any]
+    prompts: list[str],
+    seeds: Sequence[int] | None,
+    seed: int,
+    pipeline_kwargs: Mapping[str, object],
 ) -> list[int]:
     """The seeds, one per prompt; clear errors for an empty or clashing request."""
     if not prompts:

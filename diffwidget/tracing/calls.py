@@ -23,9 +23,9 @@ shadows the class method for this object only) and puts the original back on rem
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from diffusers.hooks.hooks import StateManager
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from diffwidget.tracing.attention import AttentionCapture
 from diffwidget.tracing.families.base import DenoiserCall, first_tensor
@@ -71,7 +71,8 @@ class CallTap(ModuleTap):
         super().__init__("", CALL_TAP)
         self.before = before
         self.after = after
-        self.state = StateManager(_NoState)  # type: ignore[arg-type]
+        # diffusers annotates the state class as an instance of BaseState.
+        self.state = StateManager(cast("BaseState", _NoState))
         self.current: DenoiserCall | None = None
 
     def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:

@@ -268,7 +268,7 @@ class CfgLayout:
             return cond
         return guide(uncond, cond, self.guidance_scale)
 
-    def combine_gradients(self, uncond: T | None, cond: T) -> T:
+    def combine_gradients(self, uncond: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         """The gradient of the guided output with respect to a CFG-combined activation.
 
         The gradient of ``y(u + w (c - u))`` already carries the factors ``(1 - w)`` and
@@ -277,7 +277,7 @@ class CfgLayout:
         """
         if uncond is None or not self.guided:
             return cond
-        return uncond + cond  # type: ignore[operator]
+        return uncond + cond
 
     # ------------------------------------------------------------------ replay
     def run(self, call: Callable[[tuple[Half, ...]], torch.Tensor]) -> torch.Tensor:

@@ -234,10 +234,10 @@ class StepRecords:
             step_coefficients(scheduler, noise_family, float(t), self.sigma_index(i))
             for i, t in enumerate(torch.stack(self.timesteps).double().cpu().numpy())
         ]
-        return tuple(  # type: ignore[return-value]
-            np.array([getattr(c, name) for c in steps]).reshape(len(steps), 1, 1, 1)
-            for name in ("alpha", "sigma", "input_scale")
-        )
+        shape = (len(steps), 1, 1, 1)
+        alpha = np.array([c.alpha for c in steps]).reshape(shape)
+        sigma = np.array([c.sigma for c in steps]).reshape(shape)
+        return alpha, sigma, np.array([c.input_scale for c in steps]).reshape(shape)
 
     def sigma_index(self, step: int) -> int | None:
         """Index into the scheduler's sigmas used at ``step``."""

@@ -49,7 +49,7 @@ Examples
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
@@ -295,7 +295,7 @@ class ModuleTap(Tap, ModelHook):
             )
         super().remove()
 
-    def on_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def on_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """The module's arguments before it runs."""
 
     def on_module_output(self, output: Any) -> None:
