@@ -26,8 +26,9 @@ from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRec
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.decode import decode_latents, to_uint8
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
+from diffwidget.tracing.model_hooks import resolve_module
 from diffwidget.tracing.noise import PREDICTION_SOURCES, PredictionSource
-from diffwidget.tracing.taps import StepEvent, Tap, resolve_module
+from diffwidget.tracing.taps import StepEvent, Tap
 
 if TYPE_CHECKING:
     import torch

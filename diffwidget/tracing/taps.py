@@ -48,15 +48,21 @@ Examples
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.model_hooks import (
+    HOOK_PREFIX,
+    attach_hook,
+    detach_hook,
+    forget_child_registries,
+    resolve_module,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +72,6 @@ if TYPE_CHECKING:
 
 TapKind = Literal["call", "step", "attention", "block", "pooled", "loop"]
 TAP_KINDS: tuple[str, ...] = get_args(TapKind)
-#: Prefix of the names diffwidget's module taps have in a diffusers ``HookRegistry``.
-HOOK_PREFIX = "diffwidget:"
 
 
 @dataclass
@@ -182,64 +186,6 @@ class Tap:
     def info(self) -> TapInfo:
         """This tap's row of :meth:`TapRegistry.table`."""
         return TapInfo(self.name, self.kind, self.paths())
-
-
-def attach_hook(module: nn.Module, hook: ModelHook, name: str) -> None:
-    """Register ``hook`` in ``module``'s diffusers ``HookRegistry`` under ``name``.
-
-    Raises
-    ------
-    RuntimeError
-        When a hook of that name is already there (the module is being observed).
-    """
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    if name in registry.hooks:
-        raise RuntimeError(
-            f"{type(module).__name__} already has a hook {name!r}: this model is already being "
-            "traced (a TraceContext is active on it); leave that context before starting another"
-        )
-    registry.register_hook(hook, name)
-
-
-def detach_hook(module: nn.Module, name: str, *, had_registry: bool, had_forward: bool) -> None:
-    """Remove the hook ``name`` and whatever registering it left on ``module``."""
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry.remove_hook(name, recurse=False)
-    # The registry replaced `forward` with an instance attribute and lives on the module:
-    # leave neither behind when they were not there before.
-    if not had_forward and not registry.hooks:
-        vars(module).pop("forward", None)
-    if not had_registry and not registry.hooks:
-        del module._diffusers_hook
-
-
-def resolve_module(root: nn.Module, path: str) -> nn.Module:
-    """Return the submodule of ``root`` at the diffusers module path ``path``.
-
-    Raises
-    ------
-    KeyError
-        If no such module exists; the message lists the closest valid paths.
-    """
-    modules = dict(root.named_modules())
-    if path in modules:
-        return modules[path]
-    close = difflib.get_close_matches(path, list(modules), n=5)
-    hint = f" Did you mean one of {close}?" if close else ""
-    raise KeyError(
-        f"{type(root).__name__} has no module {path!r}.{hint} "
-        "List valid paths with [name for name, _ in unet.named_modules()]."
-    )
-
-
-def _forget_child_registries(root: nn.Module | None) -> None:
-    """Drop the list of child registries diffusers caches on ``root``'s registry (it walks
-    it to hand stateful hooks the ``cache_context``): module taps add and remove some."""
-    registry = getattr(root, "_diffusers_hook", None)
-    if registry is not None:
-        registry.invalidate_child_registries_cache()
 
 
 class ModuleTap(Tap, ModelHook):
@@ -394,7 +340,7 @@ class TapRegistry:
         except BaseException:
             self.remove()
             raise
-        _forget_child_registries(self._root)
+        forget_child_registries(self._root)
 
     def remove(self) -> None:
         """Remove every installed tap, last first; every removal is tried, the first error
@@ -406,7 +352,7 @@ class TapRegistry:
                 tap.remove()
             except BaseException as exc:  # the others must still be removed
                 error = error or exc
-        _forget_child_registries(self._root)
+        forget_child_registries(self._root)
         if error is not None:
             raise error
 

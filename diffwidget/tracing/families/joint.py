@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from diffwidget.tracing.attention import AttentionRecorder, CaptureAttnProcessor
 from diffwidget.tracing.joint_attention import SdpaCall, sdpa_with_lse, text_probs_from_lse
-from diffwidget.tracing.taps import HOOK_PREFIX, attach_hook, detach_hook
+from diffwidget.tracing.model_hooks import HOOK_PREFIX, attach_hook, detach_hook
 
 #: Projections tapped, by the name of the attention module's Linear layer.
 _SEPARATE = ("to_q", "to_k", "add_k_proj")

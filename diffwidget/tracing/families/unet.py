@@ -41,7 +41,7 @@ from diffwidget.tracing.families.base import (
     TextAttention,
     explicit_processors,
 )
-from diffwidget.tracing.taps import HOOK_PREFIX, attach_hook, detach_hook
+from diffwidget.tracing.model_hooks import HOOK_PREFIX, attach_hook, detach_hook
 from diffwidget.tracing.tokens import PromptTokens, prompt_tokens
 
 _BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)(mid_block)\.")
