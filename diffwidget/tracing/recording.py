@@ -157,18 +157,18 @@ class StepRecords:
     ) -> CfgLayout:
         """The CFG layout the pipeline used, read off the calls of step 0.
 
-        ``w`` is the claimed one, else the pipeline's ``guidance_scale`` (batched CFG), else
-        read off the step-0 outputs by least squares.
+        ``w`` is the claimed one, else the pipeline's attribute of the family's guidance
+        argument (``guidance_scale``), else read off the step-0 outputs by least squares.
         """
         calls = [(c.label, int(c.sample.shape[0])) for c in self.step_calls]
-        kind = CfgLayout.observe(calls, 1.0).kind
+        observed = CfgLayout.observe(calls, 1.0)
         w = claimed
-        if w is None and kind == "batched":
-            w = getattr(pipe, "guidance_scale", None)
-        self.cfg = CfgLayout(kind, 1.0 if w is None else float(w))
-        if w is None and kind != "none":
+        if w is None and observed.guided:
+            w = getattr(pipe, family.guidance_argument(), None)
+        self.cfg = CfgLayout(observed.kind, 1.0 if w is None else float(w))
+        if w is None and observed.guided:
             w = self.estimate_guidance(family, guided)
-        return CfgLayout(kind, 1.0 if w is None else float(w))
+        return CfgLayout(observed.kind, 1.0 if w is None else float(w))
 
     def estimate_guidance(self, family: DenoiserFamily, guided: torch.Tensor) -> float:
         """The ``w`` with ``guided = u + w (c - u)``, by least squares over step 0's output."""
