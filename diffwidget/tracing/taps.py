@@ -279,6 +279,7 @@ class TapRegistry:
         self._taps: dict[str, Tap] = {}
         self._installed: list[Tap] = []
         self._root: nn.Module | None = None
+        self._root_had_registry = False
         for tap in taps:
             self.add(tap)
 
@@ -333,6 +334,8 @@ class TapRegistry:
         if self._installed:
             raise RuntimeError("these taps are installed already; remove them first")
         self._root = loop.family.denoiser
+        # Only a registry that was there before may hold a stale list of child registries.
+        self._root_had_registry = hasattr(self._root, "_diffusers_hook")
         try:
             for tap in self._taps.values():
                 self._installed.append(tap)
@@ -340,7 +343,8 @@ class TapRegistry:
         except BaseException:
             self.remove()
             raise
-        forget_child_registries(self._root)
+        if self._root_had_registry:
+            forget_child_registries(self._root)
 
     def remove(self) -> None:
         """Remove every installed tap, last first; every removal is tried, the first error
@@ -352,7 +356,8 @@ class TapRegistry:
                 tap.remove()
             except BaseException as exc:  # the others must still be removed
                 error = error or exc
-        forget_child_registries(self._root)
+        if self._root_had_registry:
+            forget_child_registries(self._root)
         if error is not None:
             raise error
 
