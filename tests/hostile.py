@@ -45,6 +45,15 @@ def payload(tag: str) -> str:
     )
 
 
+def token_payload(tag: str) -> str:
+    """A payload as long as a token may be (a trace refuses token strings over 1000 characters)."""
+    code = f"alert('{MARK}-{tag}');fetch('/api/contents/{MARK}-{tag}.txt',{{method:'PUT'}})"
+    return (
+        f'<img src="{MARK}-{tag}.png" onerror="{code}"><script>{code}</script>'
+        f'"><svg onload="{code}"></svg>'
+    )
+
+
 def file_safe_payload(tag: str) -> str:
     """A payload that can be a file or folder name (no ``/``, under 120 bytes)."""
     return (
@@ -82,7 +91,7 @@ def hostile_trace() -> Trace:
     """The synthetic trace with a hostile prompt, two hostile tokens and a hostile layer."""
     trace = synthetic_trace(n_steps=N_STEPS, prompt=PROMPT)
     tokens = list(trace.tokens)
-    tokens[2], tokens[3] = payload("token"), file_safe_payload("token2")
+    tokens[2], tokens[3] = token_payload("token"), file_safe_payload("token2")
     first = next(iter(LAYER_GRIDS))
     attention = {(LAYER if name == first else name): maps for name, maps in trace.attention.items()}
     return dataclasses.replace(trace, tokens=tokens, attention=attention)
