@@ -46,7 +46,7 @@ def payload(tag: str) -> str:
 
 
 def token_payload(tag: str) -> str:
-    """A payload as long as a token may be (a trace refuses token strings over 1000 characters)."""
+    """A payload as long as a token or a layer name may be (a trace refuses longer ones)."""
     code = f"alert('{MARK}-{tag}');fetch('/api/contents/{MARK}-{tag}.txt',{{method:'PUT'}})"
     return (
         f'<img src="{MARK}-{tag}.png" onerror="{code}"><script>{code}</script>'
@@ -84,7 +84,7 @@ ERROR = payload("error")
 METRIC = payload("metric") + ".deletion_gain"
 CURVE = payload("curve")
 #: The hostile layer's name (a module path in a real trace).
-LAYER = "down_blocks.0." + payload("layer")
+LAYER = "down_blocks.0." + token_payload("layer")
 
 
 def hostile_trace() -> Trace:
