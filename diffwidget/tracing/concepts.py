@@ -452,15 +452,22 @@ class ConceptTap(Tap):
                 layer.attach(reads[role][0], prefix + role, None, self._projection(layer, role))
         for space in self.spaces:
             module, when = reads[space]
-            read = self._output(layer, space)
             if when == "pre":
-                layer.attach(module, prefix + space, lambda args, kwargs: read(args[0]), None)
+                layer.attach(module, prefix + space, self._input(layer, space), None)
             else:
-                layer.attach(module, prefix + space, None, read)
+                layer.attach(module, prefix + space, None, self._output(layer, space))
 
     def _output(self, layer: ConceptLayer, space: Space) -> Callable[[Any], None]:
         def read(output: Any) -> None:
             self._image(layer, space, output)
+
+        return read
+
+    def _input(
+        self, layer: ConceptLayer, space: Space
+    ) -> Callable[[tuple[Any, ...], dict[str, Any]], None]:
+        def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._image(layer, space, args[0] if args else next(iter(kwargs.values())))
 
         return read
 
