@@ -335,7 +335,8 @@ def test_only_the_chosen_layers_and_steps_are_recorded(tiny_sd_pipe: Any) -> Non
     tap = ConceptTap(tiny_sd_pipe, WORDS, layers=[layers[-1]], steps=[2])
     trace(tiny_sd_pipe, PROMPT, num_inference_steps=3, decode_previews=False, taps=[tap])
     scores = tap.result()
-    assert scores.layers == [layers[-1]] and scores.steps == [2]
+    assert scores.layers == [layers[-1]]
+    assert scores.steps == [2]
     assert list(scores.scores) == [f"output:{layers[-1]}"]
 
 
@@ -344,7 +345,8 @@ def test_scores_save_and_load(tiny_sd_pipe: Any, tmp_path: Any) -> None:
     trace(tiny_sd_pipe, PROMPT, num_inference_steps=2, decode_previews=False, taps=[tap])
     scores = tap.result()
     back = ConceptScores.load(scores.save(tmp_path / "scores.npz"))
-    assert back.words == scores.words and back.grids == scores.grids
+    assert back.words == scores.words
+    assert back.grids == scores.grids
     for key in scores.scores:
         np.testing.assert_array_equal(back.scores[key], scores.scores[key])
 
