@@ -22,7 +22,8 @@ The softmax over concepts is taken when a result is built
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
@@ -731,11 +732,43 @@ class ConceptTap(Tap):
         )
 
 
+@contextmanager
+def concept_replay(pipe: Any, trace: Trace, tap: ConceptTap) -> Iterator[Callable[[int], None]]:
+    """``tap`` installed on ``pipe``'s denoiser for replaying recorded steps of ``trace``:
+    yields ``run(step)``, which makes one denoiser call on the prompt's half at that step
+    (the pipeline's scheduler is never touched). Read ``tap.result()`` afterwards.
+
+    Raises
+    ------
+    IndexError
+        From ``run`` for a step outside the trace.
+    ValueError
+        From ``run`` for a step the tap does not record.
+    """
+    from diffwidget.tracing.cfg import CfgLayout
+    from diffwidget.tracing.replay import StepReplay
+    from diffwidget.tracing.taps import LoopState, TapRegistry
+
+    replay = StepReplay(pipe, trace)
+    loop = LoopState(replay.family, CfgLayout("none", 1.0))
+    tap.layout = replay.layout
+
+    def run(step: int) -> None:
+        if not 0 <= step < trace.n_steps:
+            raise IndexError(f"step {step} is outside 0..{trace.n_steps - 1} (loop indices)")
+        if tap.steps is not None and step not in tap.steps:
+            raise ValueError(f"the tap records steps {tap.steps}, not step {step}")
+        loop.step = step
+        replay.run_half(replay.latent(step), step, "cond", on_call=tap.on_call)
+
+    with TapRegistry([tap]).installed(loop):
+        yield run
+
+
 def replay_concepts(
     pipe: Any, trace: Trace, tap: ConceptTap, steps: Sequence[int] | None = None
 ) -> ConceptScores:
-    """Concept scores at recorded steps of ``trace``: one denoiser call on the prompt's
-    half per step, with the tap installed (the pipeline's scheduler is never touched).
+    """Concept scores at recorded steps of ``trace`` (:func:`concept_replay` for each).
 
     Parameters
     ----------
@@ -748,23 +781,10 @@ def replay_concepts(
     steps : sequence of int, optional
         Loop indices; default the tap's steps, else every step.
     """
-    from diffwidget.tracing.cfg import CfgLayout
-    from diffwidget.tracing.replay import StepReplay
-    from diffwidget.tracing.taps import LoopState, TapRegistry
-
-    replay = StepReplay(pipe, trace)
     chosen = list(steps) if steps is not None else tap.steps or list(range(trace.n_steps))
-    bad = [s for s in chosen if not 0 <= s < trace.n_steps]
-    if bad:
-        raise IndexError(f"steps {bad} are outside 0..{trace.n_steps - 1} (loop indices)")
-    if tap.steps is not None and set(chosen) - set(tap.steps):
-        raise ValueError(f"the tap records steps {tap.steps}, not {sorted(chosen)}")
-    loop = LoopState(replay.family, CfgLayout("none", 1.0))
-    tap.layout = replay.layout
-    with TapRegistry([tap]).installed(loop):
+    with concept_replay(pipe, trace, tap) as run:
         for step in chosen:
-            loop.step = step
-            replay.run_half(replay.latent(step), step, "cond", on_call=tap.on_call)
+            run(step)
     return tap.result()
 
 
@@ -774,6 +794,7 @@ __all__ = [
     "ConceptTap",
     "UnknownConceptWarning",
     "check_words",
+    "concept_replay",
     "encode_concepts",
     "replay_concepts",
 ]
