@@ -83,7 +83,7 @@ def score_split(pipe: Any, source: str) -> dict[str, Any]:
 def summarise(split: dict[str, Any], chosen: str, names: list[str]) -> dict[str, Any]:
     """Scores of ``names`` on one split, paired gaps of ``chosen`` and the absent-word mass."""
     from diffwidget.runs.aggregation import segmentation_summary
-    from diffwidget.runs.concept_study import ConceptCandidate, word_mass
+    from diffwidget.runs.concept_study import word_mass
     from diffwidget.runs.study import paired_gap
 
     per_item = split["per_item"]
@@ -92,18 +92,18 @@ def summarise(split: dict[str, Any], chosen: str, names: list[str]) -> dict[str,
     for base in BASELINES:
         out[f"gap_vs_{base}_miou_tau"] = _rounded(paired_gap(per_item[chosen], per_item[base]))
         out[f"gap_vs_{base}_map"] = _rounded(paired_gap(per_item[chosen], per_item[base], "map"))
-    candidate = _candidate(chosen, ConceptCandidate)
+    candidate = candidate_named(chosen, len(split["results"][0][1].layers))
     masses = np.array([word_mass(result, words, candidate) for words, result in split["results"]])
     out["mass_present_absent"] = [round(float(v), 4) for v in masses.mean(axis=0)]
     out["mass_absent_over_present"] = round(float(masses[:, 1].mean() / masses[:, 0].mean()), 3)
     return out
 
 
-def _candidate(name: str, cls: Any) -> Any:
-    _, depth, _, window = name.split()
-    d0, d1 = (float(v) for v in depth.split("-"))
-    w0, w1 = (float(v) for v in window.split("-"))
-    return cls((d0, d1), (w0, w1))
+def candidate_named(name: str, n_layers: int) -> Any:
+    """The candidate of a model with ``n_layers`` layers called ``name`` (names round)."""
+    from diffwidget.runs.concept_study import concept_candidates
+
+    return {c.name: c for c in concept_candidates(n_layers)}[name]
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
