@@ -139,6 +139,12 @@ def concept_heat_maps(
 
     The mean of the chosen layers' maps over the chosen steps, upsampled bilinearly to
     ``size`` (the image) and min-max normalised, as DAAM's protocol scores a heat map.
+
+    Examples
+    --------
+    >>> heat = concept_heat_maps(result, concept_candidates(8), (64, 64))  # doctest: +SKIP
+    >>> heat["layers 0-0.125 steps 0.75-1"].shape  # (n_words, 64, 64)  # doctest: +SKIP
+    (6, 64, 64)
     """
     steps = {layer: result.maps[layer] for layer in result.layers}  # (steps, words, h, w)
     heat: dict[str, np.ndarray] = {}
@@ -196,6 +202,11 @@ def word_mass(
     Returns
     -------
     (present, absent) : tuple of float
+
+    Examples
+    --------
+    >>> word_mass(result, words, ConceptCandidate((0.0, 1.0), (0.0, 1.0)))  # doctest: +SKIP
+    (0.2, 0.2)
     """
     layers = layer_range(result.layers, candidate.depth)
     rows = [result.steps.index(s) for s in result.window_steps(candidate.window)]
