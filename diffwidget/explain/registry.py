@@ -1,7 +1,8 @@
 """The registry of explanation methods: names -> classes -> configs.
 
 The saliency methods are the lines of :data:`diffwidget.explain.protocol.METHODS` (name,
-label and where the class lives); this module imports their classes. The widget computes a
+label and where the class lives); this module imports their classes, token relevance's and
+the concept maps'. The widget computes a
 heavy overlay through exactly one call::
 
     saliency_method(name)(config_or_settings).attribute(pipe, trace, step, progress=callback)
@@ -23,11 +24,13 @@ import importlib
 from typing import Any
 
 from diffwidget.explain.base import Method, SaliencyMethodBase
+from diffwidget.explain.concept_maps import ConceptMaps
 from diffwidget.explain.config import MethodConfig
 from diffwidget.explain.protocol import METHODS, SaliencyMethodName
 from diffwidget.explain.relevance import TokenRelevance
 
 __all__ = [
+    "CONCEPT_METHODS",
     "SALIENCY_METHODS",
     "TOKEN_METHODS",
     "SaliencyMethodName",
@@ -53,7 +56,9 @@ def _load(name: str) -> type[SaliencyMethodBase[Any]]:
 SALIENCY_METHODS: dict[str, type[SaliencyMethodBase[Any]]] = {name: _load(name) for name in METHODS}
 #: Methods that return a :class:`~diffwidget.explain.results.TokenRelevanceResult`.
 TOKEN_METHODS: dict[str, type[Method[Any]]] = {TokenRelevance.name: TokenRelevance}
-_ALL: dict[str, type[Method[Any]]] = {**SALIENCY_METHODS, **TOKEN_METHODS}
+#: Methods that return a :class:`~diffwidget.explain.concept_maps.ConceptMapsResult`.
+CONCEPT_METHODS: dict[str, type[Method[Any]]] = {ConceptMaps.name: ConceptMaps}
+_ALL: dict[str, type[Method[Any]]] = {**SALIENCY_METHODS, **TOKEN_METHODS, **CONCEPT_METHODS}
 
 
 def _unknown(name: str, known: dict[str, Any], what: str) -> KeyError:

@@ -46,6 +46,10 @@ class PixArtFamily(CrossAttentionFamily):
         """Every block's ``attn2``."""
         return dict.fromkeys(cross_attention_layers(self.denoiser), CaptureAttnProcessor)
 
+    def concept_embedder(self) -> Any:
+        """The caption projection the text passes before every ``attn2``."""
+        return getattr(self.denoiser, "caption_projection", None)
+
     def text_length(self, call_kwargs: dict[str, Any]) -> int:
         """``max_sequence_length`` as the pipeline will use it."""
         return self._max_sequence_length(call_kwargs, PIXART_SIGMA_TEXT_LENGTH)
