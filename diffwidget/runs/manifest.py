@@ -73,7 +73,8 @@ class Work:
 
         Examples
         --------
-        >>> work = Work(PromptItem("a", "a red circle"), offset=0, seed=1, key="a__seed1")
+        >>> item = PromptItem("a", "a red circle")
+        >>> work = Work(item, offset=0, seed=1, key="a__seed1", digest="0" * 64)
         >>> work.record(status="ok").key
         'a__seed1'
         """

@@ -44,8 +44,8 @@ MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
 Metric = Literal["faithfulness", "segmentation", "roles", "probes"]
 METRICS: tuple[str, ...] = get_args(Metric)
 #: The paper's maps; other registered methods join a run when named.
-DEFAULT_METHODS: tuple[str, ...] = ("attention", "df_rise", "df_cam")
-DEFAULT_METRICS: tuple[str, ...] = ("faithfulness", "segmentation", "roles")
+DEFAULT_METHODS: tuple[MapMethod, ...] = ("attention", "df_rise", "df_cam")
+DEFAULT_METRICS: tuple[Metric, ...] = ("faithfulness", "segmentation", "roles")
 #: Segmentation aggregations scored on every scene item: ours (AttentionMaps' defaults)
 #: and DAAM's baseline on the same stored maps.
 SEGMENTATION_AGGREGATIONS: tuple[str, ...] = ("ours", "daam")

@@ -133,7 +133,7 @@ class RunSettings(Record):
     8
     """
 
-    methods: tuple[MapMethod, ...] = DEFAULT_METHODS  # type: ignore[assignment]
+    methods: tuple[MapMethod, ...] = DEFAULT_METHODS
     steps: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     inference_steps: int = 20
@@ -141,7 +141,7 @@ class RunSettings(Record):
     model: str | None = None
     configs: dict[str, ConfigJson] = field(default_factory=dict)
     faithfulness: ConfigJson = field(default_factory=dict)
-    metrics: tuple[Metric, ...] = DEFAULT_METRICS  # type: ignore[assignment]
+    metrics: tuple[Metric, ...] = DEFAULT_METRICS
     save_traces: bool = True
     attention_defaults: AttentionDefaults = field(default_factory=AttentionDefaults.current)
     scene_metrics: bool | None = None
