@@ -23,6 +23,7 @@ a template), and patch taps are removed in ``finally``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -364,15 +365,33 @@ class BranchRunner:
         begin = time.perf_counter()
         _check_branches(branches, conditionings, len(self.traces), self.n_steps)
         latents, rows, calls = self._steps(branches, conditionings, progress)
-        images = None
         stepped = time.perf_counter()
-        if decode:
-            from diffwidget.tracing.decode import decode_latents
-
-            images = decode_latents(self.pipe, torch.as_tensor(latents))
+        images = self._decode(branches, latents) if decode else None
         end = time.perf_counter()
         timing = {"denoise_seconds": stepped - begin, "decode_seconds": end - stepped}
         return BranchOutcome(latents, images, rows, calls, end - begin, timing)
+
+    def _decode(self, branches: Sequence[Branch], latents: np.ndarray) -> np.ndarray:
+        """The final images; a branch that never ran keeps its trace's own image exactly."""
+        from diffwidget.tracing.decode import decode_latents
+
+        own = [
+            i
+            for i, b in enumerate(branches)
+            if b.start == self.n_steps and self.traces[b.source].image is not None
+        ]
+        rest = [i for i in range(len(branches)) if i not in set(own)]
+        shape = self.traces[0].image.shape if own else None  # type: ignore[union-attr]
+        decoded = decode_latents(self.pipe, torch.as_tensor(latents[rest])) if rest else None
+        if decoded is not None:
+            shape = decoded.shape[1:]
+        assert shape is not None
+        images = np.zeros((len(branches), *shape), np.uint8)
+        if decoded is not None:
+            images[rest] = decoded
+        for i in own:
+            images[i] = self.traces[branches[i].source].image
+        return images
 
     def _steps(
         self,
@@ -451,8 +470,8 @@ class BranchRunner:
         self._scheduler = None
         with torch.no_grad():
             for step in steps:
-                scheduler = solver.advance_to(step)
-                self._scheduler = scheduler
+                # A copy: scaling the input may set the solver's step index.
+                self._scheduler = copy.deepcopy(solver.advance_to(step))
                 with capture_outputs(self.family, paths, cfg=self.cfg) as acts:
                     self.cfg.run(
                         lambda halves, s=step: self._denoise(

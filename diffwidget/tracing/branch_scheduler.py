@@ -84,13 +84,14 @@ class RecordedSolver:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.scheduler = copy.deepcopy(template)
+        #: The solver before step k, for every k reached so far (small: schedule arrays and
+        #: a few history rows), so that runs can start rows at any reached step.
+        self.states = [copy.deepcopy(template)]
         self.trace = trace
         self.family = family
         self.layout = layout
         self.dtype = dtype
         self.device = device
-        self.step = 0
 
     def latent(self, step: int) -> torch.Tensor:
         """The recorded ``x_step`` as the scheduler sees it (``[1, ...]``; ``step = n`` is the
@@ -106,32 +107,33 @@ class RecordedSolver:
         return self.family.to_model_input(x.to(self.device, self.dtype), self.layout)
 
     def advance_to(self, step: int) -> Any:
-        """Step the recorded trajectory up to ``step``; returns the scheduler there.
+        """The solver before ``step`` of the recorded trajectory (not to be stepped: copy it).
 
         Raises
         ------
         BranchSchedulerError
             When a recorded step is not reproduced (largest deviation in the message).
         """
-        while self.step < step:
-            j = self.step
+        while len(self.states) <= step:
+            j = len(self.states) - 1
+            scheduler = copy.deepcopy(self.states[j])
             sample = self.latent(j)
             # Schedulers that scale the input do so at every step before `step` is called
             # (Euler sets its step index there).
-            model_input(self.scheduler, sample, j)
-            prev = step_latents(self.scheduler, self.output(j), j, sample)
+            model_input(scheduler, sample, j)
+            prev = step_latents(scheduler, self.output(j), j, sample)
             want = self.latent(j + 1)
             gap = float((prev.double() - want.double()).abs().max())
             scale = float(want.double().abs().max()) + 1.0
             if not bool(torch.isfinite(prev).all()) or gap > REPLAY_RTOL * scale:
                 raise BranchSchedulerError(
-                    f"{type(self.scheduler).__name__} does not reproduce the trace's step {j} "
+                    f"{type(scheduler).__name__} does not reproduce the trace's step {j} "
                     f"from its recorded output (largest deviation {gap:.3g}): branches need "
                     "the deterministic sampler the trace was made with (not an ancestral or "
                     "SDE sampler, which draws new noise every step)"
                 )
-            self.step += 1
-        return self.scheduler
+            self.states.append(scheduler)
+        return self.states[step]
 
 
 def _expand(value: torch.Tensor, count: int) -> torch.Tensor:

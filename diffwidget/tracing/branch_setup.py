@@ -158,10 +158,39 @@ def first_call(
     )
 
 
-def pipeline_call(trace: Trace, family: DenoiserFamily, kwargs: dict[str, Any]) -> dict[str, Any]:
+def inference_steps(scheduler: Any, n_steps: int) -> int:
+    """The ``num_inference_steps`` that gives ``n_steps`` loop steps (PLMS repeats a step).
+
+    Examples
+    --------
+    >>> from diffusers import PNDMScheduler
+    >>> inference_steps(PNDMScheduler(skip_prk_steps=True), 6)
+    5
+    """
+    for candidate in range(n_steps, 0, -1):
+        probe = copy.deepcopy(scheduler)
+        try:
+            probe.set_timesteps(candidate)
+        except (TypeError, ValueError):  # schedulers that need the pipeline's mu or sigmas
+            return n_steps
+        if len(probe.timesteps) == n_steps:
+            return candidate
+    return n_steps
+
+
+def pipeline_call(
+    pipe: Any, trace: Trace, family: DenoiserFamily, kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """The pipeline arguments that reproduce the trace's settings (``kwargs`` win)."""
     facts = trace.facts
-    call: dict[str, Any] = {"num_inference_steps": trace.n_steps, "output_type": "latent"}
+    guidance = kwargs.get(family.guidance_argument())
+    if guidance is not None and float(guidance) != float(trace.guidance_scale):
+        raise ValueError(
+            f"{family.guidance_argument()}={guidance} differs from the trace's guidance scale "
+            f"{trace.guidance_scale}: branches continue with the trace's; leave it out"
+        )
+    steps = inference_steps(pipe.scheduler, trace.n_steps)
+    call: dict[str, Any] = {"num_inference_steps": steps, "output_type": "latent"}
     if facts.height and facts.width:
         call.update(height=int(facts.height), width=int(facts.width))
     if family.guidance_argument() == "guidance_scale":
@@ -200,13 +229,17 @@ def _prompt_rows(
     return found
 
 
-def _check_same(name: str, recorded: torch.Tensor, encoded: torch.Tensor, prompt: str) -> None:
+def _check_shape(name: str, recorded: torch.Tensor, encoded: torch.Tensor, prompt: str) -> None:
     if recorded.shape != encoded.shape:
         raise ValueError(
             f"{name!r} of {prompt!r} has shape {tuple(encoded.shape)} but the trace recorded "
             f"{tuple(recorded.shape)}: pass the pipeline arguments the trace was made with "
             "(e.g. max_sequence_length, height, width) as keyword arguments"
         )
+
+
+def _check_same(name: str, recorded: torch.Tensor, encoded: torch.Tensor, prompt: str) -> None:
+    _check_shape(name, recorded, encoded, prompt)
     gap = float((recorded.double() - encoded.double()).abs().max()) if recorded.numel() else 0.0
     if gap > CONDITIONING_ATOL:
         raise ValueError(
@@ -268,7 +301,7 @@ def prepare_branches(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     base = BranchConditioning.of_trace(trace, device, dtype)
-    call = pipeline_call(trace, family, pipeline_kwargs)
+    call = pipeline_call(pipe, trace, family, pipeline_kwargs)
     scheduler: Any = None
     conditionings: dict[str, BranchConditioning] = {}
     for prompt in dict.fromkeys([trace.prompt, *prompts]):
@@ -278,12 +311,15 @@ def prepare_branches(
         scheduler = scheduler if scheduler is not None else copied
         rows = _prompt_rows(denoiser_call, family, cfg, entries)
         embeds = base.embeds.clone()
-        embeds[-1:] = rows.pop(TEXT_ARGUMENT).to(embeds)
+        text = rows.pop(TEXT_ARGUMENT).to(embeds)
+        _check_shape(TEXT_ARGUMENT, embeds[-1:], text, prompt)
+        embeds[-1:] = text
         extra = dict(base.extra)
         for name, value in rows.items():
             if name in family.batch_free:
                 _check_same(name, extra[name], value.to(extra[name]), prompt)
                 continue
+            _check_shape(name, extra[name][-1:], value, prompt)
             stored = extra[name].clone()
             stored[-1:] = value.to(stored)
             extra[name] = stored
@@ -312,7 +348,8 @@ def retrace(
 
     family = denoiser_family(pipe)
     facts = trace.facts
-    settings: dict[str, Any] = {"num_inference_steps": trace.n_steps, "decode_previews": False}
+    steps = inference_steps(pipe.scheduler, trace.n_steps)
+    settings: dict[str, Any] = {"num_inference_steps": steps, "decode_previews": False}
     if facts.height and facts.width:
         settings.update(height=int(facts.height), width=int(facts.width))
     if family.guidance_argument() == "guidance_scale":
