@@ -61,8 +61,9 @@ def wilson_interval(
     z2 = z * z
     centre = (p + z2 / (2 * safe)) / (1 + z2 / safe)
     half = z * np.sqrt(p * (1 - p) / safe + z2 / (4 * safe**2)) / (1 + z2 / safe)
-    low = np.where(empty, 0.0, np.clip(centre - half, 0.0, 1.0))
-    high = np.where(empty, 1.0, np.clip(centre + half, 0.0, 1.0))
+    # At 0 and n the bounds are 0 and 1 exactly (the formula leaves rounding residue there).
+    low = np.where(empty | (hits <= 0), 0.0, np.clip(centre - half, 0.0, 1.0))
+    high = np.where(empty | (hits >= trials), 1.0, np.clip(centre + half, 0.0, 1.0))
     return low, high
 
 

@@ -200,7 +200,8 @@ def make_commit_pipe() -> CommitPipe:
         beta_end=0.012,
         prediction_type="sample",
         clip_sample=False,
-        set_alpha_to_one=False,
+        # The last step lands on its prediction (alpha 1), so that step weighs too.
+        set_alpha_to_one=True,
     )
     scheduler.set_timesteps(N_STEPS)
     timesteps = scheduler.timesteps.tolist()
