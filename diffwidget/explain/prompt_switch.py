@@ -125,42 +125,82 @@ class PromptSwitch(InterventionMethod[PromptSwitchConfig]):
         -------
         CommitmentCurves
         """
-        start = time.perf_counter()
         items = check_traces(traces)
-        prompt_a = items[0].prompt
-        prompt_b = _prompt_b(prompt_a, prompt_b, word, replacement)
-        chosen = default_judges(judges, prompt_a, prompt_b)
-        n = items[0].n_steps
-        steps = self._steps(n)
+        target = _prompt_b(items[0].prompt, prompt_b, word, replacement)
+        (curves,) = self.run_many(pipe, items, [(target, judges)], progress=progress, **pipeline_kwargs)
+        return curves
+
+    def run_many(
+        self,
+        pipe: Any,
+        traces: Trace | Sequence[Trace],
+        targets: Sequence[tuple[str, Judge | Sequence[Judge] | None]],
+        *,
+        progress: ProgressCallback | None = None,
+        **pipeline_kwargs: Any,
+    ) -> list[CommitmentCurves]:
+        """Switch to several prompts B in one batched branch run (one result per target).
+
+        Parameters
+        ----------
+        pipe, traces, progress, pipeline_kwargs
+            As for :meth:`run`.
+        targets : sequence of (prompt_b, judges)
+            Each prompt B with its judges (None: the scene world's).
+
+        Examples
+        --------
+        >>> from diffwidget.models.scene_pairs import swap_pairs  # doctest: +SKIP
+        >>> targets = [(p.caption_b, None) for p in swap_pairs(trace.prompt)]  # doctest: +SKIP
+        >>> [c.attributes for c in PromptSwitch().run_many(pipe, trace, targets)]  # doctest: +SKIP
+        [['colour'], ['shape'], ['size'], ['position']]
+        """
         from diffwidget.tracing.branch import Branch
 
-        with self.branches(pipe, items, [prompt_b], pipeline_kwargs) as (runner, setup):
-            conds = [setup.conditionings[prompt_a], setup.conditionings[prompt_b]]
+        start = time.perf_counter()
+        items = check_traces(traces)
+        prompt_a, n, n_seeds = items[0].prompt, items[0].n_steps, len(items)
+        if not targets:
+            raise ValueError("give at least one (prompt_b, judges) target")
+        prompts = [_prompt_b(prompt_a, b, None, None) for b, _ in targets]
+        judges = [default_judges(j, prompt_a, b) for b, (_, j) in zip(prompts, targets, strict=True)]
+        steps = self._steps(n)
+        with self.branches(pipe, items, prompts, pipeline_kwargs) as (runner, setup):
+            conds = [setup.conditionings[prompt_a], *(setup.conditionings[b] for b in prompts)]
             branches = [
-                Branch(source=s, start=k, conditioning=1) for k in steps for s in range(len(items))
+                Branch(source=s, start=k, conditioning=t + 1)
+                for t in range(len(prompts))
+                for k in steps
+                for s in range(n_seeds)
             ]
             outcome = self.run_branches(runner, branches, conds, progress)
             assert outcome.images is not None
             reference = reference_images(pipe, items)
-        images = outcome.images.reshape(len(steps), len(items), *outcome.images.shape[1:])
-        timesteps = [int(items[0].timesteps[k]) if k < n else -1 for k in steps]
-        return CommitmentCurves(
-            attributes=[j.attribute for j in chosen],
-            a_values=[j.a_value for j in chosen],
-            b_values=[j.b_value or "" for j in chosen],
-            judges=[j.name for j in chosen],
-            exact=[j.exact for j in chosen],
-            seeds=seeds_of(items),
-            outcomes=judge_all(chosen, images),
-            image_change=self.changes(images, reference),
-            meta={**self.config.to_json(), **self.shared_meta(outcome, runner, start)},
-            prompt_a=prompt_a,
-            prompt_b=prompt_b,
-            switch_steps=np.asarray(steps, np.int64),
-            timesteps=np.asarray(timesteps, np.int64),
-            n_steps=n,
-            images=images if self.config.keep_images else None,
-        )
+        meta = {**self.config.to_json(), **self.shared_meta(outcome, runner, start)}
+        meta["targets_in_run"] = len(prompts)
+        shape = (len(prompts), len(steps), n_seeds, *outcome.images.shape[1:])
+        images = outcome.images.reshape(shape)
+        timesteps = np.asarray([int(items[0].timesteps[k]) if k < n else -1 for k in steps])
+        return [
+            CommitmentCurves(
+                attributes=[j.attribute for j in chosen],
+                a_values=[j.a_value for j in chosen],
+                b_values=[j.b_value or "" for j in chosen],
+                judges=[j.name for j in chosen],
+                exact=[j.exact for j in chosen],
+                seeds=seeds_of(items),
+                outcomes=judge_all(chosen, images[t]),
+                image_change=self.changes(images[t], reference),
+                meta=meta,
+                prompt_a=prompt_a,
+                prompt_b=prompts[t],
+                switch_steps=np.asarray(steps, np.int64),
+                timesteps=timesteps.astype(np.int64),
+                n_steps=n,
+                images=images[t] if self.config.keep_images else None,
+            )
+            for t, chosen in enumerate(judges)
+        ]
 
     def _steps(self, n: int) -> list[int]:
         steps = self.config.switch_steps
