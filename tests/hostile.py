@@ -45,6 +45,15 @@ def payload(tag: str) -> str:
     )
 
 
+def token_payload(tag: str) -> str:
+    """A payload as long as a token or a layer name may be (a trace refuses longer ones)."""
+    code = f"alert('{MARK}-{tag}');fetch('/api/contents/{MARK}-{tag}.txt',{{method:'PUT'}})"
+    return (
+        f'<img src="{MARK}-{tag}.png" onerror="{code}"><script>{code}</script>'
+        f'"><svg onload="{code}"></svg>'
+    )
+
+
 def file_safe_payload(tag: str) -> str:
     """A payload that can be a file or folder name (no ``/``, under 120 bytes)."""
     return (
@@ -75,14 +84,14 @@ ERROR = payload("error")
 METRIC = payload("metric") + ".deletion_gain"
 CURVE = payload("curve")
 #: The hostile layer's name (a module path in a real trace).
-LAYER = "down_blocks.0." + payload("layer")
+LAYER = "down_blocks.0." + token_payload("layer")
 
 
 def hostile_trace() -> Trace:
     """The synthetic trace with a hostile prompt, two hostile tokens and a hostile layer."""
     trace = synthetic_trace(n_steps=N_STEPS, prompt=PROMPT)
     tokens = list(trace.tokens)
-    tokens[2], tokens[3] = payload("token"), file_safe_payload("token2")
+    tokens[2], tokens[3] = token_payload("token"), file_safe_payload("token2")
     first = next(iter(LAYER_GRIDS))
     attention = {(LAYER if name == first else name): maps for name, maps in trace.attention.items()}
     return dataclasses.replace(trace, tokens=tokens, attention=attention)

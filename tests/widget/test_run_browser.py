@@ -84,7 +84,7 @@ def test_traced_item_shows_key_and_prompt_as_text(browser):
     assert hostile.PROMPT in text
     # The explorer gets the prompt and tokens as plain traits; its views use textContent.
     assert explorer.widget.prompt == hostile.PROMPT
-    assert hostile.payload("token") in explorer.widget.tokens
+    assert hostile.token_payload("token") in explorer.widget.tokens
 
 
 def test_failed_item_shows_its_error_as_text(browser):
