@@ -313,6 +313,6 @@ def test_colour_scale_says_what_the_attention_value_is(name, meaning, caption):
         scale = explorer.widget.scales["attention"]["meaning"]
         assert scale.startswith(meaning)
         assert ("cross-attention" in scale) == meaning.startswith("cross")
-        assert explorer.widget.descriptions["attention"].startswith(caption)
+        assert explorer.widget.attention["description"].startswith(caption)
     finally:
         explorer.close()
