@@ -109,7 +109,9 @@ def speed(args: argparse.Namespace) -> None:
     embeds_b = torch.cat([negative, positive])
     (judge,) = scene_judges(CAPTION, curves.prompt_b)
     t = time.perf_counter()
-    scratch = [[_from_scratch(pipe, embeds_b, k, s) for s in SPEED_SEEDS] for k in range(SWITCH_POINTS)]
+    scratch = [
+        [_from_scratch(pipe, embeds_b, k, s) for s in SPEED_SEEDS] for k in range(SWITCH_POINTS)
+    ]
     scratch_s = time.perf_counter() - t
     scratch_images = np.array(scratch)
     scratch_outcomes = judge.outcomes(scratch_images.reshape(-1, *scratch_images.shape[2:]))
@@ -125,7 +127,8 @@ def speed(args: argparse.Namespace) -> None:
         f"- tracing prompt A for {len(SPEED_SEEDS)} seeds: {trace_s:.2f} s (not in the curve)",
         f"- switch curve (branches, decode, judge): **{curve_s:.2f} s**; "
         f"{curves.meta['denoiser_rows']} denoiser rows in {curves.meta['denoiser_calls']} calls "
-        f"(denoise {curves.meta['denoise_seconds']:.2f} s, decode {curves.meta['decode_seconds']:.2f} s)",
+        f"(denoise {curves.meta['denoise_seconds']:.2f} s, "
+        f"decode {curves.meta['decode_seconds']:.2f} s)",
         f"- from scratch ({SWITCH_POINTS * len(SPEED_SEEDS)} pipeline calls, judged): "
         f"**{scratch_s:.2f} s**; ratio **{scratch_s / curve_s:.2f}x** "
         f"(with the traces counted: {scratch_s / (curve_s + trace_s):.2f}x)",
@@ -135,7 +138,9 @@ def speed(args: argparse.Namespace) -> None:
     ]
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"lines": lines, "curve_s": curve_s, "scratch_s": scratch_s}))
+        args.json.write_text(
+            json.dumps({"lines": lines, "curve_s": curve_s, "scratch_s": scratch_s})
+        )
 
 
 # ---------------------------------------------------------------------------------- study
@@ -173,14 +178,18 @@ def study(args: argparse.Namespace) -> None:
         if all(p.exists() for p in paths):
             continue
         t = time.perf_counter()
-        tr = diffwidget.trace(pipe, scene.caption, seed=i, num_inference_steps=N_STEPS, decode_previews=False)
+        tr = diffwidget.trace(
+            pipe, scene.caption, seed=i, num_inference_steps=N_STEPS, decode_previews=False
+        )
         curves = switch.run_many(pipe, tr, [(p.caption_b, None) for p in pairs])
         for path, curve in zip(paths, curves, strict=True):
             curve.save(path)
         with log.open("a") as handle:
             handle.write(f"{i} {scene.caption!r} {time.perf_counter() - t:.1f} s\n")
     with log.open("a") as handle:
-        handle.write(f"curves done {time.ctime()} after {time.perf_counter() - start:.0f} s {_machine()}\n")
+        handle.write(
+            f"curves done {time.ctime()} after {time.perf_counter() - start:.0f} s {_machine()}\n"
+        )
     if args.probes and not (out / "probes.npz").exists():
         _probes(pipe, scenes, out)
 
@@ -192,7 +201,9 @@ def _probes(pipe: Any, scenes: list[Any], out: Path) -> None:
 
     t = time.perf_counter()
     concepts = ConceptSet.from_scenes(scenes, seed=0)  # seeds 0..n-1, as the traces
-    recorder = ActivationRecorder(pooling="grid", halves=["uncond"], decode_x0=False, progress=False)
+    recorder = ActivationRecorder(
+        pooling="grid", halves=["uncond"], decode_x0=False, progress=False
+    )
     record = concepts.record(
         pipe, recorder, num_inference_steps=N_STEPS, guidance_scale=pipe.recommended_guidance_scale
     )

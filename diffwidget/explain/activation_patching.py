@@ -159,7 +159,9 @@ class ActivationPatching(InterventionMethod[ActivationPatchingConfig]):
             assert outcome.images is not None
             reference = reference_images(pipe, items)
         # Branches were made seed-major; results are (layer * step, seed).
-        images = outcome.images.reshape(n_seeds, len(layers) * len(steps), *outcome.images.shape[1:])
+        images = outcome.images.reshape(
+            n_seeds, len(layers) * len(steps), *outcome.images.shape[1:]
+        )
         images = images.swapaxes(0, 1)
         return PatchingGrid(
             attributes=[j.attribute for j in chosen],

@@ -32,6 +32,8 @@ _NAME = MaxLen(1000)
 Curves2d = Annotated[np.ndarray, Array(ndim=2, kinds="f")]
 #: What the bands are, stated in every summary.
 BAND = "95 % percentile bootstrap over prompts (each prompt's seeds resampled together)"
+_BANDS = ("keep_a", "keep_a_low", "keep_a_high", "take_b", "take_b_low", "take_b_high")
+_CROSSINGS = ("committed", "committed_low", "committed_high", "closed", "closed_low", "closed_high")
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,7 +135,9 @@ def summarise_commitment(
         raise ValueError("give at least one CommitmentCurves")
     steps = curves[0].switch_steps
     if any(not np.array_equal(c.switch_steps, steps) for c in curves):
-        raise ValueError("the curves were made with different switch steps; summarise like with like")
+        raise ValueError(
+            "the curves were made with different switch steps; summarise like with like"
+        )
     per: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for c in curves:
         for row, attribute in enumerate(c.attributes):
@@ -141,13 +145,8 @@ def summarise_commitment(
             take, _, _ = shares(c.outcomes[row], "b")
             per.setdefault(attribute, []).append((keep, take))
     attributes = list(per)
-    fields: dict[str, list[object]] = {k: [] for k in ("committed", "closed")}
-    bounds: dict[str, list[float | None]] = {
-        k: [] for k in ("committed_low", "committed_high", "closed_low", "closed_high")
-    }
-    bands: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("keep_a", "keep_a_low", "keep_a_high", "take_b", "take_b_low", "take_b_high")
-    }
+    bands: dict[str, list[np.ndarray]] = {name: [] for name in _BANDS}
+    crossings: dict[str, list[float | None]] = {name: [] for name in _CROSSINGS}
     for attribute in attributes:
         keep = np.stack([k for k, _ in per[attribute]])
         take = np.stack([t for _, t in per[attribute]])
@@ -158,18 +157,34 @@ def summarise_commitment(
             bands[f"{name}_high"].append(band.high)
         for name, values in (("committed", keep), ("closed", 1.0 - take)):
             index, low, high = bootstrap_crossing(values, level, resamples=resamples, seed=seed)
-            fields[name].append(_step(index, steps))
-            bounds[f"{name}_low"].append(_bound(low, steps))
-            bounds[f"{name}_high"].append(_bound(high, steps))
+            step = _step(index, steps)
+            crossings[name].append(None if step is None else float(step))
+            crossings[f"{name}_low"].append(_bound(low, steps))
+            crossings[f"{name}_high"].append(_bound(high, steps))
+
+    def stacked(name: str) -> np.ndarray:
+        return np.stack(bands[name]).astype(np.float32)
+
+    def first(name: str) -> list[int | None]:
+        return [None if v is None else int(v) for v in crossings[name]]
+
     return CommitmentSummary(
         attributes=attributes,
         switch_steps=np.asarray(steps, np.int64),
         n_steps=int(curves[0].n_steps),
         n_prompts=[len(per[a]) for a in attributes],
-        **{k: np.stack(v).astype(np.float32) for k, v in bands.items()},
-        committed=fields["committed"],  # type: ignore[arg-type]
-        closed=fields["closed"],  # type: ignore[arg-type]
-        **bounds,
+        keep_a=stacked("keep_a"),
+        keep_a_low=stacked("keep_a_low"),
+        keep_a_high=stacked("keep_a_high"),
+        take_b=stacked("take_b"),
+        take_b_low=stacked("take_b_low"),
+        take_b_high=stacked("take_b_high"),
+        committed=first("committed"),
+        committed_low=crossings["committed_low"],
+        committed_high=crossings["committed_high"],
+        closed=first("closed"),
+        closed_low=crossings["closed_low"],
+        closed_high=crossings["closed_high"],
         level=float(level),
         meta={"band": BAND, "resamples": int(resamples), "seed": int(seed)},
     )

@@ -132,7 +132,9 @@ def bootstrap_curve(
     """
     values = np.asarray(per_unit, dtype=np.float64)
     if values.ndim != 2 or len(values) == 0:
-        raise ValueError(f"expected one curve per unit, shape (n_units, n_points), got {values.shape}")
+        raise ValueError(
+            f"expected one curve per unit, shape (n_units, n_points), got {values.shape}"
+        )
     means = values[_resamples(len(values), resamples, seed)].mean(axis=1)
     low, high = np.percentile(means, _PERCENTILES, axis=0)
     return BootstrapCurve(values.mean(axis=0), low, high)

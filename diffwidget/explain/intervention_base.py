@@ -66,7 +66,9 @@ def replace_word(prompt: str, word: str, replacement: str) -> str:
     return pattern.sub(replacement.strip(), prompt)
 
 
-def default_judges(judges: Judge | Sequence[Judge] | None, prompt_a: str, prompt_b: str) -> list[Judge]:
+def default_judges(
+    judges: Judge | Sequence[Judge] | None, prompt_a: str, prompt_b: str
+) -> list[Judge]:
     """The judges given, or the scene world's exact ones when both prompts are captions."""
     if judges is not None:
         return check_judges(judges)
@@ -89,7 +91,11 @@ def reference_images(pipe: Any, traces: Sequence[Trace]) -> np.ndarray:
     from diffwidget.tracing.decode import decode_latents
 
     missing = [i for i, t in enumerate(traces) if t.image is None]
-    decoded = decode_latents(pipe, np.stack([traces[i].final_latent for i in missing])) if missing else None
+    decoded = (
+        decode_latents(pipe, np.stack([traces[i].final_latent for i in missing]))
+        if missing
+        else None
+    )
     images = []
     for i, t in enumerate(traces):
         images.append(t.image if t.image is not None else decoded[missing.index(i)])  # type: ignore[index]
@@ -110,7 +116,11 @@ class InterventionMethod(Method[C]):
 
     @contextmanager
     def branches(
-        self, pipe: Any, traces: Sequence[Trace], prompts: Sequence[str], pipeline_kwargs: dict[str, Any]
+        self,
+        pipe: Any,
+        traces: Sequence[Trace],
+        prompts: Sequence[str],
+        pipeline_kwargs: dict[str, Any],
     ) -> Iterator[tuple[BranchRunner, BranchSetup]]:
         """The pipeline held, its scheduler template and prompts' conditioning prepared."""
         from diffwidget.tracing.branch import BranchRunner

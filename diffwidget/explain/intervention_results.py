@@ -50,8 +50,10 @@ def shares(outcomes: np.ndarray, code: str) -> tuple[np.ndarray, np.ndarray, np.
     hits = (np.asarray(outcomes) == OUTCOME_CODE[code]).sum(axis=-1)
     n = np.full(hits.shape, outcomes.shape[-1])
     low, high = wilson_interval(hits, n)
-    return (hits / np.maximum(n, 1)).astype(np.float32), low.astype(np.float32), high.astype(
-        np.float32
+    return (
+        (hits / np.maximum(n, 1)).astype(np.float32),
+        low.astype(np.float32),
+        high.astype(np.float32),
     )
 
 

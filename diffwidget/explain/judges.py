@@ -117,7 +117,9 @@ class Judge:
         ):
             raise TypeError(f"threshold must be a finite number, got {self.threshold!r}")
         if not self.name:
-            object.__setattr__(self, "name", getattr(self.read, "__name__", type(self.read).__name__))
+            object.__setattr__(
+                self, "name", getattr(self.read, "__name__", type(self.read).__name__)
+            )
 
     def outcome(self, image: np.ndarray) -> Outcome:
         """Where ``image`` (uint8 ``(H, W, 3)``) lands: ``"a"``, ``"b"`` or ``"other"``.
@@ -223,7 +225,9 @@ def scene_judges(caption_a: str, caption_b: str) -> list[Judge]:
             if a is None or b is None or a == b:
                 continue
             reader = SceneAttributeReader(attribute, spec_a, len(specs_a))
-            judges.append(Judge(attribute, str(a), str(b), reader, exact=True, name=reader.__name__))
+            judges.append(
+                Judge(attribute, str(a), str(b), reader, exact=True, name=reader.__name__)
+            )
             break
     if not judges:
         raise ValueError(

@@ -113,7 +113,8 @@ class PromptSwitch(InterventionMethod[PromptSwitchConfig]):
             Prompt B is prompt A with the whole word ``word`` replaced ("red" -> "blue").
         judges : Judge or sequence of Judge, optional
             What to read from the final images; on the scene world the exact reader of every
-            attribute in which the captions differ (:func:`~diffwidget.explain.judges.scene_judges`).
+            attribute in which the captions differ
+            (:func:`~diffwidget.explain.judges.scene_judges`).
         progress : callable, optional
             ``progress(done, total)`` over branch steps; returning ``False`` cancels
             (:class:`~diffwidget.explain.protocol.Cancelled`).
@@ -127,7 +128,9 @@ class PromptSwitch(InterventionMethod[PromptSwitchConfig]):
         """
         items = check_traces(traces)
         target = _prompt_b(items[0].prompt, prompt_b, word, replacement)
-        (curves,) = self.run_many(pipe, items, [(target, judges)], progress=progress, **pipeline_kwargs)
+        (curves,) = self.run_many(
+            pipe, items, [(target, judges)], progress=progress, **pipeline_kwargs
+        )
         return curves
 
     def run_many(
@@ -163,7 +166,9 @@ class PromptSwitch(InterventionMethod[PromptSwitchConfig]):
         if not targets:
             raise ValueError("give at least one (prompt_b, judges) target")
         prompts = [_prompt_b(prompt_a, b, None, None) for b, _ in targets]
-        judges = [default_judges(j, prompt_a, b) for b, (_, j) in zip(prompts, targets, strict=True)]
+        judges = [
+            default_judges(j, prompt_a, b) for b, (_, j) in zip(prompts, targets, strict=True)
+        ]
         steps = self._steps(n)
         with self.branches(pipe, items, prompts, pipeline_kwargs) as (runner, setup):
             conds = [setup.conditionings[prompt_a], *(setup.conditionings[b] for b in prompts)]
@@ -212,7 +217,9 @@ class PromptSwitch(InterventionMethod[PromptSwitchConfig]):
         return sorted(set(steps))
 
 
-def _prompt_b(prompt_a: str, prompt_b: str | None, word: str | None, replacement: str | None) -> str:
+def _prompt_b(
+    prompt_a: str, prompt_b: str | None, word: str | None, replacement: str | None
+) -> str:
     if prompt_b is not None:
         if word is not None or replacement is not None:
             raise ValueError("give prompt_b, or word and replacement, not both")
@@ -222,5 +229,7 @@ def _prompt_b(prompt_a: str, prompt_b: str | None, word: str | None, replacement
             raise ValueError("prompt_b is prompt A: nothing to switch to")
         return prompt_b
     if word is None or replacement is None:
-        raise ValueError("give prompt_b, or word and replacement (e.g. word='red', replacement='blue')")
+        raise ValueError(
+            "give prompt_b, or word and replacement (e.g. word='red', replacement='blue')"
+        )
     return replace_word(prompt_a, word, replacement)

@@ -101,7 +101,8 @@ INTERVENTIONS: dict[str, MethodEntry] = {
     ),
     "word_ablation": MethodEntry(
         "Word ablation",
-        "share of seeds whose final image keeps the word's value with the word removed in the window",
+        "share of seeds whose final image keeps the word's value with the word removed "
+        "in the window",
         "diffwidget.explain.word_ablation",
         "WordAblation",
     ),

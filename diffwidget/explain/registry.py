@@ -56,7 +56,8 @@ SALIENCY_METHODS: dict[str, type[SaliencyMethodBase[Any]]] = {name: _load(name) 
 #: Methods that return a :class:`~diffwidget.explain.results.TokenRelevanceResult`.
 TOKEN_METHODS: dict[str, type[Method[Any]]] = {TokenRelevance.name: TokenRelevance}
 #: The interventions over time steps (prompt switch, word ablation, activation patching):
-#: ``run(pipe, traces, ...)`` returns a judged result (:mod:`diffwidget.explain.intervention_results`).
+#: ``run(pipe, traces, ...)`` returns a judged result
+#: (:mod:`diffwidget.explain.intervention_results`).
 INTERVENTION_METHODS: dict[str, type[Method[Any]]] = {
     name: _load(name, INTERVENTIONS) for name in INTERVENTIONS
 }

@@ -181,15 +181,21 @@ class WordAblation(InterventionMethod[WordAblationConfig]):
             if judges is not None
             else scene_word_judges(prompt, word, replacement)
         )
-        other = replace_word(prompt, word, replacement) if mode == "replace" and replacement else None
-        with self.branches(pipe, items, [other] if other else [], pipeline_kwargs) as (runner, setup):
+        other = (
+            replace_word(prompt, word, replacement) if mode == "replace" and replacement else None
+        )
+        with self.branches(pipe, items, [other] if other else [], pipeline_kwargs) as (
+            runner,
+            setup,
+        ):
             base = setup.conditionings[prompt]
             if mode == "zero":
                 ablated = base.with_cond_rows(positions, None)
             elif mode == "mask":
                 ablated = base.with_masked_keys(positions)
             else:
-                assert other is not None and replacement is not None
+                assert other is not None
+                assert replacement is not None
                 moved = word_positions(
                     pipe, other, replacement, occurrence=occurrence, **pipeline_kwargs
                 )
@@ -198,7 +204,9 @@ class WordAblation(InterventionMethod[WordAblationConfig]):
                         f"{replacement!r} takes text positions {moved} where {word!r} takes "
                         f"{positions}; replace a word by one of the same token count"
                     )
-                ablated = base.with_cond_rows(positions, setup.conditionings[other].embeds[-1, positions])
+                ablated = base.with_cond_rows(
+                    positions, setup.conditionings[other].embeds[-1, positions]
+                )
             branches = [
                 Branch(source=s, start=a, conditioning=tuple(int(a <= j <= b) for j in range(n)))
                 for a, b in windows

@@ -24,6 +24,7 @@ a template), and patch taps are removed in ``finally``.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -178,11 +179,17 @@ class BranchRunner:
     >>> setup = prepare_branches(pipe, trace, ["a blue circle on the left"])  # doctest: +SKIP
     >>> runner = BranchRunner(pipe, [trace], setup)  # doctest: +SKIP
     >>> conds = list(setup.conditionings.values())  # doctest: +SKIP
-    >>> out = runner.run([Branch(start=k, conditioning=1) for k in range(20)], conds)  # doctest: +SKIP
+    >>> branches = [Branch(start=k, conditioning=1) for k in range(20)]  # doctest: +SKIP
+    >>> out = runner.run(branches, conds)  # doctest: +SKIP
     """
 
     def __init__(
-        self, pipe: Any, traces: Sequence[Trace], setup: BranchSetup, *, max_batch: int | None = None
+        self,
+        pipe: Any,
+        traces: Sequence[Trace],
+        setup: BranchSetup,
+        *,
+        max_batch: int | None = None,
     ) -> None:
         if not traces:
             raise ValueError("give at least one trace to branch from")
@@ -207,7 +214,9 @@ class BranchRunner:
 
         self.t_dtype = timestep_dtype(facts.model_timestep_dtype)
         hw = facts.latent_layout
-        self.layout = LatentLayout(hw.latent_hw, hw.patch) if hw else LatentLayout(first.latent_shape, 1)
+        self.layout = (
+            LatentLayout(hw.latent_hw, hw.patch) if hw else LatentLayout(first.latent_shape, 1)
+        )
         self.setup = setup
         self.max_batch = max_batch
         self.solvers = [
@@ -271,6 +280,18 @@ class BranchRunner:
                 out[key] = value
         return out
 
+    def _denoise_halves(
+        self,
+        x: torch.Tensor,
+        step: int,
+        conds: Sequence[BranchConditioning],
+        patches: Sequence[ActivationPatch | None],
+        taps: dict[str, PatchTap],
+        halves: tuple[Half, ...],
+    ) -> torch.Tensor:
+        """:meth:`_denoise` with the CFG ``halves`` last (what ``cfg.run`` passes)."""
+        return self._denoise(x, step, halves, conds, patches, taps)
+
     def _denoise(
         self,
         x: torch.Tensor,
@@ -326,12 +347,10 @@ class BranchRunner:
         outs = []
         for begin in range(0, len(x), size):
             end = begin + size
-            chunk = self.cfg.run(
-                lambda halves, b=begin, e=end: self._denoise(
-                    x[b:e], step, halves, conds[b:e], patches[b:e], taps
-                )
+            call = functools.partial(
+                self._denoise_halves, x[begin:end], step, conds[begin:end], patches[begin:end], taps
             )
-            outs.append(chunk)
+            outs.append(self.cfg.run(call))
         guided = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.family.to_model_input(guided, self.layout)
 
@@ -417,10 +436,7 @@ class BranchRunner:
                     continue
                 loop.step = step
                 conds = [conditionings[branches[i].conditioning_at(step)] for i in order]
-                patches = [
-                    branches[i].patch if branches[i].patch and branches[i].patch.step == step else None
-                    for i in order
-                ]
+                patches = [_patch_at(branches[i].patch, step) for i in order]
                 guided = self._guided(x, step, conds, patches, taps)
                 x = step_latents(self._scheduler, guided, step, x)
                 done += len(order)
@@ -436,14 +452,18 @@ class BranchRunner:
                 finals[i] = self.traces[b.source].final_latent
         return finals, done, calls
 
-    def _join_rows(self, x: torch.Tensor | None, step: int, joining: Sequence[Branch]) -> torch.Tensor:
+    def _join_rows(
+        self, x: torch.Tensor | None, step: int, joining: Sequence[Branch]
+    ) -> torch.Tensor:
         new = torch.cat([self.solvers[b.source].latent(step) for b in joining])
         counts: dict[int, int] = {}
         for b in joining:
             counts[b.source] = counts.get(b.source, 0) + 1
         # Rows are appended in the order of `joining`: group them by source first.
         sources = [(self.solvers[s].advance_to(step), n) for s, n in counts.items()]
-        grouped = torch.cat([new[[i for i, b in enumerate(joining) if b.source == s]] for s in counts])
+        grouped = torch.cat(
+            [new[[i for i, b in enumerate(joining) if b.source == s]] for s in counts]
+        )
         self._scheduler = join_rows(self._scheduler, sources, tuple(new.shape[1:]))
         return grouped if x is None else torch.cat([x, grouped])
 
@@ -474,8 +494,13 @@ class BranchRunner:
                 self._scheduler = copy.deepcopy(solver.advance_to(step))
                 with capture_outputs(self.family, paths, cfg=self.cfg) as acts:
                     self.cfg.run(
-                        lambda halves, s=step: self._denoise(
-                            solver.latent(s), s, halves, [conditioning], [None], {}
+                        functools.partial(
+                            self._denoise_halves,
+                            solver.latent(step),
+                            step,
+                            [conditioning],
+                            [None],
+                            {},
                         )
                     )
                 for path in paths:
@@ -528,3 +553,8 @@ def _check_branches(
             raise ValueError(
                 f"a patch at step {b.patch.step} is outside its branch (steps {b.start}..{n - 1})"
             )
+
+
+def _patch_at(patch: ActivationPatch | None, step: int) -> ActivationPatch | None:
+    """The branch's patch when it applies at ``step``."""
+    return patch if patch is not None and patch.step == step else None

@@ -44,7 +44,9 @@ def _rows(tensor: Any, row_shape: tuple[int, ...]) -> bool:
     )
 
 
-def step_latents(scheduler: Any, output: torch.Tensor, step: int, sample: torch.Tensor) -> torch.Tensor:
+def step_latents(
+    scheduler: Any, output: torch.Tensor, step: int, sample: torch.Tensor
+) -> torch.Tensor:
     """``scheduler.step`` at loop index ``step`` as the pipelines call it; the next latents."""
     t = scheduler.timesteps[step]
     return scheduler.step(output, t, sample, return_dict=False)[0]
@@ -140,7 +142,9 @@ def _expand(value: torch.Tensor, count: int) -> torch.Tensor:
     return value.expand(count, *value.shape[1:])
 
 
-def _join_value(name: str, mine: Any, theirs: Sequence[tuple[Any, int]], row_shape: tuple[int, ...]) -> Any:
+def _join_value(
+    name: str, mine: Any, theirs: Sequence[tuple[Any, int]], row_shape: tuple[int, ...]
+) -> Any:
     if _rows(mine, row_shape):
         parts = [mine]
         for other, count in theirs:
@@ -150,7 +154,9 @@ def _join_value(name: str, mine: Any, theirs: Sequence[tuple[Any, int]], row_sha
         return torch.cat(parts)
     if isinstance(mine, (list, tuple)):
         items = [
-            _join_value(f"{name}[{i}]", item, [(other[i], count) for other, count in theirs], row_shape)
+            _join_value(
+                f"{name}[{i}]", item, [(other[i], count) for other, count in theirs], row_shape
+            )
             for i, item in enumerate(mine)
         ]
         return type(mine)(items)
@@ -178,7 +184,9 @@ def join_rows(
         first, count = sources[0]
         scheduler = copy.deepcopy(first)
         for name, value in vars(first).items():
-            vars(scheduler)[name] = _join_value(name, _shrink(value, row_shape), [(value, count)], row_shape)
+            vars(scheduler)[name] = _join_value(
+                name, _shrink(value, row_shape), [(value, count)], row_shape
+            )
         sources = sources[1:]
     index = getattr(scheduler, "_step_index", None)
     for other, _ in sources:

@@ -87,7 +87,9 @@ class BranchConditioning:
         """The row of ``half`` in :attr:`embeds` (the prompt's is the last)."""
         return cfg.stored_row(half) % len(self.embeds)
 
-    def with_cond_rows(self, positions: Sequence[int], rows: torch.Tensor | None) -> BranchConditioning:
+    def with_cond_rows(
+        self, positions: Sequence[int], rows: torch.Tensor | None
+    ) -> BranchConditioning:
         """A copy whose prompt half has text rows ``positions`` replaced by ``rows``
         (``(len(positions), D)``), or zeroed when ``rows`` is None."""
         embeds = self.embeds.clone()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,10 +64,12 @@ class _Latent(nn.Module):
 class _Text(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.attn2 = Attention(query_dim=CHANNELS, cross_attention_dim=TEXT_DIM, heads=1, dim_head=4)
+        self.attn2 = Attention(
+            query_dim=CHANNELS, cross_attention_dim=TEXT_DIM, heads=1, dim_head=4
+        )
 
     def forward(self, h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        b, c, hh, ww = h.shape
+        b, _, hh, ww = h.shape
         attended = self.attn2(h.flatten(2).transpose(1, 2), encoder_hidden_states=text)
         sign = text[..., 0].sum(dim=1)
         return sign[:, None, None, None].expand(b, 1, hh, ww) + 0.0 * attended.mean()
@@ -80,10 +82,9 @@ class _Head(nn.Module):
 
     def forward(self, latent: torch.Tensor, sign: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = self.timesteps.index(int(t.flatten()[0]))
-        if step < COMMIT_STEP:
-            v = sign[:, 0, 0, 0]
-        else:
-            v = torch.sign(latent[:, 0].mean(dim=(1, 2)))
+        # Before the commitment step the prompt's sign drives the attribute; from it on,
+        # the latent's own sign does, whatever the prompt says.
+        v = sign[:, 0, 0, 0] if step < COMMIT_STEP else torch.sign(latent[:, 0].mean(dim=(1, 2)))
         out = torch.zeros_like(latent)
         out[:, 0] = (v * GROWTH**step)[:, None, None]
         return out
@@ -135,7 +136,7 @@ class SignEncoder(nn.Module):
 class ToyVae(nn.Module):
     """Paints the whole image red (mean of channel 0 > 0) or blue (otherwise)."""
 
-    config = {"scaling_factor": 1.0}
+    config: ClassVar[dict[str, float]] = {"scaling_factor": 1.0}
 
     @property
     def dtype(self) -> torch.dtype:

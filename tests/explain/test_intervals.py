@@ -60,7 +60,8 @@ def test_bootstrap_crossing() -> None:
     units = np.array([[0.0, 0.0, 1.0, 1.0]] * 5 + [[0.0, 1.0, 1.0, 1.0]] * 5)
     step, low, high = bootstrap_crossing(units, 0.9, resamples=300)
     assert step == 2
-    assert low is not None and high is not None
+    assert low is not None
+    assert high is not None
     assert 1 <= low <= step <= high <= 2
     never = bootstrap_crossing(np.zeros((4, 3)), 0.9, resamples=50)
     assert never == (None, None, None)

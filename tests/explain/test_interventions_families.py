@@ -51,13 +51,16 @@ def test_interventions_on_every_family(case: str, family_case: Any, family_trace
     first = switch.run(pipe, tr, word="red", replacement="blue", judges=JUDGE, **_extra(kwargs))
     second = switch.run(pipe, tr, word="red", replacement="blue", judges=JUDGE, **_extra(kwargs))
     np.testing.assert_array_equal(first.images, second.images)
-    assert first.images is not None and tr.image is not None
+    assert first.images is not None
+    assert tr.image is not None
     np.testing.assert_array_equal(first.images[-1, 0], tr.image)  # k = n: A's own image
     assert first.outcomes.shape == (1, 3, 1)
     ablation = WordAblation(windows=[[0, 1], [1, 2]], progress_bar=False).run(
         pipe, tr, "red", judges=JUDGE, **_extra(kwargs)
     )
-    assert len(ablation.positions) == (2 if CASE_FAMILY[case] == "sd3" and case != "sd3_no_t5" else 1)
+    assert len(ablation.positions) == (
+        2 if CASE_FAMILY[case] == "sd3" and case != "sd3_no_t5" else 1
+    )
     assert ablation.image_change.shape == (2, 1)
     layer = denoiser_family(pipe).cam_layers()[0]
     grid = ActivationPatching(layers=[layer], steps=[1], progress_bar=False).run(
@@ -112,7 +115,9 @@ def test_patching_leaves_nothing_behind_when_the_denoiser_raises(
 
     monkeypatch.setattr(pipe.unet.up_blocks[-1], "forward", explode)
     with pytest.raises(_Boom):
-        ActivationPatching(layers=["mid_block"], progress_bar=False).run(pipe, tr, other, judges=JUDGE)
+        ActivationPatching(layers=["mid_block"], progress_bar=False).run(
+            pipe, tr, other, judges=JUDGE
+        )
     monkeypatch.undo()
     assert _state(pipe) == before
     assert changed_keys(sched, scheduler_state(pipe.scheduler)) == []

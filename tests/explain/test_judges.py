@@ -20,15 +20,20 @@ def test_scene_judges_read_rendered_scenes_exactly() -> None:
 
 
 def test_judges_from_two_captions_and_from_a_word() -> None:
-    judges = scene_judges("a small red circle left of a large blue square", "a small red triangle left of a large blue square")
-    assert [(j.attribute, j.a_value, j.b_value) for j in judges] == [("shape", "circle", "triangle")]
+    judges = scene_judges(
+        "a small red circle left of a large blue square",
+        "a small red triangle left of a large blue square",
+    )
+    assert [(j.attribute, j.a_value, j.b_value) for j in judges] == [
+        ("shape", "circle", "triangle")
+    ]
     (word,) = scene_word_judges("a large red circle on the left", "left")
     assert (word.attribute, word.a_value, word.b_value) == ("position", "left", None)
     image = SceneWorld(seed=0).render_caption("a large red circle on the right").image
     assert word.outcome(image) == "other"
     with pytest.raises(ValueError, match="same objects"):
         scene_judges("a red circle on the left", "a red circle on the left")
-    with pytest.raises(ValueError, match="same objects|number"):
+    with pytest.raises(ValueError, match=r"same objects|number"):
         scene_judges("a red circle on the left", "a red circle left of a blue square")
     with pytest.raises(ValueError, match="names no colour"):
         scene_word_judges("a red circle on the left", "the")

@@ -24,7 +24,9 @@ N_STEPS = 5
 BATCHED_ATOL = 1e-4
 
 
-def _setup(pipe: Any, traces: list[Trace], prompts: list[str], **kwargs: Any) -> tuple[BranchRunner, list[BranchConditioning]]:
+def _setup(
+    pipe: Any, traces: list[Trace], prompts: list[str], **kwargs: Any
+) -> tuple[BranchRunner, list[BranchConditioning]]:
     setup = prepare_branches(pipe, traces[0], prompts, **kwargs)
     conds = [setup.conditionings[traces[0].prompt], *[setup.conditionings[p] for p in prompts]]
     return BranchRunner(pipe, traces, setup), conds
@@ -50,14 +52,17 @@ def _switched_by_pipeline(pipe: Any, k: int, embeds_b: torch.Tensor, seed: int) 
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler", "pndm"])
-def test_branch_from_step_zero_is_the_trace_bit_for_bit(tiny_sd_pipe_factory: Any, scheduler: str) -> None:
+def test_branch_from_step_zero_is_the_trace_bit_for_bit(
+    tiny_sd_pipe_factory: Any, scheduler: str
+) -> None:
     pipe = tiny_sd_pipe_factory(scheduler=scheduler)
     tr = trace(pipe, PROMPT_A, num_inference_steps=N_STEPS, seed=3)
     before = scheduler_state(pipe.scheduler)
     runner, conds = _setup(pipe, [tr], [])
     one = runner.run([Branch(start=0)], conds)
     np.testing.assert_array_equal(one.latents[0], tr.final_latent)
-    assert one.images is not None and tr.image is not None
+    assert one.images is not None
+    assert tr.image is not None
     np.testing.assert_array_equal(one.images[0], tr.image)
     # Batched with every other start: the same trajectory, within float32 rounding.
     many = runner.run([Branch(start=k) for k in range(tr.n_steps + 1)], conds)
@@ -98,7 +103,8 @@ def test_every_family_branches_exactly(case: str, family_case: Any, family_trace
     runner, conds = _setup(pipe, [tr], ["a blue square on the right"], **extra)
     own = runner.run([Branch(start=0)], conds)
     np.testing.assert_array_equal(own.latents[0], tr.final_latent)
-    assert own.images is not None and tr.image is not None
+    assert own.images is not None
+    assert tr.image is not None
     np.testing.assert_array_equal(own.images[0], tr.image)
     switched = runner.run([Branch(start=1, conditioning=1), Branch(start=1)], conds, decode=False)
     assert not np.allclose(switched.latents[0], tr.final_latent)
@@ -110,7 +116,7 @@ def test_every_family_branches_exactly(case: str, family_case: Any, family_trace
 
 
 def test_word_positions_find_both_copies_of_an_sd3_word(family_case: Any) -> None:
-    pipe, kwargs = family_case("sd3")
+    pipe, _ = family_case("sd3")
     positions = word_positions(pipe, PROMPT_A, "red", max_sequence_length=24)
     assert len(positions) == 2  # CLIP part and T5 part
     assert positions[0] < 77 <= positions[1]
@@ -154,7 +160,9 @@ def test_a_patch_writes_only_its_rows(tiny_sd_pipe: Any) -> None:
     np.testing.assert_array_equal(same.latents, alone.latents)
     plain = runner.run([Branch(start=1), Branch(start=1)], conds, decode=False)
     patched = runner.run(
-        [Branch(start=1), Branch(start=1, patch=ActivationPatch(1, path, other))], conds, decode=False
+        [Branch(start=1), Branch(start=1, patch=ActivationPatch(1, path, other))],
+        conds,
+        decode=False,
     )
     np.testing.assert_array_equal(patched.latents[0], plain.latents[0])
     assert not np.allclose(patched.latents[1], plain.latents[1])
@@ -186,7 +194,9 @@ def test_nothing_left_behind_when_the_denoiser_raises(
     assert changed_keys(before, scheduler_state(pipe.scheduler)) == []
     assert hook_counts(pipe.unet) == hooks
     assert not hasattr(pipe.unet.mid_block, "_diffusers_hook")
-    assert processors == {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+    assert processors == {
+        n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")
+    }
     # The runner still works afterwards.
     out = runner.run([Branch(start=0)], conds, decode=False)
     np.testing.assert_array_equal(out.latents[0], tr.final_latent)
