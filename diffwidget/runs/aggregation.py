@@ -9,10 +9,12 @@
   precision, over all (object, word) pairs of the set, with item-level bootstrap intervals;
 * token roles: mean attention mass per role and step with a ± sd band;
 * concept probes (when recorded): :class:`~diffwidget.explain.probes.ConceptProbe` curves
-  fitted across the set's items.
+  fitted across the set's items;
+* commitment (when computed): per attribute, the mean prompt-switch curve over prompts with
+  bootstrap bands and the step it crosses 0.9 (:mod:`diffwidget.runs.commitment`).
 
 Writes ``summary/``: ``items.csv`` / ``items.parquet``, ``metrics.csv`` / ``.parquet``,
-``faithfulness.csv``, ``segmentation.csv``, PNG plots and ``summary.md``.
+``faithfulness.csv``, ``segmentation.csv``, ``commitment.npz``, PNG plots and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -396,5 +398,14 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
     probes = concept_curves(store, records) if "probes" in manifest.settings.metrics else None
     if probes is not None:
         probes.save(folder / "concept_curves.json")
+    commitment = None
+    if "commitment" in manifest.settings.metrics:
+        from diffwidget.runs.commitment import SUMMARY_FILE, commitment_summary
+
+        commitment = commitment_summary(records, manifest.settings.inference_steps)
+        if commitment is not None:
+            atomic_write(folder / SUMMARY_FILE, commitment.save)
     figures = write_plots(folder, curves, probes) if plots else []
-    return write_summary(folder, manifest, table, metrics, faith, seg, curves, probes, figures)
+    return write_summary(
+        folder, manifest, table, metrics, faith, seg, curves, probes, figures, commitment
+    )

@@ -10,12 +10,14 @@ import numpy as np
 
 from diffwidget._markup import markdown_text
 from diffwidget.runs.aggregation import RANDOM_ORDER, ROLES_CURVE, SEGMENTATION_CURVE
+from diffwidget.runs.commitment import summary_lines
 from diffwidget.runs.segmentation import DAAM_TAU
 from diffwidget.runs.store import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from diffwidget.explain.commitment_summary import CommitmentSummary
     from diffwidget.runs.manifest import RunManifest
 
 #: Rows of the "worst items" list in summary.md.
@@ -147,6 +149,7 @@ def write_summary(
     curves: dict[str, dict[str, Any]],
     probes: Any,
     figures: list[str],
+    commitment: CommitmentSummary | None = None,
 ) -> Path:
     """Write ``summary.md`` and return its path."""
     settings = manifest.settings.named()
@@ -218,6 +221,8 @@ def write_summary(
             f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
         ]
         lines.append("")
+    if commitment is not None:
+        lines += summary_lines(commitment)
     lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
     lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
     column = worst_metric(table)
