@@ -34,6 +34,7 @@ from diffwidget.runs.segmentation import (
     score_item,
     word_token_positions,
 )
+from diffwidget.tracing.activation_record import Half
 from diffwidget.tracing.trace import Trace
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ SEGMENTATION_AGGREGATIONS: tuple[str, ...] = ("ours", "daam")
 PAPER_STEP_FRACTION = 0.75
 #: CFG halves whose pooled activations are kept for the probes; the unconditional half
 #: never sees the prompt, so what it carries came through the latent.
-PROBE_HALVES: tuple[str, ...] = ("cond", "uncond")
+PROBE_HALVES: tuple[Half, ...] = ("cond", "uncond")
 #: Saliency meta entries that vary between runs of the same work (kept under "timing").
 _TIMING_META = ("seconds", "first_batch_seconds", "device")
 
@@ -153,7 +154,7 @@ def _probe_features(
 ) -> dict[str, np.ndarray]:
     from diffwidget.tracing.activations import ActivationRecorder
 
-    recorder = ActivationRecorder(halves=list(PROBE_HALVES), progress=False)  # type: ignore[arg-type]
+    recorder = ActivationRecorder(halves=PROBE_HALVES, progress=False)
     record = recorder.record(
         pipe,
         [item.prompt],
