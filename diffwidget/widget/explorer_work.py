@@ -106,6 +106,7 @@ class ExplorerWork:
     _lock: threading.Lock
     _evaluator: Any
     _faith: dict[tuple[Any, ...], dict[str, Any]]
+    _curves: list[tuple[dict[str, Any], np.ndarray]]
     #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
     commitment: CommitmentCurves | None
 
@@ -285,6 +286,8 @@ class ExplorerWork:
             inside = curves.switch_steps < n  # k = n (A's own image) is past the step axis
             values[curves.switch_steps[inside]] = keep[inside]
             name = f"{attribute} kept ({curves.a_values[row]}) after switch to {work.replacement}"
+            # A switch computed again replaces its curve instead of drawing it twice.
+            self._curves[:] = [c for c in self._curves if c[0]["name"] != name]
             self.add_curve(name, values, group="concept_auc")
         return curves
 

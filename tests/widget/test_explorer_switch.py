@@ -60,6 +60,10 @@ def test_switch_from_the_explorer_joins_the_curves(demo: tuple[Any, Any]) -> Non
         keep, _, _ = direct.keep_a("colour")
         np.testing.assert_allclose(values[row][[0, 2]], keep[:2])
         assert np.isnan(values[row][[1, 3]]).all()  # steps not switched at stay empty
+        # Switching again (k = n only: no branch step to run) replaces the curve.
+        explorer.prompt_switch("red", "blue", switch_steps=[N_STEPS]).result(WAIT_S)
+        names = [s["name"] for s in explorer.widget.curves["series"]]
+        assert names.count(series[row]["name"]) == 1
     finally:
         explorer.close()
 
