@@ -9,10 +9,12 @@
   precision, over all (object, word) pairs of the set, with item-level bootstrap intervals;
 * token roles: mean attention mass per role and step with a ± sd band;
 * concept probes (when recorded): :class:`~diffwidget.explain.probes.ConceptProbe` curves
-  fitted across the set's items.
+  fitted across the set's items;
+* commitment (when computed): per attribute, the mean prompt-switch curve over prompts with
+  bootstrap bands and the step it crosses 0.9 (:mod:`diffwidget.runs.commitment`).
 
 Writes ``summary/``: ``items.csv`` / ``items.parquet``, ``metrics.csv`` / ``.parquet``,
-``faithfulness.csv``, ``segmentation.csv``, PNG plots and ``summary.md``.
+``faithfulness.csv``, ``segmentation.csv``, ``commitment.npz``, PNG plots and ``summary.md``.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ from diffwidget.runs.aggregation import (
     metric_table,
     segmentation_table,
 )
+from diffwidget.runs.commitment import SUMMARY_FILE, commitment_summary, summary_lines
 from diffwidget.runs.segmentation import DAAM_TAU
 from diffwidget.runs.store import RunStore, atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from diffwidget.explain.commitment_summary import CommitmentSummary
     from diffwidget.runs.manifest import RunManifest
 
 #: Rows of the "worst items" list in summary.md.
@@ -158,6 +160,7 @@ def write_summary(
     curves: dict[str, dict[str, Any]],
     probes: Any,
     figures: list[str],
+    commitment: CommitmentSummary | None = None,
 ) -> Path:
     """Write ``summary.md`` and return its path."""
     settings = manifest.settings.named()
@@ -229,6 +232,8 @@ def write_summary(
             f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
         ]
         lines.append("")
+    if commitment is not None:
+        lines += summary_lines(commitment)
     lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
     lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
     column = worst_metric(table)
@@ -290,5 +295,12 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
     probes = concept_curves(store, records) if "probes" in manifest.settings.metrics else None
     if probes is not None:
         probes.save(folder / "concept_curves.json")
+    commitment = None
+    if "commitment" in manifest.settings.metrics:
+        commitment = commitment_summary(records, manifest.settings.inference_steps)
+        if commitment is not None:
+            atomic_write(folder / SUMMARY_FILE, commitment.save)
     figures = write_plots(folder, curves, probes) if plots else []
-    return write_summary(folder, manifest, table, metrics, faith, seg, curves, probes, figures)
+    return write_summary(
+        folder, manifest, table, metrics, faith, seg, curves, probes, figures, commitment
+    )

@@ -60,6 +60,11 @@ _TIMESTEP_DTYPES: dict[TimestepDtype, torch.dtype] = {
 }
 
 
+def timestep_dtype(name: TimestepDtype) -> torch.dtype:
+    """The torch dtype of the timestep dtype a trace names (``facts.model_timestep_dtype``)."""
+    return _TIMESTEP_DTYPES[name]
+
+
 def _schedule_from(scheduler: Any, trace: Trace) -> NoiseSchedule:
     """Coefficients read from the pipeline's scheduler, for traces that do not carry them."""
     family = scheduler_family(scheduler)

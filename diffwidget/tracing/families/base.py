@@ -139,6 +139,9 @@ class DenoiserFamily:
     batch_free: ClassVar[frozenset[str]] = frozenset()
     #: Keyword of the pipeline call argument that limits the T5 sequence, if any.
     max_sequence_arg: ClassVar[str | None] = None
+    #: Keyword of the denoiser's text attention mask (1 attend, 0 masked out of every
+    #: cross-attention softmax), if it takes one; word ablations mask a word's column with it.
+    text_mask_argument: ClassVar[str | None] = None
     #: Accept any denoiser module under :attr:`denoiser_attr` outside diffusers pipelines.
     any_denoiser: ClassVar[bool] = False
 

@@ -41,6 +41,8 @@ class PixArtFamily(CrossAttentionFamily):
     sample_arg = "hidden_states"
     normalisation = "text_softmax"
     max_sequence_arg = "max_sequence_length"
+    #: The pipeline already passes the T5 padding mask; a masked word multiplies into it.
+    text_mask_argument = "encoder_attention_mask"
 
     def attention_sites(self) -> dict[str, ProcessorFactory]:
         """Every block's ``attn2``."""

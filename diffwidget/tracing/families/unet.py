@@ -307,6 +307,8 @@ class UNetFamily(CrossAttentionFamily):
     normalisation = "text_softmax"
     #: Custom modules with the UNet call signature (held outside a diffusers pipeline).
     any_denoiser = True
+    #: ``UNet2DConditionModel`` turns it into the cross-attention bias of every ``attn2``.
+    text_mask_argument = "encoder_attention_mask"
 
     # ------------------------------------------------------------------ attention
     def attention_sites(self) -> dict[str, ProcessorFactory]:
