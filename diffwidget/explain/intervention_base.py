@@ -11,7 +11,6 @@ and cancel, and judges the final images.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,23 +46,6 @@ def check_traces(traces: Trace | Sequence[Trace]) -> list[Trace]:
     if len(prompts) != 1:
         raise ValueError(f"the traces hold different prompts {sorted(prompts)}; give one prompt's")
     return items
-
-
-def replace_word(prompt: str, word: str, replacement: str) -> str:
-    """``prompt`` with the whole word ``word`` replaced by ``replacement`` (every occurrence).
-
-    Examples
-    --------
-    >>> replace_word("a red circle on the left", "red", "blue")
-    'a blue circle on the left'
-    """
-    for name, value in (("word", word), ("replacement", replacement)):
-        if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
-            raise ValueError(f"{name} must be one word, got {value!r}")
-    pattern = re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)", re.IGNORECASE)
-    if not pattern.search(prompt):
-        raise ValueError(f"{prompt!r} has no word {word!r}")
-    return pattern.sub(replacement.strip(), prompt)
 
 
 def default_judges(

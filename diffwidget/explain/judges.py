@@ -36,6 +36,7 @@ Examples
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
@@ -254,6 +255,23 @@ def check_judges(judges: Judge | Sequence[Judge]) -> list[Judge]:
     return items
 
 
+def replace_word(prompt: str, word: str, replacement: str) -> str:
+    """``prompt`` with the whole word ``word`` replaced by ``replacement`` (every occurrence).
+
+    Examples
+    --------
+    >>> replace_word("a red circle on the left", "red", "blue")
+    'a blue circle on the left'
+    """
+    for name, value in (("word", word), ("replacement", replacement)):
+        if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
+            raise ValueError(f"{name} must be one word, got {value!r}")
+    pattern = re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)", re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise ValueError(f"{prompt!r} has no word {word!r}")
+    return pattern.sub(replacement.strip(), prompt)
+
+
 def scene_word_judges(caption: str, word: str, replacement: str | None = None) -> list[Judge]:
     """Exact judges of the attribute a scene-world ``word`` names ("red": the colour).
 
@@ -269,8 +287,6 @@ def scene_word_judges(caption: str, word: str, replacement: str | None = None) -
     from diffwidget.models.scenes import parse_caption
 
     if replacement is not None:
-        from diffwidget.explain.intervention_base import replace_word
-
         return scene_judges(caption, replace_word(caption, word, replacement))
     specs = parse_caption(caption)
     target = word.strip().lower()

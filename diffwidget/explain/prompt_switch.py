@@ -29,11 +29,10 @@ from diffwidget.explain.intervention_base import (
     default_judges,
     judge_all,
     reference_images,
-    replace_word,
     seeds_of,
 )
 from diffwidget.explain.intervention_results import CommitmentCurves
-from diffwidget.explain.judges import Judge
+from diffwidget.explain.judges import Judge, replace_word
 from diffwidget.tracing.trace import Trace
 
 

@@ -36,11 +36,10 @@ from diffwidget.explain.intervention_base import (
     check_traces,
     judge_all,
     reference_images,
-    replace_word,
     seeds_of,
 )
 from diffwidget.explain.intervention_results import WordAblationResult
-from diffwidget.explain.judges import Judge, check_judges, scene_word_judges
+from diffwidget.explain.judges import Judge, check_judges, replace_word, scene_word_judges
 from diffwidget.tracing.trace import Trace
 
 AblationMode = Literal["zero", "replace", "mask"]

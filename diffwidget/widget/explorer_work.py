@@ -253,7 +253,7 @@ class ExplorerWork:
         >>> curves = explorer.prompt_switch("red", "blue").result()  # doctest: +SKIP
         >>> explorer.figure("concept_auc")  # doctest: +SKIP
         """
-        from diffwidget.explain.intervention_base import replace_word
+        from diffwidget.explain.judges import replace_word
 
         if self.pipe is None:
             raise RuntimeError("a prompt switch needs the pipeline: Explorer(trace, pipe=pipe)")
