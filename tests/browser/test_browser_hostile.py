@@ -158,12 +158,37 @@ CELLS = [
 ]
 
 
+#: Moves the pointer over the first step's cell of every layer row; the hover lines seen.
+HOVER_ROWS = """() => {
+  const box = document.querySelector("figure.dw-grid");
+  const scroll = box.querySelector(".dw-grid-scroll");
+  const hover = box.querySelector(".dw-grid-hover");
+  const rect = scroll.getBoundingClientRect();
+  const { labelPx, headerPx, pitchPx, rowTops } = box.dataset;
+  const texts = [];
+  for (const top of rowTops.split(",").map(Number)) {
+    if (top < 0) continue;
+    scroll.scrollTop = Math.max(0, top - 8);
+    const x = rect.left + Number(labelPx) + Number(pitchPx) / 2;
+    const y = rect.top + Number(headerPx) + top - scroll.scrollTop + 4;
+    scroll.dispatchEvent(new MouseEvent("mousemove", { clientX: x, clientY: y, bubbles: true }));
+    texts.push(hover.textContent);
+  }
+  return texts;
+}"""
+
+
+def grid_hover_texts(page: Any) -> str:
+    """Every layer row's hover line of the explorer's grid, as one flat text."""
+    return flat(" ".join(page.evaluate(HOVER_ROWS)))
+
+
 def check_run_views(watch: Watch) -> None:
     """Nothing injected ran; the hostile strings are text in the browser, explorer, figures."""
     page = watch.page
     # The last cells' outputs: the explorer, its grid and the bqplot figure.
     page.wait_for_selector(".dw-canvas[data-draws]", timeout=RENDER_TIMEOUT_MS)
-    page.wait_for_selector(".dw-grid-label", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector("figure.dw-grid[data-row-tops]", timeout=RENDER_TIMEOUT_MS)
     page.wait_for_selector(".dw-figure svg text", timeout=RENDER_TIMEOUT_MS)
     watch.assert_nothing_ran()
     lines = shown(page, ".widget-html")
@@ -182,7 +207,9 @@ def check_run_views(watch: Watch) -> None:
     assert flat(hostile.token_payload("token")) in chips
     assert flat(hostile.file_safe_payload("token2")) in chips
     assert flat(hostile.token_payload("token")) in shown(page, ".dw-caption")
-    assert flat(hostile.token_payload("layer")) in shown(page, ".dw-grid-label")
+    # Row labels are painted on the canvas (text by construction); the hover line names the
+    # layer under the pointer in the page's own text.
+    assert flat(hostile.token_payload("layer")) in grid_hover_texts(page)
     labels = svg_text(page)  # curves' direct labels, bqplot labels, legends and titles
     assert flat(hostile.token_payload("token")) in labels
     assert flat(hostile.CURVE) in labels
