@@ -170,7 +170,7 @@ def inputs(model: str, net: Any, size: int, device: str, dtype: torch.dtype) -> 
     }
 
 
-def capture(net: Any, kind: str, batched: bool) -> tuple[AttentionCapture, list[Any]]:
+def capture(net: Any, kind: str, batched: bool) -> AttentionCapture:
     """The capture of ``kind`` ("ours" or "full") on every joint-attention site."""
     from diffwidget.tracing.cfg import CfgLayout
 
@@ -179,10 +179,12 @@ def capture(net: Any, kind: str, batched: bool) -> tuple[AttentionCapture, list[
     sites = family.attention_sites()
     if kind == "full":
         sites = dict.fromkeys(sites, FullSoftmaxCapture)
+    # Flux's single-stream layers see one joined sequence: a trace tells them the text length
+    # of each call; here every call has the same.
+    recorder.text_length = TEXT["sd3m" if net_is_sd3(net) else "flux"]
     cap = AttentionCapture(net, recorder, sites)
     cap.install()
-    handles = family.install(recorder)
-    return cap, handles
+    return cap
 
 
 def run_steps(net: Any, args: dict[str, Any], steps: int, recorder: Any | None) -> None:
@@ -212,7 +214,7 @@ def timed(
 ) -> tuple[float, float]:
     """Wall and process-CPU seconds of ``steps`` calls with the capture ``kind``."""
     which = "ours" if kind == "recompute" else kind
-    cap, handles = (None, []) if kind == "plain" else capture(net, which, net_is_sd3(net))
+    cap = None if kind == "plain" else capture(net, which, net_is_sd3(net))
     try:
         with kernel_lse(kind != "recompute"):
             sync(device)
@@ -221,8 +223,6 @@ def timed(
             sync(device)
             return time.perf_counter() - start, time.process_time() - cpu
     finally:
-        for handle in handles:
-            handle.remove()
         if cap is not None:
             cap.restore()
 

@@ -121,9 +121,7 @@ class DFCam(SaliencyMethodBase[DFCamConfig]):
         x = replay.latent(step).requires_grad_(True)
         with (
             torch.enable_grad(),
-            capture_outputs(
-                family.denoiser, paths, retain_grad=True, select=family.block_tensor
-            ) as acts,
+            capture_outputs(family, paths, retain_grad=True, cfg=replay.cfg) as acts,
         ):
             out = replay.model_output(x, step, grad=True)
             y = out.sum()
@@ -136,7 +134,7 @@ class DFCam(SaliencyMethodBase[DFCamConfig]):
             tensors = [t for p in paths for t in acts[p]]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
         grad_of = dict(zip(map(id, tensors), grads, strict=True))
-        layers, layers_raw, peaks = _layer_cams(replay, paths, acts, grad_of, inputs.size, w)
+        layers, layers_raw, peaks = _layer_cams(replay, paths, acts, grad_of, inputs.size)
         if progress is not None:
             progress(1, 1)
         return SaliencyParts(
@@ -158,10 +156,9 @@ class DFCam(SaliencyMethodBase[DFCamConfig]):
 def _layer_cams(
     replay: StepReplay,
     paths: list[str],
-    acts: dict[str, list[torch.Tensor]],
+    acts: Mapping[str, list[torch.Tensor]],
     grad_of: Mapping[int, torch.Tensor | None],
     size: tuple[int, int],
-    w: float,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """Each block's CAM on the latent grid: normalised, raw, and its peak before upsampling."""
     family = replay.family
@@ -173,12 +170,8 @@ def _layer_cams(
             calls = acts[path]
             a_u, a_c = replay.halves([t.detach().float() for t in calls])
             g_u, g_c = replay.halves([_grad_or_zeros(grad_of[id(t)], t).float() for t in calls])
-            if a_u is not None and g_u is not None:
-                a = a_u + w * (a_c - a_u)
-                # dy/dA_u and dy/dA_c already carry (1 - w) and w.
-                g = g_u + g_c
-            else:
-                a, g = a_c, g_c
+            # dy/dA_u and dy/dA_c already carry (1 - w) and w: the gradients add up.
+            a, g = replay.cfg.combine(a_u, a_c), replay.cfg.combine_gradients(g_u, g_c)
             a = family.spatial(a, replay.layout)[-1]
             g = family.spatial(g, replay.layout)[-1]
             alpha = g.mean(dim=(1, 2))

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from diffwidget.tracing.replay import StepReplay
 
 
-def _head_mean(probs: torch.Tensor, grad: torch.Tensor | None, row: int) -> torch.Tensor:
-    a = probs[row].float()
+def _head_mean(probs: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    a = probs.float()
     if grad is None:
         return torch.zeros_like(a[0])
-    return (grad[row].float() * a).clamp_min(0).mean(0)
+    return (grad.float() * a).clamp_min(0).mean(0)
 
 
 def joint_step(replay: StepReplay, step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -46,11 +46,15 @@ def joint_step(replay: StepReplay, step: int) -> tuple[torch.Tensor, torch.Tenso
         x = replay.latent(step).requires_grad_(True)
         y = replay.model_output(x, step, grad=True).sum()
         grads = torch.autograd.grad(y, [r.probs for r in records], allow_unused=True)
+    # The records of each denoiser call follow one another; keep the prompt's call, and in
+    # it the prompt's rows.
+    cfg = replay.cfg
     pairs = list(zip(records, grads, strict=True))
-    if replay.cfg.kind == "separate":
-        # The prompt's call runs first; its layers are the first half of the records.
-        pairs = pairs[: len(pairs) // 2]
-    row = -1 if replay.cfg.kind == "batched" else 0
+    if not pairs:
+        raise ValueError("the denoiser ran no joint attention layer; nothing to attribute")
+    per_call = len(pairs) // cfg.calls_per_step
+    calls = [pairs[i : i + per_call] for i in range(0, len(pairs), per_call)]
+    pairs = cfg.split_calls(calls)[1]
     grid = replay.layout.token_grid
     n_image = grid[0] * grid[1]
     first = next((r for r, _ in pairs if r.n_text), None)
@@ -63,7 +67,10 @@ def joint_step(replay: StepReplay, step: int) -> tuple[torch.Tensor, torch.Tenso
     with torch.no_grad():
         relevance = torch.eye(n_image + n_text, device=device)
         for record, grad in pairs:
-            a_bar = _head_mean(record.probs.detach(), grad, row).to(device)
+            a_bar = _head_mean(
+                cfg.cond_rows(record.probs.detach(), "cond")[-1],
+                None if grad is None else cfg.cond_rows(grad, "cond")[-1],
+            ).to(device)
             if record.n_text:
                 relevance = relevance + a_bar @ relevance
             else:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffwidget.explain._common import ProgressCallback, check_int_list, check_step
 from diffwidget.explain.base import LoopStatus, Method
@@ -21,6 +19,7 @@ from diffwidget.explain.results import TokenRelevanceResult, minmax
 from diffwidget.tracing.replay import StepReplay
 
 if TYPE_CHECKING:
+    from diffwidget.tracing.families.base import TextAttention
     from diffwidget.tracing.trace import Trace
 
 #: Guards the row normalisation of relevance matrices against all-zero rows.
@@ -29,156 +28,16 @@ _TINY = 1e-12
 _EMBED_RTOL = 1e-3
 
 
-@dataclass
-class _Record:
-    path: str
-    probs: torch.Tensor  # (batch * heads, n_query, n_key), part of the autograd graph
-    heads: int
-    cross: bool
-
-
-class _ExplicitAttnProcessor:
-    """Attention computed explicitly so its probabilities join the autograd graph.
-
-    Mirrors diffusers' ``AttnProcessor`` (the reference, non-fused implementation) and
-    records ``softmax(QK^T / sqrt(d))``. Installed only while token relevance runs.
-    """
-
-    def __init__(self, path: str, records: list[_Record]) -> None:
-        self.path = path
-        self.records = records
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        cross = encoder_hidden_states is not None
-        source = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
-        batch, seq_len, _ = source.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.records.append(_Record(self.path, probs, int(attn.heads), cross))
-        hidden_states = torch.bmm(probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def attention_modules(unet: nn.Module) -> dict[str, Any]:
-    """Every diffusers ``Attention`` module of ``unet`` by module path."""
-    from diffusers.models.attention_processor import Attention
-
-    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
-
-
-@contextmanager
-def explicit_attention(unet: nn.Module) -> Iterator[list[_Record]]:
-    """Temporarily replace every attention processor by :class:`_ExplicitAttnProcessor`.
-
-    The original processor objects are put back in ``finally``, also when the forward
-    pass raises; traced generations never run with these slow processors.
-    """
-    modules = attention_modules(unet)
-    if not modules:
-        raise ValueError(
-            f"{type(unet).__name__} has no diffusers Attention layers; token relevance needs a "
-            "UNet with cross-attention (e.g. a StableDiffusionPipeline's)"
-        )
-    records: list[_Record] = []
-    originals = {path: m.processor for path, m in modules.items()}
-    try:
-        for path, module in modules.items():
-            module.set_processor(_ExplicitAttnProcessor(path, records))
-        yield records
-    finally:
-        for path, module in modules.items():
-            module.set_processor(originals[path])
-
-
-@contextmanager
-def eager_text_attention(text_encoder: Any) -> Iterator[None]:
-    """Switch a transformers text encoder to eager attention (so it returns probabilities)."""
-    config = getattr(text_encoder, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    switch = previous not in (None, "eager") and hasattr(text_encoder, "set_attn_implementation")
-    try:
-        if switch:
-            text_encoder.set_attn_implementation("eager")
-        yield
-    finally:
-        if switch:
-            text_encoder.set_attn_implementation(previous)
-
-
-@contextmanager
-def _text_attention_probs(encoder: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the probabilities eager self-attention layers return beside their output.
-
-    Our own forward hooks on the ``*.self_attn`` modules, removed in ``finally``; asking
-    transformers for ``output_attentions`` would leave its capture hooks on the model.
-    """
-    probs: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, _args: object, output: object) -> None:
-        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
-            probs.append(output[1])
-
-    handles = [
-        m.register_forward_hook(hook)
-        for name, m in encoder.named_modules()
-        if name.endswith("self_attn")
-    ]
-    try:
-        yield probs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _head_mean_relevance(
-    probs: torch.Tensor, grad: torch.Tensor | None, heads: int
-) -> torch.Tensor:
-    """Chefer's ``A_bar = E_h[(grad * A)^+]`` for the *conditional* (last) batch entry."""
-    n_q, n_k = probs.shape[-2:]
-    a = probs.reshape(-1, heads, n_q, n_k)[-1].float()
+def _head_mean_relevance(probs: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Chefer's ``A_bar = E_h[(grad * A)^+]`` of one image's ``(heads, n_q, n_k)`` attention."""
+    a = probs.float()
     if grad is None:
-        return torch.zeros(n_q, n_k, device=probs.device)
-    g = grad.reshape(-1, heads, n_q, n_k)[-1].float()
-    return (g * a).clamp_min(0).mean(0)
+        return torch.zeros(a.shape[-2:], device=probs.device)
+    return (grad.float() * a).clamp_min(0).mean(0)
+
+
+def _row(t: torch.Tensor | None, row: int) -> torch.Tensor | None:
+    return None if t is None else t[row]
 
 
 def _normalise(r: torch.Tensor) -> torch.Tensor:
@@ -299,15 +158,13 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
         return list(range(min(len(trace.tokens), length)))
 
     def _text_pass(
-        self, pipe: Any, ids: torch.Tensor, replay: StepReplay
+        self, text: TextAttention | None, ids: torch.Tensor, replay: StepReplay
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Conditional embedding with gradients and the text self-attention probabilities."""
-        encoder = getattr(pipe, "text_encoder", None)
-        if not self.config.text_encoder or encoder is None or hasattr(pipe, "text_encoder_2"):
+        if not self.config.text_encoder or text is None:
             return None, []
-        device = next(encoder.parameters()).device
-        with _text_attention_probs(encoder) as text_attn:
-            hidden = encoder(ids.to(device))[0].to(replay.device)
+        hidden, text_attn = text.encode(ids)
+        hidden = hidden.to(replay.device)
         recorded = replay.cond_embeds.float()
         scale = float(recorded.abs().max()) or 1.0
         if hidden.shape != recorded.shape or not torch.allclose(
@@ -318,10 +175,11 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
 
     # ------------------------------------------------------------------ one step
     def _step(
-        self, pipe: Any, replay: StepReplay, step: int, ids: torch.Tensor
+        self, text: TextAttention | None, replay: StepReplay, step: int, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
-        with torch.enable_grad(), explicit_attention(replay.family.denoiser) as records:
-            hidden, text_attn = self._text_pass(pipe, ids, replay)
+        length = replay.cond_embeds.shape[1]
+        with torch.enable_grad(), replay.family.explicit_attention(length) as records:
+            hidden, text_attn = self._text_pass(text, ids, replay)
             if hidden is None:
                 hidden = replay.cond_embeds.detach().clone().requires_grad_(True)
             x = replay.latent(step).requires_grad_(True)
@@ -330,19 +188,22 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
             probs = [r.probs for r in records]
             grads = torch.autograd.grad(y, probs + text_attn, allow_unused=True)
         unet_grads, text_grads = grads[: len(probs)], grads[len(probs) :]
-        length = replay.cond_embeds.shape[1]
         dev = replay.device
+        # The prompt's rows of the replayed call (the text encoder ran on the prompt alone).
+        cond = replay.cfg.cond_rows
         with torch.no_grad():
             r_tt = torch.eye(length, device=dev)
             for a, g in zip(text_attn, text_grads, strict=True):
-                heads = a.shape[1]
-                r_tt = r_tt + _head_mean_relevance(a.detach(), g, heads).to(dev) @ r_tt
+                r_tt = r_tt + _head_mean_relevance(a.detach()[-1], _row(g, -1)).to(dev) @ r_tt
             r_tt_bar = _normalise(r_tt)
             latent = replay.trace.latent_shape
             grid: tuple[int, int] | None = None
             r_ii = r_it = torch.zeros(0, device=dev)
             for record, g in zip(records, unet_grads, strict=True):
-                a_bar = _head_mean_relevance(record.probs.detach(), g, record.heads)
+                a_bar = _head_mean_relevance(
+                    cond(record.probs.detach(), "cond")[-1],
+                    None if g is None else cond(g, "cond")[-1],
+                )
                 n = a_bar.shape[0]
                 new_grid = _grid_for(n, latent)
                 if grid is None:
@@ -352,7 +213,7 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
                 if new_grid != grid:
                     r_ii = torch.eye(n, device=dev)
                     grid = new_grid
-                if record.cross:
+                if record.kind == "cross":
                     if a_bar.shape[1] != length:
                         continue
                     r_it = r_it + _normalise(r_ii).T @ a_bar @ r_tt_bar
@@ -407,14 +268,14 @@ class TokenRelevance(Method[TokenRelevanceConfig]):
         text_layers = 0
         with (
             self.loop(len(chosen), 1, progress, start=start_time) as loop,
-            eager_text_attention(getattr(pipe, "text_encoder", None)),
+            replay.family.text_attention() as text,
         ):
             for k, _ in loop:
                 if joint:
                     rel, rmap, grid = joint_step(replay, chosen[k])
                 else:
                     assert ids is not None
-                    rel, rmap, grid, text_layers = self._step(pipe, replay, chosen[k], ids)
+                    rel, rmap, grid, text_layers = self._step(text, replay, chosen[k], ids)
                 rows.append((rel.numpy()[keep], rmap.numpy()[keep]))
                 grids.add(grid)
         rules = "joint self-attention (Chefer)" if joint else "cross- and self-attention (Chefer)"

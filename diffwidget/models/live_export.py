@@ -52,7 +52,7 @@ OPSET = 20
 #: Rows of the UNet call: the pipeline batches classifier-free guidance as [uncond, cond].
 CFG_HALVES = ("uncond", "cond")
 COND_ROW = CFG_HALVES.index("cond")
-#: Name under which the preview decoder's graph records its maker (``Trace.meta``).
+#: Name under which the preview decoder's graph records its maker (``Trace.facts.preview_decoder``).
 PREVIEW_DECODER_NAME = "shipped demo decoder"
 #: Output name prefix of the attention probabilities.
 ATTENTION_PREFIX = "attention:"

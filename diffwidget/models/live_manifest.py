@@ -175,7 +175,7 @@ class LiveManifest:
     default_steps: int
     default_guidance: float
     max_steps: int
-    #: What decodes the previews (``Trace.meta["preview_decoder"]``).
+    #: What decodes the previews (``Trace.facts.preview_decoder``).
     preview_decoder: str
     fingerprint: str
     opset: int

@@ -1,20 +1,23 @@
-"""Pooled UNet block activations for a batch of prompts, at every denoising step.
+"""Pooled denoiser block activations for a batch of prompts, at every denoising step.
 
 Concept probes (:mod:`diffwidget.explain.probes`) need, for many prompts, a small feature
-vector per UNet block and step. Storing raw activations would cost gigabytes, so each block
-output is pooled inside the forward hook (spatial mean, or a small adaptive-average grid that
+vector per block and step. Storing raw activations would cost gigabytes, so each block
+output is pooled as it is produced (spatial mean, or a small adaptive-average grid that
 keeps coarse position) and only the pooled vectors of the chosen CFG halves are kept: by
 default the *conditional* (prompt) half; optionally also the unconditional half, which never
 sees the prompt and so tells what has already reached the latent.
 
-The pipeline runs unchanged (its own scheduler, its own CFG); we only observe it through
-forward hooks that are removed when recording ends, also when the pipeline raises.
+The pipeline runs unchanged (its own scheduler, its own CFG); it is observed by a
+:class:`~diffwidget.tracing.context.TraceContext` in ``record="taps"`` mode through one
+:class:`~diffwidget.tracing.hooks.PooledBlockTap` per block and a loop tap for the
+timesteps and x̂0, all removed when recording ends, also when the pipeline raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
@@ -23,12 +26,15 @@ from diffwidget.records import JsonValue
 from diffwidget.tracing.activation_record import HALVES, POOLINGS, ActivationRecord, Half, Pooling
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.decode import decode_latents, to_uint8
-from diffwidget.tracing.families.base import DenoiserFamily, LatentLayout
+from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
+from diffwidget.tracing.model_hooks import resolve_module
 from diffwidget.tracing.noise import PREDICTION_SOURCES, PredictionSource
+from diffwidget.tracing.taps import StepEvent, Tap
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
+
+    from diffwidget.tracing.hooks import PooledBlockTap
 
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
@@ -57,54 +63,110 @@ def default_blocks(pipe: Any) -> list[str]:
     return denoiser_family(pipe).probe_blocks()
 
 
-def _pooler(
-    pooling: Pooling,
-    grid_size: int,
-    halves: Sequence[Half],
-    cfg: CfgLayout,
-    dtype: torch.dtype,
-    to_map: Callable[[torch.Tensor], torch.Tensor],
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reduce a block output to [len(halves), prompts, features] on the CPU.
+class _Prediction(Tap):
+    """Loop tap: each step's timestep and, for x̂0, ``x_t`` and the model output used.
 
-    ``to_map`` lays a block's activation out as ``[batch, C, h, w]`` (the family's
-    ``spatial``: transformer tokens on their patch grid).
+    ``source`` ``"guided"`` keeps the output the scheduler stepped with; ``"cond"`` the
+    conditional half of the step's denoiser calls.
     """
-    import torch
-    import torch.nn.functional as F
 
-    def pool(tensor: torch.Tensor) -> torch.Tensor:
-        if pooling == "mean":
-            return tensor.float().mean(dim=(2, 3))
-        return F.adaptive_avg_pool2d(tensor.float(), grid_size).flatten(1)
+    def __init__(self, layout: LatentLayout, source: PredictionSource | None) -> None:
+        super().__init__("activations.prediction")
+        self.layout = layout
+        self.source = source
+        self.timesteps: list[float] = []
+        self.sigma_indices: list[int | None] = []
+        self.latents: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self._cond: torch.Tensor | None = None
 
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        feature_map = to_map(tensor)
-        uncond, cond = cfg.split(feature_map)
-        parts = {"cond": cond} if uncond is None else {"uncond": uncond, "cond": cond}
-        return torch.stack([pool(parts[h]) for h in halves]).to(device="cpu", dtype=dtype)
+    def on_output(self, call: DenoiserCall, output: torch.Tensor) -> None:
+        loop = self.loop
+        if self.source == "cond" and loop is not None:
+            rows = loop.cfg.rows("cond", output, call.label)
+            if rows is not None:
+                self._cond = loop.family.from_model_output(rows.detach(), self.layout)
 
-    return reduce
+    def on_step(self, event: StepEvent) -> None:
+        import torch
+
+        assert self.loop is not None
+        family = self.loop.family
+        self.timesteps.append(float(torch.as_tensor(event.timestep).double()))
+        self.sigma_indices.append(event.sigma_index)
+        if self.source is None:
+            return
+        self.latents.append(family.to_latents(event.sample.detach(), self.layout).float())
+        guided = family.to_latents(event.model_output.detach(), self.layout)
+        output = guided if self.source == "guided" else self._cond
+        assert output is not None
+        self.outputs.append(output.float())
+
+    def x0(self, scheduler: Any) -> torch.Tensor:
+        """x̂0 of every recorded step, ``[n_steps * B, C, h, w]`` step-major.
+
+        Uses the same coefficients as :class:`~diffwidget.tracing.context.TraceContext`
+        (:mod:`diffwidget.tracing.noise`), read from the scheduler's tables, never stepping it.
+        """
+        import torch
+
+        from diffwidget.tracing.noise import (
+            predict_x0,
+            prediction_type,
+            scheduler_family,
+            step_coefficients,
+        )
+
+        noise, kind = scheduler_family(scheduler), prediction_type(scheduler)
+        steps = zip(self.timesteps, self.sigma_indices, self.latents, self.outputs, strict=True)
+        x0: list[torch.Tensor] = []
+        for t, index, x_t, output in steps:
+            c = step_coefficients(scheduler, noise, t, index)
+            # predict_x0 is array-generic: it works on tensors unchanged.
+            x = predict_x0(cast(Any, x_t), cast(Any, output), c.alpha, c.sigma, c.input_scale, kind)
+            x0.append(cast("torch.Tensor", x))
+        return torch.cat(x0)
+
+
+@dataclass
+class _Plan:
+    """What every prompt batch of one recording shares."""
+
+    family: DenoiserFamily
+    blocks: list[str]
+    cfg: CfgLayout
+    layout: LatentLayout
+    call: dict[str, object]
+    store: Any
+    n_steps: int
+    out: dict[Half, dict[str, np.ndarray]] = field(default_factory=dict)
+    timesteps: np.ndarray | None = None
+    images: np.ndarray | None = None
+    x0_images: np.ndarray | None = None
+
+
+#: One batch's results: half -> block -> [B, n_steps, F], timesteps, uint8 images
+#: [B, H, W, 3] and the decoded x̂0 [B, n_steps, H, W, 3] (or None).
+_Batch = tuple[dict[Half, dict[str, np.ndarray]], np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @contextmanager
-def _denoiser_inputs(family: DenoiserFamily) -> Iterator[list[tuple[torch.Tensor, Any]]]:
-    """Record ``(sample, timestep)`` of every denoiser call; the hook is removed on exit."""
-    calls: list[tuple[torch.Tensor, Any]] = []
-
-    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        call = family.parse_call(args, kwargs)
-        calls.append((call.sample.detach(), call))
-
-    handle = family.denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
+def _quiet_pipeline(pipe: Any) -> Iterator[None]:
+    """The pipeline's own progress bar off inside the block, its configuration put back."""
+    previous = getattr(pipe, "_progress_bar_config", None)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
     try:
-        yield calls
+        yield
     finally:
-        handle.remove()
+        if previous is not None:
+            pipe._progress_bar_config = previous
+        elif hasattr(pipe, "_progress_bar_config"):
+            del pipe._progress_bar_config
 
 
 class ActivationRecorder:
-    """Record pooled UNet block activations at every step for a batch of prompts.
+    """Record pooled block activations at every step for a batch of prompts.
 
     Parameters
     ----------
@@ -125,11 +187,11 @@ class ActivationRecorder:
         Prompts generated together in one pipeline call.
     decode_x0 : bool
         Also decode the predicted clean image x̂0 at every step (one VAE decode per prompt
-        and step). x̂0 is computed from the guided noise prediction and the UNet input with
-        the scheduler's tables (:mod:`diffwidget.tracing.noise`, as in a
+        and step). x̂0 is computed from the model output and ``x_t`` the scheduler stepped
+        with, with the scheduler's tables (:mod:`diffwidget.tracing.noise`, as in a
         :class:`~diffwidget.tracing.trace.Trace`); the scheduler itself is never called.
     x0_from : {"guided", "cond"}
-        Noise prediction that x̂0 is computed from: the guided one the sampler uses
+        Model output that x̂0 is computed from: the guided one the sampler uses
         (default), or the conditional half alone. Early in sampling, CFG's extrapolation
         can give x̂0 colours that the final image does not have; ``"cond"`` shows what the
         model itself predicts.
@@ -200,7 +262,7 @@ class ActivationRecorder:
         Parameters
         ----------
         pipe : diffusers pipeline
-            A Stable Diffusion-style pipeline with a ``unet`` and ``callback_on_step_end``.
+            A pipeline of a supported family (:mod:`diffwidget.tracing.families`).
         prompts : sequence of str
             One image is generated per prompt.
         seeds : sequence of int, optional
@@ -218,161 +280,67 @@ class ActivationRecorder:
         -------
         ActivationRecord
         """
-        import torch
         from tqdm.auto import tqdm
 
-        from diffwidget.tracing.hooks import resolve_module
-
         prompts = list(prompts)
-        if not prompts:
-            raise ValueError("pass at least one prompt")
-        seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
-        clash = _RESERVED_KWARGS & set(pipeline_kwargs)
-        if clash:
-            raise ValueError(f"the recorder sets {sorted(clash)} itself; leave them out")
+        seeds = _check_request(prompts, seeds, seed, pipeline_kwargs)
+        call = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        plan = self._plan(
+            pipe, negative_prompt, {**call, "height": height, "width": width}, pipeline_kwargs
+        )
+        n = len(prompts)
+        progress = {"disable": not self.progress, "desc": "recording activations", "unit": "step"}
+        with _quiet_pipeline(pipe), tqdm(total=n * num_inference_steps, **progress) as bar:
+            for start in range(0, n, self.batch_size):
+                batch = prompts[start : start + self.batch_size]
+                rows = slice(start, start + len(batch))
+                if negative_prompt is not None:
+                    plan.call["negative_prompt"] = [negative_prompt] * len(batch)
+                self._store(plan, self._run_batch(pipe, plan, batch, seeds[rows], bar), rows, n)
+        return self._result(pipe, plan, prompts, seeds, negative_prompt)
+
+    def _plan(
+        self,
+        pipe: Any,
+        negative_prompt: str | None,
+        call: Mapping[str, Any],
+        pipeline_kwargs: Mapping[str, object],
+    ) -> _Plan:
+        """Check the blocks and the CFG halves before anything is generated."""
+        import torch
+
         from diffwidget.tracing.families import denoiser_family
 
         family = denoiser_family(pipe)
-        unet = family.denoiser
         blocks = self.blocks if self.blocks is not None else family.probe_blocks()
         for path in blocks:
-            resolve_module(unet, path)  # fail before generating anything
+            resolve_module(family.denoiser, path)  # fail before generating anything
         cfg = family.cfg_layout(
-            guidance_scale, {"negative_prompt": negative_prompt, **pipeline_kwargs}
+            call["guidance_scale"], {"negative_prompt": negative_prompt, **pipeline_kwargs}
         )
-        if getattr(unet.config, "time_cond_proj_dim", None) is not None:
-            cfg = CfgLayout("none", guidance_scale)  # guidance-embedded UNets (LCM) run one half
-        if cfg.kind == "separate":
-            raise ValueError(
-                "recording activations with separate CFG calls (Flux's true_cfg_scale) is not "
-                "supported; record without true_cfg_scale"
-            )
         if not cfg.guided and "uncond" in self.halves:
             raise ValueError(
                 "without classifier-free guidance (guidance_scale <= 1) there is no "
                 "unconditional half; record halves=['cond'] or raise guidance_scale"
             )
         size = family.default_image_size()
-        layout = family.layout_for(height or size, width or size)
+        call = {**call, "output_type": "np", **pipeline_kwargs}
         store = torch.float16 if self.dtype == "float16" else torch.float32
-        reduce = _pooler(
-            self.pooling,
-            self.grid_size,
-            self.halves,
-            cfg,
-            store,
-            lambda tensor: family.spatial(tensor, layout),
-        )
-        call = {
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "height": height,
-            "width": width,
-            "output_type": "np",
-            **pipeline_kwargs,
-        }
-
-        n = len(prompts)
-        out: dict[Half, dict[str, np.ndarray]] = {h: {} for h in self.halves}
-        images: np.ndarray | None = None
-        x0_images: np.ndarray | None = None
-        timesteps: np.ndarray | None = None
-        previous_bar = getattr(pipe, "_progress_bar_config", None)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        bar = tqdm(
-            total=n * num_inference_steps,
-            disable=not self.progress,
-            desc="recording activations",
-            unit="step",
-        )
-        try:
-            for start in range(0, n, self.batch_size):
-                batch = prompts[start : start + self.batch_size]
-                rows = slice(start, start + len(batch))
-                if negative_prompt is not None:
-                    call["negative_prompt"] = [negative_prompt] * len(batch)
-                acts, batch_t, batch_images, decoded = self._run_batch(
-                    pipe, family, layout, blocks, reduce, batch, seeds[rows], cfg, call, bar
-                )
-                if timesteps is None:
-                    timesteps = batch_t
-                    images = np.empty((n, *batch_images.shape[1:]), dtype=np.uint8)
-                    for half, path in ((h, p) for h in self.halves for p in blocks):
-                        features = acts[path].shape[-1]
-                        shape = (n, len(batch_t), features)
-                        out[half][path] = np.empty(shape, dtype=self.dtype)
-                    if decoded is not None:
-                        x0_images = np.empty((n, *decoded.shape[1:]), dtype=np.uint8)
-                elif not np.array_equal(batch_t, timesteps):
-                    raise RuntimeError("timesteps differ between prompt batches; fix the scheduler")
-                for path in blocks:
-                    for k, half in enumerate(self.halves):
-                        out[half][path][rows] = acts[path][k]
-                assert images is not None
-                images[rows] = batch_images
-                if x0_images is not None and decoded is not None:
-                    x0_images[rows] = decoded
-        finally:
-            bar.close()
-            if previous_bar is not None:
-                pipe._progress_bar_config = previous_bar
-            elif hasattr(pipe, "_progress_bar_config"):
-                del pipe._progress_bar_config
-
-        assert timesteps is not None
-        assert images is not None
-        meta: dict[str, JsonValue] = {
-            "pipeline": type(pipe).__name__,
-            "scheduler": type(pipe.scheduler).__name__,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "cfg": cfg.guided,
-            "family": family.name,
-            "halves": self.halves,
-            "negative_prompt": negative_prompt,
-            "dtype": self.dtype,
-            "height": int(images.shape[1]),
-            "width": int(images.shape[2]),
-        }
-        return ActivationRecord(
-            prompts=prompts,
-            seeds=[int(s) for s in seeds],
-            timesteps=timesteps.astype(np.int64),
-            activations=out.get("cond", {}),
-            uncond_activations=out.get("uncond", {}),
-            pooling=self.pooling,
-            grid_size=self.grid_size,
-            images=images,
-            x0_images=x0_images,
-            meta=meta,
-        )
+        layout = family.layout_for(call["height"] or size, call["width"] or size)
+        return _Plan(family, list(blocks), cfg, layout, call, store, call["num_inference_steps"])
 
     def _run_batch(
-        self,
-        pipe: Any,
-        family: DenoiserFamily,
-        layout: LatentLayout,
-        blocks: list[str],
-        reduce: Callable[[torch.Tensor], torch.Tensor],
-        batch: list[str],
-        seeds: list[int],
-        cfg: CfgLayout,
-        call: dict[str, Any],
-        bar: Any,
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray | None]:
-        """One pipeline call under hooks.
+        self, pipe: Any, plan: _Plan, batch: list[str], seeds: list[int], bar: Any
+    ) -> _Batch:
+        """One pipeline call observed by the taps.
 
-        Returns block -> [n_halves, B, n_steps, F], timesteps, uint8 images [B, H, W, 3]
-        and the decoded x̂0 [B, n_steps, H, W, 3] (or None).
+        Returns half -> block -> [B, n_steps, F], timesteps, uint8 images [B, H, W, 3] and
+        the decoded x̂0 [B, n_steps, H, W, 3] (or None).
         """
         import torch
 
-        from diffwidget.tracing.hooks import capture_outputs
-
-        unet = family.denoiser
+        from diffwidget.tracing.context import TraceContext
+        from diffwidget.tracing.hooks import PooledBlockTap
 
         def on_step_end(
             _pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]
@@ -380,76 +348,137 @@ class ActivationRecorder:
             bar.update(len(batch))
             return callback_kwargs
 
+        pooled = [
+            PooledBlockTap(
+                p,
+                plan.layout,
+                self.halves,
+                pooling=self.pooling,
+                grid_size=self.grid_size,
+                dtype=plan.store,
+            )
+            for p in plan.blocks
+        ]
+        prediction = _Prediction(plan.layout, self.x0_from if self.decode_x0 else None)
+        ctx = TraceContext(
+            pipe,
+            record="taps",
+            taps=[*pooled, prediction],
+            guidance_scale=plan.cfg.guidance_scale,
+            call_kwargs={k: v for k, v in plan.call.items() if k != "guidance_scale"},
+        )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        # The denoiser's own output ("" is the root module) is needed only for x̂0.
-        root = [""] if self.decode_x0 else []
-        with (
-            capture_outputs(unet, blocks, reduce=reduce, select=family.block_tensor) as acts,
-            _denoiser_inputs(family) as inputs,
-            capture_outputs(unet, root) as unet_out,
-        ):
+        with ctx:
             result = pipe(
-                prompt=batch, generator=generators, callback_on_step_end=on_step_end, **call
+                prompt=batch, generator=generators, callback_on_step_end=on_step_end, **plan.call
             )
-        n_calls = len(inputs)
-        if any(len(acts[p]) != n_calls for p in blocks):
-            raise RuntimeError(
-                "blocks were called a different number of times than the denoiser; "
-                "record top-level blocks that run once per denoiser call"
-            )
-        scheduler = pipe.scheduler
-        begin = getattr(scheduler, "begin_index", None) or 0
-        timesteps = np.round(scheduler.timesteps[begin : begin + n_calls].double().cpu().numpy())
-        # [n_steps, n_halves, B, F] -> [n_halves, B, n_steps, F]
-        stacked = {p: torch.stack(acts[p]).permute(1, 2, 0, 3).numpy() for p in blocks}
+        acts = {
+            h: {tap.path: _per_step(tap, h, ctx.loop.n_calls) for tap in pooled}
+            for h in self.halves
+        }
+        timesteps = np.round(np.asarray(prediction.timesteps, dtype=np.float64))
         images = to_uint8(np.asarray(result.images))
         decoded = None
         if self.decode_x0:
-            # A guidance scale of 1 leaves the conditional half alone.
-            w = cfg.guidance_scale if self.x0_from == "guided" else 1.0
-            flat = _decode_x0(pipe, family, layout, inputs, unet_out[""], CfgLayout(cfg.kind, w))
+            flat = decode_latents(pipe, prediction.x0(pipe.scheduler), batch=DECODE_CHUNK)
             # step-major [n_steps * B, H, W, 3] -> [B, n_steps, H, W, 3]
-            decoded = flat.reshape(n_calls, len(batch), *flat.shape[1:]).swapaxes(0, 1)
-        return stacked, timesteps, images, decoded
+            decoded = flat.reshape(len(timesteps), len(batch), *flat.shape[1:]).swapaxes(0, 1)
+        return acts, timesteps, images, decoded
+
+    def _store(self, plan: _Plan, batch: _Batch, rows: slice, n: int) -> None:
+        """Copy one batch's results into the record's arrays (allocated on first use)."""
+        acts, timesteps, images, decoded = batch
+        if plan.timesteps is None:
+            plan.timesteps = timesteps
+            plan.images = np.empty((n, *images.shape[1:]), dtype=np.uint8)
+            if decoded is not None:
+                plan.x0_images = np.empty((n, *decoded.shape[1:]), dtype=np.uint8)
+        elif not np.array_equal(timesteps, plan.timesteps):
+            raise RuntimeError("timesteps differ between prompt batches; fix the scheduler")
+        assert plan.images is not None
+        plan.images[rows] = images
+        if plan.x0_images is not None and decoded is not None:
+            plan.x0_images[rows] = decoded
+        for half, per_block in acts.items():
+            out = plan.out.setdefault(half, {})
+            for path, values in per_block.items():
+                if path not in out:
+                    out[path] = np.empty((n, *values.shape[1:]), dtype=self.dtype)
+                out[path][rows] = values
+
+    def _result(
+        self,
+        pipe: Any,
+        plan: _Plan,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompt: str | None,
+    ) -> ActivationRecord:
+        assert plan.timesteps is not None
+        assert plan.images is not None
+        meta: dict[str, JsonValue] = {
+            "pipeline": type(pipe).__name__,
+            "scheduler": type(pipe.scheduler).__name__,
+            "num_inference_steps": plan.n_steps,
+            "guidance_scale": cast(float, plan.call["guidance_scale"]),
+            "cfg": plan.cfg.guided,
+            "family": plan.family.name,
+            "halves": self.halves,
+            "negative_prompt": negative_prompt,
+            "dtype": self.dtype,
+            "height": int(plan.images.shape[1]),
+            "width": int(plan.images.shape[2]),
+        }
+        return ActivationRecord(
+            prompts=prompts,
+            seeds=[int(s) for s in seeds],
+            timesteps=plan.timesteps.astype(np.int64),
+            activations=plan.out.get("cond", {}),
+            uncond_activations=plan.out.get("uncond", {}),
+            pooling=self.pooling,
+            grid_size=self.grid_size,
+            images=plan.images,
+            x0_images=plan.x0_images,
+            meta=meta,
+        )
 
 
-def _decode_x0(
-    pipe: Any,
-    family: DenoiserFamily,
-    layout: LatentLayout,
-    inputs: list[tuple[torch.Tensor, Any]],
-    outputs: list[torch.Tensor],
-    cfg: CfgLayout,
-) -> np.ndarray:
-    """Decode x̂0 for every recorded denoiser call: [n_steps * B, H, W, 3], step-major.
+def _check_request(
+    prompts: list[str],
+    seeds: Sequence[int] | None,
+    seed: int,
+    pipeline_kwargs: Mapping[str, object],
+) -> list[int]:
+    """The seeds, one per prompt; clear errors for an empty or clashing request."""
+    if not prompts:
+        raise ValueError("pass at least one prompt")
+    chosen = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+    if len(chosen) != len(prompts):
+        raise ValueError(f"{len(chosen)} seeds for {len(prompts)} prompts; pass one per prompt")
+    clash = _RESERVED_KWARGS & set(pipeline_kwargs)
+    if clash:
+        raise ValueError(f"the recorder sets {sorted(clash)} itself; leave them out")
+    return chosen
 
-    Uses the same coefficients as :class:`~diffwidget.tracing.context.TraceContext`
-    (:mod:`diffwidget.tracing.noise`), read from the scheduler's tables, never stepping it.
+
+def _per_step(tap: PooledBlockTap, half: Half, n_calls: int) -> np.ndarray:
+    """A pooled tap's ``half`` as ``[B, n_steps, F]`` (the step's calls merged).
+
+    Raises
+    ------
+    RuntimeError
+        When the block ran a different number of times than the denoiser.
     """
     import torch
 
-    from diffwidget.tracing.noise import (
-        predict_x0,
-        prediction_type,
-        scheduler_family,
-        step_coefficients,
-    )
-
-    scheduler = pipe.scheduler
-    noise = scheduler_family(scheduler)
-    kind = prediction_type(scheduler)
-    begin = getattr(scheduler, "begin_index", None) or 0
-    latents: list[torch.Tensor] = []
-    for i, ((sample, _call), output) in enumerate(zip(inputs, outputs, strict=True)):
-        uncond, cond = cfg.split(family.from_model_output(output.float(), layout))
-        # The pipeline's own CFG combination (guidance_rescale is not applied).
-        guided = cfg.combine(uncond, cond)
-        x_in = family.to_latents(cfg.cond_rows(sample).float(), layout)
-        # One denoiser call per step, so call i ran at step index begin + i.
-        t = float(scheduler.timesteps[begin + i])
-        c = step_coefficients(scheduler, noise, t, begin + i)
-        x_t = x_in / c.input_scale  # the denoiser saw input_scale * x_t
-        # predict_x0 is array-generic: it works on tensors unchanged.
-        x0 = predict_x0(cast(Any, x_t), cast(Any, guided), c.alpha, c.sigma, c.input_scale, kind)
-        latents.append(cast("torch.Tensor", x0))
-    return decode_latents(pipe, torch.cat(latents), batch=DECODE_CHUNK)
+    if len(tap.values) != n_calls:
+        raise RuntimeError(
+            "blocks were called a different number of times than the denoiser; "
+            "record top-level blocks that run once per denoiser call"
+        )
+    per_step: dict[int, torch.Tensor] = {}
+    for step, pooled in tap.values:
+        if half in pooled:
+            per_step[step] = pooled[half]
+    stacked = torch.stack([per_step[s] for s in sorted(per_step)])  # [n_steps, B, F]
+    return stacked.transpose(0, 1).numpy()

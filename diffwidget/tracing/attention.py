@@ -53,6 +53,11 @@ class AttentionRecorder:
         #: False while the denoiser runs a call whose probabilities are not kept (the
         #: unconditional call of separate-call CFG).
         self.active = True
+        #: Text positions of the running denoiser call (the observer sets it per call;
+        #: Flux's single-stream layers see one joined sequence and need it).
+        self.text_length: int | None = None
+        #: ``cache_context`` name of the running call (separate-call CFG).
+        self.label: str | None = None
         self.step = 0
         self.maps: dict[str, list[torch.Tensor]] = {}
         self.n_tokens_total: int | None = None
@@ -69,7 +74,7 @@ class AttentionRecorder:
 
     def cond(self, tensor: torch.Tensor) -> torch.Tensor:
         """The prompt's rows of a tensor of the running call (one image per trace)."""
-        rows = self.cfg.cond_rows(tensor)
+        rows = self.cfg.cond_rows(tensor, self.label)
         if rows.shape[0] != 1:
             raise RuntimeError(
                 f"attention saw a batch of {tensor.shape[0]}; trace one prompt and one image at "

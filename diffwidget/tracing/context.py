@@ -1,25 +1,30 @@
-"""Trace one text-to-image generation: install hooks, record every step, restore.
+"""Trace one text-to-image generation: install taps, record every step, restore.
 
-Three extension points see everything a trace needs, for every denoiser family
+:class:`TraceContext` is diffwidget's one observer of a pipeline's denoising loop. It holds
+one :class:`~diffwidget.tracing.taps.TapRegistry` of named taps
+(:mod:`diffwidget.tracing.taps`), and a trace installs three, for every denoiser family
 (:mod:`diffwidget.tracing.families`):
 
-* the text→image attention processors (wrapped, see :mod:`diffwidget.tracing.attention`)
-  give the image→text probabilities;
-* a diffusers ``ModelHook`` on the denoiser (:mod:`diffwidget.tracing.calls`) sees each
-  call's exact arguments (for stateless replay) and its output (for the CFG check and
-  conditional previews), and the ``cache_context`` of Flux's separate CFG calls;
-* ``scheduler.step`` is the only place that receives the guided model output, the
-  timestep and ``x_t`` together, so it is wrapped on the scheduler instance.
+* ``attention``: the text→image attention processors, wrapped (see
+  :mod:`diffwidget.tracing.attention`), give the image→text probabilities;
+* ``denoiser``: a diffusers ``ModelHook`` on the denoiser (:mod:`diffwidget.tracing.calls`)
+  sees each call's exact arguments (for stateless replay) and its output (for the CFG check
+  and conditional previews), and the ``cache_context`` of Flux's separate CFG calls;
+* ``scheduler.step``: the only place that receives the guided model output, the timestep
+  and ``x_t`` together, wrapped on the scheduler instance.
 
-Everything is restored in ``finally``, also when the pipeline raises.
+A user adds taps (``taps=[...]``: block outputs, pooled block outputs, loop events) and
+lists them (``ctx.taps.names()``); ``record="taps"`` observes batches of prompts through
+the taps alone (concept probes). Every tap is removed in ``finally``, also when the
+pipeline raises.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -31,10 +36,11 @@ from diffwidget.tracing.budget import (
     check_budget,
     estimate_step_bytes,
 )
-from diffwidget.tracing.calls import record_calls
-from diffwidget.tracing.cfg import CfgKind, CfgLayout
+from diffwidget.tracing.calls import AttentionTap, CallTap, StepTap
+from diffwidget.tracing.cfg import CFG_HALVES, CfgLayout
 from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
 from diffwidget.tracing.facts import (
+    TEXT_ARGUMENT,
     CfgFacts,
     ConditioningEntry,
     FamilyName,
@@ -55,6 +61,7 @@ from diffwidget.tracing.noise import (
 )
 from diffwidget.tracing.pipeline_info import json_safe, versions
 from diffwidget.tracing.recording import StepRecords, conditioning_record
+from diffwidget.tracing.taps import LoopState, StepEvent, Tap, TapRegistry
 from diffwidget.tracing.tokens import PromptTokens, PromptTruncatedWarning, TokenSelection
 from diffwidget.tracing.trace import Trace
 
@@ -63,6 +70,10 @@ PREVIEW_BATCH = 4
 #: Relative tolerance of the step-0 check that the pipeline combined the CFG halves as
 #: ``u + w (c - u)`` (float16 models recombine in float16).
 CFG_CHECK_RTOL = 1e-2
+#: ``"trace"`` records a :class:`Trace` of one image; ``"taps"`` observes through the taps
+#: alone (any batch, no attention capture, no :meth:`TraceContext.result`).
+RecordMode = Literal["trace", "taps"]
+RECORD_MODES: tuple[str, ...] = get_args(RecordMode)
 
 
 class TraceContext:
@@ -107,6 +118,22 @@ class TraceContext:
     attention_heads : bool
         Also keep every head's map (``Trace.attention_heads``; heads times more attention
         memory, counted in the budget).
+    taps : sequence of Tap
+        More taps to install (:mod:`diffwidget.tracing.taps`), e.g. a
+        :class:`~diffwidget.tracing.hooks.BlockTap`; they see every call and step.
+    record : {"trace", "taps"}
+        ``"trace"`` (default) records a :class:`Trace` of one prompt and one image;
+        ``"taps"`` observes the pipeline through the taps alone: any batch of prompts, no
+        attention capture, the CFG layout predicted from ``guidance_scale`` and
+        ``call_kwargs``, and no :meth:`result`.
+
+    Attributes
+    ----------
+    taps : TapRegistry
+        Every tap this context installs, by name: ``ctx.taps.names()`` lists them,
+        ``ctx.taps.table()`` gives their kinds and module paths.
+    loop : LoopState
+        Where the loop is (step, running call, CFG layout), shared with the taps.
 
     Examples
     --------
@@ -116,6 +143,8 @@ class TraceContext:
     ...     out = pipe("a red circle", num_inference_steps=3, output_type="np")
     >>> ctx.result(image=out.images[0]).n_steps
     3
+    >>> ctx.taps.names()
+    ['denoiser', 'scheduler.step', 'attention']
     """
 
     def __init__(
@@ -133,23 +162,10 @@ class TraceContext:
         call_kwargs: dict[str, Any] | None = None,
         attention_heads: bool = False,
         preview_decoder: PreviewDecoder = "auto",
+        taps: Sequence[Tap] = (),
+        record: RecordMode = "trace",
     ) -> None:
-        if preview_from not in PREDICTION_SOURCES:
-            raise ValueError(
-                f"unknown preview_from {preview_from!r}; use one of {PREDICTION_SOURCES}"
-            )
-        if preview_from == "cond" and not decode_previews:
-            raise ValueError("preview_from='cond' needs decode_previews=True")
-        if prompt is not None and not isinstance(prompt, str):
-            raise TypeError(
-                f"trace one prompt at a time (a str), got {type(prompt).__name__}; loop over "
-                "prompts and make one trace each"
-            )
-        if prompt is None and tokens == "default":
-            raise ValueError(
-                "tokens='default' needs the prompt to find its words: pass prompt=..., or "
-                "tokens='all' / a list of token positions"
-            )
+        _check_arguments(prompt, tokens, preview_from, decode_previews, record)
         self.pipe = pipe
         self.family = denoiser_family(pipe)
         self.noise_family = scheduler_family(pipe.scheduler)
@@ -163,18 +179,16 @@ class TraceContext:
         self.seed = seed
         self.call_kwargs = dict(call_kwargs or {})
         self.claimed_guidance = guidance_scale
-        # Refuses call arguments the family cannot trace (SD3's skip-layer guidance).
-        self.family.cfg_layout(1.0 if guidance_scale is None else guidance_scale, self.call_kwargs)
+        self.record: RecordMode = record
+        # The family's prediction; it also refuses arguments it cannot trace (SD3's
+        # skip-layer guidance). A trace confirms the layout on the calls of step 0.
+        w = 1.0 if guidance_scale is None else guidance_scale
+        self.loop = LoopState(self.family, self.family.cfg_layout(w, self.call_kwargs))
         self.n_text = self.family.text_length(self.call_kwargs)
         self.prompt_tokens: PromptTokens | None = (
             self.family.prompt_tokens(prompt, self.call_kwargs) if prompt is not None else None
         )
-        if self.prompt_tokens is not None:
-            self.token_indices = self.prompt_tokens.select(tokens)
-        elif tokens == "all":
-            self.token_indices = list(range(self.n_text))
-        else:
-            self.token_indices = sorted({int(i) for i in tokens})
+        self.token_indices = self._token_indices(tokens)
         self.recorder = AttentionRecorder(
             None if len(self.token_indices) == self.n_text else self.token_indices,
             keep_heads=bool(attention_heads),
@@ -182,10 +196,29 @@ class TraceContext:
         self.capture = AttentionCapture(
             self.family.denoiser, self.recorder, self.family.attention_sites()
         )
-        self._hooks = contextlib.ExitStack()
-        self._scheduler: Any = None
-        self._had_instance_step = False
         self.records = StepRecords()
+        self.taps = self._registry(taps)
+
+    def _token_indices(self, tokens: TokenSelection) -> list[int]:
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens.select(tokens)
+        if tokens == "all" or self.record == "taps":
+            return list(range(self.n_text))
+        return sorted({int(i) for i in tokens})
+
+    def _registry(self, taps: Sequence[Tap]) -> TapRegistry:
+        """The observer's own taps (the call, the step, the attention sites) then ``taps``."""
+        registry = TapRegistry(
+            [
+                CallTap(self._on_call, self._on_output),
+                StepTap(self.pipe.scheduler, self._before_step, self._after_step),
+            ]
+        )
+        if self.record == "trace":
+            registry.add(AttentionTap(self.capture))
+        for tap in taps:
+            registry.add(tap)
+        return registry
 
     # ------------------------------------------------------------------ budget
     def step_bytes(self, height: int, width: int) -> StepBytes:
@@ -222,14 +255,11 @@ class TraceContext:
         self.recorder.step = 0
         self.recorder.maps = {}
         self.recorder.head_maps = {}
-        self.capture.install()
+        self.loop.step, self.loop.call, self.loop.n_calls = 0, None, 0
         try:
-            for handle in self.family.install(self.recorder):
-                self._hooks.callback(handle.remove)
-            self._hooks.enter_context(record_calls(self.family, self._on_call, self._on_output))
-            self._wrap_scheduler()
+            self.taps.install(self.loop)
         except BaseException:
-            self._close()
+            self._close()  # the registry removed its taps; the lock must go too
             raise
         return self
 
@@ -243,67 +273,49 @@ class TraceContext:
 
     def _close(self) -> None:
         try:
-            self._hooks.close()
-            self._unwrap_scheduler()
+            self.taps.remove()
         finally:
-            try:
-                self.capture.restore()
-            finally:
-                if self._holds_pipeline:
-                    self._holds_pipeline = False
-                    pipeline_lock(self.pipe).release()
-
-    def _wrap_scheduler(self) -> None:
-        scheduler = self.pipe.scheduler
-        self._scheduler = scheduler
-        self._had_instance_step = "step" in vars(scheduler)
-        original = scheduler.step
-
-        def step(
-            model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *a: Any, **k: Any
-        ) -> Any:
-            self._before_step(model_output, timestep, sample)
-            out = original(model_output, timestep, sample, *a, **k)
-            self._after_step(out)
-            return out
-
-        self._original_step = original
-        # An instance attribute shadows the class method for this scheduler object only.
-        scheduler.step = step
-
-    def _unwrap_scheduler(self) -> None:
-        scheduler = self._scheduler
-        if scheduler is None:
-            return
-        if self._had_instance_step:
-            scheduler.step = self._original_step
-        else:
-            vars(scheduler).pop("step", None)
-        self._scheduler = None
+            if self._holds_pipeline:
+                self._holds_pipeline = False
+                pipeline_lock(self.pipe).release()
 
     # --------------------------------------------------------------- recording
     def _on_call(self, call: DenoiserCall) -> None:
-        records = self.records
-        if records.n_steps == 0 and not records.step_calls:
-            # Attention runs inside this first call: tell the recorder where the prompt's
-            # rows are before the layout is confirmed at the end of step 0.
-            kind: CfgKind = "batched" if call.sample.shape[0] == 2 else "none"
-            if call.label in ("cond", "uncond"):
-                kind = "separate"
-            self.recorder.cfg = CfgLayout(kind, 1.0)
-        records.add_call(call)
-        # Separate-call CFG: only the prompt's call feeds the attention maps.
-        self.recorder.active = call.label != "uncond"
-        if call.sample.shape[0] > 2:
+        loop = self.loop
+        loop.call = call
+        loop.n_calls += 1
+        if self.record == "trace":
+            self._record_call(call)
+        self.taps.on_call(call)
+
+    def _record_call(self, call: DenoiserCall) -> None:
+        records, recorder = self.records, self.recorder
+        if call.sample.shape[0] > len(CFG_HALVES):
             raise RuntimeError(
                 f"the denoiser ran on a batch of {call.sample.shape[0]}; trace one prompt and "
                 "one image at a time (num_images_per_prompt=1)"
             )
+        if records.n_steps == 0 and not records.step_calls:
+            # Attention runs inside this first call: tell the recorder where the prompt's
+            # rows are before the layout is confirmed at the end of step 0.
+            batch = int(call.sample.shape[0])
+            self.loop.cfg = CfgLayout.observe([(call.label, batch)], 1.0, complete=False)
+            recorder.cfg = self.loop.cfg
+        records.add_call(call)
+        recorder.label = call.label
+        # Separate-call CFG: only the prompt's call feeds the attention maps.
+        recorder.active = "cond" in self.loop.cfg.halves_in_call(call.label)
+        text = call.conditioning.get(TEXT_ARGUMENT)
+        recorder.text_length = int(text.shape[1]) if isinstance(text, torch.Tensor) else None
 
     def _on_output(self, call: DenoiserCall, output: torch.Tensor) -> None:
-        self.records.add_output(call, output)
+        if self.record == "trace":
+            self.records.add_output(call, output)
+        self.taps.on_output(call, output)
 
     def _before_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> None:
+        if self.record != "trace":
+            return
         replaced = self.capture.replaced_layers()
         if replaced:
             raise RuntimeError(
@@ -346,9 +358,8 @@ class TraceContext:
 
     def _first_step(self, guided: torch.Tensor) -> None:
         records = self.records
-        w = self.claimed_guidance
-        records.cfg = records.observed_cfg(self.family, guided, w, self.pipe)
-        self.recorder.cfg = records.cfg
+        records.cfg = records.observed_cfg(self.family, guided, self.claimed_guidance, self.pipe)
+        self.loop.cfg = self.recorder.cfg = records.cfg
         records.conditioning = conditioning_record(self.family, records.step_calls, records.cfg)
         if self.recorder.n_tokens_total not in (None, self.n_text):
             raise RuntimeError(
@@ -356,21 +367,22 @@ class TraceContext:
                 f"{self.n_text} were expected from the pipeline's tokenizers; pass the "
                 "pipeline's arguments (e.g. max_sequence_length) as TraceContext(call_kwargs=...)"
             )
-        n_steps = len(self._scheduler.timesteps)
+        n_steps = len(self.pipe.scheduler.timesteps)
         factor = self.family.vae_scale_factor()
         h, w = records.layout.latent_hw
         step_bytes = self._step_bytes(records.layout, (h * factor, w * factor))
         check_budget(step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices))
 
-    def _after_step(self, out: Any) -> None:
-        prev = out[0] if isinstance(out, tuple) else out.prev_sample
-        self.records.finish_step(
-            getattr(self._scheduler, "step_index", None),
-            self.family.to_latents(prev, self.records.layout)[0],
-        )
-        self.recorder.step = self.records.n_steps
-        if self.records.n_steps == 1:
-            self.records.check_guidance(self.family, CFG_CHECK_RTOL)
+    def _after_step(self, event: StepEvent) -> None:
+        if self.record == "trace":
+            records = self.records
+            prev = self.family.to_latents(event.prev, records.layout)[0]
+            records.finish_step(event.sigma_index, prev)
+            self.recorder.step = records.n_steps
+            if records.n_steps == 1:
+                records.check_guidance(self.family, CFG_CHECK_RTOL)
+        self.loop.step += 1
+        self.taps.on_step(event)
 
     # ----------------------------------------------------------------- result
     def result(self, image: np.ndarray | None = None) -> Trace:
@@ -387,6 +399,8 @@ class TraceContext:
             When nothing was recorded, or when a latent or model output became NaN/inf
             (the message names the first such step).
         """
+        if self.record != "trace":
+            raise RuntimeError("record='taps' keeps no Trace: read the taps you passed instead")
         records = self.records
         if not records.n_steps:
             raise RuntimeError(
@@ -524,4 +538,30 @@ def _text_cut(tokens: PromptTokens | None) -> list[TextCut]:
     return cuts
 
 
-__all__ = ["TraceContext"]
+def _check_arguments(
+    prompt: str | None,
+    tokens: TokenSelection,
+    preview_from: str,
+    decode_previews: bool,
+    record: str,
+) -> None:
+    """Refuse, with the fix, arguments a :class:`TraceContext` cannot work with."""
+    if record not in RECORD_MODES:
+        raise ValueError(f"unknown record {record!r}; use one of {RECORD_MODES}")
+    if preview_from not in PREDICTION_SOURCES:
+        raise ValueError(f"unknown preview_from {preview_from!r}; use one of {PREDICTION_SOURCES}")
+    if preview_from == "cond" and not decode_previews:
+        raise ValueError("preview_from='cond' needs decode_previews=True")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(
+            f"trace one prompt at a time (a str), got {type(prompt).__name__}; loop over "
+            "prompts and make one trace each"
+        )
+    if prompt is None and tokens == "default" and record == "trace":
+        raise ValueError(
+            "tokens='default' needs the prompt to find its words: pass prompt=..., or "
+            "tokens='all' / a list of token positions"
+        )
+
+
+__all__ = ["RECORD_MODES", "RecordMode", "TraceContext"]

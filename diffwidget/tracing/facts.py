@@ -195,16 +195,12 @@ class TraceFacts(Record):
     missing: Annotated[list[Missing], MaxLen(4)] = field(default_factory=list)
 
     def cfg(self, guidance_scale: float, n_rows: int) -> CfgLayout:
-        """The CFG layout a replay uses.
+        """The CFG layout a replay uses (:meth:`~diffwidget.tracing.cfg.CfgLayout.replayed`).
 
-        As in diffusers, a guidance scale ``<= 1`` runs the prompt's half alone, so a trace
-        whose ``guidance_scale`` was lowered after recording replays without CFG. Format 1
-        recorded no layout: CFG was batched when ``w > 1``.
+        Format 1 recorded no layout: CFG was batched when ``w > 1``.
         """
         kind: CfgKind = self.cfg_layout.layout if self.cfg_layout else "batched"
-        if guidance_scale <= 1.0 or n_rows < 2:
-            kind = "none"
-        return CfgLayout(kind, guidance_scale)
+        return CfgLayout.replayed(kind, guidance_scale, n_rows)
 
     def call_layout(self, extra: list[str]) -> list[ConditioningEntry]:
         """How to rebuild the denoiser call; format 1: text, then SDXL's ``extra`` tensors."""

@@ -1,24 +1,10 @@
-"""Facts about a pipeline and helpers for a trace's metadata."""
+"""Helpers for a trace's metadata: JSON-safe values and the versions of the libraries."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 from typing import Any
-
-SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def pipeline_kind(pipe: Any) -> str:
-    """The supported pipeline class ``pipe`` is (or derives from); a clear error otherwise."""
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in SUPPORTED_PIPELINES:
-            return cls.__name__
-    raise TypeError(
-        f"diffwidget cannot trace a {type(pipe).__name__}; supported pipelines: "
-        f"{', '.join(SUPPORTED_PIPELINES)} (and their subclasses). Load your checkpoint with "
-        "one of them, e.g. StableDiffusionPipeline.from_pretrained(path)"
-    )
 
 
 def json_safe(value: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import numpy as np
 import torch
 
-from diffwidget.tracing.cfg import CfgKind, CfgLayout, guide
+from diffwidget.tracing.cfg import CfgLayout, guide
 from diffwidget.tracing.facts import TEXT_ARGUMENT, ConditioningKind
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
 
@@ -34,25 +34,16 @@ class Conditioning:
     layout: list[dict[str, Any]]
 
 
-def _halves(
-    calls: Sequence[DenoiserCall], cfg: CfgLayout
-) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    if cfg.kind == "separate":
-        by_label = {c.label: c.conditioning for c in calls}
-        return by_label["uncond"], by_label["cond"]
-    return None, calls[0].conditioning
-
-
 def _rows(
-    name: str, value: torch.Tensor, uncond: Any, cfg: CfgLayout, batch_free: bool
+    name: str, per_call: list[Any], labels: list[str | None], cfg: CfgLayout, batch_free: bool
 ) -> np.ndarray:
+    """The stored rows of one conditioning tensor (one per CFG half, in stored order) from
+    its value in each of the step's calls."""
     if batch_free:
-        return value.detach().float().cpu().numpy()
-    if cfg.kind == "separate":
-        if not isinstance(uncond, torch.Tensor):
-            raise RuntimeError(f"the unconditional call has no tensor {name!r}")
-        value = torch.cat([uncond[:1], value[:1]])
-    array = value.detach().cpu()
+        return cfg.split_calls(per_call, labels)[1].detach().float().cpu().numpy()
+    if not all(isinstance(value, torch.Tensor) for value in per_call):
+        raise RuntimeError(f"the unconditional call has no tensor {name!r}")
+    array = torch.cat(cfg.stored(per_call, labels)).detach().cpu()
     return (array.float() if array.is_floating_point() else array).numpy()
 
 
@@ -66,24 +57,26 @@ def conditioning_record(
     RuntimeError
         When the denoiser received no text embeddings.
     """
-    uncond_kwargs, cond_kwargs = _halves(calls, cfg)
+    labels = [c.label for c in calls]
     extra: dict[str, np.ndarray] = {}
     layout: list[dict[str, Any]] = []
     prompt_embeds: np.ndarray | None = None
 
-    def visit(name: str, value: Any, uncond: Any, parent: str | None) -> None:
+    def visit(name: str, per_call: list[Any], parent: str | None) -> None:
         nonlocal prompt_embeds
+        # The prompt's call decides what the argument is (the only call unless separate).
+        value = cfg.split_calls(per_call, labels)[1]
         entry: dict[str, Any] = {"name": name, "parent": parent}
         if value is None:
             entry["kind"] = "none"
         elif isinstance(value, dict):
-            for key, item in value.items():
-                visit(key, item, None if uncond is None else uncond.get(key), name)
+            for key in value:
+                visit(key, [v.get(key) if isinstance(v, dict) else None for v in per_call], name)
             return
         elif isinstance(value, torch.Tensor):
             free = name in family.batch_free
             entry["kind"] = "batch_free" if free else "rows"
-            rows = _rows(name, value, uncond, cfg, free)
+            rows = _rows(name, per_call, labels, cfg, free)
             if name == TEXT_ARGUMENT and parent is None:
                 prompt_embeds = rows.astype(np.float32)
             else:
@@ -95,9 +88,8 @@ def conditioning_record(
             return  # objects a replay cannot rebuild (IP-adapter state, ...) are left out
         layout.append(entry)
 
-    for name, value in cond_kwargs.items():
-        uncond = None if uncond_kwargs is None else uncond_kwargs.get(name)
-        visit(name, value, uncond, None)
+    for name in cfg.split_calls([c.conditioning for c in calls], labels)[1]:
+        visit(name, [c.conditioning.get(name) for c in calls], None)
     if prompt_embeds is None:
         raise RuntimeError(
             f"{type(family.denoiser).__name__} was called without `{TEXT_ARGUMENT}`; "
@@ -114,7 +106,7 @@ class StepRecords:
     latents: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     cond_outputs: list[torch.Tensor] = field(default_factory=list)
-    step_indices: list[int | None] = field(default_factory=list)
+    sigma_indices: list[int | None] = field(default_factory=list)
     model_timesteps: list[float] = field(default_factory=list)
     model_timestep_dtype: str = "float32"
     final_latent: torch.Tensor | None = None
@@ -147,44 +139,30 @@ class StepRecords:
     def _halves_of_outputs(
         self, family: DenoiserFamily, outputs: list[tuple[DenoiserCall, torch.Tensor]]
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        cfg, layout = self.cfg, self.layout
-        if cfg.kind == "separate":
-            by_label = {c.label: out for c, out in outputs}
-            separate = family.from_model_output(by_label["uncond"], layout)
-            return separate, family.from_model_output(by_label["cond"], layout)
-        halves = cfg.split(outputs[0][1])
-        uncond = None if halves[0] is None else family.from_model_output(halves[0], layout)
-        return uncond, family.from_model_output(halves[1], layout)
+        uncond, cond = self.cfg.step_halves([o for _, o in outputs], [c.label for c, _ in outputs])
+        layout = self.layout
+        return (
+            None if uncond is None else family.from_model_output(uncond, layout),
+            family.from_model_output(cond, layout),
+        )
 
     def observed_cfg(
         self, family: DenoiserFamily, guided: torch.Tensor, claimed: float | None, pipe: Any
     ) -> CfgLayout:
         """The CFG layout the pipeline used, read off the calls of step 0.
 
-        ``w`` is the claimed one, else the pipeline's ``guidance_scale`` (batched CFG), else
-        read off the step-0 outputs by least squares.
+        ``w`` is the claimed one, else the pipeline's attribute of the family's guidance
+        argument (``guidance_scale``), else read off the step-0 outputs by least squares.
         """
-        calls = self.step_calls
-        kind: CfgKind
-        if len(calls) == 2 and {c.label for c in calls} == {"cond", "uncond"}:
-            kind = "separate"
-        elif len(calls) == 1 and calls[0].sample.shape[0] == 2:
-            kind = "batched"
-        elif len(calls) == 1:
-            kind = "none"
-        else:
-            raise RuntimeError(
-                f"the denoiser ran {len(calls)} times in step 0; diffwidget traces pipelines "
-                "that call it once per step (CFG batched) or once per CFG half (Flux's "
-                "true_cfg_scale). Use a scheduler that evaluates the model once per step."
-            )
+        calls = [(c.label, int(c.sample.shape[0])) for c in self.step_calls]
+        observed = CfgLayout.observe(calls, 1.0)
         w = claimed
-        if w is None and kind == "batched":
-            w = getattr(pipe, "guidance_scale", None)
-        self.cfg = CfgLayout(kind, 1.0 if w is None else float(w))
-        if w is None and kind != "none":
+        if w is None and observed.guided:
+            w = getattr(pipe, family.guidance_argument(), None)
+        self.cfg = CfgLayout(observed.kind, 1.0 if w is None else float(w))
+        if w is None and observed.guided:
             w = self.estimate_guidance(family, guided)
-        return CfgLayout(kind, 1.0 if w is None else float(w))
+        return CfgLayout(observed.kind, 1.0 if w is None else float(w))
 
     def estimate_guidance(self, family: DenoiserFamily, guided: torch.Tensor) -> float:
         """The ``w`` with ``guided = u + w (c - u)``, by least squares over step 0's output."""
@@ -214,9 +192,9 @@ class StepRecords:
         self.step_calls = []
         self.step_outputs = []
 
-    def finish_step(self, step_index: int | None, prev: torch.Tensor) -> None:
-        """After ``scheduler.step``: its step counter and the latent it returned."""
-        self.step_indices.append(step_index)
+    def finish_step(self, sigma_index: int | None, prev: torch.Tensor) -> None:
+        """After ``scheduler.step``: the sigma index it used and the latent it returned."""
+        self.sigma_indices.append(sigma_index)
         self.final_latent = prev.detach().clone()
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -250,15 +228,14 @@ class StepRecords:
             step_coefficients(scheduler, noise_family, float(t), self.sigma_index(i))
             for i, t in enumerate(torch.stack(self.timesteps).double().cpu().numpy())
         ]
-        return tuple(  # type: ignore[return-value]
-            np.array([getattr(c, name) for c in steps]).reshape(len(steps), 1, 1, 1)
-            for name in ("alpha", "sigma", "input_scale")
-        )
+        shape = (len(steps), 1, 1, 1)
+        alpha = np.array([c.alpha for c in steps]).reshape(shape)
+        sigma = np.array([c.sigma for c in steps]).reshape(shape)
+        return alpha, sigma, np.array([c.input_scale for c in steps]).reshape(shape)
 
     def sigma_index(self, step: int) -> int | None:
-        """Index into the scheduler's sigmas used at ``step`` (it was incremented by it)."""
-        index = self.step_indices[step]
-        return None if index is None else index - 1
+        """Index into the scheduler's sigmas used at ``step``."""
+        return self.sigma_indices[step]
 
     def check_guidance(self, family: DenoiserFamily, rtol: float) -> None:
         """Raise when step 0's guided output is not ``u + w (c - u)`` of its halves."""

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import numpy as np
 import torch
 
-from diffwidget.tracing.facts import NoiseSchedule, TimestepDtype
+from diffwidget.tracing.cfg import Half
+from diffwidget.tracing.facts import TEXT_ARGUMENT, NoiseSchedule, TimestepDtype
 from diffwidget.tracing.families import LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     predict_eps,
@@ -35,7 +36,6 @@ from diffwidget.tracing.noise import (
     scheduler_family,
     step_coefficients,
 )
-from diffwidget.tracing.recording import TEXT_ARGUMENT
 
 if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
@@ -157,8 +157,9 @@ class StepReplay:
         )
         self._entries = facts.call_layout(list(trace.extra))
         embeds = torch.as_tensor(trace.prompt_embeds)
-        self.cond_embeds = embeds[-1:].to(self.device, self.dtype)
-        self.uncond_embeds = embeds[:1].to(self.device, self.dtype) if len(embeds) > 1 else None
+        self.cond_embeds = self._stored(embeds, "cond").to(self.device, self.dtype)
+        uncond = self._stored(embeds, "uncond") if self.cfg.guided else None
+        self.uncond_embeds = None if uncond is None else uncond.to(self.device, self.dtype)
         self._tensors = {k: torch.as_tensor(v).to(self.device) for k, v in trace.extra.items()}
 
     # ------------------------------------------------------------------ inputs
@@ -202,8 +203,13 @@ class StepReplay:
         return float(self._alpha[step + 1]), float(self._sigma[step + 1])
 
     # ------------------------------------------------------------------ the call
-    def _half(self, row: int, batch: int, cond_embeds: torch.Tensor | None) -> dict[str, Any]:
-        """The conditioning keywords of one CFG half (``row`` into the stored rows), batched."""
+    def _stored(self, stored: torch.Tensor, half: Half) -> torch.Tensor:
+        """The row of ``half`` in a stored CFG record, with its batch axis."""
+        row = self.cfg.stored_row(half)
+        return stored[row:] if row == -1 else stored[row : row + 1]
+
+    def _half(self, half: Half, batch: int, cond_embeds: torch.Tensor | None) -> dict[str, Any]:
+        """The conditioning keywords of one CFG half, batched."""
         kwargs: dict[str, Any] = {}
         for entry in self._entries:
             name, parent, kind = entry.name, entry.parent, entry.kind
@@ -213,7 +219,7 @@ class StepReplay:
             elif kind == "value":
                 value = entry.value
             elif name == TEXT_ARGUMENT and parent is None:
-                if row == -1:
+                if half == "cond":
                     embeds = self.cond_embeds if cond_embeds is None else cond_embeds.to(self.dtype)
                 elif self.uncond_embeds is None:
                     raise RuntimeError("the trace holds no unconditional text embedding")
@@ -223,8 +229,7 @@ class StepReplay:
             elif kind == "batch_free":
                 value = self._tensors[name].to(self.dtype)
             else:
-                stored = self._tensors[name]
-                one = stored[row:] if row == -1 else stored[row : row + 1]
+                one = self._stored(self._tensors[name], half)
                 one = one.to(self.dtype) if one.is_floating_point() else one
                 value = one.expand(batch, *one.shape[1:])
             if parent is None:
@@ -247,46 +252,35 @@ class StepReplay:
         return out
 
     def _call(
-        self, x: torch.Tensor, step: int, rows: list[int], cond_embeds: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        step: int,
+        halves: tuple[Half, ...],
+        cond_embeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One denoiser call on ``x`` for the CFG halves ``rows`` (0 uncond, -1 cond)."""
+        """One denoiser call on ``x`` for the CFG ``halves`` (batched in that order)."""
         batch = x.shape[0]
         _, _, scale = self.coefficients(step)
-        halves = [self._half(r, batch, cond_embeds) for r in rows]
-        kwargs = halves[0]
-        for half in halves[1:]:
+        kwargs_per_half = [self._half(h, batch, cond_embeds) for h in halves]
+        kwargs = kwargs_per_half[0]
+        for half in kwargs_per_half[1:]:
             kwargs = self._join(kwargs, half, self.family.batch_free)
-        model_in = torch.cat([x * scale] * len(rows)).to(self.dtype)
+        model_in = torch.cat([x * scale] * len(halves)).to(self.dtype)
         sample = self.family.to_model_input(model_in, self.layout)
         t = torch.full((sample.shape[0],), self._model_t[step], dtype=self._t_dtype)
         out = self.family.run(sample, t.to(self.device), kwargs)
         return self.family.from_model_output(out, self.layout).float()
 
     def _guided(self, x: torch.Tensor, step: int, cond_embeds: torch.Tensor | None) -> torch.Tensor:
-        kind = self.cfg.kind
-        if kind == "none":
-            return self._call(x, step, [-1], cond_embeds)
-        if kind == "batched":
-            uncond, cond = self._call(x, step, [0, -1], cond_embeds).chunk(2)
-        else:
-            cond = self._call(x, step, [-1], cond_embeds)
-            uncond = self._call(x, step, [0], cond_embeds)
-        return self.cfg.combine(uncond, cond)
+        return self.cfg.run(lambda halves: self._call(x, step, halves, cond_embeds))
 
     def halves(self, per_call: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(uncond, cond)`` of a module's outputs over one :meth:`model_output` call.
 
-        ``per_call`` holds one tensor per denoiser call, as forward hooks record them:
-        batched CFG has one call holding both halves, separate CFG two calls (the prompt's
-        first, as the pipelines order them), no CFG one call.
+        ``per_call`` holds one tensor per denoiser call, as block taps record them (the
+        layout's :meth:`~diffwidget.tracing.cfg.CfgLayout.step_halves`).
         """
-        if self.cfg.kind == "separate":
-            if len(per_call) != 2:
-                raise RuntimeError(f"expected 2 denoiser calls, recorded {len(per_call)}")
-            return per_call[1], per_call[0]
-        if len(per_call) != 1:
-            raise RuntimeError(f"expected 1 denoiser call, recorded {len(per_call)}")
-        return self.cfg.split(per_call[0]) if self.cfg.kind == "batched" else (None, per_call[0])
+        return self.cfg.step_halves(per_call)
 
     def model_output(
         self,

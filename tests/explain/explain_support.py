@@ -78,17 +78,21 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 
 def hook_counts(*modules: Any) -> int:
-    """Total number of forward/backward hooks registered on ``modules`` and their children."""
+    """Total number of hooks on ``modules`` and their children: torch's forward/backward
+    hooks, diffusers ``HookRegistry`` entries (and empty registries) and patched ``forward``
+    attributes."""
     total = 0
     for root in modules:
         for m in root.modules():
             total += len(m._forward_hooks) + len(m._forward_pre_hooks)
             total += len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+            registry = getattr(m, "_diffusers_hook", None)
+            if registry is not None:
+                total += max(1, len(registry.hooks))
+            total += "forward" in vars(m)
     return total
 
 
 def processors(unet: Any) -> dict[str, Any]:
     """Attention processor objects by module path."""
-    from diffwidget.explain.relevance import attention_modules
-
-    return {path: m.processor for path, m in attention_modules(unet).items()}
+    return {path: m.processor for path, m in unet.named_modules() if hasattr(m, "set_processor")}

@@ -19,6 +19,7 @@ from diffwidget.explain.registry import SALIENCY_METHODS, saliency_method
 from diffwidget.explain.relevance import TokenRelevance
 from diffwidget.tracing.activations import ActivationRecorder
 from diffwidget.tracing.families import denoiser_family
+from diffwidget.tracing.lock import pipeline_lock
 from diffwidget.tracing.trace import Trace
 from tests.family_cases import CASE_FAMILY, FAMILY_CASES
 
@@ -44,9 +45,8 @@ def _saliency(method: str, pipe: Any, trace: Trace) -> list[np.ndarray]:
 
 
 def _probe(pipe: Any, kwargs: dict[str, Any]) -> list[np.ndarray]:
-    extra = {k: v for k, v in kwargs.items() if k not in ("true_cfg_scale", "negative_prompt")}
     record = ActivationRecorder(pooling="grid", progress=False, decode_x0=True).record(
-        pipe, PROMPTS, num_inference_steps=2, guidance_scale=3.0, **extra
+        pipe, PROMPTS, num_inference_steps=2, guidance_scale=3.0, **kwargs
     )
     assert record.blocks == denoiser_family(pipe).probe_blocks()
     assert record.x0_images is not None
@@ -72,6 +72,8 @@ def _state(pipe: Any) -> dict[str, Any]:
         },
         "grads": [p.grad is None for p in denoiser.parameters()],
         "forward": "forward" in vars(denoiser),
+        "text_attention": [e.config._attn_implementation for e in encoders],
+        "lock": pipeline_lock(pipe).holder,
     }
 
 
@@ -87,9 +89,7 @@ def _run(
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", METHODS)
 def test_method_on_family(method: str, case: str, family_case: Any, family_trace: Any) -> None:
-    pipe, kwargs = family_case(case)
-    if method == "probes" and "true_cfg_scale" in kwargs:
-        pytest.skip("probes record batched or no CFG; the case's other settings are covered")
+    pipe, _ = family_case(case)
     refused = REFUSED.get((method, CASE_FAMILY[case]))
     family_trace(case)  # traced before the snapshot: tracing runs the scheduler
     before, sched = _state(pipe), scheduler_state(pipe.scheduler)
@@ -117,19 +117,20 @@ class _Boom(RuntimeError):
 
 
 @pytest.mark.parametrize("case", ["sd3", "flux", "pixart"])
-@pytest.mark.parametrize("method", [*SALIENCY_METHODS, "faithfulness"])
+@pytest.mark.parametrize("method", METHODS)
 def test_nothing_left_behind_after_an_exception(
     method: str, case: str, family_case: Any, family_trace: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe, _ = family_case(case)
-    trace = family_trace(case)
+    family_trace(case)
     before = _state(pipe)
 
     def explode(*_: Any, **__: Any) -> None:
         raise _Boom("mid-method failure")
 
+    # The block is also a probe block: its taps wrap the failing forward and must unwrap it.
     monkeypatch.setattr(pipe.transformer.transformer_blocks[-1], "forward", explode)
     with pytest.raises(_Boom):
-        _saliency(method, pipe, trace)
+        _run(method, case, family_case, family_trace)
     monkeypatch.undo()
     assert _state(pipe) == before

@@ -126,7 +126,7 @@ def test_the_exported_graphs_reproduce_the_trace(pipe, graphs, prompt, seed) -> 
     diff = np.abs(run.previews.astype(int) - reference.previews.astype(int))
     assert diff.max() <= IMAGE_TOLERANCE
     assert list(reference.attention) == [a.layer for a in graphs.manifest.attention]
-    keep = reference.meta["token_indices"]
+    keep = reference.facts.token_indices
     grids = {a.layer: a.grid for a in graphs.manifest.attention}
     for layer, maps in reference.attention.items():
         assert maps.shape[1:3] == grids[layer]

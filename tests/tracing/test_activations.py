@@ -21,7 +21,14 @@ GRID = 2
 
 
 def _hook_count(pipe: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pipe.unet.modules())
+    """Torch hooks, diffusers hook registries and patched ``forward`` attributes on the UNet."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + hasattr(m, "_diffusers_hook")
+        + ("forward" in vars(m))
+        for m in pipe.unet.modules()
+    )
 
 
 def _expected_timesteps(pipe: Any, steps: int) -> np.ndarray:
@@ -240,3 +247,40 @@ def test_x0_and_seeding_agree_with_a_traced_run(tiny_sd_pipe: Any) -> None:
     # Two independent x̂0 computations (scheduler-step wrapper vs UNet hooks) on the same
     # seeded run: equal up to uint8 rounding.
     assert np.abs(record.x0_images[1].astype(int) - traced.previews.astype(int)).max() <= 1
+
+
+def test_separate_cfg_calls_record_both_halves(family_case: Callable[..., Any]) -> None:
+    """Flux's true CFG runs the prompt and the negative prompt in two calls per step."""
+    pipe, kwargs = family_case("flux_true_cfg")
+    size = {k: kwargs[k] for k in ("max_sequence_length", "height", "width")}
+    block = "transformer_blocks.1"
+    recorder = ActivationRecorder(
+        [block], halves=["cond", "uncond"], dtype="float32", decode_x0=True, progress=False
+    )
+    negative = kwargs["negative_prompt"]
+    record = recorder.record(
+        pipe,
+        PROMPTS[:2],
+        seeds=[0, 1],
+        num_inference_steps=2,
+        true_cfg_scale=kwargs["true_cfg_scale"],
+        negative_prompt=negative,
+        **size,
+    )
+    alone = ActivationRecorder([block], dtype="float32", progress=False)
+    # Step 0 starts from the same noise: the prompt's call is a plain run of the prompt, the
+    # unconditional call a plain run of the negative prompt.
+    plain = alone.record(pipe, PROMPTS[:2], seeds=[0, 1], num_inference_steps=2, **size)
+    negatives = alone.record(pipe, [negative] * 2, seeds=[0, 1], num_inference_steps=2, **size)
+    first = slice(0, 1)
+    np.testing.assert_allclose(
+        record.activations[block][:, first], plain.activations[block][:, first], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        record.uncond_activations[block][:, first],
+        negatives.activations[block][:, first],
+        atol=1e-5,
+    )
+    assert not np.allclose(record.uncond_activations[block], record.activations[block])
+    assert record.x0_images is not None
+    assert record.x0_images.shape[:2] == (2, 2)

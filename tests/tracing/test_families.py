@@ -230,6 +230,9 @@ def _state(pipe: Any) -> dict[str, Any]:
         else None,
         "forward": "forward" in vars(denoiser),
         "step": "step" in vars(pipe.scheduler),
+        # Module taps are diffusers ModelHooks: no registry, no patched forward left anywhere.
+        "registries": sorted(n for n, m in modules.items() if hasattr(m, "_diffusers_hook")),
+        "forwards": sorted(n for n, m in modules.items() if "forward" in vars(m)),
     }
 
 

@@ -22,6 +22,7 @@ from diffwidget.tracing import lock
 from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.generate import trace
 from diffwidget.tracing.lock import PipelineBusyError, hold_pipeline, pipeline_lock
+from diffwidget.tracing.taps import Tap
 from diffwidget.widget.explorer import Explorer
 
 PROMPT = "a red circle on the left"
@@ -218,19 +219,38 @@ def test_the_same_thread_may_take_the_lock_again(pipe, alone):
     _same_trace(done["trace"], alone["trace"])
 
 
-def test_lock_is_released_when_the_pipeline_raises(pipe):
-    with pytest.raises(ValueError, match="nope"), TraceContext(pipe, prompt=PROMPT):
-        raise ValueError("nope")
+def _free_for_another_thread(pipe: Any) -> bool:
+    """Whether another thread can take the pipeline (reentrancy cannot hide a leak there)."""
     got: list[bool] = []
 
     def probe() -> None:
         with hold_pipeline(pipe, "probe", timeout=0.5) as held:
             got.append(held)
 
-    other = threading.Thread(target=probe)  # another thread: reentrancy cannot hide a leak
+    other = threading.Thread(target=probe)
     other.start()
     other.join(WAIT_S)
-    assert got == [True]
+    return got == [True]
+
+
+def test_lock_is_released_when_the_pipeline_raises(pipe):
+    with pytest.raises(ValueError, match="nope"), TraceContext(pipe, prompt=PROMPT):
+        raise ValueError("nope")
+    assert _free_for_another_thread(pipe)
+
+
+class _RefusingTap(Tap):
+    def install(self, loop: Any) -> None:
+        super().install(loop)
+        raise RuntimeError("cannot attach")
+
+
+def test_lock_is_released_when_a_tap_fails_to_install(pipe):
+    ctx = TraceContext(pipe, prompt=PROMPT, taps=[_RefusingTap("refusing")])
+    with pytest.raises(RuntimeError, match="cannot attach"), ctx:
+        pass
+    assert pipeline_lock(pipe).holder is None
+    assert _free_for_another_thread(pipe)
 
 
 def test_pipelines_sharing_a_denoiser_share_the_lock(pipe):

@@ -39,6 +39,9 @@ def assert_restored(pipe: Any, before: tuple[dict[str, Any], bool]) -> None:
     assert not any(isinstance(p, CaptureAttnProcessor) for p in processors.values())
     assert had_step == before[1] is False
     assert not pipe.unet._forward_hooks, "a hook was left on the UNet"
+    modules = list(pipe.unet.modules())
+    assert not any(hasattr(m, "_diffusers_hook") for m in modules), "a tap was left on the UNet"
+    assert not any("forward" in vars(m) for m in modules), "a forward was left patched"
 
 
 def test_traced_image_and_latent_equal_untraced(tiny_sd_pipe: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffwidget.tracing.facts import LEGACY_FAMILY
 from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, FamilyInfo, LatentLayout
 from diffwidget.tracing.families.flux import FluxFamily
 from diffwidget.tracing.families.mmdit import SD3Family
@@ -29,8 +30,6 @@ from diffwidget.tracing.families.unet import UNetFamily
 FAMILIES: tuple[type[DenoiserFamily], ...] = (SD3Family, FluxFamily, PixArtFamily, UNetFamily)
 #: One row per family for README tables and error messages.
 SUPPORTED: tuple[FamilyInfo, ...] = tuple(f.info() for f in FAMILIES)
-#: Traces written before families existed are UNet traces.
-LEGACY_FAMILY = "unet"
 
 
 def supported_pipelines() -> list[str]:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from diffwidget.tracing.attention import AttentionRecorder, ProcessorFactory
+from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
 from diffwidget.tracing.trace import Normalisation
 
@@ -53,6 +54,7 @@ CALL_OPTIONS = frozenset(
         "down_intrablock_additional_residuals",
     }
 )
+AttentionKind = Literal["cross", "self", "joint"]
 
 
 @dataclass
@@ -204,23 +206,25 @@ class DenoiserFamily:
         grid = layout.token_grid
         return dict.fromkeys(self.attention_sites(), grid[0] * grid[1])
 
-    def explicit_attention(self, n_text: int) -> Any:
-        """Joint families: a context that makes every attention layer record its
-        probabilities in the autograd graph (token relevance); yields the records."""
-        raise NotImplementedError(f"the {self.label} family has no joint attention")
+    def explicit_attention(self, n_text: int) -> AbstractContextManager[list[AttentionRecord]]:
+        """A context in which every attention layer computes its softmax explicitly and
+        records the probabilities in the autograd graph (token relevance); yields the
+        records, one per layer call. The original processors are back on exit.
+
+        ``n_text`` is the text length of the calls (Flux's single-stream blocks need it).
+        """
+        raise NotImplementedError(f"the {self.label} family has no explicit attention")
+
+    def text_attention(self) -> AbstractContextManager[TextAttention | None]:
+        """The text encoder whose self-attention token relevance propagates through, with
+        its attention probabilities recorded per call; ``None`` where there is none."""
+        return nullcontext(None)
 
     def site_heads(self) -> dict[str, int]:
         """Attention heads of each capture site (per-head capture stores one map per head)."""
         return {
             path: int(self.denoiser.get_submodule(path).heads) for path in self.attention_sites()
         }
-
-    def install(self, recorder: AttentionRecorder) -> list[Any]:
-        """Extra hooks a family's capture needs (Flux's single-stream text length).
-
-        Returns handles with ``remove()``; called after the processors are installed.
-        """
-        return []
 
     # ------------------------------------------------------------------ tokens
     def text_length(self, call_kwargs: dict[str, Any]) -> int:
@@ -356,6 +360,87 @@ class DenoiserFamily:
                 f"({'square ' + str(side) + 'x' + str(side) if side * side == n else 'no grid'})"
             )
         return tensor.transpose(1, 2).reshape(batch, channels, h, w)
+
+
+@dataclass
+class AttentionRecord:
+    """One attention call's probabilities, kept in the autograd graph (token relevance).
+
+    Attributes
+    ----------
+    path : str
+        The attention module's path.
+    probs : Tensor, shape (batch, heads, n_queries, n_keys)
+        ``softmax(q k^T / sqrt(d))`` of the call, every query row.
+    kind : {"cross", "self", "joint"}
+        Image→text cross-attention (every key is text), image-only self-attention, or joint
+        attention over one image-and-text sequence.
+    n_text : int
+        Text positions among the keys (0 for self-attention).
+    text_first : bool
+        For joint attention: whether the sequence is ``[text, image]`` (Flux) or
+        ``[image, text]`` (SD3).
+    """
+
+    path: str
+    probs: torch.Tensor
+    kind: AttentionKind
+    n_text: int = 0
+    text_first: bool = False
+
+
+@dataclass
+class TextAttention:
+    """A text encoder in eager attention, recording its self-attention probabilities.
+
+    Attributes
+    ----------
+    encoder : nn.Module
+        The text encoder.
+    probs : list of Tensor, shape (batch, heads, n, n)
+        The probabilities of each self-attention layer of the last :meth:`encode` call.
+    """
+
+    encoder: Any
+    probs: list[torch.Tensor] = field(default_factory=list)
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder's last hidden state for ``ids`` and this call's attention probabilities."""
+        self.probs.clear()
+        device = next(self.encoder.parameters()).device
+        hidden = self.encoder(ids.to(device))[0]
+        return hidden, list(self.probs)
+
+
+@contextmanager
+def explicit_processors(
+    denoiser: Any, make: Callable[[str, list[AttentionRecord]], Any]
+) -> Iterator[list[AttentionRecord]]:
+    """Swap every attention processor of ``denoiser`` for ``make(path, records)``.
+
+    The originals are put back in ``finally``, also when the forward pass raises; traced
+    generations never run with these slow processors.
+
+    Raises
+    ------
+    ValueError
+        When the denoiser has no attention layers.
+    """
+    modules = {n: m for n, m in denoiser.named_modules() if hasattr(m, "set_processor")}
+    if not modules:
+        raise ValueError(
+            f"{type(denoiser).__name__} has no diffusers attention layers; token relevance "
+            "needs a denoiser that attends to the prompt (e.g. a StableDiffusionPipeline's UNet)"
+        )
+    records: list[AttentionRecord] = []
+    originals = {path: m.processor for path, m in modules.items()}
+    try:
+        for path, module in modules.items():
+            module.set_processor(make(path, records))
+        yield records
+    finally:
+        for path, module in modules.items():
+            module.set_processor(originals[path])
 
 
 def first_tensor(output: object) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 * Attention sites: the double-stream blocks' ``attn`` (text and image projected apart,
   joined ``[text, image]``) and the single-stream blocks' ``attn`` (one sequence that the
-  block concatenated itself, so the processor never sees the text length: a forward
-  pre-hook on each single block reads it from the block's ``encoder_hidden_states``). Both
+  block concatenated itself, so the processor never sees the text length: it is the
+  transformer call's, which the trace's call tap tells the recorder). Both
   apply qk-RMSNorm, then RoPE on the joint sequence; the capture applies them exactly so
   before keeping the image→text block of the joint softmax (``"joint_share"``).
 * CFG: FLUX.1-dev is guidance-distilled — one call per step, the guidance scale goes into
@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from diffwidget.tracing.attention import AttentionRecorder, ProcessorFactory
+from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
-from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily, LatentLayout
-from diffwidget.tracing.families.joint import (
-    JointCaptureProcessor,
-    JointRecord,
+from diffwidget.tracing.families.base import (
+    AttentionRecord,
+    DenoiserCall,
+    DenoiserFamily,
+    LatentLayout,
     explicit_processors,
-    explicit_softmax,
-    heads,
 )
+from diffwidget.tracing.families.joint import JointCaptureProcessor, explicit_softmax, heads
 from diffwidget.tracing.joint_attention import image_to_text_probs
 from diffwidget.tracing.tokens import PromptTokens, t5_tokens
 
@@ -55,13 +55,6 @@ def _rope(x: torch.Tensor, rotary: Any, positions: slice) -> torch.Tensor:
 class FluxCaptureProcessor(JointCaptureProcessor):
     """Image→text block of a Flux attention layer (text tokens first, RoPE applied)."""
 
-    def __init__(
-        self, original: Any, layer: str, recorder: AttentionRecorder, module: Any = None
-    ) -> None:
-        super().__init__(original, layer, recorder, module)
-        #: Set before each call of a single-stream block by the block's pre-hook.
-        self.text_length: int | None = None
-
     def record(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Joint probabilities of the conditional half, after qk-norm and RoPE."""
         # FluxAttention calls processor(attn, hidden, encoder, mask, image_rotary_emb).
@@ -69,13 +62,13 @@ class FluxCaptureProcessor(JointCaptureProcessor):
         rotary = kwargs.get("image_rotary_emb", args[2] if len(args) > 2 else None)
         if text is not None:
             n_text = int(text.shape[1])
-        elif self.text_length is None:
+        elif self.recorder.text_length is None:
             raise RuntimeError(
-                f"{self.layer}: the single-stream block's text length is unknown (its "
-                "pre-hook did not run)"
+                f"{self.layer}: the single-stream block's text length is unknown (set "
+                "AttentionRecorder.text_length to the transformer call's text length)"
             )
         else:
-            n_text = self.text_length
+            n_text = self.recorder.text_length
         if self.record_sdpa(slice(n_text, None), slice(0, n_text)):
             return
         cond = self.recorder.cond
@@ -113,7 +106,7 @@ class FluxExplicitProcessor:
     length is the transformer call's).
     """
 
-    def __init__(self, path: str, records: list[JointRecord], n_text: int) -> None:
+    def __init__(self, path: str, records: list[AttentionRecord], n_text: int) -> None:
         self.path = path
         self.records = records
         self.n_text = n_text
@@ -145,7 +138,9 @@ class FluxExplicitProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         probs = explicit_softmax(query.transpose(1, 2), key.transpose(1, 2))
-        self.records.append(JointRecord(self.path, probs, self.n_text, text_first=True))
+        self.records.append(
+            AttentionRecord(self.path, probs, "joint", self.n_text, text_first=True)
+        )
         out = torch.matmul(probs, value.transpose(1, 2)).transpose(1, 2).flatten(2, 3)
         out = out.to(query.dtype)
         if text is None:
@@ -178,20 +173,6 @@ class FluxFamily(DenoiserFamily):
         for i in range(len(t.single_transformer_blocks)):
             sites[f"single_transformer_blocks.{i}.attn"] = FluxCaptureProcessor
         return sites
-
-    def install(self, recorder: AttentionRecorder) -> list[Any]:
-        """Pre-hooks telling each single-stream capture the text length of the call."""
-
-        def pre_hook(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            processor = block.attn.processor
-            if isinstance(processor, FluxCaptureProcessor) and text is not None:
-                processor.text_length = int(text.shape[1])
-
-        return [
-            block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-            for block in self.denoiser.single_transformer_blocks
-        ]
 
     def text_length(self, call_kwargs: dict[str, Any]) -> int:
         """``max_sequence_length`` T5 positions."""

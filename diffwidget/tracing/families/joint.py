@@ -3,12 +3,12 @@
 A joint layer's processor (SDPA or diffusers' attention dispatcher) computes the output
 from projections it makes itself. Recomputing those projections on the side would cost as
 much as the projections themselves (about 13 % of an SD3-medium block at 256² on a CPU),
-so the capture processor *taps* them instead: forward hooks on the layer's ``to_q``,
-``to_k`` and ``add_k_proj`` keep a reference to what they returned during the original
-processor's call, and the capture applies only the cheap parts again (head split,
+so the capture processor *taps* them instead: diffusers ``ModelHook`` taps on the layer's
+``to_q``, ``to_k`` and ``add_k_proj`` keep a reference to what they returned during the
+original processor's call, and the capture applies only the cheap parts again (head split,
 qk-RMSNorm, RoPE) before :func:`~diffwidget.tracing.joint_attention.image_to_text_probs`.
 Layers with fused projections (``fuse_qkv_projections()``) are tapped at ``to_qkv`` and
-``to_added_qkv``. The hooks go away with the processor (:meth:`JointCaptureProcessor.close`).
+``to_added_qkv``. The taps go away with the processor (:meth:`JointCaptureProcessor.close`).
 
 Cheaper still, where the processor calls SDPA (``JointAttnProcessor2_0``, the attention
 dispatcher's native backend): :class:`SdpaTap` sees that call, has it return the
@@ -22,38 +22,52 @@ The family's ``record`` then needs only the image→text scores
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from diffwidget.tracing.attention import AttentionRecorder, CaptureAttnProcessor
 from diffwidget.tracing.joint_attention import SdpaCall, sdpa_with_lse, text_probs_from_lse
+from diffwidget.tracing.model_hooks import HOOK_PREFIX, attach_hook, detach_hook
 
 #: Projections tapped, by the name of the attention module's Linear layer.
 _SEPARATE = ("to_q", "to_k", "add_k_proj")
 _FUSED = ("to_qkv", "to_added_qkv")
+#: The registry name of the projection taps.
+_PROJECTION_HOOK = HOOK_PREFIX + "projection"
+
+
+class _LatestOutput(ModelHook):
+    """Remembers the latest output of one Linear layer (a diffusers ``ModelHook``)."""
+
+    def __init__(self, name: str, outputs: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.name = name
+        self.outputs = outputs
+
+    def post_forward(self, module: Any, output: Any) -> Any:
+        self.outputs[self.name] = output
+        return output
 
 
 class ProjectionTap:
-    """Forward hooks that remember the latest output of some of a module's Linear layers."""
+    """Module taps that remember the latest output of some of a module's Linear layers."""
 
     def __init__(self, module: Any) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for name in (*_SEPARATE, *_FUSED):
-            layer = getattr(module, name, None)
-            if isinstance(layer, torch.nn.Module):
-                self._handles.append(layer.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str) -> Any:
-        def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            self.outputs[name] = output
-
-        return hook
+        self._attached: list[tuple[Any, bool, bool]] = []
+        try:
+            for name in (*_SEPARATE, *_FUSED):
+                layer = getattr(module, name, None)
+                if isinstance(layer, torch.nn.Module):
+                    had = (hasattr(layer, "_diffusers_hook"), "forward" in vars(layer))
+                    attach_hook(layer, _LatestOutput(name, self.outputs), _PROJECTION_HOOK)
+                    self._attached.append((layer, *had))
+        except BaseException:
+            self.remove()
+            raise
 
     def take(self, attn: Any, name: str, source: torch.Tensor | None) -> torch.Tensor:
         """The projection ``name`` of this call (recomputed from ``source`` if it was fused)."""
@@ -75,10 +89,10 @@ class ProjectionTap:
         self.outputs.clear()
 
     def remove(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the taps."""
+        while self._attached:
+            layer, had_registry, had_forward = self._attached.pop()
+            detach_hook(layer, _PROJECTION_HOOK, had_registry=had_registry, had_forward=had_forward)
         self.clear()
 
 
@@ -174,50 +188,7 @@ class JointCaptureProcessor(CaptureAttnProcessor):
                 self.tap.clear()
 
 
-@dataclass
-class JointRecord:
-    """One joint-attention call's probabilities, kept in the autograd graph (token relevance).
-
-    Attributes
-    ----------
-    path : str
-        The attention module's path.
-    probs : Tensor, shape (batch, heads, n_keys, n_keys)
-        ``softmax(q k^T / sqrt(d))`` of the call, every query row.
-    n_text : int
-        Text positions in the joint sequence (0 for image-only self-attention).
-    text_first : bool
-        Whether the sequence is ``[text, image]`` (Flux) or ``[image, text]`` (SD3).
-    """
-
-    path: str
-    probs: torch.Tensor
-    n_text: int
-    text_first: bool
-
-
 def explicit_softmax(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d))`` over ``[B, H, S, d]`` tensors, in the inputs' dtype."""
     scale = 1.0 / math.sqrt(query.shape[-1])
     return (torch.matmul(query, key.transpose(-1, -2)) * scale).softmax(dim=-1)
-
-
-@contextmanager
-def explicit_processors(
-    denoiser: Any, make: Callable[[str, list[JointRecord]], Any]
-) -> Iterator[list[JointRecord]]:
-    """Swap every attention processor of ``denoiser`` for ``make(path, records)``.
-
-    The originals are put back in ``finally``, also when the forward pass raises; traced
-    generations never run with these slow processors.
-    """
-    modules = {n: m for n, m in denoiser.named_modules() if hasattr(m, "set_processor")}
-    records: list[JointRecord] = []
-    originals = {path: m.processor for path, m in modules.items()}
-    try:
-        for path, module in modules.items():
-            module.set_processor(make(path, records))
-        yield records
-    finally:
-        for path, module in modules.items():
-            module.set_processor(originals[path])

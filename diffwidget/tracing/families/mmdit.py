@@ -23,14 +23,13 @@ import torch
 
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
-from diffwidget.tracing.families.base import DenoiserFamily
-from diffwidget.tracing.families.joint import (
-    JointCaptureProcessor,
-    JointRecord,
+from diffwidget.tracing.families.base import (
+    AttentionKind,
+    AttentionRecord,
+    DenoiserFamily,
     explicit_processors,
-    explicit_softmax,
-    heads,
 )
+from diffwidget.tracing.families.joint import JointCaptureProcessor, explicit_softmax, heads
 from diffwidget.tracing.joint_attention import image_to_text_probs
 from diffwidget.tracing.tokens import PromptTokens, empty_tokens, prompt_tokens, t5_tokens
 
@@ -83,7 +82,7 @@ class SD3ExplicitProcessor:
     with ``n_text = 0``.
     """
 
-    def __init__(self, path: str, records: list[JointRecord]) -> None:
+    def __init__(self, path: str, records: list[AttentionRecord]) -> None:
         self.path = path
         self.records = records
 
@@ -125,7 +124,8 @@ class SD3ExplicitProcessor:
             query, key = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
         probs = explicit_softmax(query, key)
-        self.records.append(JointRecord(self.path, probs, n_text, text_first=False))
+        kind: AttentionKind = "joint" if n_text else "self"
+        self.records.append(AttentionRecord(self.path, probs, kind, n_text, text_first=False))
         out = torch.matmul(probs, value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         out = out.to(query.dtype)
         if text is None:

@@ -9,6 +9,8 @@
   added_cond_kwargs)``; with learned sigma (``out_channels = 2 x in_channels``) the pipeline
   keeps the first half of the output channels, and so does a replay.
 * Grids: the latent divided by ``patch_size``.
+* Token relevance: explicit attention on every ``Attention`` layer, as for UNets
+  (:class:`~diffwidget.tracing.families.unet.CrossAttentionFamily`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from diffwidget.tracing.attention import (
     ProcessorFactory,
     cross_attention_layers,
 )
-from diffwidget.tracing.families.base import DenoiserFamily, LatentLayout
+from diffwidget.tracing.families.base import LatentLayout
+from diffwidget.tracing.families.unet import CrossAttentionFamily
 from diffwidget.tracing.tokens import PromptTokens, t5_tokens
 
 #: diffusers' PixArt-Σ default ``max_sequence_length``.
 PIXART_SIGMA_TEXT_LENGTH = 300
 
 
-class PixArtFamily(DenoiserFamily):
+class PixArtFamily(CrossAttentionFamily):
     """PixArt-α/Σ transformers with ``attn2`` cross-attention."""
 
     name = "pixart"

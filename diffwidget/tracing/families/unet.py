@@ -6,6 +6,9 @@
 * Text: CLIP's 77 positions (SDXL's two encoders share them).
 * Call: ``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=...)``; the
   sample is ``scale_model_input(x_t)``, batched for CFG.
+* Token relevance: :meth:`CrossAttentionFamily.explicit_attention` runs every ``Attention`` layer
+  with its softmax written out (diffusers' reference ``AttnProcessor``), and
+  :meth:`CrossAttentionFamily.text_attention` records the CLIP text encoder's self-attention.
 * Grids: an ``attn2`` in down block ``k`` runs at resolution level ``k``, the mid block at
   the deepest, up block ``j`` at ``n - 1 - j`` (:mod:`diffwidget.tracing.budget`). UNets not
   laid out like diffusers' (a custom module with the UNet call signature) are still traced:
@@ -17,7 +20,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
 
 from diffwidget.tracing.attention import (
     CaptureAttnProcessor,
@@ -25,13 +33,25 @@ from diffwidget.tracing.attention import (
     cross_attention_layers,
 )
 from diffwidget.tracing.cfg import CfgLayout
-from diffwidget.tracing.families.base import DenoiserFamily, LatentLayout
+from diffwidget.tracing.families.base import (
+    AttentionKind,
+    AttentionRecord,
+    DenoiserFamily,
+    LatentLayout,
+    TextAttention,
+    explicit_processors,
+)
+from diffwidget.tracing.model_hooks import HOOK_PREFIX, attach_hook, detach_hook
 from diffwidget.tracing.tokens import PromptTokens, prompt_tokens
 
 _BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)(mid_block)\.")
 #: Sub-layer lists inside a diffusers block that output a spatial feature map.
 _LAYER_LISTS = ("resnets", "attentions")
 _RESAMPLERS = ("downsamplers", "upsamplers")
+#: Suffix of the self-attention modules of a transformers text encoder (CLIP).
+_TEXT_SELF_ATTENTION = "self_attn"
+#: The registry name of the hooks that collect the text encoder's attention probabilities.
+_TEXT_HOOK = HOOK_PREFIX + "text_attention"
 
 
 def grid_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
@@ -115,7 +135,132 @@ def layer_paths(unet: Any) -> list[str]:
     return paths
 
 
-class UNetFamily(DenoiserFamily):
+class UNetExplicitProcessor:
+    """diffusers' ``AttnProcessor`` (the reference, non-fused one) recording its softmax.
+
+    Same norms, projections, mask, output path and residual; the probabilities
+    ``softmax(Q K^T * scale)`` are recorded in the autograd graph, ``(batch, heads, n_queries,
+    n_keys)``. Installed only while token relevance runs.
+    """
+
+    def __init__(self, path: str, records: list[AttentionRecord]) -> None:
+        self.path = path
+        self.records = records
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        text = encoder_hidden_states
+        batch, seq_len, _ = (text if text is not None else hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        source = hidden_states if text is None else text
+        if text is not None and attn.norm_cross:
+            source = attn.norm_encoder_hidden_states(text)
+        key, value = attn.to_k(source), attn.to_v(source)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
+        # (batch * heads, q, k) viewed per head; the output is computed from the view, so
+        # gradients reach the recorded tensor.
+        probs = attn.get_attention_scores(query, key, attention_mask).unflatten(0, (-1, attn.heads))
+        n_text = 0 if text is None else int(text.shape[1])
+        kind: AttentionKind = "self" if text is None else "cross"
+        self.records.append(AttentionRecord(self.path, probs, kind, n_text))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.flatten(0, 1), value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class _AttentionWeights(ModelHook):
+    """Keeps the probabilities an eager self-attention layer returns beside its output."""
+
+    def __init__(self, probs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.probs = probs
+
+    def post_forward(self, module: Any, output: Any) -> Any:
+        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+            self.probs.append(output[1])
+        return output
+
+
+@contextmanager
+def _eager_attention(text_encoder: Any) -> Iterator[None]:
+    """Switch a transformers text encoder to eager attention (so it returns probabilities)."""
+    config = getattr(text_encoder, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    switch = previous not in (None, "eager") and hasattr(text_encoder, "set_attn_implementation")
+    try:
+        if switch:
+            text_encoder.set_attn_implementation("eager")
+        yield
+    finally:
+        if switch:
+            text_encoder.set_attn_implementation(previous)
+
+
+@contextmanager
+def recorded_text_attention(encoder: Any) -> Iterator[TextAttention]:
+    """``encoder`` in eager attention with hooks on its ``*.self_attn`` layers; both undone
+    in ``finally``. (Asking transformers for ``output_attentions`` would leave its own
+    capture hooks on the model.)"""
+    text = TextAttention(encoder)
+    layers = [m for n, m in encoder.named_modules() if n.endswith(_TEXT_SELF_ATTENTION)]
+    attached: list[tuple[Any, bool, bool]] = []
+    try:
+        with _eager_attention(encoder):
+            for module in layers:
+                attached.append(
+                    (module, hasattr(module, "_diffusers_hook"), "forward" in vars(module))
+                )
+                attach_hook(module, _AttentionWeights(text.probs), _TEXT_HOOK)
+            yield text
+    finally:
+        for module, had_registry, had_forward in attached:
+            detach_hook(module, _TEXT_HOOK, had_registry=had_registry, had_forward=had_forward)
+
+
+class CrossAttentionFamily(DenoiserFamily):
+    """What the families with ``attn2`` cross-attention (UNets, PixArt) share for token
+    relevance: explicit attention on every ``Attention`` layer, and the text encoder's."""
+
+    def explicit_attention(self, n_text: int) -> Any:
+        """Every ``Attention`` layer with its softmax written out (token relevance)."""
+        return explicit_processors(self.denoiser, UNetExplicitProcessor)
+
+    def text_attention(self) -> Any:
+        """The pipeline's one text encoder; ``None`` for SDXL's two encoders (no single
+        encoder's attention explains the concatenated embedding)."""
+        encoder = getattr(self.pipe, "text_encoder", None)
+        if encoder is None or hasattr(self.pipe, "text_encoder_2"):
+            return super().text_attention()
+        return recorded_text_attention(encoder)
+
+
+class UNetFamily(CrossAttentionFamily):
     """Stable Diffusion 1.x/2.x and SDXL UNets (and modules with their call signature)."""
 
     name = "unet"
