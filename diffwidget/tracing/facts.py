@@ -132,6 +132,10 @@ class TextCut(Record):
     dropped: Annotated[list[Name], MaxLen(MAX_TEXT_TOKENS * 8)]
 
 
+class TraceIncompleteWarning(UserWarning):
+    """A trace was kept without a part that failed after the loop (``facts.missing``)."""
+
+
 @dataclass(frozen=True)
 class Missing(Record):
     """A part of the trace that could not be made after the loop, and why.
