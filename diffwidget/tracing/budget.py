@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,7 @@ def free_bytes(device: str) -> int | None:
 
 
 def check_free_memory(
-    plan: MemoryPlan, *, heads: bool = False, free: Any = free_bytes
+    plan: MemoryPlan, *, heads: bool = False, free: Callable[[str], int | None] | None = None
 ) -> dict[str, int]:
     """Raise :class:`InsufficientMemoryError` when a device has less free than ``plan`` needs.
 
@@ -282,14 +283,15 @@ def check_free_memory(
         What the trace will allocate.
     heads : bool
         Whether per-head maps are kept (then dropping them is one of the fixes named).
-    free : callable
-        ``device -> bytes free or None`` (:func:`free_bytes`; a test passes its own).
+    free : callable, optional
+        ``device -> bytes free or None``; default :func:`free_bytes`.
 
     Returns
     -------
     dict of str to int
         The bytes free per device that was checked.
     """
+    free = free or free_bytes
     seen: dict[str, int] = {}
     for device, needed in plan.needs().items():
         available = free(device)
