@@ -1,4 +1,6 @@
-# The README's two commands are `make demo` and `make test`; CI runs the same targets.
+# The README's two commands are `make demo` and `make test`; CI runs the same targets in a
+# fresh virtual environment of its own (.ci/run sets PYTHON to that environment's python).
+# Every tool runs as `$(PYTHON) -m ...`, so the targets use one environment and no PATH look-up.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 # torch is pinned in the same pip command: resolved alone, pip pulls a multi-GB CUDA build.
@@ -21,19 +23,19 @@ browser:
 	    else echo "install chromium (or Chrome) and put it on PATH for the browser tests"; exit 1; fi; }
 
 demo: install
-	diffwidget demo
+	$(PYTHON) -m diffwidget.cli demo
 
 test: install-test
 	$(PYTHON) -m pytest
 
 check:
-	ruff format --check diffwidget tests bench hatch_build.py
-	ruff check diffwidget tests bench hatch_build.py
-	mypy
+	$(PYTHON) -m ruff format --check diffwidget tests bench hatch_build.py
+	$(PYTHON) -m ruff check diffwidget tests bench hatch_build.py
+	$(PYTHON) -m mypy
 	cd js && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && npx tsc --noEmit && npx biome check src test
 
 # The wheel and the sdist in dist/ (both install without Node.js; building them needs the
-# compiled front-end, which `make install` produces).
+# compiled front-end, which `make install` produces). RELEASING.md: build, check, publish.
 dist:
 	rm -rf dist
 	$(PYTHON) -m build

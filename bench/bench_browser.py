@@ -6,6 +6,8 @@ Run from the repository root (the front end must be built: ``npm run build`` in 
     python bench/bench_browser.py --trace demo    # the embedded model, once its weights exist
     python bench/bench_browser.py --trace demo-random  # its architecture, random weights
     python bench/bench_browser.py --trace run.safetensors
+    python bench/bench_browser.py --trace sdxl    # synthetic, SDXL 1024² shapes, 50 steps
+                                                  # (also sd15, flux: diffwidget.testing)
 
 What is measured (each in the same run, on the same trace):
 
@@ -18,7 +20,9 @@ What is measured (each in the same run, on the same trace):
   and back (several sweeps), with the attention overlay on; frames per second = frames /
   wall time, capped by the display's frame rate. Separately, the mean cost of one redraw
   (image + overlay) from 500 back-to-back slider events, and the rate it would allow. Both
-  again with the layer × step grid open (its data fetched on request, counted separately).
+  again with the layer × step grid open (its data fetched on request, counted separately);
+* the grid's redraw: the canvas time of one redraw after a token click (standalone file,
+  every token's cells in the page) and the number of cells drawn (only those in view).
 
 The results replace this script's section of ``--out`` (between its markers), so other
 benchmarks can write their own sections in the same file.
@@ -100,6 +104,17 @@ REDRAW_JS = """(events) => {
 
 def make_trace(kind: str) -> tuple[Any, Any, str]:
     """Return (trace, pipe, description)."""
+    from diffwidget.testing.synthetic import SHAPES
+
+    if kind in SHAPES:
+        from diffwidget.testing.synthetic import shaped_trace
+
+        traced = shaped_trace(kind)  # type: ignore[arg-type]
+        label = (
+            f"synthetic trace with the stored shapes of {kind} ({traced.n_steps} steps, "
+            f"{len(traced.attention)} attention layers, {traced.previews.shape[1]}² previews)"
+        )
+        return traced, None, label
     if kind == "synthetic":
         from diffwidget.testing.synthetic import synthetic_trace
 
@@ -206,6 +221,27 @@ def measure_lab(browser: Any, trace_path: Path, workdir: Path) -> dict[str, floa
     return out
 
 
+#: Token chips clicked to time the grid's redraw (the page holds every token's cells).
+TOKEN_CLICKS = 12
+
+TOKEN_REDRAW_JS = """async (clicks) => {
+    const chips = [...document.querySelectorAll('.dw-chip[data-token]')];
+    const box = document.querySelector('figure.dw-grid');
+    const ms = [], cells = [];
+    for (let k = 0; k < clicks; k++) {
+        const chip = chips[k % chips.length];
+        chip.click();
+        await new Promise((r) => requestAnimationFrame(r));
+        if (box.dataset.token !== chip.dataset.token) throw new Error('grid not redrawn');
+        ms.push(Number(box.dataset.drawMs));
+        cells.push(Number(box.dataset.drawnCells));
+    }
+    ms.sort((a, b) => a - b);
+    return { ms: ms[Math.floor(ms.length / 2)], cells: Math.max(...cells),
+             rows: Number(box.dataset.rows), columns: Number(box.dataset.columns) };
+}"""
+
+
 def measure_html(browser: Any, html: Path) -> dict[str, float]:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.route("http*://**", lambda route: route.abort())
@@ -215,10 +251,12 @@ def measure_html(browser: Any, html: Path) -> dict[str, float]:
     page.select_option(".dw-overlay", "attention")
     # The file was exported with the grid open: scrub with it, then close it and scrub again.
     page.wait_for_selector('figure.dw-grid[data-source="attention"]:not([hidden])')
+    token_redraw = page.evaluate(TOKEN_REDRAW_JS, TOKEN_CLICKS)
     with_grid = scrub(page)
     page.click(".dw-grid-toggle")
     page.wait_for_selector("figure.dw-grid[hidden]", state="attached")
     out: dict[str, Any] = {"first_paint_ms": first, **scrub(page), "grid": with_grid}
+    out["token_redraw"] = token_redraw
     page.close()
     return out
 
@@ -268,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = payload_bytes(explorer)
     explorer.grid = "attention"  # the grid's data, fetched on request, counted on its own
     grid_bytes = payload_bytes(explorer)["grid_data"]
+    explorer.image_mode = "noisy"  # sent when first shown
+    noisy_bytes = payload_bytes(explorer)["noisy_previews"]
+    explorer.image_mode = "x0"
     with tempfile.TemporaryDirectory(prefix="diffwidget-bench-") as tmp:
         tmpdir = Path(tmp)
         trace_path = traced.save(tmpdir / "trace.safetensors")
@@ -288,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         ("standalone HTML (file://)", standalone),
     ]
     lines = [
-        "## Widget in the browser (`bench/bench_browser.py`)",
+        f"## Widget in the browser: {args.trace} (`bench/bench_browser.py`)",
         "",
         f"Trace: {label}. Machine: {machine}.",
         f"Command: `python bench/bench_browser.py --trace {args.trace}` "
@@ -306,13 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for key in ("previews", "noisy_previews", "attention", "curves", "overlays"):
         lines.append(f"| {key} (binary) | {sizes[key]:,} |")
+    lines.append(f"| noisy_previews, sent when the view first shows them | {noisy_bytes:,} |")
     lines += [
         f"| other traits (JSON) | {sizes['json']:,} |",
         f"| **total synced state** | **{sizes['total']:,}** |",
         f"| layer × step grid of attention (binary, sent when the grid is opened) | "
         f"{grid_bytes:,} |",
         f"| **total with the grid open** | **{sizes['total'] + grid_bytes:,}** |",
-        f"| standalone HTML file (JS + state with the grid, base64) | {html_bytes:,} |",
+        f"| standalone HTML file (JS + state with every token's grid, gzip + base64) | "
+        f"{html_bytes:,} |",
         "",
         "### Scrubbing and first paint",
         "",
@@ -337,13 +380,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['draw_ms_median']:.2f} / {s['draw_ms_p95']:.2f} | {s['redraw_ms']:.3f} | "
                 f"{s['redraw_rate']:.0f} |"
             )
+    redraw = standalone["token_redraw"]
     lines += [
         "",
         "First paint in JupyterLab: from executing the display cell (kernel warm, explorer "
         "already built) to the first canvas draw; for the HTML file: from navigation start.",
         "",
+        f"Grid redraw after a token click (standalone file, median of {TOKEN_CLICKS} clicks): "
+        f"{redraw['ms']:.1f} ms for {redraw['cells']} cells in view of "
+        f"{redraw['rows']} layers × {redraw['columns']} steps.",
+        "",
     ]
-    write_section(Path(args.out), "bench_browser", "\n".join(lines))
+    from diffwidget.testing.synthetic import SHAPES
+
+    section = f"bench_browser_{args.trace}" if args.trace in SHAPES else "bench_browser"
+    write_section(Path(args.out), section, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

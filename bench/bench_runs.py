@@ -76,9 +76,9 @@ def _cli_run(launcher: list[str], args: list[str], threads: int) -> float:
 
 
 def _item_seconds(run_dir: Path) -> list[float]:
-    return [
-        json.loads(p.read_text())["timing"]["total"] for p in sorted((run_dir / "items").glob("*"))
-    ]
+    from diffwidget.runs.open import load_run
+
+    return [item.ok.timing["total"] for item in load_run(run_dir).records if item.ok]
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +152,7 @@ def projection(args: argparse.Namespace) -> dict[str, Any]:
     from benchlib import machine
 
     from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.runs.open import load_run
     from diffwidget.runs.runner import run
 
     torch.set_num_threads(args.threads)
@@ -170,18 +171,17 @@ def projection(args: argparse.Namespace) -> dict[str, Any]:
             # The methods' defaults are the paper's settings (500 masks, 3 random orders).
             run(f"scene:{args.prompts}", Path(folder) / "run", pipe=pipe, progress=False)
             wall = time.perf_counter() - start
-            items = sorted((Path(folder) / "run" / "items").glob("*.json"))
-            records = [json.loads(p.read_text()) for p in items]
+            records = [item.ok for item in load_run(Path(folder) / "run").records if item.ok]
     finally:
         handle.remove()
     phases: dict[str, float] = {}
     for record in records:
-        for phase, seconds in record["timing"].items():
+        for phase, seconds in record.timing.items():
             phases[phase] = phases.get(phase, 0.0) + seconds / len(records)
     flops = _flops_per_cfg_call()
     per_item_latents = latents["forward"] / len(records)
     # DF-CAM runs one forward with grad and one backward per map: count the backward too.
-    cams = sum(m["method"] == "df_cam" for m in records[0]["maps"])
+    cams = sum(m.method == "df_cam" for m in records[0].maps)
     per_item_equiv = per_item_latents + BACKWARD_FORWARDS * cams
     cpu_flops = per_item_latents * flops["embedded"] / phases["total"]
     gpu: dict[str, Any] = {}

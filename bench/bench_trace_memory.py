@@ -75,7 +75,7 @@ def measure(shape: str, variant: str, steps: int) -> dict[str, Any]:
 
     # The version measured is the one on PYTHONPATH: imported before bench_tracing puts
     # this checkout first on sys.path.
-    import diffwidget.tracing.generate  # noqa: F401
+    import diffwidget.tracing.generate
 
     sys.path.insert(0, str(BENCH))
     import bench_tracing

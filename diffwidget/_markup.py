@@ -12,13 +12,45 @@ the code and every value is escaped here; nothing from data is ever parsed as ma
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 import string
+from collections.abc import Iterable
 
 _FIELDS = string.Formatter()
 #: Characters that start emphasis, code, links, strike-through or table cells in Markdown.
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+class Markup(str):
+    """Markup this module made (every value escaped) or a literal the code wrote: never data."""
+
+
+def markup_join(parts: Iterable[Markup]) -> Markup:
+    """Join pieces of markup; each must be a :class:`Markup` (a plain ``str`` is refused).
+
+    Examples
+    --------
+    >>> markup_join([safe_html("<b>{k}</b>", k="<i>"), Markup("<br>")])
+    '<b>&lt;i&gt;</b><br>'
+    """
+    pieces = list(parts)
+    plain = [type(piece).__name__ for piece in pieces if not isinstance(piece, Markup)]
+    if plain:
+        raise TypeError(f"markup_join takes Markup pieces only, got {plain[0]}: escape it first")
+    return Markup("".join(pieces))
+
+
+def base64_text(data: bytes) -> Markup:
+    """``data`` as base64 text: only ``A–Z a–z 0–9 + / =``, inert anywhere in markup.
+
+    Examples
+    --------
+    >>> base64_text(b"<script>")
+    'PHNjcmlwdD4='
+    """
+    return Markup(base64.b64encode(data).decode("ascii"))
 
 
 def escape(value: object) -> str:
@@ -34,7 +66,7 @@ def escape(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def safe_html(template: str, /, **values: object) -> str:
+def safe_html(template: str, /, **values: object) -> Markup:
     """Fill a markup ``template`` written in the code with escaped ``values``.
 
     Parameters
@@ -71,7 +103,7 @@ def safe_html(template: str, /, **values: object) -> str:
             f"safe_html template fields {sorted(fields)} do not match the values given "
             f"{sorted(values)}"
         )
-    return template.format(**{name: escape(value) for name, value in values.items()})
+    return Markup(template.format(**{name: escape(value) for name, value in values.items()}))
 
 
 def markdown_text(value: object) -> str:

@@ -308,6 +308,8 @@ class _Reader:
             base = _split(hint)[0]
             if exc.field != _at(path, at) or _is_record(base) or _origin(base) in _CONTAINERS:
                 raise
+            if isinstance(base, type) and isinstance(data, base) and not isinstance(data, bool):
+                raise  # the right type out of its bounds: the item's own message says which
             # A wrong scalar: name the container, the way its reader sees it.
             wrong = f"should be {describe(outer)}, got {_shown(data)} at {at}"
             raise self.fail(path, wrong) from None

@@ -195,11 +195,11 @@ def test_demo_copies_the_notebook_and_keeps_an_edited_copy(
 ) -> None:
     calls: list[list[str]] = []
 
-    def fake_call(command: list[str], env: dict[str, str] | None = None) -> int:
+    def fake_serve(command: list[str], env: dict[str, str], **_: Any) -> int:
         calls.append(command)
         return 0
 
-    monkeypatch.setattr(cli.demo.subprocess, "call", fake_call)
+    monkeypatch.setattr(cli.demo, "serve", fake_serve)
     workdir = tmp_path / "work"
     status, _, _ = run(["demo", "--dir", str(workdir), "--no-browser", "--port", "9999"], capsys)
     copy = workdir / cli.common.QUICKSTART
@@ -340,30 +340,6 @@ def test_kernels_keep_a_thread_count_the_user_set(monkeypatch: pytest.MonkeyPatc
     assert cli.demo._kernel_env()["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("DIFFWIDGET_THREADS")
     assert cli.demo._kernel_env()["OMP_NUM_THREADS"] == "1"
-
-
-def test_classroom_command_uses_the_bundled_voila_config(tmp_path: Path) -> None:
-    pytest.importorskip("voila")
-    notebook = write_notebook(tmp_path / "nb.ipynb", "1")
-    command, env = cli.demo.classroom_command(
-        notebook, port=8123, ip="127.0.0.1", open_browser=False
-    )
-    config_dir = Path(env["JUPYTER_CONFIG_PATH"].split(os.pathsep)[0])
-    assert command[:3] == [sys.executable, "-m", "voila"]
-    assert command[3:] == [str(notebook), "--port=8123", "--Voila.ip=127.0.0.1", "--no-browser"]
-
-    # Load it as Voila does: a misspelt option would be ignored silently, not fail.
-    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-    from traitlets.config.loader import JSONFileConfigLoader
-    from voila.configuration import VoilaConfiguration
-
-    config = JSONFileConfigLoader("voila.json", path=str(config_dir)).load_config()
-    kernels = AsyncMappingKernelManager(config=config)
-    assert kernels.cull_idle_timeout > 0  # abandoned students' kernels are freed
-    assert not kernels.cull_connected  # never the kernel of an open tab
-    voila = VoilaConfiguration(config=config)
-    assert "@jupyter-notebook/lab-extension" in voila.extension_denylist
-    assert voila.strip_sources  # the point of classroom mode
 
 
 def test_check_runs_a_notebook_in_a_temporary_copy(

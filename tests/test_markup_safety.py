@@ -35,7 +35,9 @@ JS_SRC = ROOT / "js" / "src"
 #: Calls whose argument is rendered as markup by a notebook front-end.
 MARKUP_WIDGETS = frozenset({"HTML", "HTMLMath", "Markdown"})
 #: Functions whose result is safe to place in markup (they escape, or yield an inert alphabet).
-SAFE_FUNCTIONS = frozenset({"escape", "safe_html", "script_safe_json", "module_base64"})
+SAFE_FUNCTIONS = frozenset(
+    {"escape", "safe_html", "script_safe_json", "module_base64", "base64_text", "markup_join"}
+)
 #: HTML and SVG element names (``<s>`` is left out: tokenizers use it as a token string).
 _TAG_NAMES = (
     "a|abbr|audio|b|base|body|br|button|canvas|circle|code|dd|details|div|dl|dt|em|embed|"

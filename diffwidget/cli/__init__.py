@@ -25,9 +25,17 @@ import sys
 from collections.abc import Sequence
 
 from diffwidget.cli import demo, export, run
-from diffwidget.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from diffwidget.cli.common import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "main",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

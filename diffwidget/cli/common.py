@@ -16,6 +16,7 @@ MAX_STEPS = 1000  # the schedulers' training horizon: more steps than timesteps 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (a notebook cell raised)
 EXIT_USAGE = 2  # bad arguments; argparse uses the same code
+EXIT_STOPPED = 3  # an I/O error (a full disk) stopped the work before its end
 #: The repository root of a clone, or the site-packages folder of an installed wheel.
 _PACKAGE = Path(__file__).resolve().parents[1]
 

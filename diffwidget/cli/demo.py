@@ -5,30 +5,29 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffwidget._threads import HOW_TO_CHANGE, kernel_thread_env
+from diffwidget.cli import classroom
 from diffwidget.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     QUICKSTART,
     UsageError,
     install_hint,
-    jupyter_config_dir,
     python_module_command,
     resolve_notebook,
 )
+from diffwidget.cli.serve import serve
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
 
 NOTEBOOK_TIMEOUT_S = 600  # per cell; the slowest bundled cell takes about a minute on 2 cores
 DEFAULT_PORT_LAB = 8888
-DEFAULT_PORT_CLASSROOM = 8866
 
 
 def _kernel_env(model: str = "unet") -> dict[str, str]:
@@ -140,61 +139,35 @@ def _working_copy(source: Path, directory: str) -> Path:
     return target
 
 
-def classroom_command(
-    notebook: Path, *, port: int, ip: str, open_browser: bool, model: str = "unet"
-) -> tuple[list[str], dict[str, str]]:
-    """The Voila command line and environment that serve ``notebook`` as a code-free app.
-
-    ``jupyter-config/voila.json`` is put on ``JUPYTER_CONFIG_PATH`` rather than installed
-    globally, so it governs this app only and the user's own Jupyter config still wins.
-    What it sets, and why:
-
-    - kernels idle for 15 minutes with no page attached are culled: each student's kernel
-      holds the model, and laptops that sleep or leave the network never close their tab
-      cleanly; a kernel whose page is still open is never culled;
-    - ``@jupyter-notebook/lab-extension`` is not loaded: Voila 0.5 ships an older
-      JupyterLab core that this Notebook 7 extension fails against, on every page load.
-
-    Voila's defaults already strip code cells, stderr and tracebacks from the page.
-    """
-    voila = python_module_command("voila", "classroom")
-    env = _kernel_env(model)
-    config = str(jupyter_config_dir())
-    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
-        p for p in (config, env.get("JUPYTER_CONFIG_PATH", "")) if p
-    )
-    command = [*voila, str(notebook), f"--port={port}", f"--Voila.ip={ip}"]
-    if not open_browser:
-        command.append("--no-browser")
-    return command, env
-
-
-def _serve(command: list[str], env: dict[str, str], what: str) -> int:
-    print(f"serving {what} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+def _announce_threads(env: dict[str, str]) -> None:
     threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
     if threads:
         print(
             f"notebook kernels start torch with {threads} thread(s); to change, {HOW_TO_CHANGE}",
             file=sys.stderr,
         )
-    try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return EXIT_OK
 
 
 def demo(args: argparse.Namespace) -> int:
     """Open a bundled notebook in JupyterLab, serve it with Voila, or run it headless."""
+    if not args.classroom and (args.token is not None or args.max_students is not None):
+        raise UsageError("--token, --no-token and --max-students apply to --classroom only")
     source = resolve_notebook(args.notebook)
     if args.check:
         return _check(source, args.model)
     target = _working_copy(source, args.dir)
+    kernel_env = _kernel_env(args.model)
     if args.classroom:
-        port = args.port or DEFAULT_PORT_CLASSROOM
-        command, env = classroom_command(
-            target, port=port, ip=args.ip, open_browser=not args.no_browser, model=args.model
+        room = classroom.make_classroom(
+            target,
+            ip=args.ip,
+            port=args.port,
+            token=args.token,
+            max_students=args.max_students,
+            open_browser=not args.no_browser,
         )
-        return _serve(command, env, f"{target.name} as a classroom app at http://{args.ip}:{port}/")
+        _announce_threads(kernel_env)
+        return classroom.CLASSROOM_MODES[args.classroom](room, kernel_env)
     command = [
         *python_module_command("jupyterlab", "demo"),
         str(target),
@@ -208,7 +181,9 @@ def demo(args: argparse.Namespace) -> int:
         # Containers (Docker, CI images) often run as root, where JupyterLab refuses to
         # start without this flag; whoever runs as root has already made that choice.
         command.append("--allow-root")
-    return _serve(command, _kernel_env(args.model), f"{target} in JupyterLab")
+    print(f"serving {target} in JupyterLab (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    _announce_threads(kernel_env)
+    return serve(command, kernel_env)
 
 
 def add_parser(sub: Any) -> None:
@@ -231,7 +206,10 @@ def add_parser(sub: Any) -> None:
     )
     p_demo.add_argument("--port", type=int, default=None, help="server port")
     p_demo.add_argument(
-        "--ip", default="127.0.0.1", help="address to serve on; 0.0.0.0 for a classroom network"
+        "--ip",
+        default="127.0.0.1",
+        help="address to serve on (default: %(default)s, this machine only); 0.0.0.0 for a "
+        "classroom network, where --classroom requires a token",
     )
     p_demo.add_argument(
         "--no-browser", action="store_true", help="start the server without opening a browser"
@@ -248,7 +226,29 @@ def add_parser(sub: Any) -> None:
     )
     mode.add_argument(
         "--classroom",
-        action="store_true",
-        help="serve the notebook as an app that hides the code (needs diffwidget[classroom])",
+        nargs="?",
+        const="voila",
+        default=None,
+        choices=sorted(classroom.CLASSROOM_MODES),
+        metavar="MODE",
+        help="serve the notebook to a room as an app that hides the code; MODE: "
+        f"{', '.join(sorted(classroom.CLASSROOM_MODES))} (default voila, needs "
+        "diffwidget[classroom])",
+    )
+    room = p_demo.add_argument_group("classroom options")
+    room.add_argument(
+        "--token",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require a token in the URL (default: off loopback only; it is printed with the "
+        "URL, or taken from JUPYTER_TOKEN); --no-token serves anyone who can reach the machine",
+    )
+    room.add_argument(
+        "--max-students",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most students (kernels) at once; a page load beyond them is refused (default: "
+        f"what the available memory holds at about {classroom.KERNEL_MEMORY_MB} MB each)",
     )
     p_demo.set_defaults(func=demo)

@@ -196,7 +196,9 @@ def export(args: argparse.Namespace) -> int:
         finally:
             close()
         explorer.add_overlay(overlay, args.step, result)
-    path = Path(explorer.to_html(output, title=prompt))
+    plan = explorer.export(title=prompt)
+    print(plan.summary(), file=sys.stderr)
+    path = plan.write(output)
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({size_mb:.2f} MB): open it in any browser, no kernel needed")
     return EXIT_OK

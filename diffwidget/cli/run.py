@@ -7,28 +7,31 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from diffwidget.cli.common import EXIT_OK, UsageError
+from diffwidget.cli.common import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UsageError
 
 if TYPE_CHECKING:
     from diffwidget.explain.config import MethodConfig
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.runs.runner import RunReport
 
 #: The one place where the command line meets the methods' typed configs: each flag sets
 #: one setting of one method (``faithfulness``: the insertion/deletion evaluator); ``--set
 #: METHOD.SETTING=VALUE`` reaches every other setting. Unset, the configs' defaults hold.
+#: (``faithfulness`` is :data:`diffwidget.runs.settings.FAITHFULNESS`, not imported here:
+#: the parser is built without the runs' modules.)
 CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
     "--rise-masks": ("df_rise", "n_masks", "DF-RISE masks per map"),
     "--n-random": ("faithfulness", "n_random", "random orders beside each AUC"),
     "--cells-per-stage": ("faithfulness", "cells_per_stage", "cells per faithfulness stage"),
 }
-_FAITHFULNESS = "faithfulness"
 
 
 def _config_class(method: str) -> type[MethodConfig]:
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
     from diffwidget.explain.registry import config_class
+    from diffwidget.runs.settings import FAITHFULNESS
 
-    return InsertionDeletionConfig if method == _FAITHFULNESS else config_class(method)
+    return InsertionDeletionConfig if method == FAITHFULNESS else config_class(method)
 
 
 class _ConfigDefault:
@@ -48,6 +51,7 @@ def method_configs(
     """The run's methods (names, or configs where settings were given) and the evaluator's
     config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.runs.settings import FAITHFULNESS
 
     given = [
         (method, setting, value)
@@ -62,23 +66,28 @@ def method_configs(
         given.append((method, setting, value))
     configs: dict[str, MethodConfig] = {}
     for method, setting, value in given:
-        if method not in (*args.methods, _FAITHFULNESS):
+        if method not in (*args.methods, FAITHFULNESS):
             raise UsageError(f"{method}.{setting} is set, but --methods does not compute {method}")
         try:
             config = configs.get(method) or _config_class(method)()
             configs[method] = config.with_text(setting, value)
         except ValueError as error:
             raise UsageError(f"{method}.{setting}: {error}") from None
-    evaluator = configs.pop(_FAITHFULNESS, None) or InsertionDeletionConfig()
+    evaluator = configs.pop(FAITHFULNESS, None) or InsertionDeletionConfig()
     assert isinstance(evaluator, InsertionDeletionConfig)
     return [configs.get(name, name) for name in args.methods], evaluator
 
 
 def run_prompts(args: argparse.Namespace) -> int:
-    """Run a prompt set (``diffwidget.runs.run``) and say where the results are."""
+    """Run a prompt set (``diffwidget.runs.run``) and say where the results are.
+
+    Exit status: 0 when every item this process took succeeded; 1 when some failed (the
+    first error is named); 2 for bad input, refused before any work; 3 when an I/O error
+    such as a full disk stopped the run.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from diffwidget.runs.prompts import PromptSourceError
-    from diffwidget.runs.runner import run
+    from diffwidget.runs.runner import RunStoppedError, run
     from diffwidget.runs.sharding import DuplicatedProcessError
     from diffwidget.runs.store import RunSetupError
 
@@ -108,24 +117,39 @@ def run_prompts(args: argparse.Namespace) -> int:
         )
     except (PromptSourceError, RunSetupError, DuplicatedProcessError) as error:
         raise UsageError(str(error)) from None
+    except RunStoppedError as error:
+        _say(error.report)
+        print(f"diffwidget run: error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
+    _say(report)
+    if report.failed:
+        print(
+            f"diffwidget run: error: {len(report.failed)} items failed; the first: "
+            f"{report.first_error}. Rerun the command to retry them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _say(report: RunReport) -> None:
+    """One line of what this process did, and what it left to others."""
+    busy = f", {len(report.busy)} left to other processes" if report.busy else ""
+    summary = f"; summary: {report.summary}" if report.summary else ""
     print(
         f"process {report.rank}/{report.processes}: {len(report.computed)} computed, "
-        f"{len(report.failed)} failed, {len(report.skipped)} already done in {report.out}"
-        + (f"; summary: {report.summary}" if report.summary else ""),
+        f"{len(report.failed)} failed, {len(report.skipped)} already done{busy} in "
+        f"{report.out}{summary}",
         file=sys.stderr,
     )
-    return EXIT_OK
+    if report.no_summary:
+        print(f"diffwidget run: {report.no_summary}", file=sys.stderr)
 
 
 def add_parser(sub: Any) -> None:
     """Add ``diffwidget run`` to the subcommands ``sub``."""
-    from diffwidget.runs.metrics import (
-        DEFAULT_METHODS,
-        DEFAULT_METRICS,
-        MAP_METHODS,
-        METRICS,
-        RunSettings,
-    )
+    from diffwidget.runs.metrics import DEFAULT_METHODS, DEFAULT_METRICS, MAP_METHODS, METRICS
+    from diffwidget.runs.settings import RunSettings
 
     p_run = sub.add_parser(
         "run",

@@ -10,7 +10,7 @@ trace anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -20,6 +20,9 @@ from diffwidget.tracing.trace import NORMALISATION_TEXT, Trace
 
 AttentionNormalize = Literal["none", "words", "layer"]
 NORMALIZATIONS: tuple[str, ...] = get_args(AttentionNormalize)
+#: Where aggregated maps live: the latent grid, or the finest chosen layer's own grid.
+OutputGrid = Literal["latent", "native"]
+OUTPUT_GRIDS: tuple[str, ...] = get_args(OutputGrid)
 Resolution = int | tuple[int, int] | None | Literal["auto"]
 
 #: The layer grid ``resolution="auto"`` keeps when the trace has layers on it; a trace
@@ -82,6 +85,41 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # Two matrix products (rows, then columns) instead of one 3-operand einsum, which
     # NumPy would evaluate as a naive loop.
     return np.matmul(np.matmul(rows, maps.astype(np.float32)), cols.T)
+
+
+def _layer_grid(trace: Trace, name: str) -> tuple[int, int]:
+    shape = trace.attention[name].shape
+    return int(shape[1]), int(shape[2])
+
+
+def _check_tokens(name: str, probs: np.ndarray, n_tokens: int) -> None:
+    if probs.shape[-1] != n_tokens:
+        raise ValueError(
+            f"layer {name} stores {probs.shape[-1]} tokens but the trace lists "
+            f"{n_tokens}; the trace is inconsistent, record it again"
+        )
+
+
+def _to_grid(per_token: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[S, T, h, w]`` maps on ``size``: as they are when they already live there."""
+    if tuple(per_token.shape[-2:]) == tuple(size):
+        return per_token.astype(np.float32, copy=False)
+    return upsample_maps(per_token, size)
+
+
+def _min_max(maps: np.ndarray) -> np.ndarray:
+    """Each ``[h, w]`` map of ``[S, T, h, w]`` rescaled to [0, 1] (constant maps to 0)."""
+    lo = maps.min(axis=(2, 3), keepdims=True)
+    span = maps.max(axis=(2, 3), keepdims=True) - lo
+    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0)
+
+
+def _grid_phrase(grid: OutputGrid, size: tuple[int, int], grids: list[tuple[int, int]]) -> str:
+    if grid == "latent":
+        return f"upsampled bilinearly to the {size[0]}×{size[1]} latent"
+    if len(grids) == 1:
+        return f"on the layers' own {size[0]}×{size[1]} grid"
+    return f"upsampled bilinearly to the {size[0]}×{size[1]} grid of the finest layer"
 
 
 @dataclass
@@ -266,42 +304,139 @@ class AttentionMaps:
             )
         return list(self.steps)
 
-    def attribute(self, trace: Trace) -> AttentionResult:
+    def selection(self, trace: Trace) -> tuple[list[str], list[int]]:
+        """The layers and the steps this aggregation averages, checked against ``trace``.
+
+        Examples
+        --------
+        >>> layers, steps = AttentionMaps(resolution=16).selection(trace)  # doctest: +SKIP
+        """
+        return self._select_layers(trace), self._select_steps(trace)
+
+    def attribute(
+        self,
+        trace: Trace,
+        *,
+        grid: OutputGrid = "latent",
+        sums: MutableMapping[tuple[str, ...], np.ndarray] | None = None,
+    ) -> AttentionResult:
         """Aggregate the trace's cross-attention.
 
         Parameters
         ----------
         trace : Trace
             A recorded run with ``attention`` filled.
+        grid : {"latent", "native"}
+            Where the maps live: the latent grid (every layer upsampled to it), or the grid
+            of the finest chosen layer ("native": no map is made larger than the attention
+            that was recorded; a view upsamples it for display). Layers on one grid are
+            averaged on that grid first and upsampled once, which bilinear upsampling's
+            linearity makes exact; with ``normalize="layer"`` each layer is min-max
+            normalised on its own grid.
+        sums : dict, optional
+            For ``grid="native"``: sums over every step of layers that share a grid, keyed
+            by their names, that an earlier call on the same trace made. Reused when they
+            match, and filled in, so aggregations of the same layers (a filter picked again,
+            one grid of every layer) are not summed twice. Unused with ``normalize="layer"``
+            or a subset of the steps.
 
         Returns
         -------
         AttentionResult
+
+        Examples
+        --------
+        >>> AttentionMaps(resolution=None).attribute(trace, grid="native").maps.shape[-2:]
+        ... # doctest: +SKIP
+        (16, 16)
         """
+        if grid not in OUTPUT_GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; use one of {OUTPUT_GRIDS}")
         layers = self._select_layers(trace)
         steps = self._select_steps(trace)
+        if grid == "native":
+            maps, mass, size = self._native(trace, layers, steps, sums)
+            return self._result(trace, layers, steps, maps, mass, size, "native")
         size = trace.latent_shape
         n_tokens = len(trace.tokens)
         maps = np.zeros((len(steps), n_tokens, *size), dtype=np.float32)
         mass = np.zeros((len(steps), n_tokens), dtype=np.float32)
         for name in layers:
             probs = np.asarray(trace.attention[name])[steps].astype(np.float32)
-            if probs.shape[-1] != n_tokens:
-                raise ValueError(
-                    f"layer {name} stores {probs.shape[-1]} tokens but the trace lists "
-                    f"{n_tokens}; the trace is inconsistent, record it again"
-                )
+            _check_tokens(name, probs, n_tokens)
             # [S, h_l, w_l, T] -> [S, T, h_l, w_l]: upsample on the layer's own grid.
             per_token = np.moveaxis(probs, -1, 1)
             up = upsample_maps(per_token, size)
-            if self.normalize == "layer":
-                lo = up.min(axis=(2, 3), keepdims=True)
-                span = up.max(axis=(2, 3), keepdims=True) - lo
-                up = np.where(span > 0, (up - lo) / np.where(span > 0, span, 1), 0)
-            maps += up
+            maps += _min_max(up) if self.normalize == "layer" else up
             mass += per_token.mean(axis=(2, 3))
         maps /= len(layers)
         mass /= len(layers)
+        return self._result(trace, layers, steps, maps, mass, size, "latent")
+
+    def _native(
+        self,
+        trace: Trace,
+        layers: list[str],
+        steps: list[int],
+        sums: MutableMapping[tuple[str, ...], np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        grids = {name: _layer_grid(trace, name) for name in layers}
+        size = max(grids.values(), key=lambda g: (g[0] * g[1], g))
+        maps = np.zeros((len(steps), len(trace.tokens), *size), dtype=np.float32)
+        mass = np.zeros((len(steps), len(trace.tokens)), dtype=np.float32)
+        every_step = steps == list(range(trace.n_steps))
+        reuse = sums if every_step and self.normalize != "layer" else None
+        for grid in sorted(set(grids.values())):
+            names = tuple(n for n in layers if grids[n] == grid)
+            total = reuse.get(names) if reuse is not None else None
+            if total is None:
+                total = self._grid_sum(trace, names, steps, maps, size)
+                if reuse is not None:
+                    reuse[names] = total
+            # Sums over layers of spatial means = spatial mean of the sum (raw probabilities);
+            # one axis at a time: NumPy reduces two middle axes at once far more slowly.
+            mass += total.sum(axis=1).sum(axis=1) / (grid[0] * grid[1])
+            if self.normalize != "layer":
+                maps += _to_grid(np.moveaxis(total, -1, 1), size)
+        maps /= len(layers)
+        mass /= len(layers)
+        return maps, mass, size
+
+    def _grid_sum(
+        self,
+        trace: Trace,
+        names: tuple[str, ...],
+        steps: list[int],
+        maps: np.ndarray,
+        size: tuple[int, int],
+    ) -> np.ndarray:
+        """Sum ``[S, h, w, T]`` of layers on one grid (adds each min-max map to ``maps``
+        under ``normalize="layer"``)."""
+        every_step = steps == list(range(trace.n_steps))
+        grid = _layer_grid(trace, names[0])
+        # Summed in the stored layout, one layer widened to float32 at a time (faster than a
+        # mixed-type add; never more than one layer's copy).
+        total = np.zeros((len(steps), *grid, len(trace.tokens)), dtype=np.float32)
+        for name in names:
+            stored = np.asarray(trace.attention[name])
+            _check_tokens(name, stored, len(trace.tokens))
+            probs = (stored if every_step else stored[steps]).astype(np.float32)
+            total += probs
+            if self.normalize == "layer":
+                # Normalised where it is shown, as on the latent grid: per layer.
+                maps += _min_max(_to_grid(np.moveaxis(probs, -1, 1), size))
+        return total
+
+    def _result(
+        self,
+        trace: Trace,
+        layers: list[str],
+        steps: list[int],
+        maps: np.ndarray,
+        mass: np.ndarray,
+        size: tuple[int, int],
+        grid: OutputGrid,
+    ) -> AttentionResult:
         if self.normalize == "words":
             words = trace.word_indices
             total = maps[:, words].sum(axis=1, keepdims=True)
@@ -309,7 +444,7 @@ class AttentionMaps:
             safe = np.where(total > 0, total, 1)
             shares[:, words] = np.where(total > 0, maps[:, words] / safe, 0)
             maps = shares
-        grids = sorted({tuple(int(v) for v in trace.attention[n].shape[1:3]) for n in layers})
+        grids = sorted({_layer_grid(trace, n) for n in layers})
         grid_text = ", ".join(f"{h}×{w}" for h, w in grids)
         step_text = (
             f"all {trace.n_steps} steps"
@@ -326,7 +461,7 @@ class AttentionMaps:
         description = (
             f"{what} conditional CFG half, mean over heads, "
             f"mean of {len(layers)} layer{'s' if len(layers) != 1 else ''} "
-            f"(grids {grid_text}) upsampled bilinearly to the {size[0]}×{size[1]} latent; "
+            f"(grids {grid_text}) {_grid_phrase(grid, size, grids)}; "
             f"{step_text}, one map per step"
         )
         return AttentionResult(
@@ -338,7 +473,8 @@ class AttentionMaps:
             description=description,
             meta={
                 "grids": grids,
-                "latent_shape": size,
+                "latent_shape": trace.latent_shape,
+                "grid": size,
                 "normalize": self.normalize,
                 "normalisation": normalisation,
                 "window": list(self.window),

@@ -453,16 +453,21 @@ def main(argv: list[str] | None = None) -> None:
         config = replace(config, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes)
     if args.unet_steps is not None:
         config = replace(config, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes)
-    final = train(
-        config,
-        args.out,
-        seed=args.seed,
-        progress=not args.no_progress,
-        model=args.model,
-        device=args.device,
-        vae_from=args.vae,
-        init_from=args.init,
-    )
+    try:
+        final = train(
+            config,
+            args.out,
+            seed=args.seed,
+            progress=not args.no_progress,
+            model=args.model,
+            device=args.device,
+            vae_from=args.vae,
+            init_from=args.init,
+        )
+    finally:
+        # The flag is process-wide (the CPU's FTZ/DAZ bits): a caller in the same process,
+        # a test run for one, keeps IEEE arithmetic.
+        torch.set_flush_denormal(False)
     print(f"final checkpoint: {final}", file=sys.stderr)
 
 

@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID, summarize_pairs
-from diffwidget.runs.store import RunStore, atomic_write, item_key
+from diffwidget.records import check_npz
+from diffwidget.runs.item_records import CurveEntry
+from diffwidget.runs.manifest import RunManifest
+from diffwidget.runs.segmentation import (
+    DAAM_TAU,
+    TAU_GRID,
+    PairScore,
+    SegmentationScores,
+    summarize_pairs,
+)
+from diffwidget.runs.store import RunItem, RunStore, atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,50 +49,43 @@ ITEM_COLUMNS = ("key", "id", "seed", "offset", "prompt", "status", "error")
 PROBE_CV = 5
 
 
-def work_keys(manifest: dict[str, Any]) -> list[tuple[dict[str, Any], int, int, str]]:
-    """``(item record, seed offset, generator seed, key)`` for every unit of work, in order."""
-    from diffwidget.runs.prompts import PromptItem
+def load_records(store: RunStore) -> tuple[RunManifest, list[RunItem]]:
+    """The manifest and every unit of work with its record (missing and corrupt included).
 
-    work = []
-    for record in manifest["items"]:
-        item = PromptItem.from_json(record)
-        for offset in manifest["settings"]["seeds"]:
-            seed = item.generator_seed(offset)
-            work.append((record, offset, seed, item_key(item.id, seed)))
-    return work
-
-
-def load_records(store: RunStore) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The manifest and one record per unit of work (``status`` missing/corrupt included)."""
+    Raises
+    ------
+    FileNotFoundError
+        When the folder holds no run.
+    ManifestError
+        When ``run.json`` does not read as a manifest (the message names the field).
+    """
     manifest = store.read_manifest()
     if manifest is None:
         raise FileNotFoundError(
             f"{store.root} holds no run (no run.json); start one with `diffwidget run`"
         )
-    records = []
-    for item, offset, seed, key in work_keys(manifest):
-        status, record = store.read_item(key)
-        base = {"key": key, "id": item["id"], "seed": seed, "offset": offset}
-        base.update({"prompt": item["prompt"], "status": status, "error": None})
-        if record is not None:
-            base.update(record)
-            base["status"] = status
-        records.append(base)
-    return manifest, records
+    return manifest, store.items(manifest)
 
 
-def item_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def item_table(records: Sequence[RunItem]) -> pd.DataFrame:
     """One row per item: ids, status, error message and every metric as a column."""
     import pandas as pd
 
     rows = []
-    for record in records:
-        row = {name: record.get(name) for name in ITEM_COLUMNS}
-        error = record.get("error")
-        row["error"] = f"{error['type']}: {error['message']}" if error else None
-        row.update(record.get("metrics") or {})
+    for item in records:
+        error = item.error
+        row: dict[str, object] = {
+            "key": item.key,
+            "id": item.id,
+            "seed": item.seed,
+            "offset": item.offset,
+            "prompt": item.prompt,
+            "status": item.status,
+            "error": str(error) if error is not None else None,
+        }
+        row.update(item.record.metrics if item.record is not None else {})
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(ITEM_COLUMNS)) if not rows else pd.DataFrame(rows)
     metric_cols = sorted(c for c in table.columns if c not in ITEM_COLUMNS)
     return table[[*ITEM_COLUMNS, *metric_cols]]
 
@@ -137,24 +139,24 @@ def metric_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "n", "mean", "sd", "ci_low", "ci_high"])
 
 
-def _faithfulness_result(entry: dict[str, Any], trapezoid: Callable[..., float]) -> Any:
+def _faithfulness_result(entry: CurveEntry, trapezoid: Callable[..., float]) -> Any:
     from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult
 
-    frac = np.asarray(entry["fractions"], dtype=np.float32)
+    frac = np.asarray(entry.fractions, dtype=np.float32)
 
     def curves(deletion: list[float], insertion: list[float]) -> FaithfulnessCurves:
         d, i = np.asarray(deletion, np.float32), np.asarray(insertion, np.float32)
         return FaithfulnessCurves(frac, d, i, trapezoid(frac, d), trapezoid(frac, i))
 
     return FaithfulnessResult(
-        step=int(entry["step"]),
-        saliency=curves(entry["deletion"], entry["insertion"]),
-        random=curves(entry["random_deletion"], entry["random_insertion"]),
-        meta=entry.get("meta", {}),
+        step=entry.step,
+        saliency=curves(entry.deletion, entry.insertion),
+        random=curves(entry.random_deletion, entry.random_insertion),
+        meta=dict(entry.meta),
     )
 
 
-def faithfulness_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def faithfulness_table(records: Sequence[RunItem]) -> pd.DataFrame:
     """Per map (``method@step``): :func:`~diffwidget.explain.faithfulness.summarize` of the
     items, the map's AUC beside the random baseline's, per-prompt and paper-style."""
     import pandas as pd
@@ -162,11 +164,10 @@ def faithfulness_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     from diffwidget.explain.faithfulness import summarize, trapezoid_auc
 
     by_map: dict[str, list[Any]] = {}
-    for record in records:
-        if record["status"] != "ok":
-            continue
-        for name, entry in (record.get("curves") or {}).items():
-            by_map.setdefault(name, []).append(_faithfulness_result(entry, trapezoid_auc))
+    for item in records:
+        if item.ok is not None:
+            for name, entry in item.ok.curves.items():
+                by_map.setdefault(name, []).append(_faithfulness_result(entry, trapezoid_auc))
     rows = []
     for name, results in by_map.items():
         summary = summarize(results)
@@ -186,61 +187,62 @@ def faithfulness_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _pairs_by_item(records: Sequence[dict[str, Any]], name: str) -> list[list[dict[str, Any]]]:
-    return [
-        r["segmentation"]["pairs"].get(name, [])
-        for r in records
-        if r["status"] == "ok" and r.get("segmentation")
-    ]
+def _segmentations(records: Sequence[RunItem]) -> list[SegmentationScores]:
+    return [r.ok.segmentation for r in records if r.ok is not None and r.ok.segmentation]
 
 
-def segmentation_summary(per_item: Sequence[Sequence[dict[str, Any]]]) -> dict[str, float]:
-    """:func:`summarize_pairs` over all pairs, with item-level bootstrap intervals."""
+#: Pooled segmentation scores given a bootstrap interval, in the columns of the item sums.
+_SEGMENTATION_INTERVALS = ("miou_tau", "map")
+
+
+def segmentation_summary(per_item: Sequence[Sequence[PairScore]]) -> dict[str, float]:
+    """:func:`summarize_pairs` over all pairs, with item-level bootstrap intervals.
+
+    The keys are the same whatever the items hold (intervals NaN without pairs), so a
+    run whose every object went unfound still makes a table with every column.
+
+    Examples
+    --------
+    >>> sorted(segmentation_summary([[]]))[:3]
+    ['best_tau', 'map', 'map_ci_high']
+    """
     flat = [p for pairs in per_item for p in pairs]
     summary = summarize_pairs(flat)
+    for label in _SEGMENTATION_INTERVALS:
+        summary[f"{label}_ci_low"] = summary[f"{label}_ci_high"] = float("nan")
+    summary["n_items"] = float(len(per_item))
     if not flat:
         return summary
     at = int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))
     # Each row: per-item sums of IoU at tau, of AP, and the pair count.
     sums = np.array(
         [
-            [sum(p["iou"][at] for p in pairs), sum(p["ap"] for p in pairs), len(pairs)]
+            [sum(p.iou[at] for p in pairs), sum(p.ap for p in pairs), len(pairs)]
             for pairs in per_item
         ],
         dtype=np.float64,
     )
-    for column, label in ((0, "miou_tau"), (1, "map")):
+    for column, label in enumerate(_SEGMENTATION_INTERVALS):
 
         def pooled(rows: np.ndarray, c: int = column) -> float:
             return float(rows[:, c].sum() / max(rows[:, 2].sum(), 1))
 
         low, high = bootstrap_ci(sums, pooled)
         summary[f"{label}_ci_low"], summary[f"{label}_ci_high"] = low, high
-    summary["n_items"] = float(len(per_item))
     return summary
 
 
-def segmentation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def segmentation_table(records: Sequence[RunItem]) -> pd.DataFrame:
     """One row per aggregation (ours, DAAM's): mIoU at τ 0.4, best τ, mAP, intervals."""
     import pandas as pd
 
-    names = sorted(
-        {
-            n
-            for r in records
-            if r["status"] == "ok" and r.get("segmentation")
-            for n in r["segmentation"]["pairs"]
-        }
-    )
-    found = [
-        f
-        for r in records
-        if r["status"] == "ok" and r.get("segmentation")
-        for f in r["segmentation"]["found"]
-    ]
+    scores = _segmentations(records)
+    names = sorted({n for s in scores for n in s.pairs})
+    found = [f for s in scores for f in s.found]
     rows = []
     for name in names:
-        row = {"aggregation": name, **segmentation_summary(_pairs_by_item(records, name))}
+        per_item = [s.pairs.get(name, []) for s in scores]
+        row = {"aggregation": name, **segmentation_summary(per_item)}
         row["objects_found"] = float(np.mean(found)) if found else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -258,7 +260,7 @@ ROLES_CURVE = "token roles"
 SEGMENTATION_CURVE = "segmentation mIoU by threshold"
 
 
-def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def aggregate_curves(records: Sequence[RunItem]) -> dict[str, dict[str, Any]]:
     """The set's mean curves with ± sd bands, for the plots, summary.md and the browser.
 
     Returns
@@ -270,30 +272,28 @@ def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, A
         (one line per aggregation, over (object, word) pairs) and ``"token roles"``
         (attention mass per role and step).
     """
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r.ok for r in records if r.ok is not None]
     curves: dict[str, dict[str, Any]] = {}
 
     def line(label: str, rows: list[Any]) -> dict[str, Any]:
         mean, sd = mean_sd(rows)
         return {"label": label, "mean": mean, "sd": sd, "n": len(rows)}
 
-    for name in sorted({n for r in ok for n in (r.get("curves") or {})}):
-        entries = [r["curves"][name] for r in ok if name in (r.get("curves") or {})]
+    for name in sorted({n for r in ok for n in r.curves}):
+        entries = [r.curves[name] for r in ok if name in r.curves]
         for kind in ("deletion", "insertion"):
             curves[f"{name} {kind}"] = {
-                "x": np.asarray(entries[0]["fractions"]),
+                "x": np.asarray(entries[0].fractions),
                 "xlabel": "fraction of latent cells",
                 "ylabel": "similarity to unmodified",
                 "lines": [
-                    line(name, [e[kind] for e in entries]),
-                    line(RANDOM_ORDER, [e[f"random_{kind}"] for e in entries]),
+                    line(name, [getattr(e, kind) for e in entries]),
+                    line(RANDOM_ORDER, [getattr(e, f"random_{kind}") for e in entries]),
                 ],
             }
-    seg = [r for r in ok if r.get("segmentation")]
-    names = sorted({n for r in seg for n in r["segmentation"]["pairs"]})
-    pairs = {
-        n: [p["iou"] for r in seg for p in r["segmentation"]["pairs"].get(n, [])] for n in names
-    }
+    seg = _segmentations(records)
+    names = sorted({n for s in seg for n in s.pairs})
+    pairs = {n: [p.iou for s in seg for p in s.pairs.get(n, [])] for n in names}
     if any(pairs.values()):
         curves[SEGMENTATION_CURVE] = {
             "x": TAU_GRID,
@@ -303,7 +303,7 @@ def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, A
         }
     roles: dict[str, list[list[float]]] = {}
     for record in ok:
-        for role, curve in (record.get("roles") or {}).items():
+        for role, curve in (record.roles or {}).items():
             roles.setdefault(role, []).append(curve)
     if roles:
         role_lines = [line(role, rows) for role, rows in roles.items()]
@@ -316,7 +316,7 @@ def aggregate_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, A
     return curves
 
 
-def concept_curves(store: RunStore, records: Sequence[dict[str, Any]]) -> Any:
+def concept_curves(store: RunStore, records: Sequence[RunItem]) -> Any:
     """Concept-probe curves fitted across the items that recorded probe features.
 
     Returns ``None`` when no item recorded features or no concept has two classes with
@@ -326,16 +326,17 @@ def concept_curves(store: RunStore, records: Sequence[dict[str, Any]]) -> Any:
 
     features: list[np.ndarray] = []
     labels: list[dict[str, str]] = []
-    for record in records:
-        if record["status"] != "ok":
+    for item in records:
+        if item.ok is None:
             continue
-        path = store.arrays_path(record["key"])
-        with np.load(path) as data:
+        path = store.arrays_path(item.key)
+        check_npz(path)
+        with np.load(path, allow_pickle=False) as data:
             keys = sorted(k for k in data.files if k.startswith("probe/uncond/"))
             if not keys:
                 continue
             features.append(np.concatenate([data[k] for k in keys], axis=-1))
-        labels.append(record.get("labels") or {})
+        labels.append(item.work.item.labels)
     if not features:
         return None
     concepts = sorted({c for lab in labels for c in lab})
@@ -381,8 +382,6 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
 
     store = RunStore(run_dir)
     manifest, records = load_records(store)
-    for record, item in zip(records, work_keys(manifest), strict=True):
-        record["labels"] = item[0].get("labels", {})
     folder = store.summary_dir
     folder.mkdir(parents=True, exist_ok=True)
     table = item_table(records)
@@ -394,7 +393,7 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
     seg = segmentation_table(records)
     _write_table(seg, folder, "segmentation", parquet=False)
     curves = aggregate_curves(records)
-    probes = concept_curves(store, records) if "probes" in manifest["settings"]["metrics"] else None
+    probes = concept_curves(store, records) if "probes" in manifest.settings.metrics else None
     if probes is not None:
         probes.save(folder / "concept_curves.json")
     figures = write_plots(folder, curves, probes) if plots else []

@@ -7,14 +7,16 @@ maps from the files stored beside them. The widget layer adds explorers and the 
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from diffwidget.records import RecordError, check_npz
 from diffwidget.runs.aggregation import item_table, load_records
-from diffwidget.runs.store import RunStore
+from diffwidget.runs.store import RunItem, RunStore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,15 +28,19 @@ if TYPE_CHECKING:
 class RunResult:
     """A run folder opened for analysis.
 
+    Every file is read through its schema: a ``run.json`` of the wrong shape is an error
+    naming the file and the field; an item record of the wrong shape, or naming a companion
+    file outside its place in the run folder, is listed as ``"corrupt"``.
+
     Attributes
     ----------
     path : Path
         The run folder.
-    manifest : dict
+    manifest : RunManifest
         Settings and items of the run.
-    records : list of dict
-        One result record per (prompt id, seed), with ``status`` ``"ok"``, ``"failed"``,
-        ``"missing"`` or ``"corrupt"``.
+    records : list of RunItem
+        One per (prompt id, seed), with ``status`` ``"ok"``, ``"failed"``, ``"missing"``,
+        ``"corrupt"`` or ``"stale"`` (made by other settings) and the record when it reads.
 
     Examples
     --------
@@ -49,9 +55,7 @@ class RunResult:
         self.manifest, self.records = load_records(self.store)
 
     def __repr__(self) -> str:
-        counts: dict[str, int] = {}
-        for record in self.records:
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        counts = Counter(record.status for record in self.records)
         text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         return f"{type(self).__name__}({str(self.path)!r}: {len(self.records)} items, {text})"
 
@@ -65,24 +69,22 @@ class RunResult:
         """``summary/summary.md`` (written when the run was aggregated)."""
         return self.store.summary_dir / "summary.md"
 
-    def record(self, item: str, seed: int | None = None) -> dict[str, Any]:
-        """The result record of an item, by key, or by id (and seed when it has several).
+    def record(self, item: str, seed: int | None = None) -> RunItem:
+        """An item, by key, or by id (and seed when it has several).
 
         Raises
         ------
         KeyError
             For an unknown item, or an id with several seeds and no seed given.
         """
-        matches = [r for r in self.records if r["key"] == item]
+        matches = [r for r in self.records if r.key == item]
         if not matches:
-            matches = [
-                r for r in self.records if r["id"] == item and (seed is None or r["seed"] == seed)
-            ]
+            matches = [r for r in self.records if r.id == item and (seed is None or r.seed == seed)]
         if not matches:
-            example = f"; ids look like {self.records[0]['id']!r}" if self.records else ""
+            example = f"; ids look like {self.records[0].id!r}" if self.records else ""
             raise KeyError(f"no item {item!r} in {self.path}{example}")
         if len(matches) > 1:
-            seeds = [r["seed"] for r in matches]
+            seeds = [r.seed for r in matches]
             raise KeyError(f"item {item!r} ran with seeds {seeds}; pass seed= or the item key")
         return matches[0]
 
@@ -90,39 +92,52 @@ class RunResult:
         """The saved Trace of an item."""
         from diffwidget.tracing.trace import Trace
 
-        record = self.record(item, seed)
-        if record["status"] != "ok":
-            raise ValueError(f"item {record['key']} is {record['status']}; it has no trace")
-        if "trace" not in record.get("files", {}):
+        found = self.record(item, seed)
+        if found.ok is None:
+            raise ValueError(f"item {found.key} is {found.status}; it has no trace")
+        if "trace" not in found.ok.files:
             raise FileNotFoundError(
-                f"the run kept no traces (save_traces=False); rerun item {record['key']} with "
+                f"the run kept no traces (save_traces=False); rerun item {found.key} with "
                 "traces to open its explorer"
             )
-        return Trace.load(self.path / record["files"]["trace"]["path"])
+        return Trace.load(self.store.trace_path(found.key))
 
     def saliency_maps(self, item: str, seed: int | None = None) -> list[SaliencyMap]:
-        """The DF-RISE / DF-CAM / attention maps the run stored for an item."""
+        """The DF-RISE / DF-CAM / attention maps the run stored for an item.
+
+        Raises
+        ------
+        RecordError
+            When the item's arrays file lacks a map its record names.
+        """
         from diffwidget.explain.results import SaliencyMap
 
-        record = self.record(item, seed)
-        if record["status"] != "ok":
+        found = self.record(item, seed)
+        if found.ok is None:
             return []
+        path = self.store.arrays_path(found.key)
+        check_npz(path)
         maps = []
-        with np.load(self.path / record["files"]["arrays"]["path"]) as arrays:
-            for entry in record.get("maps", []):
-                name = f"{entry['method']}@{entry['step']}"
-                layers = {
-                    layer: arrays[f"{name}/layer{k}"] for k, layer in enumerate(entry["layers"])
-                }
+        with np.load(path, allow_pickle=False) as arrays:
+
+            def array(name: str) -> np.ndarray:
+                if name not in arrays.files:
+                    raise RecordError(path, f"lacks the array {name!r} its record names")
+                return np.asarray(arrays[name])
+
+            for entry in found.ok.maps:
+                name = f"{entry.method}@{entry.step}"
                 maps.append(
                     SaliencyMap(
-                        method=entry["method"],
-                        step=int(entry["step"]),
-                        timestep=int(entry["timestep"]),
-                        map=arrays[f"{name}/map"],
-                        raw=arrays[f"{name}/raw"],
-                        layers=layers,
-                        meta=entry["meta"],
+                        method=entry.method,
+                        step=entry.step,
+                        timestep=entry.timestep,
+                        map=array(f"{name}/map"),
+                        raw=array(f"{name}/raw"),
+                        layers={
+                            layer: array(f"{name}/layer{k}") for k, layer in enumerate(entry.layers)
+                        },
+                        meta=dict(entry.meta),
                     )
                 )
         return maps

@@ -15,6 +15,9 @@ Sources
     {"dog": "yes"}, "roles": {"subject": [1]}, "seed": 1}``; only ``prompt`` is required
     (the id defaults to the line number). ``roles`` give word indices into
     ``prompt.split()``; ``labels`` feed the concept probes.
+
+Both files are UTF-8 split on ``\n`` only (see :mod:`~diffwidget.runs.prompt_files` for
+what is checked); ids are unique also ignoring case, since they name files.
 ``scene:N``
     ``N`` held-out scene-world captions (half of them combinations never seen in training),
     ids ``scene00000`` ... (:meth:`~diffwidget.models.scenes.SceneWorld.held_out_scenes`).
@@ -25,13 +28,29 @@ Sources
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from diffwidget.records import Record
+from diffwidget.runs.prompt_files import (
+    JSONL_EXAMPLE,
+    MAX_PROMPTS,
+    MAX_SEED,
+    PromptLine,
+    PromptSourceError,
+    caption_text,
+    check_id,
+    check_int,
+    check_labels,
+    check_roles,
+    check_text,
+    jsonl_line,
+    read_lines,
+)
 
 #: Scene-world sources: ``scene:N`` (held-out) and ``scene-train:N`` (training distribution).
 SCENE_PREFIX = "scene:"
@@ -41,19 +60,14 @@ SCENE_WORLD_SEED = 0
 #: World seed of the training split (a stream apart from the one the model was trained on).
 SCENE_TRAIN_SEED = 7
 ROLE_NAMES: tuple[str, ...] = ("subject", "relation", "object")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SCENE_COUNT = re.compile(r"[0-9]{1,9}")
 #: Generator seeds derived from item ids stay below this (torch accepts any 64-bit seed;
 #: 31 bits keep them readable and portable).
 SEED_MODULUS = 2**31
-_JSONL_KEYS = frozenset({"id", "prompt", "labels", "roles", "seed"})
-
-
-class PromptSourceError(ValueError):
-    """A prompt source that cannot be read; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
-class SceneTruth:
+class SceneTruth(Record):
     """What a scene-world caption says about one object, and which words say it.
 
     Attributes
@@ -73,7 +87,7 @@ class SceneTruth:
 
 
 @dataclass(frozen=True)
-class PromptItem:
+class PromptItem(Record):
     """One prompt of a run.
 
     Attributes
@@ -90,6 +104,12 @@ class PromptItem:
         Scene-world ground truth, empty for captions outside the grammar.
     seed : int, optional
         Base generator seed given by the source; otherwise derived from ``id``.
+
+    Raises
+    ------
+    PromptSourceError
+        For an id that is not file-safe, an empty prompt, word indices outside the prompt or
+        a seed out of range (also when read back from a run manifest).
     """
 
     id: str
@@ -98,6 +118,21 @@ class PromptItem:
     roles: dict[str, list[int]] = field(default_factory=dict)
     objects: tuple[SceneTruth, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"prompt {self.id!r}"
+        check_id(where, self.id)
+        if not check_text(where, "the prompt", self.prompt).strip():
+            raise PromptSourceError(f"{where}: the prompt is empty")
+        check_labels(where, self.labels)
+        n_words = len(self.prompt.split())
+        if self.roles:
+            check_roles(where, self.roles, n_words)
+        for truth in self.objects:
+            if not all(0 <= i < n_words for i in truth.words.values()):
+                raise PromptSourceError(f"{where}: scene-object words {truth.words} outside it")
+        if self.seed is not None:
+            check_int(where, "the seed", self.seed, 0, MAX_SEED)
 
     def generator_seed(self, offset: int = 0) -> int:
         """The seed of this item's generation number ``offset``.
@@ -115,41 +150,6 @@ class PromptItem:
         """
         base = self.seed if self.seed is not None else zlib.crc32(self.id.encode())
         return int((base + offset) % SEED_MODULUS)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready record (the run manifest stores one per item)."""
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "labels": dict(self.labels),
-            "roles": {k: list(v) for k, v in self.roles.items()},
-            "objects": [
-                {
-                    "colour": o.colour,
-                    "shape": o.shape,
-                    "size": o.size,
-                    "position": o.position,
-                    "words": dict(o.words),
-                }
-                for o in self.objects
-            ],
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PromptItem:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            id=str(data["id"]),
-            prompt=str(data["prompt"]),
-            labels={str(k): str(v) for k, v in data.get("labels", {}).items()},
-            roles={str(k): [int(i) for i in v] for k, v in data.get("roles", {}).items()},
-            objects=tuple(
-                SceneTruth(o["colour"], o["shape"], o["size"], o["position"], dict(o["words"]))
-                for o in data.get("objects", [])
-            ),
-            seed=data.get("seed"),
-        )
 
 
 def scene_ground_truth(prompt: str) -> tuple[tuple[SceneTruth, ...], dict[str, list[int]]]:
@@ -234,9 +234,10 @@ def _scene_items(spec: str) -> list[PromptItem]:
     train = spec.startswith(SCENE_TRAIN_PREFIX)
     prefix = SCENE_TRAIN_PREFIX if train else SCENE_PREFIX
     text = spec[len(prefix) :]
-    if not text.isdigit() or int(text) < 1:
+    if not _SCENE_COUNT.fullmatch(text) or not 1 <= int(text) <= MAX_PROMPTS:
         raise PromptSourceError(
-            f"{spec!r}: write {prefix}N with a positive whole number N, e.g. {prefix}50"
+            f"{spec!r}: write {prefix}N with a positive whole number N (at most "
+            f"{MAX_PROMPTS}), e.g. {prefix}50"
         )
     n = int(text)
     if train:
@@ -246,83 +247,54 @@ def _scene_items(spec: str) -> list[PromptItem]:
     return [_item(f"scene{i:05d}", s.caption) for i, s in enumerate(scenes)]
 
 
-def _check_words(where: str, prompt: str, indices: Sequence[Any], what: str) -> list[int]:
-    n_words = len(prompt.split())
-    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise PromptSourceError(f"{where}: {what} must be a list of word indices (integers)")
-    bad = [i for i in indices if not 0 <= i < n_words]
-    if bad:
-        raise PromptSourceError(
-            f"{where}: {what} has word indices {bad} outside 0..{n_words - 1} "
-            f"(indices into the prompt's {n_words} words)"
-        )
-    return list(indices)
+def _line_item(line: PromptLine) -> PromptItem:
+    return _item(
+        line.id if line.id is not None else f"line{line.number:05d}",
+        line.prompt,
+        labels=line.labels,
+        roles=line.roles,
+        seed=line.seed,
+    )
 
 
-def _jsonl_items(path: Path, lines: list[str]) -> list[PromptItem]:
-    items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PromptSourceError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+def _jsonl_items(path: Path) -> Iterator[tuple[str, PromptItem]]:
+    for number, text in read_lines(path):
+        if text.strip():
+            where = f"{path}:{number}"
+            yield where, _line_item(jsonl_line(where, number, text))
+
+
+def _text_items(path: Path) -> Iterator[tuple[str, PromptItem]]:
+    for number, text in read_lines(path):
+        caption = text.strip()
+        if caption and not caption.startswith("#"):
+            yield f"{path}:{number}", _item(f"line{number:05d}", caption)
+
+
+def _check_items(source: str, found: Iterable[tuple[str, PromptItem]]) -> list[PromptItem]:
+    """The items, refused with the place of the first problem: empty prompts, ids that are
+    not file-safe or that collide (ids differing only in case name one file on macOS and
+    Windows), or more than ``MAX_PROMPTS`` items."""
+    items: list[PromptItem] = []
+    seen: dict[str, tuple[str, str]] = {}
+    for where, item in found:
+        if len(items) == MAX_PROMPTS:
             raise PromptSourceError(
-                f'{where}: each line must be an object with a "prompt" string, e.g. '
-                '{"id": "p1", "prompt": "a red circle", "labels": {"colour": "red"}}'
+                f"{source} holds more than {MAX_PROMPTS} prompts; split it into several runs"
             )
-        unknown = sorted(set(data) - _JSONL_KEYS)
-        if unknown:
+        folded = item.id.casefold()
+        if folded in seen:
+            first_where, first_id = seen[folded]
+            ids = [item.id] if first_id == item.id else [first_id, item.id]
+            case = "" if first_id == item.id else " (the same up to case)"
             raise PromptSourceError(
-                f"{where}: unknown keys {unknown}; use only {sorted(_JSONL_KEYS)}"
+                f"{where}: duplicated ids {ids}{case}, first at {first_where}; ids must be "
+                "unique, also ignoring case (they name files)"
             )
-        labels = data.get("labels")
-        if labels is not None and not isinstance(labels, dict):
-            raise PromptSourceError(f'{where}: "labels" must map concept names to labels')
-        roles = data.get("roles")
-        if roles is not None:
-            if not isinstance(roles, dict):
-                raise PromptSourceError(f'{where}: "roles" must map role names to word indices')
-            roles = {
-                str(k): _check_words(where, data["prompt"], v, f"role {k!r}")
-                for k, v in roles.items()
-            }
-        seed = data.get("seed")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise PromptSourceError(f'{where}: "seed" must be a non-negative integer')
-        items.append(
-            _item(
-                str(data.get("id", f"line{number:05d}")),
-                data["prompt"].strip(),
-                labels={str(k): str(v) for k, v in labels.items()} if labels else None,
-                roles=roles,
-                seed=seed,
-            )
-        )
-    return items
-
-
-def _check_items(items: list[PromptItem], source: str) -> list[PromptItem]:
+        seen[folded] = (where, item.id)
+        items.append(item)
     if not items:
         raise PromptSourceError(f"{source} holds no prompts; write one caption a line")
-    empty = [i.id for i in items if not i.prompt.strip()]
-    if empty:
-        raise PromptSourceError(f"{source}: empty prompts for ids {empty[:5]}")
-    bad = [i.id for i in items if not _ID_PATTERN.match(i.id)]
-    if bad:
-        raise PromptSourceError(
-            f"{source}: ids {bad[:5]} are not file-safe; use letters, digits, '.', '_' and "
-            "'-' (at most 100 characters, starting with a letter or digit)"
-        )
-    seen: dict[str, int] = {}
-    for item in items:
-        seen[item.id] = seen.get(item.id, 0) + 1
-    duplicates = sorted(k for k, v in seen.items() if v > 1)
-    if duplicates:
-        raise PromptSourceError(f"{source}: duplicated ids {duplicates[:5]}; ids must be unique")
     return items
 
 
@@ -338,8 +310,9 @@ def load_prompts(source: str | Path | Sequence[str]) -> list[PromptItem]:
     Raises
     ------
     PromptSourceError
-        For a missing or empty file, a bad JSONL line (with its line number), ids that are
-        duplicated or not file-safe.
+        For a missing or empty file, a bad line (with its line number: not UTF-8, too long,
+        a JSONL field of the wrong type), ids that are duplicated (also up to case) or not
+        file-safe.
 
     Examples
     --------
@@ -348,26 +321,28 @@ def load_prompts(source: str | Path | Sequence[str]) -> list[PromptItem]:
     (['scene00000', 'scene00001'], 1)
     """
     if not isinstance(source, (str, Path)):
-        captions = [str(c).strip() for c in source]
-        return _check_items([_item(f"p{i:05d}", c) for i, c in enumerate(captions)], "prompts")
+        captions = (
+            (
+                f"prompts[{k}]",
+                _item(f"p{k:05d}", caption_text(f"prompts[{k}]", c)),
+            )
+            for k, c in enumerate(source)
+        )
+        return _check_items("prompts", captions)
     text = str(source)
     if text.startswith((SCENE_PREFIX, SCENE_TRAIN_PREFIX)):
-        return _check_items(_scene_items(text), text)
+        return _check_items(text, ((text, item) for item in _scene_items(text)))
     path = Path(text).expanduser()
     if not path.is_file():
         raise PromptSourceError(
             f"no prompt file {path}; pass a text file (one caption a line), a .jsonl file, "
             "or scene:N for N scene-world captions"
         )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise PromptSourceError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    if path.suffix.lower() == ".jsonl":
-        return _check_items(_jsonl_items(path, lines), str(path))
-    items = [
-        _item(f"line{number:05d}", line.strip())
-        for number, line in enumerate(lines, start=1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    return _check_items(items, str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise PromptSourceError(
+            f"{path}: a .json file is not a prompt source; write JSONL (a .jsonl file, one "
+            f"object a line, e.g. {JSONL_EXAMPLE}) or a text file of captions"
+        )
+    found = _jsonl_items(path) if suffix == ".jsonl" else _text_items(path)
+    return _check_items(str(path), found)

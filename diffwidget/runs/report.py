@@ -16,6 +16,8 @@ from diffwidget.runs.store import atomic_write
 if TYPE_CHECKING:
     import pandas as pd
 
+    from diffwidget.runs.manifest import RunManifest
+
 #: Rows of the "worst items" list in summary.md.
 WORST_ITEMS = 5
 _DPI = 110
@@ -137,7 +139,7 @@ def worst_metric(table: pd.DataFrame) -> str | None:
 
 def write_summary(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     table: pd.DataFrame,
     metrics: pd.DataFrame,
     faith: pd.DataFrame,
@@ -147,7 +149,7 @@ def write_summary(
     figures: list[str],
 ) -> Path:
     """Write ``summary.md`` and return its path."""
-    settings = manifest["settings"]
+    settings = manifest.settings.named()
     counts = table["status"].value_counts().to_dict()
     lines = [
         "# Run summary",

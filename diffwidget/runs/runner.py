@@ -9,34 +9,30 @@ run goes on. Whoever finishes the last item aggregates the run (no collectives n
 
 from __future__ import annotations
 
-import difflib
+import errno
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from diffwidget.runs.metrics import (
-    DEFAULT_METHODS,
-    MAP_METHODS,
-    METRICS,
-    MethodChoice,
-    RunSettings,
-    compute_item,
-    split_methods,
+from diffwidget.runs.item_records import (
+    ITEM_FORMAT,
+    ItemError,
+    ItemRecord,
+    ItemResult,
+    ProcessInfo,
+    result_fields,
 )
-from diffwidget.runs.prompts import PromptItem, load_prompts
+from diffwidget.runs.locks import ItemLock
+from diffwidget.runs.manifest import RunManifest, Work
+from diffwidget.runs.metrics import DEFAULT_METHODS, DEFAULT_METRICS, ItemOutput, compute_item
+from diffwidget.runs.prompts import load_prompts
+from diffwidget.runs.settings import MethodChoice, Metric, RunSettings, model_fingerprint
 from diffwidget.runs.sharding import Processes, Shard, processes
-from diffwidget.runs.store import (
-    FORMAT_VERSION,
-    RunSetupError,
-    RunStore,
-    atomic_write,
-    item_key,
-    write_json,
-)
+from diffwidget.runs.store import RunSetupError, RunStore, atomic_write, write_json
 from diffwidget.tracing.lock import hold_pipeline
 
 if TYPE_CHECKING:
@@ -56,8 +52,14 @@ class RunReport:
         The run folder.
     computed, failed, skipped : list of str
         Item keys this process computed successfully, recorded as failed, or found done.
+    busy : list of str
+        Item keys another live process was computing (left to it).
+    first_error : str, optional
+        ``"<key>: <type>: <message>"`` of the first item this process recorded as failed.
     summary : Path, optional
         ``summary.md`` when this process aggregated the run.
+    no_summary : str, optional
+        Why every item is finished yet no summary was written (no item succeeded).
     rank, processes : int
         This process's index and the number of processes.
     """
@@ -66,72 +68,49 @@ class RunReport:
     computed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    first_error: str | None = None
     summary: Path | None = None
+    no_summary: str | None = None
     rank: int = 0
     processes: int = 1
 
 
-def _choices(kind: str, given: Sequence[str], allowed: Sequence[str]) -> list[str]:
-    given = list(given)
-    for name in given:
-        if name not in allowed:
-            close = difflib.get_close_matches(name, list(allowed), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {kind} {name!r}.{hint} Choose from {list(allowed)}")
-    if not given:
-        raise ValueError(f"choose at least one {kind} from {list(allowed)}")
-    return list(dict.fromkeys(given))
+class RunStoppedError(RuntimeError):
+    """An I/O error (a full disk, a read-only or failing file system) stopped the run.
+
+    Attributes
+    ----------
+    report : RunReport
+        What the process did before it stopped.
+    """
+
+    def __init__(self, message: str, report: RunReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+#: Errors of the machine rather than of one item: raised while computing, they stop the run.
+STOP_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
+)
 
 
 def check_settings(settings: RunSettings) -> RunSettings:
-    """Validate the settings before any work; errors say how to fix them.
+    """Validate the settings before any work (:meth:`RunSettings.checked`: every method's
+    config complete); errors say how to fix them.
 
     Raises
     ------
     RunSetupError
-        For an unknown method or metric, steps outside the run, bad seeds or counts, or a
-        model folder that is not a pipeline.
+        For an unknown method or metric, steps outside the run, bad seeds, a config of a
+        method the run does not compute or a setting its config refuses, or a model folder
+        that is not a pipeline.
     """
     try:
-        return _check_settings(settings)
+        return settings.checked()
     except ValueError as error:
         raise RunSetupError(str(error)) from None
-
-
-def _check_settings(settings: RunSettings) -> RunSettings:
-    settings.methods = _choices("method", settings.methods, MAP_METHODS)
-    settings.metrics = _choices("metric", settings.metrics, METRICS) if settings.metrics else []
-    if settings.inference_steps < 1:
-        raise ValueError(f"inference steps must be at least 1, got {settings.inference_steps}")
-    steps = settings.explained_steps
-    bad = [s for s in steps if not 0 <= s < settings.inference_steps]
-    if bad or not steps:
-        raise ValueError(
-            f"explained steps {bad or steps} must be loop indices in "
-            f"0..{settings.inference_steps - 1} (not scheduler timesteps)"
-        )
-    settings.steps = sorted(set(steps))
-    if not settings.seeds or any(not isinstance(s, int) or s < 0 for s in settings.seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {settings.seeds}")
-    settings.seeds = list(dict.fromkeys(settings.seeds))
-    settings.fill_configs()  # the configs checked their own values when they were built
-    if settings.guidance is not None and settings.guidance <= 1:
-        raise ValueError(
-            f"guidance must be above 1 (classifier-free guidance), got {settings.guidance}"
-        )
-    from diffwidget.models.loader import DEMO_MODELS
-
-    if (
-        settings.model is not None
-        and settings.model not in DEMO_MODELS
-        and not (Path(settings.model) / "model_index.json").is_file()
-    ):
-        raise ValueError(
-            f"model {settings.model} is not a diffusers pipeline folder (no model_index.json); "
-            "save one with pipe.save_pretrained(folder), or name an embedded model "
-            f"({' or '.join(DEMO_MODELS)}; unset: unet)"
-        )
-    return settings
 
 
 #: Packages the aggregation needs (the ``[runs]`` extra): tables, Parquet, plots.
@@ -161,31 +140,44 @@ def _load_pipeline(settings: RunSettings, device: str) -> Any:
     return pipe.to(device)
 
 
-def _error_record(error: Exception) -> dict[str, Any]:
-    return {
-        "type": type(error).__name__,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(error)),
-    }
+def _error_record(error: Exception) -> ItemError:
+    return ItemError(
+        type=type(error).__name__,
+        message=str(error),
+        traceback="".join(traceback.format_exception(error)),
+    )
+
+
+def _new_record(work: Work, procs: Processes, **fields: Any) -> ItemRecord:
+    return ItemRecord(
+        format_version=ITEM_FORMAT,
+        key=work.key,
+        id=work.item.id,
+        seed=work.seed,
+        offset=work.offset,
+        prompt=work.item.prompt,
+        digest=work.digest,
+        settings_digest=work.settings_digest,
+        # Who computed it: varies with the launch, never part of the results.
+        process=ProcessInfo(procs.rank, procs.count),
+        **fields,
+    )
 
 
 def _store_item(
-    store: RunStore,
-    key: str,
-    base: dict[str, Any],
-    output: Any,
-    save_traces: bool,
+    store: RunStore, work: Work, procs: Processes, output: ItemOutput, save_traces: bool
 ) -> None:
     """Write the companions first, the result file last (it names their sizes)."""
-    files = {}
-    arrays_path = store.arrays_path(key)
-    atomic_write(arrays_path, lambda p: np.savez(p, **output.arrays))
-    files["arrays"] = store.file_entry(arrays_path)
+    arrays_path = store.arrays_path(work.key)
+    arrays: dict[str, Any] = output.arrays
+    atomic_write(arrays_path, lambda p: np.savez(p, **arrays))
+    files = {"arrays": store.file_entry(arrays_path)}
     if save_traces and output.trace is not None:
-        trace_path = store.trace_path(key)
+        trace_path = store.trace_path(work.key)
         atomic_write(trace_path, output.trace.save)
         files["trace"] = store.file_entry(trace_path)
-    write_json(store.item_path(key), {**base, "status": "ok", **output.record, "files": files})
+    record = _new_record(work, procs, status="ok", files=files, **result_fields(output.record))
+    write_json(store.item_path(work.key), record.to_json())
 
 
 def run(
@@ -266,7 +258,13 @@ def run(
     ------
     PromptSourceError, ValueError, RunSetupError
         Before any work: a bad prompt source, an unknown method or metric, a step outside
-        the run, a folder that holds another run.
+        the run, a setting a method's config refuses, a folder that holds another run.
+    TypeError
+        For a method that is neither a name, a config nor a method object.
+    RunStoppedError
+        When an I/O error such as a full disk stopped the run (its ``report`` says what was
+        done); items that fail for their own reasons are recorded and listed in
+        ``RunReport.failed`` instead.
 
     Examples
     --------
@@ -276,76 +274,85 @@ def run(
     """
     if aggregate:
         _check_aggregation_packages()
-    from diffwidget.explain.base import Method
-
     items = load_prompts(prompts)
-    names, configs = split_methods(methods if methods is not None else DEFAULT_METHODS)
-    settings = check_settings(
-        RunSettings(
-            methods=names,
-            steps=list(steps) if steps is not None else None,
-            seeds=list(seeds),
-            inference_steps=inference_steps,
-            guidance=guidance,
-            model=model,
-            configs=configs,
-            faithfulness=faithfulness
-            if not isinstance(faithfulness, Method)
-            else faithfulness.config,
-            metrics=list(metrics) if metrics is not None else RunSettings().metrics,
-            save_traces=save_traces,
-        )
+    wanted = RunSettings.of(
+        methods if methods is not None else DEFAULT_METHODS,
+        faithfulness,
+        steps=tuple(steps) if steps is not None else None,
+        seeds=tuple(seeds),
+        inference_steps=inference_steps,
+        guidance=guidance,
+        model=model,
+        metrics=cast(
+            "tuple[Metric, ...]", tuple(metrics) if metrics is not None else DEFAULT_METRICS
+        ),
+        save_traces=save_traces,
+        scene_metrics=model is None if scene_metrics is None else scene_metrics,
     )
+    settings = check_settings(wanted)
     try:
         chosen_shard = Shard.parse(shard) if isinstance(shard, str) else shard or Shard(0, 1)
     except ValueError as error:
         raise RunSetupError(str(error)) from None
-    if scene_metrics is None:
-        scene_metrics = model is None
+    settings = settings.replace(
+        model=settings.model
+        if pipe is None or model is not None
+        else f"<{type(pipe).__name__} passed in>",
+        model_fingerprint=model_fingerprint(model, pipe),
+    )
     store = RunStore(out)
-    work = [
-        (item, offset, item.generator_seed(offset)) for item in items for offset in settings.seeds
-    ]
-    manifest_settings = settings.to_json()
-    if pipe is not None:
-        manifest_settings["model"] = (
-            f"<{type(pipe).__name__} passed in>" if model is None else model
-        )
     procs = processes(device)
-    with procs.main_first():
-        store.open_manifest(manifest_settings, items)
+    try:
+        with procs.main_first():
+            manifest = store.open_manifest(settings, items)
+    except OSError as error:
+        raise RunSetupError(f"cannot write the run manifest in {store.root}: {error}") from None
     report = RunReport(Path(store.root), rank=procs.rank, processes=procs.count)
+    work = manifest.work()
     mine = procs.split(chosen_shard.select(work))
-    _compute(store, mine, settings, pipe, procs, report, scene_metrics, progress, on_item)
+    _compute(store, mine, manifest, pipe, procs, report, progress, on_item)
     if aggregate:
-        done = [store.status(item_key(i.id, s)) in ("ok", "failed") for i, _o, s in work]
-        if all(done):
-            from diffwidget.runs.aggregation import aggregate as write_aggregate
-
-            report.summary = write_aggregate(store.root)
+        _aggregate_when_finished(store, work, report)
     return report
+
+
+def _aggregate_when_finished(store: RunStore, work: list[Work], report: RunReport) -> None:
+    """Write ``summary/`` when every item is finished and at least one succeeded."""
+    statuses = [store.status(unit) for unit in work]
+    if not all(status in ("ok", "failed") for status in statuses):
+        return
+    if "ok" not in statuses:
+        report.no_summary = (
+            f"no summary written: all {len(work)} items failed (see items/*.json for each error)"
+        )
+        return
+    from diffwidget.runs.aggregation import aggregate as write_aggregate
+
+    try:
+        report.summary = write_aggregate(store.root)
+    except OSError as error:
+        raise _stop(report, f"writing {store.summary_dir}", error) from error
 
 
 def _compute(
     store: RunStore,
-    mine: list[tuple[PromptItem, int, int]],
-    settings: RunSettings,
+    mine: list[Work],
+    manifest: RunManifest,
     pipe: Any,
     procs: Processes,
     report: RunReport,
-    scene_metrics: bool,
     progress: bool,
     on_item: ItemCallback | None,
 ) -> None:
     from tqdm.auto import tqdm
 
-    pending = [w for w in mine if store.status(item_key(w[0].id, w[2])) != "ok"]
-    todo = {item_key(i.id, s) for i, _o, s in pending}
-    report.skipped = [k for k in (item_key(i.id, s) for i, _o, s in mine) if k not in todo]
+    pending = [w for w in mine if store.status(w) != "ok"]
+    todo = {w.key for w in pending}
+    report.skipped = [w.key for w in mine if w.key not in todo]
     if not pending:
         return
     if pipe is None:
-        pipe = _load_pipeline(settings, procs.device)
+        pipe = _load_pipeline(manifest.settings, procs.device)
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(pending),
@@ -355,37 +362,78 @@ def _compute(
         disable=not progress,
     )
     with bar:
-        for item, offset, seed in pending:
-            key = item_key(item.id, seed)
-            store.remove_stale_temporaries(key)
-            base = {
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "id": item.id,
-                "seed": seed,
-                "offset": offset,
-                "prompt": item.prompt,
-                # Who computed it: varies with the launch, never part of the results.
-                "process": {"rank": procs.rank, "count": procs.count},
-            }
-            try:
-                # The trace and the maps of one item never interleave with other work
-                # on this pipeline (an explorer's DF-RISE in the same notebook).
-                with hold_pipeline(pipe, f"run item {key}"):
-                    output = compute_item(pipe, item, seed, settings, scene_metrics=scene_metrics)
-                _store_item(store, key, base, output, settings.save_traces)
-                report.computed.append(key)
-                status = "ok"
-            except Exception as error:  # recorded, and the run goes on
-                write_json(
-                    store.item_path(key),
-                    {**base, "status": "failed", "error": _error_record(error)},
-                )
-                report.failed.append(key)
-                status = "failed"
+        for work in pending:
+            with store.lock(work.key) as lock:
+                if not lock.taken:
+                    report.busy.append(work.key)
+                    status = "busy"
+                elif store.status(work) == "ok":  # finished by another process meanwhile
+                    report.skipped.append(work.key)
+                    status = "ok"
+                else:
+                    status = _compute_one(store, work, manifest.settings, pipe, procs, report, lock)
             bar.update()
-            if on_item is not None:
-                on_item(key, status)
+            if on_item is not None and status in ("ok", "failed"):
+                on_item(work.key, status)
 
 
-__all__ = ["RunReport", "RunSetupError", "check_settings", "run"]
+def _stop(report: RunReport, doing: str, error: OSError) -> RunStoppedError:
+    done = len(report.computed) + len(report.failed)
+    return RunStoppedError(
+        f"the run stopped: {doing} failed with {error}. {done} items were finished by this "
+        "process before; fix the cause (free disk space, a writable folder) and rerun the same "
+        "command to resume",
+        report,
+    )
+
+
+def _compute_one(
+    store: RunStore,
+    work: Work,
+    settings: RunSettings,
+    pipe: Any,
+    procs: Processes,
+    report: RunReport,
+    lock: ItemLock,
+) -> str:
+    """Compute and store one item under its lock; ``"ok"``, ``"failed"`` or ``"busy"``."""
+    key = work.key
+    try:
+        store.remove_stale_temporaries(key)
+    except OSError as error:
+        raise _stop(report, f"cleaning {store.root}", error) from error
+    scene_metrics = bool(settings.scene_metrics)
+    try:
+        # The trace and the maps of one item never interleave with other work on this
+        # pipeline (an explorer's DF-RISE in the same notebook).
+        with hold_pipeline(pipe, f"run item {key}"):
+            output = compute_item(pipe, work.item, work.seed, settings, scene_metrics=scene_metrics)
+        if not isinstance(output.record, ItemResult):
+            raise TypeError(f"compute_item returned {type(output.record).__name__} records")
+    except Exception as error:  # recorded, and the run goes on
+        if isinstance(error, OSError) and error.errno in STOP_ERRNOS:
+            raise _stop(report, f"computing item {key}", error) from error
+        if not lock.owned():  # taken over while this process was stalled
+            report.busy.append(key)
+            return "busy"
+        record = _new_record(work, procs, status="failed", error=_error_record(error))
+        try:
+            write_json(store.item_path(key), record.to_json())
+        except OSError as write_error:
+            raise _stop(report, f"writing {store.item_path(key)}", write_error) from write_error
+        report.failed.append(key)
+        if report.first_error is None:
+            report.first_error = f"{key}: {record.error}"
+        return "failed"
+    if not lock.owned():
+        report.busy.append(key)
+        return "busy"
+    try:
+        _store_item(store, work, procs, output, settings.save_traces)
+    except OSError as error:
+        raise _stop(report, f"writing the files of item {key} in {store.root}", error) from error
+    report.computed.append(key)
+    return "ok"
+
+
+__all__ = ["RunReport", "RunSetupError", "RunStoppedError", "check_settings", "run"]

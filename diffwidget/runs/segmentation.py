@@ -24,6 +24,7 @@ import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, upsample_maps
 from diffwidget.explain.results import minmax
+from diffwidget.records import Record
 from diffwidget.runs.prompts import SceneTruth
 from diffwidget.tracing.trace import Trace
 
@@ -146,25 +147,45 @@ def match_objects(objects: Sequence[SceneTruth], found: Sequence[Any]) -> list[A
     return matches
 
 
-@dataclass
-class PairScore:
-    """One word map scored against one object's mask."""
+@dataclass(frozen=True)
+class PairScore(Record):
+    """One word map scored against one object's mask.
+
+    Attributes
+    ----------
+    object : int
+        Index of the caption's object.
+    role : str
+        Which of its words (``"colour"`` or ``"shape"``).
+    word : str
+        The word's token.
+    iou : list of float
+        IoU at every threshold of :data:`TAU_GRID`.
+    ap : float
+        Average precision of the continuous map.
+    """
 
     object: int
     role: str
     word: str
-    iou: np.ndarray
+    iou: list[float]
     ap: float
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready record."""
-        return {
-            "object": self.object,
-            "role": self.role,
-            "word": self.word,
-            "iou": [float(v) for v in self.iou],
-            "ap": self.ap,
-        }
+
+@dataclass(frozen=True)
+class SegmentationScores(Record):
+    """The segmentation scores of one item.
+
+    Attributes
+    ----------
+    found : list of bool
+        Per caption object, whether the reader found it in the generated image.
+    pairs : dict of str to list of PairScore
+        Aggregation name -> its scored (object, word) pairs (none for objects not found).
+    """
+
+    found: list[bool]
+    pairs: dict[str, list[PairScore]]
 
 
 def word_token_positions(trace: Trace, n_words: int) -> list[int]:
@@ -195,7 +216,7 @@ def score_item(
     objects: Sequence[SceneTruth],
     heat_maps: dict[str, np.ndarray],
     reader: Any = None,
-) -> dict[str, Any]:
+) -> SegmentationScores:
     """Segmentation scores of one generated image for each heat-map aggregation.
 
     Parameters
@@ -211,9 +232,8 @@ def score_item(
 
     Returns
     -------
-    dict
-        ``{"found": [bool per object], "pairs": {aggregation: [PairScore.to_json(), ...]}}``;
-        objects the reader did not find have no pairs.
+    SegmentationScores
+        Objects the reader did not find have no pairs.
     """
     if trace.image is None:
         raise ValueError("the trace holds no final image; trace it again (diffwidget.trace)")
@@ -223,7 +243,7 @@ def score_item(
         reader = SceneReader()
     found = match_objects(objects, reader.read(trace.image))
     positions = word_token_positions(trace, len(trace.prompt.split()))
-    pairs: dict[str, list[dict[str, Any]]] = {}
+    pairs: dict[str, list[PairScore]] = {}
     for name, maps in heat_maps.items():
         scores = []
         for index, (truth, read) in enumerate(zip(objects, found, strict=True)):
@@ -237,27 +257,27 @@ def score_item(
                         index,
                         role,
                         trace.tokens[token],
-                        iou_curve(heat, read.mask),
+                        [float(v) for v in iou_curve(heat, read.mask)],
                         average_precision(heat, read.mask),
-                    ).to_json()
+                    )
                 )
         pairs[name] = scores
-    return {"found": [read is not None for read in found], "pairs": pairs}
+    return SegmentationScores([read is not None for read in found], pairs)
 
 
-def summarize_pairs(pairs: Sequence[dict[str, Any]], tau: float = DAAM_TAU) -> dict[str, float]:
+def summarize_pairs(pairs: Sequence[PairScore], tau: float = DAAM_TAU) -> dict[str, float]:
     """mIoU at ``tau``, the best τ of the grid with its mIoU, and mean AP over pairs.
 
     Examples
     --------
-    >>> pair = {"iou": [0.0] * 8 + [0.5] + [0.0] * 12, "ap": 0.7}
+    >>> pair = PairScore(0, "colour", "red", [0.0] * 8 + [0.5] + [0.0] * 12, 0.7)
     >>> summarize_pairs([pair])["miou_tau"]
     0.5
     """
     if not pairs:
         nan = float("nan")
         return {"miou_tau": nan, "best_tau": nan, "miou_best": nan, "map": nan, "n_pairs": 0.0}
-    ious = np.array([p["iou"] for p in pairs], dtype=np.float64)
+    ious = np.array([p.iou for p in pairs], dtype=np.float64)
     curve = ious.mean(axis=0)
     best = int(np.argmax(curve))
     at = int(np.argmin(np.abs(TAU_GRID - tau)))
@@ -265,6 +285,6 @@ def summarize_pairs(pairs: Sequence[dict[str, Any]], tau: float = DAAM_TAU) -> d
         "miou_tau": float(curve[at]),
         "best_tau": float(TAU_GRID[best]),
         "miou_best": float(curve[best]),
-        "map": float(np.mean([p["ap"] for p in pairs])),
+        "map": float(np.mean([p.ap for p in pairs])),
         "n_pairs": float(len(pairs)),
     }

@@ -106,8 +106,20 @@ class Processes:
 
 
 def launched_world_size() -> int:
-    """Number of processes the launcher says it started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Number of processes the launcher says it started (1 without a launcher).
+
+    Raises
+    ------
+    DuplicatedProcessError
+        When ``WORLD_SIZE`` is set to something other than a positive whole number.
+    """
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise DuplicatedProcessError(
+            f"WORLD_SIZE={text!r} is not a number of processes; launch with torchrun or "
+            "`accelerate launch`, or unset it for one process"
+        )
+    return int(text)
 
 
 def processes(device: str | None = None) -> Processes:

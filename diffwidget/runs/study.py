@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffwidget.explain.attention import NORMALIZATIONS, AttentionMaps
 from diffwidget.runs.aggregation import bootstrap_ci, load_records, segmentation_summary
 from diffwidget.runs.prompts import PromptItem
-from diffwidget.runs.segmentation import daam_heat_maps, ours_heat_maps, score_item
+from diffwidget.runs.segmentation import PairScore, daam_heat_maps, ours_heat_maps, score_item
 from diffwidget.runs.store import RunStore
 
 if TYPE_CHECKING:
@@ -93,14 +93,13 @@ def _item_traces(run_dir: str | Path) -> list[tuple[PromptItem, Trace]]:
     from diffwidget.tracing.trace import Trace
 
     store = RunStore(run_dir)
-    manifest, records = load_records(store)
-    items = {record["id"]: PromptItem.from_json(record) for record in manifest["items"]}
+    _manifest, records = load_records(store)
     loaded = []
     for record in records:
-        if record["status"] == "ok" and "trace" in record.get("files", {}):
-            item = items[record["id"]]
+        if record.ok is not None and "trace" in record.ok.files:
+            item = record.work.item
             if item.objects:
-                loaded.append((item, Trace.load(store.root / record["files"]["trace"]["path"])))
+                loaded.append((item, Trace.load(store.trace_path(record.key))))
     if not loaded:
         raise ValueError(
             f"{run_dir} holds no finished scene-world items with traces; run scene prompts "
@@ -111,7 +110,7 @@ def _item_traces(run_dir: str | Path) -> list[tuple[PromptItem, Trace]]:
 
 def score_candidates(
     run_dir: str | Path, candidates: Sequence[Candidate], *, include_daam: bool = True
-) -> dict[str, list[list[dict[str, Any]]]]:
+) -> dict[str, list[list[PairScore]]]:
     """Per aggregation, the scored (object, word) pairs of every scene item of a run.
 
     Returns
@@ -123,7 +122,7 @@ def score_candidates(
     from diffwidget.models.reader import SceneReader
 
     reader = SceneReader()
-    per_item: dict[str, list[list[dict[str, Any]]]] = {}
+    per_item: dict[str, list[list[PairScore]]] = {}
     for item, trace in _item_traces(run_dir):
         assert trace.image is not None
         size = (int(trace.image.shape[0]), int(trace.image.shape[1]))
@@ -131,13 +130,13 @@ def score_candidates(
         if include_daam:
             heat[DAAM] = daam_heat_maps(trace, size)
         scores = score_item(trace, item.objects, heat, reader)
-        for name, pairs in scores["pairs"].items():
+        for name, pairs in scores.pairs.items():
             per_item.setdefault(name, []).append(pairs)
     return per_item
 
 
 def summary_table(
-    per_item: dict[str, list[list[dict[str, Any]]]], candidates: Sequence[Candidate]
+    per_item: dict[str, list[list[PairScore]]], candidates: Sequence[Candidate]
 ) -> pd.DataFrame:
     """One row per aggregation: settings, mIoU at τ = 0.4, best τ, mAP and intervals."""
     import pandas as pd
@@ -174,8 +173,8 @@ def compare_aggregations(
 
 
 def paired_gap(
-    ours: Sequence[Sequence[dict[str, Any]]],
-    baseline: Sequence[Sequence[dict[str, Any]]],
+    ours: Sequence[Sequence[PairScore]],
+    baseline: Sequence[Sequence[PairScore]],
     key: str = "miou_tau",
 ) -> dict[str, float]:
     """Difference ``ours - baseline`` of a pooled segmentation score on the same items,
@@ -183,8 +182,8 @@ def paired_gap(
 
     Examples
     --------
-    >>> pair = {"iou": [0.5] * 21, "ap": 0.5}
-    >>> paired_gap([[pair]], [[{**pair, "iou": [0.2] * 21}]])["gap"]
+    >>> pair = PairScore(0, "colour", "red", [0.5] * 21, 0.5)
+    >>> paired_gap([[pair]], [[PairScore(0, "colour", "red", [0.2] * 21, 0.5)]])["gap"]
     0.3
     """
     if len(ours) != len(baseline):

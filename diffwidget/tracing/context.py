@@ -239,13 +239,13 @@ class TraceContext(TraceBudget):
         # DF-RISE would be recorded as steps of this trace): wait for it, or refuse.
         pipeline_lock(self.pipe).acquire(trace_task(self.prompt), DEFAULT_WAIT_S)
         self._holds_pipeline = True
-        self.records = StepRecords()
-        self.recorder.step = 0
-        self.recorder.maps = {}
-        self.recorder.head_maps = {}
-        self.loop.step, self.loop.call, self.loop.n_calls = 0, None, 0
-        self._planned_steps = 0
         try:
+            self.records = StepRecords()
+            self.recorder.step = 0
+            self.recorder.maps = {}
+            self.recorder.head_maps = {}
+            self.loop.step, self.loop.call, self.loop.n_calls = 0, None, 0
+            self._planned_steps = 0
             self.taps.install(self.loop)
         except BaseException:
             self._close()  # the registry removed its taps; the lock must go too

@@ -105,12 +105,16 @@ def quantise_uint8(values: np.ndarray, slice_axes: int = 2) -> tuple[np.ndarray,
         ``values ≈ q / 255 * scale``; error at most ``scale / 510`` per value.
     """
     values = np.asarray(values, dtype=np.float32)
-    if np.any(values < 0) or not np.all(np.isfinite(values)):
-        raise ValueError("quantise_uint8 expects finite, non-negative maps")
+    if not values.size:
+        return values.astype(np.uint8), np.zeros(values.shape[:-slice_axes], np.float32)
     axes = tuple(range(values.ndim - slice_axes, values.ndim))
-    scale = values.max(axis=axes) if values.size else np.zeros(values.shape[:-slice_axes])
-    safe = np.where(scale > 0, scale, 1.0).reshape(scale.shape + (1,) * slice_axes)
-    q = np.rint(values / safe * UINT8_MAX).astype(np.uint8)
+    scale = values.max(axis=axes)
+    # A NaN or an infinity makes its slice's maximum NaN or infinite: one check covers both.
+    if values.min() < 0 or not np.isfinite(scale).all():
+        raise ValueError("quantise_uint8 expects finite, non-negative maps")
+    factor = np.where(scale > 0, UINT8_MAX / np.where(scale > 0, scale, 1.0), 0.0)
+    scaled = values * factor.reshape(scale.shape + (1,) * slice_axes).astype(np.float32)
+    q = np.rint(scaled, out=scaled).astype(np.uint8)
     return q, scale.astype(np.float32)
 
 

@@ -21,17 +21,22 @@ from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
-from diffwidget.widget.codecs import encode_array, quantise_uint8
+from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
+from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
+from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
-from diffwidget.widget.previews import noisy_previews, preview_text, shrink_images, x0_previews
+from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
 from diffwidget.widget.reporting import (
     close_widget_tree,
     scale_infos,
 )
+from diffwidget.widget.snapshot import mimebundle, summary_line
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from diffwidget.explain.results import SaliencyMap
 
 NoisyDecoder = Literal["linear", "vae"]
@@ -140,13 +145,11 @@ class Explorer(ExplorerWork):
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
         self._closed = False
-        self._attention_config = attention
-        self.attention_result: AttentionResult | None = None
-        self._default_attention_layers: list[str] = []
-        if trace.attention:
-            self.attention_result = (attention or AttentionMaps()).attribute(trace)
-            self._default_attention_layers = list(self.attention_result.layers)
         self.widget = ExplorerWidget()
+        self._views = AttentionViews(trace, attention, self.widget)
+        #: The attention shown under the current filter, on its own grid (``None`` without).
+        self.attention_result: AttentionResult | None = self._views.shown
+        self._noisy: dict[str, Any] | None = None
         self._populate()
         self._jobs = Jobs(
             self._run,
@@ -165,6 +168,8 @@ class Explorer(ExplorerWork):
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
         self.widget.observe(self._refresh_grid, names=["grid"])
+        self.widget.observe(self._refresh_grid_token, names=["token"])
+        self.widget.observe(self._show_noisy, names=["image_mode"])
 
     def _resolve_methods(
         self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None
@@ -210,9 +215,10 @@ class Explorer(ExplorerWork):
     # ----------------------------------------------------------------- state set-up
     def _populate(self) -> None:
         trace, widget = self.trace, self.widget
-        x0 = shrink_images(x0_previews(trace))
         vae_pipe = self.pipe if self.noisy_decoder == "vae" else None
-        noisy, noisy_text = noisy_previews(trace, vae_pipe)
+        x0 = x0_previews(trace)
+        noisy, noisy_text = noisy_previews(trace, vae_pipe, x0=x0)
+        self._noisy = encode_array(noisy)  # built now (display size, cheap), sent when shown
         descriptions = {"x0": preview_text(trace), "noisy": noisy_text}
         with widget.hold_sync():
             widget.prompt = trace.prompt
@@ -220,33 +226,22 @@ class Explorer(ExplorerWork):
             widget.token_kinds = list(trace.token_kinds)
             widget.timesteps = [int(t) for t in trace.timesteps]
             widget.publish("previews", encode_array(x0))
-            widget.publish("noisy_previews", encode_array(shrink_images(noisy)))
             widget.descriptions = descriptions
             widget.token = first_content_token(trace)
             widget.scales = scale_infos(trace.facts.attention_value)
+            self._views.publish_default()
             self._sync_attention()
             self._sync_options()
             self._sync_available()
 
+    def _show_noisy(self, _change: Any = None) -> None:  # sent when first shown
+        if self.widget.image_mode == "noisy" and self.widget.noisy_previews is None:
+            self.widget.publish("noisy_previews", self._noisy)
+
     def _sync_attention(self) -> None:
-        result = self.attention_result
-        descriptions = dict(self.widget.descriptions)
+        """The attention-mass curves of the filter shown (its maps are sent by the views)."""
         self._curves = [c for c in self._curves if c[0]["group"] != "attention_mass"]
-        if result is None:
-            self.widget.publish("attention", None)
-        else:
-            q, scale = quantise_uint8(result.maps)
-            self.widget.publish("attention", encode_array(q, scale=scale))
-            note = self.trace.facts.cut_note().rstrip(".")  # the view ends the sentence
-            descriptions["attention"] = (
-                f"{result.description}; {note}" if note else result.description
-            )
-            mass = [
-                ({"name": name, "group": "attention_mass", "token": token}, result.mass[:, token])
-                for token, name in enumerate(self.trace.tokens)
-            ]
-            self._curves = mass + self._curves
-        self.widget.descriptions = descriptions
+        self._curves = mass_curves(self.trace, self.attention_result) + self._curves
         self._sync_curves()
 
     def _sync_options(self) -> None:
@@ -256,7 +251,7 @@ class Explorer(ExplorerWork):
                 for kind in schema.HEAVY_OVERLAYS
             }
         self.widget.layer_options = {
-            "attention": layers.attention_options(self.trace, self._default_attention_layers),
+            "attention": layers.attention_options(self.trace, self._views.default_layers),
             "saliency": {kind: options for kind, options in saliency.items() if options},
             "heads": layers.n_heads(self.trace),
         }
@@ -304,7 +299,7 @@ class Explorer(ExplorerWork):
                 ranges.append([float(np.nanmin(raw)), float(np.nanmax(raw))])
                 text = method.describe(result) if method is not None else _generic(kind, result)
                 if chosen is not None:
-                    text += f"; showing layer {layers.short_layer(layer)} only"
+                    text += f"; showing layer {layer} only"
                 texts.append(text)
             overlays[kind] = {
                 "steps": list(cached),
@@ -515,20 +510,16 @@ class Explorer(ExplorerWork):
         self._submit_overlay(kind, step, explicit=False)
 
     # ----------------------------------------------------------------- filters and grid
-    def _refresh_attention(self, _change: Any = None) -> None:
-        try:
-            self.attention_result = layers.filtered_attention(
-                self.trace,
-                self._attention_config,
-                self.widget.attention_layer,
-                int(self.widget.attention_head),
-            )
-        except (ValueError, KeyError) as exc:
-            self.widget.error = str(exc)
-            return
+    def _refresh_attention(self, change: Any = None) -> None:
         with self.widget.hold_sync():
+            try:
+                self.attention_result = self._views.refresh()
+            except (ValueError, KeyError) as exc:
+                self.widget.error = str(exc)
+                return
             self._sync_attention()
-            if self.widget.grid == "attention":
+            # The grid shows every layer: only a new head changes its cells.
+            if self.widget.grid == "attention" and getattr(change, "name", "") != "attention_layer":
                 self._refresh_grid()
 
     def _refresh_saliency_layer(self, _change: Any = None) -> None:
@@ -537,20 +528,15 @@ class Explorer(ExplorerWork):
                 self._sync_overlays(kind)
 
     def _refresh_grid(self, _change: Any = None) -> None:
-        source = self.widget.grid
         try:
-            if source == "none":
-                data = None
-            elif source == "attention":
-                if not self.trace.attention:
-                    raise ValueError("this trace holds no cross-attention to put in a grid")
-                data = layers.attention_grid(self.trace, int(self.widget.attention_head))
-            else:
-                data = layers.saliency_grid(source, self.cached(source), self.trace.latent_shape)
+            self._views.publish_grid(self.cached)
         except ValueError as exc:
             self.widget.error = str(exc)
-            data = None
-        self.widget.publish("grid_data", data)
+
+    def _refresh_grid_token(self, _change: Any = None) -> None:
+        grid = self.widget.grid_data
+        if grid is not None and grid.get("per_token"):
+            self._views.publish_grid_token()
 
     # ----------------------------------------------------------------- output
     def figure(self, kind: str = "attention_mass") -> Any:
@@ -561,11 +547,38 @@ class Explorer(ExplorerWork):
         self._figures.append(figure)
         return figure
 
-    def to_html(self, path: str | Path, *, title: str | None = None) -> Path:
-        """Write a standalone HTML file of this explorer that works offline."""
-        from diffwidget.widget.export import export_html
+    def export(self, **options: Unpack[ExportOptions]) -> ExportPlan:
+        """A standalone HTML file in memory: its size part by part, before writing.
 
-        return export_html(self, path, title=title)
+        Options (``steps``, ``layers``, ``compress``, ``title``): see
+        :func:`~diffwidget.widget.export.export_plan`.
+
+        Examples
+        --------
+        >>> plan = explorer.export(steps=range(0, 50, 5))  # doctest: +SKIP
+        >>> print(plan.summary())  # doctest: +SKIP
+        >>> plan.write("explorer.html")  # doctest: +SKIP
+        """
+        return export_plan(self, **options)
+
+    def to_html(self, path: str | Path, **options: Unpack[ExportOptions]) -> Path:
+        """Write a standalone HTML file of this explorer that works offline.
+
+        Takes the options of :meth:`export`, whose ``summary()`` says the size first.
+        """
+        return self.export(**options).write(path)
+
+    def export_source(self) -> ExportSource:
+        """What an export reads: the synced state plus the parts the view gets on request."""
+        state = {
+            spec.name: to_transport(getattr(self.widget, spec.name), "binary")
+            for spec in schema.TRAITS
+        }
+        state["noisy_previews"] = self._noisy
+        options = dict(state["layer_options"])
+        options["attention"] = filter_values(options, state["attention_layer"])
+        state["layer_options"] = options
+        return ExportSource(state, self.trace.prompt, self._views.export_grid())
 
     @property
     def closed(self) -> bool:
@@ -585,14 +598,10 @@ class Explorer(ExplorerWork):
         close_widget_tree(self.widget)
 
     def __repr__(self) -> str:
-        from diffwidget.widget.snapshot import summary_line
-
-        return summary_line(self)
+        return summary_line(self.widget)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        from diffwidget.widget.snapshot import mimebundle
-
-        return mimebundle(self, **kwargs)
+        return mimebundle(self.widget, **kwargs)
 
 
 def _generic(kind: str, result: Any) -> str:

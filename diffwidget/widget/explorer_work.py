@@ -18,6 +18,7 @@ import numpy as np
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, encode_array
 from diffwidget.widget.jobs import Jobs, Request
+from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
 from diffwidget.widget.reporting import FaithfulnessView, faithfulness_entry
 
@@ -136,7 +137,10 @@ class ExplorerWork:
         if view.overlay == "attention":
             if self.attention_result is None:
                 raise ValueError("this trace holds no attention maps to evaluate")
-            return np.asarray(self.attention_result.maps[view.step, view.token or 0])
+            # Kept on its own grid; judged on the latent grid, as the view shows it.
+            return on_latent(
+                self.attention_result, view.step, view.token or 0, self.trace.latent_shape
+            )
         if view.overlay not in schema.HEAVY_OVERLAYS:
             raise ValueError("choose an overlay first: faithfulness judges the map shown")
         result = self.cached(view.overlay).get(view.step)

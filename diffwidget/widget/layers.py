@@ -1,10 +1,9 @@
-"""Per-layer views of a trace: attention filters (layer, resolution, head), layer × step grid.
+"""Per-layer views of a trace: the attention filters (layer, resolution, head).
 
-The paper's central figure (Park, Ju & Lee 2024, Fig. 8) is a grid of per-layer maps against
-steps. Here it is built on request, from what the trace and the computed saliency maps
-hold: cross-attention per ``attn2`` layer (per token), and per-layer maps of saliency
-methods that have them (DF-CAM). Every cell is resampled to one small common grid so the
-payload stays small whatever the model's size.
+Filtered attention is aggregated on the grid it was recorded on (the finest chosen layer's,
+see :meth:`~diffwidget.explain.attention.AttentionMaps.attribute` with ``grid="native"``) and
+sent as one :class:`~diffwidget.widget.payloads.AttentionSet`; the view upsamples it. The
+layer × step grid lives in :mod:`diffwidget.widget.grid`.
 
 Per-head attention is shown when a trace carries it: ``trace.attention_heads`` maps an
 ``attn2`` layer path to ``(n_steps, n_heads, h, w, n_tokens)`` probabilities of the
@@ -15,24 +14,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult, upsample_maps
 from diffwidget.explain.protocol import method_label
-from diffwidget.widget.codecs import encode_array, quantise_uint8
+from diffwidget.widget.payloads import AttentionSet
 from diffwidget.widget.schema import MEAN_OVER_HEADS
 
 if TYPE_CHECKING:
-    from diffwidget.explain.results import SaliencyMap
     from diffwidget.tracing.trace import Trace
-
-#: Largest side of one grid cell (maps are resampled to at most this many cells).
-GRID_CELL_MAX = 16
-#: Suffix of diffusers' attention module paths that adds nothing to a row label.
-_PATH_SUFFIX = ".transformer_blocks.0.attn2"
 
 
 def heads_of(trace: Trace) -> Mapping[str, np.ndarray]:
@@ -45,11 +38,6 @@ def n_heads(trace: Trace) -> int:
     """Number of heads recorded per layer (0 when none)."""
     heads = heads_of(trace)
     return int(min(np.asarray(v).shape[1] for v in heads.values())) if heads else 0
-
-
-def short_layer(path: str) -> str:
-    """A row label for a module path (drops the ``.transformer_blocks.0.attn2`` tail)."""
-    return path[: -len(_PATH_SUFFIX)] if path.endswith(_PATH_SUFFIX) else path
 
 
 def grid_text(grid: tuple[int, ...]) -> str:
@@ -91,7 +79,7 @@ def attention_options(trace: Trace, default_layers: Sequence[str] = ()) -> list[
             {"value": grid_text(grid), "label": f"{grid[0]}×{grid[1]} layers ({count}, mean)"}
         )
     for name, grid in grids.items():
-        options.append({"value": name, "label": f"{short_layer(name)} ({grid[0]}×{grid[1]})"})
+        options.append({"value": name, "label": f"{name} ({grid[0]}×{grid[1]})"})
     return options
 
 
@@ -106,11 +94,12 @@ def saliency_layer_options(kind: str, results: Mapping[int, Any]) -> list[dict[s
         return []
     label = method_label(kind)
     options = [{"value": "", "label": f"{label}: all {len(names)} layers combined"}]
-    options += [{"value": name, "label": short_layer(name)} for name in names]
+    options += [{"value": name, "label": name} for name in names]
     return options
 
 
-def _head_view(trace: Trace, head: int) -> Trace:
+def head_view(trace: Trace, head: int) -> Trace:
+    """The trace with one head's probabilities as its attention (itself for the mean)."""
     heads = heads_of(trace)
     if head == MEAN_OVER_HEADS:
         return trace
@@ -125,17 +114,8 @@ def _head_view(trace: Trace, head: int) -> Trace:
     )
 
 
-def filtered_attention(
-    trace: Trace, base: AttentionMaps | None, layer: str, head: int
-) -> AttentionResult:
-    """Attention aggregated under a filter (``layer``: '', a grid like '16x16', or a path).
-
-    Examples
-    --------
-    >>> result = filtered_attention(trace, None, "16x16", -1)  # doctest: +SKIP
-    >>> "16×16" in result.description  # doctest: +SKIP
-    True
-    """
+def filter_config(trace: Trace, base: AttentionMaps | None, layer: str) -> AttentionMaps:
+    """The explorer's aggregation settings with the layer selection of filter ``layer``."""
     # A copy of the explorer's settings (steps and anything else it was configured with)
     # with the layer selection replaced.
     config = copy.copy(base) if base is not None else AttentionMaps()
@@ -146,91 +126,54 @@ def filtered_attention(
     elif layer:
         config.layers = None
         config.resolution = tuple(int(v) for v in layer.split("x"))  # type: ignore[assignment]
-    view = _head_view(trace, head)
-    result = config.attribute(view)
+    return config
+
+
+def filtered_attention(
+    trace: Trace,
+    base: AttentionMaps | None,
+    layer: str,
+    head: int,
+    sums: MutableMapping[tuple[str, ...], np.ndarray] | None = None,
+) -> AttentionResult:
+    """Attention under a filter (``layer``: '', a grid like '16x16', or a path), on its grid.
+
+    The maps live on the finest chosen layer's grid (never the latent's when that is larger).
+
+    Examples
+    --------
+    >>> result = filtered_attention(trace, None, "16x16", -1)  # doctest: +SKIP
+    >>> "16×16" in result.description  # doctest: +SKIP
+    True
+    """
+    config = filter_config(trace, base, layer)
+    # ``sums``: per-grid layer sums of this head made by earlier filters, reused.
+    result = config.attribute(head_view(trace, head), grid="native", sums=sums)
     if head != MEAN_OVER_HEADS:
         result.description = result.description.replace("mean over heads", f"head {head}")
     return result
 
 
-def _cell_size(latent: tuple[int, int], cap: int = GRID_CELL_MAX) -> tuple[int, int]:
-    scale = min(1.0, cap / max(latent))
-    return max(1, round(latent[0] * scale)), max(1, round(latent[1] * scale))
+def attention_set(result: AttentionResult, layer: str, head: int, note: str = "") -> AttentionSet:
+    """The payload of an aggregation under filter (``layer``, ``head``).
 
-
-def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> dict[str, Any]:
-    """Grid payload of cross-attention: every layer × every step × every token.
-
-    Examples
-    --------
-    >>> data = attention_grid(trace)  # doctest: +SKIP
-    >>> data["layers"][:1], data["maps"]["shape"]  # doctest: +SKIP
-    (['down_blocks.0.attentions.0.transformer_blocks.0.attn2'], [7, 20, 10, 16, 16])
+    ``note`` ends its description (what the trace says about its text, e.g. words cut).
     """
-    view = _head_view(trace, head)
-    cell = _cell_size(trace.latent_shape)
-    names = list(view.attention)
-    maps = np.zeros((len(names), trace.n_steps, len(trace.tokens), *cell), dtype=np.float32)
-    for row, name in enumerate(names):
-        per_token = np.moveaxis(np.asarray(view.attention[name], dtype=np.float32), -1, 1)
-        maps[row] = upsample_maps(per_token, cell)
-    q, scale = quantise_uint8(np.clip(maps, 0.0, None))
-    head_text = "mean over heads" if head == MEAN_OVER_HEADS else f"head {head}"
-    return {
-        "source": "attention",
-        "layers": names,
-        "grids": [list(layer_grids(trace)[name]) for name in names],
-        "steps": list(range(trace.n_steps)),
-        "maps": encode_array(q, scale=scale),
-        "per_token": True,
-        "description": (
-            f"Attention of the image to the selected token per captured layer (rows) and step "
-            f"(columns), "
-            f"conditional CFG half, {head_text}; each cell resampled to {cell[0]}×{cell[1]} and "
-            "divided by its own maximum"
-        ),
-    }
+    description = f"{result.description}; {note}" if note else result.description
+    return AttentionSet.of(result.maps, result.steps, layer, head, description)
 
 
-def saliency_grid(kind: str, results: Mapping[int, SaliencyMap], latent: tuple[int, int]) -> dict:
-    """Grid payload of a method's per-layer maps for the steps computed so far.
+def on_latent(
+    result: AttentionResult, step: int, token: int, latent: tuple[int, int]
+) -> np.ndarray:
+    """The map of ``token`` at loop index ``step``, upsampled bilinearly to the latent grid.
 
-    Examples
-    --------
-    >>> data = saliency_grid("df_cam", explorer.cached("df_cam"), (16, 16))  # doctest: +SKIP
-    >>> data["steps"]  # doctest: +SKIP
-    [4, 8, 12]
+    Raises
+    ------
+    ValueError
+        When the aggregation did not include ``step``.
     """
-    steps = sorted(results)
-    if not steps:
-        raise ValueError(
-            f"{method_label(kind)} is not computed yet: compute it at the steps you want "
-            f"(explorer.compute({kind!r}, step), or show the {method_label(kind)} overlay and "
-            "move the slider; both need Explorer(trace, pipe=pipe)), then open the grid"
-        )
-    names = [o["value"] for o in saliency_layer_options(kind, results)[1:]]
-    if not names:
-        raise ValueError(
-            f"{method_label(kind)} maps have no per-layer maps; the layer × step grid shows "
-            "attention or DF-CAM"
-        )
-    cell = _cell_size(latent)
-    maps = np.zeros((len(names), len(steps), 1, *cell), dtype=np.float32)
-    for col, step in enumerate(steps):
-        layers = results[step].layers
-        for row, name in enumerate(names):
-            if name in layers:
-                maps[row, col, 0] = upsample_maps(np.asarray(layers[name], np.float32), cell)
-    q, scale = quantise_uint8(np.clip(np.nan_to_num(maps), 0.0, None))
-    return {
-        "source": kind,
-        "layers": names,
-        "grids": [list(latent)] * len(names),
-        "steps": steps,
-        "maps": encode_array(q, scale=scale),
-        "per_token": False,
-        "description": (
-            f"{method_label(kind)} per layer (rows) at the {len(steps)} steps computed so far "
-            f"(columns); each layer's map min–max normalised, resampled to {cell[0]}×{cell[1]}"
-        ),
-    }
+    if step not in result.steps:
+        raise ValueError(f"step {step} is not among the aggregated steps {result.steps}")
+    native = result.maps[result.steps.index(step), token]
+    return upsample_maps(native[None], latent)[0] if native.shape != latent else native

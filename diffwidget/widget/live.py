@@ -21,15 +21,14 @@ Examples
 
 from __future__ import annotations
 
-import base64
 import gzip
-import html
 import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from diffwidget._markup import Markup, base64_text, escape, markup_join, safe_html
 from diffwidget.explain.attention import PREFERRED_RESOLUTION
 from diffwidget.models.live_manifest import (
     MANIFEST_FILE,
@@ -51,7 +50,8 @@ GZIP_LEVEL = 9
 #: Longest caption accepted for the page (the model reads 14 words; the box holds more).
 MAX_CAPTION_CHARS = 500
 
-_LOADER_EMBEDDED = """\
+# The loaders and the asset tags are markup this module writes: Markup, never data.
+_LOADER_EMBEDDED = Markup("""\
 const text = (id) => document.getElementById(id).textContent.trim();
 const bytes = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.charCodeAt(0));
 const url = URL.createObjectURL(new Blob([bytes], { type: "text/javascript" }));
@@ -59,12 +59,12 @@ const live = await import(url);
 URL.revokeObjectURL(url);
 window.diffwidgetLiveModule = live;
 live.start(document.getElementById("diffwidget-live"), JSON.parse(text("diffwidget-live-config")));
-"""
-_LOADER_FOLDER = """\
+""")
+_LOADER_FOLDER = Markup("""\
 import { start } from "./live.js";
 const config = JSON.parse(document.getElementById("diffwidget-live-config").textContent);
 start(document.getElementById("diffwidget-live"), config, new URL("./", location.href).href);
-"""
+""")
 _TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
@@ -174,26 +174,35 @@ def _asset_files(manifest: LiveManifest, model: str) -> dict[str, Path]:
     return files
 
 
-def _gzip_base64(path: Path) -> str:
-    return base64.b64encode(gzip.compress(path.read_bytes(), GZIP_LEVEL, mtime=0)).decode("ascii")
+def _asset_tag(name: str, path: Path) -> Markup:
+    # gzip before base64: base64 text of the .wasm compresses badly, its gzip does not.
+    return safe_html(
+        '<script type="application/octet-stream" data-file="{name}" data-encoding="gzip">'
+        "{data}</script>\n",
+        name=name,
+        data=base64_text(gzip.compress(path.read_bytes(), GZIP_LEVEL, mtime=0)),
+    )
 
 
-def _licences_html() -> str:
-    parts = []
-    for name in LICENCE_FILES:
-        text = (LICENCE_DIR / name).read_text(encoding="utf-8")
-        parts.append(f"<h4>{html.escape(name)}</h4>\n<pre>{html.escape(text)}</pre>\n")
-    return "".join(parts)
+def _licences() -> list[Markup]:
+    return [
+        safe_html(
+            "<h4>{name}</h4>\n<pre>{text}</pre>\n",
+            name=name,
+            text=(LICENCE_DIR / name).read_text(encoding="utf-8"),
+        )
+        for name in LICENCE_FILES
+    ]
 
 
-def _page(config: LivePageConfig, title: str | None, assets: str, loader: str) -> str:
+def _page(config: LivePageConfig, title: str | None, assets: list[Markup], loader: Markup) -> str:
     return _TEMPLATE.format(
-        title=html.escape(title or f"diffwidget live: {config.prompt}"),
+        title=escape(title or f"diffwidget live: {config.prompt}"),
         config=script_safe_json(config.to_json()),
-        assets=assets,
-        loader=loader,
-        ort_version=html.escape(config.onnxruntime_web),
-        licences=_licences_html(),
+        assets=markup_join(assets),
+        loader=markup_join([loader]),
+        ort_version=escape(config.onnxruntime_web),
+        licences=markup_join(_licences()),
     )
 
 
@@ -231,15 +240,13 @@ def write_live_html(
     """
     config = live_config(prompt, compare, model)
     manifest = load_live_manifest(model, check_files=False)
-    # gzip before base64: base64 text of the .wasm compresses badly, its gzip does not.
-    assets = "".join(
-        f'<script type="application/octet-stream" data-file="{html.escape(name)}" '
-        f'data-encoding="gzip">{_gzip_base64(file)}</script>\n'
-        for name, file in _asset_files(manifest, model).items()
-    )
-    module = base64.b64encode(LIVE_JS.read_bytes()).decode("ascii")
-    assets += (
-        f'<script type="application/octet-stream" id="diffwidget-live-module">{module}</script>\n'
+    assets = [_asset_tag(name, file) for name, file in _asset_files(manifest, model).items()]
+    assets.append(
+        safe_html(
+            '<script type="application/octet-stream" id="diffwidget-live-module">'
+            "{module}</script>\n",
+            module=base64_text(LIVE_JS.read_bytes()),
+        )
     )
     path = Path(path)
     if path.suffix != ".html":
@@ -281,5 +288,5 @@ def write_live_folder(
     for name in LICENCE_FILES:
         shutil.copyfile(LICENCE_DIR / name, licences / name)
     index = folder / "index.html"
-    index.write_text(_page(config, title, "", _LOADER_FOLDER), encoding="utf-8")
+    index.write_text(_page(config, title, [], _LOADER_FOLDER), encoding="utf-8")
     return index

@@ -14,10 +14,14 @@ from typing import Any
 import anywidget
 
 from diffwidget.widget import schema
-from diffwidget.widget.codecs import to_transport
+from diffwidget.widget.codecs import payload_nbytes, to_transport
 
 STATIC = Path(__file__).parent / "static"
 ESM_PATH = STATIC / "widget.js"
+
+#: Most binary bytes the base64 fallback sends as JSON text (a third more once encoded):
+#: above it, hosts that drop binary buffers get a message saying how to see the explorer.
+BASE64_LIMIT_BYTES = 16_000_000
 
 _BUILD_HINT = (
     "the widget's front end is not built; run `npm install && npm run build` in js/ "
@@ -77,14 +81,37 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
         )
 
     def publish(self, name: str, value: Any) -> None:
-        """Set a payload trait, its buffers encoded for the current ``transport``."""
+        """Set a payload trait, its buffers encoded for the current ``transport``.
+
+        Under the base64 fallback a payload that would take the state above
+        :data:`BASE64_LIMIT_BYTES` is not sent; ``error`` says why and what to do instead.
+        """
         if name not in schema.PAYLOAD_TRAITS:
             raise KeyError(f"{name!r} is not a payload trait; payloads are {schema.PAYLOAD_TRAITS}")
-        setattr(self, name, to_transport(value, str(getattr(self, "transport", "binary"))))
+        transport = str(getattr(self, "transport", "binary"))
+        if transport == "base64" and value is not None:
+            total = self._payload_bytes(replacing=name) + payload_nbytes(value)
+            if total > BASE64_LIMIT_BYTES:
+                self.error = _base64_refusal(total)
+                value = None
+        setattr(self, name, to_transport(value, transport))
+
+    def _payload_bytes(self, replacing: str | None = None) -> int:
+        """Binary bytes of every payload trait (leaving out ``replacing``)."""
+        names = [n for n in schema.PAYLOAD_TRAITS if n != replacing]
+        return sum(payload_nbytes(getattr(self, n)) for n in names)
 
     def use_base64(self) -> None:
-        """Re-send every payload as base64 text (for front ends that lose binary buffers)."""
+        """Re-send every payload as base64 text (for front ends that lose binary buffers).
+
+        Refused, with a message in ``error``, when that text would exceed
+        :data:`BASE64_LIMIT_BYTES` of data.
+        """
         if getattr(self, "transport", "binary") == "base64":
+            return
+        total = self._payload_bytes()
+        if total > BASE64_LIMIT_BYTES:
+            self.error = _base64_refusal(total)
             return
         with self.hold_sync():
             self.transport = "base64"
@@ -129,3 +156,13 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
             )
             return
         handler(content)
+
+
+def _base64_refusal(nbytes: int) -> str:
+    return (
+        f"this front end drops binary buffers, and resending the explorer's "
+        f"{nbytes / 1e6:.1f} MB of data as JSON text is more than the "
+        f"{BASE64_LIMIT_BYTES / 1e6:.0f} MB it may send that way; open the notebook in "
+        "JupyterLab, Notebook 7 or VS Code, or write a file that works anywhere with "
+        "explorer.to_html(path) (steps=... keeps fewer steps)"
+    )

@@ -19,6 +19,7 @@ from diffwidget._markup import safe_html
 from diffwidget.runs.aggregation import ITEM_COLUMNS, RANDOM_ORDER, aggregate_curves
 from diffwidget.runs.open import RunResult
 from diffwidget.runs.report import worst_metric
+from diffwidget.runs.store import RunItem
 from diffwidget.widget import schema
 from diffwidget.widget.explorer import Explorer
 
@@ -75,25 +76,33 @@ def open_run(path: str | Path) -> RunView:
     return RunView(path)
 
 
-def item_message(record: dict[str, Any]) -> str:
-    """Why an item has no explorer, by its status: not computed yet, failed, damaged, no trace.
+def item_message(item: RunItem) -> str:
+    """Why an item has no explorer, by its status: not computed yet, failed, damaged, made
+    by other settings, or no trace kept.
 
     Examples
     --------
-    >>> item_message({"status": "missing"}).split(":")[0]
+    >>> from diffwidget.runs.manifest import Work
+    >>> from diffwidget.runs.prompts import PromptItem
+    >>> work = Work(PromptItem("a", "a red circle"), offset=0, seed=1, key="a__seed1")
+    >>> item_message(RunItem(work, "missing")).split(":")[0]
     'not computed yet (status missing)'
-    >>> item_message({"status": "failed", "error": {"type": "ValueError", "message": "bad"}})
-    'failed: ValueError: bad'
     """
-    status = record["status"]
+    status = item.status
     if status == "missing":
         return f"not computed yet (status missing): {_RESUME}"
     if status == "corrupt":
         return f"its result file is damaged or incomplete (status corrupt): {_RESUME} again"
+    if status == "stale":
+        return (
+            "its result was made by other settings or for another prompt (status stale): "
+            f"{_RESUME} again"
+        )
     if status == "failed":
-        error = record.get("error") or {}
-        kind = error.get("type") or "error"
-        return f"failed: {kind}: {error.get('message') or 'the run recorded no message'}"
+        error = item.error
+        kind = (error.type if error else "") or "error"
+        message = (error.message if error else "") or "the run recorded no message"
+        return f"failed: {kind}: {message}"
     return (
         f"computed (status {status}), but the run kept no trace of it; rerun it without "
         "--no-traces (save_traces=True) to open its explorer"
@@ -237,13 +246,13 @@ class RunBrowser:
             self.explorer.close()
             self.explorer = None
         record = self.run.record(key)
-        if record["status"] != "ok" or "trace" not in record.get("files", {}):
+        if record.ok is None or "trace" not in record.ok.files:
             self._below.children = [
                 w.HTML(safe_html("<b>{key}</b>: {text}", key=key, text=item_message(record)))
             ]
             return
         self.explorer = self.run.explorer(key)
-        caption = w.HTML(safe_html("<b>{key}</b>: {prompt}", key=key, prompt=record["prompt"]))
+        caption = w.HTML(safe_html("<b>{key}</b>: {prompt}", key=key, prompt=record.prompt))
         self._below.children = [caption, self.explorer.widget]
 
     # ------------------------------------------------------------------ curves

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import traitlets
 
 from diffwidget.explain.protocol import METHOD_LABELS, SaliencyMethodName
+from diffwidget.widget.payload_types import TS_PAYLOADS
 
 #: Overlays: none, token attention (from the trace), and every registered saliency method.
 OverlayKind = Literal["none", "attention", SaliencyMethodName]
@@ -193,7 +194,7 @@ TRAITS: tuple[TraitSpec, ...] = (
         "json",
         None,
         False,
-        "Decoded noisy latent x_t per step: uint8 [N, H, W, 3].",
+        "Decoded noisy latent x_t per step: uint8 [N, H, W, 3] (sent when first shown).",
         ts_type="ArrayPayload | null",
     ),
     TraitSpec(
@@ -201,8 +202,17 @@ TRAITS: tuple[TraitSpec, ...] = (
         "json",
         None,
         False,
-        "Per-token attention maps uint8 [N, T, h, w]; value = q / 255 * scale[N, T].",
-        ts_type="ArrayPayload | null",
+        "Per-token attention of the default filter, on its own grid (sent at open).",
+        ts_type="AttentionSet | null",
+    ),
+    TraitSpec(
+        "attention_filtered",
+        "json",
+        None,
+        False,
+        "Attention under the current filter when it is not the default (the view keeps each "
+        "one it received); null under the default.",
+        ts_type="AttentionSet | null",
     ),
     TraitSpec(
         "overlays",
@@ -269,103 +279,12 @@ PAYLOAD_TRAITS: tuple[str, ...] = (
     "previews",
     "noisy_previews",
     "attention",
+    "attention_filtered",
     "overlays",
     "grid_data",
     "faithfulness",
     "curves",
 )
-
-#: Structured payload types, verbatim TypeScript (the Python side builds them in codecs.py).
-_TS_PAYLOADS = """\
-/** An n-d array sent as one binary buffer; `scale` dequantises uint8 data. */
-export interface ArrayPayload {
-  dtype: Dtype;
-  shape: number[];
-  /** A DataView; base64 text when `transport` is "base64" (decoded on arrival). */
-  data: DataView;
-  /** value = q / 255 * scale, one scale per leading index (e.g. [N, T]). */
-  scale?: ArrayPayload;
-}
-
-/** Heavy overlay maps for the steps computed so far. */
-export interface OverlaySet {
-  steps: number[];
-  maps: ArrayPayload;
-  /** Raw [min, max] of each map before normalisation (same order as `steps`). */
-  ranges: [number, number][];
-  /** The per-layer map shown ('' = the method's combination of its layers). */
-  layer: string;
-  /** One caption per map (same order as `steps`). */
-  descriptions: string[];
-}
-
-export interface LayerOption {
-  value: string;
-  label: string;
-}
-
-export interface LayerOptions {
-  attention: LayerOption[];
-  saliency: Partial<Record<HeavyOverlay, LayerOption[]>>;
-  /** Heads recorded per attention layer (0: only the mean over heads was recorded). */
-  heads: number;
-}
-
-/** Small multiples: one map per (layer, step[, token]) on a common g x g grid. */
-export interface GridData {
-  source: OverlayKind;
-  layers: string[];
-  /** Each layer's own spatial grid [h, w]. */
-  grids: [number, number][];
-  steps: number[];
-  /** uint8 [L, S, T, g, g]; T = 1 when the maps do not depend on the token. */
-  maps: ArrayPayload;
-  per_token: boolean;
-  description: string;
-}
-
-/** What a colour scale means. */
-export interface ScaleInfo {
-  meaning: string;
-  normalisation: string;
-}
-
-/** Insertion/deletion curves of one shown map beside the random-order baseline. */
-export interface FaithfulnessEntry {
-  overlay: OverlayKind;
-  step: number;
-  token: number | null;
-  layer: string;
-  head: number;
-  operator: string;
-  operator_text: string;
-  similarity: string;
-  /** float32 [S]: share of latent cells perturbed. */
-  fractions: ArrayPayload;
-  /** float32 [4, S]: map deletion, map insertion, random deletion, random insertion. */
-  curves: ArrayPayload;
-  deletion_auc: number;
-  insertion_auc: number;
-  random_deletion_auc: number;
-  random_insertion_auc: number;
-  random_deletion_sd: number;
-  random_insertion_sd: number;
-  n_random: number;
-  description: string;
-}
-
-export interface CurveSeries {
-  name: string;
-  group: CurveGroup;
-  token: number | null;
-}
-
-/** Curves over steps; `values` is float32 [series, steps]. */
-export interface CurveSet {
-  series: CurveSeries[];
-  values: ArrayPayload;
-}
-"""
 
 
 def _ts_type(spec: TraitSpec) -> str:
@@ -422,7 +341,7 @@ def typescript() -> str:
             f"export const {name}: Readonly<Record<CurveGroup, string>> = {{ {entries} }};"
         )
     lines.append("")
-    lines.append(_TS_PAYLOADS)
+    lines.append(TS_PAYLOADS)
     lines.append("/** Every synced trait of the explorer widget. */")
     lines.append("export interface WidgetState {")
     for spec in TRAITS:

@@ -3,7 +3,8 @@
 nbconvert's HTML, GitHub and nbviewer have no widget manager (or no kernel state); they show
 the richest *static* part of an output instead. ``Explorer._repr_mimebundle_`` therefore
 carries, beside the widget view, a PNG of what the view shows now (image, overlay, colour
-scale) and a plain-text summary. Drawn from the synced state with NumPy and Pillow, no torch.
+scale) and a plain-text summary. Drawn from the widget's synced state alone (no trace, no
+kernel objects) with NumPy and Pillow, no torch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffwidget.explain.attention import upsample_maps
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array
+from diffwidget.widget.payloads import AttentionSet
 
 if TYPE_CHECKING:
-    from diffwidget.widget.explorer import Explorer
+    from diffwidget.widget.model import ExplorerWidget
 
 #: Side of the image in the PNG (pixels); previews are scaled up by whole factors.
 VIEW_PX = 256
@@ -41,21 +44,36 @@ def colormap_lut() -> np.ndarray:
     return np.round(stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
-def _frame(explorer: Explorer) -> np.ndarray:
-    widget = explorer.widget
-    payload = widget.noisy_previews if widget.image_mode == "noisy" else widget.previews
-    return np.asarray(decode_array(payload)[explorer.step], dtype=np.uint8)
+def _step(widget: ExplorerWidget) -> int:
+    return min(max(int(widget.step), 0), max(widget.n_steps - 1, 0))
 
 
-def shown_map(explorer: Explorer) -> tuple[np.ndarray, float, float] | None:
-    """The overlay drawn now, in [0, 1], with the low and high values its scale shows."""
-    widget = explorer.widget
-    kind, step = widget.overlay, explorer.step
-    if kind == "attention" and widget.attention is not None:
-        maps = decode_array(widget.attention)
-        values = np.asarray(maps[step, explorer.token], dtype=np.float32)
-        high = float(values.max())
-        return (values / high if high > 0 else values), 0.0, high
+def _frame(widget: ExplorerWidget) -> np.ndarray:
+    payload = widget.noisy_previews if widget.image_mode == "noisy" else None
+    payload = payload if payload is not None else widget.previews
+    return np.asarray(decode_array(payload)[_step(widget)], dtype=np.uint8)
+
+
+def shown_attention(widget: ExplorerWidget) -> AttentionSet | None:
+    """The attention set of the current filter (layer and head), when the widget holds it."""
+    wanted = (str(widget.attention_layer), int(widget.attention_head))
+    for value in (widget.attention_filtered, widget.attention):
+        if value is not None and (value.get("layer"), value.get("head")) == wanted:
+            return AttentionSet.from_json(value)
+    return None
+
+
+def shown_map(widget: ExplorerWidget) -> tuple[np.ndarray, float, float] | None:
+    """The overlay drawn now, in [0, 1], with the low and high values its scale shows.
+
+    Attention is on its own grid (the picture upsamples it as the view does).
+    """
+    kind, step = widget.overlay, _step(widget)
+    attention = shown_attention(widget) if kind == "attention" else None
+    if attention is not None and step in attention.steps:
+        row = attention.steps.index(step)
+        values = attention.codes[row, int(widget.token)].astype(np.float32) / 255
+        return values, 0.0, float(attention.scale[row, int(widget.token)])
     overlay = widget.overlays.get(kind) if kind in schema.HEAVY_OVERLAYS else None
     if overlay is None or step not in overlay["steps"]:
         return None
@@ -66,41 +84,39 @@ def shown_map(explorer: Explorer) -> tuple[np.ndarray, float, float] | None:
 
 
 def _resize(values: np.ndarray, size: int) -> np.ndarray:
-    from diffwidget.explain.attention import upsample_maps
-
     return upsample_maps(values[None].astype(np.float32), (size, size))[0]
 
 
-def render_view(explorer: Explorer) -> np.ndarray:
+def render_view(widget: ExplorerWidget) -> np.ndarray:
     """uint8 ``[H, W, 3]`` picture of the current view: image, overlay, colour scale.
 
     Examples
     --------
-    >>> render_view(explorer).shape  # doctest: +SKIP
+    >>> render_view(explorer.widget).shape  # doctest: +SKIP
     (284, 370, 3)
     """
     from PIL import Image, ImageDraw
 
-    frame = _frame(explorer)
+    frame = _frame(widget)
     factor = max(1, VIEW_PX // max(frame.shape[:2]))
     image = np.repeat(np.repeat(frame, factor, axis=0), factor, axis=1).astype(np.float32)
     side = image.shape[0]
-    overlay = shown_map(explorer)
+    overlay = shown_map(widget)
     if overlay is not None:
         values = np.clip(_resize(overlay[0], side), 0.0, 1.0)
         colours = colormap_lut()[np.rint(values * 255).astype(int)].astype(np.float32)
-        alpha = (explorer.opacity * values)[..., None]
+        alpha = (float(widget.opacity) * values)[..., None]
         image = image * (1 - alpha) + colours * alpha
     width = side + 2 * MARGIN_PX + (BAR_PX + LABEL_PX if overlay is not None else 0)
     canvas = Image.new("RGB", (width, side + TITLE_PX + 2 * MARGIN_PX), _BACKGROUND)
     canvas.paste(Image.fromarray(np.rint(image).astype(np.uint8)), (MARGIN_PX, TITLE_PX))
     draw = ImageDraw.Draw(canvas)
-    step = explorer.step
-    title = f"step {step}/{explorer.trace.n_steps - 1}, t = {int(explorer.trace.timesteps[step])}"
-    if explorer.overlay != "none":
-        title += f", {schema.OVERLAY_LABELS[explorer.overlay]}"
-    if explorer.overlay == "attention":
-        title += f" '{explorer.trace.tokens[explorer.token]}'"
+    step = _step(widget)
+    title = f"step {step}/{widget.n_steps - 1}, t = {int(widget.timesteps[step])}"
+    if widget.overlay != "none":
+        title += f", {schema.OVERLAY_LABELS[widget.overlay]}"
+    if widget.overlay == "attention":
+        title += f" '{widget.tokens[int(widget.token)]}'"
     draw.text((MARGIN_PX, 2), title, fill=_TEXT)
     if overlay is not None:
         left = side + 2 * MARGIN_PX
@@ -113,12 +129,12 @@ def render_view(explorer: Explorer) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def png_bytes(explorer: Explorer) -> bytes:
+def png_bytes(widget: ExplorerWidget) -> bytes:
     """The current view as PNG file bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(render_view(explorer)).save(buffer, format="PNG")
+    Image.fromarray(render_view(widget)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -128,43 +144,40 @@ def _steps_text(steps: list[int]) -> str:
     return "step" + ("s " if len(steps) > 1 else " ") + ", ".join(str(s) for s in steps)
 
 
-def summary_line(explorer: Explorer) -> str:
+def summary_line(widget: ExplorerWidget) -> str:
     """One line: prompt, steps, what is shown, what has been computed.
 
     Examples
     --------
-    >>> summary_line(explorer)  # doctest: +SKIP
+    >>> summary_line(explorer.widget)  # doctest: +SKIP
     "Explorer('a red circle', 20 steps, step 7 (t = 631), overlay DF-RISE, DF-RISE at step 7)"
     """
-    trace = explorer.trace
-    parts = [
-        f"{trace.n_steps} steps",
-        f"step {explorer.step} (t = {trace.timesteps[explorer.step]})",
-    ]
-    parts.append(f"overlay {schema.OVERLAY_LABELS[explorer.overlay]}")
-    if explorer.overlay == "attention":
-        parts.append(f"token {trace.tokens[explorer.token]!r}")
+    step = _step(widget)
+    parts = [f"{widget.n_steps} steps", f"step {step} (t = {widget.timesteps[step]})"]
+    parts.append(f"overlay {schema.OVERLAY_LABELS[widget.overlay]}")
+    if widget.overlay == "attention":
+        parts.append(f"token {widget.tokens[int(widget.token)]!r}")
     for kind in schema.HEAVY_OVERLAYS:
-        steps = sorted(explorer.cached(kind))
+        steps = sorted(widget.overlays.get(kind, {}).get("steps", []))
         if steps:
             parts.append(f"{schema.OVERLAY_LABELS[kind]} at {_steps_text(steps)}")
-    return f"Explorer({trace.prompt!r}, {', '.join(parts)})"
+    return f"Explorer({widget.prompt!r}, {', '.join(parts)})"
 
 
-def summary_text(explorer: Explorer) -> str:
+def summary_text(widget: ExplorerWidget) -> str:
     """The plain-text output: the summary line and the caption of what is shown."""
-    widget = explorer.widget
-    lines = [summary_line(explorer), widget.descriptions.get(widget.image_mode, "")]
-    if widget.overlay == "attention":
-        lines.append(widget.descriptions.get("attention", ""))
+    lines = [summary_line(widget), widget.descriptions.get(widget.image_mode, "")]
+    attention = shown_attention(widget) if widget.overlay == "attention" else None
+    if attention is not None:
+        lines.append(attention.description)
     return "\n".join(line for line in lines if line)
 
 
-def mimebundle(explorer: Explorer, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def mimebundle(widget: ExplorerWidget, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The widget view (with anywidget's metadata, e.g. Colab's) plus PNG and text fallbacks."""
-    bundle = explorer.widget._repr_mimebundle_(**kwargs) or {}
+    bundle = widget._repr_mimebundle_(**kwargs) or {}
     data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
     data = dict(data)
-    data["text/plain"] = summary_text(explorer)
-    data["image/png"] = base64.b64encode(png_bytes(explorer)).decode("ascii")
+    data["text/plain"] = summary_text(widget)
+    data["image/png"] = base64.b64encode(png_bytes(widget)).decode("ascii")
     return data, dict(metadata or {})

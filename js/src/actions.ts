@@ -149,6 +149,7 @@ export function captionText(
     | "timesteps"
     | "descriptions"
     | "overlays"
+    | "attention"
   >,
 ): string {
   const n = state.timesteps.length;
@@ -158,7 +159,8 @@ export function captionText(
   parts.push(`${state.descriptions[state.image_mode] ?? state.image_mode}.`);
   if (state.overlay === "attention") {
     const token = state.tokens[state.token] ?? "?";
-    parts.push(`Overlay for token “${token}”: ${state.descriptions.attention ?? "attention"}.`);
+    const what = state.attention?.description ?? "waiting for the kernel to send this filter";
+    parts.push(`Overlay for token “${token}”: ${what}.`);
   } else if (isHeavy(state.overlay)) {
     const set = state.overlays[state.overlay];
     const index = set ? set.steps.indexOf(step) : -1;

@@ -1,4 +1,5 @@
 import { captionText } from "./actions";
+import { shownAttention } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** The sentence under the image stating what is drawn and aggregated. */
@@ -17,11 +18,25 @@ export function captionView(model: Model, el: HTMLElement): Cleanup {
       timesteps: model.get("timesteps"),
       descriptions: model.get("descriptions"),
       overlays: model.get("overlays"),
+      attention: shownAttention(model),
     });
   };
   const off = onChanges(
     model,
-    ["step", "token", "overlay", "image_mode", "tokens", "timesteps", "descriptions", "overlays"],
+    [
+      "step",
+      "token",
+      "overlay",
+      "image_mode",
+      "tokens",
+      "timesteps",
+      "descriptions",
+      "overlays",
+      "attention",
+      "attention_filtered",
+      "attention_layer",
+      "attention_head",
+    ],
     update,
   );
   update();

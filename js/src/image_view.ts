@@ -1,10 +1,12 @@
 import { shownStep } from "./actions";
 import { buildLut, colourise } from "./colormap";
-import { frameAt, overlayMap } from "./data";
+import { frameAt, overlayMap, resizeBilinear, shownAttention } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** Side of the drawn view in CSS pixels; previews are scaled up to it. */
 export const VIEW_SIZE = 384;
+/** Side of the overlay's pixels when there is no image to match. */
+export const OVERLAY_FALLBACK = 128;
 
 /** Canvas with the image of the current step and the overlay on top. */
 export function imageView(model: Model, el: HTMLElement): Cleanup {
@@ -16,10 +18,25 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
   el.appendChild(canvas);
   const ctx = canvas.getContext("2d");
   const lut = buildLut();
-  // Scratch canvases at native resolution, reused across frames (no allocation per redraw).
+  // Scratch canvases and buffers, reused across frames (no allocation per redraw).
   const base = document.createElement("canvas");
   const over = document.createElement("canvas");
+  const octx = over.getContext("2d");
+  let overlayPixels: ImageData | undefined;
+  let upsampled = new Uint8Array(0);
+  let scratch = new Float32Array(0);
   let draws = 0;
+
+  /** Overlay buffers of `height` x `width` (made again only when the size changes). */
+  const overlayBuffers = (height: number, width: number): ImageData | undefined => {
+    if (over.width !== width || over.height !== height || !overlayPixels) {
+      over.width = width;
+      over.height = height;
+      overlayPixels = octx?.createImageData(width, height);
+      upsampled = new Uint8Array(width * height);
+    }
+    return overlayPixels;
+  };
 
   const draw = (): void => {
     if (!ctx) return;
@@ -51,22 +68,22 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       overlay: model.get("overlay"),
       step,
       token: model.get("token"),
-      attention: model.get("attention"),
+      attention: shownAttention(model),
       overlays: model.get("overlays"),
     });
-    if (map) {
-      if (over.width !== map.width || over.height !== map.height) {
-        over.width = map.width;
-        over.height = map.height;
-      }
-      const octx = over.getContext("2d");
-      if (octx) {
-        const img = octx.createImageData(map.width, map.height);
-        colourise(map.values, lut, model.get("opacity"), img.data);
-        octx.putImageData(img, 0, 0);
-        ctx.imageSmoothingEnabled = true; // the latent grid is coarse: interpolate it
-        ctx.drawImage(over, 0, 0, VIEW_SIZE, VIEW_SIZE);
-      }
+    // Maps arrive on their own (often non-square) grid: upsampled here, bilinearly with the
+    // kernel's convention, to the image's own pixels (never below the map's), then scaled to
+    // the view with the canvas's smoothing like any picture.
+    const height = Math.max(frame?.height ?? OVERLAY_FALLBACK, map?.height ?? 0);
+    const width = Math.max(frame?.width ?? OVERLAY_FALLBACK, map?.width ?? 0);
+    const pixels = map && octx ? overlayBuffers(height, width) : undefined;
+    if (map && octx && pixels) {
+      if (scratch.length < map.height * width) scratch = new Float32Array(map.height * width);
+      resizeBilinear(map, height, width, upsampled, scratch);
+      colourise(upsampled, lut, model.get("opacity"), pixels.data);
+      octx.putImageData(pixels, 0, 0);
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(over, 0, 0, VIEW_SIZE, VIEW_SIZE);
     }
     draws += 1;
     // Timing marks for bench/bench_browser.py (ms since navigation start).
@@ -88,6 +105,9 @@ export function imageView(model: Model, el: HTMLElement): Cleanup {
       "previews",
       "noisy_previews",
       "attention",
+      "attention_filtered",
+      "attention_layer",
+      "attention_head",
       "overlays",
       "timesteps",
     ],

@@ -2,7 +2,13 @@ import type { RenderProps } from "@anywidget/types";
 import { captionView } from "./caption_view";
 import { controlsView } from "./controls_view";
 import { curvesView } from "./curves_view";
-import { buffersMissing, checkPayload, ensureBinary } from "./data";
+import {
+  attentionCache,
+  buffersMissing,
+  checkPayload,
+  ensureBinary,
+  rememberAttention,
+} from "./data";
 import { faithfulnessView } from "./faithfulness_view";
 import { gridView } from "./grid_view";
 import { imageView } from "./image_view";
@@ -25,6 +31,8 @@ export function payloadGuard(model: Model): Cleanup {
   let asked = false;
   const check = (): void => {
     for (const key of PAYLOAD_TRAITS) ensureBinary(model.get(key));
+    // Every filter's maps the kernel sent stay in the view: going back to one is instant.
+    rememberAttention(attentionCache(model), model.get("attention_filtered"));
     if (asked || model.get("transport") === "base64") return;
     const missing = PAYLOAD_TRAITS.filter((key) => buffersMissing(model.get(key)));
     if (missing.length > 0) {
@@ -57,7 +65,7 @@ export function mount(model: Model, el: HTMLElement): Cleanup {
   left.appendChild(view);
   root.append(left, right);
   el.append(style, root);
-  for (const key of ["previews", "noisy_previews", "attention"] as const) {
+  for (const key of ["previews", "noisy_previews"] as const) {
     const problem = checkPayload(model.get(key));
     if (problem) console.warn(`diffwidget: ${key}: ${problem}`);
   }
@@ -85,9 +93,9 @@ function render({ model, el }: RenderProps<WidgetState>): Cleanup {
   return mount(model, el);
 }
 
-/** Render exported state without a kernel (standalone HTML). */
-export function renderStandalone(json: unknown, el: HTMLElement): LocalModel {
-  const model = new LocalModel(decodeState(json));
+/** Render exported state without a kernel (standalone HTML; `data`: its inflated data block). */
+export function renderStandalone(json: unknown, el: HTMLElement, data?: Uint8Array): LocalModel {
+  const model = new LocalModel(decodeState(json, data));
   mount(model.asModel(), el);
   return model;
 }

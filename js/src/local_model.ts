@@ -71,7 +71,10 @@ export class LocalModel {
   }
 }
 
-/** Turn exported JSON state (buffers as {"$b64": ...}) into WidgetState with DataViews. */
-export function decodeState(json: unknown): WidgetState {
-  return ensureBinary(structuredClone(json)) as WidgetState;
+/**
+ * Turn exported JSON state into WidgetState with DataViews: buffers as `{"$buf": [offset,
+ * length]}` views into `data` (the file's inflated data block), or `{"$b64": text}`.
+ */
+export function decodeState(json: unknown, data?: Uint8Array): WidgetState {
+  return ensureBinary(structuredClone(json), data) as WidgetState;
 }

@@ -1,6 +1,6 @@
 import { shownStep } from "./actions";
 import { cssGradient } from "./colormap";
-import { scaleRange } from "./data";
+import { scaleRange, shownAttention } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 import { COLORMAP_NAME } from "./schema";
 
@@ -37,7 +37,7 @@ export function scaleView(model: Model, el: HTMLElement, textEl: HTMLElement): C
       overlay,
       step: shownStep(model),
       token: model.get("token"),
-      attention: model.get("attention"),
+      attention: shownAttention(model),
       overlays: model.get("overlays"),
     });
     box.hidden = range === null;
@@ -62,7 +62,18 @@ export function scaleView(model: Model, el: HTMLElement, textEl: HTMLElement): C
   };
   const off = onChanges(
     model,
-    ["overlay", "step", "token", "attention", "overlays", "scales", "timesteps"],
+    [
+      "overlay",
+      "step",
+      "token",
+      "attention",
+      "attention_filtered",
+      "attention_layer",
+      "attention_head",
+      "overlays",
+      "scales",
+      "timesteps",
+    ],
     update,
   );
   update();

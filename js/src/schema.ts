@@ -69,15 +69,43 @@ export interface LayerOptions {
   heads: number;
 }
 
-/** Small multiples: one map per (layer, step[, token]) on a common g x g grid. */
+/** Per-token attention under one filter, on the grid it was recorded on (views upsample). */
+export interface AttentionSet {
+  /** The `attention_layer` filter these maps answer ('' = the default selection). */
+  layer: string;
+  /** The `attention_head` they answer (-1 = mean over heads). */
+  head: number;
+  /** The maps' own grid [h, w]: the finest averaged layer's, never larger. */
+  grid: [number, number];
+  /** Loop index of each row of `maps`. */
+  steps: number[];
+  /** uint8 [S, T, h, w]; value = q / 255 * scale[S, T]. */
+  maps: ArrayPayload;
+  description: string;
+}
+
+/** Grid rows that share a block (module-path prefix) and a spatial grid. */
+export interface GridGroup {
+  /** The shared prefix, e.g. "down_blocks.2" or "single_transformer_blocks". */
+  name: string;
+  /** Full module paths of the rows. */
+  layers: string[];
+  /** Each path after the prefix. */
+  labels: string[];
+  /** The rows' own spatial grid [h, w]. */
+  grid: [number, number];
+  /** uint8 [L, S, T, h, w], h x w at most `grid`; each map divided by its own maximum. */
+  maps: ArrayPayload;
+}
+
+/** Small multiples: one map per (layer, step[, token]), rows grouped by block. */
 export interface GridData {
   source: OverlayKind;
-  layers: string[];
-  /** Each layer's own spatial grid [h, w]. */
-  grids: [number, number][];
+  groups: GridGroup[];
+  /** Loop index of each column. */
   steps: number[];
-  /** uint8 [L, S, T, g, g]; T = 1 when the maps do not depend on the token. */
-  maps: ArrayPayload;
+  /** Token indices held along the maps' T axis (per-token sources); [] otherwise (T = 1). */
+  tokens: number[];
   per_token: boolean;
   description: string;
 }
@@ -170,10 +198,12 @@ export interface WidgetState {
   readonly previews: ArrayPayload | null;
   /** Steps whose x0 preview was replaced by a full VAE decode on request. */
   readonly exact_steps: number[];
-  /** Decoded noisy latent x_t per step: uint8 [N, H, W, 3]. */
+  /** Decoded noisy latent x_t per step: uint8 [N, H, W, 3] (sent when first shown). */
   readonly noisy_previews: ArrayPayload | null;
-  /** Per-token attention maps uint8 [N, T, h, w]; value = q / 255 * scale[N, T]. */
-  readonly attention: ArrayPayload | null;
+  /** Per-token attention of the default filter, on its own grid (sent at open). */
+  readonly attention: AttentionSet | null;
+  /** Attention under the current filter when it is not the default (the view keeps each one it received); null under the default. */
+  readonly attention_filtered: AttentionSet | null;
   /** Computed heavy overlays per kind: maps uint8 [K, h, w] for the listed steps. */
   readonly overlays: Partial<Record<HeavyOverlay, OverlaySet>>;
   /** Values the layer and head filters accept, with labels. */
@@ -192,4 +222,4 @@ export interface WidgetState {
 
 export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "grid"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
-export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "overlays", "grid_data", "faithfulness", "curves"] as const;
+export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves"] as const;

@@ -81,16 +81,16 @@ export const STYLES = `
 .dw-grid { margin: 4px 0 0; }
 .dw-grid[hidden] { display: none; }
 .dw-grid-caption { font-size: 12px; color: var(--jp-ui-font-color2, #555); margin-bottom: 4px; }
-/* Size containment: the grid scrolls inside the explorer's width instead of widening it. */
-.dw-grid-body { display: flex; gap: 6px; overflow-x: auto; contain: inline-size; }
-.dw-grid-rows { display: flex; flex-direction: column; font-size: 10px; text-align: right; }
-.dw-grid-label { display: flex; align-items: center; justify-content: flex-end; white-space: nowrap; }
-.dw-grid-plot { position: relative; padding-bottom: 14px; }
-.dw-grid-canvas { display: block; cursor: pointer; }
+/* Size containment: the grid scrolls inside the explorer's width instead of widening it.
+   The canvas covers the scroll box's visible area and draws only what is in view. */
+.dw-grid-viewport { position: relative; contain: inline-size; overflow: hidden; }
+.dw-grid-scroll { overflow: auto; cursor: pointer; }
+.dw-grid-sizer { pointer-events: none; }
+.dw-grid-canvas { position: absolute; top: 0; left: 0; display: block; pointer-events: none; }
 .dw-grid-column, .dw-grid-row { position: absolute; pointer-events: none;
   border: 2px solid #1976d2; border-radius: 2px; box-sizing: border-box; }
-.dw-grid-column { top: -1px; width: 30px; }
-.dw-grid-row { left: -1px; height: 30px; border-color: #f57d15; }
-.dw-grid-steps { position: absolute; left: 0; right: 0; bottom: 0; height: 12px; font-size: 10px; }
-.dw-grid-step { position: absolute; width: 26px; text-align: center; }
+.dw-grid-column { width: 30px; }
+.dw-grid-row { height: 30px; border-color: #f57d15; }
+.dw-grid-hover { margin: 2px 0 0; min-height: 1.2em; font-size: 11px;
+  color: var(--jp-ui-font-color2, #555); }
 `;

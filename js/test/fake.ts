@@ -48,9 +48,17 @@ export function fakeState(overrides: Partial<WidgetState> = {}): WidgetState {
       previews.map((v) => 255 - v),
     ),
     attention: {
-      ...payload("uint8", [3, 2, 2, 2], attention),
-      scale: payload("float32", [3, 2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+      layer: "",
+      head: -1,
+      grid: [2, 2],
+      steps: [0, 1, 2],
+      maps: {
+        ...payload("uint8", [3, 2, 2, 2], attention),
+        scale: payload("float32", [3, 2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+      },
+      description: "Cross-attention, cond half",
     },
+    attention_filtered: null,
     overlays: {
       df_rise: {
         steps: [2],
@@ -70,7 +78,6 @@ export function fakeState(overrides: Partial<WidgetState> = {}): WidgetState {
     descriptions: {
       x0: "Predicted x0",
       noisy: "Noisy x_t",
-      attention: "Cross-attention, cond half",
     },
     ...overrides,
   };

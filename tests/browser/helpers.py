@@ -40,3 +40,28 @@ def wait_for_json(path: Path, predicate: Any, timeout_s: float = 30.0) -> dict[s
             return data
         time.sleep(0.1)
     raise AssertionError(f"{path.name} never satisfied the condition; last content: {data}")
+
+
+#: Moves the grid's scroll box so a cell is in view; returns the cell's centre in the page.
+_GRID_CELL_JS = """([row, column]) => {
+    const box = document.querySelector('figure.dw-grid');
+    const scroll = box.querySelector('.dw-grid-scroll');
+    const label = Number(box.dataset.labelPx), header = Number(box.dataset.headerPx);
+    const pitch = Number(box.dataset.pitchPx);
+    const top = Number(box.dataset.rowTops.split(',')[row]);
+    scroll.scrollLeft = Math.max(0, column * pitch - (scroll.clientWidth - label) / 2);
+    scroll.scrollTop = Math.max(0, top - (scroll.clientHeight - header) / 2);
+    const rect = scroll.getBoundingClientRect();
+    return {
+        x: rect.left + label + column * pitch - scroll.scrollLeft + pitch / 2 - 1,
+        y: rect.top + header + top - scroll.scrollTop + pitch / 2 - 1,
+    };
+}"""
+
+
+def click_grid_cell(page: Any, row: int, column: int) -> None:
+    """Click the grid cell of layer row ``row`` (over all blocks) and step column ``column``."""
+    page.locator("figure.dw-grid").scroll_into_view_if_needed()
+    point = page.evaluate(_GRID_CELL_JS, [row, column])
+    page.wait_for_timeout(50)  # the scroll redraw runs on the next animation frame
+    page.mouse.click(point["x"], point["y"])

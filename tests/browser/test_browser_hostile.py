@@ -179,12 +179,12 @@ def check_run_views(watch: Watch) -> None:
     assert "no trace was kept" not in lines
     assert shown(page, ".dw-prompt") == flat(hostile.PROMPT)
     chips = shown(page, ".dw-chip")
-    assert flat(hostile.payload("token")) in chips
+    assert flat(hostile.token_payload("token")) in chips
     assert flat(hostile.file_safe_payload("token2")) in chips
-    assert flat(hostile.payload("token")) in shown(page, ".dw-caption")
-    assert flat(hostile.payload("layer")) in shown(page, ".dw-grid-label")
+    assert flat(hostile.token_payload("token")) in shown(page, ".dw-caption")
+    assert flat(hostile.token_payload("layer")) in shown(page, ".dw-grid-label")
     labels = svg_text(page)  # curves' direct labels, bqplot labels, legends and titles
-    assert flat(hostile.payload("token")) in labels
+    assert flat(hostile.token_payload("token")) in labels
     assert flat(hostile.CURVE) in labels
 
 
@@ -214,8 +214,8 @@ def test_exported_html_of_a_hostile_trace_shows_text_only(page, tmp_path: Path):
     browser_page.wait_for_selector(".dw-canvas[data-draws]")
     assert flat(browser_page.title()) == flat(f"diffwidget: {hostile.PROMPT}")
     assert shown(browser_page, ".dw-prompt") == flat(hostile.PROMPT)
-    assert flat(hostile.payload("token")) in shown(browser_page, ".dw-chip")
-    assert flat(hostile.payload("token")) in shown(browser_page, ".dw-caption")
+    assert flat(hostile.token_payload("token")) in shown(browser_page, ".dw-chip")
+    assert flat(hostile.token_payload("token")) in shown(browser_page, ".dw-caption")
     watch.assert_nothing_ran()
     assert console.widget_errors() == []
 
@@ -236,9 +236,15 @@ def voila_hostile(tmp_path: Path) -> Iterator[str]:
     hostile.write_hostile_run(tmp_path)
     notebook = write_notebook(tmp_path / "hostile.ipynb", CELLS)
     port = _free_port()
-    command, env = cli.demo.classroom_command(
-        notebook, port=port, ip="127.0.0.1", open_browser=False
+    room = cli.classroom.Classroom(
+        notebook=notebook,
+        ip="127.0.0.1",
+        port=port,
+        token=None,
+        max_students=2,
+        open_browser=False,
     )
+    command, env = cli.classroom.classroom_command(room, cli.demo._kernel_env())
     for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         folder = tmp_path / name.lower()
         folder.mkdir()

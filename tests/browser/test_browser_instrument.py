@@ -12,6 +12,7 @@ from bench.browserlib import run_code
 from diffwidget.explain.results import SaliencyMap
 from diffwidget.testing.synthetic import synthetic_trace
 from diffwidget.widget.explorer import Explorer
+from tests.browser.helpers import click_grid_cell
 from tests.browser.helpers import wait_for_json as _wait_for_json
 from tests.browser.test_browser_explorer import canvas_pixels, open_explorer
 
@@ -48,13 +49,6 @@ SCALE = """() => {
         meaning: document.querySelector('.dw-scale-meaning').textContent,
     } : null;
 }"""
-
-
-def grid_box(page):
-    """The grid canvas's box in the viewport, scrolled into view."""
-    canvas = page.locator(".dw-grid-canvas")
-    canvas.scroll_into_view_if_needed()
-    return canvas.bounding_box()
 
 
 def svg_texts(page, selector):
@@ -124,11 +118,10 @@ def test_lab_grid_cell_click_moves_the_view_and_the_kernel(jupyter_server, page)
     browser_page.wait_for_selector('figure.dw-grid[data-source="attention"]:not([hidden])')
     grid = browser_page.locator('[aria-label="layer × step grid"]')
     assert grid.get_attribute("data-rows") == "3"
+    assert grid.get_attribute("data-groups") == "3"  # down_blocks.0, mid_block, up_blocks.1
     assert grid.get_attribute("data-columns") == "20"
-    canvas = grid_box(browser_page)
-    pitch = 28  # CELL_PX + GAP_PX
     # Row 1 (mid_block), column 14.
-    browser_page.mouse.click(canvas["x"] + 14 * pitch + 10, canvas["y"] + 1 * pitch + 10)
+    click_grid_cell(browser_page, 1, 14)
     wait_for_json(
         state,
         lambda s: (
@@ -144,14 +137,16 @@ def test_lab_grid_cell_click_moves_the_view_and_the_kernel(jupyter_server, page)
     )
     assert browser_page.get_attribute("figure.dw-grid", "data-step") == "14"
     assert browser_page.locator(".dw-grid-row:not([hidden])").count() == 1
+    # A token click redraws the grid with that token's cells, sent by the kernel.
+    browser_page.click('.dw-chip[data-token="3"]')
+    browser_page.wait_for_selector('figure.dw-grid[data-token="3"]')
     # DF-CAM's grid fills as maps are computed.
     run_code(browser_page, "for s in (3, 9): explorer.compute('df_cam', s).result(30)")
     browser_page.select_option(".dw-overlay", "df_cam")
     wait_for_json(state, lambda s: s["grid"] == "df_cam")
     # Selecting DF-CAM at step 14 computes it there too: columns are steps 3, 9 and 14.
     browser_page.wait_for_selector('figure.dw-grid[data-source="df_cam"][data-columns="3"]')
-    canvas = grid_box(browser_page)
-    browser_page.mouse.click(canvas["x"] + 1 * pitch + 10, canvas["y"] + 2 * pitch + 10)
+    click_grid_cell(browser_page, 2, 1)
     wait_for_json(state, lambda s: s["step"] == 9 and s["saliency_layer"] == "up_blocks.2")
     browser_page.wait_for_function(f"() => /showing layer up_blocks.2 only/.test({caption})")
     assert console.widget_errors() == []

@@ -134,7 +134,7 @@ def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, refere
     _generate(browser_page, CAPTION, SEED)
     got = browser_page.evaluate(STATE, [0, "attention"])
     explorer = Explorer(reference)
-    want = standalone_state(explorer)
+    want = standalone_state(explorer.export_source().state)
     explorer.close()
     for key in ("prompt", "tokens", "token_kinds", "timesteps", "token", "available", "scales"):
         assert got[key] == want[key], key

@@ -102,3 +102,50 @@ def test_attention_module_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_native_grid_maps_upsampled_are_the_latent_maps():
+    """Layers averaged on the finest layer's grid, then upsampled, equal the latent-grid
+    aggregation: exactly when that grid is the latent's, closely when it is coarser."""
+    from diffwidget.explain.attention import upsample_maps
+    from diffwidget.testing.synthetic import shaped_trace, synthetic_trace
+
+    same = synthetic_trace()  # 16x16 latent, layers on 16x16, 8x8 and 8x16
+    for normalize in ("none", "words", "layer"):
+        config = AttentionMaps(resolution=None, normalize=normalize)
+        native = config.attribute(same, grid="native")
+        assert native.maps.shape[-2:] == (16, 16)
+        latent = config.attribute(same)
+        np.testing.assert_allclose(native.maps, latent.maps, atol=1e-6)
+        np.testing.assert_allclose(native.mass, latent.mass, atol=1e-7)
+    sdxl = shaped_trace("sdxl", n_steps=2)  # 32x32 and 64x64 layers, 128x128 latent
+    native = AttentionMaps().attribute(sdxl, grid="native")
+    assert native.maps.shape[-2:] == (64, 64)
+    assert "64×64 grid of the finest layer" in native.description
+    latent = AttentionMaps().attribute(sdxl).maps
+    # Two bilinear steps (32 -> 64 -> 128) instead of one (32 -> 128) for 60 of 70 layers:
+    # on these maps (cell-to-cell noise on 32x32) within 6 % of the maximum at worst, 0.12 %
+    # on average.
+    difference = np.abs(upsample_maps(native.maps, (128, 128)) - latent)
+    assert difference.max() <= 0.07 * latent.max()
+    assert difference.mean() <= 0.002 * latent.max()
+
+
+def test_native_grid_reuses_the_sums_it_is_given():
+    from diffwidget.testing.synthetic import synthetic_trace
+
+    trace = synthetic_trace()
+    config = AttentionMaps(resolution=None)
+    plain = config.attribute(trace, grid="native")
+    sums: dict = {}
+    first = config.attribute(trace, grid="native", sums=sums)
+    np.testing.assert_array_equal(first.maps, plain.maps)
+    assert {len(names) for names in sums} == {1}  # one layer per grid in this trace
+    # A second call reads the stored sums instead of the trace: altering one shows it.
+    key = next(k for k in sums if "mid_block" in k[0])
+    sums[key] = sums[key] * 2
+    second = config.attribute(trace, grid="native", sums=sums)
+    assert not np.allclose(second.maps, plain.maps)
+    # A subset of the steps never uses or fills them.
+    partial = AttentionMaps(resolution=None, steps=[0, 3]).attribute(trace, grid="native", sums={})
+    np.testing.assert_allclose(partial.maps, plain.maps[[0, 3]], atol=1e-6)

@@ -99,3 +99,50 @@ def assert_same_results(a: dict[str, Any], b: dict[str, Any]) -> None:
                 np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
         finally:
             a[key]["arrays"], b[key]["arrays"] = arrays_a, arrays_b
+
+
+def fake_output(item: Any, seed: int) -> Any:
+    """What ``compute_item`` returns, made without a pipeline (deterministic, tiny)."""
+    from diffwidget.runs.item_records import ItemResult
+    from diffwidget.runs.metrics import ItemOutput
+
+    rng = np.random.default_rng(seed)
+    record = ItemResult(
+        metrics={"fake.score": float(rng.random())}, timesteps=[999, 499], timing={"total": 0.0}
+    )
+    return ItemOutput(record, None, {"fake@0/map": rng.random((4, 4)).astype(np.float32)})
+
+
+#: ``fake_compute`` fails these item ids with a RuntimeError, or with a full disk.
+FAIL_MESSAGE = "failed on purpose"
+
+
+def fake_compute(
+    calls: Path | None = None,
+    *,
+    fail: tuple[str, ...] = (),
+    disk_full: tuple[str, ...] = (),
+    seconds: float = 0.0,
+) -> Any:
+    """A stand-in for ``runner.compute_item`` that records each call as a file in ``calls``
+    (so calls from several processes can be counted)."""
+    import errno
+    import time
+
+    def compute(_pipe: Any, item: Any, seed: int, *_args: Any, **_kwargs: Any) -> Any:
+        if calls is not None:
+            calls.mkdir(parents=True, exist_ok=True)
+            (calls / f"{item.id}__seed{seed}.{os.getpid()}.{time.monotonic_ns()}").touch()
+        time.sleep(seconds)
+        if item.id in fail:
+            raise RuntimeError(FAIL_MESSAGE)
+        if item.id in disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fake_output(item, seed)
+
+    return compute
+
+
+def computed_keys(calls: Path) -> list[str]:
+    """The item keys ``fake_compute`` was called for, once per call."""
+    return sorted(p.name.split(".")[0] for p in calls.iterdir()) if calls.exists() else []

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from run_support import REPO, SUBPROCESS_TIMEOUT, env
 
+from diffwidget.runs import runner
 from diffwidget.runs.aggregation import bootstrap_ci
-from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID
+from diffwidget.runs.item_records import ItemResult
+from diffwidget.runs.metrics import ItemOutput
+from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID, PairScore, SegmentationScores
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -91,7 +94,7 @@ column = "seg.ours.iou@0.4"
 values = [run.table.set_index("key").loc[k, column] for k in browser.keys]
 assert values == sorted(values), values  # worst first
 assert browser.select(browser.keys[0]) is not None
-assert browser.explorer.trace.prompt == run.record(browser.keys[0])["prompt"]
+assert browser.explorer.trace.prompt == run.record(browser.keys[0]).prompt
 expected = {"df_rise@2 deletion", "segmentation mIoU by threshold", "token roles"}
 assert expected <= set(browser._curves)
 browser.sort("df_cam@2.deletion_gain", worst_first=False)
@@ -114,3 +117,33 @@ def test_open_run_and_its_browser_work_without_torch(reference_run: Path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("found", [False, True])
+def test_a_one_item_scene_run_aggregates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, found: bool
+):
+    iou = [0.0] * len(TAU_GRID)
+    iou[int(np.argmin(np.abs(TAU_GRID - DAAM_TAU)))] = 0.5
+    pairs = [PairScore(0, "colour", "red", iou, 0.75)] if found else []
+    scores = SegmentationScores(found=[found], pairs={"ours": pairs, "daam": pairs})
+    output = ItemOutput(ItemResult(segmentation=scores, timesteps=[999, 499]), None, {})
+    monkeypatch.setattr(runner, "compute_item", lambda *_args, **_kwargs: output)
+    report = runner.run(
+        "scene:1", tmp_path / "run", inference_steps=2, steps=[1], pipe=object(), progress=False
+    )
+    assert report.summary is not None
+    assert report.summary.is_file()
+    table = pd.read_csv(report.summary.parent / "segmentation.csv").set_index("aggregation")
+    for name in ("ours", "daam"):
+        row = table.loc[name]
+        assert row["n_items"] == 1
+        assert row["n_pairs"] == len(pairs)
+        if found:  # every resample of one item is that item: the interval is its value
+            assert row["miou_tau"] == row["miou_tau_ci_low"] == row["miou_tau_ci_high"] == 0.5
+            assert row["map"] == row["map_ci_low"] == row["map_ci_high"] == 0.75
+        else:
+            assert (
+                row[["miou_tau", "miou_tau_ci_low", "miou_tau_ci_high", "map_ci_low"]].isna().all()
+            )
+    assert "## Segmentation" in report.summary.read_text()

@@ -14,8 +14,9 @@ from diffwidget.cli.run import CONFIG_FLAGS, method_configs
 from diffwidget.explain.cam import DFCamConfig
 from diffwidget.explain.faithfulness import InsertionDeletion, InsertionDeletionConfig
 from diffwidget.explain.rise import DFRise, DFRiseConfig
-from diffwidget.runs.metrics import DEFAULT_METHODS, MAP_METHODS, RunSettings, split_methods
+from diffwidget.runs.metrics import DEFAULT_METHODS, MAP_METHODS
 from diffwidget.runs.runner import check_settings
+from diffwidget.runs.settings import RunSettings, split_methods
 from diffwidget.runs.store import RunSetupError
 
 
@@ -37,17 +38,24 @@ def test_names_configs_and_method_objects_all_configure_a_run() -> None:
 
 
 def test_settings_fill_the_defaults_once_and_name_each_setting() -> None:
-    settings = check_settings(RunSettings(configs={"df_rise": DFRiseConfig(n_masks=8)}))
-    assert settings.configs == {"df_rise": DFRiseConfig(n_masks=8), "df_cam": DFCamConfig()}
-    assert settings.faithfulness == InsertionDeletionConfig()
-    manifest = settings.to_json()
-    assert manifest["df_rise.n_masks"] == 8
-    assert manifest["df_cam.blocks"] is None
+    settings = check_settings(RunSettings.of(["attention", DFRiseConfig(n_masks=8), "df_cam"]))
+    configs = {name: settings.config(name) for name in settings.configs}
+    assert configs == {"df_rise": DFRiseConfig(n_masks=8), "df_cam": DFCamConfig()}
+    assert settings.faithfulness_config() == InsertionDeletionConfig()
+    named = settings.named()
+    assert named["df_rise.n_masks"] == 8
+    assert named["df_cam.blocks"] is None
     # The defaults are the configs' own, read from one place.
-    assert manifest["faithfulness.n_random"] == InsertionDeletionConfig().n_random == 3
-    assert manifest["methods"] == list(DEFAULT_METHODS)
+    assert named["faithfulness.n_random"] == InsertionDeletionConfig().n_random == 3
+    assert named["methods"] == list(DEFAULT_METHODS)
+    # The manifest stores each config in its own JSON form.
+    manifest = settings.to_json()
+    assert manifest["configs"] == {m: c.to_json() for m, c in configs.items()}
+    assert manifest["faithfulness"] == InsertionDeletionConfig().to_json()
     with pytest.raises(RunSetupError, match="does not compute"):
-        check_settings(RunSettings(methods=["attention"], configs={"df_rise": DFRiseConfig()}))
+        check_settings(
+            RunSettings(methods=("attention",), configs={"df_rise": DFRiseConfig().to_json()})
+        )
 
 
 def test_every_registered_saliency_method_is_a_run_method() -> None:

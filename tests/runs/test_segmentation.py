@@ -99,13 +99,13 @@ def test_perfect_attention_scores_one_and_a_wrong_one_zero():
         image=scene.image,
     )
     scores = score_item(trace, objects, {"test": maps[0]})
-    assert scores["found"] == [True]
-    by_role = {p["role"]: p for p in scores["pairs"]["test"]}
+    assert scores.found == [True]
+    by_role = {p.role: p for p in scores.pairs["test"]}
     at = int(np.argmin(np.abs(TAU_GRID - 0.4)))
     # The reader's mask of the rendered image is the object's mask itself.
-    assert by_role["colour"]["iou"][at] == pytest.approx(1.0)
-    assert by_role["colour"]["ap"] == pytest.approx(1.0)
-    assert by_role["shape"]["iou"][at] == 0.0
-    summary = summarize_pairs(scores["pairs"]["test"])
+    assert by_role["colour"].iou[at] == pytest.approx(1.0)
+    assert by_role["colour"].ap == pytest.approx(1.0)
+    assert by_role["shape"].iou[at] == 0.0
+    summary = summarize_pairs(scores.pairs["test"])
     assert summary["miou_tau"] == pytest.approx(0.5)
     assert summary["n_pairs"] == 2

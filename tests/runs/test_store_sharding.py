@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 
 from diffwidget.runs import sharding
+from diffwidget.runs.item_records import ITEM_FORMAT, ItemRecord
+from diffwidget.runs.manifest import Work
 from diffwidget.runs.prompts import PromptItem
+from diffwidget.runs.settings import RunSettings
 from diffwidget.runs.sharding import DuplicatedProcessError, Shard
-from diffwidget.runs.store import FORMAT_VERSION, RunSetupError, RunStore, atomic_write, write_json
+from diffwidget.runs.store import RunSetupError, RunStore, atomic_write, write_json
 
 
 def test_atomic_write_leaves_no_partial_file_when_the_writer_fails(tmp_path: Path):
@@ -28,43 +31,63 @@ def test_atomic_write_leaves_no_partial_file_when_the_writer_fails(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def _unit(store: RunStore) -> Work:
+    manifest = store.open_manifest(RunSettings(methods=("df_cam",)), [PromptItem("k", "a dog")])
+    return manifest.work()[0]
+
+
+def _ok_record(store: RunStore, work: Work, **changes: object) -> dict:
+    companion = store.arrays_path(work.key)
+    companion.parent.mkdir(exist_ok=True)
+    companion.write_bytes(b"12345")
+    record = ItemRecord(
+        format_version=ITEM_FORMAT,
+        key=work.key,
+        id=work.item.id,
+        seed=work.seed,
+        offset=work.offset,
+        prompt=work.item.prompt,
+        status="ok",
+        digest=work.digest,
+        settings_digest=work.settings_digest,
+        files={"arrays": store.file_entry(companion)},
+    ).to_json()
+    return {**record, **changes}
+
+
 def test_item_status_missing_ok_failed_corrupt(tmp_path: Path):
     store = RunStore(tmp_path)
-    assert store.status("k") == "missing"
-    companion = tmp_path / "arrays" / "k.npz"
-    companion.parent.mkdir()
-    companion.write_bytes(b"12345")
-    record = {
-        "format_version": FORMAT_VERSION,
-        "key": "k",
-        "status": "ok",
-        "files": {"arrays": store.file_entry(companion)},
-    }
-    write_json(store.item_path("k"), record)
-    assert store.status("k") == "ok"
-    companion.write_bytes(b"123")  # truncated companion
-    assert store.status("k") == "corrupt"
-    store.item_path("k").write_text('{"format_version": 1, "key": "k", "sta')
-    assert store.status("k") == "corrupt"
-    write_json(store.item_path("k"), {**record, "key": "other"})
-    assert store.status("k") == "corrupt"
-    write_json(store.item_path("k"), {**record, "status": "failed", "files": {}})
-    assert store.status("k") == "failed"
+    work = _unit(store)
+    assert store.status(work) == "missing"
+    record = _ok_record(store, work)
+    write_json(store.item_path(work.key), record)
+    assert store.status(work) == "ok"
+    store.arrays_path(work.key).write_bytes(b"123")  # truncated companion
+    assert store.status(work) == "corrupt"
+    store.item_path(work.key).write_text('{"format_version": 1, "key": "k", "sta')
+    assert store.status(work) == "corrupt"
+    write_json(store.item_path(work.key), {**record, "key": "other"})
+    assert store.status(work) == "corrupt"
+    failed = {**record, "status": "failed", "files": {}}
+    failed["error"] = {"type": "RuntimeError", "message": "no"}
+    write_json(store.item_path(work.key), failed)
+    assert store.status(work) == "failed"
 
 
 def test_manifest_refuses_other_settings_or_prompts(tmp_path: Path):
     store = RunStore(tmp_path / "run")
     items = [PromptItem("a", "a red circle")]
-    store.open_manifest({"methods": ["df_cam"]}, items)
-    store.open_manifest({"methods": ["df_cam"]}, items)  # same run: resumes
+    cam = RunSettings(methods=("df_cam",))
+    store.open_manifest(cam, items)
+    store.open_manifest(cam, items)  # same run: resumes
     with pytest.raises(RunSetupError, match="methods: \\['df_cam'\\] there, \\['df_rise'\\] now"):
-        store.open_manifest({"methods": ["df_rise"]}, items)
+        store.open_manifest(cam.replace(methods=("df_rise",)), items)
     with pytest.raises(RunSetupError, match="other prompts"):
-        store.open_manifest({"methods": ["df_cam"]}, [PromptItem("b", "x")])
+        store.open_manifest(cam, [PromptItem("b", "x")])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(RunSetupError, match="not empty"):
-        RunStore(tmp_path / "busy").open_manifest({}, items)
+        RunStore(tmp_path / "busy").open_manifest(cam, items)
 
 
 def test_shards_partition_the_items():
@@ -97,6 +120,9 @@ def test_duplicated_processes_are_refused(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(accelerate, "PartialState", fake)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DuplicatedProcessError, match="every process would compute every item"):
+        sharding.processes()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DuplicatedProcessError, match="'two' is not a number of processes"):
         sharding.processes()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert sharding.processes().count == 1

@@ -50,7 +50,8 @@ def test_the_fit_recovers_a_known_linear_map() -> None:
     weights = rng.normal(scale=0.01, size=(16, 3))
     bias = np.array([0.4, 0.5, 0.6])
     colours = np.moveaxis(latent, 0, -1) @ weights + bias
-    assert 0 < colours.min() and colours.max() < 1  # colours a decode can have
+    assert colours.min() > 0
+    assert colours.max() < 1
     fitted = fit_latent_rgb(latent, colours, source="exact decode")
     np.testing.assert_allclose(fitted.weights, weights, atol=1e-6)
     np.testing.assert_allclose(fitted.bias, bias, atol=1e-6)
@@ -66,7 +67,9 @@ def test_a_single_colour_decode_is_refused() -> None:
         fit_latent_rgb(latent, np.zeros((6, 6, 3)), source="pipeline decode")
     with pytest.raises(ValueError, match="colours of shape"):
         fit_latent_rgb(latent, np.zeros((3, 6, 3)), source="pipeline decode")
-    fitted = fit_latent_rgb(latent, np.random.default_rng(2).random((6, 6, 3)), source="exact decode")
+    fitted = fit_latent_rgb(
+        latent, np.random.default_rng(2).random((6, 6, 3)), source="exact decode"
+    )
     with pytest.raises(ValueError, match="this map takes latents"):
         fitted.images(np.zeros((1, 16, 6, 6), np.float32))
 
@@ -222,7 +225,8 @@ def test_on_a_trained_vae_linear_previews_are_close_and_the_tiny_decoder_closer(
     linear = trace(demo_pipe, PROMPT, preview_decoder="linear", **common)
     tiny = trace(demo_pipe, PROMPT, **common)  # "auto": the shipped decoder
     assert tiny.facts.preview_decoder == "shipped demo decoder"
-    assert exact.previews is not None and linear.previews is not None
+    assert exact.previews is not None
+    assert linear.previews is not None
     assert tiny.previews is not None
     hw = linear.latent_shape
     scores: dict[str, list[float]] = {"linear": [], "flat": [], "tiny": []}

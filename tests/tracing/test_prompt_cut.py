@@ -72,7 +72,7 @@ def test_the_explorer_names_the_dropped_words(tiny_sd_pipe: Any) -> None:
     traced, _ = traced_with_warnings(tiny_sd_pipe, " ".join(WORDS))
     explorer = Explorer(traced)
     try:
-        caption = explorer.widget.descriptions["attention"]
+        caption = explorer.widget.attention["description"]
         assert f'never saw, beyond its 77 positions: "{" ".join(WORDS[CLIP_WORDS:])}"' in caption
     finally:
         explorer.close()

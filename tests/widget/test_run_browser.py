@@ -9,6 +9,7 @@ request) is ``tests/browser/test_browser_hostile.py``.
 
 from __future__ import annotations
 
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 import ipywidgets
 import pytest
 
+from diffwidget.runs.item_records import ITEM_FORMAT, ItemError, ItemRecord
+from diffwidget.runs.manifest import Work
+from diffwidget.runs.prompts import PromptItem
+from diffwidget.runs.store import ManifestError, RunItem
 from diffwidget.widget.run_browser import RunBrowser, item_message, open_run
 from tests import hostile
 
@@ -84,7 +89,7 @@ def test_traced_item_shows_key_and_prompt_as_text(browser):
     assert hostile.PROMPT in text
     # The explorer gets the prompt and tokens as plain traits; its views use textContent.
     assert explorer.widget.prompt == hostile.PROMPT
-    assert hostile.payload("token") in explorer.widget.tokens
+    assert hostile.token_payload("token") in explorer.widget.tokens
 
 
 def test_failed_item_shows_its_error_as_text(browser):
@@ -110,20 +115,47 @@ def test_list_and_menus_hold_data_as_option_text(browser):
     assert hostile.CURVE + " deletion" in browser._curve_choice.options
 
 
+def _item(status: str, error: ItemError | None = None) -> RunItem:
+    """A run item of ``status`` (a failed one holding ``error``)."""
+    work = Work(PromptItem("a", "a red circle"), offset=0, seed=1, key="a__seed1")
+    if error is None:
+        return RunItem(work, status)
+    record = ItemRecord(
+        format_version=ITEM_FORMAT,
+        key=work.key,
+        id=work.item.id,
+        seed=work.seed,
+        offset=work.offset,
+        prompt=work.item.prompt,
+        status="failed",
+        digest="d",
+        error=error,
+    )
+    return RunItem(work, "failed", record)
+
+
 @pytest.mark.parametrize(
-    ("record", "expected"),
+    ("item", "expected"),
     [
-        ({"status": "missing"}, "not computed yet (status missing)"),
-        ({"status": "corrupt"}, "damaged or incomplete (status corrupt)"),
-        (
-            {"status": "failed", "error": {"type": "OSError", "message": "disk full"}},
-            "failed: OSError: disk full",
-        ),
-        ({"status": "failed", "error": None}, "failed: error: the run recorded no message"),
-        ({"status": "ok", "files": {}}, "kept no trace"),
+        (_item("missing"), "not computed yet (status missing)"),
+        (_item("corrupt"), "damaged or incomplete (status corrupt)"),
+        (_item("stale"), "other settings or for another prompt (status stale)"),
+        (_item("failed", ItemError("OSError", "disk full")), "failed: OSError: disk full"),
+        (_item("failed", ItemError("", "")), "failed: error: the run recorded no message"),
+        (_item("ok"), "kept no trace"),
     ],
 )
-def test_item_message_names_the_status(record, expected):
-    message = item_message(record)
+def test_item_message_names_the_status(item, expected):
+    message = item_message(item)
     assert expected in message
     assert "no trace was kept" not in message
+
+
+def test_a_run_naming_a_hostile_item_id_is_refused_when_read(tmp_path: Path):
+    run = hostile.write_hostile_run(tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["items"][0]["id"] = hostile.HOSTILE_ID
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="not file-safe") as error:
+        open_run(run)
+    assert error.value.field.startswith("items[0]")

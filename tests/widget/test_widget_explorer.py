@@ -17,6 +17,7 @@ from diffwidget.explain.results import SaliencyMap
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, describe_payloads, payload_nbytes
 from diffwidget.widget.explorer import Explorer
+from diffwidget.widget.payloads import AttentionSet
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "explorer_state.json"
 #: Generous bound for background work on a loaded 2-core machine.
@@ -101,15 +102,19 @@ def test_payloads_are_binary_with_dtype_and_shape(make_explorer, synthetic_trace
     widget = make_explorer().widget
     assert widget.previews["dtype"] == "uint8"
     np.testing.assert_array_equal(decode_array(widget.previews), synthetic_trace.previews)
-    attention = decode_array(widget.attention)
+    attention = AttentionSet.from_json(widget.attention)
     maps = make_explorer().attention_result.maps
-    assert attention.shape == maps.shape
-    assert np.abs(attention - maps).max() <= maps.max() / 255
+    assert attention.codes.shape == maps.shape
+    assert np.abs(attention.maps - maps).max() <= maps.max() / 255
     curves = decode_array(widget.curves["values"])
     assert curves.shape == (len(synthetic_trace.tokens), synthetic_trace.n_steps)
     assert [s["group"] for s in widget.curves["series"]] == ["attention_mass"] * 7
     assert widget.available == ["none", "attention"]
-    assert "conditional CFG half" in widget.descriptions["attention"]
+    assert "conditional CFG half" in attention.description
+    # The noisy view is built but sent only once the view shows it.
+    assert widget.noisy_previews is None
+    widget.set_state({"image_mode": "noisy"})
+    assert decode_array(widget.noisy_previews).shape == decode_array(widget.previews).shape
 
 
 def test_x0_caption_names_the_prediction_shown(synthetic_trace):
@@ -130,7 +135,9 @@ def test_x0_caption_names_the_prediction_shown(synthetic_trace):
 
 
 def test_noisy_previews_track_the_noise(make_explorer):
-    widget = make_explorer().widget
+    explorer = make_explorer()
+    explorer.image_mode = "noisy"
+    widget = explorer.widget
     noisy = decode_array(widget.noisy_previews).astype(float)
     x0 = decode_array(widget.previews).astype(float)
     # Early steps are mostly noise: far from x0; the last step is close to it.
@@ -306,6 +313,6 @@ def test_colour_scale_says_what_the_attention_value_is(name, meaning, caption):
         scale = explorer.widget.scales["attention"]["meaning"]
         assert scale.startswith(meaning)
         assert ("cross-attention" in scale) == meaning.startswith("cross")
-        assert explorer.widget.descriptions["attention"].startswith(caption)
+        assert explorer.widget.attention["description"].startswith(caption)
     finally:
         explorer.close()

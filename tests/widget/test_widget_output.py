@@ -55,7 +55,7 @@ def test_png_overlay_matches_the_colour_map_and_has_a_scale(explorer):
     explorer.add_overlay("df_rise", 0, SaliencyMap("df_rise", 0, 999, value, value * 4 - 1))
     explorer.overlay = "df_rise"
     explorer.opacity = 1.0
-    picture = render_view(explorer)
+    picture = render_view(explorer.widget)
     lut = colormap_lut()
     # Opacity 1 at the map's top: the right half is the colour map's brightest colour...
     np.testing.assert_array_equal(picture[16 + 128, 6 + 250], lut[255])
@@ -68,7 +68,7 @@ def test_png_overlay_matches_the_colour_map_and_has_a_scale(explorer):
     bar_x = 6 + 256 + 6 + 7
     np.testing.assert_array_equal(picture[16, bar_x], lut[255])
     np.testing.assert_array_equal(picture[16 + 255, bar_x], lut[0])
-    assert png_bytes(explorer).startswith(b"\x89PNG")
+    assert png_bytes(explorer.widget).startswith(b"\x89PNG")
     assert "DF-RISE at step 0" in repr(explorer)
 
 
@@ -122,7 +122,28 @@ def test_base64_transport_resends_every_payload_as_text(explorer):
     explorer.add_curve("auc", np.linspace(0, 1, explorer.trace.n_steps))
     assert BASE64_KEY in explorer.widget.curves["values"]["data"]
     assert explorer.figure("concept_auc").marks[0].labels == ["auc"]
+    explorer.image_mode = "noisy"  # sent when first shown: as base64 now
     assert explorer.widget.noisy_previews["data"].keys() == {BASE64_KEY}
+
+
+def test_base64_fallback_is_bounded(explorer, monkeypatch):
+    from diffwidget.widget import model
+
+    total = sum(payload_nbytes(getattr(explorer.widget, n)) for n in schema.PAYLOAD_TRAITS)
+    monkeypatch.setattr(model, "BASE64_LIMIT_BYTES", total - 1)
+    explorer.widget._dispatch_message(explorer.widget, {"kind": "buffers_missing"}, [])
+    # Refused with a message that says what to do instead; nothing resent.
+    assert explorer.widget.transport == "binary"
+    assert "explorer.to_html(path)" in explorer.error
+    assert f"{total / 1e6:.1f} MB" in explorer.error
+    # Within the bound it switches; a later payload that would cross it is not sent.
+    monkeypatch.setattr(model, "BASE64_LIMIT_BYTES", total + 1000)
+    explorer.widget.error = ""
+    explorer.widget._dispatch_message(explorer.widget, {"kind": "buffers_missing"}, [])
+    assert explorer.widget.transport == "base64"
+    explorer.image_mode = "noisy"
+    assert explorer.widget.noisy_previews is None
+    assert "JSON text" in explorer.error
 
 
 @pytest.mark.slow

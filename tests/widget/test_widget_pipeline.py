@@ -8,6 +8,8 @@ import pytest
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
+from diffwidget.widget.layers import on_latent
+from diffwidget.widget.payloads import AttentionSet, GridData
 
 pytestmark = pytest.mark.slow
 #: Masks for DF-RISE in tests: enough to exercise batching and progress, fast on CPU.
@@ -29,7 +31,11 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
         assert widget.available == ["none", "attention", "df_rise", "df_cam", "occlusion"]
         h, w = tiny_trace.latent_shape
         n, t = tiny_trace.n_steps, len(tiny_trace.tokens)
-        assert decode_array(widget.attention).shape == (n, t, h, w)
+        attention = AttentionSet.from_json(widget.attention)
+        # Kept on the grid of the finest layer it averages, never the latent's if larger.
+        finest = max(v.shape[1] * v.shape[2] for v in tiny_trace.attention.values())
+        assert attention.codes.shape[:2] == (n, t)
+        assert attention.codes.shape[2] * attention.codes.shape[3] <= min(finest, h * w)
         assert widget.descriptions["noisy"].endswith("decoded by the VAE")
         progress = []
         widget.observe(lambda c: progress.append(c["new"]), names=["progress"])
@@ -48,7 +54,7 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
             cam.layers
         )
         explorer.grid = "df_cam"
-        assert widget.grid_data["layers"] == list(cam.layers)
+        assert GridData.from_json(widget.grid_data).layers == list(cam.layers)
     finally:
         explorer.close()
 
@@ -81,7 +87,10 @@ def test_faithfulness_in_the_view_equals_a_direct_evaluation(tiny_sd_pipe, tiny_
         explorer.step, explorer.token = 3, 2
         result = explorer.faithfulness().result(WAIT_S)
         direct = InsertionDeletion(n_random=1, operator="renoise").evaluate(
-            tiny_sd_pipe, tiny_trace, 3, explorer.attention_result.maps[3, 2]
+            tiny_sd_pipe,
+            tiny_trace,
+            3,
+            on_latent(explorer.attention_result, 3, 2, tiny_trace.latent_shape),
         )
         assert result.saliency.deletion_auc == pytest.approx(direct.saliency.deletion_auc)
         assert result.random.insertion_auc == pytest.approx(direct.random.insertion_auc)

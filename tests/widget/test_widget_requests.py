@@ -12,6 +12,7 @@ import pytest
 from diffwidget.explain.results import FaithfulnessCurves, FaithfulnessResult
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
+from diffwidget.widget.layers import on_latent
 from tests.widget.test_widget_explorer import WAIT_S, FakeMethod, wait_until
 
 
@@ -176,7 +177,8 @@ def test_faithfulness_of_the_shown_map_from_the_view(make_explorer):
     assert (entry["overlay"], entry["step"], entry["token"], entry["layer"]) == (
         "attention", 6, 3, ""
     )  # fmt: skip
-    np.testing.assert_array_equal(evaluator.maps[0], explorer.attention_result.maps[6, 3])
+    shown = on_latent(explorer.attention_result, 6, 3, explorer.trace.latent_shape)
+    np.testing.assert_array_equal(evaluator.maps[0], shown)
     assert entry["operator"] == "renoise"
     assert (entry["deletion_auc"], entry["random_deletion_auc"]) == (0.3, 0.75)
     curves = decode_array(entry["curves"])

@@ -94,3 +94,49 @@ def test_payload_helpers_count_and_hide_bytes():
     payload = {"a": encode_array(np.zeros(10, np.uint8)), "b": [encode_array(np.zeros(2, "f4"))]}
     assert payload_nbytes(payload) == 18
     assert describe_payloads(payload)["a"]["data"] == "<bytes 10>"
+
+
+def _ts_fields(interface: str) -> set[str]:
+    """Field names of one interface in the generated TypeScript."""
+    from diffwidget.widget.payload_types import TS_PAYLOADS
+
+    body = TS_PAYLOADS.split(f"export interface {interface} {{", 1)[1].split("\n}", 1)[0]
+    return {
+        line.strip().split(":")[0].rstrip("?")
+        for line in body.splitlines()
+        if ":" in line and not line.strip().startswith(("/", "*"))
+    }
+
+
+def test_payload_records_write_exactly_the_typescript_fields():
+    from diffwidget.widget.payloads import AttentionSet, GridData, GridGroup
+
+    codes = np.zeros((2, 3, 4, 4), np.uint8)
+    attention = AttentionSet("", -1, (4, 4), [0, 1], codes, np.ones((2, 3), np.float32), "d")
+    group = GridGroup(
+        "b", ["b.x"], ["x"], (4, 4), np.zeros((1, 2, 1, 4, 4), np.uint8), np.ones((1, 2, 1))
+    )
+    grid = GridData("attention", [group], [0, 1], [2], "d")
+    assert set(attention.to_json()) == _ts_fields("AttentionSet")
+    assert set(group.to_json()) == _ts_fields("GridGroup")
+    assert set(grid.to_json()) == _ts_fields("GridData")
+    # And each record reads back what it wrote.
+    again = AttentionSet.from_json(attention.to_json())
+    assert (again.layer, again.grid, again.steps) == ("", (4, 4), [0, 1])
+    assert GridData.from_json(grid.to_json()).tokens == [2]
+
+
+def test_payload_records_refuse_malformed_values():
+    from diffwidget.widget.payloads import AttentionSet, PayloadError
+
+    codes = np.zeros((2, 3, 4, 4), np.uint8)
+    good = AttentionSet("", -1, (4, 4), [0, 1], codes, np.ones((2, 3), np.float32), "d")
+    value = good.to_json()
+    with pytest.raises(PayloadError, match="do not match grid"):
+        AttentionSet.from_json({**value, "grid": [8, 8]})
+    with pytest.raises(PayloadError, match="'steps' must be a list of integers"):
+        AttentionSet.from_json({**value, "steps": ["0", 1]})
+    with pytest.raises(PayloadError, match="'layer' is missing"):
+        AttentionSet.from_json({k: v for k, v in value.items() if k != "layer"})
+    with pytest.raises(PayloadError, match="quantised uint8"):
+        AttentionSet.from_json({**value, "maps": encode_array(codes)})

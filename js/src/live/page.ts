@@ -218,7 +218,7 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
       });
     };
     thumbs.forEach((canvas, i) => {
-      canvas.onclick = () => panel.model?.set("step", i);
+      canvas.addEventListener("click", () => panel.model?.set("step", i));
     });
     panel.model.on("change:step", mark);
     mark();

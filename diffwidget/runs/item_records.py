@@ -1,0 +1,176 @@
+"""The result file of one run item, as typed records: one schema for writing and reading.
+
+``items/<key>.json`` is an :class:`ItemRecord`: who the item is (key, id, seed, offset,
+prompt), whether it succeeded, the digest of the work that produced it, and either its error
+or its :class:`ItemResult` (metrics, faithfulness curves, the maps' descriptions,
+segmentation scores, role curves) with the companion files it names. Reading goes through
+:meth:`ItemRecord.from_json`, which checks every field, so a record of the wrong shape is a
+:class:`~diffwidget.records.RecordError` naming the file and the field, never a ``KeyError``
+further on. Records written before digests existed (format 1) read with ``digest`` empty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from diffwidget.records import JsonValue, Record
+from diffwidget.runs.segmentation import SegmentationScores
+
+ItemFormat = Literal[1, 2]
+#: Format of the item records written now (1: before digests; still read).
+ITEM_FORMAT: ItemFormat = 2
+#: Companion files an item may name: its maps and features, and its trace.
+Companion = Literal["arrays", "trace"]
+COMPANIONS: tuple[Companion, ...] = ("arrays", "trace")
+
+
+@dataclass(frozen=True)
+class CurveEntry(Record):
+    """Insertion and deletion curves of one map, beside the random orders'."""
+
+    step: int
+    fractions: list[float]
+    deletion: list[float]
+    insertion: list[float]
+    random_deletion: list[float]
+    random_insertion: list[float]
+    meta: dict[str, JsonValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MapEntry(Record):
+    """One stored saliency map: its method, step and description (arrays in the ``.npz``)."""
+
+    method: str
+    step: int
+    timestep: int
+    meta: dict[str, JsonValue] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ItemResult(Record):
+    """What computing one item produced, besides its arrays and trace.
+
+    Attributes
+    ----------
+    metrics : dict of str to float or None
+        Metric name -> value (``None`` where it was not finite).
+    curves : dict of str to CurveEntry
+        ``"<method>@<step>"`` -> its faithfulness curves.
+    maps : tuple of MapEntry
+        The maps stored in the item's arrays.
+    segmentation : SegmentationScores, optional
+        Scene-world segmentation scores.
+    roles : dict of str to list of float, optional
+        Token role -> attention mass per step.
+    timesteps : list of int
+        The scheduler's timesteps of the generation.
+    timing : dict of str to float
+        Seconds per part (varies between runs of the same work).
+    """
+
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    curves: dict[str, CurveEntry] = field(default_factory=dict)
+    maps: tuple[MapEntry, ...] = ()
+    segmentation: SegmentationScores | None = None
+    roles: dict[str, list[float]] | None = None
+    timesteps: list[int] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileEntry(Record):
+    """A companion file: its path inside the run folder and its size."""
+
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ProcessInfo(Record):
+    """Which process computed an item (varies with the launch, never part of the results)."""
+
+    rank: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ItemError(Record):
+    """Why an item failed."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ItemRecord(ItemResult):
+    """The result file of one (prompt id, seed).
+
+    Attributes
+    ----------
+    format_version : {1, 2}
+        2 for records written with digests.
+    key, id, prompt : str
+        The item key (``<id>__seed<seed>``), the prompt id and the caption.
+    seed, offset : int
+        Generator seed and the seed offset it came from.
+    status : {"ok", "failed"}
+        Whether the item was computed.
+    digest, settings_digest : str
+        :func:`~diffwidget.runs.settings.work_digest` of the work and the run settings'
+        digest (``""`` in format 1).
+    process : ProcessInfo, optional
+        Who computed it.
+    error : ItemError, optional
+        The error of a failed item.
+    files : dict of {"arrays", "trace"} to FileEntry
+        Companion files, each checked for its place and size when the record is read.
+    """
+
+    format_version: ItemFormat
+    key: str
+    id: str
+    seed: int
+    offset: int
+    prompt: str
+    status: Literal["ok", "failed"]
+    digest: str = ""
+    settings_digest: str = ""
+    process: ProcessInfo | None = None
+    error: ItemError | None = None
+    files: dict[Companion, FileEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.status == "failed") != (self.error is not None):
+            raise ValueError('a record has an "error" exactly when its status is "failed"')
+        if self.format_version >= ITEM_FORMAT and not self.digest:
+            raise ValueError(f"a format-{self.format_version} record needs its digest")
+        unknown = sorted(set(self.files) - set(COMPANIONS))
+        if unknown:
+            raise ValueError(f"files names {unknown}; a record names only {list(COMPANIONS)}")
+
+
+def result_fields(result: ItemResult) -> dict[str, object]:
+    """The fields of ``result``, to build an :class:`ItemRecord` around it."""
+    return {f.name: getattr(result, f.name) for f in fields(ItemResult)}
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON value of ``value``: NaN and infinities become ``None``, NumPy scalars and
+    tuples their Python forms (method descriptions hold all three)."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
