@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffwidget.runs.item_records import ITEM_FORMAT, CurveEntry, ItemError, ItemRecord
+from diffwidget.runs.item_records import CurveEntry, ItemError, ItemRecord
 from diffwidget.runs.manifest import RunManifest, Work, item_key
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import RunSettings
@@ -116,17 +116,7 @@ def _curve() -> CurveEntry:
 
 
 def _record(work: Work, **fields: object) -> ItemRecord:
-    return ItemRecord(
-        format_version=ITEM_FORMAT,
-        key=work.key,
-        id=work.item.id,
-        seed=work.seed,
-        offset=work.offset,
-        prompt=work.item.prompt,
-        digest=work.digest,
-        settings_digest=work.settings_digest,
-        **fields,
-    )
+    return work.record(**fields)
 
 
 def write_hostile_run(parent: Path) -> Path:

@@ -33,6 +33,7 @@ TORCH_FREE = (
     "diffwidget.testing.synthetic",
     "diffwidget.explain",
     "diffwidget.explain.attention",
+    "diffwidget.explain.concept_results",
 )
 
 

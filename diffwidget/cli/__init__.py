@@ -9,6 +9,7 @@ Examples
 $ diffwidget demo                      # quickstart notebook in JupyterLab, embedded model
 $ diffwidget demo --check              # run the quickstart headless and exit (CI, smoke test)
 $ diffwidget demo --classroom          # the quickstart as an app without code (Voila)
+$ diffwidget demo --classroom live     # the live page as static files (no kernel)
 $ diffwidget demo --notebook 03        # another bundled notebook
 $ diffwidget demo --model dit          # the notebooks on the embedded DiT
 $ diffwidget export "a large red circle on the left" -o explorer.html

@@ -17,6 +17,13 @@ network, and where each part lives:
 - **Stop.** The server runs under :func:`~diffwidget.cli.serve.serve`, so stopping the
   command in any way stops Voila and its kernels too.
 
+``diffwidget demo --classroom live`` serves the live page instead
+(:func:`~diffwidget.widget.live.write_live_folder` into a temporary folder, served read-only
+by :mod:`~diffwidget.cli.static_site`): the embedded UNet runs in each student's browser and
+nothing runs on this machine but a file server, so there is no kernel to cap and no token
+(a token guards code execution; the page holds nothing private and is the same for anyone
+who installs diffwidget).
+
 Modes are listed in :data:`CLASSROOM_MODES` (``--classroom [MODE]``); Voila is the default.
 """
 
@@ -27,15 +34,18 @@ import os
 import secrets
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from diffwidget.cli.common import UsageError, jupyter_config_dir, python_module_command
 from diffwidget.cli.serve import serve
 
-ClassroomMode = Literal["voila"]
+ClassroomMode = Literal["voila", "live"]
+#: The mode that serves the live page (no notebook, no kernel, no token).
+LIVE_MODE: ClassroomMode = "live"
 DEFAULT_PORT = 8866
 #: Resident memory of one student's kernel running the quickstart (embedded UNet, a 20-step
 #: trace, the explorer): 549–555 MB once the page has loaded, 697 MB after the student
@@ -207,12 +217,13 @@ def classroom_command(
     return command, env
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _announce(classroom: Classroom, available_mb: float | None) -> None:
     """Print the URLs, the cap and the memory it needs; warn about an open server."""
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    say = _say
     say(f"serving {classroom.notebook.name} as a classroom app (Ctrl+C to stop); students open:")
     for url in classroom.urls():
         say(f"    {url}")
@@ -231,20 +242,55 @@ def _announce(classroom: Classroom, available_mb: float | None) -> None:
         )
 
 
+def _local_url(classroom: Classroom) -> tuple[str, str, int]:
+    """(url, host, port) for this machine's browser: the first page the server answers."""
+    host = "127.0.0.1" if classroom.ip in _WILDCARDS else reachable_hosts(classroom.ip)[0]
+    query = f"?token={classroom.token}" if classroom.token else ""
+    return f"http://{host}:{classroom.port}/{query}", host.strip("[]"), classroom.port
+
+
 def serve_voila(classroom: Classroom, kernel_env: dict[str, str]) -> int:
     """Serve ``classroom`` with Voila until the command is stopped."""
     command, env = classroom_command(classroom, kernel_env)
     _announce(classroom, available_memory_mb())
     open_url = None
     if classroom.open_browser and classroom.token is not None:
-        host = "127.0.0.1" if classroom.ip in _WILDCARDS else reachable_hosts(classroom.ip)[0]
-        url = f"http://{host}:{classroom.port}/?token={classroom.token}"
-        open_url = (url, host.strip("[]"), classroom.port)
+        open_url = _local_url(classroom)
     return serve(command, env, open_url=open_url)
 
 
-#: ``--classroom [MODE]``: how the notebook reaches the students.
-CLASSROOM_MODES: dict[str, Callable[[Classroom, dict[str, str]], int]] = {"voila": serve_voila}
+def serve_live(classroom: Classroom, kernel_env: dict[str, str]) -> int:
+    """Serve the live page as static files until the command is stopped.
+
+    The page is written into a temporary folder (removed when the command stops) and
+    served read-only by :mod:`~diffwidget.cli.static_site` in a child process, stopped as
+    Voila is. ``classroom.notebook``, ``token`` and ``max_students`` are not used: the
+    page is the live page, and each student's browser runs its model.
+    """
+    from diffwidget.widget.live import write_live_folder
+
+    room = replace(classroom, token=None)
+    with tempfile.TemporaryDirectory(prefix="diffwidget-live-") as folder:
+        write_live_folder(folder)
+        size_mb = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+        command = [sys.executable, "-m", "diffwidget.cli.static_site", folder]
+        command += ["--ip", room.ip, "--port", str(room.port)]
+        _say("serving the live page as static files (Ctrl+C to stop); students open:")
+        for url in room.urls():
+            _say(f"    {url}")
+        _say(
+            f"each browser downloads {size_mb:.0f} MB once and runs the model itself: no kernel "
+            "runs here, so there is no cap on students and no token (nothing runs on request)"
+        )
+        return serve(command, kernel_env, open_url=_local_url(room) if room.open_browser else None)
+
+
+#: ``--classroom [MODE]``: how the notebook (or, for ``live``, the live page) reaches the
+#: students.
+CLASSROOM_MODES: dict[ClassroomMode, Callable[[Classroom, dict[str, str]], int]] = {
+    "voila": serve_voila,
+    LIVE_MODE: serve_live,
+}
 
 
 def make_classroom(

@@ -8,7 +8,10 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from diffwidget.models.loader import DemoModel
 
 QUICKSTART = "01_quickstart.ipynb"
 DEFAULT_STEPS = 20
@@ -142,8 +145,10 @@ def load_pipeline(model: str | None) -> Any:
     """An embedded model ("unet", the default, or "dit"), or a pipeline in the folder ``model``."""
     from diffwidget.models.loader import DEMO_MODELS, load_demo_pipeline
 
-    if model is None or model in DEMO_MODELS:
-        return load_demo_pipeline(model or "unet")  # type: ignore[arg-type]
+    if model is None:
+        return load_demo_pipeline("unet")
+    if model in DEMO_MODELS:
+        return load_demo_pipeline(cast("DemoModel", model))
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(str(check_model(model)), local_files_only=True)

@@ -148,25 +148,50 @@ def _announce_threads(env: dict[str, str]) -> None:
         )
 
 
+def _check_live_options(args: argparse.Namespace) -> None:
+    """Refuse the options that ``--classroom live`` cannot honour (it serves no notebook)."""
+    given = [
+        option
+        for option, value in (
+            ("--notebook", args.notebook),
+            ("--model", None if args.model == "unet" else args.model),
+            ("--token/--no-token", args.token),
+            ("--max-students", args.max_students),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"--classroom live serves the live page (the embedded UNet, run in each student's "
+            f"browser; no kernel, no code on this machine): {', '.join(given)} do not apply; "
+            "use --classroom voila for a notebook"
+        )
+
+
 def demo(args: argparse.Namespace) -> int:
     """Open a bundled notebook in JupyterLab, serve it with Voila, or run it headless."""
     if not args.classroom and (args.token is not None or args.max_students is not None):
         raise UsageError("--token, --no-token and --max-students apply to --classroom only")
+    live = args.classroom == classroom.LIVE_MODE
+    if live:
+        _check_live_options(args)
     source = resolve_notebook(args.notebook)
     if args.check:
         return _check(source, args.model)
-    target = _working_copy(source, args.dir)
+    # The live page is no notebook: nothing to copy into --dir.
+    target = source if live else _working_copy(source, args.dir)
     kernel_env = _kernel_env(args.model)
     if args.classroom:
         room = classroom.make_classroom(
             target,
             ip=args.ip,
             port=args.port,
-            token=args.token,
+            token=False if live else args.token,
             max_students=args.max_students,
             open_browser=not args.no_browser,
         )
-        _announce_threads(kernel_env)
+        if not live:
+            _announce_threads(kernel_env)
         return classroom.CLASSROOM_MODES[args.classroom](room, kernel_env)
     command = [
         *python_module_command("jupyterlab", "demo"),
@@ -192,7 +217,8 @@ def add_parser(sub: Any) -> None:
         "demo",
         help="open the quickstart notebook (or another bundled one)",
         description="Copy a bundled notebook into --dir and open it in JupyterLab; with "
-        "--classroom serve it as an app without code (Voila); with --check run it headless.",
+        "--classroom serve it as an app without code (Voila), or with --classroom live serve "
+        "the live page as static files; with --check run it headless.",
     )
     p_demo.add_argument(
         "--notebook",
@@ -231,24 +257,26 @@ def add_parser(sub: Any) -> None:
         default=None,
         choices=sorted(classroom.CLASSROOM_MODES),
         metavar="MODE",
-        help="serve the notebook to a room as an app that hides the code; MODE: "
-        f"{', '.join(sorted(classroom.CLASSROOM_MODES))} (default voila, needs "
-        "diffwidget[classroom])",
+        help="serve to a room; MODE (one of %(choices)s): voila (default; the notebook as an "
+        "app that hides the code, one kernel per student, needs diffwidget[classroom]) or live "
+        "(the live page as static files: the embedded UNet runs in each student's browser, "
+        "nothing runs on this machine, so no token and no student cap)",
     )
     room = p_demo.add_argument_group("classroom options")
     room.add_argument(
         "--token",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="require a token in the URL (default: off loopback only; it is printed with the "
-        "URL, or taken from JUPYTER_TOKEN); --no-token serves anyone who can reach the machine",
+        help="voila: require a token in the URL (default: off loopback only; it is printed with "
+        "the URL, or taken from JUPYTER_TOKEN); --no-token serves anyone who can reach the "
+        "machine. live has no token: its server runs no code, only hands out the page",
     )
     room.add_argument(
         "--max-students",
         type=int,
         default=None,
         metavar="N",
-        help="most students (kernels) at once; a page load beyond them is refused (default: "
+        help="voila: most students (kernels) at once; a page load beyond them is refused (default: "
         f"what the available memory holds at about {classroom.KERNEL_MEMORY_MB} MB each)",
     )
     p_demo.set_defaults(func=demo)

@@ -51,6 +51,7 @@ def method_configs(
     """The run's methods (names, or configs where settings were given) and the evaluator's
     config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
+    from diffwidget.runs.commitment import COMMITMENT_METHOD
     from diffwidget.runs.settings import FAITHFULNESS
 
     given = [
@@ -64,9 +65,13 @@ def method_configs(
         if not equals or not dot:
             raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
         given.append((method, setting, value))
+    # The commitment metric's prompt switch takes --set like a method (prompt_switch.*).
+    switch = [COMMITMENT_METHOD] if "commitment" in (args.metrics or ()) else []
     configs: dict[str, MethodConfig] = {}
     for method, setting, value in given:
-        if method not in (*args.methods, FAITHFULNESS):
+        if method == COMMITMENT_METHOD and not switch:
+            raise UsageError(f"{method}.{setting} is set, but --metrics has no commitment")
+        if method not in (*args.methods, FAITHFULNESS, *switch):
             raise UsageError(f"{method}.{setting} is set, but --methods does not compute {method}")
         try:
             config = configs.get(method) or _config_class(method)()
@@ -75,7 +80,8 @@ def method_configs(
             raise UsageError(f"{method}.{setting}: {error}") from None
     evaluator = configs.pop(FAITHFULNESS, None) or InsertionDeletionConfig()
     assert isinstance(evaluator, InsertionDeletionConfig)
-    return [configs.get(name, name) for name in args.methods], evaluator
+    extra = [configs[name] for name in switch if name in configs]
+    return [*(configs.get(name, name) for name in args.methods), *extra], evaluator
 
 
 def run_prompts(args: argparse.Namespace) -> int:
@@ -219,7 +225,7 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="METHOD.SETTING=VALUE",
         help="any setting of a method's config, e.g. df_rise.p=0.3 or faithfulness.operator=zero "
-        "(repeatable)",
+        "or, with --metrics commitment, prompt_switch.switch_steps=[0,5,10] (repeatable)",
     )
     p_run.add_argument(
         "--metrics",

@@ -27,6 +27,17 @@ _LAZY = {
     "ConceptCurves": "diffwidget.explain.probes",
     "ConceptSet": "diffwidget.explain.concepts",
     "saliency_method": "diffwidget.explain.registry",
+    "PromptSwitch": "diffwidget.explain.prompt_switch",
+    "PromptSwitchConfig": "diffwidget.explain.prompt_switch",
+    "WordAblation": "diffwidget.explain.word_ablation",
+    "WordAblationConfig": "diffwidget.explain.word_ablation",
+    "ActivationPatching": "diffwidget.explain.activation_patching",
+    "ActivationPatchingConfig": "diffwidget.explain.activation_patching",
+    "CommitmentCurves": "diffwidget.explain.intervention_results",
+    "WordAblationResult": "diffwidget.explain.intervention_results",
+    "PatchingGrid": "diffwidget.explain.intervention_results",
+    "Judge": "diffwidget.explain.judges",
+    "scene_judges": "diffwidget.explain.judges",
 }
 
 __all__ = sorted(_LAZY)

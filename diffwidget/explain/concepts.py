@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
+from diffwidget.explain.intervals import wilson_interval
 from diffwidget.explain.probes import ConceptCurves
 from diffwidget.tracing.activations import ActivationRecord, ActivationRecorder
 
@@ -272,12 +273,7 @@ def read_attributes(
 
 def _wilson(hits: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two-sided 95 % Wilson score interval of a binomial proportion."""
-    n = np.maximum(n, 1)
-    p = hits / n
-    z2 = WILSON_Z**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = WILSON_Z * np.sqrt(p * (1 - p) / n + z2 / (4 * n**2)) / (1 + z2 / n)
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    return wilson_interval(hits, np.maximum(n, 1), WILSON_Z)
 
 
 def x0_attribute_curves(

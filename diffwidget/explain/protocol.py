@@ -86,6 +86,38 @@ if tuple(METHODS) != SALIENCY_METHOD_NAMES:  # pragma: no cover - import-time gu
 METHOD_LABELS: dict[str, str] = {name: entry.label for name, entry in METHODS.items()}
 #: What one value of each method's (normalised) map means, for colour scales.
 METHOD_VALUES: dict[str, str] = {name: entry.value for name, entry in METHODS.items()}
+#: Registry names of the interventions over time steps (one name per line of
+#: :data:`INTERVENTIONS`).
+InterventionName = Literal["prompt_switch", "word_ablation", "activation_patching"]
+#: The registry of the interventions: label, what one value of their curves or grids means,
+#: and where the class lives. They branch a trace's recorded trajectory and judge the final
+#: images (:mod:`diffwidget.explain.intervention_base`).
+INTERVENTIONS: dict[str, MethodEntry] = {
+    "prompt_switch": MethodEntry(
+        "Prompt switch",
+        "share of seeds whose final image keeps prompt A's value after switching to B at the step",
+        "diffwidget.explain.prompt_switch",
+        "PromptSwitch",
+    ),
+    "word_ablation": MethodEntry(
+        "Word ablation",
+        "share of seeds whose final image keeps the word's value with the word removed "
+        "in the window",
+        "diffwidget.explain.word_ablation",
+        "WordAblation",
+    ),
+    "activation_patching": MethodEntry(
+        "Activation patching",
+        "share of seeds whose final image takes prompt B's value with the site patched from B",
+        "diffwidget.explain.activation_patching",
+        "ActivationPatching",
+    ),
+}
+INTERVENTION_NAMES: tuple[str, ...] = get_args(InterventionName)
+if tuple(INTERVENTIONS) != INTERVENTION_NAMES:  # pragma: no cover - import-time guard
+    raise ImportError("INTERVENTIONS and InterventionName must name the same methods in order")
+#: How each intervention is called in captions, menus and errors.
+INTERVENTION_LABELS: dict[str, str] = {name: entry.label for name, entry in INTERVENTIONS.items()}
 #: ``progress(done, total)``; returning ``False`` asks the method to stop early.
 ProgressCallback = Callable[[int, int], "bool | None"]
 #: Settings named in captions when they are in a result's ``meta``.
@@ -125,7 +157,7 @@ class SaliencyMethod(Protocol):
 
 def method_label(name: str) -> str:
     """The label of a registered method, or the name itself for others."""
-    return METHOD_LABELS.get(name, name)
+    return METHOD_LABELS.get(name) or INTERVENTION_LABELS.get(name, name)
 
 
 def check_saliency_method(name: str, method: object) -> SaliencyMethod:

@@ -1,7 +1,8 @@
 """The registry of explanation methods: names -> classes -> configs.
 
 The saliency methods are the lines of :data:`diffwidget.explain.protocol.METHODS` (name,
-label and where the class lives); this module imports their classes. The widget computes a
+label and where the class lives); this module imports their classes, token relevance's and
+the concept maps'. The widget computes a
 heavy overlay through exactly one call::
 
     saliency_method(name)(config_or_settings).attribute(pipe, trace, step, progress=callback)
@@ -23,23 +24,27 @@ import importlib
 from typing import Any
 
 from diffwidget.explain.base import Method, SaliencyMethodBase
+from diffwidget.explain.concept_maps import ConceptMaps
 from diffwidget.explain.config import MethodConfig
-from diffwidget.explain.protocol import METHODS, SaliencyMethodName
+from diffwidget.explain.protocol import INTERVENTIONS, METHODS, MethodEntry, SaliencyMethodName
 from diffwidget.explain.relevance import TokenRelevance
 
 __all__ = [
+    "CONCEPT_METHODS",
+    "INTERVENTION_METHODS",
     "SALIENCY_METHODS",
     "TOKEN_METHODS",
     "SaliencyMethodName",
     "build",
     "config_class",
+    "intervention_method",
     "method_name",
     "saliency_method",
 ]
 
 
-def _load(name: str) -> type[SaliencyMethodBase[Any]]:
-    entry = METHODS[name]
+def _load(name: str, table: dict[str, MethodEntry] = METHODS) -> Any:
+    entry = table[name]
     cls = getattr(importlib.import_module(entry.module), entry.cls)
     if getattr(cls, "name", None) != name:  # pragma: no cover - import-time guard
         raise ImportError(
@@ -53,7 +58,20 @@ def _load(name: str) -> type[SaliencyMethodBase[Any]]:
 SALIENCY_METHODS: dict[str, type[SaliencyMethodBase[Any]]] = {name: _load(name) for name in METHODS}
 #: Methods that return a :class:`~diffwidget.explain.results.TokenRelevanceResult`.
 TOKEN_METHODS: dict[str, type[Method[Any]]] = {TokenRelevance.name: TokenRelevance}
-_ALL: dict[str, type[Method[Any]]] = {**SALIENCY_METHODS, **TOKEN_METHODS}
+#: Methods that return a :class:`~diffwidget.explain.concept_maps.ConceptMapsResult`.
+CONCEPT_METHODS: dict[str, type[Method[Any]]] = {ConceptMaps.name: ConceptMaps}
+#: The interventions over time steps (prompt switch, word ablation, activation patching):
+#: ``run(pipe, traces, ...)`` returns a judged result
+#: (:mod:`diffwidget.explain.intervention_results`).
+INTERVENTION_METHODS: dict[str, type[Method[Any]]] = {
+    name: _load(name, INTERVENTIONS) for name in INTERVENTIONS
+}
+_ALL: dict[str, type[Method[Any]]] = {
+    **SALIENCY_METHODS,
+    **TOKEN_METHODS,
+    **CONCEPT_METHODS,
+    **INTERVENTION_METHODS,
+}
 
 
 def _unknown(name: str, known: dict[str, Any], what: str) -> KeyError:
@@ -79,6 +97,25 @@ def saliency_method(name: str) -> type[SaliencyMethodBase[Any]]:
         return SALIENCY_METHODS[name]
     except KeyError:
         raise _unknown(name, SALIENCY_METHODS, "saliency method") from None
+
+
+def intervention_method(name: str) -> type[Method[Any]]:
+    """The intervention class registered under ``name``.
+
+    Raises
+    ------
+    KeyError
+        For an unknown name; the message lists the registered names.
+
+    Examples
+    --------
+    >>> intervention_method("prompt_switch").__name__
+    'PromptSwitch'
+    """
+    try:
+        return INTERVENTION_METHODS[name]
+    except KeyError:
+        raise _unknown(name, INTERVENTION_METHODS, "intervention") from None
 
 
 def config_class(name: str) -> type[MethodConfig]:

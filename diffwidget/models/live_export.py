@@ -118,9 +118,9 @@ class ExportAttnProcessor:
 
 
 def _unet_graph(unet: Any, layers: list[str]) -> Any:
-    torch = _torch()
+    import torch
 
-    class UNetGraph(torch.nn.Module):  # type: ignore[name-defined]
+    class UNetGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.unet = unet
@@ -144,9 +144,9 @@ def _unet_graph(unet: Any, layers: list[str]) -> Any:
 
 
 def _decoder_graph(decoder: Any, scaling: float, shift: float) -> Any:
-    torch = _torch()
+    import torch
 
-    class DecoderGraph(torch.nn.Module):  # type: ignore[name-defined]
+    class DecoderGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.decoder = decoder
@@ -162,9 +162,9 @@ def _decoder_graph(decoder: Any, scaling: float, shift: float) -> Any:
 
 
 def _text_graph(text_encoder: Any) -> Any:
-    torch = _torch()
+    import torch
 
-    class TextGraph(torch.nn.Module):  # type: ignore[name-defined]
+    class TextGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.text_encoder = text_encoder

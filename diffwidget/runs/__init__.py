@@ -19,7 +19,7 @@ from typing import Any
 _LAZY = {
     "run": "diffwidget.runs.runner",
     "RunReport": "diffwidget.runs.runner",
-    "aggregate": "diffwidget.runs.aggregation",
+    "aggregate": "diffwidget.runs.report",
     "load_run": "diffwidget.runs.open",
     "RunResult": "diffwidget.runs.open",
     "load_prompts": "diffwidget.runs.prompts",

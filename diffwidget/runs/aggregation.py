@@ -9,16 +9,17 @@
   precision, over all (object, word) pairs of the set, with item-level bootstrap intervals;
 * token roles: mean attention mass per role and step with a ± sd band;
 * concept probes (when recorded): :class:`~diffwidget.explain.probes.ConceptProbe` curves
-  fitted across the set's items.
+  fitted across the set's items;
+* commitment (when computed): per attribute, the mean prompt-switch curve over prompts with
+  bootstrap bands and the step it crosses 0.9 (:mod:`diffwidget.runs.commitment`).
 
 Writes ``summary/``: ``items.csv`` / ``items.parquet``, ``metrics.csv`` / ``.parquet``,
-``faithfulness.csv``, ``segmentation.csv``, PNG plots and ``summary.md``.
+``faithfulness.csv``, ``segmentation.csv``, ``commitment.npz``, PNG plots and ``summary.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from diffwidget.runs.segmentation import (
     SegmentationScores,
     summarize_pairs,
 )
-from diffwidget.runs.store import RunItem, RunStore, atomic_write
+from diffwidget.runs.store import RunItem, RunStore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -350,51 +351,3 @@ def concept_curves(store: RunStore, records: Sequence[RunItem]) -> Any:
     if not usable:
         return None
     return ConceptProbe(cv=PROBE_CV).fit(np.stack(features), usable, half="uncond")
-
-
-def _write_table(table: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
-    atomic_write(folder / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
-    if parquet:
-        atomic_write(folder / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
-
-
-def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
-    """Write the tables, plots and ``summary.md`` of a run (finished or not).
-
-    Parameters
-    ----------
-    run_dir : str or Path
-        The run folder.
-    plots : bool
-        Also write the PNG plots (needs matplotlib).
-
-    Returns
-    -------
-    Path
-        The ``summary.md`` written.
-
-    Examples
-    --------
-    >>> aggregate("my-run")  # doctest: +SKIP
-    PosixPath('my-run/summary/summary.md')
-    """
-    from diffwidget.runs.report import write_plots, write_summary
-
-    store = RunStore(run_dir)
-    manifest, records = load_records(store)
-    folder = store.summary_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    table = item_table(records)
-    _write_table(table, folder, "items")
-    metrics = metric_table(table)
-    _write_table(metrics, folder, "metrics")
-    faith = faithfulness_table(records)
-    _write_table(faith, folder, "faithfulness", parquet=False)
-    seg = segmentation_table(records)
-    _write_table(seg, folder, "segmentation", parquet=False)
-    curves = aggregate_curves(records)
-    probes = concept_curves(store, records) if "probes" in manifest.settings.metrics else None
-    if probes is not None:
-        probes.save(folder / "concept_curves.json")
-    figures = write_plots(folder, curves, probes) if plots else []
-    return write_summary(folder, manifest, table, metrics, faith, seg, curves, probes, figures)

@@ -51,6 +51,42 @@ class MapEntry(Record):
 
 
 @dataclass(frozen=True)
+class SwitchEntry(Record):
+    """One judged attribute of a prompt switch from the item's caption to its swapped twin.
+
+    Attributes
+    ----------
+    attribute, a_value, b_value : str
+        What the judge reads and its value under prompt A (the item's) and prompt B.
+    prompt_b : str
+        The caption switched to (one attribute of one object swapped).
+    judge : str
+        The judge's name; ``exact`` whether it is exact by construction.
+    switch_steps : list of int
+        The switch steps ``k``.
+    outcomes : list of int
+        Outcome code per switch step (0 keeps A's value, 1 takes B's, 2 neither).
+    image_change : list of float
+        Mean absolute difference of each final image from the item's own, in [0, 1].
+    """
+
+    attribute: str
+    a_value: str
+    b_value: str
+    prompt_b: str
+    judge: str
+    exact: bool
+    switch_steps: list[int]
+    outcomes: list[int]
+    image_change: list[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.switch_steps)
+        if len(self.outcomes) != n or len(self.image_change) != n:
+            raise ValueError("outcomes and image_change need one entry per switch step")
+
+
+@dataclass(frozen=True)
 class ItemResult(Record):
     """What computing one item produced, besides its arrays and trace.
 
@@ -70,6 +106,8 @@ class ItemResult(Record):
         The scheduler's timesteps of the generation.
     timing : dict of str to float
         Seconds per part (varies between runs of the same work).
+    commitment : tuple of SwitchEntry, optional
+        Prompt switches to the caption's swapped twins, one entry per judged attribute.
     """
 
     metrics: dict[str, float | None] = field(default_factory=dict)
@@ -79,6 +117,7 @@ class ItemResult(Record):
     roles: dict[str, list[float]] | None = None
     timesteps: list[int] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    commitment: tuple[SwitchEntry, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from diffwidget.records import Record, RecordError
+from diffwidget.runs.item_records import ITEM_FORMAT, ItemRecord
 from diffwidget.runs.prompt_files import MAX_PROMPTS
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import FAITHFULNESS, RunSettings, work_digest
@@ -66,6 +67,28 @@ class Work:
     key: str
     digest: str = ""
     settings_digest: str = ""
+
+    def record(self, **fields: Any) -> ItemRecord:
+        """The item record of this work: its identity filled in, ``fields`` the rest.
+
+        Examples
+        --------
+        >>> item = PromptItem("a", "a red circle")
+        >>> work = Work(item, offset=0, seed=1, key="a__seed1", digest="0" * 64)
+        >>> work.record(status="ok").key
+        'a__seed1'
+        """
+        return ItemRecord(
+            format_version=ITEM_FORMAT,
+            key=self.key,
+            id=self.item.id,
+            seed=self.seed,
+            offset=self.offset,
+            prompt=self.item.prompt,
+            digest=self.digest,
+            settings_digest=self.settings_digest,
+            **fields,
+        )
 
 
 @dataclass(frozen=True)

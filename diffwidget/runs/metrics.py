@@ -5,7 +5,9 @@ DF-RISE, DF-CAM) at the chosen steps; score each map's faithfulness with inserti
 deletion curves beside random orders; on scene-world captions segment each object's
 colour and shape word by attention and score it against the object read from the generated
 image (our aggregation and DAAM's); sum the attention each token role draws per step; and
-optionally record pooled UNet activations for the concept probes fitted across the set.
+optionally record pooled UNet activations for the concept probes fitted across the set, and
+switch each scene caption to its swapped twins at every step (the ``commitment`` metric,
+:mod:`diffwidget.runs.commitment`).
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ if TYPE_CHECKING:
 #: Maps a run can compute: the trace's cross-attention and every registered saliency method.
 MapMethod = Literal["attention", SaliencyMethodName]
 MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
-Metric = Literal["faithfulness", "segmentation", "roles", "probes"]
+Metric = Literal["faithfulness", "segmentation", "roles", "probes", "commitment"]
 METRICS: tuple[str, ...] = get_args(Metric)
 #: The paper's maps; other registered methods join a run when named.
-DEFAULT_METHODS: tuple[str, ...] = ("attention", "df_rise", "df_cam")
-DEFAULT_METRICS: tuple[str, ...] = ("faithfulness", "segmentation", "roles")
+DEFAULT_METHODS: tuple[MapMethod, ...] = ("attention", "df_rise", "df_cam")
+DEFAULT_METRICS: tuple[Metric, ...] = ("faithfulness", "segmentation", "roles")
 #: Segmentation aggregations scored on every scene item: ours (AttentionMaps' defaults)
 #: and DAAM's baseline on the same stored maps.
 SEGMENTATION_AGGREGATIONS: tuple[str, ...] = ("ours", "daam")
@@ -253,6 +255,14 @@ def compute_item(
     if "roles" in settings.metrics and item.roles:
         role_curves, role_metrics = _role_curves(AttentionMaps().attribute(tr), tr, item)
         metrics.update(role_metrics)
+    commitment = None
+    if "commitment" in settings.metrics and scene_metrics and item.objects:
+        from diffwidget.runs.commitment import item_commitment
+
+        begin = clock()
+        commitment, commit_metrics = item_commitment(pipe, tr, item, settings)
+        metrics.update(commit_metrics)
+        timing["commitment"] = clock() - begin
     if "probes" in settings.metrics:
         begin = clock()
         arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
@@ -266,5 +276,6 @@ def compute_item(
         roles=role_curves,
         timesteps=[int(t) for t in tr.timesteps.tolist()],
         timing=timing,
+        commitment=commitment,
     )
     return ItemOutput(record, tr, arrays)

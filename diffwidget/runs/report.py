@@ -9,13 +9,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffwidget._markup import markdown_text
-from diffwidget.runs.aggregation import RANDOM_ORDER, ROLES_CURVE, SEGMENTATION_CURVE
+from diffwidget.runs.aggregation import (
+    RANDOM_ORDER,
+    ROLES_CURVE,
+    SEGMENTATION_CURVE,
+    aggregate_curves,
+    concept_curves,
+    faithfulness_table,
+    item_table,
+    load_records,
+    metric_table,
+    segmentation_table,
+)
+from diffwidget.runs.commitment import SUMMARY_FILE, commitment_summary, summary_lines
 from diffwidget.runs.segmentation import DAAM_TAU
-from diffwidget.runs.store import atomic_write
+from diffwidget.runs.store import RunStore, atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from diffwidget.explain.commitment_summary import CommitmentSummary
     from diffwidget.runs.manifest import RunManifest
 
 #: Rows of the "worst items" list in summary.md.
@@ -147,6 +160,7 @@ def write_summary(
     curves: dict[str, dict[str, Any]],
     probes: Any,
     figures: list[str],
+    commitment: CommitmentSummary | None = None,
 ) -> Path:
     """Write ``summary.md`` and return its path."""
     settings = manifest.settings.named()
@@ -218,6 +232,8 @@ def write_summary(
             f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
         ]
         lines.append("")
+    if commitment is not None:
+        lines += summary_lines(commitment)
     lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
     lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
     column = worst_metric(table)
@@ -235,3 +251,56 @@ def write_summary(
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures]
     text = "\n".join(lines) + "\n"
     return atomic_write(folder / "summary.md", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _write_table(table: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
+    atomic_write(folder / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
+    if parquet:
+        atomic_write(folder / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
+
+
+def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write the tables, plots and ``summary.md`` of a run (finished or not).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder.
+    plots : bool
+        Also write the PNG plots (needs matplotlib).
+
+    Returns
+    -------
+    Path
+        The ``summary.md`` written.
+
+    Examples
+    --------
+    >>> aggregate("my-run")  # doctest: +SKIP
+    PosixPath('my-run/summary/summary.md')
+    """
+    store = RunStore(run_dir)
+    manifest, records = load_records(store)
+    folder = store.summary_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    table = item_table(records)
+    _write_table(table, folder, "items")
+    metrics = metric_table(table)
+    _write_table(metrics, folder, "metrics")
+    faith = faithfulness_table(records)
+    _write_table(faith, folder, "faithfulness", parquet=False)
+    seg = segmentation_table(records)
+    _write_table(seg, folder, "segmentation", parquet=False)
+    curves = aggregate_curves(records)
+    probes = concept_curves(store, records) if "probes" in manifest.settings.metrics else None
+    if probes is not None:
+        probes.save(folder / "concept_curves.json")
+    commitment = None
+    if "commitment" in manifest.settings.metrics:
+        commitment = commitment_summary(records, manifest.settings.inference_steps)
+        if commitment is not None:
+            atomic_write(folder / SUMMARY_FILE, commitment.save)
+    figures = write_plots(folder, curves, probes) if plots else []
+    return write_summary(
+        folder, manifest, table, metrics, faith, seg, curves, probes, figures, commitment
+    )

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from diffwidget.runs.item_records import (
-    ITEM_FORMAT,
     ItemError,
     ItemRecord,
     ItemResult,
@@ -149,19 +148,8 @@ def _error_record(error: Exception) -> ItemError:
 
 
 def _new_record(work: Work, procs: Processes, **fields: Any) -> ItemRecord:
-    return ItemRecord(
-        format_version=ITEM_FORMAT,
-        key=work.key,
-        id=work.item.id,
-        seed=work.seed,
-        offset=work.offset,
-        prompt=work.item.prompt,
-        digest=work.digest,
-        settings_digest=work.settings_digest,
-        # Who computed it: varies with the launch, never part of the results.
-        process=ProcessInfo(procs.rank, procs.count),
-        **fields,
-    )
+    # Who computed it: varies with the launch, never part of the results.
+    return work.record(process=ProcessInfo(procs.rank, procs.count), **fields)
 
 
 def _store_item(
@@ -326,7 +314,7 @@ def _aggregate_when_finished(store: RunStore, work: list[Work], report: RunRepor
             f"no summary written: all {len(work)} items failed (see items/*.json for each error)"
         )
         return
-    from diffwidget.runs.aggregation import aggregate as write_aggregate
+    from diffwidget.runs.report import aggregate as write_aggregate
 
     try:
         report.summary = write_aggregate(store.root)

@@ -16,7 +16,7 @@ NumPy and Pillow only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,26 +237,68 @@ def score_item(
     """
     if trace.image is None:
         raise ValueError("the trace holds no final image; trace it again (diffwidget.trace)")
+    positions = word_token_positions(trace, len(trace.prompt.split()))
+
+    def token(truth: SceneTruth, role: str) -> int:
+        return positions[truth.words[role]]
+
+    return score_pairs(trace.image, objects, heat_maps, token, trace.tokens, reader)
+
+
+def score_pairs(
+    image: np.ndarray,
+    objects: Sequence[SceneTruth],
+    heat_maps: dict[str, np.ndarray],
+    index: Callable[[SceneTruth, str], int],
+    labels: Sequence[str],
+    reader: Any = None,
+) -> SegmentationScores:
+    """Score each found object's colour and shape maps against its mask in ``image``.
+
+    Parameters
+    ----------
+    image : ndarray
+        The generated image ``(H, W, 3)`` the reader finds the objects in.
+    objects : sequence of SceneTruth
+        What the caption names.
+    heat_maps : dict of str to ndarray
+        Aggregation name -> ``(n_maps, H, W)`` heat maps on the image grid in [0, 1].
+    index : callable
+        ``index(truth, role)``: which of the ``n_maps`` maps segments that word of that
+        object (a token position for attention maps, a word's place for concept maps).
+    labels : sequence of str
+        The text of each of the ``n_maps`` maps (stored with the scores).
+    reader : SceneReader, optional
+        Default :class:`~diffwidget.models.reader.SceneReader`.
+
+    Returns
+    -------
+    SegmentationScores
+        Objects the reader did not find have no pairs.
+
+    Examples
+    --------
+    >>> scores = score_pairs(image, objects, {"ours": maps}, index, words)  # doctest: +SKIP
+    """
     if reader is None:
         from diffwidget.models.reader import SceneReader
 
         reader = SceneReader()
-    found = match_objects(objects, reader.read(trace.image))
-    positions = word_token_positions(trace, len(trace.prompt.split()))
+    found = match_objects(objects, reader.read(image))
     pairs: dict[str, list[PairScore]] = {}
     for name, maps in heat_maps.items():
         scores = []
-        for index, (truth, read) in enumerate(zip(objects, found, strict=True)):
+        for number, (truth, read) in enumerate(zip(objects, found, strict=True)):
             if read is None:
                 continue
             for role in SEGMENTED_WORDS:
-                token = positions[truth.words[role]]
-                heat = maps[token]
+                at = index(truth, role)
+                heat = maps[at]
                 scores.append(
                     PairScore(
-                        index,
+                        number,
                         role,
-                        trace.tokens[token],
+                        labels[at],
                         [float(v) for v in iou_curve(heat, read.mask)],
                         average_precision(heat, read.mask),
                     )

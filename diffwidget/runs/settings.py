@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from diffwidget.explain.attention import AttentionMaps
 from diffwidget.explain.config import MethodConfig
-from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES
+from diffwidget.explain.protocol import INTERVENTION_NAMES, SALIENCY_METHOD_NAMES
 from diffwidget.records import JsonValue, Record
 from diffwidget.runs.metrics import (
     DEFAULT_METHODS,
@@ -110,7 +110,7 @@ class RunSettings(Record):
     faithfulness : config JSON
         The insertion/deletion evaluator's ``InsertionDeletionConfig`` in its JSON form
         (:meth:`faithfulness_config`); empty: its defaults.
-    metrics : tuple of {"faithfulness", "segmentation", "roles", "probes"}
+    metrics : tuple of {"faithfulness", "segmentation", "roles", "probes", "commitment"}
         Metrics computed per item.
     save_traces : bool
         Keep each item's Trace (needed to open its explorer).
@@ -133,7 +133,7 @@ class RunSettings(Record):
     8
     """
 
-    methods: tuple[MapMethod, ...] = DEFAULT_METHODS  # type: ignore[assignment]
+    methods: tuple[MapMethod, ...] = DEFAULT_METHODS
     steps: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     inference_steps: int = 20
@@ -141,7 +141,7 @@ class RunSettings(Record):
     model: str | None = None
     configs: dict[str, ConfigJson] = field(default_factory=dict)
     faithfulness: ConfigJson = field(default_factory=dict)
-    metrics: tuple[Metric, ...] = DEFAULT_METRICS  # type: ignore[assignment]
+    metrics: tuple[Metric, ...] = DEFAULT_METRICS
     save_traces: bool = True
     attention_defaults: AttentionDefaults = field(default_factory=AttentionDefaults.current)
     scene_metrics: bool | None = None
@@ -189,6 +189,8 @@ class RunSettings(Record):
         from diffwidget.explain.faithfulness import InsertionDeletionConfig
 
         names, configs = split_methods(methods)
+        # An intervention's config (PromptSwitchConfig) configures a metric, not a map.
+        names = [n for n in names if n not in INTERVENTION_NAMES]
         evaluator = getattr(faithfulness, "config", faithfulness)
         if evaluator is not None and not isinstance(evaluator, InsertionDeletionConfig):
             raise TypeError(
@@ -213,8 +215,18 @@ class RunSettings(Record):
         """The registered saliency methods among ``methods`` (those with a config)."""
         return [m for m in self.methods if m in SALIENCY_METHOD_NAMES]
 
+    @property
+    def configured(self) -> list[str]:
+        """Every method with a config in these settings: the saliency methods, and the
+        prompt switch when the ``commitment`` metric is computed."""
+        from diffwidget.runs.commitment import COMMITMENT_METHOD
+
+        extra = [COMMITMENT_METHOD] if "commitment" in self.metrics else []
+        return [*self.saliency_methods, *extra]
+
     def config(self, method: str) -> MethodConfig:
-        """The typed config of the saliency method ``method`` (imports it, and torch).
+        """The typed config of ``method``, a saliency method or the prompt switch of the
+        ``commitment`` metric (imports it, and torch).
 
         Raises
         ------
@@ -262,18 +274,21 @@ class RunSettings(Record):
                 f"guidance must be above 1 (classifier-free guidance), got {self.guidance}"
             )
         _check_model(self.model)
-        methods = self.replace(methods=tuple(_choices("method", self.methods, MAP_METHODS)))
-        extra = sorted(set(self.configs) - set(methods.saliency_methods))
+        methods = self.replace(
+            methods=tuple(_choices("method", self.methods, MAP_METHODS)),
+            metrics=tuple(_choices("metric", self.metrics, METRICS)) if self.metrics else (),
+        )
+        extra = sorted(set(self.configs) - set(methods.configured))
         if extra:
             raise ValueError(
                 f"settings given for {extra}, which this run does not compute; add them to "
-                f"methods ({list(methods.methods)})"
+                f"methods ({list(methods.methods)}), or the metric 'commitment' for "
+                "prompt_switch"
             )
         return methods.replace(
             # Each config checks its own values; the defaults are the configs' own.
-            configs={name: self.config(name).to_json() for name in methods.saliency_methods},
+            configs={name: self.config(name).to_json() for name in methods.configured},
             faithfulness=self.faithfulness_config().to_json(),
-            metrics=tuple(_choices("metric", self.metrics, METRICS)) if self.metrics else (),
             steps=tuple(sorted(set(steps))),
             seeds=tuple(dict.fromkeys(self.seeds)),
         )

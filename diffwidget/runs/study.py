@@ -25,7 +25,13 @@ import numpy as np
 from diffwidget.explain.attention import NORMALIZATIONS, AttentionMaps
 from diffwidget.runs.aggregation import bootstrap_ci, load_records, segmentation_summary
 from diffwidget.runs.prompts import PromptItem
-from diffwidget.runs.segmentation import PairScore, daam_heat_maps, ours_heat_maps, score_item
+from diffwidget.runs.segmentation import (
+    PairScore,
+    daam_heat_maps,
+    ours_heat_maps,
+    score_item,
+    summarize_pairs,
+)
 from diffwidget.runs.store import RunStore
 
 if TYPE_CHECKING:
@@ -190,9 +196,10 @@ def paired_gap(
         raise ValueError("compare the two aggregations on the same items")
     index = np.arange(len(ours))
 
+    # The point values only (no nested intervals): each resample pools the pairs once.
     def gap(rows: np.ndarray) -> float:
-        a = segmentation_summary([ours[i] for i in rows])[key]
-        b = segmentation_summary([baseline[i] for i in rows])[key]
+        a = summarize_pairs([p for i in rows for p in ours[i]])[key]
+        b = summarize_pairs([p for i in rows for p in baseline[i]])[key]
         return float(a - b)
 
     low, high = bootstrap_ci(index, gap, samples=PAIRED_BOOTSTRAP_SAMPLES)

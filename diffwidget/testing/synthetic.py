@@ -13,10 +13,11 @@ from typing import Literal
 
 import numpy as np
 
+from diffwidget.tracing.facts import TokenKind
 from diffwidget.tracing.trace import Normalisation, Trace, TraceFacts
 
 TOKENS = ["<|startoftext|>", "a", "red", "circle", "left", "<|endoftext|>", "<|endoftext|>"]
-KINDS = ["start", "word", "word", "word", "word", "end", "pad"]
+KINDS: list[TokenKind] = ["start", "word", "word", "word", "word", "end", "pad"]
 #: Attention grids of the fake layers: one coarse, one at latent size, one non-square.
 LAYER_GRIDS = {
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2": (16, 16),
@@ -97,7 +98,7 @@ def synthetic_trace(
     return Trace(
         prompt=prompt or "a red circle left",
         tokens=list(TOKENS),
-        token_kinds=list(KINDS),  # type: ignore[arg-type]
+        token_kinds=list(KINDS),
         timesteps=timesteps,
         latents=latents.astype(np.float32),
         noise_pred=noise,
@@ -116,9 +117,11 @@ ShapeName = Literal["sd15", "sdxl", "flux"]
 
 _WORDS = ("a", "large", "red", "circle", "on", "the", "left", "of", "a", "small", "blue", "square")
 _CLIP_TOKENS = ("<|startoftext|>", *_WORDS, "<|endoftext|>", "<|endoftext|>")
-_CLIP_KINDS = ("start", *("word",) * len(_WORDS), "end", "pad")
+_WORD: TokenKind = "word"
+_WORD_KINDS: tuple[TokenKind, ...] = (_WORD,) * len(_WORDS)
+_CLIP_KINDS: tuple[TokenKind, ...] = ("start", *_WORD_KINDS, "end", "pad")
 _T5_TOKENS = (*_WORDS, "</s>", "<pad>")
-_T5_KINDS = (*("word",) * len(_WORDS), "end", "pad")
+_T5_KINDS: tuple[TokenKind, ...] = (*_WORD_KINDS, "end", "pad")
 
 
 def _unet_layers(blocks: list[tuple[str, int, int, int]]) -> dict[str, tuple[int, int]]:
@@ -157,7 +160,7 @@ class TraceShape:
     channels: int
     n_steps: int
     tokens: tuple[str, ...]
-    kinds: tuple[str, ...]
+    kinds: tuple[TokenKind, ...]
     layers: dict[str, tuple[int, int]]
     normalisation: Normalisation = "text_softmax"
 
@@ -261,7 +264,7 @@ def shaped_trace(shape: ShapeName, n_steps: int | None = None, seed: int = 0) ->
     return Trace(
         prompt=" ".join(_WORDS),
         tokens=list(spec.tokens),
-        token_kinds=list(spec.kinds),  # type: ignore[arg-type]
+        token_kinds=list(spec.kinds),
         timesteps=np.linspace(999, 1, steps).astype(np.int64),
         latents=latents.astype(np.float32),
         noise_pred=noise,

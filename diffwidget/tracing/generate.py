@@ -21,6 +21,9 @@ from diffwidget.tracing.preview_tap import reason
 from diffwidget.tracing.tokens import TokenSelection
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from diffwidget.tracing.taps import Tap
     from diffwidget.tracing.trace import Trace
 
 #: diffusers' own default for Stable Diffusion pipelines.
@@ -60,6 +63,7 @@ def trace(
     tokens: TokenSelection = "default",
     attention_heads: bool = False,
     preview_decoder: PreviewDecoder = "auto",
+    taps: Sequence[Tap] = (),
     **pipeline_kwargs: Any,
 ) -> Trace:
     """Generate one image with ``pipe`` and record every denoising step.
@@ -97,6 +101,9 @@ def trace(
         filter; costs heads times more attention memory.
     preview_decoder : {"auto", "linear", "vae", "tiny"}, folder or module
         What makes the previews (see :class:`~diffwidget.tracing.context.TraceContext`).
+    taps : sequence of Tap
+        More taps to install for the run (:mod:`diffwidget.tracing.taps`), e.g. a
+        :class:`~diffwidget.tracing.concepts.ConceptTap`; read them afterwards.
     **pipeline_kwargs
         Passed to the pipeline (``callback_on_step_end`` is passed through).
 
@@ -164,6 +171,7 @@ def trace(
         call_kwargs=call,
         attention_heads=attention_heads,
         preview_decoder=preview_decoder,
+        taps=taps,
     )
     ctx.check_budget(num_inference_steps, height, width)
     ctx.check_memory(num_inference_steps, height, width)

@@ -19,7 +19,7 @@ unpacked and reduced to the predicted quantity (PixArt's learned sigma dropped).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
@@ -28,7 +28,7 @@ import torch
 
 from diffwidget.tracing.cfg import Half
 from diffwidget.tracing.facts import TEXT_ARGUMENT, NoiseSchedule, TimestepDtype
-from diffwidget.tracing.families import LatentLayout, denoiser_family
+from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
 from diffwidget.tracing.noise import (
     predict_eps,
     predict_x0,
@@ -58,6 +58,11 @@ _TIMESTEP_DTYPES: dict[TimestepDtype, torch.dtype] = {
     "int32": torch.int32,
     "int64": torch.int64,
 }
+
+
+def timestep_dtype(name: TimestepDtype) -> torch.dtype:
+    """The torch dtype of the timestep dtype a trace names (``facts.model_timestep_dtype``)."""
+    return _TIMESTEP_DTYPES[name]
 
 
 def _schedule_from(scheduler: Any, trace: Trace) -> NoiseSchedule:
@@ -257,6 +262,8 @@ class StepReplay:
         step: int,
         halves: tuple[Half, ...],
         cond_embeds: torch.Tensor | None,
+        *,
+        on_call: Callable[[DenoiserCall], None] | None = None,
     ) -> torch.Tensor:
         """One denoiser call on ``x`` for the CFG ``halves`` (batched in that order)."""
         batch = x.shape[0]
@@ -268,8 +275,31 @@ class StepReplay:
         model_in = torch.cat([x * scale] * len(halves)).to(self.dtype)
         sample = self.family.to_model_input(model_in, self.layout)
         t = torch.full((sample.shape[0],), self._model_t[step], dtype=self._t_dtype)
+        if on_call is not None:
+            on_call(DenoiserCall(sample, t, kwargs))
         out = self.family.run(sample, t.to(self.device), kwargs)
         return self.family.from_model_output(out, self.layout).float()
+
+    def run_half(
+        self,
+        latents: torch.Tensor,
+        step: int,
+        half: Half = "cond",
+        *,
+        on_call: Callable[[DenoiserCall], None] | None = None,
+    ) -> torch.Tensor:
+        """One denoiser call on one CFG half at ``step`` (no guidance): what a tap reading
+        the prompt's half of a recorded step needs. ``on_call`` sees the call first.
+
+        Returns
+        -------
+        Tensor of float32, shape (B, C, h, w)
+            That half's model output.
+        """
+        step = self._check_step(step)
+        x = (latents.unsqueeze(0) if latents.dim() == 3 else latents).to(self.device)
+        with torch.no_grad():
+            return self._call(x, step, (half,), None, on_call=on_call)
 
     def _guided(self, x: torch.Tensor, step: int, cond_embeds: torch.Tensor | None) -> torch.Tensor:
         return self.cfg.run(lambda halves: self._call(x, step, halves, cond_embeds))

@@ -152,8 +152,16 @@ def _word_indices(kinds: Sequence[str]) -> list[int]:
     return out
 
 
-def _cut_words(tokenizer: Any, prompt: str, kept: int, segment: str) -> dict[str, list[str]]:
-    """The words of ``prompt`` past its first ``kept`` word pieces (``{}`` when none are)."""
+def _cut_words(
+    tokenizer: Any, prompt: str, kinds: Sequence[str], segment: str
+) -> dict[str, list[str]]:
+    """The words of ``prompt`` cut by the encoder's length (``{}`` when none are).
+
+    A padded sequence held every word: only a full one is tokenized again, untruncated.
+    """
+    if "pad" in kinds:
+        return {}
+    kept = kinds.count("word")
     # verbose=False: the tokenizer's own "longer than the maximum" notice is what we replace.
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
     pieces = tokenizer.convert_ids_to_tokens(ids)
@@ -228,9 +236,8 @@ def prompt_tokens(
             kinds.append("word")
     raw = tokenizer.convert_ids_to_tokens(ids)
     tokens = PromptTokens(ids=ids, strings=[_readable(t) for t in raw], kinds=kinds)
-    kept = kinds.count("word")
     return replace(
-        _with_words(tokens, raw, segment), dropped=_cut_words(tokenizer, prompt, kept, segment)
+        _with_words(tokens, raw, segment), dropped=_cut_words(tokenizer, prompt, kinds, segment)
     )
 
 
@@ -263,10 +270,9 @@ def t5_tokens(tokenizer: Any, prompt: str, length: int) -> PromptTokens:
             kinds.append("pad" if token_id == tokenizer.pad_token_id else "word")
     raw = tokenizer.convert_ids_to_tokens(ids)
     tokens = PromptTokens(ids=ids, strings=[_readable(t) for t in raw], kinds=kinds)
-    kept = kinds.count("word")
     return replace(
         _with_words(tokens, raw, T5_SEGMENT),
-        dropped=_cut_words(tokenizer, prompt, kept, T5_SEGMENT),
+        dropped=_cut_words(tokenizer, prompt, kinds, T5_SEGMENT),
     )
 
 

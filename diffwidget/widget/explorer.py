@@ -142,6 +142,7 @@ class Explorer(ExplorerWork):
         self._lock = threading.Lock()
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.commitment = None
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
         self._closed = False

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 import diffwidget
-from diffwidget.widget import layers, live
+from diffwidget.cli.static_site import make_server
+from diffwidget.widget import live
 from diffwidget.widget.codecs import decode_array
 from diffwidget.widget.explorer import Explorer
 from diffwidget.widget.export import standalone_state
+from diffwidget.widget.grid import attention_grid
 
 pytestmark = [
     pytest.mark.browser,
@@ -144,23 +146,29 @@ def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, refere
         a, b = _array(got[key]).astype(int), _array(want[key]).astype(int)
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= tolerance, key
-    a, b = _array(got["attention"]), _array(want["attention"])
+    for key in ("layer", "head", "grid", "steps", "description"):
+        assert got["attention"][key] == want["attention"][key], key
+    a, b = _array(got["attention"]["maps"]), _array(want["attention"]["maps"])
     assert a.shape == b.shape
     # Both are uint8 codes of their own maximum: maps within the tolerance may round one
     # code apart.
-    code = _array(want["attention"]["scale"]).max() / 255
+    code = _array(want["attention"]["maps"]["scale"]).max() / 255
     assert np.abs(a - b).max() <= ATTENTION_TOLERANCE + code
     assert [s["name"] for s in got["curves"]["series"]] == reference.tokens
     curves = _array(got["curves"]["values"]) - _array(want["curves"]["values"])
     assert np.abs(curves).max() <= ATTENTION_TOLERANCE
     # The layer × step grid, which the kernel computes on request, made in the page.
-    grid = layers.attention_grid(reference)
-    for key in ("source", "layers", "grids", "steps", "per_token", "description"):
+    grid = attention_grid(reference).to_json()
+    for key in ("source", "steps", "tokens", "per_token", "description"):
         assert got["grid_data"][key] == grid[key], key
-    a, b = _array(got["grid_data"]["maps"]), _array(grid["maps"])
-    code = _array(grid["maps"]["scale"]).max() / 255
-    assert a.shape == b.shape
-    assert np.abs(a - b).max() <= ATTENTION_TOLERANCE + code
+    assert len(got["grid_data"]["groups"]) == len(grid["groups"])
+    for mine, theirs in zip(got["grid_data"]["groups"], grid["groups"], strict=True):
+        for key in ("name", "layers", "labels", "grid"):
+            assert mine[key] == theirs[key], key
+        a, b = _array(mine["maps"]), _array(theirs["maps"])
+        code = _array(theirs["maps"]["scale"]).max() / 255
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= ATTENTION_TOLERANCE + code
 
 
 def test_slider_chips_overlay_and_strip_work_on_browser_data(page, live_file) -> None:
@@ -243,9 +251,13 @@ def test_a_csp_without_wasm_says_why_in_one_line(page, live_file, tmp_path) -> N
 
 
 @contextlib.contextmanager
-def _serve(folder: Path) -> Iterator[str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def _serve(folder: Path, host: str = "http.server") -> Iterator[str]:
+    """``folder`` on a generic static host (Python's), or on ``demo --classroom live``'s."""
+    if host == "classroom":
+        server: http.server.ThreadingHTTPServer = make_server(folder, "127.0.0.1", 0)
+    else:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -255,10 +267,11 @@ def _serve(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
-def test_the_folder_works_on_a_static_host(page, tmp_path) -> None:
+@pytest.mark.parametrize("host", ["http.server", "classroom"])
+def test_the_folder_works_on_a_static_host(page, tmp_path, host) -> None:
     browser_page, console = page
     live.write_live_folder(tmp_path / "site", prompt="a red circle in the centre")
-    with _serve(tmp_path / "site") as url:
+    with _serve(tmp_path / "site", host) as url:
         blocked = _offline(browser_page, allowed=url)
         browser_page.goto(url)
         browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)

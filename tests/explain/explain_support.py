@@ -17,6 +17,7 @@ GUIDANCE = 7.5
 #: others run with their defaults, so a newly registered method is covered unedited.
 FAST: dict[str, dict[str, Any]] = {
     "df_rise": {"n_masks": 6, "batch_size": 4},
+    "concept_maps": {"words": ["circle", "square"], "steps": [1]},
 }
 
 

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 from explain_support import FAST, changed_keys, hook_counts, processors, scheduler_state
 
-from diffwidget.explain.registry import SALIENCY_METHODS, TOKEN_METHODS, saliency_method
+from diffwidget.explain.concept_results import ConceptMapsResult
+from diffwidget.explain.registry import (
+    CONCEPT_METHODS,
+    SALIENCY_METHODS,
+    TOKEN_METHODS,
+    saliency_method,
+)
 from diffwidget.explain.results import SaliencyMap, TokenRelevanceResult
 from diffwidget.tracing.trace import Trace
 
-ALL_METHODS = {**SALIENCY_METHODS, **TOKEN_METHODS}
+ALL_METHODS = {**SALIENCY_METHODS, **TOKEN_METHODS, **CONCEPT_METHODS}
 STEP = 1
 
 
@@ -29,12 +35,16 @@ def _run(name: str, pipe: Any, trace: Trace) -> Any:
     method = _method(name)
     if name in TOKEN_METHODS:
         return method.attribute(pipe, trace, steps=[STEP])
+    if name in CONCEPT_METHODS:
+        return method.attribute(pipe, trace)
     return method.attribute(pipe, trace, STEP)
 
 
 def _arrays(result: Any) -> list[np.ndarray]:
     if isinstance(result, SaliencyMap):
         return [result.map, result.raw, *result.layers.values()]
+    if isinstance(result, ConceptMapsResult):
+        return list(result.maps.values())
     return [result.relevance, result.normalized, result.maps]
 
 
@@ -97,6 +107,10 @@ def test_contract(name: str, sd_pipe: Any, sd_trace: Trace) -> None:
         assert first.map.min() >= 0.0
         assert first.map.max() <= 1.0
         assert all(layer.shape == sd_trace.latent_shape for layer in first.layers.values())
+    elif isinstance(first, ConceptMapsResult):
+        assert first.steps == [STEP]
+        assert first.timesteps == [int(sd_trace.timesteps[STEP])]
+        assert first.heat_map().shape == (2, *sd_trace.latent_shape)
     else:
         assert isinstance(first, TokenRelevanceResult)
         assert first.relevance.shape == (1, len(sd_trace.tokens))

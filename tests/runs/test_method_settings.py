@@ -77,6 +77,19 @@ def test_cli_flags_map_onto_the_configs() -> None:
     assert isinstance(InsertionDeletion(faithfulness).config, InsertionDeletionConfig)
 
 
+def test_the_commitment_switch_steps_are_set_like_a_methods() -> None:
+    from diffwidget.explain.prompt_switch import PromptSwitchConfig
+
+    argv = ["--metrics", "commitment", "--set", "prompt_switch.switch_steps=[0, 5, 10]"]
+    methods, _ = method_configs(_args(*argv))
+    assert methods == [*DEFAULT_METHODS, PromptSwitchConfig(switch_steps=[0, 5, 10])]
+    settings = RunSettings.of(methods, metrics=("commitment",), inference_steps=10).checked()
+    assert settings.methods == DEFAULT_METHODS
+    assert settings.configs["prompt_switch"]["switch_steps"] == [0, 5, 10]
+    with pytest.raises(command.UsageError, match="no commitment"):
+        method_configs(_args("--set", "prompt_switch.switch_steps=[0]"))
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

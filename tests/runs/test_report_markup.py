@@ -14,7 +14,7 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
-from diffwidget.runs.aggregation import aggregate
+from diffwidget.runs.report import aggregate
 from tests import hostile
 
 #: What the summary's own Markdown (headings, tables, lists, inline code) renders to.

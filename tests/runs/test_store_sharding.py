@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from diffwidget.runs import sharding
-from diffwidget.runs.item_records import ITEM_FORMAT, ItemRecord
 from diffwidget.runs.manifest import Work
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.settings import RunSettings
@@ -40,16 +39,8 @@ def _ok_record(store: RunStore, work: Work, **changes: object) -> dict:
     companion = store.arrays_path(work.key)
     companion.parent.mkdir(exist_ok=True)
     companion.write_bytes(b"12345")
-    record = ItemRecord(
-        format_version=ITEM_FORMAT,
-        key=work.key,
-        id=work.item.id,
-        seed=work.seed,
-        offset=work.offset,
-        prompt=work.item.prompt,
+    record = work.record(
         status="ok",
-        digest=work.digest,
-        settings_digest=work.settings_digest,
         files={"arrays": store.file_entry(companion)},
     ).to_json()
     return {**record, **changes}

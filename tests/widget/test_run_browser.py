@@ -17,7 +17,7 @@ from typing import Any
 import ipywidgets
 import pytest
 
-from diffwidget.runs.item_records import ITEM_FORMAT, ItemError, ItemRecord
+from diffwidget.runs.item_records import ItemError
 from diffwidget.runs.manifest import Work
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.store import ManifestError, RunItem
@@ -117,20 +117,10 @@ def test_list_and_menus_hold_data_as_option_text(browser):
 
 def _item(status: str, error: ItemError | None = None) -> RunItem:
     """A run item of ``status`` (a failed one holding ``error``)."""
-    work = Work(PromptItem("a", "a red circle"), offset=0, seed=1, key="a__seed1")
+    work = Work(PromptItem("a", "a red circle"), offset=0, seed=1, key="a__seed1", digest="d")
     if error is None:
         return RunItem(work, status)
-    record = ItemRecord(
-        format_version=ITEM_FORMAT,
-        key=work.key,
-        id=work.item.id,
-        seed=work.seed,
-        offset=work.offset,
-        prompt=work.item.prompt,
-        status="failed",
-        digest="d",
-        error=error,
-    )
+    record = work.record(status="failed", error=error)
     return RunItem(work, "failed", record)
 
 

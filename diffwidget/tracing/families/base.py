@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgKind, CfgLayout
+from diffwidget.tracing.concept_attention import ConceptLayer
 from diffwidget.tracing.trace import Normalisation
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ class DenoiserFamily:
     batch_free: ClassVar[frozenset[str]] = frozenset()
     #: Keyword of the pipeline call argument that limits the T5 sequence, if any.
     max_sequence_arg: ClassVar[str | None] = None
+    #: Keyword of the denoiser's text attention mask (1 attend, 0 masked out of every
+    #: cross-attention softmax), if it takes one; word ablations mask a word's column with it.
+    text_mask_argument: ClassVar[str | None] = None
     #: Accept any denoiser module under :attr:`denoiser_attr` outside diffusers pipelines.
     any_denoiser: ClassVar[bool] = False
 
@@ -225,6 +229,44 @@ class DenoiserFamily:
         return {
             path: int(self.denoiser.get_submodule(path).heads) for path in self.attention_sites()
         }
+
+    # ------------------------------------------------------------------ concepts
+    def concept_layers(self) -> list[ConceptLayer]:
+        """The attention layers concept maps are read at, in data-flow order
+        (:mod:`~diffwidget.tracing.concept_attention`)."""
+        raise NotImplementedError(f"concept maps are not available for the {self.label} family")
+
+    def concept_embedder(self) -> Any:
+        """The module that turns text embeddings into the first block's text stream (joint
+        families: ``context_embedder``); None where text enters the layers as it is."""
+        return getattr(self.denoiser, "context_embedder", None)
+
+    def text_embeddings(self, prompts: Sequence[str], call_kwargs: dict[str, Any]) -> torch.Tensor:
+        """The pipeline's text embeddings ``[n, L, dim]`` of ``prompts`` (its own
+        ``encode_prompt``, without CFG), laid out as :meth:`prompt_tokens` labels them."""
+        import torch
+
+        encode = getattr(self.pipe, "encode_prompt", None)
+        if encode is None:
+            raise TypeError(
+                f"{type(self.pipe).__name__} has no encode_prompt; concept words need the "
+                "pipeline's text encoders"
+            )
+        params = inspect.signature(encode).parameters
+        device = getattr(self.pipe, "_execution_device", None)
+        options: dict[str, Any] = {
+            "device": device if device is not None else self.denoiser.device,
+            "num_images_per_prompt": 1,
+            "do_classifier_free_guidance": False,
+        }
+        if self.max_sequence_arg is not None and call_kwargs.get(self.max_sequence_arg):
+            options[self.max_sequence_arg] = int(call_kwargs[self.max_sequence_arg])
+        kwargs = {k: v for k, v in options.items() if k in params}
+        # SD3's and Flux's second and third prompts default to the first when None.
+        kwargs.update({k: None for k in ("prompt_2", "prompt_3") if k in params})
+        with torch.no_grad():
+            out = encode(prompt=list(prompts), **kwargs)
+        return out[0]
 
     # ------------------------------------------------------------------ tokens
     def text_length(self, call_kwargs: dict[str, Any]) -> int:

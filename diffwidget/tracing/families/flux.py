@@ -25,6 +25,13 @@ import torch
 
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.concept_attention import (
+    ConceptLayer,
+    ConceptTokens,
+    linear,
+    norm,
+    rope,
+)
 from diffwidget.tracing.families.base import (
     AttentionRecord,
     DenoiserCall,
@@ -150,6 +157,88 @@ class FluxExplicitProcessor:
         return image, attn.to_add_out(text_out.contiguous())
 
 
+def _concept_rope(x: torch.Tensor, rotary: Any) -> torch.Tensor:
+    """RoPE on concept tokens ``[B, H, n, d]``: every concept takes the angles of the first text
+    position (FluxPipeline's ``txt_ids`` are all zero, so every text position has them)."""
+    if rotary is None:
+        return x
+    return rope(x, rotary, torch.zeros(x.shape[2], dtype=torch.long, device=rotary[0].device))
+
+
+class FluxConceptLayer(ConceptLayer):
+    """Concept tokens through a Flux double-stream block (the context stream's path)."""
+
+    def begin(self, stream: torch.Tensor, temb: torch.Tensor, rotary: Any) -> ConceptTokens:
+        """``norm1_context`` with ``temb``, the added projections, qk-RMSNorm and RoPE."""
+        block, attn = self.block, self.attn
+        normed, *gates = block.norm1_context(stream, emb=temb)
+        self._gates = tuple(gates)
+        query, key, value = self.tokens(normed, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        query = _concept_rope(norm(attn.norm_added_q, query), rotary)
+        key = _concept_rope(norm(attn.norm_added_k, key), rotary)
+        return ConceptTokens(query, key, value)
+
+    def prepare_keys(
+        self, keys: torch.Tensor, tokens: slice, rotary: Any, n_text: int
+    ) -> torch.Tensor:
+        """qk-RMSNorm, then RoPE at the image tokens' joint positions (after the text)."""
+        rows = slice(n_text + tokens.start, n_text + tokens.stop)
+        return rope(norm(self.attn.norm_k, keys), rotary, rows)
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """The context output projection ``to_add_out``."""
+        return linear(self.attn.to_add_out, raw)
+
+    def advance(self, stream: torch.Tensor, raw: torch.Tensor) -> torch.Tensor | None:
+        """``FluxTransformerBlock``'s context path after attention."""
+        block = self.block
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = self._gates
+        stream = stream + gate_msa.unsqueeze(1) * self.projected(raw).to(stream.dtype)
+        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        stream = stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        return stream.clip(-65504, 65504) if stream.dtype == torch.float16 else stream
+
+
+class FluxSingleConceptLayer(FluxConceptLayer):
+    """Concept tokens through a Flux single-stream block: one sequence ``[text, image]``,
+    one set of projections, no output projection before the block's ``proj_out`` (maps are
+    read in the attention space)."""
+
+    kind = "single"
+
+    def has_output_projection(self) -> bool:
+        """The attention output goes straight into ``proj_out`` with the MLP branch."""
+        return False
+
+    def reads(self, spaces: Any) -> dict[str, tuple[Any, Any]]:
+        """The block, ``to_k``/``to_v`` and the attention module's output."""
+        reads = super().reads(())
+        for space in spaces:
+            reads[space] = (self.attn, "post")
+        return reads
+
+    def begin(self, stream: torch.Tensor, temb: torch.Tensor, rotary: Any) -> ConceptTokens:
+        """The block's norm with ``temb``, its MLP branch, projections, qk-RMSNorm, RoPE."""
+        block, attn = self.block, self.attn
+        normed, gate = block.norm(stream, emb=temb)
+        self._gate = gate
+        self._mlp = block.act_mlp(linear(block.proj_mlp, normed))
+        query, key, value = self.tokens(normed, attn.to_q, attn.to_k, attn.to_v)
+        query = _concept_rope(norm(attn.norm_q, query), rotary)
+        key = _concept_rope(norm(attn.norm_k, key), rotary)
+        return ConceptTokens(query, key, value)
+
+    def image_rows(self, tensor: torch.Tensor, n_text: int) -> torch.Tensor:
+        """The image part of the joint sequence (the text comes first)."""
+        return tensor[:, n_text:]
+
+    def advance(self, stream: torch.Tensor, raw: torch.Tensor) -> torch.Tensor | None:
+        """``FluxSingleTransformerBlock`` after attention: ``proj_out`` of both branches."""
+        joined = torch.cat([raw.to(self._mlp.dtype), self._mlp], dim=2)
+        stream = stream + self._gate.unsqueeze(1) * linear(self.block.proj_out, joined)
+        return stream.clip(-65504, 65504) if stream.dtype == torch.float16 else stream
+
+
 class FluxFamily(DenoiserFamily):
     """FLUX.1 transformers (double- and single-stream blocks)."""
 
@@ -173,6 +262,19 @@ class FluxFamily(DenoiserFamily):
         for i in range(len(t.single_transformer_blocks)):
             sites[f"single_transformer_blocks.{i}.attn"] = FluxCaptureProcessor
         return sites
+
+    def concept_layers(self) -> list[ConceptLayer]:
+        """Double-stream, then single-stream blocks' ``attn``."""
+        t = self.denoiser
+        layers: list[ConceptLayer] = [
+            FluxConceptLayer(f"transformer_blocks.{i}.attn", b.attn, b)
+            for i, b in enumerate(t.transformer_blocks)
+        ]
+        layers += [
+            FluxSingleConceptLayer(f"single_transformer_blocks.{i}.attn", b.attn, b)
+            for i, b in enumerate(t.single_transformer_blocks)
+        ]
+        return layers
 
     def text_length(self, call_kwargs: dict[str, Any]) -> int:
         """``max_sequence_length`` T5 positions."""

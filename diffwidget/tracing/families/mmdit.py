@@ -23,6 +23,12 @@ import torch
 
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.concept_attention import (
+    ConceptLayer,
+    ConceptTokens,
+    linear,
+    norm,
+)
 from diffwidget.tracing.families.base import (
     AttentionKind,
     AttentionRecord,
@@ -136,6 +142,45 @@ class SD3ExplicitProcessor:
         return attn.to_out[1](attn.to_out[0](image)), text_out
 
 
+class SD3ConceptLayer(ConceptLayer):
+    """Concept tokens through an SD3 joint block: the context stream's modulation
+    (``norm1_context``), projections, qk-norms, output projection, gates and feed-forward.
+
+    The last block is ``context_pre_only``: its text stream ends there, it has no context
+    output projection (its maps are read in the attention space) and the stream stops.
+    """
+
+    def has_output_projection(self) -> bool:
+        """Both projections exist except in the context-pre-only last block."""
+        return not self.attn.context_pre_only and self.attn.to_add_out is not None
+
+    def begin(self, stream: torch.Tensor, temb: torch.Tensor, rotary: Any) -> ConceptTokens:
+        """``norm1_context`` with ``temb``, then ``add_{q,k,v}_proj`` and the added qk-norms."""
+        block, attn = self.block, self.attn
+        if block.context_pre_only:
+            normed = block.norm1_context(stream, temb)
+            self._gates: tuple[torch.Tensor, ...] | None = None
+        else:
+            normed, *gates = block.norm1_context(stream, emb=temb)
+            self._gates = tuple(gates)
+        query, key, value = self.tokens(normed, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        return ConceptTokens(norm(attn.norm_added_q, query), norm(attn.norm_added_k, key), value)
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """The context output projection ``to_add_out``."""
+        return linear(self.attn.to_add_out, raw)
+
+    def advance(self, stream: torch.Tensor, raw: torch.Tensor) -> torch.Tensor | None:
+        """``JointTransformerBlock``'s context path after attention."""
+        if self._gates is None:
+            return None
+        block = self.block
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = self._gates
+        stream = stream + gate_msa.unsqueeze(1) * self.projected(raw).to(stream.dtype)
+        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+
+
 class SD3Family(DenoiserFamily):
     """SD3 / SD3.5 MMDiT transformers."""
 
@@ -152,6 +197,14 @@ class SD3Family(DenoiserFamily):
         """Every joint block's ``attn`` (never the dual-attention ``attn2``)."""
         blocks = self.denoiser.transformer_blocks
         return {f"transformer_blocks.{i}.attn": SD3CaptureProcessor for i in range(len(blocks))}
+
+    def concept_layers(self) -> list[ConceptLayer]:
+        """Every joint block's ``attn`` (the dual-attention ``attn2`` sees no text)."""
+        blocks = self.denoiser.transformer_blocks
+        return [
+            SD3ConceptLayer(f"transformer_blocks.{i}.attn", block.attn, block)
+            for i, block in enumerate(blocks)
+        ]
 
     def _clip_length(self) -> int:
         tokenizer = getattr(self.pipe, "tokenizer", None)

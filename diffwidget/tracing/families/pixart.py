@@ -41,10 +41,16 @@ class PixArtFamily(CrossAttentionFamily):
     sample_arg = "hidden_states"
     normalisation = "text_softmax"
     max_sequence_arg = "max_sequence_length"
+    #: The pipeline already passes the T5 padding mask; a masked word multiplies into it.
+    text_mask_argument = "encoder_attention_mask"
 
     def attention_sites(self) -> dict[str, ProcessorFactory]:
         """Every block's ``attn2``."""
         return dict.fromkeys(cross_attention_layers(self.denoiser), CaptureAttnProcessor)
+
+    def concept_embedder(self) -> Any:
+        """The caption projection the text passes before every ``attn2``."""
+        return getattr(self.denoiser, "caption_projection", None)
 
     def text_length(self, call_kwargs: dict[str, Any]) -> int:
         """``max_sequence_length`` as the pipeline will use it."""

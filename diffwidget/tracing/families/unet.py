@@ -33,6 +33,7 @@ from diffwidget.tracing.attention import (
     cross_attention_layers,
 )
 from diffwidget.tracing.cfg import CfgLayout
+from diffwidget.tracing.concept_attention import ConceptLayer, linear
 from diffwidget.tracing.families.base import (
     AttentionKind,
     AttentionRecord,
@@ -243,9 +244,43 @@ def recorded_text_attention(encoder: Any) -> Iterator[TextAttention]:
             detach_hook(module, _TEXT_HOOK, had_registry=had_registry, had_forward=had_forward)
 
 
+class CrossConceptLayer(ConceptLayer):
+    """Concept words in a cross-attention layer: no concept queries; a concept's output is
+    what the layer writes when the image attends to the concept alone, its value vector
+    (through the output projection in the output space)."""
+
+    kind = "cross"
+
+    def reads(self, spaces: Any) -> dict[str, tuple[Any, Any]]:
+        """Only the image output (``to_out[0]``'s input or output)."""
+        out = self.attn.to_out[0]
+        return {space: (out, "post" if space == "output" else "pre") for space in spaces}
+
+    def cross_output(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``to_v`` of the concept embeddings (after the layer's cross norm)."""
+        weight = self.attn.to_v.weight
+        key = (weight.device, weight.dtype)
+        cached = getattr(self, "_values", None)
+        if cached is None or cached[0] != key:
+            text = embeds.to(*key)
+            if self.attn.norm_cross:
+                text = self.attn.norm_encoder_hidden_states(text)
+            self._values = (key, linear(self.attn.to_v, text))
+        return self._values[1]
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """The output projection ``to_out[0]``."""
+        return linear(self.attn.to_out[0], raw)
+
+
 class CrossAttentionFamily(DenoiserFamily):
     """What the families with ``attn2`` cross-attention (UNets, PixArt) share for token
     relevance: explicit attention on every ``Attention`` layer, and the text encoder's."""
+
+    def concept_layers(self) -> list[Any]:
+        """Every cross-attention (``attn2``) layer, as :meth:`attention_sites` lists them."""
+        modules = dict(self.denoiser.named_modules())
+        return [CrossConceptLayer(path, modules[path]) for path in self.attention_sites()]
 
     def explicit_attention(self, n_text: int) -> Any:
         """Every ``Attention`` layer with its softmax written out (token relevance)."""
@@ -272,6 +307,8 @@ class UNetFamily(CrossAttentionFamily):
     normalisation = "text_softmax"
     #: Custom modules with the UNet call signature (held outside a diffusers pipeline).
     any_denoiser = True
+    #: ``UNet2DConditionModel`` turns it into the cross-attention bias of every ``attn2``.
+    text_mask_argument = "encoder_attention_mask"
 
     # ------------------------------------------------------------------ attention
     def attention_sites(self) -> dict[str, ProcessorFactory]:

@@ -92,6 +92,8 @@ interface Attention {
   maps: Float32Array; // [N, T, h, w]
   mass: Float32Array; // [N, T]
   layers: string[];
+  /** The maps' own grid [h, w] (the finest chosen layer's). */
+  grid: [number, number];
   description: string;
 }
 
@@ -104,13 +106,33 @@ export function gridsText(layers: { grid: [number, number] }[]): string {
     .join(", ");
 }
 
-/** AttentionMaps() with its defaults: the preferred-grid layers, every step, probabilities. */
+/** The native grid's phrase (explain/attention.py `_grid_phrase`, grid="native"). */
+function gridPhrase(size: [number, number], grids: number): string {
+  return grids === 1
+    ? `on the layers' own ${size[0]}×${size[1]} grid`
+    : `upsampled bilinearly to the ${size[0]}×${size[1]} grid of the finest layer`;
+}
+
+/**
+ * AttentionMaps() with its defaults, as the explorer sends them (`grid="native"`): the
+ * preferred-grid layers, every step, probabilities, on the finest chosen layer's own grid.
+ */
 export function aggregateAttention(run: LiveRun, m: LiveManifest, facts: PageFacts): Attention {
-  const [h, w] = m.latent_hw;
   const n = run.timesteps.length;
   const t = run.selected.length;
   const preferred = m.attention.filter((a) => a.grid[0] === facts.preferred_resolution);
   const chosen = preferred.length > 0 ? preferred : m.attention;
+  // The finest grid: the largest area, ties broken by the larger (h, w) as Python's max.
+  const size = chosen
+    .map((a) => a.grid)
+    .reduce((best, g) =>
+      g[0] * g[1] > best[0] * best[1] ||
+      (g[0] * g[1] === best[0] * best[1] &&
+        (g[0] > best[0] || (g[0] === best[0] && g[1] > best[1])))
+        ? g
+        : best,
+    );
+  const [h, w] = size;
   const maps = new Float64Array(n * t * h * w);
   const mass = new Float64Array(n * t);
   for (const layer of chosen) {
@@ -126,21 +148,23 @@ export function aggregateAttention(run: LiveRun, m: LiveManifest, facts: PageFac
           sum += map[q];
         }
         mass[s * t + k] += sum / (lh * lw);
-        const up = upsample(map, lh, lw, h, w);
+        const up = lh === h && lw === w ? map : upsample(map, lh, lw, h, w);
         const base = (s * t + k) * h * w;
         for (let q = 0; q < h * w; q++) maps[base + q] += up[q];
       }
     }
   }
   const count = chosen.length;
+  const grids = new Set(chosen.map((a) => `${a.grid[0]}×${a.grid[1]}`)).size;
   const description =
     `Cross-attention probability (${facts.normalisation_text}), conditional CFG half, ` +
     `mean over heads, mean of ${count} layer${count !== 1 ? "s" : ""} (grids ${gridsText(chosen)}) ` +
-    `upsampled bilinearly to the ${h}×${w} latent; all ${n} steps, one map per step`;
+    `${gridPhrase([h, w], grids)}; all ${n} steps, one map per step`;
   return {
     maps: Float32Array.from(maps, (v) => v / count),
     mass: Float32Array.from(mass, (v) => v / count),
     layers: chosen.map((a) => a.layer),
+    grid: [h, w],
     description,
   };
 }
@@ -195,6 +219,38 @@ function solve(a: Float64Array, b: Float64Array, n: number, k: number): Float64A
 }
 
 /**
+ * One channel of a uint8 [H, W, 3] image on the [h, w] latent grid in [0, 1]: the rounded
+ * mean of the pixels each cell covers, as previews.resize_images (PIL's reduce) makes it.
+ */
+function areaMean(
+  image: Uint8Array,
+  H: number,
+  W: number,
+  ch: number,
+  h: number,
+  w: number,
+): Float64Array {
+  if (H % h !== 0 || W % w !== 0) {
+    const plane = new Float64Array(H * W);
+    for (let i = 0; i < H * W; i++) plane[i] = image[i * 3 + ch] / UINT8_MAX;
+    return upsample(plane, H, W, h, w);
+  }
+  const fy = H / h;
+  const fx = W / w;
+  const count = fy * fx;
+  const out = new Float64Array(h * w);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let sum = 0;
+      for (let dy = 0; dy < fy; dy++)
+        for (let dx = 0; dx < fx; dx++) sum += image[((y * fy + dy) * W + x * fx + dx) * 3 + ch];
+      out[y * w + x] = Math.floor((sum + count / 2) / count) / UINT8_MAX;
+    }
+  }
+  return out;
+}
+
+/**
  * previews.noisy_previews without a VAE: a least-squares latent→RGB map fitted on the run's
  * x̂0 latents and previews (both on the latent grid), applied to each noisy latent.
  */
@@ -208,12 +264,7 @@ export function noisyPreviews(run: LiveRun, m: LiveManifest): Uint8Array {
   const atb = new Float64Array(p * 3);
   const row = new Float64Array(p);
   for (let s = 0; s < n; s++) {
-    const small: Float64Array[] = [0, 1, 2].map((ch) => {
-      const plane = new Float64Array(H * W);
-      for (let i = 0; i < H * W; i++)
-        plane[i] = Math.fround(run.previews[s][i * 3 + ch] / UINT8_MAX);
-      return upsample(plane, H, W, h, w);
-    });
+    const small: Float64Array[] = [0, 1, 2].map((ch) => areaMean(run.previews[s], H, W, ch, h, w));
     for (let cell = 0; cell < h * w; cell++) {
       for (let ch = 0; ch < c; ch++) row[ch] = run.predX0[s][ch * h * w + cell];
       row[c] = 1;
@@ -271,55 +322,101 @@ export const NOISY_TEXT =
   "Noisy latent x_t entering this step, through a linear latent→RGB map fitted on this " +
   "trace's x̂0 previews (no VAE in the kernel)";
 
-/** Largest side of one grid cell (layers.GRID_CELL_MAX). */
+/** Largest side of one grid cell (widget/grid.py GRID_CELL_MAX). */
 const GRID_CELL_MAX = 16;
+/** Parts of a path of one layer in a numbered container (widget/grid.py _LAYER_DEPTH). */
+const LAYER_DEPTH = 3;
 
-/** layers.attention_grid: every layer × step × token, each cell resampled to one grid. */
+/** widget/grid.py `block_of`: the block a module path's row is drawn under. */
+export function blockOf(path: string): string {
+  const parts = path.split(".");
+  return parts.length > LAYER_DEPTH && /^\d+$/.test(parts[1])
+    ? `${parts[0]}.${parts[1]}`
+    : parts[0];
+}
+
+/** widget/grid.py `cell_size`: the layer's grid scaled so its longer side is ≤ the cap. */
+function cellSize(grid: [number, number]): [number, number] {
+  const scale = Math.min(1, GRID_CELL_MAX / Math.max(grid[0], grid[1]));
+  return [Math.max(1, Math.round(grid[0] * scale)), Math.max(1, Math.round(grid[1] * scale))];
+}
+
+/** widget/grid.py `shrink_maps` for one map: block means for integer factors, else bilinear. */
+function shrink(map: Float64Array, h: number, w: number, cell: [number, number]): Float64Array {
+  const [ch, cw] = cell;
+  if (ch === h && cw === w) return map;
+  if (h % ch !== 0 || w % cw !== 0) return upsample(map, h, w, ch, cw);
+  const fy = h / ch;
+  const fx = w / cw;
+  const out = new Float64Array(ch * cw);
+  for (let y = 0; y < h; y++)
+    for (let x = 0; x < w; x++) out[Math.floor(y / fy) * cw + Math.floor(x / fx)] += map[y * w + x];
+  return out.map((v) => v / (fy * fx));
+}
+
+/** widget/grid.py `attention_grid`: every layer × step × token, rows grouped by block. */
 export function attentionGrid(run: LiveRun, m: LiveManifest): GridData {
-  const [h, w] = m.latent_hw;
-  const scale = Math.min(1, GRID_CELL_MAX / Math.max(h, w));
-  const cell: [number, number] = [
-    Math.max(1, Math.round(h * scale)),
-    Math.max(1, Math.round(w * scale)),
-  ];
   const n = run.timesteps.length;
   const t = run.selected.length;
-  const size = cell[0] * cell[1];
-  const maps = new Float32Array(m.attention.length * n * t * size);
-  m.attention.forEach((layer, row) => {
-    const [lh, lw] = layer.grid;
-    const perStep = run.attention.get(layer.layer) ?? [];
-    for (let s = 0; s < n; s++) {
-      for (let k = 0; k < t; k++) {
-        const map = new Float64Array(lh * lw);
-        for (let q = 0; q < lh * lw; q++) map[q] = Math.max(0, perStep[s][q * t + k]);
-        const up = upsample(map, lh, lw, cell[0], cell[1]);
-        maps.set(up, ((row * n + s) * t + k) * size);
+  // Runs of consecutive rows with the same block and grid (the model's order is kept).
+  const runs: (typeof m.attention)[] = [];
+  for (const layer of m.attention) {
+    const last = runs.at(-1)?.at(-1);
+    const same =
+      last !== undefined &&
+      blockOf(last.layer) === blockOf(layer.layer) &&
+      last.grid[0] === layer.grid[0] &&
+      last.grid[1] === layer.grid[1];
+    if (same) runs[runs.length - 1].push(layer);
+    else runs.push([layer]);
+  }
+  const groups = runs.map((rows) => {
+    const grid: [number, number] = [rows[0].grid[0], rows[0].grid[1]];
+    const cell = cellSize(grid);
+    const size = cell[0] * cell[1];
+    const maps = new Float32Array(rows.length * n * t * size);
+    rows.forEach((layer, row) => {
+      const perStep = run.attention.get(layer.layer) ?? [];
+      for (let s = 0; s < n; s++) {
+        for (let k = 0; k < t; k++) {
+          const map = new Float64Array(grid[0] * grid[1]);
+          for (let q = 0; q < map.length; q++) map[q] = Math.max(0, perStep[s][q * t + k]);
+          maps.set(shrink(map, grid[0], grid[1], cell), ((row * n + s) * t + k) * size);
+        }
       }
-    }
+    });
+    const { q, scale } = quantise(maps, size);
+    const block = blockOf(rows[0].layer);
+    return {
+      name: block,
+      layers: rows.map((a) => a.layer),
+      labels: rows.map((a) =>
+        a.layer.startsWith(`${block}.`) ? a.layer.slice(block.length + 1) : a.layer,
+      ),
+      grid,
+      maps: {
+        ...payload("uint8", [rows.length, n, t, cell[0], cell[1]], q),
+        scale: payload("float32", [rows.length, n, t], scale),
+      },
+    };
   });
-  const { q, scale: scales } = quantise(maps, size);
   return {
     source: "attention",
-    layers: m.attention.map((a) => a.layer),
-    grids: m.attention.map((a) => [a.grid[0], a.grid[1]]),
+    groups,
     steps: run.timesteps.map((_, i) => i),
-    maps: {
-      ...payload("uint8", [m.attention.length, n, t, cell[0], cell[1]], q),
-      scale: payload("float32", [m.attention.length, n, t], scales),
-    },
+    tokens: run.selected.map((_, i) => i),
     per_token: true,
     description:
-      "Attention of the image to the selected token per captured layer (rows) and step " +
-      "(columns), conditional CFG half, mean over heads; each cell resampled to " +
-      `${cell[0]}×${cell[1]} and divided by its own maximum`,
+      "Attention of the image to the selected token per captured layer (rows, grouped by " +
+      "block) and step (columns), conditional CFG half, mean over heads; each cell is the " +
+      `layer's own map, area-averaged to at most ${GRID_CELL_MAX}×${GRID_CELL_MAX}, divided ` +
+      "by its own maximum",
   };
 }
 
 /** The explorer's whole state for a browser-made run (as `standalone_state` exports it). */
 export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): WidgetState {
   const [H, W] = m.image_hw;
-  const [h, w] = m.latent_hw;
   const n = run.timesteps.length;
   const strings = run.selected.map((i) => run.tokens.strings[i]);
   const kinds = run.selected.map((i) => run.tokens.kinds[i]);
@@ -329,6 +426,7 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     previews.set(p, s * H * W * 3);
   });
   const attention = aggregateAttention(run, m, facts);
+  const [h, w] = attention.grid;
   const { q, scale } = quantise(attention.maps, h * w);
   const values = new Float32Array(t * n);
   for (let k = 0; k < t; k++)
@@ -363,7 +461,15 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     previews: payload("uint8", [n, H, W, 3], previews),
     exact_steps: [],
     noisy_previews: payload("uint8", [n, H, W, 3], noisyPreviews(run, m)),
-    attention: { ...payload("uint8", [n, t, h, w], q), scale: payload("float32", [n, t], scale) },
+    attention: {
+      layer: "",
+      head: -1,
+      grid: [h, w],
+      steps: run.timesteps.map((_, i) => i),
+      maps: { ...payload("uint8", [n, t, h, w], q), scale: payload("float32", [n, t], scale) },
+      description: attention.description,
+    },
+    attention_filtered: null,
     overlays: {},
     layer_options: {
       attention: [
@@ -384,7 +490,6 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     descriptions: {
       x0: previewText(m, run.request.guidance),
       noisy: NOISY_TEXT,
-      attention: attention.description,
     },
   };
 }
