@@ -297,6 +297,24 @@ def resolve_preview_decoder(pipe: Any, decoder: PreviewDecoder = "auto") -> tupl
     return None, LINEAR_DECODER
 
 
+def check_decoder_channels(module: Any, name: str, channels: int) -> int:
+    """Raise ``ValueError`` (with the fix) when a preview decoder takes other latents.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> check_decoder_channels(SimpleNamespace(config={"latent_channels": 4}), "taesd", 4)
+    4
+    """
+    wanted = int(module.config.get("latent_channels", channels))
+    if wanted != channels:
+        raise ValueError(
+            f"the preview decoder {name} takes {wanted}-channel latents but this pipeline's "
+            f"have {channels}; pass the matching AutoencoderTiny folder or 'linear'"
+        )
+    return wanted
+
+
 def decode_previews(
     pipe: Any, latents: np.ndarray, decoder: PreviewDecoder = "vae"
 ) -> tuple[np.ndarray, str]:
@@ -339,12 +357,7 @@ def decode_previews(
         )
     if module is None:
         return decode_latents(pipe, latents), name
-    channels = int(module.config.get("latent_channels", latents.shape[1]))
-    if channels != latents.shape[1]:
-        raise ValueError(
-            f"the preview decoder {name} takes {channels}-channel latents but this pipeline's "
-            f"have {latents.shape[1]}; pass the matching AutoencoderTiny folder or 'linear'"
-        )
+    check_decoder_channels(module, name, latents.shape[1])
     factor = 2 ** (len(module.config.get("decoder_block_out_channels", (0,) * 4)) - 1)
     pixels = latents.shape[-2] * latents.shape[-1] * factor * factor
     batch = max(1, TINY_PIXELS_PER_CALL // max(pixels, 1))

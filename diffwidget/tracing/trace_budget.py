@@ -22,6 +22,7 @@ from diffwidget.tracing.budget import (
 from diffwidget.tracing.decode import (
     LINEAR_DECODER,
     PreviewDecoder,
+    check_decoder_channels,
     resolve_preview_decoder,
     vae_decode_bytes,
 )
@@ -73,7 +74,13 @@ class TraceBudget:
     def preview_name(self) -> str:
         """What makes this trace's previews: ``"linear"``, ``"vae"`` or a decoder's name."""
         if self._preview_name is None:
-            self._preview_name = resolve_preview_decoder(self.pipe, self.preview_decoder)[1]
+            module, name = resolve_preview_decoder(self.pipe, self.preview_decoder)
+            vae = getattr(self.pipe, "vae", None)
+            channels = getattr(getattr(vae, "config", None), "latent_channels", None)
+            if module is not None and channels is not None:
+                # Refused before the run: after it, a failed preview decode only warns.
+                check_decoder_channels(module, name, int(channels))
+            self._preview_name = name
         return self._preview_name
 
     def check_budget(self, n_steps: int, height: int, width: int) -> StepBytes:
