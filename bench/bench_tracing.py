@@ -47,7 +47,10 @@ from benchlib import (
     SD15_UNET,
     SD15_VAE,
     SDXL_TEXT_2,
+    SDXL_TEXT_2_NARROW,
+    SDXL_TEXT_NARROW,
     SDXL_UNET,
+    SDXL_UNET_NARROW,
     SDXL_VAE,
     clip_text_config,
     machine,
@@ -90,12 +93,13 @@ def build_sd15(device: str, dtype: torch.dtype) -> Any:
     return _to(pipe, device, dtype)
 
 
-def build_sdxl(device: str, dtype: torch.dtype) -> Any:
+def build_sdxl(device: str, dtype: torch.dtype, *, narrow: bool = False) -> Any:
     """An SDXL-base-shaped ``StableDiffusionXLPipeline`` with random weights (no downloads).
 
     Both text encoders have their published shapes (CLIP ViT-L and OpenCLIP ViT-bigG, whose
     penultimate layers give the UNet its 768 + 1280 = 2048-wide context); the scheduler is
-    SDXL's default, Euler.
+    SDXL's default, Euler. ``narrow``: the UNet's channels narrowed 10x and two layers per
+    text encoder (``benchlib.SDXL_UNET_NARROW``); the VAE keeps its full shape.
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -103,11 +107,16 @@ def build_sdxl(device: str, dtype: torch.dtype) -> Any:
     tokenizer = _word_tokenizer()
     scheduler = make_scheduler("euler")
     torch.manual_seed(0)
+    text, text_2, unet_config = (
+        (SDXL_TEXT_NARROW, SDXL_TEXT_2_NARROW, SDXL_UNET_NARROW)
+        if narrow
+        else (SD15_TEXT, SDXL_TEXT_2, SDXL_UNET)
+    )
     with torch.device(device):
         vae = AutoencoderKL(**SDXL_VAE)
-        text_encoder = CLIPTextModel(clip_text_config(tokenizer, SD15_TEXT))
-        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, SDXL_TEXT_2))
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, text))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, text_2))
+        unet = UNet2DConditionModel(**unet_config)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -246,11 +255,17 @@ def overhead(
     return result
 
 
+def build_sdxl_narrow(device: str, dtype: torch.dtype) -> Any:
+    """SDXL's block layout with narrow channels and its full VAE (see :func:`build_sdxl`)."""
+    return build_sdxl(device, dtype, narrow=True)
+
+
 BUILDERS = {
     "tiny": build_tiny,
     "tiny_sdxl": build_tiny_sdxl,
     "sd15": build_sd15,
     "sdxl": build_sdxl,
+    "sdxl_narrow": build_sdxl_narrow,
 }
 
 

@@ -83,6 +83,14 @@ SDXL_TEXT_2 = {
     "hidden_act": "gelu",
     "projection_dim": 1280,
 }
+#: SDXL-base's UNet layout (three levels, 1/2/10 transformer layers, 70 ``attn2`` layers on
+#: 64² and 32² grids of a 128² latent, 2048-wide text context) with channels narrowed 10x:
+#: what a trace stores and decodes has SDXL's shapes, the UNet's arithmetic is a CPU's size.
+SDXL_UNET_NARROW = dict(SDXL_UNET, block_out_channels=(32, 64, 128), attention_head_dim=(1, 2, 4))
+#: SDXL's two text encoders at their widths (768 + 1280 = the UNet's 2048-wide context and
+#: the 1280-wide pooled embedding), two layers each.
+SDXL_TEXT_NARROW = dict(SD15_TEXT, num_hidden_layers=2)
+SDXL_TEXT_2_NARROW = dict(SDXL_TEXT_2, num_hidden_layers=2)
 #: Medians are taken over at least this many timed runs (warm-up excluded).
 MIN_REPEATS = 5
 

@@ -11,7 +11,12 @@ one :class:`~diffwidget.tracing.taps.TapRegistry` of named taps
   sees each call's exact arguments (for stateless replay) and its output (for the CFG check
   and conditional previews), and the ``cache_context`` of Flux's separate CFG calls;
 * ``scheduler.step``: the only place that receives the guided model output, the timestep
-  and ``x_t`` together, wrapped on the scheduler instance.
+  and ``x_t`` together, wrapped on the scheduler instance;
+* ``vae.decode`` (with previews on): the pipeline's own decode of the final latent, which
+  the per-step previews' latent→RGB map is fitted on (:mod:`diffwidget.tracing.preview_tap`).
+
+Nothing the trace does after the loop can lose the recorded steps: a decode or a fit that
+fails leaves the trace without its previews or image, and ``Trace.facts.missing`` says why.
 
 A user adds taps (``taps=[...]``: block outputs, pooled block outputs, loop events) and
 lists them (``ctx.taps.names()``); ``record="taps"`` observes batches of prompts through
@@ -30,15 +35,10 @@ import numpy as np
 import torch
 
 from diffwidget.tracing.attention import AttentionCapture, AttentionRecorder
-from diffwidget.tracing.budget import (
-    DEFAULT_MEMORY_BUDGET_MB,
-    StepBytes,
-    check_budget,
-    estimate_step_bytes,
-)
+from diffwidget.tracing.budget import DEFAULT_MEMORY_BUDGET_MB, check_budget
 from diffwidget.tracing.calls import AttentionTap, CallTap, StepTap
 from diffwidget.tracing.cfg import CFG_HALVES, CfgLayout
-from diffwidget.tracing.decode import PreviewDecoder, decode_previews, to_uint8
+from diffwidget.tracing.decode import PreviewDecoder, to_uint8
 from diffwidget.tracing.facts import (
     TEXT_ARGUMENT,
     CfgFacts,
@@ -49,8 +49,9 @@ from diffwidget.tracing.facts import (
     TextCut,
     TimestepDtype,
     TraceFacts,
+    TraceIncompleteWarning,
 )
-from diffwidget.tracing.families import DenoiserCall, LatentLayout, denoiser_family
+from diffwidget.tracing.families import DenoiserCall, denoiser_family
 from diffwidget.tracing.lock import DEFAULT_WAIT_S, pipeline_lock, trace_task
 from diffwidget.tracing.noise import (
     PREDICTION_SOURCES,
@@ -60,13 +61,13 @@ from diffwidget.tracing.noise import (
     scheduler_family,
 )
 from diffwidget.tracing.pipeline_info import json_safe, versions
+from diffwidget.tracing.preview_tap import PreviewOutcome, PreviewTap
 from diffwidget.tracing.recording import StepRecords, conditioning_record
 from diffwidget.tracing.taps import LoopState, StepEvent, Tap, TapRegistry
 from diffwidget.tracing.tokens import PromptTokens, PromptTruncatedWarning, TokenSelection
 from diffwidget.tracing.trace import Trace
+from diffwidget.tracing.trace_budget import TraceBudget
 
-#: Latents decoded per VAE call when making previews (bounds peak memory).
-PREVIEW_BATCH = 4
 #: Relative tolerance of the step-0 check that the pipeline combined the CFG halves as
 #: ``u + w (c - u)`` (float16 models recombine in float16).
 CFG_CHECK_RTOL = 1e-2
@@ -76,7 +77,7 @@ RecordMode = Literal["trace", "taps"]
 RECORD_MODES: tuple[str, ...] = get_args(RecordMode)
 
 
-class TraceContext:
+class TraceContext(TraceBudget):
     """Record every denoising step of one pipeline call made inside the ``with`` block.
 
     Parameters
@@ -94,12 +95,15 @@ class TraceContext:
         Token positions kept in the attention maps: ``"default"`` keeps, per text segment,
         every non-padding position and one padding position.
     decode_previews : bool
-        Decode ``pred_x0`` of every step (batched, after the loop).
-    preview_decoder : {"auto", "vae", "tiny"}, folder or module
-        What decodes them: ``"auto"`` (default) a tiny ``AutoencoderTiny`` preview decoder
-        when one matches the VAE (the embedded model ships one), else the full VAE; a
-        "taesd"-style folder for other checkpoints (:mod:`diffwidget.tracing.decode`).
-        Recorded as ``meta["preview_decoder"]``.
+        Keep an RGB preview of ``pred_x0`` for every step (made after the loop).
+    preview_decoder : {"auto", "linear", "vae", "tiny"}, folder or module
+        What makes them: ``"auto"`` (default) a tiny ``AutoencoderTiny`` preview decoder
+        when one matches the VAE (the embedded model ships one), else ``"linear"``: a
+        latent→RGB map fitted on the pipeline's own decode of the final image, one pixel per
+        latent cell, no VAE call (:mod:`diffwidget.tracing.latent_rgb`); ``"vae"`` decodes
+        every step exactly, one at a time; a "taesd"-style folder for other checkpoints
+        (:mod:`diffwidget.tracing.decode`). Recorded as ``facts.preview_decoder`` (and the
+        map as ``facts.preview_map``).
     preview_from : {"guided", "cond"}
         Model output the previews are decoded from: the guided one the sampler steps with
         (default), or the conditional CFG half alone. Recorded as ``meta["preview_source"]``;
@@ -144,7 +148,7 @@ class TraceContext:
     >>> ctx.result(image=out.images[0]).n_steps
     3
     >>> ctx.taps.names()
-    ['denoiser', 'scheduler.step', 'attention']
+    ['denoiser', 'scheduler.step', 'attention', 'vae.decode']
     """
 
     def __init__(
@@ -197,6 +201,10 @@ class TraceContext:
             self.family.denoiser, self.recorder, self.family.attention_sites()
         )
         self.records = StepRecords()
+        self.previews = PreviewTap(pipe, preview_decoder)
+        self._preview_name: str | None = None
+        self._planned_steps = 0
+        self._memory_checked = False
         self.taps = self._registry(taps)
 
     def _token_indices(self, tokens: TokenSelection) -> list[int]:
@@ -216,31 +224,11 @@ class TraceContext:
         )
         if self.record == "trace":
             registry.add(AttentionTap(self.capture))
+            if self.decode_previews:
+                registry.add(self.previews)
         for tap in taps:
             registry.add(tap)
         return registry
-
-    # ------------------------------------------------------------------ budget
-    def step_bytes(self, height: int, width: int) -> StepBytes:
-        """Bytes one step will store for an image of ``height`` x ``width`` pixels."""
-        layout = self.family.layout_for(height, width)
-        return self._step_bytes(layout, (height, width))
-
-    def _step_bytes(self, layout: LatentLayout, image_hw: tuple[int, int]) -> StepBytes:
-        counts = self.family.query_counts(layout)
-        cells = sum(counts.values())
-        if self.recorder.keep_heads:
-            heads = self.family.site_heads()
-            cells += sum(n * heads[path] for path, n in counts.items())
-        latent = (self.family.latent_channels(), *layout.latent_hw)
-        previews = image_hw if self.decode_previews else None
-        return estimate_step_bytes(cells, latent, len(self.token_indices), previews)
-
-    def check_budget(self, n_steps: int, height: int, width: int) -> StepBytes:
-        """Raise ``MemoryBudgetError`` (with the fix) if ``n_steps`` would exceed the budget."""
-        step_bytes = self.step_bytes(height, width)
-        check_budget(step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices))
-        return step_bytes
 
     # ------------------------------------------------------------- install/restore
     #: Whether this context holds its pipeline's lock (``diffwidget.tracing.lock``).
@@ -257,6 +245,7 @@ class TraceContext:
             self.recorder.maps = {}
             self.recorder.head_maps = {}
             self.loop.step, self.loop.call, self.loop.n_calls = 0, None, 0
+            self._planned_steps = 0
             self.taps.install(self.loop)
         except BaseException:
             self._close()  # the registry removed its taps; the lock must go too
@@ -367,11 +356,13 @@ class TraceContext:
                 f"{self.n_text} were expected from the pipeline's tokenizers; pass the "
                 "pipeline's arguments (e.g. max_sequence_length) as TraceContext(call_kwargs=...)"
             )
-        n_steps = len(self.pipe.scheduler.timesteps)
+        n_steps = self._planned_steps = len(self.pipe.scheduler.timesteps)
         factor = self.family.vae_scale_factor()
         h, w = records.layout.latent_hw
         step_bytes = self._step_bytes(records.layout, (h * factor, w * factor))
         check_budget(step_bytes, n_steps, self.memory_budget_mb, n_tokens=len(self.token_indices))
+        if not self._memory_checked:  # a with block: the first moment the size is known
+            self.check_memory(n_steps, h * factor, w * factor)
 
     def _after_step(self, event: StepEvent) -> None:
         if self.record == "trace":
@@ -385,19 +376,27 @@ class TraceContext:
         self.taps.on_step(event)
 
     # ----------------------------------------------------------------- result
-    def result(self, image: np.ndarray | None = None) -> Trace:
+    def result(self, image: np.ndarray | None = None, *, failure: str | None = None) -> Trace:
         """Build the :class:`Trace` after the ``with`` block.
 
         Parameters
         ----------
         image : ndarray, optional
             The pipeline's output image (float in [0, 1] or uint8, ``[H, W, 3]``).
+        failure : str, optional
+            Why there is no image: the pipeline raised after its loop (e.g. its VAE decode ran
+            out of memory). With previews on, the final latent is decoded once more here.
 
         Raises
         ------
         RuntimeError
             When nothing was recorded, or when a latent or model output became NaN/inf
             (the message names the first such step).
+
+        Warns
+        -----
+        TraceIncompleteWarning
+            When the trace is kept without its previews or image (``facts.missing``).
         """
         if self.record != "trace":
             raise RuntimeError("record='taps' keeps no Trace: read the taps you passed instead")
@@ -413,15 +412,14 @@ class TraceContext:
         kind = self.prediction_type
         pred_x0 = predict_x0(latents, noise_pred, alpha, sigma, scale, kind).astype(np.float32)
         attention, attention_heads, grids = self._attention_arrays(n)
-        shown_x0 = pred_x0
+        shown_x0 = pred_x0 if self.decode_previews else None
         if self.preview_from == "cond":
-            cond = torch.stack(records.cond_outputs[:n]).float().cpu().numpy()
+            cond = torch.stack([t.cpu() for t in records.cond_outputs[:n]]).float().numpy()
             shown_x0 = predict_x0(latents, cond, alpha, sigma, scale, kind).astype(np.float32)
-        previews, preview_decoder = (
-            decode_previews(self.pipe, shown_x0, self.preview_decoder, batch=PREVIEW_BATCH)
-            if self.decode_previews
-            else (None, None)
-        )
+        final_latent = records.final_latent.float().cpu().numpy()  # type: ignore[union-attr]
+        made = self.previews.outcome(shown_x0, final_latent, records.layout, image_failed=failure)
+        if image is None:
+            image = made.image
         if image is not None and image.dtype != np.uint8:
             image = to_uint8(image)
         tokens, keep = self.prompt_tokens, self.token_indices
@@ -433,7 +431,7 @@ class TraceContext:
             sigma.ravel().tolist(),
             scale.ravel().tolist(),
         )
-        facts = self._facts(schedule, timesteps_exact.tolist(), grids, previews, preview_decoder)
+        facts = self._facts(schedule, timesteps_exact.tolist(), grids, made)
         return Trace(
             prompt=self.prompt if self.prompt is not None else "",
             tokens=[tokens.strings[i] for i in keep] if tokens else [str(i) for i in keep],
@@ -442,12 +440,12 @@ class TraceContext:
             latents=latents,
             noise_pred=noise_pred,
             pred_x0=pred_x0,
-            final_latent=records.final_latent.float().cpu().numpy(),  # type: ignore[union-attr]
+            final_latent=final_latent,
             prompt_embeds=conditioning.prompt_embeds,
             attention=attention,
             attention_heads=attention_heads,
             guidance_scale=records.cfg.guidance_scale,
-            previews=previews,
+            previews=made.previews,
             image=image,
             extra=conditioning.extra,
             facts=facts,
@@ -475,17 +473,22 @@ class TraceContext:
         schedule: NoiseSchedule,
         timesteps_exact: list[float],
         grids: dict[str, tuple[int, int]],
-        previews: np.ndarray | None,
-        preview_decoder: str | None,
+        made: PreviewOutcome,
     ) -> TraceFacts:
         """The trace's facts (:class:`~diffwidget.tracing.facts.TraceFacts`)."""
         records, tokens, keep = self.records, self.prompt_tokens, self.token_indices
         scheduler, layout = self.pipe.scheduler, records.layout
         factor = self.family.vae_scale_factor()
         height, width = layout.latent_hw[0] * factor, layout.latent_hw[1] * factor
-        if previews is not None:
-            height, width = previews.shape[1:3]
         assert records.conditioning is not None
+        if made.missing:
+            # Warned here, when the trace is made: the steps are kept, a part is not.
+            warnings.warn(
+                TraceFacts(missing=made.missing).missing_note()
+                + f" The {records.n_steps} recorded steps are complete.",
+                TraceIncompleteWarning,
+                stacklevel=4,  # _facts < result < the caller of result (trace())
+            )
         return TraceFacts(
             family=cast(FamilyName, self.family.name),
             pipeline=type(self.pipe).__name__,
@@ -498,8 +501,9 @@ class TraceContext:
             width=int(width),
             negative_prompt=self.negative_prompt,
             cfg_layout=CfgFacts(records.cfg.kind, list(records.cfg.halves)),
-            preview_source=self.preview_from if previews is not None else None,
-            preview_decoder=preview_decoder,
+            preview_source=self.preview_from if made.previews is not None else None,
+            preview_decoder=made.decoder,
+            preview_map=made.preview_map,
             token_indices=list(keep),
             token_segments=[tokens.segments[i] for i in keep] if tokens else None,
             token_words=[tokens.words[i] for i in keep] if tokens else None,
@@ -517,6 +521,7 @@ class TraceContext:
             timesteps_exact=timesteps_exact,
             unet_dtype=str(self.family.denoiser.dtype).replace("torch.", ""),
             versions=versions(),
+            missing=made.missing,
         )
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, get_args
 
 from diffwidget.records import NON_FINITE, JsonValue, MaxLen, Record
 from diffwidget.tracing.cfg import CfgKind, CfgLayout, Half
+from diffwidget.tracing.latent_rgb import LatentRgbMap
 from diffwidget.tracing.noise import NoiseFamily, PredictionSource, PredictionType
 
 #: Kind of each stored token position; start/end/pad are hidden by default in views.
@@ -55,6 +56,9 @@ TimestepDtype = Literal["float16", "bfloat16", "float32", "float64", "int32", "i
 ConditioningKind = Literal["rows", "batch_free", "none", "value"]
 #: The keyword whose tensor is stored as ``Trace.prompt_embeds``.
 TEXT_ARGUMENT = "encoder_hidden_states"
+
+#: Parts of a trace that can be missing when something failed after the denoising loop.
+MissingPart = Literal["image", "previews"]
 
 #: Bounds on what a file may claim (far above any pipeline's, far below a hostile file's).
 MAX_TEXT_TOKENS = 4096
@@ -128,6 +132,22 @@ class TextCut(Record):
     dropped: Annotated[list[Name], MaxLen(MAX_TEXT_TOKENS * 8)]
 
 
+class TraceIncompleteWarning(UserWarning):
+    """A trace was kept without a part that failed after the loop (``facts.missing``)."""
+
+
+@dataclass(frozen=True)
+class Missing(Record):
+    """A part of the trace that could not be made after the loop, and why.
+
+    The recorded steps are complete; ``reason`` is the error's text (e.g. the pipeline's VAE
+    decode running out of memory, which leaves the trace without its final image).
+    """
+
+    part: MissingPart
+    reason: Annotated[str, _NAME]
+
+
 @dataclass(frozen=True)
 class TraceFacts(Record):
     """Everything a trace records besides its arrays (``meta`` in the file).
@@ -158,6 +178,7 @@ class TraceFacts(Record):
     cfg_layout: CfgFacts | None = None
     preview_source: PredictionSource | None = None
     preview_decoder: Name | None = None
+    preview_map: LatentRgbMap | None = None
     token_indices: TokenInts | None = None
     token_segments: Annotated[list[Name], MaxLen(MAX_TEXT_TOKENS)] | None = None
     token_words: TokenInts | None = None
@@ -175,6 +196,7 @@ class TraceFacts(Record):
     timesteps_exact: StepFloats | None = None
     unet_dtype: Name | None = None
     versions: Annotated[dict[str, Name], MaxLen(64)] = field(default_factory=dict)
+    missing: Annotated[list[Missing], MaxLen(4)] = field(default_factory=list)
 
     def cfg(self, guidance_scale: float, n_rows: int) -> CfgLayout:
         """The CFG layout a replay uses (:meth:`~diffwidget.tracing.cfg.CfgLayout.replayed`).
@@ -205,6 +227,17 @@ class TraceFacts(Record):
     def attention_value(self) -> str:
         """What one stored attention value is (for colour scales and captions)."""
         return ATTENTION_VALUE[self.attention_normalisation]
+
+    def missing_note(self) -> str:
+        """One sentence per part of the trace that is missing, with the reason.
+
+        Examples
+        --------
+        >>> TraceFacts(missing=[Missing("image", "out of memory")]).missing_note()
+        'No final image: out of memory.'
+        """
+        what = {"image": "No final image", "previews": "No previews"}
+        return " ".join(f"{what[m.part]}: {m.reason.rstrip('.')}." for m in self.missing)
 
     def cut_note(self) -> str:
         """One sentence per text encoder that cut the prompt, naming the words it never saw.

@@ -17,6 +17,7 @@ from diffwidget.tracing.decode import PreviewDecoder
 from diffwidget.tracing.families import denoiser_family
 from diffwidget.tracing.lock import hold_pipeline, trace_task
 from diffwidget.tracing.noise import PredictionSource
+from diffwidget.tracing.preview_tap import reason
 from diffwidget.tracing.tokens import TokenSelection
 
 if TYPE_CHECKING:
@@ -84,19 +85,22 @@ def trace(
     seed : int
         Seeds a CPU ``torch.Generator``, so a seed gives the same image on any device.
     decode_previews : bool
-        Decode the predicted clean latent of every step (``Trace.previews``).
+        Keep an RGB preview of the predicted clean latent of every step (``Trace.previews``;
+        by default from a linear latent→RGB map, no VAE call per step).
     preview_from : {"guided", "cond"}
         Decode the previews from the guided model output (default) or from the
         conditional CFG half alone (see :class:`TraceContext`).
     memory_budget_mb : float
-        Refuse before running when the trace would store more than this.
+        Refuse before running when the trace would store more than this. It also refuses
+        (``InsufficientMemoryError``) when the pipeline's device or the host has less free
+        memory than the trace will allocate there (:meth:`TraceContext.memory_plan`).
     tokens : "default", "all" or list of int
         Token positions kept in the attention maps.
     attention_heads : bool
         Also keep every head's map (``Trace.attention_heads``), for the explorer's head
         filter; costs heads times more attention memory.
-    preview_decoder : {"auto", "vae", "tiny"}, folder or module
-        What decodes the previews (see :class:`~diffwidget.tracing.context.TraceContext`).
+    preview_decoder : {"auto", "linear", "vae", "tiny"}, folder or module
+        What makes the previews (see :class:`~diffwidget.tracing.context.TraceContext`).
     taps : sequence of Tap
         More taps to install for the run (:mod:`diffwidget.tracing.taps`), e.g. a
         :class:`~diffwidget.tracing.concepts.ConceptTap`; read them afterwards.
@@ -106,6 +110,9 @@ def trace(
     Returns
     -------
     Trace
+        When something fails after the denoising loop (the pipeline's VAE decode out of
+        memory, say), the trace keeps every recorded step; ``facts.missing`` names what it
+        lacks and why, and a ``TraceIncompleteWarning`` says so.
 
     Examples
     --------
@@ -167,18 +174,28 @@ def trace(
         taps=taps,
     )
     ctx.check_budget(num_inference_steps, height, width)
+    ctx.check_memory(num_inference_steps, height, width)
 
     generator = torch.Generator("cpu").manual_seed(seed)
-    # Held across the call and the previews' decode; the context takes it again (reentrant).
+    failure: str | None = None
+    # Held across the call and the previews; the context takes it again (reentrant).
     with hold_pipeline(pipe, trace_task(prompt)):
         with ctx:
-            output = pipe(
-                prompt,
-                num_inference_steps=num_inference_steps,
-                height=height,
-                width=width,
-                generator=generator,
-                output_type="np",
-                **call,
-            )
-        return ctx.result(image=np.asarray(output.images[0]))
+            try:
+                output = pipe(
+                    prompt,
+                    num_inference_steps=num_inference_steps,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    output_type="np",
+                    **call,
+                )
+            except Exception as error:
+                if not ctx.loop_done:
+                    raise
+                # After the loop (the VAE decode, a safety checker): the steps are kept.
+                # Only the text is kept, so the error's frames (and tensors) are freed.
+                failure = reason(error)
+        image = None if failure is not None else np.asarray(output.images[0])
+        return ctx.result(image=image, failure=failure)

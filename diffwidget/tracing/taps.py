@@ -14,6 +14,8 @@ kind          name                 what it sees, and how it attaches
                                    scheduler instance's ``step`` (a scheduler is no module)
 ``attention`` ``attention``        the text→image attention sites: capture processors that
                                    wrap the originals (diffusers' processor extension point)
+``decode``    ``vae.decode``       the pipeline's own VAE decode of the final latent, which the
+                                   previews' latent→RGB map is fitted on (with previews on)
 ============  ===================  ==========================================================
 
 and a user adds more (TransformerLens' hook points, diffusers' ``HookRegistry``):
@@ -39,7 +41,7 @@ Examples
 >>> norm = BlockTap("mid_block", reduce=lambda t: t.norm(), name="mid_norm")
 >>> ctx = TraceContext(pipe, prompt="a red circle", taps=[norm])
 >>> ctx.taps.names()
-['denoiser', 'scheduler.step', 'attention', 'mid_norm']
+['denoiser', 'scheduler.step', 'attention', 'vae.decode', 'mid_norm']
 >>> with ctx:
 ...     _ = pipe("a red circle", num_inference_steps=3, output_type="np")
 >>> [step for step, _ in norm.values]
@@ -70,7 +72,7 @@ if TYPE_CHECKING:
 
     from diffwidget.tracing.families.base import DenoiserCall, DenoiserFamily
 
-TapKind = Literal["call", "step", "attention", "block", "pooled", "loop"]
+TapKind = Literal["call", "step", "attention", "decode", "block", "pooled", "loop"]
 TAP_KINDS: tuple[str, ...] = get_args(TapKind)
 
 

@@ -7,7 +7,9 @@ header metadata carries the JSON part; arrays keep their dtype exactly.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -46,7 +48,32 @@ __all__ = [
     "Trace",
     "TraceFacts",
     "TraceFileError",
+    "TraceSaveError",
 ]
+
+
+class TraceSaveError(OSError):
+    """A trace that could not be written; nothing was left at the path, the trace is intact.
+
+    Examples
+    --------
+    >>> trace.save("/full-disk/run.safetensors")  # doctest: +SKIP
+    TraceSaveError: [Errno 28] could not save the trace to /full-disk/run.safetensors: No
+    space left on device. Nothing was written there and the trace in memory is intact: ...
+    """
+
+    def __init__(self, path: Path, error: BaseException) -> None:
+        code = getattr(error, "errno", None)
+        reason = getattr(error, "strerror", None) or str(error)
+        if code is None and "os error 28" in str(error).lower():  # safetensors' own IO errors
+            code, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        fix = "free some space" if code == errno.ENOSPC else "check the folder is writable"
+        super().__init__(
+            code or errno.EIO,
+            f"could not save the trace to {path}: {reason}. Nothing was written there and the "
+            f"trace in memory is intact: {fix} and save again, or save elsewhere "
+            "(trace.save('another/folder/run.safetensors'))",
+        )
 
 
 @dataclass
@@ -92,8 +119,10 @@ class Trace:
         attention on text).
     guidance_scale : float
         The pipeline's CFG scale ``w``.
-    previews : ndarray of uint8, shape (n_steps, H, W, 3), optional
-        Decoded ``pred_x0`` per step (requested with ``decode_previews=True``).
+    previews : ndarray of uint8, shape (n_steps, h, w, 3) or (n_steps, H, W, 3), optional
+        ``pred_x0`` per step as RGB (requested with ``decode_previews=True``): one pixel per
+        latent cell from the linear latent→RGB map (``facts.preview_map``), or one per image
+        pixel from a decoder (``facts.preview_decoder`` says which).
     image : ndarray of uint8, shape (H, W, 3), optional
         The final decoded image.
     attention_heads : dict of str to ndarray
@@ -161,12 +190,23 @@ class Trace:
     def save(self, path: str | Path) -> Path:
         """Write the trace to one ``.safetensors`` file (lossless).
 
+        The file is written beside ``path`` under a temporary name and renamed into place
+        only when complete, so a failed save (a full disk) leaves no partial file, and an
+        earlier file at ``path`` untouched.
+
+        Raises
+        ------
+        TraceSaveError
+            When the file cannot be written (its ``errno`` is the system's, e.g. ``ENOSPC``);
+            the trace in memory is unchanged and can be saved elsewhere.
+
         Examples
         --------
         >>> path = trace.save("run.safetensors")  # doctest: +SKIP
         >>> Trace.load(path).n_steps  # doctest: +SKIP
         20
         """
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         path = Path(path)
@@ -193,9 +233,16 @@ class Trace:
             attention_layers=list(self.attention),
             meta=self.facts,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Python's JSON: a scheduler config may hold -inf (NaN/Infinity tokens, read back).
-        save_file(arrays, str(path), metadata={META_KEY: json.dumps(header.to_json())})
+        metadata = {META_KEY: json.dumps(header.to_json())}
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(arrays, str(partial), metadata=metadata)
+            os.replace(partial, path)
+        except (OSError, SafetensorError) as error:
+            partial.unlink(missing_ok=True)
+            raise TraceSaveError(path, error) from error
         return path
 
     @classmethod

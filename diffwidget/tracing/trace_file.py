@@ -259,6 +259,8 @@ def check_layout(path: Path, header: TraceHeader, shapes: Shapes) -> None:
     for layer in header.attention_layers:
         _check_attention(fail, header, layer, shapes, (n, h, w))
     _check_facts(fail, header.meta, n, (h, w))
+    if "previews" in shapes:
+        _check_previews(fail, header.meta, shapes["previews"][1], (channels, h, w))
 
 
 def _check_array(fail: Callable, key: str, dtype: str, shape: tuple[int, ...]) -> None:
@@ -343,6 +345,31 @@ def _check_attention(
         heads[1][:1] + heads[1][2:] != shapes[key][1] or heads[1][1] > MAX_HEADS
     ):
         raise fail(f"per-head maps of {layer!r} have shape {heads[1]}, beside {shapes[key][1]}")
+
+
+def _check_previews(
+    fail: Callable, facts: TraceFacts, shape: tuple[int, ...], latent: tuple[int, int, int]
+) -> None:
+    """Previews lie on the latent grid (the linear map) or at the image size (a decoder)."""
+    channels, h, w = latent
+    grid = tuple(shape[1:3])
+    sizes = [(h, w)]
+    if facts.height is not None and facts.width is not None:
+        sizes.append((facts.height, facts.width))
+    elif facts.preview_map is None:
+        return  # older traces recorded no image size: any size within MAX_IMAGE_SIDE
+    if grid not in sizes:
+        raise fail(
+            f"array 'previews' is {grid[0]}×{grid[1]}, neither the {h}×{w} latent grid nor "
+            f"the recorded image size {sizes[-1][0]}×{sizes[-1][1]}"
+        )
+    mapped = facts.preview_map
+    if mapped is not None and (mapped.channels != channels or grid != (h, w)):
+        raise fail(
+            f"says the previews come from a {mapped.channels}-channel latent→RGB map, for "
+            f"{grid[0]}×{grid[1]} previews of a {channels}-channel {h}×{w} latent",
+            "meta.preview_map",
+        )
 
 
 def _check_facts(fail: Callable, facts: TraceFacts, n: int, grid: tuple[int, int]) -> None:

@@ -240,7 +240,9 @@ def test_x0_and_seeding_agree_with_a_traced_run(tiny_sd_pipe: Any) -> None:
 
     recorder = ActivationRecorder(decode_x0=True, progress=False)
     record = recorder.record(tiny_sd_pipe, PROMPTS[:2], seeds=[3, 11], num_inference_steps=STEPS)
-    traced = trace(tiny_sd_pipe, PROMPTS[1], seed=11, num_inference_steps=STEPS)
+    traced = trace(
+        tiny_sd_pipe, PROMPTS[1], seed=11, num_inference_steps=STEPS, preview_decoder="vae"
+    )
     assert traced.previews is not None
     assert record.x0_images is not None
     np.testing.assert_array_equal(record.timesteps, traced.timesteps)

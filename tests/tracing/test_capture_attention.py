@@ -114,8 +114,10 @@ def test_non_square_grids(tiny_sd_pipe: Any, height: int, width: int) -> None:
     traced = trace(tiny_sd_pipe, PROMPT, num_inference_steps=2, height=height, width=width)
     h, w = height // 2, width // 2
     assert traced.latent_shape == (h, w)
-    assert traced.previews.shape == (2, height, width, 3)
+    # The linear map's previews: one pixel per latent cell.
+    assert traced.previews.shape == (2, h, w, 3)
     assert traced.image.shape == (height, width, 3)
+    assert (traced.facts.height, traced.facts.width) == (height, width)
     for layer, maps in traced.attention.items():
         level = 0 if layer.startswith(("down_blocks.0", "up_blocks.1")) else 1
         assert maps.shape == (2, h >> level, w >> level, len(traced.tokens)), layer

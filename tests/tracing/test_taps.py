@@ -39,10 +39,13 @@ def run(pipe: Any, prompt: str | list[str] = PROMPT) -> Any:
 
 def test_a_trace_lists_its_taps(tiny_sd_pipe: Any) -> None:
     ctx = TraceContext(tiny_sd_pipe, prompt=PROMPT)
-    assert ctx.taps.names() == ["denoiser", "scheduler.step", "attention"]
+    assert ctx.taps.names() == ["denoiser", "scheduler.step", "attention", "vae.decode"]
     table = {info.name: info for info in ctx.taps.table()}
     assert table["denoiser"].kind == "call"
     assert table["scheduler.step"].kind == "step"
+    assert table["vae.decode"].kind == "decode"
+    no_previews = TraceContext(tiny_sd_pipe, prompt=PROMPT, decode_previews=False)
+    assert no_previews.taps.names() == ["denoiser", "scheduler.step", "attention"]
     assert table["attention"].paths == tuple(ctx.capture.layers)
     assert all(path.endswith("attn2") for path in table["attention"].paths)
     assert ctx.taps.names("attention") == ["attention"]

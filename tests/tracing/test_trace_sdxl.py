@@ -38,7 +38,7 @@ def test_sdxl_trace(tiny_sdxl_pipe: Any) -> None:
     assert len(traced.attention) == 8  # transformer_layers_per_block=(1, 2): two attn2 per block
     for layer, maps in traced.attention.items():
         assert maps.shape == (STEPS, 8, 12, len(traced.tokens)), layer
-    assert traced.previews.shape == (STEPS, 32, 48, 3)
+    assert traced.previews.shape == (STEPS, 16, 24, 3)  # one pixel per latent cell
 
 
 def test_sdxl_rows_sum_to_one(tiny_sdxl_pipe: Any) -> None:
