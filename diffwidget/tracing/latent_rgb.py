@@ -27,7 +27,7 @@ Examples
 --------
 >>> import numpy as np
 >>> latent = np.random.default_rng(0).normal(size=(4, 8, 8)).astype(np.float32)
->>> true = np.array([[0.2, 0.1, 0.0], [0.0, 0.3, 0.1], [0.1, 0.0, 0.2], [0.0, 0.0, 0.0]])
+>>> true = np.array([[0.1, 0.05, 0.0], [0.0, 0.1, 0.05], [0.05, 0.0, 0.1], [0.0, 0.0, 0.0]])
 >>> colours = np.clip(np.moveaxis(latent, 0, -1) @ true + 0.5, 0, 1)
 >>> fitted = fit_latent_rgb(latent, colours, source="pipeline decode")
 >>> bool(np.allclose(fitted.weights, true, atol=1e-4)), fitted.fit_psnr_db > 60

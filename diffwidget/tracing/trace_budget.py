@@ -95,6 +95,7 @@ class TraceBudget:
         Examples
         --------
         >>> from diffwidget.testing.tiny import tiny_sd_pipeline
+        >>> from diffwidget.tracing.context import TraceContext
         >>> ctx = TraceContext(tiny_sd_pipeline(), prompt="a red circle")
         >>> sorted(ctx.memory_plan(20, 32, 32).needs())
         ['cpu']
