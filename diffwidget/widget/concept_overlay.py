@@ -117,6 +117,13 @@ def compute_concept(
     The typed word's map, and when the word is one of the prompt's, every prompt word's (the
     same softmax). A tokenizer warning (a word it cannot read) ends up in the caption.
     Returns ``[]`` when ``progress`` asked to stop.
+
+    Examples
+    --------
+    >>> request = ConceptRequest("dog", 3)
+    >>> entries = compute_concept(pipe, trace, request, lambda d, t: True)  # doctest: +SKIP
+    >>> entries[0].map.shape  # the latent grid  # doctest: +SKIP
+    (16, 16)
     """
     from diffwidget.explain.concept_maps import ConceptMaps
 
@@ -142,7 +149,13 @@ def compute_concept(
 
 
 def concept_caption(result: ConceptMapsResult, word: str, trace: Trace) -> str:
-    """What one word's map at one step shows: scores, words, layers, step, normalisation."""
+    """What one word's map at one step shows: scores, words, layers, step, normalisation.
+
+    Examples
+    --------
+    >>> concept_caption(result, "dog", trace)  # doctest: +SKIP
+    'concept map of “dog” at step 3 (t = 501): ConceptAttention output-space scores (...'
+    """
     step = result.steps[0]
     layers = result.default_layers()
     others = ", ".join(w for w in result.words if w != word)
