@@ -148,6 +148,12 @@ export function controlsView(
     event.preventDefault();
     if (word.value.trim()) requestConcept(model, word.value);
   };
+  const onWordKey = (event: KeyboardEvent): void => {
+    // Typing is for the box: not the slider's keys (space plays, arrows step) nor the
+    // notebook's shortcuts, which would also swallow Enter.
+    event.stopPropagation();
+    if (event.key === "Enter") onConcept(event);
+  };
   const onPng = (): void => {
     const target = canvas();
     if (target) exportPng(target, `diffwidget-step-${model.get("step")}.png`);
@@ -161,6 +167,7 @@ export function controlsView(
   exact.addEventListener("click", onExact);
   png.addEventListener("click", onPng);
   concept.addEventListener("submit", onConcept);
+  word.addEventListener("keydown", onWordKey);
   const off = onChanges(
     model,
     [

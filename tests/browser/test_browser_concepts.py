@@ -51,8 +51,10 @@ def test_lab_typed_concept_word_is_mapped_and_shown_as_text(jupyter_server, page
     caption = browser_page.inner_text(".dw-caption")
     assert "concept map of “dog”" in caption
     assert "ConceptAttention output-space scores" in caption
-    # A word that is markup is mapped too, and shown only as text.
-    browser_page.fill(".dw-concept-word", HOSTILE)
+    # A word that is markup is mapped too, and shown only as text. Typed key by key: the
+    # space goes into the box (not to the slider's play key) and Enter submits it.
+    browser_page.fill(".dw-concept-word", "")
+    browser_page.locator(".dw-concept-word").press_sequentially(HOSTILE)
     browser_page.press(".dw-concept-word", "Enter")
     wait_for_json(state, lambda s: s["concept"] == HOSTILE and s["status"] == "done", 120)
     browser_page.wait_for_function(
