@@ -149,6 +149,11 @@ class ExplorerWork:
             return on_latent(
                 self.attention_result, view.step, view.token or 0, self.trace.latent_shape
             )
+        if view.overlay == CONCEPT:
+            raise ValueError(
+                "faithfulness judges a map of the prediction; a concept map is of a word "
+                "(choose attention or a saliency method)"
+            )
         if view.overlay not in schema.HEAVY_OVERLAYS:
             raise ValueError("choose an overlay first: faithfulness judges the map shown")
         result = self.cached(view.overlay).get(view.step)

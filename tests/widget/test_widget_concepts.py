@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -105,18 +106,35 @@ def test_a_hostile_word_is_text_and_bad_words_are_refused(tiny_sd_pipe, tiny_tra
         explorer.close()
 
 
-def test_cancel_drops_the_concept_map(tiny_sd_pipe, tiny_trace):
+def test_cancel_drops_the_concept_map(tiny_sd_pipe, tiny_trace, monkeypatch):
+    from diffwidget.explain.concept_maps import ConceptMaps
+
+    original = ConceptMaps.attribute
+    started, release = threading.Event(), threading.Event()
+
+    def held(self, pipe, trace, progress=None):
+        started.set()  # running: cancel arrives while the step is computed
+        release.wait(WAIT_S)
+        return original(self, pipe, trace, progress)
+
+    monkeypatch.setattr(ConceptMaps, "attribute", held)
     explorer = Explorer(tiny_trace, pipe=tiny_sd_pipe)
     try:
         future = explorer.compute_concept("cat", 1)
+        queued = explorer.compute_concept("cat", 2)
+        assert started.wait(WAIT_S)
         explorer.cancel()
-        assert explorer.status == "cancelled"
-        if not future.cancelled():
-            assert future.result(WAIT_S) is None  # stopped, nothing stored
+        release.set()
+        assert future.result(WAIT_S) is None  # stopped, nothing stored
+        assert queued.cancelled()
+        wait_until(lambda: explorer.status == "cancelled")
         assert _shown(explorer) is None
-        wait_until(lambda: explorer.widget.status != "running")
         assert explorer._concepts.get("cat", 1) is None
+        explorer.overlay = "concept"
+        with pytest.raises(ValueError, match="a concept map is of a word"):
+            explorer.faithfulness()
     finally:
+        release.set()
         explorer.close()
 
 
