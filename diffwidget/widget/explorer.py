@@ -23,6 +23,7 @@ from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
+from diffwidget.widget.concept_overlay import CONCEPT, FUNCTION_WORDS, ConceptCache
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
 from diffwidget.widget.jobs import Jobs
@@ -40,11 +41,6 @@ if TYPE_CHECKING:
     from diffwidget.explain.results import SaliencyMap
 
 NoisyDecoder = Literal["linear", "vae"]
-#: Words that carry no content of their own; the default token is the first other word.
-FUNCTION_WORDS = frozenset(
-    {"a", "an", "the", "of", "on", "in", "at", "to", "and", "or", "with", "by", "for", "from"}
-    | {"is", "are", "its", "it", "this", "that"}
-)
 #: Seconds ``close()`` waits for the worker thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 OVERLAY_LABELS = schema.OVERLAY_LABELS
@@ -146,6 +142,7 @@ class Explorer(ExplorerWork):
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
         self._closed = False
+        self._concepts = ConceptCache()
         self.widget = ExplorerWidget()
         self._views = AttentionViews(trace, attention, self.widget)
         #: The attention shown under the current filter, on its own grid (``None`` without).
@@ -165,7 +162,7 @@ class Explorer(ExplorerWork):
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
         self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
         self.widget.on_message("buffers_missing", lambda _content: self.widget.use_base64())
-        self.widget.observe(self._maybe_request, names=["overlay", "step"])
+        self.widget.observe(self._maybe_request, names=["overlay", "step", "concept"])
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
         self.widget.observe(self._refresh_grid, names=["grid"])
@@ -264,6 +261,8 @@ class Explorer(ExplorerWork):
         for kind in schema.HEAVY_OVERLAYS:
             if kind in self._methods or self._cache[kind]:
                 available.append(kind)
+        if self.pipe is not None:
+            available.append(CONCEPT)
         self.widget.available = available
         actions = ["cancel", "buffers_missing"]
         if self._evaluator is not None or self.pipe is not None:
@@ -496,6 +495,11 @@ class Explorer(ExplorerWork):
 
     def _maybe_request(self, _change: Any) -> None:
         kind = self.widget.overlay
+        if getattr(_change, "name", "") == "concept":
+            self._sync_concept()
+        if kind == CONCEPT:
+            self._request_concept()
+            return
         if kind not in schema.HEAVY_OVERLAYS:
             return
         step = int(self.widget.step)

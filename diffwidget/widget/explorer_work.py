@@ -18,6 +18,13 @@ import numpy as np
 
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, encode_array
+from diffwidget.widget.concept_overlay import (
+    CONCEPT,
+    ConceptCache,
+    ConceptEntry,
+    ConceptRequest,
+    compute_concept,
+)
 from diffwidget.widget.jobs import Jobs, Request
 from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
@@ -109,6 +116,7 @@ class ExplorerWork:
     _curves: list[tuple[dict[str, Any], np.ndarray]]
     #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
     commitment: CommitmentCurves | None
+    _concepts: ConceptCache
 
     def add_curve(
         self, name: str, values: Any, group: str = "concept_auc", token: int | None = None
@@ -171,6 +179,11 @@ class ExplorerWork:
             # Kept on its own grid; judged on the latent grid, as the view shows it.
             return on_latent(
                 self.attention_result, view.step, view.token or 0, self.trace.latent_shape
+            )
+        if view.overlay == CONCEPT:
+            raise ValueError(
+                "faithfulness judges a map of the prediction; a concept map is of a word "
+                "(choose attention or a saliency method)"
             )
         if view.overlay not in schema.HEAVY_OVERLAYS:
             raise ValueError("choose an overlay first: faithfulness judges the map shown")
@@ -291,9 +304,91 @@ class ExplorerWork:
             self.add_curve(name, values, group="concept_auc")
         return curves
 
+    # ----------------------------------------------------------------- concept maps
+    @property
+    def concept(self) -> str:
+        """The word whose concept map the "concept" overlay shows ('' = none).
+
+        Any word or short phrase, in the prompt or not; setting it (and ``overlay =
+        "concept"``) computes its map at the step shown, as typing it in the view does.
+        """
+        return str(self.widget.concept)
+
+    @concept.setter
+    def concept(self, value: str) -> None:
+        try:
+            value = schema.validate_incoming("concept", value, self.widget.bounds())
+        except schema.InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        self.widget.concept = value
+
+    def compute_concept(self, word: str, step: int | None = None) -> Future:
+        """The concept map of ``word`` at ``step`` (default: the current one), in the background.
+
+        ConceptAttention (:class:`~diffwidget.explain.concept_maps.ConceptMaps`): the step is
+        replayed with the word and the prompt's content words as concept tokens; the
+        future holds the word's :class:`~diffwidget.widget.concept_overlay.ConceptEntry`
+        (``None`` if cancelled). Cached per word and step; ``cancel()`` stops it.
+
+        Examples
+        --------
+        >>> explorer.compute_concept("dog").result().map.shape  # doctest: +SKIP
+        (16, 16)
+        """
+        if self.pipe is None:
+            raise RuntimeError(
+                "concept maps need the pipeline: create the explorer with "
+                "Explorer(trace, pipe=pipe)"
+            )
+        word = schema.validate_incoming("concept", word, self.widget.bounds())
+        if not word:
+            raise ValueError("type a concept word, e.g. explorer.compute_concept('dog')")
+        step = schema.validate_incoming(
+            "step", self.step if step is None else step, self.widget.bounds()
+        )
+        cached = self._concepts.get(word, step)
+        if cached is not None:
+            done: Future = Future()
+            done.set_result(cached)
+            return done
+        return self._jobs.submit(ConceptRequest(word, step), explicit=True)
+
+    def _request_concept(self) -> None:
+        word = str(self.widget.concept)
+        if not word or self._concepts.get(word, self.step) is not None:
+            return
+        if self.pipe is None:
+            self.widget.error = (
+                "concept maps are computed by the pipeline; create the explorer with "
+                "Explorer(trace, pipe=pipe)"
+            )
+            return
+        self._jobs.submit(ConceptRequest(word, self.step), explicit=False)
+
+    def _sync_concept(self) -> None:
+        shown = self._concepts.overlay_set(str(self.widget.concept))
+        overlays = dict(self.widget.overlays)
+        if shown is None:
+            overlays.pop(CONCEPT, None)
+        else:
+            overlays[CONCEPT] = shown.to_json()
+        self.widget.publish("overlays", overlays)
+
+    def _run_concept(
+        self, request: Request, work: ConceptRequest, progress: Callable[[int, int], bool]
+    ) -> ConceptEntry | None:
+        entries = compute_concept(self.pipe, self.trace, work, progress)
+        if request.cancel.is_set() or not entries:
+            return None
+        self._concepts.store(entries)
+        self._sync_concept()
+        return next(e for e in entries if e.word == work.word)
+
     # ----------------------------------------------------------------- the worker
     def _run(self, request: Request, progress: Callable[[int, int], bool]) -> Any:
         work = request.work
+        if isinstance(work, ConceptRequest):
+            return self._run_concept(request, work, progress)
         if isinstance(work, OverlayRequest):
             method = self._method(work.overlay)
             result = method.attribute(self.pipe, self.trace, work.step, progress=progress)

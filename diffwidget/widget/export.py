@@ -234,8 +234,8 @@ class ExportPlan:
 def standalone_state(state: dict[str, Any]) -> dict[str, Any]:
     """The widget state as exported: no running work, only what has data, fixed filters."""
     state = dict(state)
-    offline = [k for k in state["available"] if k not in schema.HEAVY_OVERLAYS]
-    offline += [k for k in schema.HEAVY_OVERLAYS if k in state["overlays"]]
+    offline = [k for k in state["available"] if k not in schema.COMPUTED_OVERLAYS]
+    offline += [k for k in schema.COMPUTED_OVERLAYS if k in state["overlays"]]
     state.update(available=offline, status="idle", progress=0.0, error="", actions=[])
     if state["overlay"] not in offline:
         state["overlay"] = "none"

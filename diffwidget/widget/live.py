@@ -122,7 +122,7 @@ def page_facts() -> dict[str, Any]:
     ['function_words', 'normalisation_text', 'preferred_resolution', 'scales']
     """
     from diffwidget.tracing.facts import ATTENTION_VALUE
-    from diffwidget.widget.explorer import FUNCTION_WORDS
+    from diffwidget.widget.concept_overlay import FUNCTION_WORDS
     from diffwidget.widget.reporting import scale_infos
 
     return {

@@ -305,3 +305,67 @@ class GridData:
                     )
                 )
         return replace(self, groups=groups, steps=list(positions))
+
+
+@dataclass(frozen=True)
+class OverlaySet:
+    """Computed overlay maps of one kind for the steps computed so far.
+
+    Attributes
+    ----------
+    steps : list of int
+        Loop index of each map.
+    maps : ndarray of float32, shape (K, h, w)
+        The maps shown, in [0, 1] (sent as uint8 codes, one step of 1/255).
+    ranges : list of [float, float]
+        Each map's values at the two ends of its colour scale.
+    layer : str
+        The per-layer map shown ('' = the method's combination of its layers).
+    descriptions : list of str
+        One caption per map.
+    """
+
+    steps: list[int]
+    maps: np.ndarray
+    ranges: list[tuple[float, float]]
+    layer: str
+    descriptions: list[str]
+
+    def __post_init__(self) -> None:
+        k = len(self.steps)
+        if self.maps.ndim != 3 or self.maps.shape[0] != k:
+            raise PayloadError(f"maps must be [K, h, w] with K = {k}, got {list(self.maps.shape)}")
+        if len(self.ranges) != k or len(self.descriptions) != k:
+            raise PayloadError("an overlay set needs one range and one caption per step")
+
+    def to_json(self) -> dict[str, Any]:
+        """The trait value (``OverlaySet`` in schema.ts)."""
+        codes = np.rint(np.clip(np.nan_to_num(self.maps), 0.0, 1.0) * UINT8_MAX).astype(np.uint8)
+        return {
+            "steps": [int(s) for s in self.steps],
+            "maps": _encode(codes, np.ones(len(self.steps), np.float32)),
+            "ranges": [[float(low), float(high)] for low, high in self.ranges],
+            "layer": self.layer,
+            "descriptions": list(self.descriptions),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> OverlaySet:
+        """Read a trait value back, every field checked."""
+        codes, scale = _quantised(_field(value, "maps", Mapping), 3, "overlay maps")
+        ranges = _field(value, "ranges", (list, tuple))
+        if not all(
+            isinstance(r, (list, tuple))
+            and len(r) == 2
+            and all(isinstance(v, (int, float)) for v in r)
+            for r in ranges
+        ):
+            raise PayloadError("payload field 'ranges' must be a list of [low, high] pairs")
+        maps = codes.astype(np.float32) / UINT8_MAX * scale[:, None, None]
+        return cls(
+            _ints(value, "steps"),
+            maps,
+            [(float(r[0]), float(r[1])) for r in ranges],
+            _field(value, "layer", str),
+            _strings(value, "descriptions"),
+        )

@@ -15,6 +15,7 @@ import numpy as np
 from diffwidget.explain.protocol import METHOD_VALUES
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import encode_array
+from diffwidget.widget.concept_overlay import CONCEPT, CONCEPT_SCALE
 
 
 def scale_infos(attention_value: str) -> dict[str, dict[str, str]]:
@@ -35,6 +36,7 @@ def scale_infos(attention_value: str) -> dict[str, dict[str, str]]:
             "meaning": METHOD_VALUES.get(kind, "saliency"),
             "normalisation": "min–max normalised per step; the raw range is shown beside it",
         }
+    infos[CONCEPT] = dict(CONCEPT_SCALE)
     return infos
 
 

@@ -17,13 +17,17 @@ from typing import Any, Literal, get_args
 
 import traitlets
 
+from diffwidget.explain.concept_results import WORD
 from diffwidget.explain.protocol import METHOD_LABELS, SaliencyMethodName
 from diffwidget.widget.payload_types import TS_PAYLOADS
 
-#: Overlays: none, token attention (from the trace), and every registered saliency method.
-OverlayKind = Literal["none", "attention", SaliencyMethodName]
+#: Overlays: none, token attention (from the trace), every registered saliency method, and
+#: the concept map of a typed word.
+OverlayKind = Literal["none", "attention", SaliencyMethodName, "concept"]
 #: Overlays computed on request in the kernel (the registered saliency methods).
 HeavyOverlay = SaliencyMethodName
+#: Overlays whose maps the kernel computes per step and sends in ``overlays``.
+ComputedOverlay = Literal[SaliencyMethodName, "concept"]
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
 CurveGroup = Literal["attention_mass", "token_relevance", "concept_auc", "faithfulness"]
@@ -35,6 +39,7 @@ FrontendMessage = Literal["cancel", "faithfulness", "decode_step", "buffers_miss
 
 OVERLAY_KINDS: tuple[str, ...] = get_args(OverlayKind)
 HEAVY_OVERLAYS: tuple[str, ...] = get_args(HeavyOverlay)
+COMPUTED_OVERLAYS: tuple[str, ...] = (*HEAVY_OVERLAYS, "concept")
 STATUSES: tuple[str, ...] = get_args(Status)
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 CURVE_GROUPS: tuple[str, ...] = get_args(CurveGroup)
@@ -47,7 +52,10 @@ OVERLAY_LABELS: dict[str, str] = {
     "none": "no overlay",
     "attention": "token cross-attention",
     **METHOD_LABELS,
+    "concept": "concept map",
 }
+#: The longest concept word the view may send (the concept maps' own limit).
+CONCEPT_MAX_CHARS = WORD.n
 #: Colour map of every overlay: matplotlib's inferno at eight evenly spaced points
 #: (perceptually uniform, readable in greyscale). The PNG snapshot uses the same stops.
 COLORMAP_NAME = "inferno"
@@ -86,6 +94,7 @@ MEAN_OVER_HEADS = -1
 ENUMS: dict[str, tuple[str, ...]] = {
     "OverlayKind": OVERLAY_KINDS,
     "HeavyOverlay": HEAVY_OVERLAYS,
+    "ComputedOverlay": COMPUTED_OVERLAYS,
     "Status": STATUSES,
     "ImageMode": IMAGE_MODES,
     "CurveGroup": CURVE_GROUPS,
@@ -94,7 +103,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "FrontendMessage": FRONTEND_MESSAGES,
 }
 
-TraitKind = Literal["int", "float", "bool", "str", "enum", "str_list", "int_list", "json"]
+TraitKind = Literal["int", "float", "bool", "str", "text", "enum", "str_list", "int_list", "json"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,14 @@ TRAITS: tuple[TraitSpec, ...] = (
         "",
         True,
         "Layer of a saliency method's per-layer maps shown ('' = the method's combination).",
+    ),
+    TraitSpec(
+        "concept",
+        "text",
+        "",
+        True,
+        "Word (any, in the prompt or not) whose concept map the 'concept' overlay shows; "
+        "'' = none.",
     ),
     TraitSpec(
         "grid",
@@ -219,8 +236,9 @@ TRAITS: tuple[TraitSpec, ...] = (
         "json",
         {},
         False,
-        "Computed heavy overlays per kind: maps uint8 [K, h, w] for the listed steps.",
-        ts_type="Partial<Record<HeavyOverlay, OverlaySet>>",
+        "Computed overlays per kind: maps uint8 [K, h, w] for the listed steps (the concept "
+        "map's are of the word in `concept`).",
+        ts_type="Partial<Record<ComputedOverlay, OverlaySet>>",
     ),
     TraitSpec(
         "layer_options",
@@ -299,6 +317,7 @@ def _ts_type(spec: TraitSpec) -> str:
         "float": "number",
         "bool": "boolean",
         "str": "string",
+        "text": "string",
         "str_list": "string[]",
         "int_list": "number[]",
     }[spec.kind]
@@ -330,6 +349,7 @@ def typescript() -> str:
         f"export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [{stops}];"
     )
     lines.append(f"export const MEAN_OVER_HEADS = {MEAN_OVER_HEADS};")
+    lines.append(f"export const CONCEPT_MAX_CHARS = {CONCEPT_MAX_CHARS};")
     palette = ", ".join(f'"{c}"' for c in CURVE_PALETTE)
     lines.append(f"export const CURVE_PALETTE: readonly string[] = [{palette}];")
     for name, table in (
@@ -380,7 +400,7 @@ def build_traits() -> dict[str, traitlets.TraitType]:
             trait = traitlets.Float(spec.default)
         elif spec.kind == "bool":
             trait = traitlets.Bool(spec.default)
-        elif spec.kind == "str":
+        elif spec.kind in ("str", "text"):
             trait = traitlets.Unicode(spec.default)
         elif spec.kind == "enum":
             assert spec.enum is not None
@@ -483,12 +503,37 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
         if not isinstance(value, str) or value not in allowed:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {list(allowed)}")
         return value
+    if spec.kind == "text":
+        return validate_concept(value)
     if spec.kind == "str":
         allowed_values = ["", *bounds.choices.get(name, ())]
         if not isinstance(value, str) or value not in allowed_values:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {allowed_values}")
         return value
     raise InvalidInput(f"the view may not set {name!r}")
+
+
+def validate_concept(value: Any) -> str:
+    """A concept word typed in the view, checked: whitespace collapsed, length capped.
+
+    ``""`` clears the word. Raises :class:`InvalidInput` saying what is accepted.
+
+    Examples
+    --------
+    >>> validate_concept("  red   circle ")
+    'red circle'
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(f"the concept word must be text, got {type(value).__name__}")
+    text = " ".join(value.split())
+    if len(text) > CONCEPT_MAX_CHARS:
+        raise InvalidInput(
+            f"a concept of {len(text)} characters is too long; type a word or a short phrase "
+            f"(at most {CONCEPT_MAX_CHARS} characters)"
+        )
+    if any(not ch.isprintable() for ch in text):
+        raise InvalidInput("the concept word has control characters; type plain text")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

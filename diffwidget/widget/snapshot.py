@@ -74,7 +74,7 @@ def shown_map(widget: ExplorerWidget) -> tuple[np.ndarray, float, float] | None:
         row = attention.steps.index(step)
         values = attention.codes[row, int(widget.token)].astype(np.float32) / 255
         return values, 0.0, float(attention.scale[row, int(widget.token)])
-    overlay = widget.overlays.get(kind) if kind in schema.HEAVY_OVERLAYS else None
+    overlay = widget.overlays.get(kind) if kind in schema.COMPUTED_OVERLAYS else None
     if overlay is None or step not in overlay["steps"]:
         return None
     index = overlay["steps"].index(step)
@@ -157,7 +157,7 @@ def summary_line(widget: ExplorerWidget) -> str:
     parts.append(f"overlay {schema.OVERLAY_LABELS[widget.overlay]}")
     if widget.overlay == "attention":
         parts.append(f"token {widget.tokens[int(widget.token)]!r}")
-    for kind in schema.HEAVY_OVERLAYS:
+    for kind in schema.COMPUTED_OVERLAYS:
         steps = sorted(widget.overlays.get(kind, {}).get("steps", []))
         if steps:
             parts.append(f"{schema.OVERLAY_LABELS[kind]} at {_steps_text(steps)}")

@@ -1,4 +1,4 @@
-import { isHeavy } from "./data";
+import { isComputed, isHeavy } from "./data";
 import type { Model } from "./model";
 import { OVERLAY_LABELS, type OverlayKind, type WidgetState } from "./schema";
 
@@ -89,6 +89,13 @@ export function setValue<K extends Settable>(model: Model, key: K, value: Widget
   model.save_changes();
 }
 
+/** Show the concept map of `word` (the kernel checks it and computes the map). */
+export function requestConcept(model: Model, word: string): void {
+  model.set("concept", word.trim());
+  model.set("overlay", "concept");
+  model.save_changes();
+}
+
 /** Ask the kernel to stop the running computation. */
 export function requestCancel(model: Model): void {
   model.send({ kind: "cancel" });
@@ -150,6 +157,7 @@ export function captionText(
     | "descriptions"
     | "overlays"
     | "attention"
+    | "concept"
   >,
 ): string {
   const n = state.timesteps.length;
@@ -161,11 +169,15 @@ export function captionText(
     const token = state.tokens[state.token] ?? "?";
     const what = state.attention?.description ?? "waiting for the kernel to send this filter";
     parts.push(`Overlay for token “${token}”: ${what}.`);
-  } else if (isHeavy(state.overlay)) {
+  } else if (isComputed(state.overlay)) {
     const set = state.overlays[state.overlay];
     const index = set ? set.steps.indexOf(step) : -1;
     if (set && index >= 0) parts.push(`Overlay: ${set.descriptions[index] ?? ""}.`);
-    else parts.push(`${overlayName(state.overlay)} is not computed for step ${step} yet.`);
+    else if (state.overlay === "concept" && !state.concept) {
+      parts.push("Type a word (any word, in the prompt or not) to see its concept map.");
+    } else if (state.overlay === "concept") {
+      parts.push(`The concept map of “${state.concept}” is not computed for step ${step} yet.`);
+    } else parts.push(`${overlayName(state.overlay)} is not computed for step ${step} yet.`);
   }
   return parts.join(" ");
 }

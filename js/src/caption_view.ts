@@ -19,6 +19,7 @@ export function captionView(model: Model, el: HTMLElement): Cleanup {
       descriptions: model.get("descriptions"),
       overlays: model.get("overlays"),
       attention: shownAttention(model),
+      concept: model.get("concept"),
     });
   };
   const off = onChanges(
@@ -36,6 +37,7 @@ export function captionView(model: Model, el: HTMLElement): Cleanup {
       "attention_filtered",
       "attention_layer",
       "attention_head",
+      "concept",
     ],
     update,
   );

@@ -1,8 +1,9 @@
-import { overlayName, requestAction, setValue } from "./actions";
+import { overlayName, requestAction, requestConcept, setValue } from "./actions";
 import { isHeavy } from "./data";
 import { exportPng } from "./image_view";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 import {
+  CONCEPT_MAX_CHARS,
   IMAGE_MODES,
   type ImageMode,
   type LayerOption,
@@ -62,7 +63,19 @@ export function controlsView(
   png.setAttribute("aria-label", "save the current view as PNG");
   const opacityLabel = h("label", "dw-opacity-label", "opacity ");
   opacityLabel.appendChild(opacity);
-  row.append(mode, overlay, layer, head, opacityLabel, grid, exact, png);
+  // Any word, mapped in the kernel (ConceptAttention); shown only as text.
+  const concept = h("form", "dw-concept");
+  const word = h("input", "dw-concept-word");
+  word.type = "text";
+  word.maxLength = CONCEPT_MAX_CHARS;
+  word.placeholder = "concept word";
+  word.setAttribute("aria-label", "concept word");
+  const mapWord = h("button", "dw-concept-map", "map");
+  mapWord.type = "submit";
+  mapWord.title = "Show where this word is at this step (ConceptAttention concept map)";
+  mapWord.setAttribute("aria-label", "map this concept word");
+  concept.append(word, mapWord);
+  row.append(mode, overlay, layer, head, opacityLabel, concept, grid, exact, png);
   el.appendChild(row);
 
   const gridSource = (): OverlayKind => {
@@ -107,6 +120,9 @@ export function controlsView(
     grid.hidden = gridSource() === "none";
     exact.hidden =
       !model.get("actions").includes("decode_step") || model.get("image_mode") !== "x0";
+    // A kernel-less export shows the maps it holds but cannot map new words.
+    concept.hidden = !available.includes("concept") || !model.get("actions").includes("cancel");
+    if (document.activeElement !== word) word.value = model.get("concept");
   };
   const onOverlay = (): void => {
     const kind = overlay.value as OverlayKind;
@@ -128,6 +144,16 @@ export function controlsView(
   const onGrid = (): void =>
     setValue(model, "grid", model.get("grid") === "none" ? gridSource() : "none");
   const onExact = (): void => requestAction(model, "decode_step");
+  const onConcept = (event: Event): void => {
+    event.preventDefault();
+    if (word.value.trim()) requestConcept(model, word.value);
+  };
+  const onWordKey = (event: KeyboardEvent): void => {
+    // Typing is for the box: not the slider's keys (space plays, arrows step) nor the
+    // notebook's shortcuts, which would also swallow Enter.
+    event.stopPropagation();
+    if (event.key === "Enter") onConcept(event);
+  };
   const onPng = (): void => {
     const target = canvas();
     if (target) exportPng(target, `diffwidget-step-${model.get("step")}.png`);
@@ -140,6 +166,8 @@ export function controlsView(
   grid.addEventListener("click", onGrid);
   exact.addEventListener("click", onExact);
   png.addEventListener("click", onPng);
+  concept.addEventListener("submit", onConcept);
+  word.addEventListener("keydown", onWordKey);
   const off = onChanges(
     model,
     [
@@ -153,6 +181,7 @@ export function controlsView(
       "saliency_layer",
       "grid",
       "actions",
+      "concept",
     ],
     update,
   );

@@ -1,6 +1,7 @@
 import type {
   ArrayPayload,
   AttentionSet,
+  ComputedOverlay,
   FaithfulnessEntry,
   GridData,
   GridGroup,
@@ -8,7 +9,7 @@ import type {
   OverlayKind,
   WidgetState,
 } from "./schema";
-import { HEAVY_OVERLAYS, MEAN_OVER_HEADS } from "./schema";
+import { COMPUTED_OVERLAYS, HEAVY_OVERLAYS, MEAN_OVER_HEADS } from "./schema";
 
 /** A map on its own grid, 0..255 where 255 is the map's own maximum. */
 export interface MapSlice {
@@ -24,9 +25,14 @@ export interface RgbFrame {
   rgb: Uint8Array;
 }
 
-/** Whether an overlay kind is computed on request in the kernel. */
+/** Whether an overlay kind is a saliency method computed on request in the kernel. */
 export function isHeavy(kind: string): kind is HeavyOverlay {
   return (HEAVY_OVERLAYS as readonly string[]).includes(kind);
+}
+
+/** Whether an overlay kind's maps come in `overlays` (saliency methods, concept maps). */
+export function isComputed(kind: string): kind is ComputedOverlay {
+  return (COMPUTED_OVERLAYS as readonly string[]).includes(kind);
 }
 
 /** Number of elements of an array of this shape. */
@@ -292,10 +298,10 @@ export function scaleAt(payload: ArrayPayload | null, index: number): number {
   return float32Of(scale)[index] ?? 1;
 }
 
-/** The heavy overlay map of `kind` at `step`, if it has been computed. */
+/** The computed overlay map of `kind` at `step`, if it has been computed. */
 export function heavyAt(
   overlays: WidgetState["overlays"],
-  kind: HeavyOverlay,
+  kind: ComputedOverlay,
   step: number,
 ): MapSlice | null {
   const set = overlays?.[kind];
@@ -314,7 +320,7 @@ export function overlayMap(
   const kind: OverlayKind = state.overlay;
   if (kind === "none") return null;
   if (kind === "attention") return attentionAt(state.attention, state.step, state.token);
-  return heavyAt(state.overlays, kind, state.step);
+  return isComputed(kind) ? heavyAt(state.overlays, kind, state.step) : null;
 }
 
 /** The values at the low and high end of the colour scale for the shown map. */
@@ -328,7 +334,7 @@ export function scaleRange(
     const row = set ? set.steps.indexOf(state.step) : -1;
     return [0, scaleAt(set?.maps ?? null, row * t + state.token)];
   }
-  if (!isHeavy(state.overlay)) return null;
+  if (!isComputed(state.overlay)) return null;
   const set = state.overlays[state.overlay];
   const index = set?.steps.indexOf(state.step) ?? -1;
   return set && index >= 0 ? (set.ranges[index] ?? [0, 1]) : null;

@@ -159,7 +159,8 @@ export function faithfulnessView(model: Model, el: HTMLElement): Cleanup {
       saliency_layer: model.get("saliency_layer"),
     });
     const canCompute = model.get("actions").includes("faithfulness");
-    box.hidden = overlay === "none" || (!entry && !canCompute);
+    // Insertion/deletion judges a map of the prediction; a concept map is of a word.
+    box.hidden = overlay === "none" || overlay === "concept" || (!entry && !canCompute);
     button.hidden = !canCompute || entry !== null;
     button.disabled = model.get("status") === "running";
     plot.style.display = entry ? "" : "none";

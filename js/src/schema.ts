@@ -1,11 +1,14 @@
 // Generated from diffwidget/widget/schema.py; do not edit.
 // Regenerate with `python -m diffwidget.widget.schema`.
 
-export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion";
-export const OVERLAY_KINDS: readonly OverlayKind[] = ["none", "attention", "df_rise", "df_cam", "occlusion"];
+export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion" | "concept";
+export const OVERLAY_KINDS: readonly OverlayKind[] = ["none", "attention", "df_rise", "df_cam", "occlusion", "concept"];
 
 export type HeavyOverlay = "df_rise" | "df_cam" | "occlusion";
 export const HEAVY_OVERLAYS: readonly HeavyOverlay[] = ["df_rise", "df_cam", "occlusion"];
+
+export type ComputedOverlay = "df_rise" | "df_cam" | "occlusion" | "concept";
+export const COMPUTED_OVERLAYS: readonly ComputedOverlay[] = ["df_rise", "df_cam", "occlusion", "concept"];
 
 export type Status = "idle" | "running" | "done" | "cancelled" | "error";
 export const STATUSES: readonly Status[] = ["idle", "running", "done", "cancelled", "error"];
@@ -26,11 +29,12 @@ export type FrontendMessage = "cancel" | "faithfulness" | "decode_step" | "buffe
 export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel", "faithfulness", "decode_step", "buffers_missing"];
 
 /** Human names of the overlays. */
-export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM", occlusion: "Occlusion" };
+export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM", occlusion: "Occlusion", concept: "concept map" };
 /** inferno colour map, evenly spaced stops in [0, 1]. */
 export const COLORMAP_NAME = "inferno";
 export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];
 export const MEAN_OVER_HEADS = -1;
+export const CONCEPT_MAX_CHARS = 100;
 export const CURVE_PALETTE: readonly string[] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Attention mass per token (image → text)", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", faithfulness: "Faithfulness (insertion / deletion AUC)" };
 export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", faithfulness: "AUC" };
@@ -172,6 +176,8 @@ export interface WidgetState {
   attention_head: number;
   /** Layer of a saliency method's per-layer maps shown ('' = the method's combination). */
   saliency_layer: string;
+  /** Word (any, in the prompt or not) whose concept map the 'concept' overlay shows; '' = none. */
+  concept: string;
   /** Source of the layer x step grid ('none' = closed). */
   grid: OverlayKind;
   /** State of the heavy computation. */
@@ -204,8 +210,8 @@ export interface WidgetState {
   readonly attention: AttentionSet | null;
   /** Attention under the current filter when it is not the default (the view keeps each one it received); null under the default. */
   readonly attention_filtered: AttentionSet | null;
-  /** Computed heavy overlays per kind: maps uint8 [K, h, w] for the listed steps. */
-  readonly overlays: Partial<Record<HeavyOverlay, OverlaySet>>;
+  /** Computed overlays per kind: maps uint8 [K, h, w] for the listed steps (the concept map's are of the word in `concept`). */
+  readonly overlays: Partial<Record<ComputedOverlay, OverlaySet>>;
   /** Values the layer and head filters accept, with labels. */
   readonly layer_options: LayerOptions;
   /** Maps of the open layer x step grid (fetched when `grid` is set). */
@@ -220,6 +226,6 @@ export interface WidgetState {
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "grid"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "grid"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
 export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves"] as const;

@@ -1,5 +1,5 @@
 import { setStep, shownStep, stepBy, stepCount } from "./actions";
-import { isHeavy } from "./data";
+import { isComputed } from "./data";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 
 /** Width of the range input's thumb in chromium/firefox default styles (px). */
@@ -57,7 +57,7 @@ export function sliderView(model: Model, el: HTMLElement, keyTarget: HTMLElement
   const updateMarks = (): void => {
     marks.replaceChildren();
     const kind = model.get("overlay");
-    if (!isHeavy(kind)) return;
+    if (!isComputed(kind)) return;
     const n = stepCount(model);
     for (const step of model.get("overlays")[kind]?.steps ?? []) {
       const f = n > 1 ? step / (n - 1) : 0;

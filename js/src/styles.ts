@@ -34,7 +34,9 @@ export const STYLES = `
   border-radius: 2px; background: #d4480f; }
 .dw-step-label { font-variant-numeric: tabular-nums; min-width: 150px; }
 .dw-controls, .dw-tokens { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
-.dw-controls select[hidden], .dw-controls button[hidden] { display: none; }
+.dw-controls select[hidden], .dw-controls button[hidden], .dw-controls form[hidden] { display: none; }
+.dw-concept { display: inline-flex; gap: 2px; }
+.dw-concept-word { width: 9em; }
 .dw-controls select, .dw-controls label { max-width: 100%; }
 .dw-layer { max-width: min(220px, 100%); }
 .dw-grid-toggle.dw-active { background: var(--jp-brand-color1, #1976d2); color: #fff; }

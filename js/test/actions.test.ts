@@ -5,6 +5,7 @@ import {
   overlayName,
   overlayUsesToken,
   requestCancel,
+  requestConcept,
   SYNC_INTERVAL_MS,
   selectGridCell,
   selectToken,
@@ -23,9 +24,10 @@ import {
   ticks,
   xOf,
 } from "../src/curves_view";
+import { overlayMap, scaleRange } from "../src/data";
 import { decodeState } from "../src/local_model";
 import { FRONTEND_WRITABLE, OVERLAY_LABELS } from "../src/schema";
-import { fakeModel, fakeState } from "./fake";
+import { fakeModel, fakeState, payload } from "./fake";
 
 describe("actions on a fake model", () => {
   afterEach(() => {
@@ -97,6 +99,28 @@ describe("actions on a fake model", () => {
     expect(bad).not.toMatch(/NaN/);
   });
 
+  it("a typed concept word asks for its map and is captioned as text", () => {
+    const model = fakeModel({ available: ["none", "attention", "concept"] });
+    requestConcept(model.asModel(), "  <b>dog</b> ");
+    expect(model.get("concept")).toBe("<b>dog</b>");
+    expect(model.get("overlay")).toBe("concept");
+    expect(model.saves).toBe(1);
+    const set = {
+      steps: [1],
+      maps: payload("uint8", [1, 2, 2], [0, 64, 128, 255]),
+      ranges: [[0, 1]] as [number, number][],
+      layer: "",
+      descriptions: ["concept map of “<b>dog</b>” at step 1"],
+    };
+    const state = fakeState({ step: 1, overlay: "concept", concept: "<b>dog</b>" });
+    expect(captionText(state)).toMatch(/concept map of “<b>dog<\/b>” is not computed for step 1/);
+    expect(captionText({ ...state, concept: "" })).toMatch(/Type a word/);
+    const shown = { ...state, overlays: { concept: set } };
+    expect(captionText(shown)).toMatch(/Overlay: concept map of “<b>dog<\/b>” at step 1\./);
+    expect(overlayMap(shown)?.values[2]).toBe(128);
+    expect(scaleRange(shown)).toEqual([0, 1]);
+  });
+
   it("a malformed step is drawn at a valid step", () => {
     const model = fakeModel();
     for (const bad of ["7", Number.NaN, null, 1e9, -3, 1.6]) {
@@ -152,6 +176,7 @@ describe("actions on a fake model", () => {
         "attention_layer",
         "attention_head",
         "saliency_layer",
+        "concept",
         "grid",
       ].sort(),
     );

@@ -25,6 +25,7 @@ export function fakeState(overrides: Partial<WidgetState> = {}): WidgetState {
     attention_layer: "",
     attention_head: -1,
     saliency_layer: "",
+    concept: "",
     grid: "none",
     status: "idle",
     progress: 0,

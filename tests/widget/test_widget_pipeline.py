@@ -28,7 +28,14 @@ def test_real_trace_and_methods(tiny_sd_pipe, tiny_trace):
     )
     try:
         widget = explorer.widget
-        assert widget.available == ["none", "attention", "df_rise", "df_cam", "occlusion"]
+        assert widget.available == [
+            "none",
+            "attention",
+            "df_rise",
+            "df_cam",
+            "occlusion",
+            "concept",
+        ]
         h, w = tiny_trace.latent_shape
         n, t = tiny_trace.n_steps, len(tiny_trace.tokens)
         attention = AttentionSet.from_json(widget.attention)

@@ -41,7 +41,7 @@ def test_every_schema_trait_is_a_synced_trait_of_the_widget():
     assert {spec.name for spec in schema.TRAITS} <= synced
     assert set(schema.FRONTEND_WRITABLE) == {
         "step", "token", "overlay", "opacity", "image_mode", "show_special",
-        "attention_layer", "attention_head", "saliency_layer", "grid",
+        "attention_layer", "attention_head", "saliency_layer", "concept", "grid",
     }  # fmt: skip
 
 
@@ -49,8 +49,8 @@ def test_enums_come_from_the_literals_and_reach_typescript():
     assert get_args(schema.OverlayKind) == schema.OVERLAY_KINDS
     text = TS_SCHEMA.read_text()
     assert (
-        'export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion";'
-        in text
+        'export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion" '
+        '| "concept";' in text
     )
     assert 'export type Status = "idle" | "running" | "done" | "cancelled" | "error";' in text
     widget = ExplorerWidget()
@@ -109,7 +109,13 @@ def _ts_fields(interface: str) -> set[str]:
 
 
 def test_payload_records_write_exactly_the_typescript_fields():
-    from diffwidget.widget.payloads import AttentionSet, GridData, GridGroup
+    from diffwidget.widget.payloads import (
+        AttentionSet,
+        GridData,
+        GridGroup,
+        OverlaySet,
+        PayloadError,
+    )
 
     codes = np.zeros((2, 3, 4, 4), np.uint8)
     attention = AttentionSet("", -1, (4, 4), [0, 1], codes, np.ones((2, 3), np.float32), "d")
@@ -124,6 +130,25 @@ def test_payload_records_write_exactly_the_typescript_fields():
     again = AttentionSet.from_json(attention.to_json())
     assert (again.layer, again.grid, again.steps) == ("", (4, 4), [0, 1])
     assert GridData.from_json(grid.to_json()).tokens == [2]
+    overlay = OverlaySet([3], np.full((1, 4, 4), 0.5, np.float32), [(0.0, 1.0)], "", ["c"])
+    assert set(overlay.to_json()) == _ts_fields("OverlaySet")
+    again_overlay = OverlaySet.from_json(overlay.to_json())
+    assert again_overlay.steps == [3]
+    np.testing.assert_allclose(again_overlay.maps, 0.5, atol=0.5 / 255)
+    with pytest.raises(PayloadError, match="one range and one caption per step"):
+        OverlaySet([3], np.zeros((1, 4, 4), np.float32), [], "", ["c"])
+
+
+def test_the_concept_word_is_checked_when_the_view_sends_it():
+    bounds = schema.Bounds(n_steps=3, n_tokens=2)
+    assert schema.validate_incoming("concept", "  red \n circle ", bounds) == "red circle"
+    assert schema.validate_incoming("concept", "", bounds) == ""
+    with pytest.raises(schema.InvalidInput, match="at most 100 characters"):
+        schema.validate_incoming("concept", "w" * 101, bounds)
+    with pytest.raises(schema.InvalidInput, match="must be text"):
+        schema.validate_incoming("concept", 3, bounds)
+    with pytest.raises(schema.InvalidInput, match="control characters"):
+        schema.validate_incoming("concept", "a\x1bb", bounds)
 
 
 def test_payload_records_refuse_malformed_values():

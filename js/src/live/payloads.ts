@@ -447,6 +447,7 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     attention_layer: "",
     attention_head: -1,
     saliency_layer: "",
+    concept: "",
     grid: "none",
     status: "idle",
     progress: 0,
