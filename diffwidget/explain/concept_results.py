@@ -104,6 +104,22 @@ class ConceptMapsResult(Record):
     value: str
 
     # ------------------------------------------------------------ selections
+    def method_text(self) -> tuple[str, str]:
+        """How the scores were made and in which space, as the captions say it.
+
+        Examples
+        --------
+        >>> result.method_text()[1]  # doctest: +SKIP
+        "after the layers' output projections"
+        """
+        if self.kind == "joint":
+            how = "the image tokens' attention outputs projected onto each word's attention output"
+        else:
+            how = "the image's cross-attention output projected onto each word's value"
+        if self.space == "output" and self.projected:
+            return how, "after the layers' output projections"
+        return how, "in the attention output space (before any output projection)"
+
     def default_layers(self) -> list[str]:
         """The layers in the default ``depth`` range (at least one)."""
         return layer_range(self.layers, self.depth)
@@ -234,15 +250,7 @@ VALUE_TEXT = "share of the concept words at this cell (softmax over the words): 
 def _with_caption(result: ConceptMapsResult) -> ConceptMapsResult:
     layers = result.default_layers()
     steps = result.window_steps()
-    where = (
-        "after the layers' output projections"
-        if result.space == "output" and result.projected
-        else "in the attention output space (before any output projection)"
-    )
-    if result.kind == "joint":
-        how = "the image tokens' attention outputs projected onto each word's attention output"
-    else:
-        how = "the image's cross-attention output projected onto each word's value"
+    how, where = result.method_text()
     step_text = f"step {steps[0]}" if len(steps) == 1 else f"mean of steps {steps[0]}–{steps[-1]}"
     caption = (
         f"ConceptAttention map of {len(result.words)} word"

@@ -159,15 +159,7 @@ def concept_caption(result: ConceptMapsResult, word: str, trace: Trace) -> str:
     step = result.steps[0]
     layers = result.default_layers()
     others = ", ".join(w for w in result.words if w != word)
-    where = (
-        "after the layers' output projections"
-        if result.space == "output" and result.projected
-        else "before any output projection"
-    )
-    if result.kind == "joint":
-        how = "image tokens' joint-attention outputs projected onto the word's output"
-    else:
-        how = "image's cross-attention outputs projected onto the word's value"
+    how, where = result.method_text()
     h, w = result.latent_hw
     return (
         f"concept map of “{word}” at step {step} (t = {int(trace.timesteps[step])}): "

@@ -24,6 +24,21 @@ function fill(select: HTMLSelectElement, options: LayerOption[], value: string):
   select.value = value;
 }
 
+/** A button with its visible text, its accessible name and an optional tooltip. */
+function button(
+  cls: string,
+  text: string,
+  label: string,
+  title = "",
+  type: "button" | "submit" = "button",
+): HTMLButtonElement {
+  const el = h("button", cls, text);
+  el.type = type;
+  if (title) el.title = title;
+  el.setAttribute("aria-label", label);
+  return el;
+}
+
 /** Image mode, overlay, its layer/head filters, opacity, grid, exact decode, PNG export. */
 export function controlsView(
   model: Model,
@@ -50,17 +65,19 @@ export function controlsView(
   opacity.max = "1";
   opacity.step = "0.05";
   opacity.setAttribute("aria-label", "overlay opacity");
-  const grid = h("button", "dw-grid-toggle", "layer × step grid");
-  grid.type = "button";
-  grid.setAttribute("aria-label", "show the layer × step grid");
-  const exact = h("button", "dw-exact", "exact decode");
-  exact.type = "button";
-  exact.title = "Decode this step's x̂0 with the full VAE (the slider shows fast previews)";
-  exact.setAttribute("aria-label", "decode this step with the full VAE");
-  const png = h("button", "dw-png", "PNG");
-  png.type = "button";
-  png.title = "Save the current view as PNG";
-  png.setAttribute("aria-label", "save the current view as PNG");
+  const grid = button("dw-grid-toggle", "layer × step grid", "show the layer × step grid");
+  const exact = button(
+    "dw-exact",
+    "exact decode",
+    "decode this step with the full VAE",
+    "Decode this step's x̂0 with the full VAE (the slider shows fast previews)",
+  );
+  const png = button(
+    "dw-png",
+    "PNG",
+    "save the current view as PNG",
+    "Save the current view as PNG",
+  );
   const opacityLabel = h("label", "dw-opacity-label", "opacity ");
   opacityLabel.appendChild(opacity);
   // Any word, mapped in the kernel (ConceptAttention); shown only as text.
@@ -70,10 +87,13 @@ export function controlsView(
   word.maxLength = CONCEPT_MAX_CHARS;
   word.placeholder = "concept word";
   word.setAttribute("aria-label", "concept word");
-  const mapWord = h("button", "dw-concept-map", "map");
-  mapWord.type = "submit";
-  mapWord.title = "Show where this word is at this step (ConceptAttention concept map)";
-  mapWord.setAttribute("aria-label", "map this concept word");
+  const mapWord = button(
+    "dw-concept-map",
+    "map",
+    "map this concept word",
+    "Show where this word is at this step (ConceptAttention concept map)",
+    "submit",
+  );
   concept.append(word, mapWord);
   row.append(mode, overlay, layer, head, opacityLabel, concept, grid, exact, png);
   el.appendChild(row);
