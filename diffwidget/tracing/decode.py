@@ -51,9 +51,11 @@ LINEAR_DECODER = "linear"
 #: Live activations of a VAE decoder at its widest point, in units of that activation, from
 #: the decode's peak resident memory on the CPU (float32, one thread): 4.6 for the SD VAE's
 #: layout at full width (256²), 6.2–6.5 at narrow widths (the SD layout at 1/8 width,
-#: 256²–512²; the two-level test VAE, 384²–768²), where oneDNN's layout copies weigh more.
-#: The largest, rounded up, so that the check before a trace never undercounts a decode.
-DECODE_LIVE_TENSORS = 7.0
+#: 256²–512²; the two-level test VAE, 384²–768²), where oneDNN's layout copies weigh more,
+#: and up to 7.4 for the test VAE at 384² in another run of the same measurement (the
+#: allocator's high-water mark varies between runs). The largest seen plus ~15 %, so that
+#: the check before a trace does not undercount a decode.
+DECODE_LIVE_TENSORS = 8.5
 #: Widest decoder activation assumed for a VAE whose config names no channels.
 DEFAULT_DECODER_CHANNELS = 256
 #: Fragments of the messages of allocation failures (CUDA, MPS, the CPU allocator).
