@@ -80,6 +80,13 @@ def _unknown(name: str, known: dict[str, Any], what: str) -> KeyError:
     return KeyError(f"no {what} {name!r}.{hint} Registered: {sorted(known)}")
 
 
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise _unknown(name, table, what) from None
+
+
 def saliency_method(name: str) -> type[SaliencyMethodBase[Any]]:
     """The saliency method class registered under ``name``.
 
@@ -93,10 +100,7 @@ def saliency_method(name: str) -> type[SaliencyMethodBase[Any]]:
     >>> saliency_method("df_cam").__name__
     'DFCam'
     """
-    try:
-        return SALIENCY_METHODS[name]
-    except KeyError:
-        raise _unknown(name, SALIENCY_METHODS, "saliency method") from None
+    return _lookup(SALIENCY_METHODS, name, "saliency method")
 
 
 def intervention_method(name: str) -> type[Method[Any]]:
@@ -112,10 +116,7 @@ def intervention_method(name: str) -> type[Method[Any]]:
     >>> intervention_method("prompt_switch").__name__
     'PromptSwitch'
     """
-    try:
-        return INTERVENTION_METHODS[name]
-    except KeyError:
-        raise _unknown(name, INTERVENTION_METHODS, "intervention") from None
+    return _lookup(INTERVENTION_METHODS, name, "intervention")
 
 
 def config_class(name: str) -> type[MethodConfig]:
