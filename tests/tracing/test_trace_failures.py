@@ -301,7 +301,15 @@ print(json.dumps([status("VmHWM") - before, vae_decode_bytes(vae, (side, side))]
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux peak RSS only")
 def test_the_decode_estimate_covers_a_measured_decode() -> None:
     """The estimate against the decode's measured resident-memory peak (another process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Large blocks mapped and unmapped one by one make the resident peak the live tensors'
+    # peak: with glibc's defaults it also carried whatever the heap kept from before
+    # (45 MB alone, 72 MB once after a long session, for the same decode).
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+        "MALLOC_ARENA_MAX": "1",
+    }
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, "384"], capture_output=True, text=True, env=env
     )
