@@ -138,7 +138,6 @@ class Explorer(ExplorerWork):
         self._lock = threading.Lock()
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.commitment = None
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
         self._closed = False
@@ -162,6 +161,7 @@ class Explorer(ExplorerWork):
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
         self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
         self.widget.on_message("buffers_missing", lambda _content: self.widget.use_base64())
+        self._init_switch()
         self.widget.observe(self._maybe_request, names=["overlay", "step", "concept"])
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
@@ -268,7 +268,7 @@ class Explorer(ExplorerWork):
         if self._evaluator is not None or self.pipe is not None:
             actions.append("faithfulness")
         if self.pipe is not None and getattr(self.pipe, "vae", None) is not None:
-            actions.append("decode_step")
+            actions += ["decode_step", "prompt_switch"]
         self.widget.actions = actions
 
     def _sync_curves(self) -> None:
