@@ -140,6 +140,42 @@ class SwitchFilmstrip:
         )
 
 
+@dataclass(frozen=True)
+class SwitchAsk:
+    """The view's ``prompt_switch`` message: the picked word and the typed replacement.
+
+    The values travel in the message (not only in the traits) so that a refused trait write
+    can never start a switch with the value it replaced.
+    """
+
+    word: str
+    replacement: str
+
+    @classmethod
+    def from_message(cls, content: Mapping[str, Any], bounds: schema.Bounds) -> SwitchAsk:
+        """Check both values as the traits ``switch_word``/``switch_replacement`` are checked.
+
+        Raises
+        ------
+        ValueError
+            Saying what is accepted (:class:`~diffwidget.widget.schema.InvalidInput`).
+
+        Examples
+        --------
+        >>> bounds = schema.Bounds(2, 2, choices={"switch_word": ["red"]})
+        >>> SwitchAsk.from_message({"kind": "prompt_switch", "word": "red",
+        ...                         "replacement": " blue "}, bounds)
+        SwitchAsk(word='red', replacement='blue')
+        """
+        word = schema.validate_incoming("switch_word", content.get("word", ""), bounds)
+        replacement = schema.validate_incoming(
+            "switch_replacement", content.get("replacement", ""), bounds
+        )
+        if not word or not replacement:
+            raise ValueError("choose a word of the prompt and type its replacement")
+        return cls(word, replacement)
+
+
 @dataclass(frozen=True, eq=False)
 class SwitchRequest:
     """Switch the explorer's prompt to one with ``word`` replaced, from every step."""
@@ -213,7 +249,7 @@ class SwitchWork:
         self.commitment = None
         self._switch_setup = ((), None)
         self.widget.switch_words = prompt_words(self.trace.prompt)
-        self.widget.on_message("prompt_switch", lambda _content: self._switch_from_view())
+        self.widget.on_message("prompt_switch", self._switch_from_view)
 
     def prompt_switch(
         self,
@@ -268,13 +304,11 @@ class SwitchWork:
         request = SwitchRequest(word, replacement, (self.trace, *traces), steps)
         return self._jobs.submit(request, explicit=True)
 
-    def _switch_from_view(self) -> None:
-        word, replacement = str(self.widget.switch_word), str(self.widget.switch_replacement)
+    def _switch_from_view(self, content: Mapping[str, Any]) -> None:
         traces, steps = self._switch_setup
         try:
-            if not word or not replacement:
-                raise ValueError("choose a word of the prompt and type its replacement")
-            self.prompt_switch(word, replacement, traces=traces, switch_steps=steps)
+            ask = SwitchAsk.from_message(content, self.widget.bounds())
+            self.prompt_switch(ask.word, ask.replacement, traces=traces, switch_steps=steps)
         except (RuntimeError, ValueError) as exc:
             self.widget.error = str(exc)
 
