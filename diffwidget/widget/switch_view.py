@@ -328,12 +328,16 @@ class SwitchWork:
             )
         except Cancelled:
             return None
+        self._show_switch(curves, work.word, work.replacement)
+        return curves
+
+    def _show_switch(self, curves: CommitmentCurves, word: str, replacement: str) -> None:
+        """Publish a finished switch: its curves, its filmstrip, ``commitment``."""
         self.commitment = curves
-        filmstrip = SwitchFilmstrip.of(curves, work.word, work.replacement)
+        filmstrip = SwitchFilmstrip.of(curves, word, replacement)
         # A new switch replaces the last one's curves, as it replaces its filmstrip.
         kept = [c for c in self._curves if c[0]["group"] != COMMITMENT]
         self._curves[:] = kept + commitment_series(curves, self.trace.n_steps)
         with self.widget.hold_sync():
             self._sync_curves()
             self.widget.publish("switch", filmstrip.to_json())
-        return curves
