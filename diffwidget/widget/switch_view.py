@@ -62,6 +62,8 @@ class SwitchFilmstrip:
         The final image of each switch step, shrunk to :data:`FILMSTRIP_SIZE`.
     attributes : list of str
         The judged attributes.
+    a_values : list of str
+        Each attribute's value in prompt A (what "kept" means).
     committed : list of int or None
         Per attribute, the first switch step from which the committed share of seeds keeps
         A's value and stays there (:meth:`CommitmentCurves.committed_step`); None: never.
@@ -76,6 +78,7 @@ class SwitchFilmstrip:
     steps: list[int]
     images: np.ndarray
     attributes: list[str]
+    a_values: list[str]
     committed: list[int | None]
 
     def __post_init__(self) -> None:
@@ -83,8 +86,8 @@ class SwitchFilmstrip:
         shape = self.images.shape
         if self.images.dtype != np.uint8 or len(shape) != 4 or shape[0] != k or shape[3] != 3:
             raise PayloadError(f"images must be uint8 [K, h, w, 3] with K = {k}, got {shape}")
-        if len(self.committed) != len(self.attributes):
-            raise PayloadError("the filmstrip needs one committed step per attribute")
+        if not len(self.committed) == len(self.a_values) == len(self.attributes):
+            raise PayloadError("the filmstrip needs one value and committed step per attribute")
 
     @classmethod
     def of(cls, curves: CommitmentCurves, word: str, replacement: str) -> SwitchFilmstrip:
@@ -99,6 +102,7 @@ class SwitchFilmstrip:
             steps=[int(k) for k in curves.switch_steps],
             images=shrink_images(curves.filmstrip(0), FILMSTRIP_SIZE),
             attributes=list(curves.attributes),
+            a_values=list(curves.a_values),
             committed=[curves.committed_step(a) for a in curves.attributes],
         )
 
@@ -114,6 +118,7 @@ class SwitchFilmstrip:
             "steps": list(self.steps),
             "images": encode_array(self.images),
             "attributes": list(self.attributes),
+            "a_values": list(self.a_values),
             "committed": list(self.committed),
         }
 
@@ -136,6 +141,7 @@ class SwitchFilmstrip:
             steps=_ints(value, "steps"),
             images=images,
             attributes=_strings(value, "attributes"),
+            a_values=_strings(value, "a_values"),
             committed=list(committed),
         )
 
@@ -207,17 +213,16 @@ def commitment_series(
     Examples
     --------
     >>> [s["name"] for s, _ in commitment_series(curves, 4)]  # doctest: +SKIP
-    ['colour keeps red (→ blue)']
+    ['colour']
     """
     series = []
     inside = curves.switch_steps < n_steps
-    for row, attribute in enumerate(curves.attributes):
+    for attribute in curves.attributes:
         values = np.full(n_steps, np.nan, np.float32)
         keep, _, _ = curves.keep_a(attribute)
         values[curves.switch_steps[inside]] = keep[inside]
-        b_value = curves.b_values[row] or "another value"
-        name = f"{attribute} keeps {curves.a_values[row]} (→ {b_value})"
-        series.append(({"name": name, "group": COMMITMENT, "token": None}, values))
+        # The attribute alone: the group's title says what is kept, the filmstrip the values.
+        series.append(({"name": attribute, "group": COMMITMENT, "token": None}, values))
     return series
 
 

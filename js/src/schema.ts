@@ -172,6 +172,8 @@ export interface SwitchFilmstrip {
   /** uint8 [K, h, w, 3]: the final image of each switch step. */
   images: ArrayPayload;
   attributes: string[];
+  /** Each attribute's value in prompt A. */
+  a_values: string[];
   /** Per attribute: first switch step from which COMMITTED_LEVEL of seeds keep A's value. */
   committed: (number | null)[];
 }

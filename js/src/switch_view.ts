@@ -69,9 +69,10 @@ export function filmstripSummary(film: SwitchFilmstrip): string {
   const level = `${Math.round(COMMITTED_LEVEL * 100)} %`;
   const parts = film.attributes.map((attribute, i) => {
     const k = film.committed[i];
+    const value = film.a_values[i] ?? "?";
     return k === null || k === undefined
-      ? `${attribute} never committed`
-      : `${attribute} committed from switch step ${k}`;
+      ? `${attribute} (${value}) never committed`
+      : `${attribute} (${value}) committed from switch step ${k}`;
   });
   return (
     `Switched to “${film.prompt_b}” at each step k: final image of seed ${film.seed}. ` +

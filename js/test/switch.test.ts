@@ -26,6 +26,7 @@ function film(overrides: Partial<SwitchFilmstrip> = {}): SwitchFilmstrip {
     steps: [0, 2, 4],
     images: payload("uint8", [3, 1, 2, 3], rgb),
     attributes: ["colour", "shape"],
+    a_values: ["red", "circle"],
     committed: [2, null],
     ...overrides,
   };
@@ -81,8 +82,8 @@ describe("filmstrip", () => {
     const text = filmstripSummary(film());
     expect(text).toContain("“a blue circle”");
     expect(text).toContain("seed 7");
-    expect(text).toContain("colour committed from switch step 2");
-    expect(text).toContain("shape never committed");
+    expect(text).toContain("colour (red) committed from switch step 2");
+    expect(text).toContain("shape (circle) never committed");
     expect(text).toContain("≥ 90 % of 4 seeds");
   });
 });

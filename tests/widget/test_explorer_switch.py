@@ -58,7 +58,7 @@ def test_switch_from_the_explorer_joins_the_curves(demo: tuple[Any, Any]) -> Non
         assert any(0 < p < 1 for p in seen)
         series = explorer.widget.curves["series"]
         values = decode_array(explorer.widget.curves["values"])
-        row = next(i for i, s in enumerate(series) if s["name"].startswith("colour keeps red"))
+        row = next(i for i, s in enumerate(series) if s["name"] == "colour")
         assert series[row]["group"] == "commitment"
         keep, _, _ = direct.keep_a("colour")
         np.testing.assert_allclose(values[row][[0, 2]], keep[:2])

@@ -90,7 +90,7 @@ def test_switch_curves_move_to_their_own_group_beside_the_probes(make_explorer) 
     groups = {s["name"]: s["group"] for s in series}
     assert groups["red circle probe"] == "concept_auc"
     kept = [i for i, s in enumerate(series) if s["group"] == COMMITMENT]
-    assert [series[i]["name"] for i in kept] == ["colour keeps red (→ blue)"]
+    assert [series[i]["name"] for i in kept] == ["colour"]
     row = values[kept[0]]
     # The switch steps on the axis carry the shares; k = 20 lies past it; the rest is empty.
     np.testing.assert_allclose(row[SWITCH_STEPS[:-1]], np.asarray(KEEPING[:-1]) / N_SEEDS)
