@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,6 +104,34 @@ class SwitchFilmstrip:
             attributes=list(curves.attributes),
             a_values=list(curves.a_values),
             committed=[curves.committed_step(a) for a in curves.attributes],
+        )
+
+    def keep_steps(self, keep: Sequence[int]) -> SwitchFilmstrip:
+        """The filmstrip of a file that keeps only the loop indices ``keep``, renumbered.
+
+        Switch steps not kept are dropped; prompt A's own image (``k = n_steps``) stays last.
+        A committed step becomes the first kept step at or after it.
+
+        Examples
+        --------
+        >>> film.keep_steps([0, 10]).steps  # doctest: +SKIP
+        [0, 1, 2]
+        """
+        position = {int(s): i for i, s in enumerate(keep)}
+        position[self.n_steps] = len(keep)
+        rows = [i for i, k in enumerate(self.steps) if k in position]
+
+        def renumbered(k: int | None) -> int | None:
+            if k is None:
+                return None
+            return next((i for i, s in enumerate(keep) if s >= k), len(keep))
+
+        return replace(
+            self,
+            n_steps=len(keep),
+            steps=[position[self.steps[i]] for i in rows],
+            images=self.images[rows],
+            committed=[renumbered(k) for k in self.committed],
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -80,6 +80,16 @@ def test_filmstrip_payload_is_checked_before_use() -> None:
         SwitchFilmstrip.from_json(short)
 
 
+def test_a_file_with_fewer_steps_keeps_their_thumbnails_renumbered() -> None:
+    film = SwitchFilmstrip.of(_curves(), "red", "blue")
+    kept = film.keep_steps([0, 5, 6, 16])
+    # Switch steps 0 and 5 are kept (as 0 and 1), 10 and 15 are not, A's own image stays last.
+    assert (kept.n_steps, kept.steps) == (4, [0, 1, 4])
+    assert kept.images[:, 0, 0, 0].tolist() == [0, 10, 40]
+    # Committed from step 15: from the first kept step at or after it, 16 (the file's 3).
+    assert kept.committed == [3]
+
+
 def test_switch_curves_move_to_their_own_group_beside_the_probes(make_explorer) -> None:
     explorer = make_explorer()
     probe = np.linspace(0.5, 1.0, 20)
@@ -102,6 +112,11 @@ def test_switch_curves_move_to_their_own_group_beside_the_probes(make_explorer) 
     series = explorer.widget.curves["series"]
     assert sum(s["group"] == COMMITMENT for s in series) == 1
     assert explorer.widget.switch["prompt_b"] == "a green circle on the left"
+    figure = explorer.figure("commitment")
+    assert figure.title == schema.CURVE_GROUP_TITLES["commitment"]
+    assert [m.labels for m in figure.marks if m.labels] == [["colour"]]
+    plan = explorer.export(steps=[0, 5, 19])
+    assert any(part.name == "switch" and part.nbytes > 0 for part in plan.parts)
 
 
 @pytest.mark.parametrize(
