@@ -269,7 +269,8 @@ def replace_word(prompt: str, word: str, replacement: str) -> str:
     pattern = re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)", re.IGNORECASE)
     if not pattern.search(prompt):
         raise ValueError(f"{prompt!r} has no word {word!r}")
-    return pattern.sub(replacement.strip(), prompt)
+    # A function, not a template: a typed backslash or "\\g<0>" stays text.
+    return pattern.sub(lambda _match: replacement.strip(), prompt)
 
 
 def scene_word_judges(caption: str, word: str, replacement: str | None = None) -> list[Judge]:

@@ -23,7 +23,8 @@ from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
-from diffwidget.widget.concept_overlay import CONCEPT, FUNCTION_WORDS, ConceptCache
+from diffwidget.widget.concept_overlay import CONCEPT, ConceptCache
+from diffwidget.widget.explorer_setup import check_inputs, first_content_token
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
 from diffwidget.widget.jobs import Jobs
@@ -44,34 +45,6 @@ NoisyDecoder = Literal["linear", "vae"]
 #: Seconds ``close()`` waits for the worker thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 OVERLAY_LABELS = schema.OVERLAY_LABELS
-
-
-def _check_inputs(trace: Any, pipe: Any) -> None:
-    if isinstance(trace, Trace):
-        if pipe is not None and (isinstance(pipe, Trace) or not hasattr(pipe, "scheduler")):
-            raise TypeError(
-                f"pipe must be the diffusers pipeline the trace came from, got "
-                f"{type(pipe).__name__}; use Explorer(trace) to show a trace without one"
-            )
-        return
-    if trace is not None and hasattr(trace, "scheduler") and hasattr(trace, "components"):
-        raise TypeError(
-            f"Explorer takes a Trace, not a pipeline ({type(trace).__name__}); record one "
-            "first: trace = diffwidget.trace(pipe, prompt), then Explorer(trace, pipe)"
-        )
-    raise TypeError(
-        f"Explorer takes a Trace (from diffwidget.trace(pipe, prompt) or Trace.load(path)), "
-        f"got {type(trace).__name__}"
-    )
-
-
-def first_content_token(trace: Trace) -> int:
-    """Index of the first prompt word that is not a function word (else the first word)."""
-    words = trace.word_indices
-    for index in words:
-        if trace.tokens[index].replace("</w>", "").strip().lower() not in FUNCTION_WORDS:
-            return index
-    return words[0] if words else 0
 
 
 class Explorer(ExplorerWork):
@@ -119,7 +92,7 @@ class Explorer(ExplorerWork):
         noisy_decoder: NoisyDecoder = "linear",
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        _check_inputs(trace, pipe)
+        check_inputs(trace, pipe)
         if noisy_decoder not in get_args(NoisyDecoder):
             raise ValueError(f"noisy_decoder must be one of {get_args(NoisyDecoder)}")
         if noisy_decoder == "vae" and pipe is None:
@@ -138,7 +111,6 @@ class Explorer(ExplorerWork):
         self._lock = threading.Lock()
         self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.commitment = None
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
         self._closed = False
@@ -162,6 +134,7 @@ class Explorer(ExplorerWork):
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
         self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
         self.widget.on_message("buffers_missing", lambda _content: self.widget.use_base64())
+        self._init_switch()
         self.widget.observe(self._maybe_request, names=["overlay", "step", "concept"])
         self.widget.observe(self._refresh_attention, names=["attention_layer", "attention_head"])
         self.widget.observe(self._refresh_saliency_layer, names=["saliency_layer"])
@@ -268,7 +241,7 @@ class Explorer(ExplorerWork):
         if self._evaluator is not None or self.pipe is not None:
             actions.append("faithfulness")
         if self.pipe is not None and getattr(self.pipe, "vae", None) is not None:
-            actions.append("decode_step")
+            actions += ["decode_step", "prompt_switch"]
         self.widget.actions = actions
 
     def _sync_curves(self) -> None:

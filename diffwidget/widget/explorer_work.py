@@ -1,5 +1,5 @@
-"""The explorer's background work: faithfulness of the shown map, exact decodes, prompt
-switches, the worker.
+"""The explorer's background work: faithfulness of the shown map, exact decodes, the worker
+(prompt switches: :mod:`diffwidget.widget.switch_view`).
 
 :class:`ExplorerWork` is a mixin of :class:`~diffwidget.widget.explorer.Explorer`: the
 façade keeps the state; this part runs what the jobs thread computes and reports it back
@@ -9,7 +9,7 @@ through the widget's traits.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,10 +29,10 @@ from diffwidget.widget.jobs import Jobs, Request
 from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
 from diffwidget.widget.reporting import FaithfulnessView, faithfulness_entry
+from diffwidget.widget.switch_view import SwitchRequest, SwitchWork
 
 if TYPE_CHECKING:
     from diffwidget.explain.attention import AttentionResult
-    from diffwidget.explain.intervention_results import CommitmentCurves
     from diffwidget.explain.protocol import SaliencyMethod
     from diffwidget.explain.results import SaliencyMap
     from diffwidget.tracing.trace import Trace
@@ -81,28 +81,7 @@ class FaithfulnessRequest:
         return f"faithfulness of {OVERLAY_LABELS[self.view.overlay]} at step {self.view.step}"
 
 
-@dataclass(frozen=True, eq=False)
-class SwitchRequest:
-    """Switch the explorer's prompt to one with ``word`` replaced, from every step."""
-
-    word: str
-    replacement: str
-    traces: tuple[Trace, ...]
-    switch_steps: tuple[int, ...] | None
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """``("prompt_switch", word, replacement, seeds, switch steps)``."""
-        seeds = tuple(t.facts.seed for t in self.traces)
-        return ("prompt_switch", self.word, self.replacement, seeds, self.switch_steps)
-
-    @property
-    def label(self) -> str:
-        """E.g. "prompt switch red → blue"."""
-        return f"prompt switch {self.word} → {self.replacement}"
-
-
-class ExplorerWork:
+class ExplorerWork(SwitchWork):
     """Faithfulness, exact decodes and the worker callbacks of an explorer."""
 
     trace: Trace
@@ -114,8 +93,6 @@ class ExplorerWork:
     _evaluator: Any
     _faith: dict[tuple[Any, ...], dict[str, Any]]
     _curves: list[tuple[dict[str, Any], np.ndarray]]
-    #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
-    commitment: CommitmentCurves | None
     _concepts: ConceptCache
 
     def add_curve(
@@ -236,73 +213,6 @@ class ExplorerWork:
             self.decode_exact()
         except (RuntimeError, ValueError, TypeError) as exc:
             self.widget.error = str(exc)
-
-    # ----------------------------------------------------------------- prompt switch
-    def prompt_switch(
-        self,
-        word: str,
-        replacement: str,
-        *,
-        traces: Sequence[Trace] = (),
-        switch_steps: Sequence[int] | None = None,
-    ) -> Future:
-        """Switch ``word`` to ``replacement`` from every step, in the background.
-
-        Runs :class:`~diffwidget.explain.prompt_switch.PromptSwitch` on the explorer's trace
-        (and ``traces``: more seeds of the same prompt) with the view's progress bar and
-        cancel button. When it ends, each judged attribute's commitment curve (share of
-        seeds whose final image keeps the value of this prompt when the prompt is switched at
-        that step) joins the concept curves, on the same step axis, and ``explorer.commitment``
-        holds the full result.
-
-        Returns
-        -------
-        Future
-            Holding the :class:`~diffwidget.explain.intervention_results.CommitmentCurves`
-            (``None`` when cancelled).
-
-        Examples
-        --------
-        >>> curves = explorer.prompt_switch("red", "blue").result()  # doctest: +SKIP
-        >>> explorer.figure("concept_auc")  # doctest: +SKIP
-        """
-        from diffwidget.explain.judges import replace_word
-
-        if self.pipe is None:
-            raise RuntimeError("a prompt switch needs the pipeline: Explorer(trace, pipe=pipe)")
-        replace_word(self.trace.prompt, word, replacement)  # a clear error before any work
-        steps = None if switch_steps is None else tuple(int(k) for k in switch_steps)
-        request = SwitchRequest(word, replacement, (self.trace, *traces), steps)
-        return self._jobs.submit(request, explicit=True)
-
-    def _switch(self, work: SwitchRequest, progress: Callable[[int, int], bool]) -> Any:
-        from diffwidget.explain.prompt_switch import PromptSwitch
-        from diffwidget.explain.protocol import Cancelled
-
-        steps = None if work.switch_steps is None else list(work.switch_steps)
-        method = PromptSwitch(switch_steps=steps, progress_bar=False)
-        try:
-            curves = method.run(
-                self.pipe,
-                list(work.traces),
-                word=work.word,
-                replacement=work.replacement,
-                progress=progress,
-            )
-        except Cancelled:
-            return None
-        self.commitment = curves
-        n = self.trace.n_steps
-        for row, attribute in enumerate(curves.attributes):
-            values = np.full(n, np.nan, np.float32)
-            keep, _, _ = curves.keep_a(attribute)
-            inside = curves.switch_steps < n  # k = n (A's own image) is past the step axis
-            values[curves.switch_steps[inside]] = keep[inside]
-            name = f"{attribute} kept ({curves.a_values[row]}) after switch to {work.replacement}"
-            # A switch computed again replaces its curve instead of drawing it twice.
-            self._curves[:] = [c for c in self._curves if c[0]["name"] != name]
-            self.add_curve(name, values, group="concept_auc")
-        return curves
 
     # ----------------------------------------------------------------- concept maps
     @property

@@ -31,6 +31,7 @@ from diffwidget.widget.grid import block_of
 from diffwidget.widget.layers import grid_text
 from diffwidget.widget.model import ESM_PATH
 from diffwidget.widget.payloads import AttentionSet, GridData
+from diffwidget.widget.switch_view import SwitchFilmstrip
 
 #: Key of a buffer stored in the page's data block: ``{"$buf": [offset, length]}``.
 BUFFER_KEY = "$buf"
@@ -306,6 +307,8 @@ def _keep_steps(state: dict[str, Any], keep: list[int]) -> None:
     ]
     if state["grid_data"] is not None:
         state["grid_data"] = GridData.from_json(state["grid_data"]).keep(steps=keep).to_json()
+    if state["switch"] is not None:
+        state["switch"] = SwitchFilmstrip.from_json(state["switch"]).keep_steps(keep).to_json()
     state["timesteps"] = [state["timesteps"][s] for s in keep]
     state["exact_steps"] = [position[s] for s in state["exact_steps"] if s in position]
     state["step"] = min(range(len(keep)), key=lambda i: abs(keep[i] - state["step"]))

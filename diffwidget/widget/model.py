@@ -77,6 +77,7 @@ class ExplorerWidget(_SyncedState):  # type: ignore[misc, valid-type]
             choices={
                 "attention_layer": [o["value"] for o in options.get("attention", [])],
                 "saliency_layer": saliency,
+                "switch_word": list(self.switch_words),
             },
         )
 

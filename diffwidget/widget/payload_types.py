@@ -2,7 +2,8 @@
 
 Verbatim TypeScript: the Python side builds these values in :mod:`diffwidget.widget.codecs`
 (``ArrayPayload``), :mod:`diffwidget.widget.payloads` (``AttentionSet``, ``GridGroup``,
-``GridData``, with one typed record each) and the explorer (the others);
+``GridData``, with one typed record each), :mod:`diffwidget.widget.switch_view`
+(``SwitchFilmstrip``) and the explorer (the others);
 :func:`diffwidget.widget.schema.typescript` puts them beside the generated trait types.
 """
 
@@ -124,5 +125,26 @@ export interface CurveSeries {
 export interface CurveSet {
   series: CurveSeries[];
   values: ArrayPayload;
+}
+
+/** The last prompt switch A -> B: the filmstrip (one seed) and when each attribute committed. */
+export interface SwitchFilmstrip {
+  word: string;
+  replacement: string;
+  prompt_b: string;
+  /** The seed whose final images these are. */
+  seed: number;
+  /** Seeds the commitment curves were judged over. */
+  n_seeds: number;
+  n_steps: number;
+  /** Switch step k of each image (k = n_steps: no switch, prompt A's own image). */
+  steps: number[];
+  /** uint8 [K, h, w, 3]: the final image of each switch step. */
+  images: ArrayPayload;
+  attributes: string[];
+  /** Each attribute's value in prompt A. */
+  a_values: string[];
+  /** Per attribute: first switch step from which COMMITTED_LEVEL of seeds keep A's value. */
+  committed: (number | null)[];
 }
 """

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import traitlets
 
 from diffwidget.explain.concept_results import WORD
+from diffwidget.explain.intervention_results import COMMITTED_LEVEL
 from diffwidget.explain.protocol import METHOD_LABELS, SaliencyMethodName
 from diffwidget.widget.payload_types import TS_PAYLOADS
 
@@ -30,12 +31,16 @@ HeavyOverlay = SaliencyMethodName
 ComputedOverlay = Literal[SaliencyMethodName, "concept"]
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
-CurveGroup = Literal["attention_mass", "token_relevance", "concept_auc", "faithfulness"]
+CurveGroup = Literal[
+    "attention_mass", "token_relevance", "concept_auc", "commitment", "faithfulness"
+]
 Dtype = Literal["uint8", "float32", "int32"]
 #: How array payloads travel: binary comm buffers, or base64 text where buffers get lost.
 Transport = Literal["binary", "base64"]
 #: Messages the front end may send (actions, not state).
-FrontendMessage = Literal["cancel", "faithfulness", "decode_step", "buffers_missing"]
+FrontendMessage = Literal[
+    "cancel", "faithfulness", "decode_step", "buffers_missing", "prompt_switch"
+]
 
 OVERLAY_KINDS: tuple[str, ...] = get_args(OverlayKind)
 HEAVY_OVERLAYS: tuple[str, ...] = get_args(HeavyOverlay)
@@ -79,12 +84,14 @@ CURVE_GROUP_TITLES: dict[str, str] = {
     "attention_mass": "Attention mass per token (image → text)",
     "token_relevance": "Token relevance per step (min–max over words)",
     "concept_auc": "Concept ROC-AUC per step",
+    "commitment": "Committed: share of seeds keeping A's value when switched at step k",
     "faithfulness": "Faithfulness (insertion / deletion AUC)",
 }
 CURVE_GROUP_UNITS: dict[str, str] = {
     "attention_mass": "share of attention",
     "token_relevance": "relevance (0–1)",
     "concept_auc": "ROC-AUC",
+    "commitment": "share",
     "faithfulness": "AUC",
 }
 #: ``attention_head`` value meaning "mean over heads".
@@ -175,6 +182,20 @@ TRAITS: tuple[TraitSpec, ...] = (
         "Source of the layer x step grid ('none' = closed).",
         "OverlayKind",
     ),
+    TraitSpec(
+        "switch_word",
+        "str",
+        "",
+        True,
+        "Prompt word a prompt switch replaces (one of `switch_words`; '' = none chosen).",
+    ),
+    TraitSpec(
+        "switch_replacement",
+        "text",
+        "",
+        True,
+        "The word it is replaced by (any one word, shown only as text).",
+    ),
     TraitSpec("status", "enum", "idle", False, "State of the heavy computation.", "Status"),
     TraitSpec("progress", "float", 0.0, False, "Progress of the running computation, 0..1."),
     TraitSpec("error", "str", "", False, "Last rejected input or failed computation; '' if none."),
@@ -182,6 +203,9 @@ TRAITS: tuple[TraitSpec, ...] = (
     TraitSpec("tokens", "str_list", [], False, "Token strings."),
     TraitSpec("token_kinds", "str_list", [], False, "start / word / end / pad per token."),
     TraitSpec("timesteps", "int_list", [], False, "Scheduler timestep t of each step."),
+    TraitSpec(
+        "switch_words", "str_list", [], False, "The prompt's content words a switch can replace."
+    ),
     TraitSpec("available", "str_list", [], False, "Overlay kinds that can be shown or computed."),
     TraitSpec(
         "actions",
@@ -281,6 +305,15 @@ TRAITS: tuple[TraitSpec, ...] = (
         ts_type="CurveSet | null",
     ),
     TraitSpec(
+        "switch",
+        "json",
+        None,
+        False,
+        "The last prompt switch: the final image of each switch step (one seed) and when "
+        "each judged attribute committed.",
+        ts_type="SwitchFilmstrip | null",
+    ),
+    TraitSpec(
         "descriptions",
         "json",
         {},
@@ -302,6 +335,7 @@ PAYLOAD_TRAITS: tuple[str, ...] = (
     "grid_data",
     "faithfulness",
     "curves",
+    "switch",
 )
 
 
@@ -350,6 +384,7 @@ def typescript() -> str:
     )
     lines.append(f"export const MEAN_OVER_HEADS = {MEAN_OVER_HEADS};")
     lines.append(f"export const CONCEPT_MAX_CHARS = {CONCEPT_MAX_CHARS};")
+    lines.append(f"export const COMMITTED_LEVEL = {COMMITTED_LEVEL};")
     palette = ", ".join(f'"{c}"' for c in CURVE_PALETTE)
     lines.append(f"export const CURVE_PALETTE: readonly string[] = [{palette}];")
     for name, table in (
@@ -504,7 +539,7 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {list(allowed)}")
         return value
     if spec.kind == "text":
-        return validate_concept(value)
+        return validate_concept(value, _TEXT_NAMES.get(name, name))
     if spec.kind == "str":
         allowed_values = ["", *bounds.choices.get(name, ())]
         if not isinstance(value, str) or value not in allowed_values:
@@ -513,9 +548,14 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
     raise InvalidInput(f"the view may not set {name!r}")
 
 
-def validate_concept(value: Any) -> str:
-    """A concept word typed in the view, checked: whitespace collapsed, length capped.
+#: What each free-text trait is called in the messages that refuse a value.
+_TEXT_NAMES = {"concept": "the concept word", "switch_replacement": "the replacement word"}
 
+
+def validate_concept(value: Any, what: str = "the concept word") -> str:
+    """A word typed in the view, checked: whitespace collapsed, length capped.
+
+    The concept word and the prompt switch's replacement (``what`` names it in errors).
     ``""`` clears the word. Raises :class:`InvalidInput` saying what is accepted.
 
     Examples
@@ -524,15 +564,15 @@ def validate_concept(value: Any) -> str:
     'red circle'
     """
     if not isinstance(value, str):
-        raise InvalidInput(f"the concept word must be text, got {type(value).__name__}")
+        raise InvalidInput(f"{what} must be text, got {type(value).__name__}")
     text = " ".join(value.split())
     if len(text) > CONCEPT_MAX_CHARS:
         raise InvalidInput(
-            f"a concept of {len(text)} characters is too long; type a word or a short phrase "
+            f"{what} has {len(text)} characters, too long; type a word or a short phrase "
             f"(at most {CONCEPT_MAX_CHARS} characters)"
         )
     if any(not ch.isprintable() for ch in text):
-        raise InvalidInput("the concept word has control characters; type plain text")
+        raise InvalidInput(f"{what} has control characters; type plain text")
     return text
 
 

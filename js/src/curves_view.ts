@@ -3,6 +3,7 @@ import { checkPayload, float32Of } from "./data";
 import { type Cleanup, h, type Model, onChanges, setSafeAttribute } from "./model";
 import { formatValue } from "./scale_view";
 import {
+  COMMITTED_LEVEL,
   CURVE_GROUP_TITLES,
   CURVE_GROUP_UNITS,
   CURVE_GROUPS,
@@ -48,6 +49,24 @@ export function polylinePoints(values: ArrayLike<number>, lo: number, hi: number
     points.push(`${xOf(i, n).toFixed(1)},${yOf(v, lo, hi).toFixed(1)}`);
   }
   return points.join(" ");
+}
+
+/** Groups whose curves get a marker where they reach COMMITTED_LEVEL for good. */
+export const CROSSING_GROUPS: readonly CurveGroup[] = ["concept_auc", "commitment"];
+
+/**
+ * The first step from which `values` is at least `level` at every computed step (NaN: not
+ * computed, skipped); null when the last computed value is below it or nothing is computed.
+ */
+export function crossingStep(values: ArrayLike<number>, level: number): number | null {
+  let crossing: number | null = null;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i] as number;
+    if (Number.isNaN(v)) continue;
+    if (v < level) crossing = null;
+    else if (crossing === null) crossing = i;
+  }
+  return crossing;
 }
 
 /** `count` evenly spaced tick values from `lo` to `hi` (inclusive). */
@@ -119,6 +138,56 @@ export function groupMembers(
     }
   }
   return members;
+}
+
+/** The COMMITTED_LEVEL line and a dashed mark (labelled with its step) at each crossing. */
+function crossingMarks(
+  members: Member[],
+  rows: Float32Array[],
+  n: number,
+  lo: number,
+  hi: number,
+): SVGGElement {
+  const marks = svg("g", { class: "dw-crossings" });
+  const level = yOf(COMMITTED_LEVEL, lo, hi).toFixed(1);
+  marks.appendChild(
+    svg("line", {
+      x1: `${PLOT.left}`,
+      x2: `${PLOT.right}`,
+      y1: level,
+      y2: level,
+      class: "dw-level",
+    }),
+  );
+  members.forEach(({ label }, k) => {
+    const step = crossingStep(rows[k] as Float32Array, COMMITTED_LEVEL);
+    if (step === null) return;
+    const colour = CURVE_PALETTE[k % CURVE_PALETTE.length] as string;
+    const x = xOf(step, n).toFixed(1);
+    const mark = svg("line", {
+      x1: x,
+      x2: x,
+      y1: `${PLOT.top}`,
+      y2: `${PLOT.bottom}`,
+      class: "dw-crossing",
+      stroke: colour,
+      "data-step": String(step),
+    });
+    mark.appendChild(
+      svg("title", {}, `${label} reaches ${COMMITTED_LEVEL} at step ${step} and stays`),
+    );
+    marks.appendChild(mark);
+    // Stacked labels: two curves crossing at the same step stay readable.
+    const y = (PLOT.top + k * 8).toFixed(1);
+    marks.appendChild(
+      svg(
+        "text",
+        { x: `${Number(x) + 2}`, y, class: "dw-crossing-label", fill: colour },
+        `${step}`,
+      ),
+    );
+  });
+  return marks;
 }
 
 /** Curves over steps, one panel per group: axes, direct labels, hover values, step cursor. */
@@ -248,6 +317,7 @@ export function curvesView(model: Model, el: HTMLElement): Cleanup {
       while (last > 0 && Number.isNaN(row[last] as number)) last--;
       ends.push(yOf(Number.isNaN(row[last] as number) ? lo : (row[last] as number), lo, hi));
     });
+    if (CROSSING_GROUPS.includes(group)) plot.appendChild(crossingMarks(members, rows, n, lo, hi));
     spreadLabels(ends).forEach((y, k) => {
       const member = members[k] as Member;
       const selected = member.series.token !== null && member.series.token === token;

@@ -19,6 +19,7 @@ import { PAYLOAD_TRAITS, type WidgetState } from "./schema";
 import { sliderView } from "./slider_view";
 import { statusView } from "./status_view";
 import { STYLES } from "./styles";
+import { switchView } from "./switch_view";
 import { tokensView } from "./tokens_view";
 
 /**
@@ -77,6 +78,7 @@ export function mount(model: Model, el: HTMLElement): Cleanup {
     controlsView(model, right, () => root.querySelector(".dw-canvas")),
     tokensView(model, right),
     curvesView(model, right),
+    switchView(model, right),
     // A panel of its own: under the image beside the controls, after the curves when stacked.
     faithfulnessView(model, root),
   ];

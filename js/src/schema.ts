@@ -16,8 +16,8 @@ export const STATUSES: readonly Status[] = ["idle", "running", "done", "cancelle
 export type ImageMode = "x0" | "noisy";
 export const IMAGE_MODES: readonly ImageMode[] = ["x0", "noisy"];
 
-export type CurveGroup = "attention_mass" | "token_relevance" | "concept_auc" | "faithfulness";
-export const CURVE_GROUPS: readonly CurveGroup[] = ["attention_mass", "token_relevance", "concept_auc", "faithfulness"];
+export type CurveGroup = "attention_mass" | "token_relevance" | "concept_auc" | "commitment" | "faithfulness";
+export const CURVE_GROUPS: readonly CurveGroup[] = ["attention_mass", "token_relevance", "concept_auc", "commitment", "faithfulness"];
 
 export type Dtype = "uint8" | "float32" | "int32";
 export const DTYPES: readonly Dtype[] = ["uint8", "float32", "int32"];
@@ -25,8 +25,8 @@ export const DTYPES: readonly Dtype[] = ["uint8", "float32", "int32"];
 export type Transport = "binary" | "base64";
 export const TRANSPORTS: readonly Transport[] = ["binary", "base64"];
 
-export type FrontendMessage = "cancel" | "faithfulness" | "decode_step" | "buffers_missing";
-export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel", "faithfulness", "decode_step", "buffers_missing"];
+export type FrontendMessage = "cancel" | "faithfulness" | "decode_step" | "buffers_missing" | "prompt_switch";
+export const FRONTEND_MESSAGES: readonly FrontendMessage[] = ["cancel", "faithfulness", "decode_step", "buffers_missing", "prompt_switch"];
 
 /** Human names of the overlays. */
 export const OVERLAY_LABELS: Readonly<Record<OverlayKind, string>> = { none: "no overlay", attention: "token cross-attention", df_rise: "DF-RISE", df_cam: "DF-CAM", occlusion: "Occlusion", concept: "concept map" };
@@ -35,9 +35,10 @@ export const COLORMAP_NAME = "inferno";
 export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];
 export const MEAN_OVER_HEADS = -1;
 export const CONCEPT_MAX_CHARS = 100;
+export const COMMITTED_LEVEL = 0.9;
 export const CURVE_PALETTE: readonly string[] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
-export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Attention mass per token (image → text)", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", faithfulness: "Faithfulness (insertion / deletion AUC)" };
-export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", faithfulness: "AUC" };
+export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Attention mass per token (image → text)", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", commitment: "Committed: share of seeds keeping A's value when switched at step k", faithfulness: "Faithfulness (insertion / deletion AUC)" };
+export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", commitment: "share", faithfulness: "AUC" };
 
 /** An n-d array sent as one binary buffer; `scale` dequantises uint8 data. */
 export interface ArrayPayload {
@@ -156,6 +157,27 @@ export interface CurveSet {
   values: ArrayPayload;
 }
 
+/** The last prompt switch A -> B: the filmstrip (one seed) and when each attribute committed. */
+export interface SwitchFilmstrip {
+  word: string;
+  replacement: string;
+  prompt_b: string;
+  /** The seed whose final images these are. */
+  seed: number;
+  /** Seeds the commitment curves were judged over. */
+  n_seeds: number;
+  n_steps: number;
+  /** Switch step k of each image (k = n_steps: no switch, prompt A's own image). */
+  steps: number[];
+  /** uint8 [K, h, w, 3]: the final image of each switch step. */
+  images: ArrayPayload;
+  attributes: string[];
+  /** Each attribute's value in prompt A. */
+  a_values: string[];
+  /** Per attribute: first switch step from which COMMITTED_LEVEL of seeds keep A's value. */
+  committed: (number | null)[];
+}
+
 /** Every synced trait of the explorer widget. */
 export interface WidgetState {
   /** Loop index shown (0..n_steps-1), never the timestep. */
@@ -180,6 +202,10 @@ export interface WidgetState {
   concept: string;
   /** Source of the layer x step grid ('none' = closed). */
   grid: OverlayKind;
+  /** Prompt word a prompt switch replaces (one of `switch_words`; '' = none chosen). */
+  switch_word: string;
+  /** The word it is replaced by (any one word, shown only as text). */
+  switch_replacement: string;
   /** State of the heavy computation. */
   readonly status: Status;
   /** Progress of the running computation, 0..1. */
@@ -194,6 +220,8 @@ export interface WidgetState {
   readonly token_kinds: string[];
   /** Scheduler timestep t of each step. */
   readonly timesteps: number[];
+  /** The prompt's content words a switch can replace. */
+  readonly switch_words: string[];
   /** Overlay kinds that can be shown or computed. */
   readonly available: string[];
   /** Front-end messages the kernel can serve now (e.g. 'faithfulness' needs a pipeline). */
@@ -222,10 +250,12 @@ export interface WidgetState {
   readonly faithfulness: FaithfulnessEntry[];
   /** Curves over steps: values float32 [K, N] (NaN where not computed). */
   readonly curves: CurveSet | null;
+  /** The last prompt switch: the final image of each switch step (one seed) and when each judged attribute committed. */
+  readonly switch: SwitchFilmstrip | null;
   /** What each overlay and image mode shows, keyed by overlay kind or image mode. */
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "grid"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "grid", "switch_word", "switch_replacement"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
-export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves"] as const;
+export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves", "switch"] as const;

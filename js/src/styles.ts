@@ -63,6 +63,23 @@ export const STYLES = `
 .dw-label-selected { font-weight: 700; opacity: 1; }
 .dw-cursor { stroke: #1976d2; stroke-width: 1.5; vector-effect: non-scaling-stroke; }
 .dw-hover-line { stroke: #999; stroke-dasharray: 2 2; vector-effect: non-scaling-stroke; }
+.dw-crossing { stroke-width: 1; stroke-dasharray: 3 2; vector-effect: non-scaling-stroke; }
+.dw-crossing-label { font-size: 7px; text-anchor: start; dominant-baseline: hanging; }
+.dw-level { stroke: #bbb; stroke-dasharray: 1 2; vector-effect: non-scaling-stroke; }
+.dw-switch { margin: 0; font-size: 12px; }
+.dw-switch[hidden], .dw-switch-form[hidden], .dw-filmstrip[hidden] { display: none; }
+.dw-switch-form { display: inline-flex; flex-wrap: wrap; gap: 4px; align-items: center; }
+.dw-switch-replacement { width: 8em; }
+.dw-switch-reason { font-size: 11px; color: var(--jp-ui-font-color2, #555); }
+.dw-filmstrip { display: flex; gap: 3px; overflow-x: auto; padding: 3px 0; }
+.dw-thumb { display: flex; flex-direction: column; align-items: center; padding: 1px;
+  border: 2px solid transparent; background: none; cursor: pointer; font: inherit; }
+.dw-thumb:disabled { cursor: default; }
+.dw-thumb-current { border-color: #1976d2; }
+.dw-thumb-canvas { width: 56px; height: auto; image-rendering: pixelated; }
+.dw-thumb-label { font-size: 10px; white-space: nowrap; color: var(--jp-ui-font-color2, #555); }
+.dw-switch-summary { font-size: 11px; color: var(--jp-ui-font-color2, #555);
+  overflow-wrap: anywhere; }
 .dw-hover { min-height: 16px; font-size: 11px; font-variant-numeric: tabular-nums;
   color: var(--jp-ui-font-color2, #555); }
 .dw-status { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; min-height: 20px; }

@@ -178,6 +178,8 @@ describe("actions on a fake model", () => {
         "saliency_layer",
         "concept",
         "grid",
+        "switch_word",
+        "switch_replacement",
       ].sort(),
     );
   });

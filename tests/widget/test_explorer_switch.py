@@ -1,4 +1,5 @@
-"""A prompt switch run from the explorer: in the background, then on the curves' step axis."""
+"""A prompt switch run from the explorer (in code or by the view's button): in the background,
+then on the curves' step axis and in the filmstrip."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from diffwidget.widget import Explorer
 from diffwidget.widget.codecs import decode_array
+from diffwidget.widget.previews import shrink_images
+from diffwidget.widget.switch_view import FILMSTRIP_SIZE, SwitchFilmstrip
 
 CAPTION = "a large red circle on the left"
 N_STEPS = 4
@@ -55,15 +58,47 @@ def test_switch_from_the_explorer_joins_the_curves(demo: tuple[Any, Any]) -> Non
         assert any(0 < p < 1 for p in seen)
         series = explorer.widget.curves["series"]
         values = decode_array(explorer.widget.curves["values"])
-        row = next(i for i, s in enumerate(series) if s["name"].startswith("colour kept (red)"))
-        assert series[row]["group"] == "concept_auc"
+        row = next(i for i, s in enumerate(series) if s["name"] == "colour")
+        assert series[row]["group"] == "commitment"
         keep, _, _ = direct.keep_a("colour")
         np.testing.assert_allclose(values[row][[0, 2]], keep[:2])
         assert np.isnan(values[row][[1, 3]]).all()  # steps not switched at stay empty
+        # The page shows what the code asked for: the picker's values and the filmstrip.
+        assert (explorer.widget.switch_word, explorer.widget.switch_replacement) == ("red", "blue")
+        film = SwitchFilmstrip.from_json(explorer.widget.switch)
+        assert film.steps == SWITCH_STEPS
+        np.testing.assert_array_equal(
+            film.images, shrink_images(direct.filmstrip(0), FILMSTRIP_SIZE)
+        )
         # Switching again (k = n only: no branch step to run) replaces the curve.
         explorer.prompt_switch("red", "blue", switch_steps=[N_STEPS]).result(WAIT_S)
         names = [s["name"] for s in explorer.widget.curves["series"]]
         assert names.count(series[row]["name"]) == 1
+    finally:
+        explorer.close()
+
+
+def test_the_switch_button_runs_the_same_switch(demo: tuple[Any, Any]) -> None:
+    pipe, trace = demo
+    explorer = Explorer(trace, pipe=pipe)
+    try:
+        assert "prompt_switch" in explorer.widget.actions
+        # k = n only: the button's job runs without a branch step to compute.
+        explorer.prompt_switch("red", "blue", switch_steps=[N_STEPS]).result(WAIT_S)
+        _settled(explorer)
+        content = {"kind": "prompt_switch", "word": "circle", "replacement": "square"}
+        explorer.widget._dispatch_message(explorer.widget, content, [])
+        deadline = time.monotonic() + WAIT_S
+        while explorer.widget.switch["word"] != "circle" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _settled(explorer) == "done", explorer.error
+        assert explorer.commitment is not None
+        assert explorer.commitment.prompt_b == "a large red square on the left"
+        assert explorer.commitment.attributes == ["shape"]
+        assert (explorer.widget.switch_word, explorer.widget.switch_replacement) == (
+            "circle",
+            "square",
+        )
     finally:
         explorer.close()
 

@@ -449,6 +449,8 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     saliency_layer: "",
     concept: "",
     grid: "none",
+    switch_word: "",
+    switch_replacement: "",
     status: "idle",
     progress: 0,
     error: "",
@@ -456,6 +458,7 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     tokens: strings,
     token_kinds: kinds,
     timesteps: run.timesteps,
+    switch_words: [],
     available: ["none", "attention"],
     actions: [],
     transport: "binary",
@@ -472,6 +475,7 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     },
     attention_filtered: null,
     overlays: {},
+    switch: null,
     layer_options: {
       attention: [
         {
