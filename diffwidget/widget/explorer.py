@@ -9,7 +9,6 @@ imports torch at module import, so a saved trace opens without it.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,14 +17,16 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
-from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
+from diffwidget.explain.protocol import SaliencyMethod
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.concept_overlay import CONCEPT, FUNCTION_WORDS, ConceptCache
+from diffwidget.widget.explorer_setup import check_inputs, resolve_methods
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
+from diffwidget.widget.grid_sources import GridSourceMethods, GridSources
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
 from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
@@ -46,25 +47,6 @@ CLOSE_TIMEOUT_S = 5.0
 OVERLAY_LABELS = schema.OVERLAY_LABELS
 
 
-def _check_inputs(trace: Any, pipe: Any) -> None:
-    if isinstance(trace, Trace):
-        if pipe is not None and (isinstance(pipe, Trace) or not hasattr(pipe, "scheduler")):
-            raise TypeError(
-                f"pipe must be the diffusers pipeline the trace came from, got "
-                f"{type(pipe).__name__}; use Explorer(trace) to show a trace without one"
-            )
-        return
-    if trace is not None and hasattr(trace, "scheduler") and hasattr(trace, "components"):
-        raise TypeError(
-            f"Explorer takes a Trace, not a pipeline ({type(trace).__name__}); record one "
-            "first: trace = diffwidget.trace(pipe, prompt), then Explorer(trace, pipe)"
-        )
-    raise TypeError(
-        f"Explorer takes a Trace (from diffwidget.trace(pipe, prompt) or Trace.load(path)), "
-        f"got {type(trace).__name__}"
-    )
-
-
 def first_content_token(trace: Trace) -> int:
     """Index of the first prompt word that is not a function word (else the first word)."""
     words = trace.word_indices
@@ -74,7 +56,7 @@ def first_content_token(trace: Trace) -> int:
     return words[0] if words else 0
 
 
-class Explorer(ExplorerWork):
+class Explorer(GridSourceMethods, ExplorerWork):
     """Interactive view of one traced run: image per step, overlays, tokens, curves.
 
     Parameters
@@ -119,7 +101,7 @@ class Explorer(ExplorerWork):
         noisy_decoder: NoisyDecoder = "linear",
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        _check_inputs(trace, pipe)
+        check_inputs(trace, pipe)
         if noisy_decoder not in get_args(NoisyDecoder):
             raise ValueError(f"noisy_decoder must be one of {get_args(NoisyDecoder)}")
         if noisy_decoder == "vae" and pipe is None:
@@ -127,7 +109,7 @@ class Explorer(ExplorerWork):
         self.trace = trace
         self.pipe = pipe
         self.noisy_decoder = noisy_decoder
-        self._methods = self._resolve_methods(methods, method_options)
+        self._methods = resolve_methods(pipe, methods, method_options)
         self._evaluator = faithfulness
         if faithfulness is not None and not callable(getattr(faithfulness, "evaluate", None)):
             raise TypeError(
@@ -158,6 +140,7 @@ class Explorer(ExplorerWork):
             on_error=self._job_failed,
             pipeline=pipe,
         )
+        self._grids = GridSources(self.widget, trace, pipe, self._jobs)
         self.widget.on_message("cancel", lambda _content: self.cancel())
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
         self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
@@ -168,38 +151,6 @@ class Explorer(ExplorerWork):
         self.widget.observe(self._refresh_grid, names=["grid"])
         self.widget.observe(self._refresh_grid_token, names=["token"])
         self.widget.observe(self._show_noisy, names=["image_mode"])
-
-    def _resolve_methods(
-        self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None
-    ) -> dict[str, SaliencyMethod | None]:
-        if options is not None:
-            warnings.warn(
-                "method_options is deprecated; pass methods={'df_rise': DFRise(n_masks=200)}",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            unknown = sorted(set(options) - set(schema.HEAVY_OVERLAYS))
-            if unknown:
-                raise ValueError(
-                    f"method_options for {unknown}; use keys from {schema.HEAVY_OVERLAYS}"
-                )
-        if methods is not None and not isinstance(methods, Mapping):
-            raise TypeError(
-                "methods must be a dict of overlay name -> method object, e.g. "
-                "{'df_rise': DFRise(n_masks=200)}"
-            )
-        resolved: dict[str, SaliencyMethod | None] = {}
-        if self.pipe is not None:
-            for kind in schema.HEAVY_OVERLAYS:
-                resolved[kind] = None  # the registry default, built on first use
-        if options:
-            from diffwidget.explain.registry import saliency_method
-
-            for kind, settings in options.items():
-                resolved[kind] = saliency_method(kind)(**settings)
-        for kind, method in (methods or {}).items():
-            resolved[kind] = check_saliency_method(kind, method)
-        return resolved
 
     def _method(self, kind: str) -> SaliencyMethod:
         method = self._methods[kind]
@@ -534,8 +485,9 @@ class Explorer(ExplorerWork):
 
     def _refresh_grid(self, _change: Any = None) -> None:
         try:
-            self._views.publish_grid(self.cached)
-        except ValueError as exc:
+            if not self._grids.publish():  # the concept and causal grids are sent there
+                self._views.publish_grid(self.cached)
+        except (ValueError, RuntimeError) as exc:
             self.widget.error = str(exc)
 
     def _refresh_grid_token(self, _change: Any = None) -> None:
@@ -583,7 +535,8 @@ class Explorer(ExplorerWork):
         options = dict(state["layer_options"])
         options["attention"] = filter_values(options, state["attention_layer"])
         state["layer_options"] = options
-        return ExportSource(state, self.trace.prompt, self._views.export_grid())
+        grid = self._grids.export_grid(self._views.export_grid)
+        return ExportSource(state, self.trace.prompt, grid)
 
     @property
     def closed(self) -> bool:

@@ -25,6 +25,7 @@ from diffwidget.widget.concept_overlay import (
     ConceptRequest,
     compute_concept,
 )
+from diffwidget.widget.grid_sources import ConceptGridRequest, GridSources, PatchingRequest
 from diffwidget.widget.jobs import Jobs, Request
 from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
@@ -117,6 +118,7 @@ class ExplorerWork:
     #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
     commitment: CommitmentCurves | None
     _concepts: ConceptCache
+    _grids: GridSources
 
     def add_curve(
         self, name: str, values: Any, group: str = "concept_auc", token: int | None = None
@@ -397,6 +399,8 @@ class ExplorerWork:
             return result
         if isinstance(work, SwitchRequest):
             return self._switch(work, progress)
+        if isinstance(work, (PatchingRequest, ConceptGridRequest)):
+            return self._grids.run(request, progress)
         assert isinstance(work, FaithfulnessRequest)
 
         def stop_when_asked(done: int, total: int) -> bool:

@@ -28,6 +28,9 @@ OverlayKind = Literal["none", "attention", SaliencyMethodName, "concept"]
 HeavyOverlay = SaliencyMethodName
 #: Overlays whose maps the kernel computes per step and sends in ``overlays``.
 ComputedOverlay = Literal[SaliencyMethodName, "concept"]
+#: Sources of the layer × step grid: the overlays with per-layer maps, the typed word's
+#: concept maps, and the causal grid of activation patching (one number per cell).
+GridSource = Literal["none", "attention", SaliencyMethodName, "concept", "patching"]
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
 CurveGroup = Literal["attention_mass", "token_relevance", "concept_auc", "faithfulness"]
@@ -40,6 +43,7 @@ FrontendMessage = Literal["cancel", "faithfulness", "decode_step", "buffers_miss
 OVERLAY_KINDS: tuple[str, ...] = get_args(OverlayKind)
 HEAVY_OVERLAYS: tuple[str, ...] = get_args(HeavyOverlay)
 COMPUTED_OVERLAYS: tuple[str, ...] = (*HEAVY_OVERLAYS, "concept")
+GRID_SOURCES: tuple[str, ...] = get_args(GridSource)
 STATUSES: tuple[str, ...] = get_args(Status)
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 CURVE_GROUPS: tuple[str, ...] = get_args(CurveGroup)
@@ -95,6 +99,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "OverlayKind": OVERLAY_KINDS,
     "HeavyOverlay": HEAVY_OVERLAYS,
     "ComputedOverlay": COMPUTED_OVERLAYS,
+    "GridSource": GRID_SOURCES,
     "Status": STATUSES,
     "ImageMode": IMAGE_MODES,
     "CurveGroup": CURVE_GROUPS,
@@ -173,7 +178,21 @@ TRAITS: tuple[TraitSpec, ...] = (
         "none",
         True,
         "Source of the layer x step grid ('none' = closed).",
-        "OverlayKind",
+        "GridSource",
+    ),
+    TraitSpec(
+        "patch_word",
+        "text",
+        "",
+        True,
+        "Word of the prompt the causal (patching) grid replaces; '' = none.",
+    ),
+    TraitSpec(
+        "patch_replacement",
+        "text",
+        "",
+        True,
+        "Word the causal grid's source prompt has instead of `patch_word`; '' = none.",
     ),
     TraitSpec("status", "enum", "idle", False, "State of the heavy computation.", "Status"),
     TraitSpec("progress", "float", 0.0, False, "Progress of the running computation, 0..1."),
@@ -504,7 +523,7 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {list(allowed)}")
         return value
     if spec.kind == "text":
-        return validate_concept(value)
+        return validate_concept(value, "the concept word" if name == "concept" else name)
     if spec.kind == "str":
         allowed_values = ["", *bounds.choices.get(name, ())]
         if not isinstance(value, str) or value not in allowed_values:
@@ -513,8 +532,8 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
     raise InvalidInput(f"the view may not set {name!r}")
 
 
-def validate_concept(value: Any) -> str:
-    """A concept word typed in the view, checked: whitespace collapsed, length capped.
+def validate_concept(value: Any, what: str = "the concept word") -> str:
+    """A word typed in the view (``what`` names it), checked: whitespace collapsed, length capped.
 
     ``""`` clears the word. Raises :class:`InvalidInput` saying what is accepted.
 
@@ -524,15 +543,15 @@ def validate_concept(value: Any) -> str:
     'red circle'
     """
     if not isinstance(value, str):
-        raise InvalidInput(f"the concept word must be text, got {type(value).__name__}")
+        raise InvalidInput(f"{what} must be text, got {type(value).__name__}")
     text = " ".join(value.split())
     if len(text) > CONCEPT_MAX_CHARS:
         raise InvalidInput(
-            f"a concept of {len(text)} characters is too long; type a word or a short phrase "
+            f"{what} of {len(text)} characters is too long; type a word or a short phrase "
             f"(at most {CONCEPT_MAX_CHARS} characters)"
         )
     if any(not ch.isprintable() for ch in text):
-        raise InvalidInput("the concept word has control characters; type plain text")
+        raise InvalidInput(f"{what} has control characters; type plain text")
     return text
 
 
