@@ -178,6 +178,8 @@ describe("actions on a fake model", () => {
         "saliency_layer",
         "concept",
         "grid",
+        "patch_word",
+        "patch_replacement",
       ].sort(),
     );
   });
