@@ -190,16 +190,16 @@ class GridGroup:
 
     def to_json(self) -> dict[str, Any]:
         """The value inside ``GridData.groups``."""
-        value = {
+        return {
             "name": self.name,
             "layers": list(self.layers),
             "labels": list(self.labels),
             "grid": list(self.grid),
             "maps": _encode(self.codes, self.scale),
+            "values": None
+            if self.values is None
+            else encode_array(np.asarray(self.values, np.float32)),
         }
-        if self.values is not None:
-            value["values"] = encode_array(np.asarray(self.values, np.float32))
-        return value
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> GridGroup:

@@ -104,7 +104,7 @@ export interface GridGroup {
   /** uint8 [L, S, T, h, w], h x w at most `grid`; each map divided by its own maximum. */
   maps: ArrayPayload;
   /** float32 [L, S]: one number per cell when the grid's `cells` is set (scalar cells). */
-  values?: ArrayPayload;
+  values?: ArrayPayload | null;
 }
 
 /** How the scalar cells of a grid are coloured (inferno from `low` to `high`). */
