@@ -64,7 +64,9 @@ export function gridSourcesView(model: Model, el: HTMLElement): Cleanup {
       menu.appendChild(option);
     }
     menu.value = grid;
-    bar.hidden = sources.length < 2;
+    // Shown with the grid open, or where the kernel can compute a grid the toggle cannot open.
+    const computes = sources.includes("concept") && sources.includes("patching");
+    bar.hidden = sources.length < 2 || (grid === "none" && !computes);
     patch.hidden = grid !== "patching";
     const concept = model.get("concept");
     note.hidden = grid !== "concept";
