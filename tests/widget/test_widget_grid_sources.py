@@ -113,6 +113,11 @@ def test_causal_grid_cells_match_patching_by_hand(
             assert "takes B's colour (blue) instead of A's (red)" in data.description
             assert (data.cells.low, data.cells.high) == (0.0, 1.0)
         assert f"“{prompt_b}”" in data.description
+        # A standalone file keeps the numbers (for its own steps and rows).
+        exported = explorer.export_source().grid
+        assert exported is not None
+        assert exported.cells == data.cells
+        assert explorer.export(steps=[2], layers=["mid_block"]).nbytes > 0
     finally:
         explorer.close()
 
