@@ -113,6 +113,10 @@ def test_causal_grid_cells_match_patching_by_hand(
             assert "takes B's colour (blue) instead of A's (red)" in data.description
             assert (data.cells.low, data.cells.high) == (0.0, 1.0)
         assert f"“{prompt_b}”" in data.description
+        # Asked again in code: the cached result at once, no new run.
+        again = explorer.patching_grid(word, replacement, layers=LAYERS, steps=STEPS)
+        assert again.done()
+        assert again.result() is result
         # A standalone file keeps the numbers (for its own steps and rows).
         exported = explorer.export_source().grid
         assert exported is not None
