@@ -23,7 +23,7 @@ from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.concept_overlay import CONCEPT, FUNCTION_WORDS, ConceptCache
-from diffwidget.widget.explorer_setup import check_inputs, resolve_methods
+from diffwidget.widget.explorer_methods import resolve_methods
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
 from diffwidget.widget.grid_sources import GridSourceMethods, GridSources
@@ -45,6 +45,25 @@ NoisyDecoder = Literal["linear", "vae"]
 #: Seconds ``close()`` waits for the worker thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 OVERLAY_LABELS = schema.OVERLAY_LABELS
+
+
+def _check_inputs(trace: Any, pipe: Any) -> None:
+    if isinstance(trace, Trace):
+        if pipe is not None and (isinstance(pipe, Trace) or not hasattr(pipe, "scheduler")):
+            raise TypeError(
+                f"pipe must be the diffusers pipeline the trace came from, got "
+                f"{type(pipe).__name__}; use Explorer(trace) to show a trace without one"
+            )
+        return
+    if trace is not None and hasattr(trace, "scheduler") and hasattr(trace, "components"):
+        raise TypeError(
+            f"Explorer takes a Trace, not a pipeline ({type(trace).__name__}); record one "
+            "first: trace = diffwidget.trace(pipe, prompt), then Explorer(trace, pipe)"
+        )
+    raise TypeError(
+        f"Explorer takes a Trace (from diffwidget.trace(pipe, prompt) or Trace.load(path)), "
+        f"got {type(trace).__name__}"
+    )
 
 
 def first_content_token(trace: Trace) -> int:
@@ -101,7 +120,7 @@ class Explorer(GridSourceMethods, ExplorerWork):
         noisy_decoder: NoisyDecoder = "linear",
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        check_inputs(trace, pipe)
+        _check_inputs(trace, pipe)
         if noisy_decoder not in get_args(NoisyDecoder):
             raise ValueError(f"noisy_decoder must be one of {get_args(NoisyDecoder)}")
         if noisy_decoder == "vae" and pipe is None:

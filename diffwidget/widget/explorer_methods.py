@@ -1,4 +1,4 @@
-"""What an explorer checks and resolves before it builds anything: its inputs and methods."""
+"""The overlay methods an explorer uses: the ones given, checked, and the registry's defaults."""
 
 from __future__ import annotations
 
@@ -7,28 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
-from diffwidget.tracing.trace import Trace
 from diffwidget.widget import schema
-
-
-def check_inputs(trace: Any, pipe: Any) -> None:
-    """Refuse a pipeline given as the trace, and a trace given as the pipeline."""
-    if isinstance(trace, Trace):
-        if pipe is not None and (isinstance(pipe, Trace) or not hasattr(pipe, "scheduler")):
-            raise TypeError(
-                f"pipe must be the diffusers pipeline the trace came from, got "
-                f"{type(pipe).__name__}; use Explorer(trace) to show a trace without one"
-            )
-        return
-    if trace is not None and hasattr(trace, "scheduler") and hasattr(trace, "components"):
-        raise TypeError(
-            f"Explorer takes a Trace, not a pipeline ({type(trace).__name__}); record one "
-            "first: trace = diffwidget.trace(pipe, prompt), then Explorer(trace, pipe)"
-        )
-    raise TypeError(
-        f"Explorer takes a Trace (from diffwidget.trace(pipe, prompt) or Trace.load(path)), "
-        f"got {type(trace).__name__}"
-    )
 
 
 def resolve_methods(
