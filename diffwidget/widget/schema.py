@@ -173,14 +173,6 @@ TRAITS: tuple[TraitSpec, ...] = (
         "'' = none.",
     ),
     TraitSpec(
-        "grid",
-        "enum",
-        "none",
-        True,
-        "Source of the layer x step grid ('none' = closed).",
-        "GridSource",
-    ),
-    TraitSpec(
         "patch_word",
         "text",
         "",
@@ -193,6 +185,14 @@ TRAITS: tuple[TraitSpec, ...] = (
         "",
         True,
         "Word the causal grid's source prompt has instead of `patch_word`; '' = none.",
+    ),
+    TraitSpec(
+        "grid",
+        "enum",
+        "none",
+        True,
+        "Source of the layer x step grid ('none' = closed).",
+        "GridSource",
     ),
     TraitSpec("status", "enum", "idle", False, "State of the heavy computation.", "Status"),
     TraitSpec("progress", "float", 0.0, False, "Progress of the running computation, 0..1."),
@@ -523,7 +523,7 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
             raise InvalidInput(f"unknown {name} {value!r}; use one of {list(allowed)}")
         return value
     if spec.kind == "text":
-        return validate_concept(value, "the concept word" if name == "concept" else name)
+        return validate_concept(value, _TEXT_NAMES.get(name, name))
     if spec.kind == "str":
         allowed_values = ["", *bounds.choices.get(name, ())]
         if not isinstance(value, str) or value not in allowed_values:
@@ -532,9 +532,19 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
     raise InvalidInput(f"the view may not set {name!r}")
 
 
-def validate_concept(value: Any, what: str = "the concept word") -> str:
-    """A word typed in the view (``what`` names it), checked: whitespace collapsed, length capped.
+#: What each free-text trait is called in the messages that refuse a value.
+_TEXT_NAMES = {
+    "concept": "the concept word",
+    "switch_replacement": "the replacement word",
+    "patch_word": "the patched word",
+    "patch_replacement": "the patch's replacement word",
+}
 
+
+def validate_concept(value: Any, what: str = "the concept word") -> str:
+    """A word typed in the view, checked: whitespace collapsed, length capped.
+
+    The concept word and the prompt switch's replacement (``what`` names it in errors).
     ``""`` clears the word. Raises :class:`InvalidInput` saying what is accepted.
 
     Examples
@@ -547,7 +557,7 @@ def validate_concept(value: Any, what: str = "the concept word") -> str:
     text = " ".join(value.split())
     if len(text) > CONCEPT_MAX_CHARS:
         raise InvalidInput(
-            f"{what} of {len(text)} characters is too long; type a word or a short phrase "
+            f"{what} has {len(text)} characters, too long; type a word or a short phrase "
             f"(at most {CONCEPT_MAX_CHARS} characters)"
         )
     if any(not ch.isprintable() for ch in text):

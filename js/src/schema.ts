@@ -193,12 +193,12 @@ export interface WidgetState {
   saliency_layer: string;
   /** Word (any, in the prompt or not) whose concept map the 'concept' overlay shows; '' = none. */
   concept: string;
-  /** Source of the layer x step grid ('none' = closed). */
-  grid: GridSource;
   /** Word of the prompt the causal (patching) grid replaces; '' = none. */
   patch_word: string;
   /** Word the causal grid's source prompt has instead of `patch_word`; '' = none. */
   patch_replacement: string;
+  /** Source of the layer x step grid ('none' = closed). */
+  grid: GridSource;
   /** State of the heavy computation. */
   readonly status: Status;
   /** Progress of the running computation, 0..1. */
@@ -245,6 +245,6 @@ export interface WidgetState {
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "grid", "patch_word", "patch_replacement"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "patch_word", "patch_replacement", "grid"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
 export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves"] as const;
