@@ -23,12 +23,12 @@ from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.concept_overlay import CONCEPT, FUNCTION_WORDS, ConceptCache
-from diffwidget.widget.explorer_methods import resolve_methods
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
-from diffwidget.widget.grid_sources import GridSourceMethods, GridSources
+from diffwidget.widget.grid_sources import GridSources
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
+from diffwidget.widget.overlay_methods import resolve_methods
 from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
 from diffwidget.widget.reporting import (
     close_widget_tree,
@@ -75,7 +75,7 @@ def first_content_token(trace: Trace) -> int:
     return words[0] if words else 0
 
 
-class Explorer(GridSourceMethods, ExplorerWork):
+class Explorer(ExplorerWork):
     """Interactive view of one traced run: image per step, overlays, tokens, curves.
 
     Parameters

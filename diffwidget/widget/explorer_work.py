@@ -25,7 +25,12 @@ from diffwidget.widget.concept_overlay import (
     ConceptRequest,
     compute_concept,
 )
-from diffwidget.widget.grid_sources import ConceptGridRequest, GridSources, PatchingRequest
+from diffwidget.widget.grid_sources import (
+    ConceptGridRequest,
+    GridSourceMethods,
+    GridSources,
+    PatchingRequest,
+)
 from diffwidget.widget.jobs import Jobs, Request
 from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
@@ -103,8 +108,8 @@ class SwitchRequest:
         return f"prompt switch {self.word} → {self.replacement}"
 
 
-class ExplorerWork:
-    """Faithfulness, exact decodes and the worker callbacks of an explorer."""
+class ExplorerWork(GridSourceMethods):
+    """Faithfulness, exact decodes, the computed grids and the worker callbacks of an explorer."""
 
     trace: Trace
     pipe: Any
