@@ -109,7 +109,7 @@ class SwitchRequest:
 
 
 class ExplorerWork(GridSourceMethods):
-    """Faithfulness, exact decodes, the computed grids and the worker callbacks of an explorer."""
+    """Faithfulness, exact decodes and the worker callbacks of an explorer."""
 
     trace: Trace
     pipe: Any
