@@ -159,6 +159,36 @@ def run_patching(
         return None
 
 
+def _cell_measure(result: PatchingGrid, measure: Measure) -> tuple[np.ndarray, str, CellScale]:
+    """Each cell's number ``(layers, steps)``, what it is, and its colour scale."""
+    n_seeds = len(result.seeds)
+    if measure == "attribute":
+        # The first attribute the prompts differ in (one, for a replaced scene-world word).
+        attribute, a_value, b_value = result.attributes[0], result.a_values[0], result.b_values[0]
+        values = result.grid(attribute)
+        what = (
+            f"the share of {n_seeds} seed{'' if n_seeds == 1 else 's'} whose final image takes "
+            f"B's {attribute} ({b_value}) instead of A's ({a_value}), read by the "
+            f"{result.judges[0]} judge"
+        )
+        scale = CellScale(
+            0.0, 1.0, f"share of seeds whose final image takes B's {attribute} ({b_value}): 0 to 1"
+        )
+    else:
+        values = result.change_grid()
+        what = (
+            "the mean absolute change of the final image from A's own (0–1 of the pixel range, "
+            f"mean over {n_seeds} seed{'' if n_seeds == 1 else 's'}); no scene-world judge "
+            "applies to these prompts"
+        )
+        top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+        if top > 0:
+            scale = CellScale(0.0, top, f"image change, 0 to the grid's largest ({top:.3g})")
+        else:  # no patch changed the image: the scale's top is one pixel range
+            scale = CellScale(0.0, 1.0, "image change, 0 to 1 (no patch changed the image)")
+    return values, what, scale
+
+
 def patching_grid_data(result: PatchingGrid, measure: Measure) -> GridData:
     """The causal grid as scalar cells: rows the patched layers (grouped by block), columns
     the patched steps.
@@ -173,33 +203,7 @@ def patching_grid_data(result: PatchingGrid, measure: Measure) -> GridData:
     >>> data.cells.meaning  # doctest: +SKIP
     "share of seeds whose final image takes B's colour (blue): 0 to 1"
     """
-    n_seeds = len(result.seeds)
-    if measure == "attribute":
-        attribute = result.attributes[0]
-        row = result.attributes.index(attribute)
-        values = result.grid(attribute)
-        a_value, b_value = result.a_values[row], result.b_values[row]
-        what = (
-            f"the share of {n_seeds} seed{'' if n_seeds == 1 else 's'} whose final image takes "
-            f"B's {attribute} "
-            f"({b_value}) instead of A's ({a_value}), read by the {result.judges[row]} judge"
-        )
-        scale = CellScale(
-            0.0, 1.0, f"share of seeds whose final image takes B's {attribute} ({b_value}): 0 to 1"
-        )
-    else:
-        values = result.change_grid()
-        what = (
-            "the mean absolute change of the final image from A's own (0–1 of the pixel range, "
-            f"mean over {n_seeds} seed{'' if n_seeds == 1 else 's'}); no scene-world judge "
-            "applies to these prompts"
-        )
-        top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
-        scale = CellScale(
-            0.0,
-            top if top > 0 else 1.0,
-            f"image change from 0 to {top:.3g}, the grid's largest (scaled to it)",
-        )
+    values, what, scale = _cell_measure(result, measure)
     halves = "both CFG halves" if result.halves == "both" else "the prompt's CFG half only"
     description = (
         f"Causal grid (activation patching): the run of “{result.prompt_a}” with one layer's "

@@ -73,6 +73,10 @@ export function gridSourcesView(model: Model, el: HTMLElement): Cleanup {
     note.textContent = concept
       ? `the concept box's word: “${concept}”`
       : "type a word in the concept box above";
+  };
+  // The boxes follow the kernel's words only when those change: another trait's echo must
+  // not wipe what is being typed.
+  const syncWords = (): void => {
     for (const [input, key] of [
       [word, "patch_word"],
       [replacement, "patch_replacement"],
@@ -86,10 +90,12 @@ export function gridSourcesView(model: Model, el: HTMLElement): Cleanup {
   };
   const onPatch = (event: Event): void => {
     event.preventDefault();
-    if (!word.value.trim() || !replacement.value.trim()) return;
+    // Both read before either is set: setting one refreshes the boxes from the model.
+    const pair = [word.value.trim(), replacement.value.trim()] as const;
+    if (!pair[0] || !pair[1]) return;
     // One sync with both words: the kernel sees the pair, never half of a new one.
-    model.set("patch_word", word.value.trim());
-    model.set("patch_replacement", replacement.value.trim());
+    model.set("patch_word", pair[0]);
+    model.set("patch_replacement", pair[1]);
     model.save_changes();
   };
   // Typing is for the boxes, not the slider's keys nor the notebook's shortcuts.
@@ -103,12 +109,15 @@ export function gridSourcesView(model: Model, el: HTMLElement): Cleanup {
   replacement.addEventListener("keydown", onKey);
   const off = onChanges(
     model,
-    ["grid", "available", "actions", "layer_options", "concept", "patch_word", "patch_replacement"],
+    ["grid", "available", "actions", "layer_options", "concept"],
     update,
   );
+  const offWords = onChanges(model, ["patch_word", "patch_replacement"], syncWords);
   update();
+  syncWords();
   return () => {
     off();
+    offWords();
     bar.remove();
   };
 }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
 
 from bench.browserlib import run_all_cells, write_notebook
-from tests.browser.helpers import wait_for_json
+from tests.browser.helpers import _GRID_CELL_JS, wait_for_json
 
 pytestmark = pytest.mark.browser
 
@@ -29,8 +30,10 @@ SETUP = textwrap.dedent(
         data = GridData.from_json(w.grid_data) if w.grid_data is not None else None
         STATE.write_text(json.dumps({"grid": w.grid, "concept": w.concept, "status": w.status,
             "error": w.error, "source": data.source if data else None,
-            "rows": len(data.layers) if data else 0, "steps": data.steps if data else []}))
-    explorer.widget.observe(dump, names=["grid", "concept", "status", "error", "grid_data"])
+            "rows": len(data.layers) if data else 0, "steps": data.steps if data else [],
+            "patch": [w.patch_word, w.patch_replacement]}))
+    explorer.widget.observe(dump, names=["grid", "concept", "status", "error", "grid_data",
+                                         "patch_word", "patch_replacement"])
     dump()
     """
 )
@@ -72,4 +75,45 @@ def test_lab_concept_grid_of_a_typed_word_is_drawn(jupyter_server, page):
     )
     assert painted == 400
     assert browser_page.inner_text(".dw-grid-concept-note") == "the concept box's word: “dog”"
+
+    # The causal grid: before its two words the page says how to compute it; then one
+    # number per cell, each drawn as one colour, its value on hover.
+    browser_page.select_option(".dw-grid-source", "patching")
+    wait_for_json(state, lambda s: s["error"].startswith("the causal grid is not computed yet"))
+    browser_page.wait_for_function(
+        "() => document.querySelector('.dw-error').textContent.includes('not computed yet')"
+    )
+    browser_page.fill(".dw-patch-word", "red")
+    browser_page.fill(".dw-patch-replacement", "blue")
+    browser_page.click(".dw-patch-go")
+    kernel = wait_for_json(state, lambda s: s["source"] == "patching" and s["rows"] > 0, 180)
+    assert kernel["steps"] == [0]  # every 4th step of 3
+    assert kernel["patch"] == ["red", "blue"]
+    grid = browser_page.wait_for_selector('.dw-grid[data-source="patching"]:not([hidden])')
+    # Only the cells in view are drawn (the box scrolls): some, at most one per row.
+    assert 0 < int(grid.get_attribute("data-drawn-cells")) <= kernel["rows"]
+    assert int(grid.get_attribute("data-rows")) == kernel["rows"]
+    caption = browser_page.inner_text(".dw-grid-caption")
+    assert "Causal grid (activation patching)" in caption
+    assert "colour scale inferno, dark 0 to bright 1: share of seeds" in caption
+    colours = browser_page.evaluate(
+        """() => {
+          const box = document.querySelector('.dw-grid');
+          const canvas = box.querySelector('.dw-grid-canvas');
+          const x = Number(box.dataset.labelPx);
+          const y = Number(box.dataset.headerPx) + Number(box.dataset.rowTops.split(',')[0]);
+          const cell = Number(box.dataset.pitchPx) - 2;
+          const data = canvas.getContext('2d').getImageData(x, y, cell, cell).data;
+          return new Set(Array.from({ length: data.length / 4 },
+            (_, i) => data.slice(4 * i, 4 * i + 3).join(','))).size;
+        }"""
+    )
+    assert colours == 1  # a single-colour square
+    browser_page.locator("figure.dw-grid").scroll_into_view_if_needed()
+    point = browser_page.evaluate(_GRID_CELL_JS, [0, 0])
+    browser_page.wait_for_timeout(50)  # the scroll redraw runs on the next animation frame
+    browser_page.mouse.move(point["x"], point["y"])
+    browser_page.wait_for_function("() => document.querySelector('.dw-grid-hover').textContent")
+    hover = browser_page.inner_text(".dw-grid-hover")
+    assert re.fullmatch(r"layer down_blocks\.0\.resnets\.0 · step 0 · value (0|1)", hover), hover
     assert console.widget_errors() == []
