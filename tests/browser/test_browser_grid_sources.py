@@ -1,4 +1,4 @@
-"""The concept grid picked in a real JupyterLab: a typed word's map per layer and step."""
+"""The concept and causal grids picked in a real JupyterLab: computed, drawn, explained."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ SETUP = textwrap.dedent(
 )
 
 
-def test_lab_concept_grid_of_a_typed_word_is_drawn(jupyter_server, page):
+def test_lab_concept_and_causal_grids_are_drawn(jupyter_server, page):
     browser_page, console = page
     write_notebook(jupyter_server.root / "grid.ipynb", [SETUP, "explorer"])
     browser_page.goto(jupyter_server.page_url("lab/tree/grid.ipynb"))
