@@ -9,7 +9,6 @@ imports torch at module import, so a saved trace opens without it.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
-from diffwidget.explain.protocol import SaliencyMethod, check_saliency_method
+from diffwidget.explain.protocol import SaliencyMethod
 from diffwidget.tracing.trace import Trace
 from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
@@ -27,8 +26,10 @@ from diffwidget.widget.concept_overlay import CONCEPT, ConceptCache
 from diffwidget.widget.explorer_setup import check_inputs, first_content_token
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
+from diffwidget.widget.grid_sources import GridSources
 from diffwidget.widget.jobs import Jobs
 from diffwidget.widget.model import ExplorerWidget
+from diffwidget.widget.overlay_methods import resolve_methods
 from diffwidget.widget.previews import noisy_previews, preview_text, x0_previews
 from diffwidget.widget.reporting import (
     close_widget_tree,
@@ -100,7 +101,7 @@ class Explorer(ExplorerWork):
         self.trace = trace
         self.pipe = pipe
         self.noisy_decoder = noisy_decoder
-        self._methods = self._resolve_methods(methods, method_options)
+        self._methods = resolve_methods(pipe, methods, method_options)
         self._evaluator = faithfulness
         if faithfulness is not None and not callable(getattr(faithfulness, "evaluate", None)):
             raise TypeError(
@@ -130,6 +131,7 @@ class Explorer(ExplorerWork):
             on_error=self._job_failed,
             pipeline=pipe,
         )
+        self._grids = GridSources(self.widget, trace, pipe, self._jobs)
         self.widget.on_message("cancel", lambda _content: self.cancel())
         self.widget.on_message("faithfulness", lambda _content: self._request_faithfulness())
         self.widget.on_message("decode_step", lambda _content: self._decode_from_view())
@@ -141,38 +143,6 @@ class Explorer(ExplorerWork):
         self.widget.observe(self._refresh_grid, names=["grid"])
         self.widget.observe(self._refresh_grid_token, names=["token"])
         self.widget.observe(self._show_noisy, names=["image_mode"])
-
-    def _resolve_methods(
-        self, methods: Mapping[str, Any] | None, options: Mapping[str, Mapping[str, Any]] | None
-    ) -> dict[str, SaliencyMethod | None]:
-        if options is not None:
-            warnings.warn(
-                "method_options is deprecated; pass methods={'df_rise': DFRise(n_masks=200)}",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            unknown = sorted(set(options) - set(schema.HEAVY_OVERLAYS))
-            if unknown:
-                raise ValueError(
-                    f"method_options for {unknown}; use keys from {schema.HEAVY_OVERLAYS}"
-                )
-        if methods is not None and not isinstance(methods, Mapping):
-            raise TypeError(
-                "methods must be a dict of overlay name -> method object, e.g. "
-                "{'df_rise': DFRise(n_masks=200)}"
-            )
-        resolved: dict[str, SaliencyMethod | None] = {}
-        if self.pipe is not None:
-            for kind in schema.HEAVY_OVERLAYS:
-                resolved[kind] = None  # the registry default, built on first use
-        if options:
-            from diffwidget.explain.registry import saliency_method
-
-            for kind, settings in options.items():
-                resolved[kind] = saliency_method(kind)(**settings)
-        for kind, method in (methods or {}).items():
-            resolved[kind] = check_saliency_method(kind, method)
-        return resolved
 
     def _method(self, kind: str) -> SaliencyMethod:
         method = self._methods[kind]
@@ -507,8 +477,9 @@ class Explorer(ExplorerWork):
 
     def _refresh_grid(self, _change: Any = None) -> None:
         try:
-            self._views.publish_grid(self.cached)
-        except ValueError as exc:
+            if not self._grids.publish():  # the concept and causal grids are sent there
+                self._views.publish_grid(self.cached)
+        except (ValueError, RuntimeError) as exc:
             self.widget.error = str(exc)
 
     def _refresh_grid_token(self, _change: Any = None) -> None:
@@ -556,7 +527,8 @@ class Explorer(ExplorerWork):
         options = dict(state["layer_options"])
         options["attention"] = filter_values(options, state["attention_layer"])
         state["layer_options"] = options
-        return ExportSource(state, self.trace.prompt, self._views.export_grid())
+        grid = self._grids.export_grid(self._views.export_grid)
+        return ExportSource(state, self.trace.prompt, grid)
 
     @property
     def closed(self) -> bool:

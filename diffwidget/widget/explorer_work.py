@@ -25,6 +25,12 @@ from diffwidget.widget.concept_overlay import (
     ConceptRequest,
     compute_concept,
 )
+from diffwidget.widget.grid_sources import (
+    ConceptGridRequest,
+    GridSourceMethods,
+    GridSources,
+    PatchingRequest,
+)
 from diffwidget.widget.jobs import Jobs, Request
 from diffwidget.widget.layers import on_latent
 from diffwidget.widget.previews import preview_text, shrink_images
@@ -81,7 +87,7 @@ class FaithfulnessRequest:
         return f"faithfulness of {OVERLAY_LABELS[self.view.overlay]} at step {self.view.step}"
 
 
-class ExplorerWork(SwitchWork):
+class ExplorerWork(SwitchWork, GridSourceMethods):
     """Faithfulness, exact decodes and the worker callbacks of an explorer."""
 
     trace: Trace
@@ -94,6 +100,7 @@ class ExplorerWork(SwitchWork):
     _faith: dict[tuple[Any, ...], dict[str, Any]]
     _curves: list[tuple[dict[str, Any], np.ndarray]]
     _concepts: ConceptCache
+    _grids: GridSources
 
     def add_curve(
         self, name: str, values: Any, group: str = "concept_auc", token: int | None = None
@@ -307,6 +314,8 @@ class ExplorerWork(SwitchWork):
             return result
         if isinstance(work, SwitchRequest):
             return self._switch(work, progress)
+        if isinstance(work, (PatchingRequest, ConceptGridRequest)):
+            return self._grids.run(request, progress)
         assert isinstance(work, FaithfulnessRequest)
 
         def stop_when_asked(done: int, total: int) -> bool:

@@ -32,6 +32,17 @@ GRID_CELL_MAX = 16
 _LAYER_DEPTH = 3
 
 
+def not_computed(what: str, how: str) -> ValueError:
+    """The error a grid not computed yet shows: what it is, and how to compute it.
+
+    Examples
+    --------
+    >>> str(not_computed("DF-CAM", "with explorer.compute('df_cam', 3)"))
+    "DF-CAM is not computed yet: compute it with explorer.compute('df_cam', 3), then open the grid"
+    """
+    return ValueError(f"{what} is not computed yet: compute it {how}, then open the grid")
+
+
 def block_of(path: str) -> str:
     """The block a module path belongs to: its rows are drawn together under this name.
 
@@ -97,7 +108,7 @@ def _shrink_stored(stored: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
     return shrink_maps(np.moveaxis(stored, -1, 1), cell)
 
 
-def _grouped(names: list[str], grids: Mapping[str, tuple[int, int]]) -> list[list[str]]:
+def grouped_rows(names: list[str], grids: Mapping[str, tuple[int, int]]) -> list[list[str]]:
     """Runs of consecutive rows with the same block and grid (the model's order is kept)."""
     groups: list[list[str]] = []
     for name in names:
@@ -129,7 +140,7 @@ def attention_grid(trace: Trace, head: int = MEAN_OVER_HEADS) -> GridData:
     view = head_view(trace, head)
     grids = layer_grids(view)
     groups = []
-    for rows in _grouped(list(view.attention), grids):
+    for rows in grouped_rows(list(view.attention), grids):
         grid = grids[rows[0]]
         cell = cell_size(grid)
         maps = [_shrink_stored(np.asarray(view.attention[name]), cell) for name in rows]
@@ -163,10 +174,11 @@ def saliency_grid(
     """
     steps = sorted(results)
     if not steps:
-        raise ValueError(
-            f"{method_label(kind)} is not computed yet: compute it at the steps you want "
-            f"(explorer.compute({kind!r}, step), or show the {method_label(kind)} overlay and "
-            "move the slider; both need Explorer(trace, pipe=pipe)), then open the grid"
+        raise not_computed(
+            method_label(kind),
+            f"at the steps you want (explorer.compute({kind!r}, step), or show the "
+            f"{method_label(kind)} overlay and move the slider; both need "
+            "Explorer(trace, pipe=pipe))",
         )
     names: list[str] = []
     for step in steps:
@@ -178,7 +190,7 @@ def saliency_grid(
         )
     cell = cell_size(latent)
     groups = []
-    for rows in _grouped(names, dict.fromkeys(names, latent)):
+    for rows in grouped_rows(names, dict.fromkeys(names, latent)):
         maps = []
         for name in rows:
             row = np.zeros((len(steps), 1, *cell), dtype=np.float32)

@@ -71,11 +71,21 @@ export interface GridGroup {
   grid: [number, number];
   /** uint8 [L, S, T, h, w], h x w at most `grid`; each map divided by its own maximum. */
   maps: ArrayPayload;
+  /** float32 [L, S]: one number per cell when the grid's `cells` is set (scalar cells). */
+  values?: ArrayPayload | null;
+}
+
+/** How the scalar cells of a grid are coloured (inferno from `low` to `high`). */
+export interface CellScale {
+  low: number;
+  high: number;
+  /** What one value means and how the scale was chosen. */
+  meaning: string;
 }
 
 /** Small multiples: one map per (layer, step[, token]), rows grouped by block. */
 export interface GridData {
-  source: OverlayKind;
+  source: GridSource;
   groups: GridGroup[];
   /** Loop index of each column. */
   steps: number[];
@@ -83,6 +93,8 @@ export interface GridData {
   tokens: number[];
   per_token: boolean;
   description: string;
+  /** Set when each cell is one number (the groups' `values`), not a map. */
+  cells?: CellScale | null;
 }
 
 /** What a colour scale means. */

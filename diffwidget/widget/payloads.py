@@ -175,6 +175,9 @@ class GridGroup:
         One map per row, step and token, each resampled to at most ``grid``.
     scale : ndarray of float32, shape (L, S, T)
         Each map's maximum.
+    values : ndarray of float32, shape (L, S), optional
+        One number per cell (a grid of scalars, :attr:`GridData.cells` says how they are
+        coloured); ``codes`` then hold each value's place on that scale as a 1×1 map.
     """
 
     name: str
@@ -183,6 +186,7 @@ class GridGroup:
     grid: tuple[int, int]
     codes: np.ndarray
     scale: np.ndarray
+    values: np.ndarray | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The value inside ``GridData.groups``."""
@@ -192,6 +196,9 @@ class GridGroup:
             "labels": list(self.labels),
             "grid": list(self.grid),
             "maps": _encode(self.codes, self.scale),
+            "values": None
+            if self.values is None
+            else encode_array(np.asarray(self.values, np.float32)),
         }
 
     @classmethod
@@ -204,7 +211,58 @@ class GridGroup:
             raise PayloadError("a grid group needs one label and one row of maps per layer")
         if codes.shape[-2] > grid[0] or codes.shape[-1] > grid[1]:
             raise PayloadError(f"grid cells {list(codes.shape[-2:])} exceed the layers' grid")
-        return cls(_field(value, "name", str), layers, labels, grid, codes, scale)
+        values = None
+        if value.get("values") is not None:
+            values = decode_array(_field(value, "values", Mapping))
+            if values.dtype != np.float32 or values.shape != codes.shape[:2]:
+                raise PayloadError(
+                    f"grid cell values must be float32 {list(codes.shape[:2])} (layers × steps), "
+                    f"got {values.dtype} {list(values.shape)}"
+                )
+        return cls(_field(value, "name", str), layers, labels, grid, codes, scale, values)
+
+
+@dataclass(frozen=True)
+class CellScale:
+    """How the scalar cells of a grid are coloured: ``low`` to ``high``, and what a value is.
+
+    Attributes
+    ----------
+    low, high : float
+        The values at the two ends of the colour map (inferno, dark to bright).
+    meaning : str
+        What one value means and how the scale was chosen (the view's colour-scale text).
+
+    Examples
+    --------
+    >>> CellScale(0.0, 1.0, "share of seeds").position(np.array([0.5])).tolist()
+    [128]
+    """
+
+    low: float
+    high: float
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.low) and np.isfinite(self.high) and self.high > self.low):
+            raise PayloadError(f"a cell scale needs finite low < high, got {self.low}, {self.high}")
+
+    def position(self, values: np.ndarray) -> np.ndarray:
+        """uint8 place of each value on the scale (0 at ``low``, 255 at ``high``; NaN → 0)."""
+        share = (np.nan_to_num(np.asarray(values, np.float64), nan=self.low) - self.low) / (
+            self.high - self.low
+        )
+        return np.rint(np.clip(share, 0.0, 1.0) * UINT8_MAX).astype(np.uint8)
+
+    def to_json(self) -> dict[str, Any]:
+        """The value of ``GridData.cells``."""
+        return {"low": float(self.low), "high": float(self.high), "meaning": self.meaning}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> CellScale:
+        """Read and validate ``GridData.cells``."""
+        low, high = _field(value, "low", (int, float)), _field(value, "high", (int, float))
+        return cls(float(low), float(high), _field(value, "meaning", str))
 
 
 @dataclass(frozen=True)
@@ -223,6 +281,8 @@ class GridData:
         Token indices held along the maps' T axis (per-token sources); ``[]`` otherwise.
     description : str
         What a cell shows.
+    cells : CellScale, optional
+        Set when each cell is one number (the groups' ``values``), not a map.
     """
 
     source: str
@@ -230,6 +290,7 @@ class GridData:
     steps: list[int]
     tokens: list[int]
     description: str
+    cells: CellScale | None = None
 
     @property
     def per_token(self) -> bool:
@@ -250,6 +311,7 @@ class GridData:
             "tokens": list(self.tokens),
             "per_token": self.per_token,
             "description": self.description,
+            "cells": None if self.cells is None else self.cells.to_json(),
         }
 
     @classmethod
@@ -264,8 +326,17 @@ class GridData:
                     f"grid group {group.name!r} holds {list(group.codes.shape[1:3])} steps × "
                     f"tokens, expected [{len(steps)}, {width}]"
                 )
+        cells = value.get("cells")
+        scale = None if cells is None else CellScale.from_json(_field(value, "cells", Mapping))
+        if (scale is None) != all(g.values is None for g in groups):
+            raise PayloadError("a grid of scalar cells needs `cells` and every group's values")
         return cls(
-            _field(value, "source", str), groups, steps, tokens, _field(value, "description", str)
+            _field(value, "source", str),
+            groups,
+            steps,
+            tokens,
+            _field(value, "description", str),
+            scale,
         )
 
     def with_tokens(self, tokens: Sequence[int]) -> GridData:
@@ -302,6 +373,7 @@ class GridData:
                         labels=[group.labels[i] for i in rows],
                         codes=group.codes[rows][:, columns],
                         scale=group.scale[rows][:, columns],
+                        values=None if group.values is None else group.values[rows][:, columns],
                     )
                 )
         return replace(self, groups=groups, steps=list(positions))

@@ -29,6 +29,9 @@ OverlayKind = Literal["none", "attention", SaliencyMethodName, "concept"]
 HeavyOverlay = SaliencyMethodName
 #: Overlays whose maps the kernel computes per step and sends in ``overlays``.
 ComputedOverlay = Literal[SaliencyMethodName, "concept"]
+#: Sources of the layer × step grid: the overlays with per-layer maps, the typed word's
+#: concept maps, and the causal grid of activation patching (one number per cell).
+GridSource = Literal["none", "attention", SaliencyMethodName, "concept", "patching"]
 Status = Literal["idle", "running", "done", "cancelled", "error"]
 ImageMode = Literal["x0", "noisy"]
 CurveGroup = Literal[
@@ -45,6 +48,7 @@ FrontendMessage = Literal[
 OVERLAY_KINDS: tuple[str, ...] = get_args(OverlayKind)
 HEAVY_OVERLAYS: tuple[str, ...] = get_args(HeavyOverlay)
 COMPUTED_OVERLAYS: tuple[str, ...] = (*HEAVY_OVERLAYS, "concept")
+GRID_SOURCES: tuple[str, ...] = get_args(GridSource)
 STATUSES: tuple[str, ...] = get_args(Status)
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 CURVE_GROUPS: tuple[str, ...] = get_args(CurveGroup)
@@ -102,6 +106,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "OverlayKind": OVERLAY_KINDS,
     "HeavyOverlay": HEAVY_OVERLAYS,
     "ComputedOverlay": COMPUTED_OVERLAYS,
+    "GridSource": GRID_SOURCES,
     "Status": STATUSES,
     "ImageMode": IMAGE_MODES,
     "CurveGroup": CURVE_GROUPS,
@@ -175,12 +180,26 @@ TRAITS: tuple[TraitSpec, ...] = (
         "'' = none.",
     ),
     TraitSpec(
+        "patch_word",
+        "text",
+        "",
+        True,
+        "Word of the prompt the causal (patching) grid replaces; '' = none.",
+    ),
+    TraitSpec(
+        "patch_replacement",
+        "text",
+        "",
+        True,
+        "Word the causal grid's source prompt has instead of `patch_word`; '' = none.",
+    ),
+    TraitSpec(
         "grid",
         "enum",
         "none",
         True,
         "Source of the layer x step grid ('none' = closed).",
-        "OverlayKind",
+        "GridSource",
     ),
     TraitSpec(
         "switch_word",
@@ -549,7 +568,12 @@ def validate_incoming(name: str, value: Any, bounds: Bounds) -> Any:
 
 
 #: What each free-text trait is called in the messages that refuse a value.
-_TEXT_NAMES = {"concept": "the concept word", "switch_replacement": "the replacement word"}
+_TEXT_NAMES = {
+    "concept": "the concept word",
+    "switch_replacement": "the replacement word",
+    "patch_word": "the patched word",
+    "patch_replacement": "the patch's replacement word",
+}
 
 
 def validate_concept(value: Any, what: str = "the concept word") -> str:

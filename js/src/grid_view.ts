@@ -1,6 +1,15 @@
-import { selectGridCell, shownStep } from "./actions";
+import { shownStep } from "./actions";
 import { buildLut } from "./colormap";
 import { groupCell, resizeBilinear } from "./data";
+import {
+  cellHoverText,
+  cellRgb,
+  cellScaleText,
+  cellValue,
+  clickText,
+  paintSquare,
+  selectCell,
+} from "./grid_cells";
 import { type Cleanup, h, type Model, onChanges } from "./model";
 import type { GridData, GridGroup } from "./schema";
 
@@ -90,14 +99,16 @@ export function gridCaption(grid: GridData, token: string, head: number): string
   let text = grid.description;
   if (grid.per_token) text += `; token “${token}”`;
   if (grid.source === "attention" && head >= 0) text += `; head ${head}`;
-  return `${text}. Click a cell to show that layer at that step; click a block to fold it.`;
+  if (grid.cells) text += `. ${cellScaleText(grid.cells)}`;
+  return `${text}. ${clickText(grid.source)}; click a block to fold it.`;
 }
 
 /** A group's header text: its block, its size and its grid. */
 export function groupTitle(group: GridGroup, collapsed: boolean): string {
   const n = group.layers.length;
   const [gh, gw] = group.grid;
-  return `${collapsed ? "▸" : "▾"} ${group.name} · ${n} layer${n === 1 ? "" : "s"} · ${gh}×${gw}`;
+  const title = `${collapsed ? "▸" : "▾"} ${group.name} · ${n} layer${n === 1 ? "" : "s"}`;
+  return group.values ? title : `${title} · ${gh}×${gw}`; // a number per cell has no grid
 }
 
 /** `text` cut with an ellipsis to fit `width` pixels. */
@@ -199,6 +210,12 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
       if (line.kind !== "row") continue;
       const group = grid.groups[line.group] as GridGroup;
       for (let c = c0; c < c1; c++) {
+        if (grid.cells) {
+          const rgb = cellRgb(cellValue(group, line.index, c), grid.cells, lut);
+          paintSquare(image.data, width, height, c * PITCH_PX - sx, line.y - sy, CELL_PX, rgb);
+          drawn += 1;
+          continue;
+        }
         const cell = groupCell(grid, group, line.index, c, token);
         if (!cell) continue;
         resizeBilinear(cell, CELL_PX, CELL_PX, cellValues, cellScratch);
@@ -354,7 +371,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
     }
     const group = grid.groups[hit.line.group] as GridGroup;
     const layer = group.layers[hit.line.index] as string;
-    selectGridCell(model, grid.source, layer, grid.steps[hit.column] as number);
+    selectCell(model, grid.source, layer, grid.steps[hit.column] as number);
   };
 
   const onMove = (event: MouseEvent): void => {
@@ -365,7 +382,7 @@ export function gridView(model: Model, el: HTMLElement): Cleanup {
       return;
     }
     const group = grid.groups[hit.line.group] as GridGroup;
-    hover.textContent = `${group.layers[hit.line.index]} · step ${grid.steps[hit.column]}`;
+    hover.textContent = cellHoverText(grid, group, hit.line.index, hit.column);
   };
 
   scroll.addEventListener("click", onClick);

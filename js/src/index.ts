@@ -10,6 +10,7 @@ import {
   rememberAttention,
 } from "./data";
 import { faithfulnessView } from "./faithfulness_view";
+import { gridSourcesView } from "./grid_sources_view";
 import { gridView } from "./grid_view";
 import { imageView } from "./image_view";
 import { decodeState, LocalModel } from "./local_model";
@@ -83,7 +84,8 @@ export function mount(model: Model, el: HTMLElement): Cleanup {
     faithfulnessView(model, root),
   ];
   root.appendChild(bottom);
-  cleanups.push(sliderView(model, root, root), statusView(model, root), gridView(model, bottom));
+  cleanups.push(sliderView(model, root, root), statusView(model, root));
+  cleanups.push(gridSourcesView(model, bottom), gridView(model, bottom));
   return () => {
     for (const cleanup of cleanups.reverse()) cleanup();
     root.remove();

@@ -10,6 +10,9 @@ export const HEAVY_OVERLAYS: readonly HeavyOverlay[] = ["df_rise", "df_cam", "oc
 export type ComputedOverlay = "df_rise" | "df_cam" | "occlusion" | "concept";
 export const COMPUTED_OVERLAYS: readonly ComputedOverlay[] = ["df_rise", "df_cam", "occlusion", "concept"];
 
+export type GridSource = "none" | "attention" | "df_rise" | "df_cam" | "occlusion" | "concept" | "patching";
+export const GRID_SOURCES: readonly GridSource[] = ["none", "attention", "df_rise", "df_cam", "occlusion", "concept", "patching"];
+
 export type Status = "idle" | "running" | "done" | "cancelled" | "error";
 export const STATUSES: readonly Status[] = ["idle", "running", "done", "cancelled", "error"];
 
@@ -101,11 +104,21 @@ export interface GridGroup {
   grid: [number, number];
   /** uint8 [L, S, T, h, w], h x w at most `grid`; each map divided by its own maximum. */
   maps: ArrayPayload;
+  /** float32 [L, S]: one number per cell when the grid's `cells` is set (scalar cells). */
+  values?: ArrayPayload | null;
+}
+
+/** How the scalar cells of a grid are coloured (inferno from `low` to `high`). */
+export interface CellScale {
+  low: number;
+  high: number;
+  /** What one value means and how the scale was chosen. */
+  meaning: string;
 }
 
 /** Small multiples: one map per (layer, step[, token]), rows grouped by block. */
 export interface GridData {
-  source: OverlayKind;
+  source: GridSource;
   groups: GridGroup[];
   /** Loop index of each column. */
   steps: number[];
@@ -113,6 +126,8 @@ export interface GridData {
   tokens: number[];
   per_token: boolean;
   description: string;
+  /** Set when each cell is one number (the groups' `values`), not a map. */
+  cells?: CellScale | null;
 }
 
 /** What a colour scale means. */
@@ -200,8 +215,12 @@ export interface WidgetState {
   saliency_layer: string;
   /** Word (any, in the prompt or not) whose concept map the 'concept' overlay shows; '' = none. */
   concept: string;
+  /** Word of the prompt the causal (patching) grid replaces; '' = none. */
+  patch_word: string;
+  /** Word the causal grid's source prompt has instead of `patch_word`; '' = none. */
+  patch_replacement: string;
   /** Source of the layer x step grid ('none' = closed). */
-  grid: OverlayKind;
+  grid: GridSource;
   /** Prompt word a prompt switch replaces (one of `switch_words`; '' = none chosen). */
   switch_word: string;
   /** The word it is replaced by (any one word, shown only as text). */
@@ -256,6 +275,6 @@ export interface WidgetState {
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "grid", "switch_word", "switch_replacement"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "patch_word", "patch_replacement", "grid", "switch_word", "switch_replacement"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
 export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves", "switch"] as const;

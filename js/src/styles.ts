@@ -106,6 +106,9 @@ export const STYLES = `
 .dw-grid-scroll { overflow: auto; cursor: pointer; }
 .dw-grid-sizer { pointer-events: none; }
 .dw-grid-canvas { position: absolute; top: 0; left: 0; display: block; pointer-events: none; }
+.dw-grid-sources { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; font-size: 12px; margin-top: 4px; }
+.dw-grid-sources[hidden], .dw-patch[hidden], .dw-grid-concept-note[hidden] { display: none; }
+.dw-patch input { width: 8em; }
 .dw-grid-column, .dw-grid-row { position: absolute; pointer-events: none;
   border: 2px solid #1976d2; border-radius: 2px; box-sizing: border-box; }
 .dw-grid-column { width: 30px; }

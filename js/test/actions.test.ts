@@ -180,6 +180,8 @@ describe("actions on a fake model", () => {
         "grid",
         "switch_word",
         "switch_replacement",
+        "patch_word",
+        "patch_replacement",
       ].sort(),
     );
   });

@@ -26,6 +26,8 @@ export function fakeState(overrides: Partial<WidgetState> = {}): WidgetState {
     attention_head: -1,
     saliency_layer: "",
     concept: "",
+    patch_word: "",
+    patch_replacement: "",
     grid: "none",
     switch_word: "",
     switch_replacement: "",

@@ -310,4 +310,7 @@ def test_grid_payload_of_an_sdxl_sized_trace_stays_small():
 
 
 def test_grid_is_a_writable_enumeration():
-    assert schema.TRAITS_BY_NAME["grid"].enum == "OverlayKind"
+    assert schema.TRAITS_BY_NAME["grid"].enum == "GridSource"
+    assert schema.TRAITS_BY_NAME["grid"].writable
+    # Every overlay with per-layer maps, the concept grid and the causal grid.
+    assert set(schema.GRID_SOURCES) == {*schema.OVERLAY_KINDS, "patching"}

@@ -43,6 +43,7 @@ def test_every_schema_trait_is_a_synced_trait_of_the_widget():
         "step", "token", "overlay", "opacity", "image_mode", "show_special",
         "attention_layer", "attention_head", "saliency_layer", "concept", "grid",
         "switch_word", "switch_replacement",
+        "patch_word", "patch_replacement",
     }  # fmt: skip
 
 
@@ -112,6 +113,7 @@ def _ts_fields(interface: str) -> set[str]:
 def test_payload_records_write_exactly_the_typescript_fields():
     from diffwidget.widget.payloads import (
         AttentionSet,
+        CellScale,
         GridData,
         GridGroup,
         OverlaySet,
@@ -127,6 +129,7 @@ def test_payload_records_write_exactly_the_typescript_fields():
     assert set(attention.to_json()) == _ts_fields("AttentionSet")
     assert set(group.to_json()) == _ts_fields("GridGroup")
     assert set(grid.to_json()) == _ts_fields("GridData")
+    assert set(CellScale(0.0, 1.0, "m").to_json()) == _ts_fields("CellScale")
     # And each record reads back what it wrote.
     again = AttentionSet.from_json(attention.to_json())
     assert (again.layer, again.grid, again.steps) == ("", (4, 4), [0, 1])

@@ -448,6 +448,8 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     attention_head: -1,
     saliency_layer: "",
     concept: "",
+    patch_word: "",
+    patch_replacement: "",
     grid: "none",
     switch_word: "",
     switch_replacement: "",
