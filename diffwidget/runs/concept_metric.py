@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 import numpy as np
 
@@ -79,6 +79,37 @@ Vector = Annotated[np.ndarray, Array(ndim=1, kinds="f")]
 _ROW_FIELDS = ("miou_tau", "miou_tau_low", "miou_tau_high", "ap", "ap_low", "ap_high")
 _GAP_FIELDS = tuple(f"gap_{name}" for name in _ROW_FIELDS)
 Curves = Annotated[np.ndarray, Array(ndim=2, kinds="f")]
+
+
+class _RowStats(TypedDict):
+    """The per-row and per-gap arrays of :class:`ConceptSummary`."""
+
+    taus: np.ndarray
+    iou: np.ndarray
+    miou_tau: np.ndarray
+    miou_tau_low: np.ndarray
+    miou_tau_high: np.ndarray
+    best_tau: np.ndarray
+    miou_best: np.ndarray
+    ap: np.ndarray
+    ap_low: np.ndarray
+    ap_high: np.ndarray
+    gap_miou_tau: np.ndarray
+    gap_miou_tau_low: np.ndarray
+    gap_miou_tau_high: np.ndarray
+    gap_ap: np.ndarray
+    gap_ap_low: np.ndarray
+    gap_ap_high: np.ndarray
+
+
+class _ShareStats(TypedDict):
+    """The absent-word control of :class:`ConceptSummary`."""
+
+    share_present: float | None
+    share_absent: float | None
+    absent_over_present: float | None
+    absent_over_present_low: float | None
+    absent_over_present_high: float | None
 
 
 @dataclass(frozen=True)
@@ -337,13 +368,11 @@ def summarise_concepts(
 
 def _scores(
     units: list[list[ConceptEntry]], rows: list[str], resamples: int, seed: int
-) -> dict[str, np.ndarray]:
+) -> _RowStats:
     """The row and gap arrays of :class:`ConceptSummary` (empty without units)."""
     n_rows = len(rows)
     if not units:
-        empty = np.zeros(0)
-        arrays = dict.fromkeys((*_ROW_FIELDS, *_GAP_FIELDS, "best_tau", "miou_best"), empty)
-        return {**arrays, "iou": np.zeros((0, len(TAU_GRID))), "taus": TAU_GRID.copy()}
+        return _empty_rows()
     per_unit = [_unit_scores(unit, rows) for unit in units]
     curves = np.stack([c for c, _ in per_unit])  # (units, rows, taus)
     aps = np.stack([a for _, a in per_unit])  # (units, rows)
@@ -356,23 +385,54 @@ def _scores(
     )
     band = bootstrap_curve(columns, resamples=resamples, seed=seed)
     cuts = np.cumsum([n_rows, n_rows, len(BASELINES)])
-    out: dict[str, np.ndarray] = {}
-    for stat, values in (("", band.mean), ("_low", band.low), ("_high", band.high)):
-        parts = np.split(values, cuts)
-        for name, part in zip(("miou_tau", "ap", "gap_miou_tau", "gap_ap"), parts, strict=True):
-            out[name + stat] = part
+    # Each of mean, low and high splits into: mIoU per row, AP per row, mIoU gaps, AP gaps.
+    mean, low, high = (np.split(v, cuts) for v in (band.mean, band.low, band.high))
     iou = curves.mean(axis=0)
     best = iou.argmax(axis=1)
-    out.update(
-        iou=iou,
+    return _RowStats(
         taus=TAU_GRID.copy(),
+        iou=iou,
+        miou_tau=mean[0],
+        miou_tau_low=low[0],
+        miou_tau_high=high[0],
         best_tau=TAU_GRID[best].astype(np.float64),
         miou_best=iou[np.arange(n_rows), best],
+        ap=mean[1],
+        ap_low=low[1],
+        ap_high=high[1],
+        gap_miou_tau=mean[2],
+        gap_miou_tau_low=low[2],
+        gap_miou_tau_high=high[2],
+        gap_ap=mean[3],
+        gap_ap_low=low[3],
+        gap_ap_high=high[3],
     )
-    return out
 
 
-def _shares(units: list[list[ConceptEntry]], resamples: int, seed: int) -> dict[str, float | None]:
+def _empty_rows() -> _RowStats:
+    """The arrays of a summary without rows (no pair scored)."""
+    e = np.zeros(0)
+    return _RowStats(
+        taus=TAU_GRID.copy(),
+        iou=np.zeros((0, len(TAU_GRID))),
+        miou_tau=e,
+        miou_tau_low=e,
+        miou_tau_high=e,
+        best_tau=e,
+        miou_best=e,
+        ap=e,
+        ap_low=e,
+        ap_high=e,
+        gap_miou_tau=e,
+        gap_miou_tau_low=e,
+        gap_miou_tau_high=e,
+        gap_ap=e,
+        gap_ap_low=e,
+        gap_ap_high=e,
+    )
+
+
+def _shares(units: list[list[ConceptEntry]], resamples: int, seed: int) -> _ShareStats:
     """Mean shares of present and absent words, and the absent/present ratio's interval."""
     present, absent = [], []
     for entries in units:
@@ -380,22 +440,23 @@ def _shares(units: list[list[ConceptEntry]], resamples: int, seed: int) -> dict[
         if masses:
             present.append(np.mean([p for p, _ in masses]))
             absent.append(np.mean([a for _, a in masses if a is not None]))
-    out: dict[str, float | None] = dict.fromkeys(
-        ("share_present", "share_absent", "absent_over_present"), None
-    )
-    out["absent_over_present_low"] = out["absent_over_present_high"] = None
     if not present:
-        return out
+        return _ShareStats(
+            share_present=None,
+            share_absent=None,
+            absent_over_present=None,
+            absent_over_present_low=None,
+            absent_over_present_high=None,
+        )
     ratio = np.array(absent) / np.array(present)
     band = bootstrap_curve(ratio[:, None], resamples=resamples, seed=seed)
-    out.update(
+    return _ShareStats(
         share_present=float(np.mean(present)),
         share_absent=float(np.mean(absent)),
         absent_over_present=float(band.mean[0]),
         absent_over_present_low=float(band.low[0]),
         absent_over_present_high=float(band.high[0]),
     )
-    return out
 
 
 def summary_lines(summary: ConceptSummary) -> list[str]:
