@@ -95,7 +95,7 @@ def measure(variant: str, image_tokens: int, text_tokens: int) -> dict[str, Any]
 
     torch.set_num_threads(1)
     pipe = flux_pipeline()
-    side = int(round(image_tokens**0.5))
+    side = round(image_tokens**0.5)
     if side * side != image_tokens:
         raise SystemExit(f"--image-tokens must be a square number, got {image_tokens}")
     # Packed 2x2 latent cells per token, vae_scale_factor pixels per latent cell.
