@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from diffwidget.runs.concept_study import BASELINES
+
 ALL = "layers 0-1 steps 0-1"
-BASELINES = ("attention", "daam")
 RESULTS = Path(__file__).resolve().parent / "RESULTS_concepts.md"
 
 
@@ -45,10 +46,9 @@ def score_split(pipe: Any, source: str) -> dict[str, Any]:
         concept_candidates,
         concept_heat_maps,
         concept_words,
-        score_concepts,
+        score_with_baselines,
     )
     from diffwidget.runs.prompts import load_prompts
-    from diffwidget.runs.segmentation import daam_heat_maps, ours_heat_maps, score_item
 
     reader = SceneReader()
     per_item: dict[str, list[Any]] = {}
@@ -60,22 +60,12 @@ def score_split(pipe: Any, source: str) -> dict[str, Any]:
         trace, result = method.generate(pipe, item.prompt, seed=item.generator_seed())
         assert trace.image is not None
         size = (int(trace.image.shape[0]), int(trace.image.shape[1]))
-        candidates = concept_candidates(len(result.layers))
-        concept = score_concepts(
-            trace.image, item.objects, words.words, concept_heat_maps(result, candidates, size),
-            reader,
-        )  # fmt: skip
-        plain = score_item(
-            trace,
-            item.objects,
-            {"attention": ours_heat_maps(trace, size), "daam": daam_heat_maps(trace, size)},
-            reader,
-        )
-        for scores in (concept, plain):
-            for name, pairs in scores.pairs.items():
-                per_item.setdefault(name, []).append(pairs)
-        found += sum(concept.found)
-        total += len(concept.found)
+        heat = concept_heat_maps(result, concept_candidates(len(result.layers)), size)
+        scores = score_with_baselines(trace, item.objects, words.words, heat, reader)
+        for name, pairs in scores.pairs.items():
+            per_item.setdefault(name, []).append(pairs)
+        found += sum(scores.found)
+        total += len(scores.found)
         kept.append((words, result))
     return {"per_item": per_item, "results": kept, "found": found, "objects": total}
 

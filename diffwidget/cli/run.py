@@ -51,7 +51,7 @@ def method_configs(
     """The run's methods (names, or configs where settings were given) and the evaluator's
     config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
-    from diffwidget.runs.commitment import COMMITMENT_METHOD
+    from diffwidget.runs.metrics import METRIC_METHODS
     from diffwidget.runs.settings import FAITHFULNESS
 
     given = [
@@ -65,12 +65,13 @@ def method_configs(
         if not equals or not dot:
             raise UsageError(f"--set takes METHOD.SETTING=VALUE (e.g. df_rise.p=0.3), got {text!r}")
         given.append((method, setting, value))
-    # The commitment metric's prompt switch takes --set like a method (prompt_switch.*).
-    switch = [COMMITMENT_METHOD] if "commitment" in (args.metrics or ()) else []
+    # A metric's method takes --set like a map's (prompt_switch.*, concept_maps.*).
+    of_metric = {method: metric for metric, method in METRIC_METHODS.items()}
+    switch = [METRIC_METHODS[m] for m in args.metrics or () if m in METRIC_METHODS]
     configs: dict[str, MethodConfig] = {}
     for method, setting, value in given:
-        if method == COMMITMENT_METHOD and not switch:
-            raise UsageError(f"{method}.{setting} is set, but --metrics has no commitment")
+        if method in of_metric and method not in switch:
+            raise UsageError(f"{method}.{setting} is set, but --metrics has no {of_metric[method]}")
         if method not in (*args.methods, FAITHFULNESS, *switch):
             raise UsageError(f"{method}.{setting} is set, but --methods does not compute {method}")
         try:
@@ -225,14 +226,16 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="METHOD.SETTING=VALUE",
         help="any setting of a method's config, e.g. df_rise.p=0.3 or faithfulness.operator=zero "
-        "or, with --metrics commitment, prompt_switch.switch_steps=[0,5,10] (repeatable)",
+        "or, with --metrics commitment, prompt_switch.switch_steps=[0,5,10], or, with --metrics "
+        'concepts, concept_maps.words=["sky","dog"] (the absent-word controls) (repeatable)',
     )
     p_run.add_argument(
         "--metrics",
         nargs="+",
         choices=METRICS,
         default=list(DEFAULT_METRICS),
-        help="metrics per item (default: %(default)s; probes records activations too)",
+        help="metrics per item (default: %(default)s; probes records activations too; "
+        "concepts maps each scene caption's colour and shape words)",
     )
     p_run.add_argument("--no-traces", action="store_true", help="do not keep each item's trace")
     p_run.add_argument("--cpu", action="store_true", help="stay on the CPU where CUDA exists")

@@ -11,10 +11,14 @@
 * concept probes (when recorded): :class:`~diffwidget.explain.probes.ConceptProbe` curves
   fitted across the set's items;
 * commitment (when computed): per attribute, the mean prompt-switch curve over prompts with
-  bootstrap bands and the step it crosses 0.9 (:mod:`diffwidget.runs.commitment`).
+  bootstrap bands and the step it crosses 0.9 (:mod:`diffwidget.runs.commitment`);
+* concepts (when computed): per map kind and layer, mIoU at τ 0.4, best τ and AP of the
+  caption words' concept maps beside the attention maps, paired intervals over prompts, and
+  the absent-word control (:mod:`diffwidget.runs.concept_metric`).
 
 Writes ``summary/``: ``items.csv`` / ``items.parquet``, ``metrics.csv`` / ``.parquet``,
-``faithfulness.csv``, ``segmentation.csv``, ``commitment.npz``, PNG plots and ``summary.md``.
+``faithfulness.csv``, ``segmentation.csv``, ``commitment.npz``, ``concepts.npz``, PNG plots
+and ``summary.md``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from diffwidget.explain.commitment_summary import CommitmentSummary, summarise_c
 from diffwidget.explain.intervals import first_crossing
 from diffwidget.explain.intervention_results import COMMITTED_LEVEL, CommitmentCurves
 from diffwidget.runs.item_records import SwitchEntry
+from diffwidget.runs.metrics import METRIC_METHODS
 from diffwidget.runs.prompts import PromptItem
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from diffwidget.tracing.trace import Trace
 
 #: The intervention a run's ``commitment`` metric uses (its config sits in the run settings).
-COMMITMENT_METHOD = "prompt_switch"
+COMMITMENT_METHOD = METRIC_METHODS["commitment"]
 #: Where the aggregated curves are written, inside the run's ``summary/``.
 SUMMARY_FILE = "commitment.npz"
 

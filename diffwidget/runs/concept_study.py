@@ -30,7 +30,18 @@ from diffwidget.explain.attention import upsample_maps
 from diffwidget.explain.concept_results import ConceptMapsResult, layer_range
 from diffwidget.explain.results import minmax
 from diffwidget.runs.prompts import SceneTruth
-from diffwidget.runs.segmentation import SegmentationScores, score_pairs
+from diffwidget.runs.segmentation import (
+    SegmentationScores,
+    daam_heat_maps,
+    ours_heat_maps,
+    score_item,
+    score_pairs,
+)
+from diffwidget.tracing.trace import Trace
+
+#: The plain attention maps every concept map is compared with, on the same pairs:
+#: ``AttentionMaps()``'s default aggregation and DAAM's.
+BASELINES: tuple[str, ...] = ("attention", "daam")
 
 #: Step windows tried, as (start, end) fractions of the run.
 CONCEPT_WINDOWS: tuple[tuple[float, float], ...] = (
@@ -64,17 +75,20 @@ class ConceptWords:
         return [*self.present, *self.absent]
 
 
-def concept_words(objects: Sequence[SceneTruth]) -> ConceptWords:
-    """The colour and shape words of a caption's objects, and one absent colour and shape.
+def concept_words(objects: Sequence[SceneTruth], controls: Sequence[str] = ()) -> ConceptWords:
+    """The colour and shape words of a caption's objects, and the absent-word controls.
 
-    The absent ones are the first of the scene world's colours and shapes not named, so the
-    control is deterministic.
+    The controls are ``controls`` less the caption's own words when given (a control must
+    name nothing in the image), else the first of the scene world's colours and shapes not
+    named, so the control is deterministic.
 
     Examples
     --------
     >>> truth = SceneTruth("red", "circle", None, "left", {"colour": 1, "shape": 2})
     >>> concept_words([truth]).absent
     ['green', 'square']
+    >>> concept_words([truth], controls=["sky", "red"]).absent
+    ['sky']
     """
     from diffwidget.models.scenes import COLOURS, SHAPES
 
@@ -85,10 +99,13 @@ def concept_words(objects: Sequence[SceneTruth]) -> ConceptWords:
         for word in (truth.colour, truth.shape):
             if word not in present:
                 present.append(word)
-    absent = [
-        next(c for c in COLOURS if c not in present),
-        next(s for s in SHAPES if s not in present),
-    ]
+    if controls:
+        absent = [w for w in dict.fromkeys(controls) if w not in present]
+    else:
+        absent = [
+            next(c for c in COLOURS if c not in present),
+            next(s for s in SHAPES if s not in present),
+        ]
     return ConceptWords(present, absent)
 
 
@@ -132,13 +149,28 @@ def concept_candidates(
     return [ConceptCandidate(d, w) for d in [*singles, *depths] for w in windows]
 
 
+def layers_heat(
+    result: ConceptMapsResult, layers: Sequence[str], steps: Sequence[int], size: tuple[int, int]
+) -> np.ndarray:
+    """Heat maps ``(n_words, *size)`` in [0, 1]: the mean of ``layers``' maps over the loop
+    indices ``steps``, each layer upsampled bilinearly to ``size`` (the image), then min-max
+    normalised per word, as DAAM's protocol scores a heat map.
+
+    Examples
+    --------
+    >>> layers_heat(result, result.layers[:1], result.steps, (64, 64)).shape  # doctest: +SKIP
+    (6, 64, 64)
+    """
+    rows = [result.steps.index(s) for s in steps]
+    mean = np.mean([upsample_maps(result.maps[p][rows].mean(axis=0), size) for p in layers], axis=0)
+    return np.stack([minmax(m) for m in mean]).astype(np.float32)
+
+
 def concept_heat_maps(
     result: ConceptMapsResult, candidates: Sequence[ConceptCandidate], size: tuple[int, int]
 ) -> dict[str, np.ndarray]:
-    """Each candidate's heat maps ``(n_words, *size)`` in [0, 1] (min-max per word).
-
-    The mean of the chosen layers' maps over the chosen steps, upsampled bilinearly to
-    ``size`` (the image) and min-max normalised, as DAAM's protocol scores a heat map.
+    """Each candidate's heat maps ``(n_words, *size)`` in [0, 1] (:func:`layers_heat` of its
+    layers and steps).
 
     Examples
     --------
@@ -146,14 +178,12 @@ def concept_heat_maps(
     >>> heat["layers 0-0.125 steps 0.75-1"].shape  # (n_words, 64, 64)  # doctest: +SKIP
     (6, 64, 64)
     """
-    steps = {layer: result.maps[layer] for layer in result.layers}  # (steps, words, h, w)
-    heat: dict[str, np.ndarray] = {}
-    for candidate in candidates:
-        layers = layer_range(result.layers, candidate.depth)
-        rows = [result.steps.index(s) for s in result.window_steps(candidate.window)]
-        mean = np.mean([upsample_maps(steps[p][rows].mean(axis=0), size) for p in layers], axis=0)
-        heat[candidate.name] = np.stack([minmax(m) for m in mean]).astype(np.float32)
-    return heat
+    return {
+        c.name: layers_heat(
+            result, layer_range(result.layers, c.depth), result.window_steps(c.window), size
+        )
+        for c in candidates
+    }
 
 
 def score_concepts(
@@ -191,13 +221,65 @@ def score_concepts(
     return score_pairs(image, objects, heat_maps, place, words, reader)
 
 
+def score_with_baselines(
+    trace: Trace,
+    objects: Sequence[SceneTruth],
+    words: Sequence[str],
+    concept_heat: dict[str, np.ndarray],
+    reader: object = None,
+) -> SegmentationScores:
+    """Concept maps and the trace's plain attention maps (:data:`BASELINES`), each found
+    object's colour and shape map scored against its mask: the same pairs for every map.
+
+    Parameters
+    ----------
+    trace : Trace
+        The traced generation (its image and attention maps).
+    objects : sequence of SceneTruth
+        What the caption names.
+    words : sequence of str
+        The words of the concept maps.
+    concept_heat : dict of str to ndarray
+        Name -> ``(len(words), H, W)`` concept heat maps on the image grid in [0, 1].
+
+    Examples
+    --------
+    >>> scores = score_with_baselines(trace, item.objects, words.words, heat)  # doctest: +SKIP
+    >>> sorted(scores.pairs)[:2]  # doctest: +SKIP
+    ['attention', 'daam']
+    """
+    if trace.image is None:
+        raise ValueError("the trace holds no final image; trace it again (diffwidget.trace)")
+    clash = sorted(set(concept_heat) & set(BASELINES))
+    if clash:
+        raise ValueError(f"concept maps named {clash} would hide the baselines; rename them")
+    size = (int(trace.image.shape[0]), int(trace.image.shape[1]))
+    concept = score_concepts(trace.image, objects, words, concept_heat, reader)
+    plain = {"attention": ours_heat_maps(trace, size), "daam": daam_heat_maps(trace, size)}
+    baselines = score_item(trace, objects, plain, reader)
+    return SegmentationScores(concept.found, {**concept.pairs, **baselines.pairs})
+
+
+def word_shares(result: ConceptMapsResult, candidate: ConceptCandidate) -> np.ndarray:
+    """Each word's share of the image ``(n_words,)``: the spatial mean of its map on each
+    layer's own grid (softmax over the words, so the shares sum to 1), averaged over the
+    candidate's layers and steps.
+
+    Examples
+    --------
+    >>> word_shares(result, ConceptCandidate((0.0, 1.0), (0.0, 1.0))).sum()  # doctest: +SKIP
+    1.0
+    """
+    layers = layer_range(result.layers, candidate.depth)
+    rows = [result.steps.index(s) for s in result.window_steps(candidate.window)]
+    return np.mean([result.maps[p][rows].mean(axis=(0, 2, 3)) for p in layers], axis=0)
+
+
 def word_mass(
     result: ConceptMapsResult, words: ConceptWords, candidate: ConceptCandidate
 ) -> tuple[float, float]:
-    """Mean share of the image taken by a present word and by an absent word.
-
-    The share of a word is the spatial mean of its map (softmax over the words, so all
-    words' shares sum to 1) over the candidate's layers and steps.
+    """Mean share of the image taken by a present word and by an absent word
+    (:func:`word_shares`).
 
     Returns
     -------
@@ -208,9 +290,7 @@ def word_mass(
     >>> word_mass(result, words, ConceptCandidate((0.0, 1.0), (0.0, 1.0)))  # doctest: +SKIP
     (0.2, 0.2)
     """
-    layers = layer_range(result.layers, candidate.depth)
-    rows = [result.steps.index(s) for s in result.window_steps(candidate.window)]
-    share = np.mean([result.maps[p][rows].mean(axis=(0, 2, 3)) for p in layers], axis=0)
+    share = word_shares(result, candidate)
     place = {w: i for i, w in enumerate(result.words)}
     present = float(np.mean([share[place[w]] for w in words.present]))
     absent = float(np.mean([share[place[w]] for w in words.absent]))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from diffwidget.records import JsonValue, Record
-from diffwidget.runs.segmentation import SegmentationScores
+from diffwidget.records import JsonValue, MaxLen, Record
+from diffwidget.runs.segmentation import SEGMENTED_WORDS, PairScore, SegmentationScores
 
 ItemFormat = Literal[1, 2]
 #: Format of the item records written now (1: before digests; still read).
@@ -86,6 +86,84 @@ class SwitchEntry(Record):
             raise ValueError("outcomes and image_change need one entry per switch step")
 
 
+#: A concept word as a record holds it (the tracing layer refuses longer ones).
+_CONCEPT_WORD = MaxLen(100)
+#: What the spatial shares of all concept words may sum to beyond 1 (float32 softmax).
+_SHARE_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class ConceptEntry(Record):
+    """The ``concepts`` metric of one scene caption: each word's map scored, and the control.
+
+    Attributes
+    ----------
+    present : list of str
+        The caption objects' colour and shape words.
+    absent : list of str
+        Control words for nothing in the image (may be empty when every control given was
+        a caption word).
+    layers : list of str
+        Every attention layer with a concept map, in data-flow order.
+    default_layers : list of str
+        The layers the ``"concept"`` map averages (the architecture's default).
+    steps : list of int
+        The loop indices every concept map here averages (the default window).
+    found : list of bool
+        Per caption object, whether the reader found it in the generated image.
+    maps : dict of str to list of PairScore
+        Map kind (``"concept"``, ``"attention"``, ``"daam"``) -> its (object, word) pairs.
+    per_layer : dict of str to list of PairScore
+        Layer -> the pairs of that layer's concept map alone (over ``steps``).
+    shares : list of float
+        Each word's share of the image (present words, then absent), over the default
+        layers and ``steps``; the shares of all words sum to 1.
+    """
+
+    present: list[Annotated[str, _CONCEPT_WORD]]
+    absent: list[Annotated[str, _CONCEPT_WORD]]
+    layers: list[str]
+    default_layers: list[str]
+    steps: list[int]
+    found: list[bool]
+    maps: dict[str, list[PairScore]]
+    per_layer: dict[str, list[PairScore]]
+    shares: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.present or set(self.present) & set(self.absent):
+            raise ValueError("present words are the caption's own, absent ones never among them")
+        if list(self.per_layer) != self.layers or not set(self.default_layers) <= set(self.layers):
+            raise ValueError("per_layer holds one entry per layer, in the order of layers")
+        if len(self.shares) != len(self.words):
+            raise ValueError(f"shares holds one value per word ({len(self.words)})")
+        if any(not 0.0 <= v <= 1.0 for v in self.shares) or sum(self.shares) > 1 + _SHARE_SLACK:
+            raise ValueError("shares are parts of the image: each in [0, 1], summing to 1")
+        keys = None
+        for name, pairs in [*self.maps.items(), *self.per_layer.items()]:
+            these = [(p.object, p.role) for p in pairs]
+            keys = these if keys is None else keys
+            if these != keys:
+                raise ValueError(f"{name!r} scores other (object, word) pairs than the others")
+            for pair in pairs:
+                if not 0 <= pair.object < len(self.found) or not self.found[pair.object]:
+                    raise ValueError(f"{name!r} scores object {pair.object}, which was not found")
+                if pair.role not in SEGMENTED_WORDS or pair.word not in self.present:
+                    raise ValueError(f"{name!r} scores {pair.word!r}, not a caption word")
+
+    @property
+    def words(self) -> list[str]:
+        """Present words, then absent ones: the order of :attr:`shares`."""
+        return [*self.present, *self.absent]
+
+    def mass(self) -> tuple[float, float | None]:
+        """Mean share of a present word and of an absent one (None without controls)."""
+        n = len(self.present)
+        present = sum(self.shares[:n]) / n
+        absent = sum(self.shares[n:]) / len(self.absent) if self.absent else None
+        return present, absent
+
+
 @dataclass(frozen=True)
 class ItemResult(Record):
     """What computing one item produced, besides its arrays and trace.
@@ -108,6 +186,10 @@ class ItemResult(Record):
         Seconds per part (varies between runs of the same work).
     commitment : tuple of SwitchEntry, optional
         Prompt switches to the caption's swapped twins, one entry per judged attribute.
+    concepts : ConceptEntry, optional
+        Concept maps of the caption's words scored beside the attention maps.
+    skipped : dict of str to str
+        Metric -> why it was not computed for this item (a caption outside the scene world).
     """
 
     metrics: dict[str, float | None] = field(default_factory=dict)
@@ -118,6 +200,8 @@ class ItemResult(Record):
     timesteps: list[int] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     commitment: tuple[SwitchEntry, ...] | None = None
+    concepts: ConceptEntry | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ DF-RISE, DF-CAM) at the chosen steps; score each map's faithfulness with inserti
 deletion curves beside random orders; on scene-world captions segment each object's
 colour and shape word by attention and score it against the object read from the generated
 image (our aggregation and DAAM's); sum the attention each token role draws per step; and
-optionally record pooled UNet activations for the concept probes fitted across the set, and
+optionally record pooled UNet activations for the concept probes fitted across the set,
 switch each scene caption to its swapped twins at every step (the ``commitment`` metric,
-:mod:`diffwidget.runs.commitment`).
+:mod:`diffwidget.runs.commitment`), and map each scene caption's words with concept maps
+recorded during the trace (the ``concepts`` metric, :mod:`diffwidget.runs.concept_metric`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ from diffwidget.tracing.activation_record import Half
 from diffwidget.tracing.trace import Trace
 
 if TYPE_CHECKING:
+    from diffwidget.runs.concept_metric import ConceptPlan
     from diffwidget.runs.settings import RunSettings
 
 #: Maps a run can compute: the trace's cross-attention and every registered saliency method.
 MapMethod = Literal["attention", SaliencyMethodName]
 MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
-Metric = Literal["faithfulness", "segmentation", "roles", "probes", "commitment"]
+Metric = Literal["faithfulness", "segmentation", "roles", "probes", "commitment", "concepts"]
 METRICS: tuple[str, ...] = get_args(Metric)
+#: Metrics computed by a registered method, whose config the run settings keep (and
+#: ``--set METHOD.SETTING=VALUE`` reaches): the prompt switch, the concept maps.
+METRIC_METHODS: dict[str, str] = {"commitment": "prompt_switch", "concepts": "concept_maps"}
 #: The paper's maps; other registered methods join a run when named.
 DEFAULT_METHODS: tuple[MapMethod, ...] = ("attention", "df_rise", "df_cam")
 DEFAULT_METRICS: tuple[Metric, ...] = ("faithfulness", "segmentation", "roles")
@@ -203,7 +208,9 @@ def compute_item(
     from diffwidget.tracing.generate import trace as trace_run
 
     timing: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     start = clock()
+    concepts = _concept_plan(pipe, item, settings, scene_metrics, skipped)
     # No guidance given: trace() takes the pipeline's recommended scale and records it.
     tr = trace_run(
         pipe,
@@ -211,6 +218,7 @@ def compute_item(
         num_inference_steps=settings.inference_steps,
         guidance_scale=settings.guidance,
         seed=seed,
+        taps=[concepts.tap] if concepts is not None else [],
     )
     timing["trace"] = clock() - start
     metrics: dict[str, float] = {}
@@ -263,6 +271,15 @@ def compute_item(
         commitment, commit_metrics = item_commitment(pipe, tr, item, settings)
         metrics.update(commit_metrics)
         timing["commitment"] = clock() - begin
+    concept_entry = None
+    if concepts is not None:
+        from diffwidget.runs.concept_metric import item_concepts
+
+        begin = clock()
+        concept_entry, concept_metrics, concept_arrays = item_concepts(tr, item, concepts)
+        metrics.update(concept_metrics)
+        arrays.update(concept_arrays)
+        timing["concepts"] = clock() - begin
     if "probes" in settings.metrics:
         begin = clock()
         arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
@@ -277,5 +294,22 @@ def compute_item(
         timesteps=[int(t) for t in tr.timesteps.tolist()],
         timing=timing,
         commitment=commitment,
+        concepts=concept_entry,
+        skipped=skipped,
     )
     return ItemOutput(record, tr, arrays)
+
+
+def _concept_plan(
+    pipe: Any, item: PromptItem, settings: RunSettings, scene_metrics: bool, skipped: dict[str, str]
+) -> ConceptPlan | None:
+    """The concept tap of the item's trace (``concepts`` metric), or its skip reason noted."""
+    if "concepts" not in settings.metrics:
+        return None
+    from diffwidget.runs.concept_metric import plan_concepts
+
+    plan = plan_concepts(pipe, item, settings, scene_metrics)
+    if isinstance(plan, str):
+        skipped["concepts"] = plan
+        return None
+    return plan

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffwidget._markup import markdown_text
+from diffwidget.runs import commitment as commitment_metric
+from diffwidget.runs import concept_metric
 from diffwidget.runs.aggregation import (
     RANDOM_ORDER,
     ROLES_CURVE,
@@ -21,7 +23,6 @@ from diffwidget.runs.aggregation import (
     metric_table,
     segmentation_table,
 )
-from diffwidget.runs.commitment import SUMMARY_FILE, commitment_summary, summary_lines
 from diffwidget.runs.segmentation import DAAM_TAU
 from diffwidget.runs.store import RunStore, atomic_write
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from diffwidget.explain.commitment_summary import CommitmentSummary
+    from diffwidget.runs.concept_metric import ConceptSummary
     from diffwidget.runs.manifest import RunManifest
 
 #: Rows of the "worst items" list in summary.md.
@@ -161,6 +163,7 @@ def write_summary(
     probes: Any,
     figures: list[str],
     commitment: CommitmentSummary | None = None,
+    concepts: ConceptSummary | None = None,
 ) -> Path:
     """Write ``summary.md`` and return its path."""
     settings = manifest.settings.named()
@@ -233,7 +236,9 @@ def write_summary(
         ]
         lines.append("")
     if commitment is not None:
-        lines += summary_lines(commitment)
+        lines += commitment_metric.summary_lines(commitment)
+    if concepts is not None:
+        lines += concept_metric.summary_lines(concepts)
     lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
     lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
     column = worst_metric(table)
@@ -297,10 +302,17 @@ def aggregate(run_dir: str | Path, *, plots: bool = True) -> Path:
         probes.save(folder / "concept_curves.json")
     commitment = None
     if "commitment" in manifest.settings.metrics:
-        commitment = commitment_summary(records, manifest.settings.inference_steps)
+        commitment = commitment_metric.commitment_summary(
+            records, manifest.settings.inference_steps
+        )
         if commitment is not None:
-            atomic_write(folder / SUMMARY_FILE, commitment.save)
+            atomic_write(folder / commitment_metric.SUMMARY_FILE, commitment.save)
+    concepts = None
+    if "concepts" in manifest.settings.metrics:
+        concepts = concept_metric.summarise_concepts(records)
+        if concepts is not None:
+            atomic_write(folder / concept_metric.SUMMARY_FILE, concepts.save)
     figures = write_plots(folder, curves, probes) if plots else []
     return write_summary(
-        folder, manifest, table, metrics, faith, seg, curves, probes, figures, commitment
+        folder, manifest, table, metrics, faith, seg, curves, probes, figures, commitment, concepts
     )

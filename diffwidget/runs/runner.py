@@ -221,14 +221,17 @@ def run(
     faithfulness : InsertionDeletionConfig or InsertionDeletion, optional
         Settings of the insertion/deletion curves (random orders, stage size, ...); default
         its config's defaults.
-    metrics : sequence of {"faithfulness", "segmentation", "roles", "probes"}, optional
+    metrics : sequence of str, optional
         Default faithfulness, segmentation and roles; ``"probes"`` also records pooled
-        activations (one more generation per item) for concept curves across the set.
+        activations (one more generation per item) for concept curves across the set;
+        ``"commitment"`` switches prompts (:mod:`~diffwidget.runs.commitment`);
+        ``"concepts"`` maps each scene caption's words (:mod:`~diffwidget.runs.concept_metric`;
+        its words and settings: a ``ConceptMapsConfig`` among ``methods``).
     save_traces : bool
         Keep each item's Trace (``open_run(out).explorer(item_id)`` needs it).
     scene_metrics : bool, optional
         Score scene-world captions against the generated image (default: on for the
-        embedded model).
+        embedded models).
     device : str, optional
         ``"cpu"`` to stay on the CPU where CUDA exists.
     progress : bool
@@ -275,7 +278,7 @@ def run(
             "tuple[Metric, ...]", tuple(metrics) if metrics is not None else DEFAULT_METRICS
         ),
         save_traces=save_traces,
-        scene_metrics=model is None if scene_metrics is None else scene_metrics,
+        scene_metrics=_draws_scenes(model) if scene_metrics is None else scene_metrics,
     )
     settings = check_settings(wanted)
     try:
@@ -302,6 +305,13 @@ def run(
     if aggregate:
         _aggregate_when_finished(store, work, report)
     return report
+
+
+def _draws_scenes(model: str | None) -> bool:
+    """Whether ``model`` draws the scene world (the embedded UNet and DiT do)."""
+    from diffwidget.models.loader import DEMO_MODELS
+
+    return model is None or model in DEMO_MODELS
 
 
 def _aggregate_when_finished(store: RunStore, work: list[Work], report: RunReport) -> None:

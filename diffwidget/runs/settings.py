@@ -35,6 +35,7 @@ from diffwidget.runs.metrics import (
     DEFAULT_METHODS,
     DEFAULT_METRICS,
     MAP_METHODS,
+    METRIC_METHODS,
     METRICS,
     MapMethod,
     Metric,
@@ -110,8 +111,9 @@ class RunSettings(Record):
     faithfulness : config JSON
         The insertion/deletion evaluator's ``InsertionDeletionConfig`` in its JSON form
         (:meth:`faithfulness_config`); empty: its defaults.
-    metrics : tuple of {"faithfulness", "segmentation", "roles", "probes", "commitment"}
-        Metrics computed per item.
+    metrics : tuple of str
+        Metrics computed per item (:data:`~diffwidget.runs.metrics.METRICS`: faithfulness,
+        segmentation, roles, probes, commitment, concepts).
     save_traces : bool
         Keep each item's Trace (needed to open its explorer).
     attention_defaults : AttentionDefaults
@@ -189,8 +191,9 @@ class RunSettings(Record):
         from diffwidget.explain.faithfulness import InsertionDeletionConfig
 
         names, configs = split_methods(methods)
-        # An intervention's config (PromptSwitchConfig) configures a metric, not a map.
-        names = [n for n in names if n not in INTERVENTION_NAMES]
+        # An intervention's or the concept maps' config (PromptSwitchConfig,
+        # ConceptMapsConfig) configures a metric, not a map.
+        names = [n for n in names if n not in (*INTERVENTION_NAMES, *METRIC_METHODS.values())]
         evaluator = getattr(faithfulness, "config", faithfulness)
         if evaluator is not None and not isinstance(evaluator, InsertionDeletionConfig):
             raise TypeError(
@@ -218,15 +221,14 @@ class RunSettings(Record):
     @property
     def configured(self) -> list[str]:
         """Every method with a config in these settings: the saliency methods, and the
-        prompt switch when the ``commitment`` metric is computed."""
-        from diffwidget.runs.commitment import COMMITMENT_METHOD
-
-        extra = [COMMITMENT_METHOD] if "commitment" in self.metrics else []
+        methods of the metrics computed (:data:`~diffwidget.runs.metrics.METRIC_METHODS`:
+        the prompt switch of ``commitment``, the concept maps of ``concepts``)."""
+        extra = [METRIC_METHODS[m] for m in self.metrics if m in METRIC_METHODS]
         return [*self.saliency_methods, *extra]
 
     def config(self, method: str) -> MethodConfig:
-        """The typed config of ``method``, a saliency method or the prompt switch of the
-        ``commitment`` metric (imports it, and torch).
+        """The typed config of ``method``, a saliency method or the method of a metric
+        (:data:`~diffwidget.runs.metrics.METRIC_METHODS`; imports it, and torch).
 
         Raises
         ------
@@ -280,10 +282,12 @@ class RunSettings(Record):
         )
         extra = sorted(set(self.configs) - set(methods.configured))
         if extra:
+            metrics = {method: metric for metric, method in METRIC_METHODS.items()}
             raise ValueError(
                 f"settings given for {extra}, which this run does not compute; add them to "
-                f"methods ({list(methods.methods)}), or the metric 'commitment' for "
-                "prompt_switch"
+                f"methods ({list(methods.methods)}), or the metric that uses them ("
+                + ", ".join(f"{metrics[m]!r} for {m}" for m in metrics)
+                + ")"
             )
         return methods.replace(
             # Each config checks its own values; the defaults are the configs' own.

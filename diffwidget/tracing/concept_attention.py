@@ -51,6 +51,10 @@ SPACES: tuple[str, ...] = get_args(Space)
 #: Bound on one chunk of float32 image keys or values formed on the side; qk-norm and RoPE
 #: make a few blocks of this size (a quarter of the joint capture's score chunk).
 KEY_CHUNK_BYTES = CHUNK_BYTES // 8
+#: Largest copy of a layer's query, key and value weights kept to project concept tokens in
+#: one product. Beyond it the projections run one by one on the layer's own weights: the
+#: copy would be as large as the weights (113 MB a layer in Flux), for a few concept tokens.
+FUSED_WEIGHT_BYTES = KEY_CHUNK_BYTES
 #: When a hook reads its module: its input, its output, or both (a block).
 When = Literal["pre", "post", "both"]
 _FLOAT32_BYTES = 4
@@ -280,7 +284,12 @@ class ConceptLayer:
     # ------------------------------------------------------------ what the family says
     def tokens(self, x: torch.Tensor, *layers: Any) -> tuple[torch.Tensor, ...]:
         """``layers`` (the query, key and value projections) applied to concept tokens
-        ``[B, n, D]`` in one matrix product, each split into heads ``[B, H, n, d]``."""
+        ``[B, n, D]``, each split into heads ``[B, H, n, d]``: in one matrix product with a
+        fused copy of the weights where it is at most :data:`FUSED_WEIGHT_BYTES`, else one
+        product per layer."""
+        size = sum(layer.weight.nelement() * layer.weight.element_size() for layer in layers)
+        if size > FUSED_WEIGHT_BYTES:
+            return tuple(heads_first(linear(layer, x), self.head_dim) for layer in layers)
         if self._fused is None:
             weight = torch.cat([layer.weight for layer in layers])
             biases = [layer.bias for layer in layers]

@@ -90,6 +90,26 @@ def test_the_commitment_switch_steps_are_set_like_a_methods() -> None:
         method_configs(_args("--set", "prompt_switch.switch_steps=[0]"))
 
 
+def test_the_concept_control_words_are_set_like_a_methods_and_change_the_digest() -> None:
+    from diffwidget.explain.concept_maps import ConceptMapsConfig
+
+    argv = ["--metrics", "concepts", "--set", 'concept_maps.words=["sky", "dog"]']
+    methods, _ = method_configs(_args(*argv))
+    assert methods == [*DEFAULT_METHODS, ConceptMapsConfig(words=("sky", "dog"))]
+    settings = RunSettings.of(methods, metrics=("concepts",), inference_steps=10).checked()
+    assert settings.methods == DEFAULT_METHODS
+    assert settings.configs["concept_maps"]["words"] == ["sky", "dog"]
+    defaults = RunSettings.of(DEFAULT_METHODS, metrics=("concepts",), inference_steps=10)
+    assert defaults.checked().configs["concept_maps"] == ConceptMapsConfig().to_json()
+    assert defaults.checked().digest() != settings.digest()
+    with pytest.raises(command.UsageError, match="no concepts"):
+        method_configs(_args("--set", 'concept_maps.words=["sky"]'))
+    with pytest.raises(command.UsageError, match="given twice"):
+        method_configs(_args(*argv[:3], 'concept_maps.words=["sky", "sky"]'))
+    with pytest.raises(RunSetupError, match="metric that uses them"):
+        check_settings(RunSettings.of([*DEFAULT_METHODS, ConceptMapsConfig(words=("sky",))]))
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -27,7 +27,7 @@ from run_support import (
 from diffwidget.explain.faithfulness import InsertionDeletionConfig
 from diffwidget.runs import runner
 from diffwidget.runs.prompts import PromptSourceError
-from diffwidget.runs.store import RunSetupError
+from diffwidget.runs.store import RunSetupError, RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -230,6 +230,10 @@ def test_embedded_models_are_named_like_on_the_command_line(
     with pytest.raises(RuntimeError, match="stop here"):
         runner.run("scene:1", tmp_path / "out", model=model)
     assert loaded == [model]
+    # Both embedded models draw the scene world: their runs score scene captions.
+    manifest = RunStore(tmp_path / "out").read_manifest()
+    assert manifest is not None
+    assert manifest.settings.scene_metrics is True
 
 
 def test_a_folder_with_another_run_is_refused(reference_run: Path, monkeypatch: pytest.MonkeyPatch):

@@ -416,3 +416,23 @@ def test_no_hook_is_left_after_a_run_that_raised(tiny_sd_pipe_factory: Callable[
     after = sorted(n for n, m in pipe.unet.named_modules() if hasattr(m, "_diffusers_hook"))
     assert after == before
     assert not any("forward" in vars(m) for m in pipe.unet.modules())
+
+
+@pytest.mark.parametrize("width", [16, 1024])
+def test_concept_projections_copy_no_large_weights(width: int) -> None:
+    """Small layers project concept tokens with one fused copy of their q/k/v weights; large
+    ones (above FUSED_WEIGHT_BYTES, e.g. Flux's 113 MB a layer) with their own weights, so
+    the tap adds no weight-sized copy to a step's peak memory. Same numbers either way."""
+    from diffwidget.tracing.concept_attention import FUSED_WEIGHT_BYTES, ConceptLayer
+
+    torch.manual_seed(0)
+    projections = [torch.nn.Linear(width, width) for _ in range(3)]
+    attn = SimpleNamespace(head_dim=width // 4)
+    layer = ConceptLayer("attn", attn)
+    x = torch.randn(1, 5, width)
+    got = layer.tokens(x, *projections)
+    fused_bytes = 3 * width * width * 4
+    assert (layer._fused is not None) == (fused_bytes <= FUSED_WEIGHT_BYTES)
+    for out, projection in zip(got, projections, strict=True):
+        want = projection(x).unflatten(-1, (4, width // 4)).transpose(1, 2)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
