@@ -17,14 +17,14 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import anywidget
 import ipywidgets
 import traitlets
 
-from diffwidget.models.live_manifest import live_folder, load_live_manifest
-from diffwidget.widget.live import LIVE_JS, STATIC, WASM_FILE, live_config
+from diffwidget.widget.live import LIVE_JS, asset_files, live_config
 
 _MISSING = "export default { render({ el }) { el.textContent = 'the live bundle is not built'; } };"
 
@@ -42,12 +42,9 @@ class LiveWidget(anywidget.AnyWidget):
     assets = traitlets.Dict().tag(sync=True)
 
 
-def live_assets(model: str = "unet") -> dict[str, bytes]:
+def live_assets(models: str | Sequence[str] = "unet") -> dict[str, bytes]:
     """Every file the page loads, by name (the graphs and the WebAssembly binary)."""
-    manifest = load_live_manifest(model)
-    files = {g.file: (live_folder(model) / g.file).read_bytes() for g in manifest.graphs}
-    files[WASM_FILE] = (STATIC / WASM_FILE).read_bytes()
-    return files
+    return {name: path.read_bytes() for name, path in asset_files(models).items()}
 
 
 class LiveExplorer:
