@@ -111,9 +111,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def export_live(args: argparse.Namespace) -> int:
     """Write the live page: one offline HTML file, or a folder for a static web host."""
-    from diffwidget.widget.live import write_live_folder, write_live_html
-
     from diffwidget.models.live_manifest import LIVE_MODELS
+    from diffwidget.widget.live import write_live_folder, write_live_html
 
     models = tuple(args.model or ("unet",))
     if any(m not in LIVE_MODELS for m in models) or len(set(models)) != len(models):

@@ -159,7 +159,7 @@ def page_facts(manifest: LiveManifest | None = None) -> dict[str, Any]:
         "scales": scale_infos(ATTENTION_VALUE[normalisation]),
         "function_words": sorted(FUNCTION_WORDS),
         "attention_kind": attention_kind(normalisation),
-        "normalisation_text": NORMALISATION_TEXT[normalisation],  # type: ignore[index]
+        "normalisation_text": NORMALISATION_TEXT[normalisation],
         "preferred_resolution": PREFERRED_RESOLUTION,
         # How a trace shows the all-zero positions of an absent T5 (the DiT's text tail).
         "tail_token": EMPTY_TOKEN,

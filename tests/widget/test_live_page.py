@@ -66,7 +66,8 @@ def test_a_page_with_both_models_ships_the_shared_decoders_once(tmp_path: Path) 
     shared = {g.sha256 for g in unet.graphs} & {g.sha256 for g in dit.graphs}
     assert shared, "the DiT's decoders are the UNet's (one VAE, one preview decoder)"
     assert len(embedded) == len(unet.graphs) + len(dit.graphs) - len(shared) + 1
-    assert "dit/transformer.onnx" in embedded and "dit/vae.onnx" not in embedded
+    assert "dit/transformer.onnx" in embedded
+    assert "dit/vae.onnx" not in embedded
     config = _config(page)
     assert [m["manifest"]["model"] for m in config["models"]] == ["unet", "dit"]
     dit_facts = config["models"][1]["facts"]
