@@ -19,7 +19,7 @@ def test_the_widget_carries_every_asset_and_the_config() -> None:
     try:
         assets = explorer.widget.assets
         for graph in load_live_manifest().graphs:
-            assert assets[graph.file] == (live_folder("unet") / graph.file).read_bytes()
+            assert assets[f"unet/{graph.file}"] == (live_folder("unet") / graph.file).read_bytes()
         assert assets[live.WASM_FILE] == (live.STATIC / live.WASM_FILE).read_bytes()
         assert explorer.widget.config["prompt"] == "a small blue square at the top"
         assert re.search(r"export\s*\{[^}]*\bas default\b", explorer.widget._esm)
