@@ -1,6 +1,8 @@
-"""Export the embedded UNet pipeline's graphs to ONNX for the browser (build time only).
+"""Export an embedded pipeline's graphs to ONNX for the browser (build time only).
 
-Four graphs, each run by onnxruntime (Python in the tests, onnxruntime-web in the page):
+The UNet's four graphs are described here; the DiT's (joint text embeddings, the MMDiT
+with its joint-attention text shares, the same decoders) in :mod:`.live_export_dit`.
+Each is run by onnxruntime (Python in the tests, onnxruntime-web in the page):
 
 * ``text_encoder``: token ids ``[2, L]`` (``[uncond, cond]``) -> embeddings ``[2, L, D]``;
 * ``unet``: ``sample [2, C, h, w]``, ``timestep [1]`` (float32), ``text [2, L, D]`` ->
@@ -19,9 +21,10 @@ own modules. Weights are stored float16 (the shipped weights are float16, so thi
 lossless) and cast to float32 when a session loads the graph; any other constant, such as
 the timestep frequency table, stays float32.
 
-Run ``python -m diffwidget.models.live_export`` after the shipped weights change; a test
-fails while the manifest's fingerprint differs from the weights'. Needs ``onnx``,
-``onnxscript`` and ``onnxruntime`` (the ``[live-export]`` extra); users never export.
+Run ``python -m diffwidget.models.live_export [--model dit]`` after the shipped weights
+change; a test fails while the manifest's fingerprint differs from the weights'. Needs
+``onnx``, ``onnxscript`` and ``onnxruntime`` (the ``[live-export]`` extra); users never
+export.
 """
 
 from __future__ import annotations
