@@ -3,18 +3,24 @@
 Four graphs, the decoders shared with the UNet's export (the DiT uses the UNet's VAE):
 
 * ``text_encoder``: token ids ``[2, L]`` (``[uncond, cond]``; both CLIP encoders read the
-  same word-level tokenizer) -> ``text [2, L + tail, D]`` and ``pooled [2, P]``, the joint
-  text embeddings exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them: each
-  encoder's penultimate hidden states side by side on the feature axis, zero-padded to
-  ``joint_attention_dim``, followed by ``max_sequence_length`` all-zero rows for the absent
-  T5; ``pooled`` is the two projected (pooled) outputs side by side;
+  same word-level tokenizer) -> ``text [2, L + 1, D]`` and ``pooled [2, P]``, the joint
+  text embeddings as ``StableDiffusion3Pipeline.encode_prompt`` builds them: each encoder's
+  penultimate hidden states side by side on the feature axis, zero-padded to
+  ``joint_attention_dim``, then the absent T5's all-zero rows, given here as *one* row
+  standing for all ``max_sequence_length`` (256) of them; ``pooled`` is the two projected
+  (pooled) outputs side by side;
 * ``transformer``: ``sample [2, C, h, w]``, ``timestep [1]`` (float32, ``sigma * 1000``),
   ``text``, ``pooled`` -> ``model_output`` (the velocity) and, per joint block, the
   conditional half's image→text block of the joint softmax over image and text keys, mean
-  over heads, ``[n_image_tokens, L + tail]`` (rows sum to the text's share, as the trace's
-  ``"joint_share"``).
+  over heads, ``[n_image_tokens, L + 256]`` with every one of the 256 positions (rows sum to
+  the text's share, as the trace's ``"joint_share"``).
 
-Joint attention is written out as an explicit softmax (as ``JointAttnProcessor2_0``
+The 256 zero rows are identical in every layer (same keys, values and queries), so the
+graph computes one and weights its key as 256 (log 256 added to its logit), exactly as
+training does (:class:`diffwidget.models.dit.TailWeightedJointAttnProcessor`): the same
+numbers as the pipeline's full sequence up to float rounding, at a quarter of the tokens
+(81 instead of 336). Its share is split evenly over the 256 positions in the attention
+outputs. Joint attention is written out as an explicit softmax (as ``JointAttnProcessor2_0``
 computes it, with the queries' and keys' RMS norms), so its probabilities can be returned.
 """
 
@@ -43,13 +49,18 @@ def _torch() -> Any:
 class ExportJointAttnProcessor:
     """SD3 joint attention (image tokens first) with the softmax written out.
 
-    Mirrors diffusers' ``JointAttnProcessor2_0`` and appends to ``store`` the conditional
-    half's image→text probabilities, mean over heads.
+    Mirrors diffusers' ``JointAttnProcessor2_0`` on a sequence whose last text token stands
+    for ``copies`` identical ones (its logit raised by log ``copies``) and stores the
+    conditional half's image→text probabilities, mean over heads, with that token's share
+    split over its ``copies`` positions.
     """
 
-    def __init__(self, store: dict[str, Any], layer: str) -> None:
+    def __init__(self, store: dict[str, Any], layer: str, copies: int) -> None:
+        if copies < 1:
+            raise ValueError(f"copies must be at least 1, got {copies}")
         self.store = store
         self.layer = layer
+        self.copies = copies
 
     def __call__(
         self,
@@ -89,8 +100,13 @@ class ExportJointAttnProcessor:
         key = torch.cat([key, text_key], dim=2)
         value = torch.cat([value, text_value], dim=2)
         # SDPA's default scale, 1/sqrt(d), on the queries (as the trace's capture applies it).
-        probs = ((query * (1.0 / math.sqrt(head_dim))) @ key.transpose(-1, -2)).softmax(dim=-1)
-        self.store[self.layer] = probs[COND_ROW, :, :n_image, n_image:].mean(dim=0)
+        scores = (query * (1.0 / math.sqrt(head_dim))) @ key.transpose(-1, -2)
+        bias = torch.zeros(key.shape[2], dtype=scores.dtype)
+        bias[-1] = math.log(self.copies)
+        probs = (scores + bias).softmax(dim=-1)
+        text = probs[COND_ROW, :, :n_image, n_image:].mean(dim=0)
+        tail = (text[:, -1:] / self.copies).expand(-1, self.copies)
+        self.store[self.layer] = torch.cat([text[:, :-1], tail], dim=-1)
         out = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         image_out, text_out = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:
@@ -103,7 +119,7 @@ def joint_layers(transformer: Any) -> list[str]:
     return [f"transformer_blocks.{i}.attn" for i in range(len(transformer.transformer_blocks))]
 
 
-def _transformer_graph(transformer: Any, layers: list[str]) -> Any:
+def _transformer_graph(transformer: Any, layers: list[str], copies: int) -> Any:
     import torch
 
     class TransformerGraph(torch.nn.Module):
@@ -112,7 +128,8 @@ def _transformer_graph(transformer: Any, layers: list[str]) -> Any:
             self.transformer = transformer
             self.store: dict[str, Any] = {}
             processors = {
-                f"{name}.processor": ExportJointAttnProcessor(self.store, name) for name in layers
+                f"{name}.processor": ExportJointAttnProcessor(self.store, name, copies)
+                for name in layers
             }
             if sorted(processors) != sorted(transformer.attn_processors):
                 raise ValueError("the DiT has attention layers besides its joint blocks' attn")
@@ -134,7 +151,7 @@ def _transformer_graph(transformer: Any, layers: list[str]) -> Any:
     return TransformerGraph().eval()
 
 
-def _text_graph(pipe: Any, tail: int) -> Any:
+def _text_graph(pipe: Any) -> Any:
     import torch
 
     width = int(pipe.transformer.config.joint_attention_dim)
@@ -153,7 +170,8 @@ def _text_graph(pipe: Any, tail: int) -> Any:
                 pooled.append(out.text_embeds)
             clip = torch.cat(features, dim=-1)
             clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
-            zeros = clip.new_zeros(clip.shape[0], tail, width)
+            # One all-zero row for the absent T5's (the transformer weights it as all of them).
+            zeros = clip.new_zeros(clip.shape[0], 1, width)
             return torch.cat([clip, zeros], dim=-2), torch.cat(pooled, dim=-1)
 
     return JointTextGraph().eval()
@@ -200,18 +218,18 @@ def dit_plan(pipe: Any) -> ExportPlan:
     specs: list[tuple[str, Any, tuple[Any, ...], list[str], list[str]]] = [
         (
             "text_encoder",
-            _text_graph(pipe, tail),
+            _text_graph(pipe),
             (torch.zeros(rows, length, dtype=torch.int64),),
             ["input_ids"],
             ["text", "pooled"],
         ),
         (
             "transformer",
-            _transformer_graph(transformer, layers),
+            _transformer_graph(transformer, layers, tail),
             (
                 torch.randn(rows, channels, size, size),
                 torch.tensor([1000.0]),
-                torch.randn(rows, length + tail, width),
+                torch.randn(rows, length + 1, width),
                 torch.randn(rows, pooled),
             ),
             ["sample", "timestep", "text", "pooled"],
