@@ -2,7 +2,8 @@
 
 For one caption and seed, alternating so that machine load hits both alike:
 
-* ``trace``: :func:`diffwidget.trace` on the embedded UNet (torch, one thread);
+* ``trace``: :func:`diffwidget.trace` on the embedded UNet, or with ``--model dit`` the
+  embedded DiT (torch, one thread);
 * ``pipeline``: the plain pipeline call, no tracing (torch, one thread);
 * ``onnxruntime``: the exported graphs in Python's onnxruntime (one thread), the same loop
   the browser runs (:mod:`diffwidget.testing.live`);
@@ -19,6 +20,7 @@ Usage::
     python bench/bench_live.py                           # full run
     python bench/bench_live.py --repeats 2 --captions 4  # quick check
     python bench/bench_live.py --results bench/RESULTS_live.md
+    python bench/bench_live.py --model dit --results bench/RESULTS_live.md
 """
 
 from __future__ import annotations
@@ -90,7 +92,11 @@ def _open(browser: Any, path: Path) -> tuple[Any, Any]:
 def sizes(page_file: Path, folder: Path) -> dict[str, Any]:
     """Raw and gzip (level 6, what web servers use) bytes of every artifact."""
     out: dict[str, Any] = {}
-    files = {f.name: f for f in folder.iterdir() if f.is_file()}
+    files = {
+        f.relative_to(folder).as_posix(): f
+        for f in folder.rglob("*")
+        if f.is_file() and "licenses" not in f.parts
+    }
     for name, path in sorted(files.items()):
         data = path.read_bytes()
         out[name] = {"raw": len(data), "gzip": len(gzip.compress(data, 6))}
@@ -146,16 +152,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     torch.set_num_threads(1)
-    pipe = diffwidget.load_demo_pipeline()
-    graphs = LiveGraphs(threads=1)
+    model = args.model
+    pipe = diffwidget.load_demo_pipeline(model)
+    graphs = LiveGraphs(model, threads=1)
     work = Path(tempfile.mkdtemp(prefix="diffwidget-bench-live-"))
-    page_file = live.write_live_html(work / "live.html", prompt=CAPTION)
+    page_file = live.write_live_html(work / "live.html", prompt=CAPTION, models=model)
     folder = work / "site"
-    live.write_live_folder(folder, prompt=CAPTION)
+    live.write_live_folder(folder, prompt=CAPTION, models=model)
     result: dict[str, Any] = {
+        "model": model,
         "machine": machine("cpu"),
         "load_before": os.getloadavg(),
-        "manifest": {k: load_live_manifest().versions[k] for k in ("onnxruntime", "torch")},
+        "manifest": {k: load_live_manifest(model).versions[k] for k in ("onnxruntime", "torch")},
         "onnxruntime_web": live.runtime_version(),
         "caption": CAPTION,
         "seed": SEED,
@@ -209,7 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     s = r["seconds"]
     lines = [
-        f"## Live page, {time.strftime('%Y-%m-%d')} ({r['machine'].get('cpu', 'cpu')}, "
+        f"## Live page ({r['model']}), {time.strftime('%Y-%m-%d')} "
+        f"({r['machine'].get('cpu', 'cpu')}, "
         f"load {r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after)",
         "",
         f"Caption {r['caption']!r}, seed {r['seed']}, 20 steps, one thread each; "
@@ -246,13 +255,15 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="unet", choices=["unet", "dit"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loads", type=int, default=3)
     parser.add_argument("--captions", type=int, default=50)
     parser.add_argument("--results", default=None, help="append a section to this file")
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args(argv)
-    if not (live_folder("unet") / "unet.onnx").is_file() or not live.LIVE_JS.is_file():
+    manifest = live_folder(args.model) / "manifest.json"
+    if not manifest.is_file() or not live.LIVE_JS.is_file():
         sys.exit("export the graphs and build js/ first (npm run build)")
     result = run(args)
     text = markdown(result)

@@ -1,7 +1,8 @@
 """``diffwidget export``: trace one prompt and write a standalone HTML explorer.
 
-With ``--live``: write the live page instead, where the embedded UNet generates any caption in
-the reader's browser (one offline HTML file, or ``--folder`` for a static web host).
+With ``--live``: write the live page instead, where the embedded UNet (``--model dit``: the
+DiT; ``--model unet dit``: both side by side) generates any caption in the reader's browser
+(one offline HTML file, or ``--folder`` for a static web host).
 """
 
 from __future__ import annotations
@@ -110,12 +111,15 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def export_live(args: argparse.Namespace) -> int:
     """Write the live page: one offline HTML file, or a folder for a static web host."""
+    from diffwidget.models.live_manifest import LIVE_MODELS
     from diffwidget.widget.live import write_live_folder, write_live_html
 
-    if args.model not in (None, "unet"):
+    models = tuple(args.model or ("unet",))
+    if any(m not in LIVE_MODELS for m in models) or len(set(models)) != len(models):
         raise UsageError(
-            f"--live runs the embedded UNet in the browser; --model {args.model} is not exported "
-            "for the browser (leave --model out)"
+            f"--live runs the embedded models in the browser: --model takes "
+            f"{' and/or '.join(LIVE_MODELS)} (e.g. --model unet dit for both side by side), "
+            f"got {' '.join(models)}"
         )
     if args.overlay or args.step is not None:
         raise UsageError("--overlay and --step need the kernel; the live page has none")
@@ -130,12 +134,12 @@ def export_live(args: argparse.Namespace) -> int:
             raise UsageError(f"--folder {folder} is a file; give a folder")
         if folder.is_dir() and (folder / "index.html").exists() and not args.force:
             raise UsageError(f"{folder}/index.html exists; pass --force to replace it")
-        write_live_folder(folder, prompt=prompt, compare=args.compare)
+        write_live_folder(folder, prompt=prompt, compare=args.compare, models=models)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
         print(f"wrote {folder} ({size:.1f} MB): copy the folder to any static web host")
         return EXIT_OK
     output = check_output(args.output)
-    path = write_live_html(output, prompt=prompt, compare=args.compare)
+    path = write_live_html(output, prompt=prompt, compare=args.compare, models=models)
     size_mb = path.stat().st_size / 1e6
     print(
         f"wrote {path} ({size_mb:.1f} MB): open it in a browser, type a caption; no kernel needed"
@@ -149,6 +153,10 @@ def export(args: argparse.Namespace) -> int:
         return export_live(args)
     if args.folder is not None or args.compare:
         raise UsageError("--folder and --compare belong to --live")
+    if args.model is not None:
+        if len(args.model) != 1:
+            raise UsageError("--model takes one model to trace (several only with --live)")
+        args.model = args.model[0]
     if args.prompt is None:
         raise UsageError(
             'pass a caption to trace, e.g. "a large red circle on the left" (or --live for '
@@ -267,8 +275,10 @@ def add_parser(sub: Any) -> None:
     p_export.add_argument(
         "--model",
         default=None,
+        nargs="+",
         metavar="unet|dit|DIR",
         help="embedded model (unet, the default, or its DiT twin dit) or a local diffusers "
-        "pipeline folder",
+        "pipeline folder; with --live: unet, dit or both side by side (write the caption "
+        "before --model)",
     )
     p_export.set_defaults(func=export)

@@ -114,6 +114,17 @@ def _min_max(maps: np.ndarray) -> np.ndarray:
     return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0)
 
 
+def attention_kind(normalisation: str) -> str:
+    """What the maps of a normalisation are called in descriptions.
+
+    Examples
+    --------
+    >>> attention_kind("joint_share"), attention_kind("text_softmax")
+    ('Joint-attention', 'Cross-attention')
+    """
+    return "Joint-attention" if normalisation == "joint_share" else "Cross-attention"
+
+
 def _grid_phrase(grid: OutputGrid, size: tuple[int, int], grids: list[tuple[int, int]]) -> str:
     if grid == "latent":
         return f"upsampled bilinearly to the {size[0]}×{size[1]} latent"
@@ -452,7 +463,7 @@ class AttentionMaps:
             else f"steps {steps[0]}–{steps[-1]} ({len(steps)})"
         )
         normalisation = trace.facts.attention_normalisation
-        kind = "Joint-attention" if normalisation == "joint_share" else "Cross-attention"
+        kind = attention_kind(normalisation)
         what = {
             "none": f"{kind} probability ({NORMALISATION_TEXT[normalisation]}),",
             "words": f"Share of the prompt words' {kind.lower()},",

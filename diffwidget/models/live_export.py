@@ -1,6 +1,8 @@
-"""Export the embedded UNet pipeline's graphs to ONNX for the browser (build time only).
+"""Export an embedded pipeline's graphs to ONNX for the browser (build time only).
 
-Four graphs, each run by onnxruntime (Python in the tests, onnxruntime-web in the page):
+The UNet's four graphs are described here; the DiT's (joint text embeddings, the MMDiT
+with its joint-attention text shares, the same decoders) in :mod:`.live_export_dit`.
+Each is run by onnxruntime (Python in the tests, onnxruntime-web in the page):
 
 * ``text_encoder``: token ids ``[2, L]`` (``[uncond, cond]``) -> embeddings ``[2, L, D]``;
 * ``unet``: ``sample [2, C, h, w]``, ``timestep [1]`` (float32), ``text [2, L, D]`` ->
@@ -19,25 +21,33 @@ own modules. Weights are stored float16 (the shipped weights are float16, so thi
 lossless) and cast to float32 when a session loads the graph; any other constant, such as
 the timestep frequency table, stays float32.
 
-Run ``python -m diffwidget.models.live_export`` after the shipped weights change; a test
-fails while the manifest's fingerprint differs from the weights'. Needs ``onnx``,
-``onnxscript`` and ``onnxruntime`` (the ``[live-export]`` extra); users never export.
+Run ``python -m diffwidget.models.live_export [--model dit]`` after the shipped weights
+change; a test fails while the manifest's fingerprint differs from the weights'. Needs
+``onnx``, ``onnxscript`` and ``onnxruntime`` (the ``[live-export]`` extra); users never
+export.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffwidget.models.live_manifest import (
+    DPM_SOLVER,
+    FLOW_MATCH_EULER,
+    LIVE_FORMAT,
+    LIVE_MODELS,
     MANIFEST_FILE,
     WORDS_PLACEHOLDER,
     AttentionOutput,
+    FlowMatchFacts,
     GraphFile,
     LiveManifest,
     SchedulerFacts,
@@ -60,7 +70,6 @@ _UINT8_MAX = 255.0
 _HEX_WORDS = "\x00words\x00"
 #: A word count no message holds otherwise, replaced by a placeholder in the template.
 _N_WORDS = 987654321
-_SCHEDULER_FIELDS = tuple(SchedulerFacts.__dataclass_fields__)
 
 
 def _torch() -> Any:
@@ -257,46 +266,67 @@ def tokenizer_facts(tokenizer: Any) -> TokenizerFacts:
     )
 
 
-def scheduler_facts(scheduler: Any) -> SchedulerFacts:
+def scheduler_facts(scheduler: Any) -> SchedulerFacts | FlowMatchFacts:
     """The scheduler's class and the config entries the JavaScript port implements."""
+    name = type(scheduler).__name__
+    kind = {DPM_SOLVER: SchedulerFacts, FLOW_MATCH_EULER: FlowMatchFacts}.get(name)
+    if kind is None:
+        raise ValueError(
+            f"the browser runtime ports {DPM_SOLVER} and {FLOW_MATCH_EULER}, not {name}"
+        )
     config = dict(scheduler.config)
-    values = {name: config[name] for name in _SCHEDULER_FIELDS if name != "class_name"}
-    return SchedulerFacts(class_name=type(scheduler).__name__, **values)
+    names = [f.name for f in dataclasses.fields(kind) if f.name != "class_name"]
+    return kind(class_name=name, **{f: config[f] for f in names})
 
 
-def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveManifest:
-    """Export ``model``'s graphs and manifest into ``dest`` (the package's folder by default).
+@dataclass
+class ExportPlan:
+    """What one model's export consists of: its graphs and the model facts of its manifest."""
 
-    Parameters
-    ----------
-    model : {"unet"}
-        The embedded model to export.
-    dest : str or Path, optional
-        Target folder, replaced as a whole; ``diffwidget/models/live/<model>`` by default.
+    #: (graph name, module, example inputs, input names, output names), in manifest order.
+    specs: list[tuple[str, Any, tuple[Any, ...], list[str], list[str]]]
+    attention: list[AttentionOutput]
+    latent_channels: int
+    latent_size: int
+    image_size: int
+    text_tail: int
+    attention_normalisation: str
 
-    Returns
-    -------
-    LiveManifest
-        The manifest written beside the graphs.
 
-    Examples
-    --------
-    >>> manifest = export_live("unet", tempfile.mkdtemp())  # doctest: +SKIP
-    >>> [g.name for g in manifest.graphs]  # doctest: +SKIP
-    ['text_encoder', 'unet', 'preview', 'vae']
-    """
-    if model != "unet":
-        raise ValueError(f"the live export covers the embedded UNet only, not {model!r}")
-    import diffusers
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import torch
-
-    from diffwidget.models.loader import DEFAULT_STEPS, RECOMMENDED_GUIDANCE, load_demo_pipeline
+def decoder_specs(pipe: Any, channels: int, size: int) -> list[Any]:
+    """The shipped preview decoder and the pipeline's VAE decoder, each with post-processing."""
+    torch = _torch()
     from diffwidget.models.preview_decoder import SHIPPED, load_preview_decoder
 
-    pipe = load_demo_pipeline("unet")
+    vae = pipe.vae
+    preview = load_preview_decoder(SHIPPED["demo"]).to(memory_format=torch.contiguous_format)
+    latent = (torch.randn(1, channels, size, size),)
+    return [
+        (
+            "preview",
+            _decoder_graph(
+                preview,
+                float(preview.config.scaling_factor or 1.0),
+                float(preview.config.shift_factor or 0.0),
+            ),
+            latent,
+            ["latent"],
+            ["image"],
+        ),
+        (
+            "vae",
+            _decoder_graph(
+                vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+            ),
+            latent,
+            ["latent"],
+            ["image"],
+        ),
+    ]
+
+
+def _unet_plan(pipe: Any) -> ExportPlan:
+    torch = _torch()
     unet, vae = pipe.unet, pipe.vae
     layers = _cross_attention_layers(unet)
     grids = _layer_grids(unet, layers)
@@ -305,7 +335,6 @@ def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveMani
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     length = int(pipe.tokenizer.model_max_length)
     width = int(pipe.text_encoder.config.hidden_size)
-    preview = load_preview_decoder(SHIPPED["demo"]).to(memory_format=torch.contiguous_format)
     attention = [
         AttentionOutput(layer=name, grid=grids[name], output=ATTENTION_PREFIX + name)
         for name in layers
@@ -329,31 +358,43 @@ def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveMani
             ["sample", "timestep", "text"],
             ["model_output", *(a.output for a in attention)],
         ),
-        (
-            "preview",
-            _decoder_graph(
-                preview,
-                float(preview.config.scaling_factor or 1.0),
-                float(preview.config.shift_factor or 0.0),
-            ),
-            (torch.randn(1, channels, size, size),),
-            ["latent"],
-            ["image"],
-        ),
-        (
-            "vae",
-            _decoder_graph(
-                vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
-            ),
-            (torch.randn(1, channels, size, size),),
-            ["latent"],
-            ["image"],
-        ),
+        *decoder_specs(pipe, channels, size),
     ]
+    return ExportPlan(specs, attention, channels, size, size * factor, 0, "text_softmax")
+
+
+def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveManifest:
+    """Export ``model``'s graphs and manifest into ``dest`` (the package's folder by default).
+
+    Parameters
+    ----------
+    model : {"unet", "dit"}
+        The embedded model to export.
+    dest : str or Path, optional
+        Target folder, replaced as a whole; ``diffwidget/models/live/<model>`` by default.
+
+    Returns
+    -------
+    LiveManifest
+        The manifest written beside the graphs.
+
+    Examples
+    --------
+    >>> manifest = export_live("dit", tempfile.mkdtemp())  # doctest: +SKIP
+    >>> [g.name for g in manifest.graphs]  # doctest: +SKIP
+    ['text_encoder', 'transformer', 'preview', 'vae']
+    """
+    if model not in LIVE_MODELS:
+        raise ValueError(f"the live export covers {LIVE_MODELS}, not {model!r}")
+    from diffwidget.models.live_export_dit import dit_plan
+    from diffwidget.models.loader import DEFAULT_STEPS, RECOMMENDED_GUIDANCE, load_demo_pipeline
+
+    pipe = load_demo_pipeline(model)  # type: ignore[arg-type]
+    plan = _unet_plan(pipe) if model == "unet" else dit_plan(pipe)
     dest = Path(dest) if dest is not None else live_folder(model)
     with tempfile.TemporaryDirectory(prefix="diffwidget-live-") as tmp:
         graphs = []
-        for name, module, args, inputs, outputs in specs:
+        for name, module, args, inputs, outputs in plan.specs:
             path = Path(tmp) / f"{name}.onnx"
             _export(module, args, path, inputs, outputs)
             graphs.append(
@@ -366,30 +407,27 @@ def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveMani
                     outputs=tuple(outputs),
                 )
             )
+        size = plan.latent_size
         manifest = LiveManifest(
-            format_version=1,
-            model=model,
+            format_version=LIVE_FORMAT,
+            model=model,  # type: ignore[arg-type]
             graphs=tuple(graphs),
-            attention=tuple(attention),
-            latent_channels=channels,
+            attention=tuple(plan.attention),
+            latent_channels=plan.latent_channels,
             latent_hw=(size, size),
-            image_hw=(size * factor, size * factor),
+            image_hw=(plan.image_size, plan.image_size),
             cfg_halves=CFG_HALVES,
             scheduler=scheduler_facts(pipe.scheduler),
             tokenizer=tokenizer_facts(pipe.tokenizer),
+            text_tail=plan.text_tail,
+            attention_normalisation=plan.attention_normalisation,
             default_steps=DEFAULT_STEPS,
             default_guidance=RECOMMENDED_GUIDANCE[model],
             max_steps=pipe.scheduler.config.num_train_timesteps,
             preview_decoder=PREVIEW_DECODER_NAME,
             fingerprint=weights_fingerprint(model),
             opset=OPSET,
-            versions={
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__,
-                "onnx": onnx.__version__,
-                "onnxscript": onnxscript.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
+            versions=_versions(),
         )
         manifest.save(tmp)
         LiveManifest.load(Path(tmp) / MANIFEST_FILE).check_files(tmp)
@@ -398,6 +436,22 @@ def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveMani
         shutil.copytree(tmp, dest)
         dest.chmod(0o755)  # the temporary folder's owner-only mode was copied with it
     return manifest
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def _cross_attention_layers(unet: Any) -> list[str]:
@@ -447,7 +501,7 @@ def _layer_grids(unet: Any, layers: list[str]) -> dict[str, tuple[int, int]]:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: export the live graphs into the package."""
     parser = argparse.ArgumentParser(description="Export the embedded model's ONNX graphs.")
-    parser.add_argument("--model", default="unet", choices=["unet"])
+    parser.add_argument("--model", default="unet", choices=list(LIVE_MODELS))
     parser.add_argument("--dest", default=None, help="target folder (default: the package's)")
     args = parser.parse_args(argv)
     manifest = export_live(args.model, args.dest)

@@ -1,12 +1,14 @@
 """What the browser needs to run an embedded model: the exported graphs' manifest (no torch).
 
-:mod:`diffwidget.models.live_export` exports the embedded UNet pipeline's graphs to ONNX at
-build time and writes them, with ``manifest.json``, into ``diffwidget/models/live/<model>/``
-(shipped in the wheel; users never export). The manifest is the one record the JavaScript
-runtime reads: the graph files and their outputs, the attention layers and their grids, the
-scheduler's configuration, the tokenizer's vocabulary, merges and normalisation, the
-unknown-word message, the sampling defaults, a fingerprint of the weights the graphs were
-exported from (a stale export fails a test) and the versions that made and checked it.
+:mod:`diffwidget.models.live_export` exports an embedded pipeline's graphs (the UNet's or the
+DiT's) to ONNX at build time and writes them, with ``manifest.json``, into
+``diffwidget/models/live/<model>/`` (shipped in the wheel; users never export). The manifest
+is the one record the JavaScript runtime reads: the graph files and their outputs, the
+attention layers and their grids, the scheduler's configuration (DPM-Solver++ for the UNet,
+flow-matching Euler for the DiT: the runtime picks its sampler from it), the text positions
+the denoiser reads, the tokenizer's vocabulary, merges and normalisation, the unknown-word
+message, the sampling defaults, a fingerprint of the weights the graphs were exported from
+(a stale export fails a test) and the versions that made and checked it.
 
 Examples
 --------
@@ -31,8 +33,20 @@ LIVE_DIR = Path(__file__).resolve().parent / "live"
 MANIFEST_FILE = "manifest.json"
 #: Version of the manifest's layout; the JavaScript runtime refuses other versions.
 LIVE_FORMAT = 1
-GraphName = Literal["text_encoder", "unet", "preview", "vae"]
+GraphName = Literal["text_encoder", "unet", "transformer", "preview", "vae"]
 GRAPH_NAMES: tuple[str, ...] = get_args(GraphName)
+LiveModel = Literal["unet", "dit"]
+LIVE_MODELS: tuple[str, ...] = get_args(LiveModel)
+#: The denoiser graph of each model, named for what it is.
+DENOISER_GRAPH: dict[str, GraphName] = {"unet": "unet", "dit": "transformer"}
+#: The graphs each model's export holds.
+MODEL_GRAPHS: dict[str, tuple[GraphName, ...]] = {
+    model: ("text_encoder", denoiser, "preview", "vae")
+    for model, denoiser in DENOISER_GRAPH.items()
+}
+#: The two schedulers the JavaScript runtime ports.
+DPM_SOLVER = "DPMSolverMultistepScheduler"
+FLOW_MATCH_EULER = "FlowMatchEulerDiscreteScheduler"
 #: Files whose bytes define the exported graphs: the pipeline folder's weights, configs and
 #: tokenizer, and the shipped preview decoder. Relative to ``diffwidget/models``.
 _FINGERPRINTED: dict[str, tuple[str, ...]] = {
@@ -45,6 +59,25 @@ _FINGERPRINTED: dict[str, tuple[str, ...]] = {
         "demo/tokenizer/tokenizer_config.json",
         "demo/unet/config.json",
         "demo/unet/diffusion_pytorch_model.safetensors",
+        "demo/vae/config.json",
+        "demo/vae/diffusion_pytorch_model.safetensors",
+        "preview/demo/config.json",
+        "preview/demo/diffusion_pytorch_model.safetensors",
+    ),
+    # The DiT shares the UNet's VAE (and so its preview decoder).
+    "dit": (
+        "demo_dit/model_index.json",
+        "demo_dit/scheduler/scheduler_config.json",
+        "demo_dit/text_encoder/config.json",
+        "demo_dit/text_encoder/model.safetensors",
+        "demo_dit/text_encoder_2/config.json",
+        "demo_dit/text_encoder_2/model.safetensors",
+        "demo_dit/tokenizer/tokenizer.json",
+        "demo_dit/tokenizer/tokenizer_config.json",
+        "demo_dit/tokenizer_2/tokenizer.json",
+        "demo_dit/tokenizer_2/tokenizer_config.json",
+        "demo_dit/transformer/config.json",
+        "demo_dit/transformer/diffusion_pytorch_model.safetensors",
         "demo/vae/config.json",
         "demo/vae/diffusion_pytorch_model.safetensors",
         "preview/demo/config.json",
@@ -99,10 +132,12 @@ class GraphFile:
 
 @dataclass(frozen=True)
 class AttentionOutput:
-    """One cross-attention layer whose probabilities the UNet graph returns.
+    """One attention layer whose image→text probabilities the denoiser graph returns.
 
-    ``output`` is ``[n_queries, n_text]`` float32: softmax over the text keys of the
-    conditional CFG half (batch row 1), mean over heads, queries row-major on ``grid``.
+    ``output`` is ``[n_queries, n_text]`` float32 for the conditional CFG half (batch row 1),
+    mean over heads, queries row-major on ``grid``: the softmax over the text keys (UNet
+    cross-attention, ``"text_softmax"``) or the text block of the joint softmax over image
+    and text keys (MMDiT, ``"joint_share"``), as :func:`diffwidget.trace` records them.
     """
 
     layer: str
@@ -138,7 +173,7 @@ class TokenizerFacts:
 
 @dataclass(frozen=True)
 class SchedulerFacts:
-    """The shipped scheduler (diffusers' ``DPMSolverMultistepScheduler``) and its config."""
+    """The UNet's scheduler (diffusers' ``DPMSolverMultistepScheduler``) and its config."""
 
     class_name: str
     num_train_timesteps: int
@@ -158,11 +193,31 @@ class SchedulerFacts:
 
 
 @dataclass(frozen=True)
+class FlowMatchFacts:
+    """The DiT's scheduler (diffusers' ``FlowMatchEulerDiscreteScheduler``) and its config.
+
+    The runtime ports the static shift (``shift``); the other sigma options are recorded so
+    it can refuse a model that uses them.
+    """
+
+    class_name: str
+    num_train_timesteps: int
+    shift: float
+    use_dynamic_shifting: bool
+    invert_sigmas: bool
+    shift_terminal: float | None
+    use_karras_sigmas: bool
+    use_exponential_sigmas: bool
+    use_beta_sigmas: bool
+    stochastic_sampling: bool
+
+
+@dataclass(frozen=True)
 class LiveManifest:
     """Everything the browser runtime reads about one exported embedded model."""
 
     format_version: int
-    model: str
+    model: LiveModel
     graphs: tuple[GraphFile, ...]
     attention: tuple[AttentionOutput, ...]
     latent_channels: int
@@ -170,8 +225,13 @@ class LiveManifest:
     image_hw: tuple[int, int]
     #: Rows of the UNet graph's batch: ``("uncond", "cond")`` (batched CFG).
     cfg_halves: tuple[str, ...]
-    scheduler: SchedulerFacts
+    scheduler: SchedulerFacts | FlowMatchFacts
     tokenizer: TokenizerFacts
+    #: All-zero text positions after the tokenizer's (the DiT's absent T5; 0 for the UNet).
+    #: A trace keeps the first of them (``diffwidget.tracing.tokens.empty_tokens``).
+    text_tail: int
+    #: How the attention outputs are normalised (``Trace.facts.attention_normalisation``).
+    attention_normalisation: str
     default_steps: int
     default_guidance: float
     max_steps: int
@@ -180,6 +240,16 @@ class LiveManifest:
     fingerprint: str
     opset: int
     versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def text_length(self) -> int:
+        """Text positions the denoiser reads (the width of each attention output)."""
+        return self.tokenizer.max_length + self.text_tail
+
+    @property
+    def denoiser(self) -> GraphFile:
+        """The denoiser's graph (``unet`` or ``transformer``)."""
+        return self.graph(DENOISER_GRAPH[self.model])
 
     def graph(self, name: str) -> GraphFile:
         """The graph called ``name``."""
@@ -312,9 +382,12 @@ def _build(data: Any) -> LiveManifest:
     version = _int(data["format_version"], "format_version", 1)
     if version != LIVE_FORMAT:
         raise ValueError(f"format_version {version} is not {LIVE_FORMAT}; re-export")
+    model = _str(data["model"], "model")
+    if model not in LIVE_MODELS:
+        raise ValueError(f"model {model!r} is not one of {LIVE_MODELS}")
     graphs = tuple(_graph(g) for g in data["graphs"])
-    if sorted(g.name for g in graphs) != sorted(GRAPH_NAMES):
-        raise ValueError(f"graphs must be exactly {GRAPH_NAMES}")
+    if sorted(g.name for g in graphs) != sorted(MODEL_GRAPHS[model]):
+        raise ValueError(f"graphs must be exactly {MODEL_GRAPHS[model]}")
     attention = tuple(
         AttentionOutput(
             layer=_str(a["layer"], "attention layer"),
@@ -323,10 +396,11 @@ def _build(data: Any) -> LiveManifest:
         )
         for a in data["attention"]
     )
-    unet_outputs = set(next(g for g in graphs if g.name == "unet").outputs)
-    missing = [a.output for a in attention if a.output not in unet_outputs]
+    denoiser = DENOISER_GRAPH[model]
+    denoiser_outputs = set(next(g for g in graphs if g.name == denoiser).outputs)
+    missing = [a.output for a in attention if a.output not in denoiser_outputs]
     if missing:
-        raise ValueError(f"attention outputs {missing} are not outputs of the unet graph")
+        raise ValueError(f"attention outputs {missing} are not outputs of the {denoiser} graph")
     tok = data["tokenizer"]
     tokenizer = TokenizerFacts(
         vocab=_str_map(tok["vocab"], "vocab", int),
@@ -345,9 +419,56 @@ def _build(data: Any) -> LiveManifest:
     )
     if WORDS_PLACEHOLDER not in tokenizer.unknown_words_template:
         raise ValueError(f"unknown_words_template lacks {WORDS_PLACEHOLDER}")
-    s = data["scheduler"]
-    scheduler = SchedulerFacts(
-        class_name=_str(s["class_name"], "scheduler class_name"),
+    fingerprint = _str(data["fingerprint"], "fingerprint")
+    if not _HEX.match(fingerprint):
+        raise ValueError("fingerprint is not 64 hex digits")
+    return LiveManifest(
+        format_version=version,
+        model=model,  # type: ignore[arg-type]
+        graphs=graphs,
+        attention=attention,
+        latent_channels=_int(data["latent_channels"], "latent_channels", 1),
+        latent_hw=_pair(data["latent_hw"], "latent_hw"),
+        image_hw=_pair(data["image_hw"], "image_hw"),
+        cfg_halves=_strs(data["cfg_halves"], "cfg_halves"),
+        scheduler=_scheduler(data["scheduler"]),
+        tokenizer=tokenizer,
+        text_tail=_int(data["text_tail"], "text_tail"),
+        attention_normalisation=_str(data["attention_normalisation"], "attention_normalisation"),
+        default_steps=_int(data["default_steps"], "default_steps", 1),
+        default_guidance=float(data["default_guidance"]),
+        max_steps=_int(data["max_steps"], "max_steps", 1),
+        preview_decoder=_str(data["preview_decoder"], "preview_decoder"),
+        fingerprint=fingerprint,
+        opset=_int(data["opset"], "opset", 1),
+        versions=_str_map(data["versions"], "versions", str),
+    )
+
+
+def _flow_match(s: Any) -> FlowMatchFacts:
+    terminal = s["shift_terminal"]
+    return FlowMatchFacts(
+        class_name=FLOW_MATCH_EULER,
+        num_train_timesteps=_int(s["num_train_timesteps"], "num_train_timesteps", 1),
+        shift=float(s["shift"]),
+        use_dynamic_shifting=bool(s["use_dynamic_shifting"]),
+        invert_sigmas=bool(s["invert_sigmas"]),
+        shift_terminal=None if terminal is None else float(terminal),
+        use_karras_sigmas=bool(s["use_karras_sigmas"]),
+        use_exponential_sigmas=bool(s["use_exponential_sigmas"]),
+        use_beta_sigmas=bool(s["use_beta_sigmas"]),
+        stochastic_sampling=bool(s["stochastic_sampling"]),
+    )
+
+
+def _scheduler(s: Any) -> SchedulerFacts | FlowMatchFacts:
+    name = _str(s["class_name"], "scheduler class_name")
+    if name == FLOW_MATCH_EULER:
+        return _flow_match(s)
+    if name != DPM_SOLVER:
+        raise ValueError(f"scheduler {name!r} is not one of {(DPM_SOLVER, FLOW_MATCH_EULER)}")
+    return SchedulerFacts(
+        class_name=DPM_SOLVER,
         num_train_timesteps=_int(s["num_train_timesteps"], "num_train_timesteps", 1),
         beta_start=float(s["beta_start"]),
         beta_end=float(s["beta_end"]),
@@ -363,32 +484,12 @@ def _build(data: Any) -> LiveManifest:
         euler_at_final=bool(s["euler_at_final"]),
         final_sigmas_type=_str(s["final_sigmas_type"], "final_sigmas_type"),
     )
-    fingerprint = _str(data["fingerprint"], "fingerprint")
-    if not _HEX.match(fingerprint):
-        raise ValueError("fingerprint is not 64 hex digits")
-    return LiveManifest(
-        format_version=version,
-        model=_str(data["model"], "model"),
-        graphs=graphs,
-        attention=attention,
-        latent_channels=_int(data["latent_channels"], "latent_channels", 1),
-        latent_hw=_pair(data["latent_hw"], "latent_hw"),
-        image_hw=_pair(data["image_hw"], "image_hw"),
-        cfg_halves=_strs(data["cfg_halves"], "cfg_halves"),
-        scheduler=scheduler,
-        tokenizer=tokenizer,
-        default_steps=_int(data["default_steps"], "default_steps", 1),
-        default_guidance=float(data["default_guidance"]),
-        max_steps=_int(data["max_steps"], "max_steps", 1),
-        preview_decoder=_str(data["preview_decoder"], "preview_decoder"),
-        fingerprint=fingerprint,
-        opset=_int(data["opset"], "opset", 1),
-        versions=_str_map(data["versions"], "versions", str),
-    )
 
 
 def live_folder(model: str = "unet") -> Path:
     """The folder of ``model``'s exported graphs."""
+    if model not in LIVE_MODELS:
+        raise ValueError(f"no live export for model {model!r}; choose one of {LIVE_MODELS}")
     return LIVE_DIR / model
 
 

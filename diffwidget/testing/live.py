@@ -44,7 +44,7 @@ class LiveGraphs:
     Parameters
     ----------
     model : str
-        The exported model (``"unet"``).
+        The exported model (``"unet"`` or ``"dit"``).
     folder : Path, optional
         Where the graphs are; the package's folder by default.
     threads : int
@@ -102,7 +102,9 @@ def generate(
         pipe.tokenizer(text, padding="max_length", max_length=length, truncation=True).input_ids
         for text in ("", prompt)
     ]
-    text = graphs.run("text_encoder", input_ids=np.asarray(ids, dtype=np.int64))["text"]
+    # Every output of the text graph is an input of the denoiser's (text, and pooled for the DiT).
+    text = graphs.run("text_encoder", input_ids=np.asarray(ids, dtype=np.int64))
+    denoiser = manifest.denoiser.name
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     family, kind = scheduler_family(scheduler), prediction_type(scheduler)
@@ -114,7 +116,7 @@ def generate(
     for step, t in enumerate(scheduler.timesteps):
         sample = np.concatenate([latent.numpy()] * 2)
         out = graphs.run(
-            "unet", sample=sample, timestep=np.asarray([float(t)], np.float32), text=text
+            denoiser, sample=sample, timestep=np.asarray([float(t)], np.float32), **text
         )
         uncond, cond = out["model_output"]
         guided = uncond + guidance_scale * (cond - uncond)

@@ -4,8 +4,11 @@
 tokenizations by the embedded model's own ``CLIPTokenizer`` (with the caption normaliser and
 the unknown-word check), ``torch.randn`` with a seeded CPU generator, and diffusers'
 ``DPMSolverMultistepScheduler`` built from the shipped config (timesteps, sigmas, and the
-samples of a whole run fed with fixed model outputs). ``tests/models/test_live_golden.py``
-fails when the committed file differs from what this writes.
+samples of a whole run fed with fixed model outputs), and the same for the DiT's
+``FlowMatchEulerDiscreteScheduler`` (as shipped, and with SD3's resolution shift of 3) with
+each step's x̂0 from :func:`diffwidget.tracing.noise.predict_x0`.
+``tests/models/test_live_golden.py`` fails when the committed file differs from what this
+writes.
 """
 
 from __future__ import annotations
@@ -125,6 +128,58 @@ def scheduler_cases(pipe: Any) -> list[dict[str, Any]]:
     return out
 
 
+#: Resolution shifts of the flow-matching runs: the DiT's own (1) and SD3's (3).
+FLOW_SHIFTS: tuple[float, ...] = (1.0, 3.0)
+
+
+def flow_scheduler_cases() -> list[dict[str, Any]]:
+    """The DiT's flow-matching Euler runs: timesteps, sigmas, x̂0 and samples per step."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffwidget.models.loader import DIT_DIR
+    from diffwidget.tracing.noise import (
+        predict_x0,
+        prediction_type,
+        scheduler_family,
+        step_coefficients,
+    )
+
+    shipped = FlowMatchEulerDiscreteScheduler.from_pretrained(DIT_DIR, subfolder="scheduler")
+    out = []
+    for shift in FLOW_SHIFTS:
+        for steps in SCHEDULE_STEPS:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(shipped.config, shift=shift)
+            scheduler.set_timesteps(steps)
+            family, kind = scheduler_family(scheduler), prediction_type(scheduler)
+            generator = torch.Generator("cpu").manual_seed(steps)
+            sample = torch.randn(RUN_SIZE, generator=generator)
+            start = sample.numpy().copy()
+            outputs = torch.randn(steps, RUN_SIZE, generator=generator)
+            samples, x0s = [], []
+            for i, t in enumerate(scheduler.timesteps):
+                c = step_coefficients(scheduler, family, float(t), i)
+                x0 = predict_x0(
+                    sample.numpy(), outputs[i].numpy(), c.alpha, c.sigma, c.input_scale, kind
+                )
+                x0s.append(_round(x0))
+                sample = scheduler.step(outputs[i], t, sample).prev_sample
+                samples.append(_round(sample.numpy()))
+            out.append(
+                {
+                    "shift": shift,
+                    "steps": steps,
+                    "model_timesteps": _round(scheduler.timesteps.numpy()),
+                    "sigmas": _round(scheduler.sigmas.numpy()),
+                    "start": _round(start),
+                    "model_outputs": [_round(o) for o in outputs.numpy()],
+                    "x0": x0s,
+                    "samples": samples,
+                }
+            )
+    return out
+
+
 def golden() -> dict[str, Any]:
     """Everything the fixture holds."""
     from diffwidget.models.loader import load_demo_pipeline
@@ -135,6 +190,7 @@ def golden() -> dict[str, Any]:
         "tokenizer": tokenizer_cases(pipe),
         "noise": noise_cases(),
         "scheduler": scheduler_cases(pipe),
+        "flow_scheduler": flow_scheduler_cases(),
     }
 
 

@@ -1,7 +1,11 @@
-"""The live page: the embedded model generating in the reader's browser (no kernel, no server).
+"""The live page: the embedded models generating in the reader's browser (no kernel, no server).
 
-Two forms of one page (both built from the exported graphs in ``diffwidget/models/live`` and
-the lazily loaded bundle ``static/live.js`` with onnxruntime-web's WebAssembly binary):
+The page runs the embedded UNet, the embedded DiT, or both side by side on one caption
+(``models=("unet", "dit")``: the same caption through cross-attention and DPM-Solver++ and
+through joint attention and flow matching). Only the models a page names are in it, so a
+UNet page does not carry the DiT's weights. Two forms of one page (both built from the
+exported graphs in ``diffwidget/models/live`` and the lazily loaded bundle
+``static/live.js`` with onnxruntime-web's WebAssembly binary):
 
 * :func:`write_live_html`: one offline HTML file with every asset embedded (base64), which
   works opened from ``file://`` and fetches nothing;
@@ -24,13 +28,15 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from diffwidget._markup import Markup, base64_text, escape, markup_join, safe_html
-from diffwidget.explain.attention import PREFERRED_RESOLUTION
+from diffwidget.explain.attention import PREFERRED_RESOLUTION, attention_kind
 from diffwidget.models.live_manifest import (
+    LIVE_MODELS,
     MANIFEST_FILE,
     LiveManifest,
     live_folder,
@@ -49,6 +55,11 @@ LICENCE_FILES = ("LICENSE", "ThirdPartyNotices.txt")
 GZIP_LEVEL = 9
 #: Longest caption accepted for the page (the model reads 14 words; the box holds more).
 MAX_CAPTION_CHARS = 500
+#: What each panel of a page with several models is headed with.
+MODEL_LABELS: dict[str, str] = {
+    "unet": "UNet: cross-attention, DPM-Solver++",
+    "dit": "DiT (MMDiT): joint attention, flow matching",
+}
 
 # The loaders and the asset tags are markup this module writes: Markup, never data.
 _LOADER_EMBEDDED = Markup("""\
@@ -91,11 +102,20 @@ whose WebAssembly build includes the third-party components listed below.</p>
 
 
 @dataclass(frozen=True)
-class LivePageConfig:
-    """What the page's JavaScript reads (``PageConfig`` in ``js/src/live/assets.ts``)."""
+class LiveModelConfig:
+    """One model of the page (``ModelConfig`` in ``js/src/live/assets.ts``)."""
 
     manifest: dict[str, Any]
     facts: dict[str, Any]
+    label: str
+
+
+@dataclass(frozen=True)
+class LivePageConfig:
+    """What the page's JavaScript reads (``PageConfig`` in ``js/src/live/assets.ts``)."""
+
+    #: The models, in the order their panels are shown (assets load in this order).
+    models: tuple[LiveModelConfig, ...]
     prompt: str
     compare: str
     onnxruntime_web: str
@@ -113,24 +133,37 @@ def _check_caption(text: str, what: str) -> str:
     return text
 
 
-def page_facts() -> dict[str, Any]:
+def page_facts(manifest: LiveManifest | None = None) -> dict[str, Any]:
     """The facts the Python side owns that the page's payloads repeat (``PageFacts``).
+
+    Parameters
+    ----------
+    manifest : LiveManifest, optional
+        The model's manifest (the UNet's by default): its attention normalisation picks the
+        colour-scale text and the description (cross-attention or joint-attention share).
 
     Examples
     --------
-    >>> sorted(page_facts())
-    ['function_words', 'normalisation_text', 'preferred_resolution', 'scales']
+    >>> sorted(page_facts())  # doctest: +NORMALIZE_WHITESPACE
+    ['attention_kind', 'function_words', 'normalisation_text', 'preferred_resolution',
+     'scales', 'tail_kind', 'tail_token']
     """
     from diffwidget.tracing.facts import ATTENTION_VALUE
+    from diffwidget.tracing.tokens import EMPTY_TOKEN, empty_tokens
     from diffwidget.widget.concept_overlay import FUNCTION_WORDS
     from diffwidget.widget.reporting import scale_infos
 
+    manifest = manifest if manifest is not None else load_live_manifest("unet", check_files=False)
+    normalisation = manifest.attention_normalisation
     return {
-        # The live models are the embedded UNet's: cross-attention over the text.
-        "scales": scale_infos(ATTENTION_VALUE["text_softmax"]),
+        "scales": scale_infos(ATTENTION_VALUE[normalisation]),
         "function_words": sorted(FUNCTION_WORDS),
-        "normalisation_text": NORMALISATION_TEXT["text_softmax"],
+        "attention_kind": attention_kind(normalisation),
+        "normalisation_text": NORMALISATION_TEXT[normalisation],
         "preferred_resolution": PREFERRED_RESOLUTION,
+        # How a trace shows the all-zero positions of an absent T5 (the DiT's text tail).
+        "tail_token": EMPTY_TOKEN,
+        "tail_kind": empty_tokens(1).kinds[0],
     }
 
 
@@ -150,26 +183,69 @@ def _require_bundle() -> None:
         )
 
 
-def live_config(prompt: str = "", compare: str = "", model: str = "unet") -> LivePageConfig:
-    """The page's config: the manifest (files checked), the facts, the first captions.
+def check_models(models: str | Sequence[str]) -> tuple[str, ...]:
+    """The page's models as a tuple: known, each once, at least one.
+
+    Examples
+    --------
+    >>> check_models("dit"), check_models(["unet", "dit"])
+    (('dit',), ('unet', 'dit'))
+    """
+    chosen = (models,) if isinstance(models, str) else tuple(models)
+    unknown = [m for m in chosen if m not in LIVE_MODELS]
+    if not chosen or unknown or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"models must name each of {LIVE_MODELS} at most once (at least one), got {chosen}"
+        )
+    return chosen
+
+
+def live_config(
+    prompt: str = "", compare: str = "", models: str | Sequence[str] = "unet"
+) -> LivePageConfig:
+    """The page's config: each model's manifest (files checked) and facts, the captions.
 
     Examples
     --------
     >>> live_config("a red circle").prompt
     'a red circle'
+    >>> [m.label for m in live_config(models=("unet", "dit")).models]
+    ['UNet: cross-attention, DPM-Solver++', 'DiT (MMDiT): joint attention, flow matching']
     """
-    manifest = load_live_manifest(model)
+    configs = []
+    for model in check_models(models):
+        manifest = load_live_manifest(model)
+        configs.append(
+            LiveModelConfig(manifest.to_json(), page_facts(manifest), MODEL_LABELS[model])
+        )
     return LivePageConfig(
-        manifest=manifest.to_json(),
-        facts=page_facts(),
+        models=tuple(configs),
         prompt=_check_caption(prompt, "prompt") or EXAMPLE_CAPTIONS[0],
         compare=_check_caption(compare, "compare"),
         onnxruntime_web=runtime_version(),
     )
 
 
-def _asset_files(manifest: LiveManifest, model: str) -> dict[str, Path]:
-    files = {g.file: live_folder(model) / g.file for g in manifest.graphs}
+def asset_files(models: str | Sequence[str] = "unet") -> dict[str, Path]:
+    """Every file the page loads, by the name the page asks for (``assets.ts`` ``assetName``).
+
+    A graph is named ``<model>/<file>``; bytes an earlier model of the page already has
+    (same SHA-256: the DiT shares the UNet's decoders) are not shipped again, the page
+    reuses them.
+
+    Examples
+    --------
+    >>> sorted(asset_files(("unet", "dit")))  # doctest: +NORMALIZE_WHITESPACE
+    ['dit/text_encoder.onnx', 'dit/transformer.onnx', 'ort-wasm-simd-threaded.wasm',
+     'unet/preview.onnx', 'unet/text_encoder.onnx', 'unet/unet.onnx', 'unet/vae.onnx']
+    """
+    files: dict[str, Path] = {}
+    seen: set[str] = set()
+    for model in check_models(models):
+        for graph in load_live_manifest(model, check_files=False).graphs:
+            if graph.sha256 not in seen:
+                seen.add(graph.sha256)
+                files[f"{model}/{graph.file}"] = live_folder(model) / graph.file
     files[WASM_FILE] = STATIC / WASM_FILE
     return files
 
@@ -212,7 +288,7 @@ def write_live_html(
     prompt: str = "",
     compare: str = "",
     title: str | None = None,
-    model: str = "unet",
+    models: str | Sequence[str] = "unet",
 ) -> Path:
     """Write the live page as one offline HTML file (every asset embedded).
 
@@ -226,8 +302,8 @@ def write_live_html(
         A second caption side by side on one slider ("" = off until the reader asks).
     title : str, optional
         Page title.
-    model : {"unet"}
-        The exported embedded model.
+    models : {"unet", "dit"} or a sequence of them
+        The embedded models, side by side on each caption in this order.
 
     Returns
     -------
@@ -238,9 +314,8 @@ def write_live_html(
     --------
     >>> write_live_html("live.html", prompt="a small blue square at the top")  # doctest: +SKIP
     """
-    config = live_config(prompt, compare, model)
-    manifest = load_live_manifest(model, check_files=False)
-    assets = [_asset_tag(name, file) for name, file in _asset_files(manifest, model).items()]
+    config = live_config(prompt, compare, models)
+    assets = [_asset_tag(name, file) for name, file in asset_files(models).items()]
     assets.append(
         safe_html(
             '<script type="application/octet-stream" id="diffwidget-live-module">'
@@ -262,9 +337,11 @@ def write_live_folder(
     prompt: str = "",
     compare: str = "",
     title: str | None = None,
-    model: str = "unet",
+    models: str | Sequence[str] = "unet",
 ) -> Path:
     """Write the live page as a folder for a static web host (``index.html`` and its assets).
+
+    Graphs go into one sub-folder per model (``unet/``, ``dit/``) with its ``manifest.json``.
 
     Returns
     -------
@@ -275,13 +352,14 @@ def write_live_folder(
     --------
     >>> write_live_folder("course/diffusion")  # doctest: +SKIP
     """
-    config = live_config(prompt, compare, model)
-    manifest = load_live_manifest(model, check_files=False)
+    config = live_config(prompt, compare, models)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, file in _asset_files(manifest, model).items():
+    for model in check_models(models):
+        (folder / model).mkdir(exist_ok=True)
+        shutil.copyfile(live_folder(model) / MANIFEST_FILE, folder / model / MANIFEST_FILE)
+    for name, file in asset_files(models).items():
         shutil.copyfile(file, folder / name)
-    shutil.copyfile(live_folder(model) / MANIFEST_FILE, folder / MANIFEST_FILE)
     shutil.copyfile(LIVE_JS, folder / LIVE_JS.name)
     licences = folder / "licenses" / "onnxruntime-web"
     licences.mkdir(parents=True, exist_ok=True)

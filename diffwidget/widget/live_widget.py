@@ -17,14 +17,14 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import anywidget
 import ipywidgets
 import traitlets
 
-from diffwidget.models.live_manifest import live_folder, load_live_manifest
-from diffwidget.widget.live import LIVE_JS, STATIC, WASM_FILE, live_config
+from diffwidget.widget.live import LIVE_JS, asset_files, check_models, live_config
 
 _MISSING = "export default { render({ el }) { el.textContent = 'the live bundle is not built'; } };"
 
@@ -42,12 +42,9 @@ class LiveWidget(anywidget.AnyWidget):
     assets = traitlets.Dict().tag(sync=True)
 
 
-def live_assets(model: str = "unet") -> dict[str, bytes]:
+def live_assets(models: str | Sequence[str] = "unet") -> dict[str, bytes]:
     """Every file the page loads, by name (the graphs and the WebAssembly binary)."""
-    manifest = load_live_manifest(model)
-    files = {g.file: (live_folder(model) / g.file).read_bytes() for g in manifest.graphs}
-    files[WASM_FILE] = (STATIC / WASM_FILE).read_bytes()
-    return files
+    return {name: path.read_bytes() for name, path in asset_files(models).items()}
 
 
 class LiveExplorer:
@@ -59,9 +56,11 @@ class LiveExplorer:
         The caption generated first (default: an example caption).
     compare : str
         A second caption side by side on one slider ("" = off until the reader asks).
+    models : {"unet", "dit"} or a sequence of them
+        The embedded models, side by side on each caption (``("unet", "dit")``: both).
     pipe : diffusers pipeline, optional
-        For the kernel fallback when the page forbids WebAssembly (default: the embedded
-        UNet, loaded on first need).
+        For the kernel fallback when the page forbids WebAssembly (default: the page's first
+        embedded model, loaded on first need).
 
     Attributes
     ----------
@@ -74,11 +73,19 @@ class LiveExplorer:
     >>> LiveExplorer("a large red circle on the left")  # doctest: +SKIP
     """
 
-    def __init__(self, prompt: str = "", compare: str = "", *, pipe: Any = None) -> None:
-        config = live_config(prompt, compare)
+    def __init__(
+        self,
+        prompt: str = "",
+        compare: str = "",
+        *,
+        models: str | Sequence[str] = "unet",
+        pipe: Any = None,
+    ) -> None:
+        config = live_config(prompt, compare, models)
         self.config = config
+        self.models = check_models(models)
         self.pipe = pipe
-        self.widget = LiveWidget(config=config.to_json(), assets=live_assets())
+        self.widget = LiveWidget(config=config.to_json(), assets=live_assets(self.models))
         self.output = ipywidgets.Output()
         self.box = ipywidgets.VBox([self.widget, self.output])
         self.fallback_reason = ""
@@ -97,7 +104,7 @@ class LiveExplorer:
 
         self.fallback_reason = reason or "WebAssembly is not available in this page"
         if self.pipe is None:
-            self.pipe = load_demo_pipeline("unet")
+            self.pipe = load_demo_pipeline(self.models[0])  # type: ignore[arg-type]
         record = trace(self.pipe, self.config.prompt, seed=0)
         self.fallback_explorer = Explorer(record, pipe=self.pipe)
         with self.output:

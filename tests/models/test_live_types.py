@@ -28,6 +28,7 @@ def ts_fields(path: Path, name: str) -> set[str]:
         live_manifest.AttentionOutput,
         live_manifest.TokenizerFacts,
         live_manifest.SchedulerFacts,
+        live_manifest.FlowMatchFacts,
         live_manifest.LiveManifest,
     ],
 )
@@ -37,8 +38,10 @@ def test_manifest_records_match_their_typescript_interfaces(record) -> None:
 
 
 def test_page_config_and_facts_match() -> None:
-    from diffwidget.widget.live import LivePageConfig, page_facts
+    from diffwidget.widget.live import LiveModelConfig, LivePageConfig, page_facts
 
     config = {f.name for f in dataclasses.fields(LivePageConfig)}
     assert ts_fields(JS / "live" / "assets.ts", "PageConfig") == config
+    model = {f.name for f in dataclasses.fields(LiveModelConfig)}
+    assert ts_fields(JS / "live" / "assets.ts", "ModelConfig") == model
     assert ts_fields(JS / "live" / "payloads.ts", "PageFacts") == set(page_facts())

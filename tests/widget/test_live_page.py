@@ -37,13 +37,15 @@ def test_the_single_file_embeds_every_asset_byte_for_byte(tmp_path: Path) -> Non
     embedded = dict(
         re.findall(r'data-file="([^"]+)" data-encoding="gzip">([A-Za-z0-9+/=]+)</script>', page)
     )
-    assert sorted(embedded) == sorted([g.file for g in manifest.graphs] + [live.WASM_FILE])
-    for graph in manifest.graphs:
-        raw = gzip.decompress(base64.b64decode(embedded[graph.file]))
+    names = [f"unet/{g.file}" for g in manifest.graphs]
+    assert sorted(embedded) == sorted([*names, live.WASM_FILE])
+    for graph, name in zip(manifest.graphs, names, strict=True):
+        raw = gzip.decompress(base64.b64decode(embedded[name]))
         assert raw == (live.live_folder("unet") / graph.file).read_bytes()
     config = _config(page)
     assert config["prompt"] == "a red circle on the left"
-    assert config["manifest"]["fingerprint"] == manifest.fingerprint
+    [model] = config["models"]
+    assert model["manifest"]["fingerprint"] == manifest.fingerprint
     assert "ThirdPartyNotices.txt" in page
     assert "MIT License" in page
     # No address outside the page: nothing is fetched.
@@ -53,6 +55,28 @@ def test_the_single_file_embeds_every_asset_byte_for_byte(tmp_path: Path) -> Non
 def test_the_page_fits_the_download_budget(tmp_path: Path) -> None:
     path = live.write_live_html(tmp_path / "page.html")
     assert len(gzip.compress(path.read_bytes(), 6)) <= GZIP_BUDGET
+    assert "transformer.onnx" not in path.read_text()  # the DiT only where a page asks for it
+
+
+def test_a_page_with_both_models_ships_the_shared_decoders_once(tmp_path: Path) -> None:
+    path = live.write_live_html(tmp_path / "both.html", models=("unet", "dit"))
+    page = path.read_text()
+    embedded = re.findall(r'data-file="([^"]+)" data-encoding="gzip">', page)
+    unet, dit = load_live_manifest("unet"), load_live_manifest("dit")
+    shared = {g.sha256 for g in unet.graphs} & {g.sha256 for g in dit.graphs}
+    assert shared, "the DiT's decoders are the UNet's (one VAE, one preview decoder)"
+    assert len(embedded) == len(unet.graphs) + len(dit.graphs) - len(shared) + 1
+    assert "dit/transformer.onnx" in embedded
+    assert "dit/vae.onnx" not in embedded
+    config = _config(page)
+    assert [m["manifest"]["model"] for m in config["models"]] == ["unet", "dit"]
+    dit_facts = config["models"][1]["facts"]
+    assert dit_facts["attention_kind"] == "Joint-attention"
+    assert config["models"][0]["facts"]["attention_kind"] == "Cross-attention"
+    with pytest.raises(ValueError, match="at most once"):
+        live.live_config(models=("dit", "dit"))
+    with pytest.raises(ValueError, match="at most once"):
+        live.live_config(models=("sdxl",))
 
 
 def test_a_caption_cannot_end_the_script_element(tmp_path: Path) -> None:
@@ -72,9 +96,11 @@ def test_captions_are_checked(tmp_path: Path) -> None:
 
 def test_the_folder_holds_the_page_and_its_files(tmp_path: Path) -> None:
     index = live.write_live_folder(tmp_path / "site", compare="a blue square at the top")
-    names = {p.name for p in index.parent.iterdir()}
+    names = {p.relative_to(index.parent).as_posix() for p in index.parent.rglob("*")}
     manifest = load_live_manifest()
-    assert {g.file for g in manifest.graphs} | {"index.html", "live.js", live.WASM_FILE} <= names
+    graphs = {f"unet/{g.file}" for g in manifest.graphs}
+    assert graphs | {"index.html", "live.js", live.WASM_FILE, "unet/manifest.json"} <= names
+    assert not any(name.startswith("dit") for name in names)
     assert (index.parent / "licenses" / "onnxruntime-web" / "ThirdPartyNotices.txt").is_file()
     page = index.read_text()
     assert 'from "./live.js"' in page
@@ -95,12 +121,23 @@ def test_cli_writes_the_live_file_and_folder(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "site" / "index.html").is_file()
     assert cli.main(["export", "--live", "--folder", str(tmp_path / "site")]) == 2
     assert "--force" in capsys.readouterr().err
+    both = tmp_path / "both.html"
+    assert (
+        cli.main(["export", "--live", "a red circle", "--model", "unet", "dit", "-o", str(both)])
+        == 0
+    )
+    assert [m["label"] for m in _config(both.read_text())["models"]] == [
+        live.MODEL_LABELS["unet"],
+        live.MODEL_LABELS["dit"],
+    ]
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["export", "--live", "--model", "dit"], "not exported for the browser"),
+        (["export", "--live", "--model", "sdxl"], "--model takes unet and/or dit"),
+        (["export", "--live", "--model", "dit", "dit"], "--model takes unet and/or dit"),
+        (["export", "a red circle", "--model", "unet", "dit"], "one model to trace"),
         (["export", "--live", "--overlay", "df_rise", "--step", "1"], "need the kernel"),
         (["export", "--folder", "x"], "belong to --live"),
         (["export"], "pass a caption"),

@@ -4,7 +4,7 @@
  * Nothing else is ever requested.
  */
 import type { GraphName, LiveManifest } from "./manifest";
-import { checkManifest, GRAPH_NAMES } from "./manifest";
+import { checkManifest, modelGraphs } from "./manifest";
 import type { PageFacts } from "./payloads";
 import type { LiveAssets } from "./runtime";
 
@@ -86,29 +86,56 @@ async function sha256(bytes: Uint8Array): Promise<string | null> {
   return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Load and check every asset the runtime needs. */
-export async function loadAssets(source: AssetSource, manifestData: unknown): Promise<LiveAssets> {
-  const manifest: LiveManifest = checkManifest(manifestData);
-  const graphs = {} as Record<GraphName, Uint8Array>;
-  for (const name of GRAPH_NAMES) {
-    const graph = manifest.graphs.find((g) => g.name === name);
-    if (!graph) throw new Error(`the manifest has no ${name} graph`);
-    const bytes = await source.bytes(graph.file);
-    const digest = await sha256(bytes);
-    if (bytes.length !== graph.bytes || (digest !== null && digest !== graph.sha256)) {
-      throw new Error(`${graph.file} is damaged (size or SHA-256 differs from the manifest)`);
-    }
-    graphs[name] = bytes;
-  }
+/** The name a model's graph file has in the page (widget/live.py `asset_files`). */
+export function assetName(manifest: LiveManifest, file: string): string {
+  return `${manifest.model}/${file}`;
+}
+
+/**
+ * Load and check every asset the models need, in order. Bytes an earlier model already
+ * loaded (same SHA-256 in its manifest: the DiT shares the UNet's decoders) are reused and
+ * not asked for again, as the page ships them once.
+ */
+export async function loadAssets(
+  source: AssetSource,
+  manifestData: unknown[],
+): Promise<LiveAssets[]> {
+  const manifests: LiveManifest[] = manifestData.map(checkManifest);
+  const loaded = new Map<string, Uint8Array>();
   const wasm = await source.bytes(WASM_FILE);
   const buffer = wasm.buffer.slice(wasm.byteOffset, wasm.byteOffset + wasm.byteLength);
-  return { manifest, graphs, wasm: buffer as ArrayBuffer };
+  const out: LiveAssets[] = [];
+  for (const manifest of manifests) {
+    const graphs: Partial<Record<GraphName, Uint8Array>> = {};
+    for (const name of modelGraphs(manifest.model)) {
+      const graph = manifest.graphs.find((g) => g.name === name);
+      if (!graph) throw new Error(`the manifest has no ${name} graph`);
+      const known = loaded.get(graph.sha256);
+      const bytes = known ?? (await source.bytes(assetName(manifest, graph.file)));
+      const digest = known ? graph.sha256 : await sha256(bytes);
+      if (bytes.length !== graph.bytes || (digest !== null && digest !== graph.sha256)) {
+        throw new Error(`${graph.file} is damaged (size or SHA-256 differs from the manifest)`);
+      }
+      loaded.set(graph.sha256, bytes);
+      graphs[name] = bytes;
+    }
+    out.push({ manifest, graphs, wasm: buffer as ArrayBuffer });
+  }
+  return out;
+}
+
+/** One model of the page (widget/live.py LiveModelConfig). */
+export interface ModelConfig {
+  manifest: unknown;
+  facts: PageFacts;
+  /** Heading of the model's panels when the page shows several models. */
+  label: string;
 }
 
 /** What the Python side embeds beside the assets. */
 export interface PageConfig {
-  manifest: unknown;
-  facts: PageFacts;
+  /** The models, in the order their panels are shown. */
+  models: ModelConfig[];
   /** Caption shown (and generated) first. */
   prompt: string;
   /** A second caption for the side-by-side comparison ("" = off). */

@@ -5,8 +5,18 @@
  */
 
 export const LIVE_FORMAT = 1;
-export const GRAPH_NAMES = ["text_encoder", "unet", "preview", "vae"] as const;
+export const GRAPH_NAMES = ["text_encoder", "unet", "transformer", "preview", "vae"] as const;
 export type GraphName = (typeof GRAPH_NAMES)[number];
+/** The denoiser graph of each exported model (live_manifest.py DENOISER_GRAPH). */
+export const DENOISER_GRAPH = { unet: "unet", dit: "transformer" } as const;
+export type LiveModelName = keyof typeof DENOISER_GRAPH;
+export const DPM_SOLVER = "DPMSolverMultistepScheduler";
+export const FLOW_MATCH_EULER = "FlowMatchEulerDiscreteScheduler";
+
+/** The graphs a model's export holds. */
+export function modelGraphs(model: LiveModelName): GraphName[] {
+  return ["text_encoder", DENOISER_GRAPH[model], "preview", "vae"];
+}
 
 export interface GraphFile {
   name: GraphName;
@@ -40,7 +50,7 @@ export interface TokenizerFacts {
 }
 
 export interface SchedulerFacts {
-  class_name: string;
+  class_name: typeof DPM_SOLVER;
   num_train_timesteps: number;
   beta_start: number;
   beta_end: number;
@@ -57,17 +67,35 @@ export interface SchedulerFacts {
   final_sigmas_type: string;
 }
 
+/** FlowMatchEulerDiscreteScheduler's config (the DiT's). */
+export interface FlowMatchFacts {
+  class_name: typeof FLOW_MATCH_EULER;
+  num_train_timesteps: number;
+  shift: number;
+  use_dynamic_shifting: boolean;
+  invert_sigmas: boolean;
+  shift_terminal: number | null;
+  use_karras_sigmas: boolean;
+  use_exponential_sigmas: boolean;
+  use_beta_sigmas: boolean;
+  stochastic_sampling: boolean;
+}
+
 export interface LiveManifest {
   format_version: number;
-  model: string;
+  model: LiveModelName;
   graphs: GraphFile[];
   attention: AttentionOutput[];
   latent_channels: number;
   latent_hw: [number, number];
   image_hw: [number, number];
   cfg_halves: string[];
-  scheduler: SchedulerFacts;
+  scheduler: SchedulerFacts | FlowMatchFacts;
   tokenizer: TokenizerFacts;
+  /** All-zero text positions after the tokenizer's (the DiT's absent T5; 0 for the UNet). */
+  text_tail: number;
+  /** "text_softmax" (cross-attention) or "joint_share" (MMDiT joint attention). */
+  attention_normalisation: string;
   default_steps: number;
   default_guidance: number;
   max_steps: number;
@@ -106,8 +134,9 @@ export function checkManifest(data: unknown): LiveManifest {
   if (typeof data !== "object" || data === null) fail("not an object");
   const m = data as LiveManifest;
   if (m.format_version !== LIVE_FORMAT) fail(`format_version is not ${LIVE_FORMAT}`);
+  if (!Object.hasOwn(DENOISER_GRAPH, str(m.model, "model"))) fail("model");
   if (!Array.isArray(m.graphs)) fail("graphs must be a list");
-  for (const name of GRAPH_NAMES) {
+  for (const name of modelGraphs(m.model)) {
     const graph = m.graphs.find((g) => g.name === name);
     if (!graph) fail(`graph ${name} is missing`);
     if (!/^[\w-]+\.onnx$/.test(str(graph.file, "graph file"))) fail("graph file name");
@@ -117,12 +146,17 @@ export function checkManifest(data: unknown): LiveManifest {
   pair(m.latent_hw, "latent_hw");
   pair(m.image_hw, "image_hw");
   int(m.latent_channels, "latent_channels", 1, 64);
-  const unet = m.graphs.find((g) => g.name === "unet") as GraphFile;
+  const denoiser = m.graphs.find((g) => g.name === DENOISER_GRAPH[m.model]) as GraphFile;
   if (!Array.isArray(m.attention)) fail("attention must be a list");
   for (const a of m.attention) {
     pair(a.grid, "attention grid");
-    if (!unet.outputs.includes(str(a.output, "attention output"))) fail("attention output");
+    if (!denoiser.outputs.includes(str(a.output, "attention output"))) fail("attention output");
   }
+  int(m.text_tail, "text_tail", 0, MAX_SIDE);
+  str(m.attention_normalisation, "attention_normalisation");
+  if (typeof m.scheduler !== "object" || m.scheduler === null) fail("scheduler");
+  const scheduler = str(m.scheduler.class_name, "scheduler class_name");
+  if (scheduler !== DPM_SOLVER && scheduler !== FLOW_MATCH_EULER) fail("scheduler class_name");
   const t = m.tokenizer;
   if (typeof t !== "object" || t === null) fail("tokenizer");
   int(t.max_length, "max_length", 2, MAX_SIDE);

@@ -2,12 +2,20 @@
  * The live page for students: a caption box first; seed, guidance and step count as controls
  * that regenerate at once; the denoising as a strip of steps above the explorer (slider,
  * token chips, one overlay at a time); the explorer's long captions folded to one line (a
- * click unfolds them); an optional second caption side by side on the same slider.
+ * click unfolds them); an optional second caption side by side on the same slider. A page
+ * with several models (the UNet and the DiT) shows each caption through each model side by
+ * side, each model at its own guidance scale.
  */
 import { mount } from "../index";
 import { LocalModel } from "../local_model";
 import { type Cleanup, h } from "../model";
-import { type AssetSource, loadAssets, type PageConfig, wasmProblem } from "./assets";
+import {
+  type AssetSource,
+  loadAssets,
+  type ModelConfig,
+  type PageConfig,
+  wasmProblem,
+} from "./assets";
 import { attentionGrid, stateFromRun } from "./payloads";
 import { type GenerateRequest, type LiveModel, type LiveRun, LiveModel as Model } from "./runtime";
 
@@ -37,9 +45,13 @@ export const PAGE_STYLES = `
 .dwl-panel.dwl-unfolded .dw-caption { display: block; }
 .dwl-panel.dwl-unfolded .dw-caption::before { content: "▾ "; }
 .dwl-licences { margin-top: 24px; font-size: 12px; color: #555; }
+.dwl-model { font-weight: 600; margin: 4px 0; }
 `;
 
 interface Panel {
+  /** Which caption box (0, or 1 for the comparison) and which model of the page. */
+  caption: number;
+  modelIndex: number;
   input: HTMLInputElement;
   warning: HTMLElement;
   strip: HTMLElement;
@@ -52,7 +64,9 @@ interface Panel {
 
 /** What tests and the benchmark read from `window.diffwidgetLive`. */
 export interface LiveHandle {
+  /** The page's first model (`models[0]`). */
   model: LiveModel | null;
+  models: LiveModel[];
   ready: Promise<void>;
   /** Generate the captions in the boxes now; resolves with the runs. */
   generate(): Promise<LiveRun[]>;
@@ -61,7 +75,7 @@ export interface LiveHandle {
   firstImageMs: number;
   /** The same moment in milliseconds since navigation started (performance.now()). */
   firstImageAt: number;
-  /** Milliseconds from start() until the model was ready (assets decoded, sessions made). */
+  /** Milliseconds from start() until the models were ready (assets decoded, sessions made). */
   loadMs: number;
   /** Milliseconds from start() until the assets were decoded and checked. */
   assetsMs: number;
@@ -113,10 +127,17 @@ function rangeInput(label: string, value: number, min: number, max: number, step
   return { wrap, input };
 }
 
-/** Build the page in `root` and start loading the model; returns the handle tests read. */
+interface Defaults {
+  default_steps?: number;
+  default_guidance?: number;
+}
+
+/** Build the page in `root` and start loading the models; returns the handle tests read. */
 export function startPage(root: HTMLElement, source: AssetSource, config: PageConfig): LiveHandle {
   const started = performance.now();
-  const manifest = config.manifest as { default_steps?: number; default_guidance?: number };
+  const models: ModelConfig[] = Array.isArray(config.models) ? config.models : [];
+  const several = models.length > 1;
+  const first = (models[0]?.manifest ?? {}) as Defaults;
   const style = document.createElement("style");
   style.textContent = PAGE_STYLES;
   const page = h("div", "dwl-root");
@@ -127,30 +148,44 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
   const button = h("button", "dwl-generate", "Generate");
   button.type = "button";
   const seed = numberInput("seed", 0, 0, 2 ** 32 - 1, 1);
-  const guidance = rangeInput("guidance", manifest.default_guidance ?? 3, 1.5, 10, 0.5);
-  const steps = rangeInput("steps", manifest.default_steps ?? 20, 1, MAX_STEPS_CONTROL, 1);
+  // Each model at its own recommended guidance scale (one slider per model).
+  const guidances = models.map((m) =>
+    rangeInput(
+      several ? `guidance (${m.label.split(":")[0]})` : "guidance",
+      (m.manifest as Defaults).default_guidance ?? 3,
+      1.5,
+      10,
+      0.5,
+    ),
+  );
+  const steps = rangeInput("steps", first.default_steps ?? 20, 1, MAX_STEPS_CONTROL, 1);
   const compare = h("label", "dwl-control", "compare a second caption");
   const compareBox = h("input", "dwl-compare");
   compareBox.type = "checkbox";
   compareBox.checked = config.compare !== "";
   compare.prepend(compareBox);
   const controls = h("div", "dwl-controls");
-  controls.append(seed.wrap, guidance.wrap, steps.wrap, compare);
+  controls.append(seed.wrap, ...guidances.map((g) => g.wrap), steps.wrap, compare);
   const panelsEl = h("div", "dwl-panels");
   page.append(captions, controls, status, panelsEl);
   root.append(style, page);
 
-  const makePanel = (text: string): Panel => {
+  const makeInput = (text: string): HTMLInputElement => {
     const input = h("input", "dwl-caption-input");
     input.type = "text";
     input.value = text;
     input.placeholder = "type a caption, e.g. a large red circle on the left";
     input.setAttribute("aria-label", "caption");
+    return input;
+  };
+  const inputs = [makeInput(config.prompt), makeInput(config.compare || config.prompt)];
+  const makePanel = (caption: number, modelIndex: number): Panel => {
     const element = h("div", "dwl-panel");
     const warning = h("div", "dwl-warning");
     const strip = h("div", "dwl-strip");
     strip.setAttribute("aria-label", "denoising steps");
     const host = h("div", "dwl-explorer");
+    if (several) element.append(h("div", "dwl-model", models[modelIndex].label));
     element.append(warning, strip, host);
     // One click on the explorer's caption unfolds or folds it.
     host.addEventListener("click", (event) => {
@@ -158,20 +193,33 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
         element.classList.toggle("dwl-unfolded");
       }
     });
-    return { input, warning, strip, host, element, model: null, cleanup: null, run: null };
+    const input = inputs[caption];
+    return {
+      caption,
+      modelIndex,
+      input,
+      warning,
+      strip,
+      host,
+      element,
+      model: null,
+      cleanup: null,
+      run: null,
+    };
   };
-  const panels = [makePanel(config.prompt), makePanel(config.compare || config.prompt)];
-  captions.append(panels[0].input, button, panels[1].input);
+  const panels = [0, 1].flatMap((caption) => models.map((_, m) => makePanel(caption, m)));
+  captions.append(inputs[0], button, inputs[1]);
   for (const p of panels) panelsEl.appendChild(p.element);
   const showCompare = (): void => {
     const on = compareBox.checked;
-    panels[1].input.hidden = !on;
-    panels[1].element.hidden = !on;
+    inputs[1].hidden = !on;
+    for (const p of panels) if (p.caption === 1) p.element.hidden = !on;
   };
   showCompare();
 
   const handle: LiveHandle = {
     model: null,
+    models: [],
     ready: Promise.resolve(),
     generate: async () => [],
     panels,
@@ -187,26 +235,29 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
     status.className = "dwl-status dwl-error";
     button.disabled = true;
   };
-  const problem = wasmProblem();
+  const problem = models.length === 0 ? "the page names no model" : wasmProblem();
   if (problem) {
     fail(problem);
     return handle;
   }
 
+  // Every shown panel follows the step of the one the reader moves.
   const linkSteps = (): void => {
-    const [a, b] = panels.map((p) => p.model);
-    if (!a || !b || panels[1].element.hidden) return;
-    const follow = (from: LocalModel, to: LocalModel) => () => {
-      const step = Math.min(from.get("step"), to.get("timesteps").length - 1);
-      if (to.get("step") !== step) to.set("step", step);
-    };
-    a.on("change:step", follow(a, b));
-    b.on("change:step", follow(b, a));
+    const shown = panels.flatMap((p) => (p.model && !p.element.hidden ? [p.model] : []));
+    for (const from of shown) {
+      from.on("change:step", () => {
+        for (const to of shown) {
+          if (to === from) continue;
+          const step = Math.min(from.get("step"), to.get("timesteps").length - 1);
+          if (to.get("step") !== step) to.set("step", step);
+        }
+      });
+    }
   };
 
   const showRun = (panel: Panel, model: LiveModel, run: LiveRun): void => {
     panel.cleanup?.();
-    const state = stateFromRun(run, model.manifest, config.facts);
+    const state = stateFromRun(run, model.manifest, models[panel.modelIndex].facts);
     panel.model = new LocalModel(state);
     panel.run = run;
     panel.cleanup = mount(panel.model.asModel(), panel.host);
@@ -235,17 +286,17 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
 
   let generation = 0;
   const generate = async (): Promise<LiveRun[]> => {
-    const model = handle.model;
-    if (!model) return [];
+    if (handle.models.length === 0) return [];
     const mine = ++generation;
     const active = panels.filter((p) => !p.element.hidden);
     const runs: LiveRun[] = [];
     for (const panel of active) {
+      const model = handle.models[panel.modelIndex];
       const request: GenerateRequest = {
         prompt: panel.input.value,
         seed: Number(seed.input.value),
         steps: Number(steps.input.value),
-        guidance: Number(guidance.input.value),
+        guidance: Number(guidances[panel.modelIndex].input.value),
       };
       const problem = model.problem(request);
       if (problem) {
@@ -284,12 +335,12 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
     timer = window.setTimeout(() => void generate().catch((e) => fail(String(e))), DEBOUNCE_MS);
   };
   button.addEventListener("click", () => void generate().catch((e) => fail(String(e))));
-  for (const p of panels) {
-    p.input.addEventListener("keydown", (event) => {
+  for (const input of inputs) {
+    input.addEventListener("keydown", (event) => {
       if (event.key === "Enter") void generate().catch((e) => fail(String(e)));
     });
   }
-  for (const input of [seed.input, guidance.input, steps.input])
+  for (const input of [seed.input, ...guidances.map((g) => g.input), steps.input])
     input.addEventListener("change", later);
   compareBox.addEventListener("change", () => {
     showCompare();
@@ -298,9 +349,18 @@ export function startPage(root: HTMLElement, source: AssetSource, config: PageCo
 
   handle.ready = (async () => {
     try {
-      const assets = await loadAssets(source, config.manifest);
+      const assets = await loadAssets(
+        source,
+        models.map((m) => m.manifest),
+      );
       handle.assetsMs = performance.now() - started;
-      handle.model = await Model.create(assets);
+      for (const [i, a] of assets.entries()) {
+        const facts = models[i].facts;
+        handle.models.push(
+          await Model.create(a, { string: facts.tail_token, kind: facts.tail_kind }),
+        );
+      }
+      handle.model = handle.models[0];
       handle.loadMs = performance.now() - started;
       await generate();
     } catch (error) {

@@ -9,15 +9,21 @@ import type { ArrayPayload, CurveSeries, GridData, ScaleInfo, WidgetState } from
 import type { LiveManifest } from "./manifest";
 import type { LiveRun } from "./runtime";
 import { roundHalfEven } from "./scheduler";
+import type { TokenKind } from "./tokenizer";
 
 /** Facts the Python side owns, handed to the page with the assets. */
 export interface PageFacts {
   scales: Record<string, ScaleInfo>;
   function_words: string[];
-  /** NORMALISATION_TEXT["text_softmax"] of diffwidget/tracing/trace.py. */
+  /** explain/attention.py attention_kind: "Cross-attention" or "Joint-attention". */
+  attention_kind: string;
+  /** NORMALISATION_TEXT of the model's normalisation (diffwidget/tracing/facts.py). */
   normalisation_text: string;
   /** AttentionMaps' preferred layer grid ("auto" resolution). */
   preferred_resolution: number;
+  /** How a trace shows the all-zero text positions of an absent T5 (tracing/tokens.py). */
+  tail_token: string;
+  tail_kind: TokenKind;
 }
 
 const UINT8_MAX = 255;
@@ -157,7 +163,7 @@ export function aggregateAttention(run: LiveRun, m: LiveManifest, facts: PageFac
   const count = chosen.length;
   const grids = new Set(chosen.map((a) => `${a.grid[0]}×${a.grid[1]}`)).size;
   const description =
-    `Cross-attention probability (${facts.normalisation_text}), conditional CFG half, ` +
+    `${facts.attention_kind} probability (${facts.normalisation_text}), conditional CFG half, ` +
     `mean over heads, mean of ${count} layer${count !== 1 ? "s" : ""} (grids ${gridsText(chosen)}) ` +
     `${gridPhrase([h, w], grids)}; all ${n} steps, one map per step`;
   return {

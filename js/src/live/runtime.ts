@@ -1,20 +1,27 @@
 /**
- * One generation in the page: tokenizer, seeded noise, DPM-Solver++ with classifier-free
- * guidance, x̂0 previews and per-token cross-attention per step, the VAE decode; the four
- * exported graphs run in onnxruntime-web's single-thread WebAssembly build (no worker, no
- * cross-origin isolation, nothing fetched: the graphs and the .wasm binary are handed in).
+ * One generation in the page: tokenizer, seeded noise, the manifest's sampler (DPM-Solver++
+ * for the UNet, flow-matching Euler for the DiT) with classifier-free guidance, x̂0 previews
+ * and per-token image→text attention per step, the VAE decode; the four exported graphs run
+ * in onnxruntime-web's single-thread WebAssembly build (no worker, no cross-origin
+ * isolation, nothing fetched: the graphs and the .wasm binary are handed in).
  */
 import * as ort from "onnxruntime-web/wasm";
-import type { GraphName, LiveManifest } from "./manifest";
+import { DENOISER_GRAPH, type GraphName, type LiveManifest, modelGraphs } from "./manifest";
 import { torchRandn } from "./noise";
-import { DPMSolverMultistep } from "./scheduler";
-import { defaultSelection, type Tokenized, WordTokenizer } from "./tokenizer";
+import { makeSampler } from "./sampler";
+import { defaultSelection, type Tokenized, type TokenKind, WordTokenizer } from "./tokenizer";
 
 /** What the runtime is given: the manifest, each graph's bytes and onnxruntime's .wasm. */
 export interface LiveAssets {
   manifest: LiveManifest;
-  graphs: Record<GraphName, Uint8Array>;
+  graphs: Partial<Record<GraphName, Uint8Array>>;
   wasm: ArrayBuffer;
+}
+
+/** How the page shows the all-zero text positions after the tokenizer's (the DiT's T5). */
+export interface TailToken {
+  string: string;
+  kind: TokenKind;
 }
 
 export interface GenerateRequest {
@@ -27,8 +34,10 @@ export interface GenerateRequest {
 /** Everything one generation produced, arrays per step (the shape of a Python Trace). */
 export interface LiveRun {
   request: GenerateRequest;
+  /** Every text position the denoiser reads (the tokenizer's, then the tail's). */
   tokens: Tokenized;
-  /** Token positions kept (start, words, end, first padding), as a trace keeps by default. */
+  /** Token positions kept (start, words, end, first padding, first tail position), as a
+   * trace keeps by default. */
   selected: number[];
   timesteps: number[];
   /** [steps][C * h * w] */
@@ -65,7 +74,8 @@ export class LiveModel {
 
   private constructor(
     readonly manifest: LiveManifest,
-    private readonly sessions: Record<GraphName, ort.InferenceSession>,
+    private readonly sessions: Partial<Record<GraphName, ort.InferenceSession>>,
+    private readonly tail: TailToken,
   ) {
     this.tokenizer = new WordTokenizer(manifest.tokenizer);
   }
@@ -73,6 +83,7 @@ export class LiveModel {
   /** Compile the WebAssembly module and create one session per graph. */
   static async create(
     assets: LiveAssets,
+    tail: TailToken,
     level: ort.InferenceSession.SessionOptions["graphOptimizationLevel"] = "all",
   ): Promise<LiveModel> {
     configure(assets.wasm);
@@ -81,22 +92,39 @@ export class LiveModel {
       graphOptimizationLevel: level,
     };
     const entries = await Promise.all(
-      assets.manifest.graphs.map(
-        async (g) =>
-          [g.name, await ort.InferenceSession.create(assets.graphs[g.name], options)] as const,
-      ),
+      modelGraphs(assets.manifest.model).map(async (name) => {
+        const bytes = assets.graphs[name];
+        if (!bytes) throw new Error(`the ${name} graph was not loaded`);
+        return [name, await ort.InferenceSession.create(bytes, options)] as const;
+      }),
     );
-    return new LiveModel(
-      assets.manifest,
-      Object.fromEntries(entries) as Record<GraphName, ort.InferenceSession>,
-    );
+    return new LiveModel(assets.manifest, Object.fromEntries(entries), tail);
   }
 
   private async run(
     name: GraphName,
     feeds: Record<string, ort.Tensor>,
   ): Promise<ort.InferenceSession.ReturnType> {
-    return this.sessions[name].run(feeds);
+    const session = this.sessions[name];
+    if (!session) throw new Error(`the ${name} graph was not loaded`);
+    return session.run(feeds);
+  }
+
+  /** The caption's tokens over every text position, and those a trace keeps by default. */
+  private textPositions(prompt: string): { tokens: Tokenized; selected: number[] } {
+    const clip = this.tokenizer.encode(prompt);
+    const selected = defaultSelection(clip.kinds);
+    const n = this.manifest.text_tail;
+    if (n === 0) return { tokens: clip, selected };
+    // A trace keeps the first of the identical tail positions (tracing/tokens.py).
+    return {
+      tokens: {
+        ids: [...clip.ids, ...new Array<number>(n).fill(-1)],
+        strings: [...clip.strings, ...new Array<string>(n).fill(this.tail.string)],
+        kinds: [...clip.kinds, ...new Array<TokenKind>(n).fill(this.tail.kind)],
+      },
+      selected: [...selected, clip.ids.length],
+    };
   }
 
   /** Check a request against what the model supports; returns a message or "". */
@@ -123,15 +151,18 @@ export class LiveModel {
     const [h, w] = m.latent_hw;
     const c = m.latent_channels;
     const size = c * h * w;
-    const tokens = this.tokenizer.encode(request.prompt);
+    const { tokens, selected } = this.textPositions(request.prompt);
     const empty = this.tokenizer.encode("");
     const length = m.tokenizer.max_length;
-    const ids = BigInt64Array.from([...empty.ids, ...tokens.ids].map((i) => BigInt(i)));
-    const text = (
-      await this.run("text_encoder", { input_ids: new ort.Tensor("int64", ids, [2, length]) })
-    ).text as ort.Tensor;
-    const scheduler = new DPMSolverMultistep(m.scheduler, request.steps);
-    const selected = defaultSelection(tokens.kinds);
+    const clipIds = [...empty.ids, ...tokens.ids.slice(0, length)];
+    const ids = BigInt64Array.from(clipIds.map((i) => BigInt(i)));
+    // Every output of the text graph (text; pooled for the DiT) is a denoiser input.
+    const text = (await this.run("text_encoder", {
+      input_ids: new ort.Tensor("int64", ids, [2, length]),
+    })) as Record<string, ort.Tensor>;
+    const denoiser = DENOISER_GRAPH[m.model];
+    const width = m.tokenizer.max_length + m.text_tail;
+    const scheduler = makeSampler(m.scheduler, request.steps);
     const run: LiveRun = {
       request,
       tokens,
@@ -151,10 +182,10 @@ export class LiveModel {
     for (let i = 0; i < scheduler.timesteps.length; i++) {
       both.set(latent, 0);
       both.set(latent, size);
-      const out = await this.run("unet", {
+      const out = await this.run(denoiser, {
+        ...text,
         sample: new ort.Tensor("float32", both, [2, c, h, w]),
-        timestep: new ort.Tensor("float32", Float32Array.of(scheduler.timesteps[i]), [1]),
-        text,
+        timestep: new ort.Tensor("float32", Float32Array.of(scheduler.modelTimesteps[i]), [1]),
       });
       const output = (out.model_output as ort.Tensor).data as Float32Array;
       const guided = new Float32Array(size);
@@ -165,7 +196,7 @@ export class LiveModel {
       }
       for (const a of m.attention) {
         const probs = (out[a.output] as ort.Tensor).data as Float32Array;
-        run.attention.get(a.layer)?.push(selectColumns(probs, length, selected));
+        run.attention.get(a.layer)?.push(selectColumns(probs, width, selected));
       }
       const x0 = scheduler.predictX0(guided, latent, i);
       const preview = await this.run("preview", {

@@ -132,6 +132,11 @@ export class DPMSolverMultistep {
     return this.index;
   }
 
+  /** What the UNet is fed: the integer timesteps themselves. */
+  get modelTimesteps(): number[] {
+    return this.timesteps;
+  }
+
   /** x = alpha x0 + sigma eps of step `i` (diffwidget's "vp_sigmas" coefficients). */
   alphaSigma(i: number): { alpha: number; sigma: number } {
     const { alpha, sigma } = coefficients(this.sigmas[i]);
