@@ -151,6 +151,49 @@ def build_dit_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     return assemble_dit_pipeline(build_dit_components(seed))
 
 
+def joint_qkv(attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> tuple[Any, Any, Any]:
+    """Queries, keys and values of SD3 joint attention, heads first, image tokens then text.
+
+    Each stream through its own projections and query/key norms, as diffusers'
+    ``JointAttnProcessor2_0`` computes them: ``[batch, heads, n_image + n_text, head_dim]``.
+    """
+    import torch
+
+    batch = hidden_states.shape[0]
+
+    def heads(x: Any) -> Any:
+        return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+    query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
+    value = heads(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    text_query = heads(attn.add_q_proj(encoder_hidden_states))
+    text_key = heads(attn.add_k_proj(encoder_hidden_states))
+    text_value = heads(attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        text_query = attn.norm_added_q(text_query)
+    if attn.norm_added_k is not None:
+        text_key = attn.norm_added_k(text_key)
+    return (
+        torch.cat([query, text_query], dim=2),
+        torch.cat([key, text_key], dim=2),
+        torch.cat([value, text_value], dim=2),
+    )
+
+
+def joint_outputs(attn: Any, out: Any, n_image: int) -> tuple[Any, Any]:
+    """The image and text outputs of joint attention ``out`` (heads first), projected."""
+    batch, n_heads, _, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(batch, -1, n_heads * head_dim)
+    image_out, text_out = out[:, :n_image], out[:, n_image:]
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return attn.to_out[1](attn.to_out[0](image_out)), text_out
+
+
 class TailWeightedJointAttnProcessor:
     """SD3 joint attention in which the last text token stands for ``copies`` identical ones.
 
@@ -186,36 +229,11 @@ class TailWeightedJointAttnProcessor:
 
         if encoder_hidden_states is None:
             raise ValueError("TailWeightedJointAttnProcessor needs the text tokens")
-        batch, n_image = hidden_states.shape[:2]
-
-        def heads(x: Any) -> Any:
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_query = heads(attn.add_q_proj(encoder_hidden_states))
-        text_key = heads(attn.add_k_proj(encoder_hidden_states))
-        text_value = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
-        query = torch.cat([query, text_query], dim=2)
-        key = torch.cat([key, text_key], dim=2)
-        value = torch.cat([value, text_value], dim=2)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
         bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype, device=query.device)
         bias[..., -1] = math.log(self.copies)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
-        image_out, text_out = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            text_out = attn.to_add_out(text_out)
-        image_out = attn.to_out[1](attn.to_out[0](image_out))
-        return image_out, text_out
+        return joint_outputs(attn, out.to(query.dtype), hidden_states.shape[1])
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diffwidget.models.dit import joint_outputs, joint_qkv
 from diffwidget.models.live_export import (
     ATTENTION_PREFIX,
     CFG_HALVES,
@@ -76,29 +77,10 @@ class ExportJointAttnProcessor:
                 "the live export handles joint attention over image and text tokens without "
                 "masks (the embedded DiT's); this layer has a mask or no text"
             )
-        batch, n_image = hidden_states.shape[:2]
-        head_dim = attn.to_k.out_features // attn.heads
-
-        def heads(x: Any) -> Any:
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_query = heads(attn.add_q_proj(encoder_hidden_states))
-        text_key = heads(attn.add_k_proj(encoder_hidden_states))
-        text_value = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        n_image = hidden_states.shape[1]
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        head_dim = query.shape[-1]
         torch = _torch()
-        query = torch.cat([query, text_query], dim=2)
-        key = torch.cat([key, text_key], dim=2)
-        value = torch.cat([value, text_value], dim=2)
         # SDPA's default scale, 1/sqrt(d), on the queries (as the trace's capture applies it).
         scores = (query * (1.0 / math.sqrt(head_dim))) @ key.transpose(-1, -2)
         bias = torch.zeros(key.shape[2], dtype=scores.dtype)
@@ -107,11 +89,7 @@ class ExportJointAttnProcessor:
         text = probs[COND_ROW, :, :n_image, n_image:].mean(dim=0)
         tail = (text[:, -1:] / self.copies).expand(-1, self.copies)
         self.store[self.layer] = torch.cat([text[:, :-1], tail], dim=-1)
-        out = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        image_out, text_out = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            text_out = attn.to_add_out(text_out)
-        return attn.to_out[1](attn.to_out[0](image_out)), text_out
+        return joint_outputs(attn, probs @ value, n_image)
 
 
 def joint_layers(transformer: Any) -> list[str]:
