@@ -109,6 +109,25 @@ def _generate(page: Any, caption: str, seed: int) -> None:
     page.evaluate("() => window.diffwidgetLive.generate()")
 
 
+def same_payloads(browser_page: Any, reference: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The page's explorer payloads against the kernel's for ``reference`` (texts, previews)."""
+    got = browser_page.evaluate(STATE, [0, "attention"])
+    explorer = Explorer(reference)
+    want = standalone_state(explorer.export_source().state)
+    explorer.close()
+    for key in ("prompt", "tokens", "token_kinds", "timesteps", "token", "available", "scales"):
+        assert got[key] == want[key], key
+    assert got["descriptions"] == want["descriptions"]
+    assert got["layer_options"] == want["layer_options"]
+    for key, tolerance in (("previews", IMAGE_TOLERANCE), ("noisy_previews", NOISY_TOLERANCE)):
+        a, b = _array(got[key]).astype(int), _array(want[key]).astype(int)
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= tolerance, key
+    for key in ("layer", "head", "grid", "steps", "description"):
+        assert got["attention"][key] == want["attention"][key], key
+    return got, want
+
+
 def test_a_typed_caption_gives_the_kernels_image_offline(page, live_file, reference) -> None:
     browser_page, console = page
     blocked = _offline(browser_page)
@@ -134,20 +153,7 @@ def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, refere
     browser_page.goto(live_file.as_uri())
     browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
     _generate(browser_page, CAPTION, SEED)
-    got = browser_page.evaluate(STATE, [0, "attention"])
-    explorer = Explorer(reference)
-    want = standalone_state(explorer.export_source().state)
-    explorer.close()
-    for key in ("prompt", "tokens", "token_kinds", "timesteps", "token", "available", "scales"):
-        assert got[key] == want[key], key
-    assert got["descriptions"] == want["descriptions"]
-    assert got["layer_options"] == want["layer_options"]
-    for key, tolerance in (("previews", IMAGE_TOLERANCE), ("noisy_previews", NOISY_TOLERANCE)):
-        a, b = _array(got[key]).astype(int), _array(want[key]).astype(int)
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() <= tolerance, key
-    for key in ("layer", "head", "grid", "steps", "description"):
-        assert got["attention"][key] == want["attention"][key], key
+    got, want = same_payloads(browser_page, reference)
     a, b = _array(got["attention"]["maps"]), _array(want["attention"]["maps"])
     assert a.shape == b.shape
     # Both are uint8 codes of their own maximum: maps within the tolerance may round one

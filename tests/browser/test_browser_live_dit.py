@@ -15,21 +15,17 @@ import pytest
 
 import diffwidget
 from diffwidget.widget import live
-from diffwidget.widget.explorer import Explorer
-from diffwidget.widget.export import standalone_state
 from tests.browser.test_browser_live import (
     ATTENTION_TOLERANCE,
     CAPTION,
     IMAGE_TOLERANCE,
     LOAD_TIMEOUT_MS,
-    NOISY_TOLERANCE,
     READY,
     RUN,
     SEED,
-    STATE,
-    _array,
     _generate,
     _offline,
+    same_payloads,
 )
 
 pytestmark = [
@@ -67,20 +63,7 @@ def test_a_typed_caption_gives_the_kernels_dit_image_offline(
     _same_run(browser_page.evaluate(RUN, 0), dit_reference)
     # The explorer's payloads: the kernel's own for this trace (tokens with the T5 tail,
     # flow-matching timesteps, joint-attention texts and scales, previews, attention).
-    got = browser_page.evaluate(STATE, [0, "attention"])
-    explorer = Explorer(dit_reference)
-    want = standalone_state(explorer.export_source().state)
-    explorer.close()
-    for key in ("prompt", "tokens", "token_kinds", "timesteps", "token", "available", "scales"):
-        assert got[key] == want[key], key
-    assert got["descriptions"] == want["descriptions"]
-    assert got["layer_options"] == want["layer_options"]
-    for key, tolerance in (("previews", IMAGE_TOLERANCE), ("noisy_previews", NOISY_TOLERANCE)):
-        a, b = _array(got[key]).astype(int), _array(want[key]).astype(int)
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() <= tolerance, key
-    for key in ("layer", "head", "grid", "steps", "description"):
-        assert got["attention"][key] == want["attention"][key], key
+    same_payloads(browser_page, dit_reference)
     assert blocked == []
     assert console.errors == []
 
