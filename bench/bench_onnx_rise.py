@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_rise import count_flops, gemm_rate
 from benchlib import machine
 
-from diffwidget.models.live_export import OPSET, store_float16
+from diffwidget.models.live_graphs import OPSET, store_float16
 from diffwidget.models.loader import load_demo_pipeline
 
 CHUNK = 250

@@ -51,7 +51,7 @@ def method_configs(
     """The run's methods (names, or configs where settings were given) and the evaluator's
     config, from the flags of :data:`CONFIG_FLAGS` and ``--set``."""
     from diffwidget.explain.faithfulness import InsertionDeletionConfig
-    from diffwidget.runs.metrics import METRIC_METHODS
+    from diffwidget.runs.metric_names import METRIC_METHODS
     from diffwidget.runs.settings import FAITHFULNESS
 
     given = [
@@ -155,7 +155,8 @@ def _say(report: RunReport) -> None:
 
 def add_parser(sub: Any) -> None:
     """Add ``diffwidget run`` to the subcommands ``sub``."""
-    from diffwidget.runs.metrics import DEFAULT_METHODS, DEFAULT_METRICS, MAP_METHODS, METRICS
+    from diffwidget.runs.metric_names import METRICS
+    from diffwidget.runs.metrics import DEFAULT_METHODS, DEFAULT_METRICS, MAP_METHODS
     from diffwidget.runs.settings import RunSettings
 
     p_run = sub.add_parser(

@@ -30,7 +30,7 @@ import math
 from typing import Any
 
 from diffwidget.models.dit import joint_outputs, joint_qkv
-from diffwidget.models.live_export import (
+from diffwidget.models.live_graphs import (
     ATTENTION_PREFIX,
     CFG_HALVES,
     COND_ROW,
@@ -39,12 +39,6 @@ from diffwidget.models.live_export import (
     tokenizer_facts,
 )
 from diffwidget.models.live_manifest import AttentionOutput
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
 
 
 class ExportJointAttnProcessor:
@@ -80,7 +74,8 @@ class ExportJointAttnProcessor:
         n_image = hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
         head_dim = query.shape[-1]
-        torch = _torch()
+        import torch
+
         # SDPA's default scale, 1/sqrt(d), on the queries (as the trace's capture applies it).
         scores = (query * (1.0 / math.sqrt(head_dim))) @ key.transpose(-1, -2)
         bias = torch.zeros(key.shape[2], dtype=scores.dtype)
@@ -175,9 +170,10 @@ def _image_grid(transformer: Any) -> tuple[int, int]:
 
 def dit_plan(pipe: Any) -> ExportPlan:
     """The DiT's graphs and manifest facts (``StableDiffusion3Pipeline`` without T5)."""
+    import torch
+
     from diffwidget.models.dit import tail_tokens
 
-    torch = _torch()
     _check_one_tokenizer(pipe)
     transformer, vae = pipe.transformer, pipe.vae
     layers = joint_layers(transformer)

@@ -28,7 +28,7 @@ from diffwidget.explain.commitment_summary import CommitmentSummary, summarise_c
 from diffwidget.explain.intervals import first_crossing
 from diffwidget.explain.intervention_results import COMMITTED_LEVEL, CommitmentCurves
 from diffwidget.runs.item_records import SwitchEntry
-from diffwidget.runs.metrics import METRIC_METHODS
+from diffwidget.runs.metric_names import METRIC_METHODS
 from diffwidget.runs.prompts import PromptItem
 
 if TYPE_CHECKING:

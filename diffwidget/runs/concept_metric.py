@@ -43,7 +43,7 @@ from diffwidget.runs.concept_study import (
     word_shares,
 )
 from diffwidget.runs.item_records import ConceptEntry
-from diffwidget.runs.metrics import METRIC_METHODS
+from diffwidget.runs.metric_names import METRIC_METHODS
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import DAAM_TAU, TAU_GRID, PairScore
 

@@ -25,6 +25,7 @@ from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethodName
 from diffwidget.explain.results import FaithfulnessResult, SaliencyMap, minmax
 from diffwidget.runs.item_records import CurveEntry, ItemResult, MapEntry, json_safe
+from diffwidget.runs.metric_names import Metric
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import (
     DAAM_TAU,
@@ -45,11 +46,6 @@ if TYPE_CHECKING:
 #: Maps a run can compute: the trace's cross-attention and every registered saliency method.
 MapMethod = Literal["attention", SaliencyMethodName]
 MAP_METHODS: tuple[str, ...] = get_args(MapMethod)
-Metric = Literal["faithfulness", "segmentation", "roles", "probes", "commitment", "concepts"]
-METRICS: tuple[str, ...] = get_args(Metric)
-#: Metrics computed by a registered method, whose config the run settings keep (and
-#: ``--set METHOD.SETTING=VALUE`` reaches): the prompt switch, the concept maps.
-METRIC_METHODS: dict[str, str] = {"commitment": "prompt_switch", "concepts": "concept_maps"}
 #: The paper's maps; other registered methods join a run when named.
 DEFAULT_METHODS: tuple[MapMethod, ...] = ("attention", "df_rise", "df_cam")
 DEFAULT_METRICS: tuple[Metric, ...] = ("faithfulness", "segmentation", "roles")

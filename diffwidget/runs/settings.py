@@ -31,14 +31,12 @@ from diffwidget.explain.attention import AttentionMaps
 from diffwidget.explain.config import MethodConfig
 from diffwidget.explain.protocol import INTERVENTION_NAMES, SALIENCY_METHOD_NAMES
 from diffwidget.records import JsonValue, Record
+from diffwidget.runs.metric_names import METRIC_METHODS, METRICS, Metric
 from diffwidget.runs.metrics import (
     DEFAULT_METHODS,
     DEFAULT_METRICS,
     MAP_METHODS,
-    METRIC_METHODS,
-    METRICS,
     MapMethod,
-    Metric,
     default_steps,
 )
 from diffwidget.runs.prompts import SEED_MODULUS, PromptItem
@@ -112,7 +110,7 @@ class RunSettings(Record):
         The insertion/deletion evaluator's ``InsertionDeletionConfig`` in its JSON form
         (:meth:`faithfulness_config`); empty: its defaults.
     metrics : tuple of str
-        Metrics computed per item (:data:`~diffwidget.runs.metrics.METRICS`: faithfulness,
+        Metrics computed per item (:data:`~diffwidget.runs.metric_names.METRICS`: faithfulness,
         segmentation, roles, probes, commitment, concepts).
     save_traces : bool
         Keep each item's Trace (needed to open its explorer).
@@ -221,14 +219,14 @@ class RunSettings(Record):
     @property
     def configured(self) -> list[str]:
         """Every method with a config in these settings: the saliency methods, and the
-        methods of the metrics computed (:data:`~diffwidget.runs.metrics.METRIC_METHODS`:
+        methods of the metrics computed (:data:`~diffwidget.runs.metric_names.METRIC_METHODS`:
         the prompt switch of ``commitment``, the concept maps of ``concepts``)."""
         extra = [METRIC_METHODS[m] for m in self.metrics if m in METRIC_METHODS]
         return [*self.saliency_methods, *extra]
 
     def config(self, method: str) -> MethodConfig:
         """The typed config of ``method``, a saliency method or the method of a metric
-        (:data:`~diffwidget.runs.metrics.METRIC_METHODS`; imports it, and torch).
+        (:data:`~diffwidget.runs.metric_names.METRIC_METHODS`; imports it, and torch).
 
         Raises
         ------
