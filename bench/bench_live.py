@@ -6,7 +6,7 @@ For one caption and seed, alternating so that machine load hits both alike:
   embedded DiT (torch, one thread);
 * ``pipeline``: the plain pipeline call, no tracing (torch, one thread);
 * ``onnxruntime``: the exported graphs in Python's onnxruntime (one thread), the same loop
-  the browser runs (:mod:`diffwidget.testing.live`);
+  the browser runs (:mod:`diffwidget.tracing.live_run`);
 * ``browser``: a generation in headless chromium, onnxruntime-web's single-thread wasm
   (the page's own ``generate``, after a warm-up run).
 
@@ -51,7 +51,7 @@ from browserlib import CHROMIUM_ARGS
 import diffwidget
 from diffwidget.models.live_manifest import live_folder, load_live_manifest
 from diffwidget.models.scenes import SceneWorld
-from diffwidget.testing.live import LiveGraphs, generate
+from diffwidget.tracing.live_run import LiveGraphs, generate
 from diffwidget.widget import live
 
 CAPTION = "a large red circle on the left"

@@ -128,6 +128,58 @@ def test_a_typed_caption_gives_the_kernels_image_offline(page, live_file, refere
     assert console.errors == []
 
 
+FIRST = """() => {
+  const live = window.diffwidgetLive;
+  const button = document.querySelector(".dwl-generate");
+  return { precomputed: live.precomputed, models: live.models.length, disabled: button.disabled,
+    label: button.textContent, strip: document.querySelectorAll(".dwl-strip canvas").length,
+    status: document.querySelector(".dwl-status").textContent };
+}"""
+
+
+def test_the_first_image_is_drawn_before_the_runtime_and_equals_its_run(page, live_file) -> None:
+    browser_page, console = page
+    blocked = _offline(browser_page)
+    browser_page.goto(live_file.as_uri())
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    first = browser_page.evaluate(FIRST)
+    # The precomputed run is drawn in start(), before any await: no runtime exists yet.
+    assert first["precomputed"] is True
+    assert first["models"] == 0 and first["disabled"] is True
+    assert "Loading" in first["label"] and "loading in your browser" in first["status"]
+    assert first["strip"] == 20
+    ahead = browser_page.evaluate(RUN, 0)
+    browser_page.evaluate("() => window.diffwidgetLive.ready")
+    after = browser_page.evaluate(FIRST)
+    assert after["disabled"] is False and after["models"] == 1
+    timing = browser_page.evaluate(
+        "() => [window.diffwidgetLive.firstImageMs, window.diffwidgetLive.loadMs]"
+    )
+    assert timing[0] < timing[1]
+    # The browser's own generation of the same caption at the same defaults.
+    browser_page.evaluate("() => window.diffwidgetLive.generate()")
+    live_run = browser_page.evaluate(RUN, 0)
+    assert np.abs(np.subtract(ahead["image"], live_run["image"])).max() <= IMAGE_TOLERANCE
+    assert np.abs(np.subtract(ahead["previews"], live_run["previews"])).max() <= IMAGE_TOLERANCE
+    assert ahead["attention"].keys() == live_run["attention"].keys()
+    for layer, maps in ahead["attention"].items():
+        difference = np.abs(np.subtract(maps, live_run["attention"][layer])).max()
+        assert difference <= ATTENTION_TOLERANCE, layer
+    assert blocked == []
+    assert console.errors == []
+
+
+def test_a_page_written_without_the_first_image_generates_it(page, tmp_path) -> None:
+    browser_page, console = page
+    path = live.write_live_html(tmp_path / "plain.html", first_image=False)
+    _offline(browser_page)
+    browser_page.goto(path.as_uri())
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    state = browser_page.evaluate(FIRST)
+    assert state["precomputed"] is False and state["models"] == 1 and state["strip"] == 20
+    assert console.errors == []
+
+
 def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, reference) -> None:
     browser_page, _ = page
     _offline(browser_page)

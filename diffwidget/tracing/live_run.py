@@ -1,6 +1,8 @@
 """Run the exported live graphs with onnxruntime in Python, the way the browser runs them.
 
-The check of an export (and the Python baseline of ``bench/bench_live.py``): the same
+What the live page draws before its own runtime is ready (:func:`first_run`, computed when
+the page is written), the check of an export and the Python baseline of
+``bench/bench_live.py``: the same
 tokenizer, starting noise and scheduler as :func:`diffwidget.trace` (the pipeline's own),
 but every network evaluated by onnxruntime from the shipped ``.onnx`` files. Its results
 are compared with a trace of the same caption and seed in ``tests/models/test_live_export.py``.
@@ -8,9 +10,10 @@ are compared with a trace of the same caption and seed in ``tests/models/test_li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import base64
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -116,7 +119,7 @@ def generate(
     for step, t in enumerate(scheduler.timesteps):
         sample = np.concatenate([latent.numpy()] * 2)
         out = graphs.run(
-            denoiser, sample=sample, timestep=np.asarray([float(t)], np.float32), **text
+            denoiser, sample=sample, timestep=np.asarray([float(t)], "float32"), **text
         )
         uncond, cond = out["model_output"]
         guided = uncond + guidance_scale * (cond - uncond)
@@ -124,7 +127,7 @@ def generate(
             attention[a.layer].append(out[a.output].reshape(*a.grid, -1))
         c = step_coefficients(scheduler, family, float(t), step)
         x0 = predict_x0(latent.numpy()[0], guided, c.alpha, c.sigma, c.input_scale, kind)
-        x0 = x0.astype(np.float32)
+        x0 = x0.astype("float32")
         latents.append(latent.numpy()[0])
         noise.append(guided)
         x0s.append(x0)
@@ -140,4 +143,125 @@ def generate(
         image=image,
         timesteps=scheduler.timesteps.numpy(),
         attention={k: np.stack(v) for k, v in attention.items()},
+    )
+
+
+@dataclass(frozen=True)
+class ArrayPayload:
+    """One array as the page reads it: little-endian bytes in base64 and its shape."""
+
+    dtype: Literal["float32", "uint8"]
+    shape: list[int]
+    data: str
+
+
+def _payload(array: np.ndarray, dtype: Literal["float32", "uint8"]) -> ArrayPayload:
+    data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    return ArrayPayload(
+        dtype=dtype, shape=list(data.shape), data=base64.b64encode(data.tobytes()).decode("ascii")
+    )
+
+
+@dataclass(frozen=True)
+class FirstRun:
+    """The page's first caption generated ahead (``FirstRunPayload`` in ``js/src/live``).
+
+    The arrays of the page's own ``LiveRun`` for one model, caption, seed, step count and
+    guidance scale, flattened per step as the browser holds them: the explorer draws it
+    while onnxruntime-web compiles, and the page's runtime would compute the same numbers
+    (``tests/browser/test_browser_live.py`` checks it does).
+    """
+
+    model: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    #: Text positions kept (as a trace keeps by default).
+    selected: list[int]
+    timesteps: list[int]
+    #: ``[steps, C * h * w]`` float32: the latent fed to each step.
+    latents: ArrayPayload
+    noise_pred: ArrayPayload
+    pred_x0: ArrayPayload
+    #: ``[steps, H * W * 3]`` uint8: each step's x̂0 preview.
+    previews: ArrayPayload
+    #: Layer path -> ``[steps, h * w * len(selected)]`` float32 (conditional half).
+    attention: dict[str, ArrayPayload]
+    #: ``[H * W * 3]`` uint8: the final decode.
+    image: ArrayPayload
+
+    def __post_init__(self) -> None:
+        per_step = [self.latents, self.noise_pred, self.pred_x0, self.previews]
+        per_step += list(self.attention.values())
+        if len(self.timesteps) != self.steps or any(p.shape[0] != self.steps for p in per_step):
+            raise ValueError(f"a first run of {self.steps} steps holds arrays of another length")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data (what the page's config embeds)."""
+        return asdict(self)
+
+
+def first_run(
+    model: str,
+    prompt: str,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    graphs: LiveGraphs | None = None,
+) -> FirstRun:
+    """Generate ``prompt`` through the exported graphs as the live page's first image.
+
+    Parameters
+    ----------
+    model : {"unet", "dit"}
+        The embedded model.
+    prompt : str
+        The caption the page shows first.
+    seed : int
+        The page's default seed.
+    steps, guidance_scale : optional
+        The manifest's defaults (the page's) when left out.
+    graphs : LiveGraphs, optional
+        Sessions to reuse (made for ``model`` when left out).
+
+    Examples
+    --------
+    >>> run = first_run("unet", "a large red circle on the left")  # doctest: +SKIP
+    >>> run.previews.shape  # doctest: +SKIP
+    [20, 12288]
+    """
+    from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.tracing.families import denoiser_family
+
+    graphs = graphs if graphs is not None else LiveGraphs(model)
+    manifest = graphs.manifest
+    steps = steps if steps is not None else manifest.default_steps
+    guidance = guidance_scale if guidance_scale is not None else manifest.default_guidance
+    pipe = load_demo_pipeline(model)
+    run = generate(graphs, pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance)
+    selected = denoiser_family(pipe).prompt_tokens(prompt, {}).select("default")
+
+    def flat(array: np.ndarray) -> np.ndarray:
+        return array.reshape(array.shape[0], -1)
+
+    attention = {
+        layer: _payload(flat(maps[..., selected]), "float32")
+        for layer, maps in run.attention.items()
+    }
+    return FirstRun(
+        model=model,
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        guidance=float(guidance),
+        selected=[int(i) for i in selected],
+        timesteps=[int(t) for t in np.round(run.timesteps)],
+        latents=_payload(flat(run.latents), "float32"),
+        noise_pred=_payload(flat(run.noise_pred), "float32"),
+        pred_x0=_payload(flat(run.pred_x0), "float32"),
+        previews=_payload(flat(run.previews), "uint8"),
+        attention=attention,
+        image=_payload(run.image.reshape(-1), "uint8"),
     )
