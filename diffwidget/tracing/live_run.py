@@ -11,6 +11,7 @@ are compared with a trace of the same caption and seed in ``tests/models/test_li
 from __future__ import annotations
 
 import base64
+import gzip
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,30 +147,67 @@ def generate(
     )
 
 
+#: How a first-run array travels: float16 (the guided noise prediction), or bytes, each
+#: value ``byte * scale`` (previews and the image with scale 1; attention quantised).
+Encoding = Literal["float16", "uint8"]
+#: Quantisation levels of the embedded attention (one scale per layer: max / 255).
+ATTENTION_LEVELS = 255
+GZIP_LEVEL = 9
+
+
 @dataclass(frozen=True)
 class ArrayPayload:
-    """One array as the page reads it: little-endian bytes in base64 and its shape."""
+    """One array as the page reads it (``FirstArray`` in ``js/src/live/first.ts``).
 
-    dtype: Literal["float32", "uint8"]
+    ``data`` is base64 of the gzip of the little-endian values, row by row; with ``delta``
+    (bytes only) each row after the first holds its difference from the row before,
+    modulo 256: steps change little, so the differences compress several times better.
+    """
+
+    encoding: Encoding
     shape: list[int]
+    scale: float
+    delta: bool
     data: str
 
 
-def _payload(array: np.ndarray, dtype: Literal["float32", "uint8"]) -> ArrayPayload:
-    data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+def _payload(
+    array: np.ndarray, encoding: Encoding, *, scale: float = 1.0, delta: bool = False
+) -> ArrayPayload:
+    if encoding == "float16":
+        values = np.ascontiguousarray(array, dtype="<f2")
+    else:
+        values = np.ascontiguousarray(array, dtype=np.uint8)
+        if delta:
+            values = np.diff(values.astype(np.int16), axis=0, prepend=0).astype(np.uint8)
+    packed = gzip.compress(values.tobytes(), GZIP_LEVEL, mtime=0)
     return ArrayPayload(
-        dtype=dtype, shape=list(data.shape), data=base64.b64encode(data.tobytes()).decode("ascii")
+        encoding=encoding,
+        shape=list(array.shape),
+        scale=float(scale),
+        delta=delta,
+        data=base64.b64encode(packed).decode("ascii"),
     )
+
+
+def _quantised(maps: np.ndarray) -> ArrayPayload:
+    """Attention as bytes: one scale (max / 255) for the layer, each step a delta row."""
+    top = float(maps.max())
+    scale = top / ATTENTION_LEVELS if top > 0 else 1.0
+    levels = np.clip(np.round(maps / scale), 0, ATTENTION_LEVELS)
+    return _payload(levels, "uint8", scale=scale, delta=True)
 
 
 @dataclass(frozen=True)
 class FirstRun:
     """The page's first caption generated ahead (``FirstRunPayload`` in ``js/src/live``).
 
-    The arrays of the page's own ``LiveRun`` for one model, caption, seed, step count and
-    guidance scale, flattened per step as the browser holds them: the explorer draws it
-    while onnxruntime-web compiles, and the page's runtime would compute the same numbers
-    (``tests/browser/test_browser_live.py`` checks it does).
+    What the page needs to rebuild its own ``LiveRun`` for one model, caption, seed, step
+    count and guidance scale without a network: the guided noise prediction per step (the
+    page replays its seeded noise and sampler on it for the latents and x̂0), each step's
+    preview, the final image and the attention maps, quantised to 8 bits per layer. The
+    explorer draws it while onnxruntime-web compiles; the page's runtime computes the same
+    run (``tests/browser/test_browser_live.py`` checks it).
     """
 
     model: str
@@ -180,20 +218,17 @@ class FirstRun:
     #: Text positions kept (as a trace keeps by default).
     selected: list[int]
     timesteps: list[int]
-    #: ``[steps, C * h * w]`` float32: the latent fed to each step.
-    latents: ArrayPayload
+    #: ``[steps, C * h * w]`` float16: the guided noise prediction of each step.
     noise_pred: ArrayPayload
-    pred_x0: ArrayPayload
-    #: ``[steps, H * W * 3]`` uint8: each step's x̂0 preview.
+    #: ``[steps, H * W * 3]`` bytes: each step's x̂0 preview.
     previews: ArrayPayload
-    #: Layer path -> ``[steps, h * w * len(selected)]`` float32 (conditional half).
+    #: Layer path -> ``[steps, h * w * len(selected)]`` (conditional half, 8-bit).
     attention: dict[str, ArrayPayload]
-    #: ``[H * W * 3]`` uint8: the final decode.
+    #: ``[1, H * W * 3]`` bytes: the final decode.
     image: ArrayPayload
 
     def __post_init__(self) -> None:
-        per_step = [self.latents, self.noise_pred, self.pred_x0, self.previews]
-        per_step += list(self.attention.values())
+        per_step = [self.noise_pred, self.previews, *self.attention.values()]
         if len(self.timesteps) != self.steps or any(p.shape[0] != self.steps for p in per_step):
             raise ValueError(f"a first run of {self.steps} steps holds arrays of another length")
 
@@ -246,10 +281,6 @@ def first_run(
     def flat(array: np.ndarray) -> np.ndarray:
         return array.reshape(array.shape[0], -1)
 
-    attention = {
-        layer: _payload(flat(maps[..., selected]), "float32")
-        for layer, maps in run.attention.items()
-    }
     return FirstRun(
         model=model,
         prompt=prompt,
@@ -258,10 +289,10 @@ def first_run(
         guidance=float(guidance),
         selected=[int(i) for i in selected],
         timesteps=[int(t) for t in np.round(run.timesteps)],
-        latents=_payload(flat(run.latents), "float32"),
-        noise_pred=_payload(flat(run.noise_pred), "float32"),
-        pred_x0=_payload(flat(run.pred_x0), "float32"),
-        previews=_payload(flat(run.previews), "uint8"),
-        attention=attention,
-        image=_payload(run.image.reshape(-1), "uint8"),
+        noise_pred=_payload(flat(run.noise_pred), "float16"),
+        previews=_payload(flat(run.previews), "uint8", delta=True),
+        attention={
+            layer: _quantised(flat(maps[..., selected])) for layer, maps in run.attention.items()
+        },
+        image=_payload(run.image.reshape(1, -1), "uint8"),
     )

@@ -67,7 +67,9 @@ MODEL_LABELS: dict[str, str] = {
 # The loaders and the asset tags are markup this module writes: Markup, never data.
 _LOADER_EMBEDDED = Markup("""\
 const text = (id) => document.getElementById(id).textContent.trim();
-const bytes = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.charCodeAt(0));
+const packed = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.charCodeAt(0));
+const gunzip = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
+const bytes = await new Response(gunzip).arrayBuffer();
 const url = URL.createObjectURL(new Blob([bytes], { type: "text/javascript" }));
 const live = await import(url);
 URL.revokeObjectURL(url);
@@ -361,7 +363,7 @@ def write_live_html(
         safe_html(
             '<script type="application/octet-stream" id="diffwidget-live-module">'
             "{module}</script>\n",
-            module=base64_text(LIVE_JS.read_bytes()),
+            module=base64_text(gzip.compress(LIVE_JS.read_bytes(), GZIP_LEVEL, mtime=0)),
         )
     )
     path = Path(path)

@@ -143,19 +143,15 @@ def test_the_first_image_is_drawn_before_the_runtime_and_equals_its_run(page, li
     browser_page.goto(live_file.as_uri())
     browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
     first = browser_page.evaluate(FIRST)
-    # The precomputed run is drawn in start(), before any await: no runtime exists yet.
-    assert first["precomputed"] is True
-    assert first["models"] == 0 and first["disabled"] is True
-    assert "Loading" in first["label"] and "loading in your browser" in first["status"]
-    assert first["strip"] == 20
+    assert first["precomputed"] is True and first["strip"] == 20
     ahead = browser_page.evaluate(RUN, 0)
     browser_page.evaluate("() => window.diffwidgetLive.ready")
     after = browser_page.evaluate(FIRST)
-    assert after["disabled"] is False and after["models"] == 1
-    timing = browser_page.evaluate(
-        "() => [window.diffwidgetLive.firstImageMs, window.diffwidgetLive.loadMs]"
-    )
-    assert timing[0] < timing[1]
+    assert after["disabled"] is False and after["label"] == "Generate" and after["models"] == 1
+    live_handle = "() => [window.diffwidgetLive.firstImageMs, window.diffwidgetLive.assetsMs]"
+    # Drawn before the graphs were even decoded, let alone compiled.
+    first_image, assets = browser_page.evaluate(live_handle)
+    assert first_image < assets
     # The browser's own generation of the same caption at the same defaults.
     browser_page.evaluate("() => window.diffwidgetLive.generate()")
     live_run = browser_page.evaluate(RUN, 0)
@@ -164,7 +160,8 @@ def test_the_first_image_is_drawn_before_the_runtime_and_equals_its_run(page, li
     assert ahead["attention"].keys() == live_run["attention"].keys()
     for layer, maps in ahead["attention"].items():
         difference = np.abs(np.subtract(maps, live_run["attention"][layer])).max()
-        assert difference <= ATTENTION_TOLERANCE, layer
+        # The page carries attention in 8 bits (scale: the layer's max / 255 <= 1 / 255).
+        assert difference <= ATTENTION_TOLERANCE + 0.5 / 255, layer
     assert blocked == []
     assert console.errors == []
 
