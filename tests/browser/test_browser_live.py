@@ -143,11 +143,14 @@ def test_the_first_image_is_drawn_before_the_runtime_and_equals_its_run(page, li
     browser_page.goto(live_file.as_uri())
     browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
     first = browser_page.evaluate(FIRST)
-    assert first["precomputed"] is True and first["strip"] == 20
+    assert first["precomputed"] is True
+    assert first["strip"] == 20
     ahead = browser_page.evaluate(RUN, 0)
     browser_page.evaluate("() => window.diffwidgetLive.ready")
     after = browser_page.evaluate(FIRST)
-    assert after["disabled"] is False and after["label"] == "Generate" and after["models"] == 1
+    assert after["disabled"] is False
+    assert after["label"] == "Generate"
+    assert after["models"] == 1
     live_handle = "() => [window.diffwidgetLive.firstImageMs, window.diffwidgetLive.assetsMs]"
     # Drawn before the graphs were even decoded, let alone compiled.
     first_image, assets = browser_page.evaluate(live_handle)
@@ -173,7 +176,9 @@ def test_a_page_written_without_the_first_image_generates_it(page, tmp_path) -> 
     browser_page.goto(path.as_uri())
     browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
     state = browser_page.evaluate(FIRST)
-    assert state["precomputed"] is False and state["models"] == 1 and state["strip"] == 20
+    assert state["precomputed"] is False
+    assert state["models"] == 1
+    assert state["strip"] == 20
     assert console.errors == []
 
 
