@@ -14,7 +14,7 @@ import base64
 import gzip
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -267,14 +267,17 @@ def first_run(
     >>> run.previews.shape  # doctest: +SKIP
     [20, 12288]
     """
-    from diffwidget.models.loader import load_demo_pipeline
+    from diffwidget.models.loader import DEMO_MODELS, DemoModel, load_demo_pipeline
     from diffwidget.tracing.families import denoiser_family
+
+    if model not in DEMO_MODELS:
+        raise ValueError(f"model must be one of {DEMO_MODELS}, got {model!r}")
 
     graphs = graphs if graphs is not None else LiveGraphs(model)
     manifest = graphs.manifest
     steps = steps if steps is not None else manifest.default_steps
     guidance = guidance_scale if guidance_scale is not None else manifest.default_guidance
-    pipe = load_demo_pipeline(model)
+    pipe = load_demo_pipeline(cast("DemoModel", model))
     run = generate(graphs, pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance)
     selected = denoiser_family(pipe).prompt_tokens(prompt, {}).select("default")
 
