@@ -128,6 +128,8 @@ def export_live(args: argparse.Namespace) -> int:
         if caption:
             for note in check_prompt(caption):
                 print(note, file=sys.stderr)
+    # The page's first caption is generated now (onnxruntime) so the page shows it at once.
+    print("generating the first caption ahead …", file=sys.stderr, flush=True)
     if args.folder is not None:
         folder = Path(args.folder).expanduser()
         if folder.exists() and not folder.is_dir():
