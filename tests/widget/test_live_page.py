@@ -9,6 +9,7 @@ import base64
 import gzip
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,13 @@ def test_the_embedded_first_image_is_the_trace_of_the_default_caption(tmp_path: 
         assert np.abs(got - maps).max() <= 0.5 * first["attention"][layer]["scale"] + 1e-3
     plain = live.write_live_html(tmp_path / "plain.html", first_image=False)
     assert _config(plain.read_text())["first"] == []
+
+
+def test_the_first_image_needs_onnxruntime_only_when_asked_for(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if absent
+    assert live.first_runs("a red circle", ("unet",), None) == ()
+    with pytest.raises(ImportError, match="live-export"):
+        live.first_runs("a red circle", ("unet",), True)
 
 
 def test_a_page_with_both_models_ships_the_shared_decoders_once(tmp_path: Path) -> None:
