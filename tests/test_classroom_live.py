@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -157,7 +159,6 @@ def test_live_is_a_classroom_mode_and_chosen_by_name(
         ["--no-token"],
         ["--max-students", "5"],
         ["--notebook", "03"],
-        ["--model", "dit"],
     ],
 )
 def test_options_live_cannot_honour_are_refused(
@@ -179,13 +180,15 @@ def _site_folder(pid: int) -> Path:
     pytest.fail("no static server under the command")
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def _start(
+    tmp_path: Path, options: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     log = tmp_path / "demo.log"
     command = [sys.executable, "-m", "diffwidget.cli", "demo", "--classroom", "live"]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*command, "--no-browser", "--port", str(port)],
+            [*command, "--no-browser", "--port", str(port), *options],
             cwd=tmp_path,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -248,3 +251,44 @@ def test_classroom_parses_live_and_defaults_to_voila() -> None:
     args = cli.build_parser().parse_args(["demo", "--classroom", "live"])
     assert args.classroom == cli.classroom.LIVE_MODE
     assert cli.build_parser().parse_args(["demo", "--classroom"]).classroom == "voila"
+
+
+def test_a_notebook_takes_one_model_and_live_one_or_both(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, _, err = run(["demo", "--model", "unet", "dit", "--no-browser"], capsys)
+    assert status == cli.EXIT_USAGE
+    assert "--classroom live" in err
+    status, _, err = run(["demo", "--classroom", "live", "--model", "dit", "dit"], capsys)
+    assert status == cli.EXIT_USAGE
+    assert "twice" in err
+
+
+@pytest.mark.skipif(not live.LIVE_JS.is_file(), reason="needs npm run build in js/")
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server through /proc")
+@pytest.mark.parametrize("models", [("dit",), ("unet", "dit")])
+def test_the_command_serves_the_models_asked_for(tmp_path: Path, models: tuple[str, ...]) -> None:
+    process, port, _ = _start(tmp_path, ("--model", *models))
+    try:
+        folder = _site_folder(process.pid)
+        status, _, body = request(port, "/")
+        assert status == 200
+        config = json.loads(
+            re.search(rb'id="diffwidget-live-config">(.*?)</script>', body, re.S).group(1)
+        )
+        assert [m["manifest"]["model"] for m in config["models"]] == list(models)
+        for model in models:
+            status, _, manifest = request(port, f"/{model}/manifest.json")
+            assert status == 200
+            assert manifest == (folder / model / "manifest.json").read_bytes()
+        status, _, _ = request(port, "/dit/transformer.onnx", "HEAD")
+        assert status == 200
+        status, _, _ = request(port, "/unet/unet.onnx", "HEAD")
+        assert status == (200 if "unet" in models else 404)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise

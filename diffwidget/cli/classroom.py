@@ -76,6 +76,8 @@ class Classroom:
     token: str | None
     max_students: int
     open_browser: bool
+    #: ``live`` only: the embedded models the page runs, side by side in this order.
+    models: tuple[str, ...] = ("unet",)
 
     def urls(self) -> list[str]:
         """The URLs to give the students, token included."""
@@ -271,7 +273,8 @@ def serve_live(classroom: Classroom, kernel_env: dict[str, str]) -> int:
 
     room = replace(classroom, token=None)
     with tempfile.TemporaryDirectory(prefix="diffwidget-live-") as folder:
-        write_live_folder(folder)
+        _say(f"writing the live page ({' and '.join(room.models)}) …")
+        write_live_folder(folder, models=room.models)
         size_mb = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
         command = [sys.executable, "-m", "diffwidget.cli.static_site", folder]
         command += ["--ip", room.ip, "--port", str(room.port)]

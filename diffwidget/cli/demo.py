@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +156,6 @@ def _check_live_options(args: argparse.Namespace) -> None:
         option
         for option, value in (
             ("--notebook", args.notebook),
-            ("--model", None if args.model == "unet" else args.model),
             ("--token/--no-token", args.token),
             ("--max-students", args.max_students),
         )
@@ -162,10 +163,23 @@ def _check_live_options(args: argparse.Namespace) -> None:
     ]
     if given:
         raise UsageError(
-            f"--classroom live serves the live page (the embedded UNet, run in each student's "
+            f"--classroom live serves the live page (the embedded models, run in each student's "
             f"browser; no kernel, no code on this machine): {', '.join(given)} do not apply; "
             "use --classroom voila for a notebook"
         )
+
+
+def _models(chosen: Sequence[str] | None, live: bool) -> tuple[str, ...]:
+    """The ``--model`` choice: one model for a notebook, one or both for the live page."""
+    models = tuple(chosen or ("unet",))
+    if len(set(models)) != len(models):
+        raise UsageError(f"--model names a model twice: {' '.join(models)}")
+    if len(models) > 1 and not live:
+        raise UsageError(
+            "--model takes one model for a notebook; both (--model unet dit) only with "
+            "--classroom live, whose page shows them side by side"
+        )
+    return models
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -173,8 +187,10 @@ def demo(args: argparse.Namespace) -> int:
     if not args.classroom and (args.token is not None or args.max_students is not None):
         raise UsageError("--token, --no-token and --max-students apply to --classroom only")
     live = args.classroom == classroom.LIVE_MODE
+    models = _models(args.model, live)
     if live:
         _check_live_options(args)
+    args.model = models[0]
     source = resolve_notebook(args.notebook)
     if args.check:
         return _check(source, args.model)
@@ -190,6 +206,7 @@ def demo(args: argparse.Namespace) -> int:
             max_students=args.max_students,
             open_browser=not args.no_browser,
         )
+        room = replace(room, models=models)
         if not live:
             _announce_threads(kernel_env)
         return classroom.CLASSROOM_MODES[args.classroom](room, kernel_env)
@@ -243,8 +260,10 @@ def add_parser(sub: Any) -> None:
     p_demo.add_argument(
         "--model",
         choices=("unet", "dit"),
-        default="unet",
-        help="embedded model the notebooks load: the UNet or its DiT twin (default: %(default)s)",
+        nargs="+",
+        default=None,
+        help="embedded model the notebooks load: the UNet (default) or its DiT twin; with "
+        "--classroom live one or both side by side (--model unet dit)",
     )
     mode = p_demo.add_mutually_exclusive_group()
     mode.add_argument(
@@ -259,7 +278,7 @@ def add_parser(sub: Any) -> None:
         metavar="MODE",
         help="serve to a room; MODE (one of %(choices)s): voila (default; the notebook as an "
         "app that hides the code, one kernel per student, needs diffwidget[classroom]) or live "
-        "(the live page as static files: the embedded UNet runs in each student's browser, "
+        "(the live page as static files: the embedded models run in each student's browser, "
         "nothing runs on this machine, so no token and no student cap)",
     )
     room = p_demo.add_argument_group("classroom options")

@@ -8,6 +8,7 @@ DiT; ``--model unet dit``: both side by side) generates any caption in the reade
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -128,6 +129,9 @@ def export_live(args: argparse.Namespace) -> int:
         if caption:
             for note in check_prompt(caption):
                 print(note, file=sys.stderr)
+    # The page's first caption is generated now (onnxruntime) so the page shows it at once.
+    if importlib.util.find_spec("onnxruntime") is not None:
+        print("generating the first caption ahead …", file=sys.stderr, flush=True)
     if args.folder is not None:
         folder = Path(args.folder).expanduser()
         if folder.exists() and not folder.is_dir():

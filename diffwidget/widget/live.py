@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffwidget._markup import Markup, base64_text, escape, markup_join, safe_html
 from diffwidget.explain.attention import PREFERRED_RESOLUTION, attention_kind
@@ -46,6 +46,9 @@ from diffwidget.models.scenes import EXAMPLE_CAPTIONS
 from diffwidget.tracing.trace import NORMALISATION_TEXT
 from diffwidget.widget.export import script_safe_json
 from diffwidget.widget.model import STATIC
+
+if TYPE_CHECKING:
+    from diffwidget.tracing.live_run import FirstRun
 
 LIVE_JS = STATIC / "live.js"
 WASM_FILE = "ort-wasm-simd-threaded.wasm"
@@ -64,7 +67,9 @@ MODEL_LABELS: dict[str, str] = {
 # The loaders and the asset tags are markup this module writes: Markup, never data.
 _LOADER_EMBEDDED = Markup("""\
 const text = (id) => document.getElementById(id).textContent.trim();
-const bytes = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.charCodeAt(0));
+const packed = Uint8Array.from(atob(text("diffwidget-live-module")), (c) => c.charCodeAt(0));
+const gunzip = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
+const bytes = await new Response(gunzip).arrayBuffer();
 const url = URL.createObjectURL(new Blob([bytes], { type: "text/javascript" }));
 const live = await import(url);
 URL.revokeObjectURL(url);
@@ -119,6 +124,8 @@ class LivePageConfig:
     prompt: str
     compare: str
     onnxruntime_web: str
+    #: Per model, ``prompt`` generated ahead (drawn while the runtime loads); may be empty.
+    first: tuple[FirstRun, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready data."""
@@ -200,10 +207,39 @@ def check_models(models: str | Sequence[str]) -> tuple[str, ...]:
     return chosen
 
 
+def first_runs(
+    prompt: str, models: Sequence[str], first_image: bool | None
+) -> tuple[FirstRun, ...]:
+    """Each model's run of ``prompt`` at the page's defaults, computed now with onnxruntime.
+
+    ``first_image=None`` computes them when onnxruntime is installed (none otherwise: the
+    page then generates its first image itself); ``True`` requires it; ``False`` skips.
+    """
+    if first_image is False:
+        return ()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if first_image:
+            raise ImportError(
+                "the first image is computed with onnxruntime: pip install "
+                "'diffwidget[live-export]', or leave the first image to the browser"
+            ) from None
+        return ()
+    from diffwidget.tracing.live_run import first_run
+
+    return tuple(first_run(model, prompt) for model in models)
+
+
 def live_config(
-    prompt: str = "", compare: str = "", models: str | Sequence[str] = "unet"
+    prompt: str = "",
+    compare: str = "",
+    models: str | Sequence[str] = "unet",
+    first_image: bool | None = False,
 ) -> LivePageConfig:
     """The page's config: each model's manifest (files checked) and facts, the captions.
+
+    ``first_image`` (see :func:`first_runs`) embeds the first caption generated ahead.
 
     Examples
     --------
@@ -213,16 +249,19 @@ def live_config(
     ['UNet: cross-attention, DPM-Solver++', 'DiT (MMDiT): joint attention, flow matching']
     """
     configs = []
-    for model in check_models(models):
+    chosen = check_models(models)
+    for model in chosen:
         manifest = load_live_manifest(model)
         configs.append(
             LiveModelConfig(manifest.to_json(), page_facts(manifest), MODEL_LABELS[model])
         )
+    caption = _check_caption(prompt, "prompt") or EXAMPLE_CAPTIONS[0]
     return LivePageConfig(
         models=tuple(configs),
-        prompt=_check_caption(prompt, "prompt") or EXAMPLE_CAPTIONS[0],
+        prompt=caption,
         compare=_check_caption(compare, "compare"),
         onnxruntime_web=runtime_version(),
+        first=first_runs(caption, chosen, first_image),
     )
 
 
@@ -289,6 +328,7 @@ def write_live_html(
     compare: str = "",
     title: str | None = None,
     models: str | Sequence[str] = "unet",
+    first_image: bool | None = None,
 ) -> Path:
     """Write the live page as one offline HTML file (every asset embedded).
 
@@ -304,6 +344,9 @@ def write_live_html(
         Page title.
     models : {"unet", "dit"} or a sequence of them
         The embedded models, side by side on each caption in this order.
+    first_image : bool, optional
+        Embed ``prompt`` generated now (onnxruntime, the page's defaults) so the page draws
+        it at once while its runtime loads. Default: when onnxruntime is installed.
 
     Returns
     -------
@@ -314,13 +357,13 @@ def write_live_html(
     --------
     >>> write_live_html("live.html", prompt="a small blue square at the top")  # doctest: +SKIP
     """
-    config = live_config(prompt, compare, models)
+    config = live_config(prompt, compare, models, first_image)
     assets = [_asset_tag(name, file) for name, file in asset_files(models).items()]
     assets.append(
         safe_html(
             '<script type="application/octet-stream" id="diffwidget-live-module">'
             "{module}</script>\n",
-            module=base64_text(LIVE_JS.read_bytes()),
+            module=base64_text(gzip.compress(LIVE_JS.read_bytes(), GZIP_LEVEL, mtime=0)),
         )
     )
     path = Path(path)
@@ -338,10 +381,12 @@ def write_live_folder(
     compare: str = "",
     title: str | None = None,
     models: str | Sequence[str] = "unet",
+    first_image: bool | None = None,
 ) -> Path:
     """Write the live page as a folder for a static web host (``index.html`` and its assets).
 
-    Graphs go into one sub-folder per model (``unet/``, ``dit/``) with its ``manifest.json``.
+    Graphs go into one sub-folder per model (``unet/``, ``dit/``) with its ``manifest.json``;
+    ``first_image`` as in :func:`write_live_html`.
 
     Returns
     -------
@@ -352,7 +397,7 @@ def write_live_folder(
     --------
     >>> write_live_folder("course/diffusion")  # doctest: +SKIP
     """
-    config = live_config(prompt, compare, models)
+    config = live_config(prompt, compare, models, first_image)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for model in check_models(models):

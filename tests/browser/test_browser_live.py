@@ -147,6 +147,74 @@ def test_a_typed_caption_gives_the_kernels_image_offline(page, live_file, refere
     assert console.errors == []
 
 
+FIRST = """() => {
+  const live = window.diffwidgetLive;
+  const button = document.querySelector(".dwl-generate");
+  return { precomputed: live.precomputed, models: live.models.length, disabled: button.disabled,
+    label: button.textContent, strip: document.querySelectorAll(".dwl-strip canvas").length,
+    status: document.querySelector(".dwl-status").textContent };
+}"""
+
+
+def first_equals_live(browser_page: Any, panel: int = 0, models: int = 1) -> None:
+    """The precomputed run drawn at once equals the page's own generation of it."""
+    ahead = browser_page.evaluate(RUN, panel)
+    ahead_state = browser_page.evaluate(STATE, [panel, None])
+    browser_page.evaluate("() => window.diffwidgetLive.ready")
+    after = browser_page.evaluate(FIRST)
+    assert after["disabled"] is False
+    assert after["label"] == "Generate"
+    assert after["models"] == models
+    live_handle = "() => [window.diffwidgetLive.firstImageMs, window.diffwidgetLive.assetsMs]"
+    # Drawn before the graphs were even decoded, let alone compiled.
+    first_image, assets = browser_page.evaluate(live_handle)
+    assert first_image < assets
+    # The browser's own generation of the same caption at the same defaults.
+    browser_page.evaluate("() => window.diffwidgetLive.generate()")
+    live_run = browser_page.evaluate(RUN, panel)
+    assert np.abs(np.subtract(ahead["image"], live_run["image"])).max() <= IMAGE_TOLERANCE
+    assert np.abs(np.subtract(ahead["previews"], live_run["previews"])).max() <= IMAGE_TOLERANCE
+    assert ahead["attention"].keys() == live_run["attention"].keys()
+    for layer, maps in ahead["attention"].items():
+        difference = np.abs(np.subtract(maps, live_run["attention"][layer])).max()
+        # The page carries attention in 8 bits (scale: the layer's max / 255 <= 1 / 255).
+        assert difference <= ATTENTION_TOLERANCE + 0.5 / 255, layer
+    # The noisy previews come from the latents the page replays from the float16 noise.
+    live_state = browser_page.evaluate(STATE, [panel, None])
+    assert ahead_state["tokens"] == live_state["tokens"]
+    assert ahead_state["timesteps"] == live_state["timesteps"]
+    for key, tolerance in (("previews", IMAGE_TOLERANCE), ("noisy_previews", NOISY_TOLERANCE)):
+        a = _array(ahead_state[key]).astype(np.int64)
+        b = _array(live_state[key]).astype(np.int64)
+        assert np.abs(a - b).max() <= tolerance, key
+
+
+def test_the_first_image_is_drawn_before_the_runtime_and_equals_its_run(page, live_file) -> None:
+    browser_page, console = page
+    blocked = _offline(browser_page)
+    browser_page.goto(live_file.as_uri())
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    first = browser_page.evaluate(FIRST)
+    assert first["precomputed"] is True
+    assert first["strip"] == 20
+    first_equals_live(browser_page)
+    assert blocked == []
+    assert console.errors == []
+
+
+def test_a_page_written_without_the_first_image_generates_it(page, tmp_path) -> None:
+    browser_page, console = page
+    path = live.write_live_html(tmp_path / "plain.html", first_image=False)
+    _offline(browser_page)
+    browser_page.goto(path.as_uri())
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    state = browser_page.evaluate(FIRST)
+    assert state["precomputed"] is False
+    assert state["models"] == 1
+    assert state["strip"] == 20
+    assert console.errors == []
+
+
 def test_the_browser_fills_the_payloads_the_kernel_sends(page, live_file, reference) -> None:
     browser_page, _ = page
     _offline(browser_page)

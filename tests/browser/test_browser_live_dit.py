@@ -25,6 +25,7 @@ from tests.browser.test_browser_live import (
     SEED,
     _generate,
     _offline,
+    first_equals_live,
     same_payloads,
 )
 
@@ -84,5 +85,17 @@ def test_one_caption_through_both_models_side_by_side(page, tmp_path: Path, dit_
     # One slider: moving the UNet's step moves the DiT's.
     browser_page.locator(".dw-range >> nth=0").fill("4")
     browser_page.wait_for_function("() => window.diffwidgetLive.panels[1].model.get('step') === 4")
+    assert blocked == []
+    assert console.errors == []
+
+
+def test_the_dit_pages_first_image_is_drawn_at_once_and_equals_its_run(page, tmp_path) -> None:
+    browser_page, console = page
+    blocked = _offline(browser_page)
+    path = live.write_live_html(tmp_path / "dit.html", models="dit", first_image=True)
+    browser_page.goto(path.as_uri())
+    browser_page.wait_for_function(READY, timeout=LOAD_TIMEOUT_MS)
+    assert browser_page.evaluate("() => window.diffwidgetLive.precomputed") is True
+    first_equals_live(browser_page)
     assert blocked == []
     assert console.errors == []

@@ -1,7 +1,7 @@
 """The shipped ONNX exports of the embedded UNet and DiT: current, complete, equal to the trace.
 
 The exported graphs run through Python's onnxruntime with the pipeline's own tokenizer,
-noise and scheduler (:mod:`diffwidget.testing.live`); the trace of the same caption and seed
+noise and scheduler (:mod:`diffwidget.tracing.live_run`); the trace of the same caption and seed
 is the independent reference (torch, diffusers' processors, the capture's side computation).
 """
 
@@ -137,7 +137,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def graphs():
-    from diffwidget.testing.live import LiveGraphs
+    from diffwidget.tracing.live_run import LiveGraphs
 
     return LiveGraphs("unet")
 
@@ -149,7 +149,7 @@ def dit_pipe():
 
 @pytest.fixture(scope="module")
 def dit_graphs():
-    from diffwidget.testing.live import LiveGraphs
+    from diffwidget.tracing.live_run import LiveGraphs
 
     return LiveGraphs("dit")
 
@@ -184,7 +184,7 @@ def test_the_dit_text_graph_builds_the_pipelines_joint_embeddings(dit_pipe, dit_
 @pytest.mark.slow
 @pytest.mark.parametrize(("prompt", "seed"), CASES[1:])
 def test_the_exported_dit_graphs_reproduce_the_trace(dit_pipe, dit_graphs, prompt, seed) -> None:
-    from diffwidget.testing.live import generate
+    from diffwidget.tracing.live_run import generate
 
     reference = diffwidget.trace(dit_pipe, prompt, seed=seed)
     run = generate(dit_graphs, dit_pipe, prompt, seed=seed, guidance_scale=reference.guidance_scale)
@@ -215,7 +215,7 @@ def _same_as_trace(run, reference, manifest) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("prompt", "seed"), CASES)
 def test_the_exported_graphs_reproduce_the_trace(pipe, graphs, prompt, seed) -> None:
-    from diffwidget.testing.live import generate
+    from diffwidget.tracing.live_run import generate
 
     reference = diffwidget.trace(pipe, prompt, seed=seed)
     run = generate(graphs, pipe, prompt, seed=seed, guidance_scale=reference.guidance_scale)

@@ -9,8 +9,10 @@ import base64
 import gzip
 import json
 import re
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffwidget import cli
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 #: The page's download budget (gzip), from the live model's goals.
 GZIP_BUDGET = 8_000_000
+CAPTION = "a small blue square above a yellow triangle"
 
 
 def _config(page: str) -> dict:
@@ -56,6 +59,49 @@ def test_the_page_fits_the_download_budget(tmp_path: Path) -> None:
     path = live.write_live_html(tmp_path / "page.html")
     assert len(gzip.compress(path.read_bytes(), 6)) <= GZIP_BUDGET
     assert "transformer.onnx" not in path.read_text()  # the DiT only where a page asks for it
+
+
+def _decoded(array: dict) -> np.ndarray:
+    """A first-run array as the page decodes it (gzip, delta rows, scale)."""
+    raw = gzip.decompress(base64.b64decode(array["data"]))
+    if array["encoding"] == "float16":
+        return np.frombuffer(raw, "<f2").astype(np.float32).reshape(array["shape"])
+    rows = np.frombuffer(raw, np.uint8).reshape(array["shape"])
+    if array["delta"]:
+        rows = np.cumsum(rows, axis=0, dtype=np.uint64) % 256
+    return rows.astype(np.float64) * array["scale"]
+
+
+def test_the_embedded_first_image_is_the_trace_of_the_default_caption(tmp_path: Path) -> None:
+    import diffwidget
+
+    path = live.write_live_html(tmp_path / "page.html", prompt=CAPTION, first_image=True)
+    [first] = _config(path.read_text())["first"]
+    assert (first["model"], first["prompt"], first["seed"]) == ("unet", CAPTION, 0)
+    reference = diffwidget.trace(diffwidget.load_demo_pipeline(), CAPTION, seed=0)
+    # The page's defaults are the manifest's, which trace() uses when given none.
+    assert first["steps"] == len(reference.timesteps)
+    assert first["guidance"] == reference.guidance_scale
+    assert first["timesteps"] == [int(t) for t in reference.timesteps]
+    image = _decoded(first["image"]).reshape(reference.image.shape)
+    assert np.abs(image - reference.image).max() <= 1
+    previews = _decoded(first["previews"]).reshape(reference.previews.shape)
+    assert np.abs(previews - reference.previews).max() <= 1
+    noise = _decoded(first["noise_pred"]).reshape(reference.noise_pred.shape)
+    assert np.abs(noise - reference.noise_pred).max() <= 2e-3 * np.abs(reference.noise_pred).max()
+    for layer, maps in reference.attention.items():
+        got = _decoded(first["attention"][layer]).reshape(maps.shape)
+        # 8 bits: half a level of the layer's max / 255, plus the export's own 1e-3.
+        assert np.abs(got - maps).max() <= 0.5 * first["attention"][layer]["scale"] + 1e-3
+    plain = live.write_live_html(tmp_path / "plain.html", first_image=False)
+    assert _config(plain.read_text())["first"] == []
+
+
+def test_the_first_image_needs_onnxruntime_only_when_asked_for(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if absent
+    assert live.first_runs("a red circle", ("unet",), None) == ()
+    with pytest.raises(ImportError, match="live-export"):
+        live.first_runs("a red circle", ("unet",), True)
 
 
 def test_a_page_with_both_models_ships_the_shared_decoders_once(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
  * which works from file://), or fetched from the page's own folder (a static web host).
  * Nothing else is ever requested.
  */
+import type { FirstRunPayload } from "./first";
 import type { GraphName, LiveManifest } from "./manifest";
 import { checkManifest, modelGraphs } from "./manifest";
 import type { PageFacts } from "./payloads";
@@ -142,6 +143,8 @@ export interface PageConfig {
   compare: string;
   /** onnxruntime-web version bundled (for the licence line). */
   onnxruntime_web: string;
+  /** Per model, the first caption generated ahead (none: generated once the page loads). */
+  first: FirstRunPayload[];
 }
 
 /** The smallest valid WebAssembly module (magic and version). */

@@ -75,7 +75,7 @@ export class LiveModel {
   private constructor(
     readonly manifest: LiveManifest,
     private readonly sessions: Partial<Record<GraphName, ort.InferenceSession>>,
-    private readonly tail: TailToken,
+    readonly tail: TailToken,
   ) {
     this.tokenizer = new WordTokenizer(manifest.tokenizer);
   }
@@ -110,23 +110,6 @@ export class LiveModel {
     return session.run(feeds);
   }
 
-  /** The caption's tokens over every text position, and those a trace keeps by default. */
-  private textPositions(prompt: string): { tokens: Tokenized; selected: number[] } {
-    const clip = this.tokenizer.encode(prompt);
-    const selected = defaultSelection(clip.kinds);
-    const n = this.manifest.text_tail;
-    if (n === 0) return { tokens: clip, selected };
-    // A trace keeps the first of the identical tail positions (tracing/tokens.py).
-    return {
-      tokens: {
-        ids: [...clip.ids, ...new Array<number>(n).fill(-1)],
-        strings: [...clip.strings, ...new Array<string>(n).fill(this.tail.string)],
-        kinds: [...clip.kinds, ...new Array<TokenKind>(n).fill(this.tail.kind)],
-      },
-      selected: [...selected, clip.ids.length],
-    };
-  }
-
   /** Check a request against what the model supports; returns a message or "". */
   problem(request: GenerateRequest): string {
     const { seed, steps, guidance } = request;
@@ -151,7 +134,12 @@ export class LiveModel {
     const [h, w] = m.latent_hw;
     const c = m.latent_channels;
     const size = c * h * w;
-    const { tokens, selected } = this.textPositions(request.prompt);
+    const { tokens, selected } = textPositions(
+      this.tokenizer,
+      m.text_tail,
+      this.tail,
+      request.prompt,
+    );
     const empty = this.tokenizer.encode("");
     const length = m.tokenizer.max_length;
     const clipIds = [...empty.ids, ...tokens.ids.slice(0, length)];
@@ -216,6 +204,27 @@ export class LiveModel {
     run.millis = performance.now() - start;
     return run;
   }
+}
+
+/** The caption's tokens over every text position, and those a trace keeps by default. */
+export function textPositions(
+  tokenizer: WordTokenizer,
+  tailLength: number,
+  tail: TailToken,
+  prompt: string,
+): { tokens: Tokenized; selected: number[] } {
+  const clip = tokenizer.encode(prompt);
+  const selected = defaultSelection(clip.kinds);
+  if (tailLength === 0) return { tokens: clip, selected };
+  // A trace keeps the first of the identical tail positions (tracing/tokens.py).
+  return {
+    tokens: {
+      ids: [...clip.ids, ...new Array<number>(tailLength).fill(-1)],
+      strings: [...clip.strings, ...new Array<string>(tailLength).fill(tail.string)],
+      kinds: [...clip.kinds, ...new Array<TokenKind>(tailLength).fill(tail.kind)],
+    },
+    selected: [...selected, clip.ids.length],
+  };
 }
 
 /** Columns `keep` of a row-major [rows, width] matrix. */
