@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ONE_THREAD, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "capture", "concepts", "both")
 #: Flux.1's transformer width (diffusers' FluxTransformer2DModel config of FLUX.1-dev).
@@ -47,16 +50,7 @@ FLUX_BLOCKS = {
 }
 WORDS = ("circle", "square", "sky", "dog", "red")
 PROMPT = "a red circle on the left"
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 MB = 2**20
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def flux_pipeline(seed: int = 0) -> Any:
@@ -117,7 +111,7 @@ def measure(variant: str, image_tokens: int, text_tokens: int) -> dict[str, Any]
         )
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     wall = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny encoders' and an undecoded trace's notes
@@ -140,7 +134,7 @@ def measure(variant: str, image_tokens: int, text_tokens: int) -> dict[str, Any]
                 )
     out: dict[str, Any] = {
         "variant": variant,
-        "extra_peak_mb": round((_status("VmHWM") - before) / MB, 1),
+        "extra_peak_mb": round((proc_status("VmHWM") - before) / MB, 1),
         "rss_before_mb": round(before / MB, 1),
         "wall_s": round(time.perf_counter() - wall, 1),
     }

@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ONE_THREAD, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 SHAPES = ("sd15", "sdxl")
@@ -49,22 +52,8 @@ VARIANTS = ("plain", "trace")
 #: Goal: trace()'s extra peak at most this multiple of the plain pipeline's.
 GOAL_RATIO = 1.25
 #: Every measuring process runs on one thread.
-ONE_THREAD = {
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "NUMEXPR_NUM_THREADS": "1",
-}
 PROMPT = "a red circle on the left"
 MB = 2**20
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def measure(shape: str, variant: str, steps: int) -> dict[str, Any]:
@@ -96,11 +85,11 @@ def measure(shape: str, variant: str, steps: int) -> dict[str, Any]:
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
     result = call()
     out["wall_s"], out["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
-    out["extra_peak_mb"] = (_status("VmHWM") - before) / MB
+    out["extra_peak_mb"] = (proc_status("VmHWM") - before) / MB
     out["rss_before_mb"] = before / MB
     if variant == "trace":
         facts = result.facts

@@ -95,6 +95,23 @@ SDXL_TEXT_2_NARROW = dict(SDXL_TEXT_2, num_hidden_layers=2)
 MIN_REPEATS = 5
 
 
+#: Environment of a measuring subprocess: every thread pool of the numeric libraries at one.
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
+
+
+def proc_status(key: str) -> int:
+    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``; Linux only)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def sd15_text_encoder(tokenizer: Any) -> Any:
     """A CLIP text encoder of SD-1.5's shape, random weights, sized to ``tokenizer``."""
     from transformers import CLIPTextModel
