@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ONE_THREAD, proc_status
+from benchlib import child_json, proc_status
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "capture", "concepts", "both")
@@ -147,17 +146,10 @@ def measure(variant: str, image_tokens: int, text_tokens: int) -> dict[str, Any]
 
 
 def _child(variant: str, image_tokens: int, text_tokens: int) -> dict[str, Any]:
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        f"{variant},{image_tokens},{text_tokens}",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"variant": variant, "error": done.stderr.strip().splitlines()[-3:]}
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = child_json(__file__, f"{variant},{image_tokens},{text_tokens}", REPO)
+    if "error" in out:
+        out["variant"] = variant
+    return out
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ONE_THREAD, proc_status
+from benchlib import child_json, proc_status
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -101,17 +101,7 @@ def measure(shape: str, variant: str, steps: int) -> dict[str, Any]:
 
 
 def _child(root: Path, shape: str, variant: str, steps: int) -> dict[str, Any]:
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(root)}
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        f"{shape},{variant},{steps}",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(__file__, f"{shape},{variant},{steps}", root)
 
 
 def _baseline(ref: str, where: Path) -> Path:

@@ -4,10 +4,12 @@ machine record."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -110,6 +112,20 @@ def proc_status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def child_json(script: str | Path, argument: str, root: str | Path) -> dict[str, Any]:
+    """Run ``script --child argument`` in a fresh one-thread process importing ``root``.
+
+    Returns the JSON object of the child's last stdout line, or ``{"error": ...}`` with the
+    last line of its stderr when it failed (each measurement of a peak needs its own process).
+    """
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(root)}
+    command = [sys.executable, str(Path(script).resolve()), "--child", argument]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def sd15_text_encoder(tokenizer: Any) -> Any:
