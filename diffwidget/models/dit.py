@@ -33,6 +33,7 @@ from diffwidget.models.architecture import (
     VAE_CONFIG,
     build_tokenizer,
 )
+from diffwidget.models.sd3_attention import joint_outputs, joint_qkv
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -149,49 +150,6 @@ def build_dit_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     (2, 16)
     """
     return assemble_dit_pipeline(build_dit_components(seed))
-
-
-def joint_qkv(attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> tuple[Any, Any, Any]:
-    """Queries, keys and values of SD3 joint attention, heads first, image tokens then text.
-
-    Each stream through its own projections and query/key norms, as diffusers'
-    ``JointAttnProcessor2_0`` computes them: ``[batch, heads, n_image + n_text, head_dim]``.
-    """
-    import torch
-
-    batch = hidden_states.shape[0]
-
-    def heads(x: Any) -> Any:
-        return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-    query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-    value = heads(attn.to_v(hidden_states))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    text_query = heads(attn.add_q_proj(encoder_hidden_states))
-    text_key = heads(attn.add_k_proj(encoder_hidden_states))
-    text_value = heads(attn.add_v_proj(encoder_hidden_states))
-    if attn.norm_added_q is not None:
-        text_query = attn.norm_added_q(text_query)
-    if attn.norm_added_k is not None:
-        text_key = attn.norm_added_k(text_key)
-    return (
-        torch.cat([query, text_query], dim=2),
-        torch.cat([key, text_key], dim=2),
-        torch.cat([value, text_value], dim=2),
-    )
-
-
-def joint_outputs(attn: Any, out: Any, n_image: int) -> tuple[Any, Any]:
-    """The image and text outputs of joint attention ``out`` (heads first), projected."""
-    batch, n_heads, _, head_dim = out.shape
-    out = out.transpose(1, 2).reshape(batch, -1, n_heads * head_dim)
-    image_out, text_out = out[:, :n_image], out[:, n_image:]
-    if not attn.context_pre_only:
-        text_out = attn.to_add_out(text_out)
-    return attn.to_out[1](attn.to_out[0](image_out)), text_out
 
 
 class TailWeightedJointAttnProcessor:

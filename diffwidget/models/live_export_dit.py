@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from diffwidget.models.dit import joint_outputs, joint_qkv
 from diffwidget.models.live_graphs import (
     ATTENTION_PREFIX,
     CFG_HALVES,
@@ -39,6 +38,7 @@ from diffwidget.models.live_graphs import (
     tokenizer_facts,
 )
 from diffwidget.models.live_manifest import AttentionOutput
+from diffwidget.models.sd3_attention import joint_outputs, joint_qkv
 
 
 class ExportJointAttnProcessor:

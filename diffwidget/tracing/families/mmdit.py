@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from diffwidget.models.sd3_attention import joint_outputs, joint_qkv
 from diffwidget.tracing.attention import ProcessorFactory
 from diffwidget.tracing.cfg import CfgLayout
 from diffwidget.tracing.concept_attention import (
@@ -102,44 +103,17 @@ class SD3ExplicitProcessor:
         **kwargs: Any,
     ) -> Any:
         batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
-        key = attn.to_k(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = (
-            split(attn.to_q(hidden_states)),
-            split(key),
-            split(attn.to_v(hidden_states)),
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        n_text = 0
         text = encoder_hidden_states
-        if text is not None:
-            n_text = text.shape[1]
-            eq, ek = split(attn.add_q_proj(text)), split(attn.add_k_proj(text))
-            ev = split(attn.add_v_proj(text))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            query, key = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
+        query, key, value = joint_qkv(attn, hidden_states, text)
+        n_text = 0 if text is None else text.shape[1]
         probs = explicit_softmax(query, key)
         kind: AttentionKind = "joint" if n_text else "self"
         self.records.append(AttentionRecord(self.path, probs, kind, n_text, text_first=False))
-        out = torch.matmul(probs, value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        out = out.to(query.dtype)
+        out = torch.matmul(probs, value).to(query.dtype)
         if text is None:
+            out = out.transpose(1, 2).reshape(batch, n_image, -1)
             return attn.to_out[1](attn.to_out[0](out))
-        image, text_out = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            text_out = attn.to_add_out(text_out)
-        return attn.to_out[1](attn.to_out[0](image)), text_out
+        return joint_outputs(attn, out, n_image)
 
 
 class SD3ConceptLayer(ConceptLayer):
