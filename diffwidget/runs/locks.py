@@ -11,7 +11,10 @@ apart, on any file system that honours ``O_EXCL`` (local disks, NFS, Lustre):
   holding who took it (host, process id, the process's start time and a random token). A
   lock whose process is gone is taken over: on the same host at once (the process id is
   dead, or now names another process), from another host when it has not been refreshed for
-  :data:`LOCK_STALE_SECONDS` (holders refresh it every :data:`LOCK_REFRESH_SECONDS`);
+  :data:`LOCK_STALE_SECONDS` (holders refresh it every :data:`LOCK_REFRESH_SECONDS`).
+  A stale lock is removed only under a claim on that very lock file (``<key>.<digest of its
+  content>.break.lock``, an item lock itself): one process removes it, and only while it still
+  holds the same content, so a live lock made meanwhile is never removed;
 * temporary files carry their writer's process id and host, and are removed only when their
   writer is gone; another process's file in flight is never touched.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -150,13 +154,37 @@ def _this_host() -> str:
     return f"{socket.gethostname()} {space}" if space else socket.gethostname()
 
 
-def _read_tag(path: Path) -> ProcessTag | None:
-    """The owner written in a lock file; ``None`` when it cannot be read as one."""
+@dataclass(frozen=True)
+class LockFile:
+    """What one read of a lock file found: a digest of its bytes and the owner they name."""
+
+    digest: str
+    holder: ProcessTag | None
+
+
+def _read_lock(path: Path) -> LockFile | None:
+    """The lock file as it is now; ``None`` when there is none."""
     try:
         with open(path, "rb") as handle:
-            data = json.loads(handle.read(_MAX_LOCK_BYTES))
+            raw = handle.read(_MAX_LOCK_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raw = b""
+    return LockFile(hashlib.sha256(raw).hexdigest()[:16], _parse_tag(raw))
+
+
+def _read_tag(path: Path) -> ProcessTag | None:
+    """The owner written in a lock file; ``None`` when it cannot be read as one."""
+    found = _read_lock(path)
+    return found.holder if found is not None else None
+
+
+def _parse_tag(raw: bytes) -> ProcessTag | None:
+    try:
+        data = json.loads(raw)
         tag = ProcessTag(data["host"], data["pid"], data["started"], data["token"])
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):
         return None
     fields = (tag.host, tag.started, tag.token)
     if not all(isinstance(v, str) for v in fields) or type(tag.pid) is not int:
@@ -243,8 +271,10 @@ class ItemLock:
     (True, False)
     """
 
-    def __init__(self, folder: Path, key: str) -> None:
+    def __init__(self, folder: Path, key: str, *, refresh: bool = True) -> None:
         self.path = folder / f"{key}.lock"
+        self.key = key
+        self.refresh = refresh
         self.me = ProcessTag.current()
         self.taken = False
         self.holder: ProcessTag | None = None
@@ -257,13 +287,16 @@ class ItemLock:
         for _attempt in range(3):
             if create_exclusive(self.path, payload):
                 self.taken = True
-                self._start_refreshing()
+                if self.refresh:
+                    self._start_refreshing()
                 return True
-            holder = _read_tag(self.path)
-            if self.state(holder) == "held":
-                self.holder = holder
+            found = _read_lock(self.path)
+            if found is None:  # released meanwhile: try again
+                continue
+            if self.state(found.holder) == "held":
+                self.holder = found.holder
                 return False
-            self._break(holder)
+            self._break(found)
         self.holder = _read_tag(self.path)
         return False
 
@@ -277,18 +310,24 @@ class ItemLock:
             return "stale"
         return "held"
 
-    def _break(self, stale: ProcessTag | None) -> None:
-        """Remove a stale lock, putting back a live one a concurrent taker made meanwhile."""
-        moved = self.path.with_name(f".{self.path.name}{self.me.temp_mark}.broken")
+    def _break(self, stale: LockFile) -> None:
+        """Remove the stale lock file ``stale``, unless it has changed since it was read.
+
+        Every process that found it stale races for one claim named by its content; the
+        winner removes the file only if it still holds that content. A file is replaced only
+        after it is removed, and only the claim's holder removes it, so a live lock made
+        meanwhile (other content: each holder writes its own token) is never removed. A
+        claimant that dies leaves a stale claim, broken the same way one level down.
+        """
+        claim = ItemLock(self.path.parent, f"{self.key}.{stale.digest}.break", refresh=False)
+        if not claim.acquire():
+            return  # another process is removing it
         try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        found = _read_tag(moved)
-        if found is not None and (stale is None or found.token != stale.token):
-            with contextlib.suppress(FileExistsError):
-                os.link(moved, self.path)
-        moved.unlink(missing_ok=True)
+            now = _read_lock(self.path)
+            if now is not None and now.digest == stale.digest:
+                self.path.unlink(missing_ok=True)
+        finally:
+            claim.release()
 
     def owned(self) -> bool:
         """Whether the lock file still names this process (a stale-judged lock may not)."""
