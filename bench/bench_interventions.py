@@ -5,8 +5,10 @@ Three parts:
 ``speed``
     A full switch curve for one caption (20 switch points x 4 seeds) on the embedded UNet,
     one torch thread, beside the baseline that re-generates every branch from scratch in the
-    same run (the pipeline itself, its prompt embeddings swapped by a step callback), and a
-    check that both give the same judged outcomes.
+    same run (the pipeline itself, its prompt embeddings swapped by a step callback), a
+    check that both give the same judged outcomes, and the curve's FLOP floor: the FLOPs of
+    its denoiser rows (``FlopCounterMode``) at the rate of a large matmul measured in the same
+    run (``bench_rise.gemm_rate``), the time no implementation of these rows can beat.
 ``study``
     Commitment curves for colour, shape, size and position on held-out one-object scene
     captions (each caption switched to its twin with one attribute swapped,
@@ -87,6 +89,23 @@ def _from_scratch(pipe: Any, embeds_b: Any, k: int, seed: int) -> np.ndarray:
     return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
 
 
+def _row_floor(pipe: Any) -> tuple[int, float, float]:
+    """FLOPs of one branch row (the UNet on a CFG pair, one text length) and the large-matmul
+    rate of this process now: (FLOPs, FLOP/s by wall clock, FLOP/s per CPU second)."""
+    import torch
+    from bench_rise import count_flops, gemm_rate
+
+    unet = pipe.unet
+    size = int(unet.config.sample_size)
+    x = torch.randn(2, int(unet.config.in_channels), size, size)
+    length = int(pipe.tokenizer.model_max_length)
+    text = torch.randn(2, length, int(pipe.text_encoder.config.hidden_size))
+    t = torch.tensor([500.0])
+    flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=text, return_dict=False))
+    wall, cpu = gemm_rate(torch.device("cpu"), torch.float32)
+    return flops, wall, cpu
+
+
 def speed(args: argparse.Namespace) -> None:
     import torch
 
@@ -102,8 +121,12 @@ def speed(args: argparse.Namespace) -> None:
     trace_s = time.perf_counter() - t
     switch = PromptSwitch(switch_steps=list(range(SWITCH_POINTS)), progress_bar=False)
     t = time.perf_counter()
+    cpu = time.process_time()
     curves = switch.run(pipe, traces, word=WORD, replacement=REPLACEMENT)
     curve_s = time.perf_counter() - t
+    curve_cpu = time.process_time() - cpu
+    row_flops, gemm_wall, gemm_cpu = _row_floor(pipe)
+    floor_flops = row_flops * curves.meta["denoiser_rows"]
     # The baseline: every branch from scratch, B's embeddings as the pipeline encodes them.
     positive, negative = pipe.encode_prompt(curves.prompt_b, "cpu", 1, True, negative_prompt=None)
     embeds_b = torch.cat([negative, positive])
@@ -129,6 +152,13 @@ def speed(args: argparse.Namespace) -> None:
         f"{curves.meta['denoiser_rows']} denoiser rows in {curves.meta['denoiser_calls']} calls "
         f"(denoise {curves.meta['denoise_seconds']:.2f} s, "
         f"decode {curves.meta['decode_seconds']:.2f} s)",
+        f"- switch curve CPU time: {curve_cpu:.2f} s; FLOP floor of its denoiser rows: "
+        f"{row_flops / 1e9:.3f} GFLOP a row (CFG pair) x {curves.meta['denoiser_rows']} rows "
+        f"= {floor_flops / 1e9:.1f} GFLOP; large-matmul rate {gemm_wall / 1e9:.1f} GFLOP/s "
+        f"by wall clock, {gemm_cpu / 1e9:.1f} per CPU second; floor **"
+        f"{floor_flops / gemm_wall:.2f} s** wall / {floor_flops / gemm_cpu:.2f} s CPU; curve "
+        f"/ floor **{curve_s * gemm_wall / floor_flops:.2f}x** wall, "
+        f"{curve_cpu * gemm_cpu / floor_flops:.2f}x CPU",
         f"- from scratch ({SWITCH_POINTS * len(SPEED_SEEDS)} pipeline calls, judged): "
         f"**{scratch_s:.2f} s**; ratio **{scratch_s / curve_s:.2f}x** "
         f"(with the traces counted: {scratch_s / (curve_s + trace_s):.2f}x)",
@@ -139,7 +169,15 @@ def speed(args: argparse.Namespace) -> None:
     print("\n".join(lines))
     if args.json:
         args.json.write_text(
-            json.dumps({"lines": lines, "curve_s": curve_s, "scratch_s": scratch_s})
+            json.dumps(
+                {
+                    "lines": lines,
+                    "curve_s": curve_s,
+                    "scratch_s": scratch_s,
+                    "floor_wall_s": floor_flops / gemm_wall,
+                    "floor_cpu_s": floor_flops / gemm_cpu,
+                }
+            )
         )
 
 

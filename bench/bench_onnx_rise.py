@@ -1,15 +1,23 @@
-"""DF-RISE's mask batches through onnxruntime against torch, beside the FLOP floor, one thread.
+"""The embedded UNet's forward-only calls through onnxruntime against torch, beside the FLOP floor.
 
-DF-RISE at one step is ``n_masks`` CFG calls of the denoiser on masked latents; its forward
-passes need no gradients, so the exported graph could run them. This measures the part that
-dominates: the embedded UNet on ``2 * n_masks`` rows (both CFG halves) at one timestep, in
-chunks as DF-RISE batches them, by torch eager and by onnxruntime on a dynamic-batch export of
-the same UNet (float16 storage, float32 compute), alternating; and the FLOP floor of the same
-rows (``FlopCounterMode`` FLOPs divided by a large matmul's rate, as ``bench_rise.py``).
+Two workloads whose forward passes need no gradients, so the exported graph could run them:
+
+``--calls rise`` (default)
+    DF-RISE at one step: ``n_masks`` CFG calls of the denoiser on masked latents, i.e. the
+    UNet on ``2 * n_masks`` rows at one timestep, in chunks as DF-RISE batches them.
+``--calls switch``
+    The denoiser calls of one prompt-switch curve (``bench_interventions.py speed``): 20
+    switch points x 4 seeds over 20 steps, so at step ``j`` one call on ``(j + 1) * 4`` CFG
+    pairs (``2 * 4 * (j + 1)`` rows), 840 pairs in all.
+
+Each is run by torch eager and by onnxruntime on a dynamic-batch export of the same UNet
+(float16 storage, float32 compute), alternating, beside the FLOP floor of the same rows
+(``FlopCounterMode`` FLOPs divided by a large matmul's rate, as ``bench_rise.py``).
 
 Usage::
 
     python bench/bench_onnx_rise.py --masks 500 --repeats 3
+    python bench/bench_onnx_rise.py --calls switch --repeats 3
 """
 
 from __future__ import annotations
@@ -66,21 +74,36 @@ def export_dynamic(unet: Any, path: Path) -> None:
     store_float16(path)
 
 
+#: The switch curve of ``bench_interventions.py speed``: switch points, seeds, steps.
+SWITCH_POINTS, SWITCH_SEEDS = 20, 4
+
+
+def call_sizes(calls: str, masks: int) -> list[int]:
+    """Rows (both CFG halves) of each denoiser call of the workload."""
+    if calls == "switch":
+        return [2 * SWITCH_SEEDS * (j + 1) for j in range(SWITCH_POINTS)]
+    rows = 2 * masks
+    return [min(CHUNK, rows - i) for i in range(0, rows, CHUNK)]
+
+
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", choices=["rise", "switch"], default="rise")
     parser.add_argument("--masks", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     unet = load_demo_pipeline().unet.eval()
-    rows = 2 * args.masks
+    sizes = call_sizes(args.calls, args.masks)
+    rows, largest = sum(sizes), max(sizes)
     size = int(unet.config.sample_size)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 4, size, size, generator=gen)
-    e = torch.randn(rows, 16, 64, generator=gen)
+    x = torch.randn(largest, 4, size, size, generator=gen)
+    e = torch.randn(largest, 16, 64, generator=gen)
     t = torch.tensor([500.0])
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "unet_dynamic.onnx"
         export_dynamic(unet, path)
@@ -88,26 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         with torch.no_grad():
-            want = unet(x[:CHUNK], t, encoder_hidden_states=e[:CHUNK]).sample.numpy()
-        got = session.run(None, {"x": x[:CHUNK].numpy(), "t": t.numpy(), "e": e[:CHUNK].numpy()})
+            want = unet(x, t, encoder_hidden_states=e).sample.numpy()
+        got = session.run(None, {"x": x.numpy(), "t": t.numpy(), "e": e.numpy()})
         max_diff = float(np.abs(got[0] - want).max())
 
         def run_torch() -> None:
             with torch.no_grad():
-                for i in range(0, rows, CHUNK):
-                    unet(x[i : i + CHUNK], t, encoder_hidden_states=e[i : i + CHUNK])
+                for n in sizes:
+                    unet(x[:n], t, encoder_hidden_states=e[:n])
 
         def run_ort() -> None:
-            for i in range(0, rows, CHUNK):
-                feeds = {
-                    "x": x[i : i + CHUNK].numpy(),
-                    "t": t.numpy(),
-                    "e": e[i : i + CHUNK].numpy(),
-                }
-                session.run(None, feeds)
+            for n in sizes:
+                session.run(None, {"x": x[:n].numpy(), "t": t.numpy(), "e": e[:n].numpy()})
 
-        flops, _ = count_flops(lambda: unet(x[:CHUNK], t, encoder_hidden_states=e[:CHUNK]))
-        flops = flops * rows / CHUNK
+        flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=e))
+        flops = flops * rows / largest
         times: dict[str, list[float]] = {"torch eager": [], "onnxruntime": [], "floor": []}
         for _ in range(args.repeats):
             for name, fn in (("torch eager", run_torch), ("onnxruntime", run_ort)):
@@ -117,13 +135,18 @@ def main(argv: list[str] | None = None) -> int:
             rate, _cpu_rate = gemm_rate(torch.device("cpu"), torch.float32)
             times["floor"].append(flops / rate)
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"machine: {machine('cpu').get('cpu')}, load {os.getloadavg()[0]:.1f}, one thread")
-    print(f"UNet rows {rows} ({args.masks} masks x 2 CFG halves), {flops / 1e9:.1f} GFLOP")
-    print(f"onnxruntime vs torch max |diff| on {CHUNK} rows: {max_diff:.2e}")
-    print("| denoiser calls of DF-RISE | s (median) | × FLOP floor |")
+    what = "DF-RISE" if args.calls == "rise" else "one switch curve"
+    print(
+        f"machine: {machine('cpu').get('cpu')}, one thread, load {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
+    print(f"UNet rows {rows} in {len(sizes)} calls ({what}), {flops / 1e9:.1f} GFLOP")
+    print(f"onnxruntime vs torch max |diff| on {largest} rows: {max_diff:.2e}")
+    print(f"| denoiser calls of {what} | s (median of {args.repeats}) | × FLOP floor |")
     print("|---|---|---|")
     for name in ("torch eager", "onnxruntime", "floor"):
         print(f"| {name} | {median[name]:.2f} | {median[name] / median['floor']:.2f} |")
+    print("runs (s): " + "; ".join(f"{k} {[round(v, 2) for v in vs]}" for k, vs in times.items()))
     return 0
 
 
