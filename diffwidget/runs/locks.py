@@ -12,9 +12,10 @@ apart, on any file system that honours ``O_EXCL`` (local disks, NFS, Lustre):
   lock whose process is gone is taken over: on the same host at once (the process id is
   dead, or now names another process), from another host when it has not been refreshed for
   :data:`LOCK_STALE_SECONDS` (holders refresh it every :data:`LOCK_REFRESH_SECONDS`).
-  A stale lock is removed only under a claim on that very lock file (``<key>.<digest of its
-  content>.break.lock``, an item lock itself): one process removes it, and only while it still
-  holds the same content, so a live lock made meanwhile is never removed;
+  A stale lock is removed only under a claim on that very file (``<key>.<digest>.break.lock``,
+  an item lock itself, the digest of the file's content, inode and time): one process removes
+  it, and only while it is still the same file unrefreshed, so a live lock made or refreshed
+  meanwhile is never removed;
 * temporary files carry their writer's process id and host, and are removed only when their
   writer is gone; another process's file in flight is never touched.
 """
@@ -156,7 +157,11 @@ def _this_host() -> str:
 
 @dataclass(frozen=True)
 class LockFile:
-    """What one read of a lock file found: a digest of its bytes and the owner they name."""
+    """What one read of a lock file found: which file it was, and the owner it names.
+
+    ``digest`` covers the file's bytes, its inode and its modification time: a lock made
+    anew (a new file) or refreshed by its holder since it was read has another digest.
+    """
 
     digest: str
     holder: ProcessTag | None
@@ -166,12 +171,18 @@ def _read_lock(path: Path) -> LockFile | None:
     """The lock file as it is now; ``None`` when there is none."""
     try:
         with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
             raw = handle.read(_MAX_LOCK_BYTES)
     except FileNotFoundError:
         return None
-    except OSError:
+    except OSError:  # there but unreadable: only where it sits and its age tell it apart
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
         raw = b""
-    return LockFile(hashlib.sha256(raw).hexdigest()[:16], _parse_tag(raw))
+    identity = f"{stat.st_ino}:{stat.st_mtime_ns}:".encode() + raw
+    return LockFile(hashlib.sha256(identity).hexdigest()[:16], _parse_tag(raw))
 
 
 def _read_tag(path: Path) -> ProcessTag | None:
@@ -313,11 +324,12 @@ class ItemLock:
     def _break(self, stale: LockFile) -> None:
         """Remove the stale lock file ``stale``, unless it has changed since it was read.
 
-        Every process that found it stale races for one claim named by its content; the
-        winner removes the file only if it still holds that content. A file is replaced only
+        Every process that found it stale races for one claim named by ``stale.digest``; the
+        winner removes the file only if it still has that digest. A file is replaced only
         after it is removed, and only the claim's holder removes it, so a live lock made
-        meanwhile (other content: each holder writes its own token) is never removed. A
-        claimant that dies leaves a stale claim, broken the same way one level down.
+        meanwhile (another file, with its holder's own token) or refreshed meanwhile (another
+        time) is never removed. A claimant that dies leaves a stale claim, broken the same
+        way one level down.
         """
         claim = ItemLock(self.path.parent, f"{self.key}.{stale.digest}.break", refresh=False)
         if not claim.acquire():

@@ -217,6 +217,20 @@ def test_a_late_breaker_never_removes_the_live_lock_that_replaced_a_stale_one(tm
     assert not path.exists()
 
 
+def test_a_lock_refreshed_after_it_was_judged_stale_is_not_removed(tmp_path: Path):
+    # Another host's holder, silent for longer than the stale age, then refreshing it.
+    path = tmp_path / "k.lock"
+    _write_lock(path, ProcessTag("elsewhere", 1, "", "bb"), age=locks.LOCK_STALE_SECONDS + 60)
+    late = ItemLock(tmp_path, "k")
+    stale = locks._read_lock(path)
+    assert stale is not None
+    assert late.state(stale.holder) == "stale"
+    os.utime(path)  # the holder's refresh
+    late._break(stale)
+    assert path.exists()
+    assert not late.acquire()
+
+
 def test_a_claim_left_by_a_killed_breaker_is_broken_in_turn(tmp_path: Path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
