@@ -24,6 +24,8 @@ and a user adds more (TransformerLens' hook points, diffusers' ``HookRegistry``)
   reduced, per call — e.g. the norm of ``mid_block``'s output at every step;
 * ``pooled`` (:class:`~diffwidget.tracing.hooks.PooledBlockTap`): a block's output pooled
   over space per CFG half (concept probes);
+* ``loop`` (:class:`StepCallbackTap`): a function called after each step (a progress bar;
+  raising from it stops the loop, e.g. a cancel button);
 * any subclass of :class:`Tap` that overrides the loop events :meth:`Tap.on_call`,
   :meth:`Tap.on_output` and :meth:`Tap.on_step`, or of :class:`ModuleTap` for a module's
   input or output.
