@@ -406,11 +406,10 @@ class SwitchWork:
         try:
             bounds = self.widget.bounds()
             replacement = schema.validate_incoming("switch_replacement", replacement, bounds)
-            n = (
-                len(held)
-                if seeds is None
-                else schema.validate_incoming("switch_seeds", seeds, bounds)
-            )
+            # The view's bound on traced seeds; by default every trace given, however many.
+            n = len(held)
+            if seeds is not None:
+                n = schema.validate_incoming("switch_seeds", seeds, bounds)
         except schema.InvalidInput as exc:
             raise ValueError(str(exc)) from None
         # Clear errors before any work: a word the prompt lacks, not one word, no change.
