@@ -24,6 +24,8 @@ and a user adds more (TransformerLens' hook points, diffusers' ``HookRegistry``)
   reduced, per call — e.g. the norm of ``mid_block``'s output at every step;
 * ``pooled`` (:class:`~diffwidget.tracing.hooks.PooledBlockTap`): a block's output pooled
   over space per CFG half (concept probes);
+* ``loop`` (:class:`StepCallbackTap`): a function called after each step (a progress bar;
+  raising from it stops the loop, e.g. a cancel button);
 * any subclass of :class:`Tap` that overrides the loop events :meth:`Tap.on_call`,
   :meth:`Tap.on_output` and :meth:`Tap.on_step`, or of :class:`ModuleTap` for a module's
   input or output.
@@ -50,7 +52,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
@@ -188,6 +190,39 @@ class Tap:
     def info(self) -> TapInfo:
         """This tap's row of :meth:`TapRegistry.table`."""
         return TapInfo(self.name, self.kind, self.paths())
+
+
+class StepCallbackTap(Tap):
+    """Calls ``callback(steps_done)`` after each scheduler step: a progress bar's tap.
+
+    The callback may raise to stop the loop (a cancel button); the observer still removes
+    every tap, and the exception leaves the pipeline call.
+
+    Parameters
+    ----------
+    callback : callable
+        ``callback(steps_done)``, ``steps_done`` counting from 1.
+    name : str
+        Tap name.
+
+    Examples
+    --------
+    >>> from diffwidget.testing.tiny import tiny_sd_pipeline
+    >>> from diffwidget.tracing.generate import trace
+    >>> done = []
+    >>> _ = trace(tiny_sd_pipeline(), "a red circle", num_inference_steps=3,
+    ...           taps=[StepCallbackTap(done.append)])
+    >>> done
+    [1, 2, 3]
+    """
+
+    def __init__(self, callback: Callable[[int], object], name: str = "step_callback") -> None:
+        super().__init__(name)
+        self.callback = callback
+
+    def on_step(self, event: StepEvent) -> None:
+        """Report the steps done so far."""
+        self.callback(event.step + 1)
 
 
 class ModuleTap(Tap, ModelHook):

@@ -98,6 +98,8 @@ CURVE_GROUP_UNITS: dict[str, str] = {
     "commitment": "share",
     "faithfulness": "AUC",
 }
+#: Most seeds a prompt switch asked from the page judges (each missing one is traced first).
+SWITCH_MAX_SEEDS = 8
 #: ``attention_head`` value meaning "mean over heads".
 MEAN_OVER_HEADS = -1
 
@@ -214,6 +216,13 @@ TRAITS: tuple[TraitSpec, ...] = (
         "",
         True,
         "The word it is replaced by (any one word, shown only as text).",
+    ),
+    TraitSpec(
+        "switch_seeds",
+        "int",
+        1,
+        True,
+        "Seeds a prompt switch is judged over (1..SWITCH_MAX_SEEDS): the trace's seed, then +1…",
     ),
     TraitSpec("status", "enum", "idle", False, "State of the heavy computation.", "Status"),
     TraitSpec("progress", "float", 0.0, False, "Progress of the running computation, 0..1."),
@@ -404,6 +413,7 @@ def typescript() -> str:
     lines.append(f"export const MEAN_OVER_HEADS = {MEAN_OVER_HEADS};")
     lines.append(f"export const CONCEPT_MAX_CHARS = {CONCEPT_MAX_CHARS};")
     lines.append(f"export const COMMITTED_LEVEL = {COMMITTED_LEVEL};")
+    lines.append(f"export const SWITCH_MAX_SEEDS = {SWITCH_MAX_SEEDS};")
     palette = ", ".join(f'"{c}"' for c in CURVE_PALETTE)
     lines.append(f"export const CURVE_PALETTE: readonly string[] = [{palette}];")
     for name, table in (
@@ -476,7 +486,8 @@ class InvalidInput(ValueError):
 
 @dataclass(frozen=True)
 class Bounds:
-    """What the current trace accepts: step and token ranges, heads, layer filter values."""
+    """What the current trace accepts: step and token ranges, heads, layer filter values
+    (and the prompt switch's seed count, 1..SWITCH_MAX_SEEDS, the same for every trace)."""
 
     n_steps: int
     n_tokens: int
@@ -491,6 +502,8 @@ class Bounds:
             return 0, self.n_tokens - 1
         if name == "attention_head":
             return MEAN_OVER_HEADS, self.n_heads - 1
+        if name == "switch_seeds":
+            return 1, SWITCH_MAX_SEEDS
         raise KeyError(name)
 
 

@@ -1,11 +1,15 @@
 """The explorer's "when is it decided" view: a prompt switch started from the page.
 
 The user picks a content word of the prompt (``switch_word``, one of ``switch_words``), types
-its replacement (``switch_replacement``, checked like the concept word) and presses *switch*:
-the view sends ``prompt_switch`` and the kernel runs
+its replacement (``switch_replacement``, checked like the concept word), chooses how many
+seeds to judge (``switch_seeds``, 1..``SWITCH_MAX_SEEDS``) and presses *switch*: the view
+sends ``prompt_switch`` and the kernel runs
 :class:`~diffwidget.explain.prompt_switch.PromptSwitch` in the explorer's job thread, with the
-progress bar and cancel button every heavy job has. When it ends, each judged attribute's
-commitment curve goes to the curve group :data:`COMMITMENT` (beside the concept probes'
+progress bar and cancel button every heavy job has. Seeds the explorer holds no trace of (its
+own seed + 1, + 2, ...) are first traced in that job with the explorer trace's settings
+(:func:`~diffwidget.tracing.branch_setup.retrace`), on the same progress bar, and kept for the
+next switch. When it ends, each judged attribute's commitment curve (the share of seeds
+keeping A's value) goes to the curve group :data:`COMMITMENT` (beside the concept probes'
 ROC-AUC on the same step axis) and the final image of each switch step, for the first seed,
 goes to ``switch`` (:class:`SwitchFilmstrip`), the filmstrip under the curves.
 :meth:`SwitchWork.prompt_switch` called from Python sets the same traits.
@@ -176,7 +180,7 @@ class SwitchFilmstrip:
 
 @dataclass(frozen=True)
 class SwitchAsk:
-    """The view's ``prompt_switch`` message: the picked word and the typed replacement.
+    """The view's ``prompt_switch`` message: the picked word, the typed replacement, the seeds.
 
     The values travel in the message (not only in the traits) so that a refused trait write
     can never start a switch with the value it replaced.
@@ -184,10 +188,12 @@ class SwitchAsk:
 
     word: str
     replacement: str
+    seeds: int = 1
 
     @classmethod
     def from_message(cls, content: Mapping[str, Any], bounds: schema.Bounds) -> SwitchAsk:
-        """Check both values as the traits ``switch_word``/``switch_replacement`` are checked.
+        """Check the values as the traits ``switch_word``, ``switch_replacement`` and
+        ``switch_seeds`` are checked (a message without ``seeds`` asks for one seed).
 
         Raises
         ------
@@ -198,37 +204,93 @@ class SwitchAsk:
         --------
         >>> bounds = schema.Bounds(2, 2, choices={"switch_word": ["red"]})
         >>> SwitchAsk.from_message({"kind": "prompt_switch", "word": "red",
-        ...                         "replacement": " blue "}, bounds)
-        SwitchAsk(word='red', replacement='blue')
+        ...                         "replacement": " blue ", "seeds": 3}, bounds)
+        SwitchAsk(word='red', replacement='blue', seeds=3)
         """
         word = schema.validate_incoming("switch_word", content.get("word", ""), bounds)
         replacement = schema.validate_incoming(
             "switch_replacement", content.get("replacement", ""), bounds
         )
+        seeds = schema.validate_incoming("switch_seeds", content.get("seeds", 1), bounds)
         if not word or not replacement:
             raise ValueError("choose a word of the prompt and type its replacement")
-        return cls(word, replacement)
+        return cls(word, replacement, seeds)
 
 
 @dataclass(frozen=True, eq=False)
 class SwitchRequest:
-    """Switch the explorer's prompt to one with ``word`` replaced, from every step."""
+    """Switch the explorer's prompt to one with ``word`` replaced, from every step.
+
+    Attributes
+    ----------
+    traces : tuple of Trace
+        Traces of prompt A held when asked (the explorer's first).
+    to_trace : tuple of int
+        Further seeds, traced with the explorer trace's settings before the switch.
+    """
 
     word: str
     replacement: str
     traces: tuple[Trace, ...]
+    to_trace: tuple[int, ...]
     switch_steps: tuple[int, ...] | None
+
+    @property
+    def seeds(self) -> tuple[int | None, ...]:
+        """Every seed judged, in order: the held traces' (None: not recorded), then new ones."""
+        return (*(t.facts.seed for t in self.traces), *self.to_trace)
 
     @property
     def key(self) -> tuple[Any, ...]:
         """``("prompt_switch", word, replacement, seeds, switch steps)``."""
-        seeds = tuple(t.facts.seed for t in self.traces)
-        return ("prompt_switch", self.word, self.replacement, seeds, self.switch_steps)
+        return ("prompt_switch", self.word, self.replacement, self.seeds, self.switch_steps)
 
     @property
     def label(self) -> str:
-        """E.g. "prompt switch red → blue"."""
-        return f"prompt switch {self.word} → {self.replacement}"
+        """E.g. "prompt switch red → blue (3 seeds)"."""
+        n = len(self.seeds)
+        return f"prompt switch {self.word} → {self.replacement} ({n} seed{'s' * (n > 1)})"
+
+
+def seeds_to_trace(held: Sequence[int | None], n: int) -> list[int]:
+    """The seeds to trace so that a switch judges ``n`` seeds, given the held traces' seeds.
+
+    New seeds follow the first held one (the explorer's): + 1, + 2, ..., skipping held seeds.
+
+    Raises
+    ------
+    ValueError
+        When seeds are missing and the first trace recorded no seed to follow.
+
+    Examples
+    --------
+    >>> seeds_to_trace([4, 6], 4)
+    [5, 7]
+    >>> seeds_to_trace([4, 6, 9], 2)
+    []
+    """
+    missing = n - len(held)
+    if missing <= 0:
+        return []
+    if held[0] is None:
+        raise ValueError(
+            "the explorer's trace recorded no seed, so no new seed can follow it; pass "
+            "traces= of more seeds, or ask for one seed"
+        )
+    taken = set(held)
+    seed = int(held[0])
+    chosen: list[int] = []
+    while len(chosen) < missing:
+        seed += 1
+        if seed not in taken:
+            chosen.append(seed)
+    return chosen
+
+
+def _branch_steps(n_seeds: int, n_steps: int, switch_steps: Sequence[int] | None) -> int:
+    """Denoising steps of the switch's branch run: each seed from each switch step ``k``."""
+    ks = range(n_steps + 1) if switch_steps is None else set(switch_steps)
+    return n_seeds * sum(max(n_steps - k, 0) for k in ks)
 
 
 def commitment_series(
@@ -274,6 +336,8 @@ class SwitchWork:
     #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
     commitment: CommitmentCurves | None
     _switch_setup: tuple[tuple[Trace, ...], tuple[int, ...] | None]
+    #: Traces of prompt A made for a switch, by seed (written and read in the job thread).
+    _seed_traces: dict[int, Trace]
 
     def _sync_curves(self) -> None:
         raise NotImplementedError
@@ -281,6 +345,7 @@ class SwitchWork:
     def _init_switch(self) -> None:
         self.commitment = None
         self._switch_setup = ((), None)
+        self._seed_traces = {}
         self.widget.switch_words = prompt_words(self.trace.prompt)
         self.widget.on_message("prompt_switch", self._switch_from_view)
 
@@ -289,6 +354,7 @@ class SwitchWork:
         word: str,
         replacement: str,
         *,
+        seeds: int | None = None,
         traces: Sequence[Trace] = (),
         switch_steps: Sequence[int] | None = None,
     ) -> Future:
@@ -297,12 +363,27 @@ class SwitchWork:
         Runs :class:`~diffwidget.explain.prompt_switch.PromptSwitch` on the explorer's trace
         (and ``traces``: more seeds of the same prompt) with the view's progress bar and
         cancel button, as the view's *switch* button does (which then reuses these
-        ``traces`` and ``switch_steps``). The picker shows ``word`` and ``replacement``.
+        ``traces`` and ``switch_steps``). ``seeds`` asks for that many seeds: the first of
+        the explorer's trace and ``traces``, then its seed + 1, + 2, ... (skipping seeds
+        already held), traced first in the same job with the explorer trace's settings and
+        kept for later switches. The picker shows ``word``, ``replacement`` and the seed count.
         When it ends, each judged attribute's commitment curve (share of seeds whose final
         image keeps the value of this prompt when the prompt is switched at that step) is
         drawn in the curve group ``"commitment"``, on the step axis of the concept curves;
         the filmstrip shows the final image of each switch step (first seed), and
         ``explorer.commitment`` holds the full result.
+
+        Parameters
+        ----------
+        word, replacement : str
+            The prompt's word to switch and what it becomes.
+        seeds : int, optional
+            Seeds to judge, 1..``SWITCH_MAX_SEEDS`` (the view's *seeds* box); by default the
+            explorer's trace and every one of ``traces``.
+        traces : sequence of Trace
+            More traces of the explorer's prompt, made with its settings.
+        switch_steps : sequence of int, optional
+            Switch steps ``k`` (default every step, and ``n_steps``: no switch).
 
         Returns
         -------
@@ -312,36 +393,46 @@ class SwitchWork:
 
         Examples
         --------
-        >>> curves = explorer.prompt_switch("red", "blue").result()  # doctest: +SKIP
+        >>> curves = explorer.prompt_switch("red", "blue", seeds=4).result()  # doctest: +SKIP
+        >>> curves.seeds  # doctest: +SKIP
+        array([0, 1, 2, 3])
         >>> explorer.figure("commitment")  # doctest: +SKIP
         """
         from diffwidget.explain.judges import replace_word
 
         if self.pipe is None:
             raise RuntimeError(NO_PIPELINE)
+        held = (self.trace, *traces)
         try:
-            replacement = schema.validate_incoming(
-                "switch_replacement", replacement, self.widget.bounds()
-            )
+            bounds = self.widget.bounds()
+            replacement = schema.validate_incoming("switch_replacement", replacement, bounds)
+            # The view's bound on traced seeds; by default every trace given, however many.
+            n = len(held)
+            if seeds is not None:
+                n = schema.validate_incoming("switch_seeds", seeds, bounds)
         except schema.InvalidInput as exc:
             raise ValueError(str(exc)) from None
         # Clear errors before any work: a word the prompt lacks, not one word, no change.
         if replace_word(self.trace.prompt, word, replacement) == self.trace.prompt:
             raise ValueError(f"{replacement!r} is the word itself: type another replacement")
         word = _content_word(self.widget.switch_words, word)
+        new = seeds_to_trace([t.facts.seed for t in held], n)
         steps = None if switch_steps is None else tuple(int(k) for k in switch_steps)
         self._switch_setup = (tuple(traces), steps)
         with self.widget.hold_sync():
             self.widget.switch_word = word
             self.widget.switch_replacement = replacement
-        request = SwitchRequest(word, replacement, (self.trace, *traces), steps)
+            self.widget.switch_seeds = min(n, schema.SWITCH_MAX_SEEDS)
+        request = SwitchRequest(word, replacement, held[:n], tuple(new), steps)
         return self._jobs.submit(request, explicit=True)
 
     def _switch_from_view(self, content: Mapping[str, Any]) -> None:
         traces, steps = self._switch_setup
         try:
             ask = SwitchAsk.from_message(content, self.widget.bounds())
-            self.prompt_switch(ask.word, ask.replacement, traces=traces, switch_steps=steps)
+            self.prompt_switch(
+                ask.word, ask.replacement, seeds=ask.seeds, traces=traces, switch_steps=steps
+            )
         except (RuntimeError, ValueError) as exc:
             self.widget.error = str(exc)
 
@@ -351,18 +442,47 @@ class SwitchWork:
 
         steps = None if work.switch_steps is None else list(work.switch_steps)
         method = PromptSwitch(switch_steps=steps, progress_bar=False, keep_images=True)
+        n = self.trace.n_steps
+        # One bar over both stages: the denoising steps of the new traces, then the branches'.
+        tracing = n * sum(s not in self._seed_traces for s in work.to_trace)
+        total = tracing + _branch_steps(len(work.seeds), n, steps)
         try:
+            traces = [*work.traces, *self._traces_of(work.to_trace, progress, total)]
             curves = method.run(
                 self.pipe,
-                list(work.traces),
+                traces,
                 word=work.word,
                 replacement=work.replacement,
-                progress=progress,
+                progress=lambda done, branching: progress(tracing + done, tracing + branching),
             )
         except Cancelled:
             return None
         self._show_switch(curves, work.word, work.replacement)
         return curves
+
+    def _traces_of(
+        self, seeds: Sequence[int], progress: Callable[[int, int], bool], total: int
+    ) -> list[Trace]:
+        """Traces of prompt A for ``seeds``: kept ones, the rest traced like the explorer's.
+
+        Raises :class:`~diffwidget.explain.protocol.Cancelled` when ``progress`` says stop.
+        """
+        from diffwidget.explain.protocol import Cancelled
+        from diffwidget.tracing.branch_setup import retrace
+        from diffwidget.tracing.taps import StepCallbackTap
+
+        done = 0
+
+        def step(steps_done: int) -> None:
+            if not progress(done + steps_done, total):
+                raise Cancelled("cancelled while tracing the switch's seeds")
+
+        for seed in seeds:
+            if seed not in self._seed_traces:
+                tap = StepCallbackTap(step, name="switch_progress")
+                self._seed_traces[seed] = retrace(self.pipe, self.trace, seed=seed, taps=[tap])
+                done += self.trace.n_steps
+        return [self._seed_traces[s] for s in seeds]
 
     def _show_switch(self, curves: CommitmentCurves, word: str, replacement: str) -> None:
         """Publish a finished switch: its curves, its filmstrip, ``commitment``."""

@@ -39,6 +39,7 @@ export const COLORMAP_STOPS: readonly (readonly [number, number, number])[] = [[
 export const MEAN_OVER_HEADS = -1;
 export const CONCEPT_MAX_CHARS = 100;
 export const COMMITTED_LEVEL = 0.9;
+export const SWITCH_MAX_SEEDS = 8;
 export const CURVE_PALETTE: readonly string[] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 export const CURVE_GROUP_TITLES: Readonly<Record<CurveGroup, string>> = { attention_mass: "Attention mass per token (image → text)", token_relevance: "Token relevance per step (min–max over words)", concept_auc: "Concept ROC-AUC per step", commitment: "Committed: share of seeds keeping A's value when switched at step k", faithfulness: "Faithfulness (insertion / deletion AUC)" };
 export const CURVE_GROUP_UNITS: Readonly<Record<CurveGroup, string>> = { attention_mass: "share of attention", token_relevance: "relevance (0–1)", concept_auc: "ROC-AUC", commitment: "share", faithfulness: "AUC" };
@@ -225,6 +226,8 @@ export interface WidgetState {
   switch_word: string;
   /** The word it is replaced by (any one word, shown only as text). */
   switch_replacement: string;
+  /** Seeds a prompt switch is judged over (1..SWITCH_MAX_SEEDS): the trace's seed, then +1… */
+  switch_seeds: number;
   /** State of the heavy computation. */
   readonly status: Status;
   /** Progress of the running computation, 0..1. */
@@ -275,6 +278,6 @@ export interface WidgetState {
   readonly descriptions: Record<string, string>;
 }
 
-export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "patch_word", "patch_replacement", "grid", "switch_word", "switch_replacement"] as const;
+export const FRONTEND_WRITABLE = ["step", "token", "overlay", "opacity", "image_mode", "show_special", "attention_layer", "attention_head", "saliency_layer", "concept", "patch_word", "patch_replacement", "grid", "switch_word", "switch_replacement", "switch_seeds"] as const;
 export type WritableKey = (typeof FRONTEND_WRITABLE)[number];
 export const PAYLOAD_TRAITS = ["previews", "noisy_previews", "attention", "attention_filtered", "overlays", "grid_data", "faithfulness", "curves", "switch"] as const;

@@ -70,6 +70,8 @@ export const STYLES = `
 .dw-switch[hidden], .dw-switch-form[hidden], .dw-filmstrip[hidden] { display: none; }
 .dw-switch-form { display: inline-flex; flex-wrap: wrap; gap: 4px; align-items: center; }
 .dw-switch-replacement { width: 8em; }
+.dw-switch-seeds-label { display: inline-flex; gap: 3px; align-items: center; }
+.dw-switch-seeds { width: 3.5em; }
 .dw-switch-reason { font-size: 11px; color: var(--jp-ui-font-color2, #555); }
 .dw-filmstrip { display: flex; gap: 3px; overflow-x: auto; padding: 3px 0; }
 .dw-thumb { display: flex; flex-direction: column; align-items: center; padding: 1px;

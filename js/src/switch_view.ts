@@ -4,6 +4,7 @@ import { type Cleanup, h, type Model, onChanges } from "./model";
 import {
   COMMITTED_LEVEL,
   CONCEPT_MAX_CHARS,
+  SWITCH_MAX_SEEDS,
   type SwitchFilmstrip,
   type WidgetState,
 } from "./schema";
@@ -80,14 +81,23 @@ export function filmstripSummary(film: SwitchFilmstrip): string {
   );
 }
 
-/** Send the picked word and replacement (kept in the traits too) and ask for the switch. */
-export function requestSwitch(model: Model, word: string, replacement: string): void {
+/**
+ * Send the picked word, replacement and seed count (kept in the traits too) and ask for the
+ * switch. The count is sent as typed: the kernel refuses one outside 1..SWITCH_MAX_SEEDS.
+ */
+export function requestSwitch(
+  model: Model,
+  word: string,
+  replacement: string,
+  seeds: number,
+): void {
   const typed = replacement.trim();
   model.set("switch_word", word);
   model.set("switch_replacement", typed);
+  model.set("switch_seeds", seeds);
   model.save_changes();
   // The values travel in the message as well: a refused trait write never runs a stale switch.
-  model.send({ kind: "prompt_switch", word, replacement: typed });
+  model.send({ kind: "prompt_switch", word, replacement: typed, seeds });
 }
 
 /** "When is it decided": the prompt-switch picker and the filmstrip of the last switch. */
@@ -103,11 +113,21 @@ export function switchView(model: Model, el: HTMLElement): Cleanup {
   replacement.maxLength = CONCEPT_MAX_CHARS;
   replacement.placeholder = "replacement";
   replacement.setAttribute("aria-label", "replacement word");
+  const seedsLabel = h("label", "dw-switch-seeds-label", "seeds");
+  seedsLabel.title =
+    "Seeds the switch is judged over: this trace's, then the next seeds, traced first";
+  const seeds = h("input", "dw-switch-seeds");
+  seeds.type = "number";
+  seeds.min = "1";
+  seeds.max = String(SWITCH_MAX_SEEDS);
+  seeds.step = "1";
+  seeds.setAttribute("aria-label", "number of seeds to judge");
+  seedsLabel.append(seeds);
   const run = h("button", "dw-switch-run", "switch");
   run.type = "submit";
   run.title = "Switch the word from every step k and judge which value each final image keeps";
   const reason = h("div", "dw-switch-reason");
-  form.append(word, h("span", "dw-switch-arrow", "→"), replacement, run);
+  form.append(word, h("span", "dw-switch-arrow", "→"), replacement, seedsLabel, run);
   const strip = h("div", "dw-filmstrip");
   strip.setAttribute("role", "group");
   strip.setAttribute("aria-label", "final image of each switch step; click to go to the step");
@@ -135,6 +155,7 @@ export function switchView(model: Model, el: HTMLElement): Cleanup {
     if (document.activeElement !== replacement) {
       replacement.value = model.get("switch_replacement");
     }
+    if (document.activeElement !== seeds) seeds.value = String(model.get("switch_seeds"));
     box.hidden = !kernel && model.get("switch") === null;
   };
 
@@ -181,7 +202,7 @@ export function switchView(model: Model, el: HTMLElement): Cleanup {
   const onSubmit = (event: Event): void => {
     event.preventDefault();
     if (run.disabled) return;
-    requestSwitch(model, word.value, replacement.value);
+    requestSwitch(model, word.value, replacement.value, Number(seeds.value));
   };
   const onKey = (event: KeyboardEvent): void => {
     // Typing is for the box: not the slider's keys nor the notebook's shortcuts.
@@ -190,9 +211,10 @@ export function switchView(model: Model, el: HTMLElement): Cleanup {
   };
   form.addEventListener("submit", onSubmit);
   replacement.addEventListener("keydown", onKey);
+  seeds.addEventListener("keydown", onKey);
   const offPicker = onChanges(
     model,
-    ["actions", "switch_words", "switch_word", "switch_replacement"],
+    ["actions", "switch_words", "switch_word", "switch_replacement", "switch_seeds"],
     updatePicker,
   );
   const offStrip = onChanges(model, ["switch", "timesteps"], buildStrip);

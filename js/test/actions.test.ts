@@ -180,6 +180,7 @@ describe("actions on a fake model", () => {
         "grid",
         "switch_word",
         "switch_replacement",
+        "switch_seeds",
         "patch_word",
         "patch_replacement",
       ].sort(),

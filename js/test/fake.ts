@@ -31,6 +31,7 @@ export function fakeState(overrides: Partial<WidgetState> = {}): WidgetState {
     grid: "none",
     switch_word: "",
     switch_replacement: "",
+    switch_seeds: 1,
     switch_words: ["red", "circle"],
     switch: null,
     status: "idle",

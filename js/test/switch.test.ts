@@ -101,12 +101,13 @@ describe("the switch button", () => {
 
   it("sets the picker's traits and sends the values it asks for", () => {
     const model = fakeModel();
-    requestSwitch(model.asModel(), "red", "  <b>blue</b> ");
+    requestSwitch(model.asModel(), "red", "  <b>blue</b> ", 3);
     expect(model.get("switch_word")).toBe("red");
     expect(model.get("switch_replacement")).toBe("<b>blue</b>");
+    expect(model.get("switch_seeds")).toBe(3);
     expect(model.saves).toBe(1);
     expect(model.sent).toEqual([
-      { kind: "prompt_switch", word: "red", replacement: "<b>blue</b>" },
+      { kind: "prompt_switch", word: "red", replacement: "<b>blue</b>", seeds: 3 },
     ]);
   });
 });

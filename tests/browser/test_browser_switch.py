@@ -11,8 +11,10 @@ from tests.browser.helpers import wait_for_json
 
 pytestmark = pytest.mark.browser
 
-#: Steps of the trace: the button switches at k = 0..6 (seven branches, one seed).
+#: Steps of the trace: the button switches at k = 0..6 (seven branches per seed).
 N_STEPS = 6
+#: Seeds typed in the panel: the explorer's (0) and one the kernel traces first (1).
+N_SEEDS = 2
 SWITCH_WAIT_S = 120
 
 SETUP = textwrap.dedent(
@@ -31,7 +33,8 @@ SETUP = textwrap.dedent(
         on_axis = [] if c is None else [c.committed_step(a) for a in c.attributes]
         STATE.write_text(json.dumps({{"status": w.status, "error": w.error, "step": w.step,
             "word": w.switch_word, "replacement": w.switch_replacement,
-            "commitment": c is not None,
+            "seeds": w.switch_seeds, "commitment": c is not None,
+            "judged": [] if c is None else c.seeds.tolist(),
             "prompt_b": None if c is None else c.prompt_b,
             "crossings": [k for k in on_axis if k is not None and k < {N_STEPS}]}}))
     explorer.widget.observe(dump, names=["status", "error", "step", "switch"])
@@ -58,12 +61,16 @@ def test_lab_switch_button_draws_filmstrip_and_commitment_curves(jupyter_server,
     # The embedded UNet settles the position early (colour only at the end): a crossing to mark.
     root.locator(".dw-switch-word").select_option("left")
     root.locator(".dw-switch-replacement").press_sequentially("right")
+    assert root.locator(".dw-switch-seeds").input_value() == "1"
+    root.locator(".dw-switch-seeds").fill(str(N_SEEDS))
     root.locator(".dw-switch-run").click()
     done = wait_for_json(state, lambda s: s["commitment"] and s["status"] == "done", SWITCH_WAIT_S)
     assert (done["word"], done["replacement"], done["error"]) == ("left", "right", "")
+    assert (done["seeds"], done["judged"]) == (N_SEEDS, [0, 1])
     assert done["prompt_b"] == "a large red circle on the right"
     # The picture: one drawn thumbnail per switch step, the commitment panel and its marks.
     root.locator(".dw-thumb-canvas[data-drawn]").first.wait_for()
+    assert f"of {N_SEEDS} seeds" in root.locator(".dw-switch-summary").inner_text()
     assert root.locator(".dw-thumb-canvas[data-drawn]").count() == N_STEPS + 1
     labels = root.locator(".dw-thumb-label").all_inner_texts()
     assert labels == [*(f"switch at {k}" for k in range(N_STEPS)), "no switch (A)"]

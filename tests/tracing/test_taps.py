@@ -12,7 +12,7 @@ import torch
 from diffwidget.tracing.context import TraceContext
 from diffwidget.tracing.generate import trace
 from diffwidget.tracing.hooks import BlockTap
-from diffwidget.tracing.taps import StepEvent, Tap, TapRegistry
+from diffwidget.tracing.taps import StepCallbackTap, StepEvent, Tap, TapRegistry
 
 PROMPT = "a red circle on the left"
 STEPS = 3
@@ -132,6 +132,31 @@ def test_everything_is_removed_when_a_tap_fails(
         run(pipe)
     assert model_state(pipe) == before
     assert block.loop is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_step_callback_counts_steps_and_its_exception_stops_the_trace(
+    tiny_sd_pipe_factory: Callable[..., Any],
+) -> None:
+    pipe = tiny_sd_pipe_factory()
+    before = model_state(pipe)
+    done: list[int] = []
+    trace(pipe, PROMPT, num_inference_steps=STEPS, taps=[StepCallbackTap(done.append)])
+    assert done == list(range(1, STEPS + 1))
+
+    def stop_after_first(steps_done: int) -> None:
+        done.append(steps_done)
+        if steps_done == 1:
+            raise _Stop  # a cancel button: leaves the pipeline call at once
+
+    done.clear()
+    with pytest.raises(_Stop):
+        trace(pipe, PROMPT, num_inference_steps=STEPS, taps=[StepCallbackTap(stop_after_first)])
+    assert done == [1]
+    assert model_state(pipe) == before
 
 
 def test_the_registry_refuses_what_it_cannot_hold() -> None:

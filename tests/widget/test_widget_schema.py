@@ -42,7 +42,7 @@ def test_every_schema_trait_is_a_synced_trait_of_the_widget():
     assert set(schema.FRONTEND_WRITABLE) == {
         "step", "token", "overlay", "opacity", "image_mode", "show_special",
         "attention_layer", "attention_head", "saliency_layer", "concept", "grid",
-        "switch_word", "switch_replacement",
+        "switch_word", "switch_replacement", "switch_seeds",
         "patch_word", "patch_replacement",
     }  # fmt: skip
 

@@ -156,6 +156,34 @@ def test_the_picker_takes_only_prompt_words_and_markup_stays_text(make_explorer)
         SwitchAsk.from_message({"word": "red", "replacement": "  "}, bounds)
 
 
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        (0, f"switch_seeds 0 is out of range; use 1..{schema.SWITCH_MAX_SEEDS}"),
+        (schema.SWITCH_MAX_SEEDS + 1, "is out of range"),
+        (2.5, "switch_seeds must be an integer, got 2.5"),
+        ("3", "switch_seeds must be an integer, got str"),
+        (True, "switch_seeds must be an integer, got bool"),
+    ],
+)
+def test_a_seed_count_out_of_range_is_refused_in_the_trait_and_the_message(
+    make_explorer, seeds, message
+) -> None:
+    explorer = make_explorer()
+    explorer.widget.set_state({"switch_seeds": seeds})
+    assert message in explorer.error
+    assert explorer.widget.switch_seeds == 1
+    bounds = explorer.widget.bounds()
+    with pytest.raises(schema.InvalidInput, match=message.replace(".", r"\.")):
+        SwitchAsk.from_message({"word": "red", "replacement": "blue", "seeds": seeds}, bounds)
+    # A message without seeds (an older page) asks for one; the largest count is accepted.
+    assert SwitchAsk.from_message({"word": "red", "replacement": "blue"}, bounds).seeds == 1
+    top = {"word": "red", "replacement": "blue", "seeds": float(schema.SWITCH_MAX_SEEDS)}
+    assert SwitchAsk.from_message(top, bounds).seeds == schema.SWITCH_MAX_SEEDS
+    explorer.widget.set_state({"switch_seeds": 3})
+    assert explorer.widget.switch_seeds == 3
+
+
 def test_without_a_pipeline_the_button_says_why(make_explorer) -> None:
     explorer = make_explorer()
     assert "prompt_switch" not in explorer.widget.actions

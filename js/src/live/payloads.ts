@@ -459,6 +459,7 @@ export function stateFromRun(run: LiveRun, m: LiveManifest, facts: PageFacts): W
     grid: "none",
     switch_word: "",
     switch_replacement: "",
+    switch_seeds: 1,
     status: "idle",
     progress: 0,
     error: "",
