@@ -409,7 +409,9 @@ class SwitchWork:
             # The view's bound on traced seeds; by default every trace given, however many.
             n = len(held)
             if seeds is not None:
-                n = schema.validate_incoming("switch_seeds", seeds, bounds)
+                # A NumPy integer from Python is a count like any other (a page sends ints).
+                plain = int(seeds) if isinstance(seeds, np.integer) else seeds
+                n = schema.validate_incoming("switch_seeds", plain, bounds)
         except schema.InvalidInput as exc:
             raise ValueError(str(exc)) from None
         # Clear errors before any work: a word the prompt lacks, not one word, no change.

@@ -102,7 +102,8 @@ def test_three_seeds_trace_the_missing_two_like_the_explorer_and_keep_them(demo,
         assert _settled(explorer) == "done", explorer.error
         assert explorer.commitment is not None
         assert explorer.commitment.seeds.tolist() == [0, 1, 2]
-        fewer = explorer.prompt_switch("red", "blue", seeds=2, switch_steps=[N_STEPS])
+        # A NumPy count is a count (as from a loop over np.arange).
+        fewer = explorer.prompt_switch("red", "blue", seeds=np.int64(2), switch_steps=[N_STEPS])
         assert fewer.result(WAIT_S).seeds.tolist() == [0, 1]
         assert len(traced) == 2
     finally:
