@@ -315,8 +315,73 @@ def x0_attribute_curves(
         Wilson band, and as ``chance`` the agreement of a guess drawn from the final
         images' attribute frequencies.
     """
-    from tqdm.auto import tqdm
+    frames = _x0_frames(x0_images, final_images, timesteps)
+    n_prompts = frames.x0.shape[0]
+    if reader is None:
+        from diffwidget.models.reader import SceneReader
 
+        reader = SceneReader()
+    final = read_attributes(frames.final, reader, attributes)
+    valid = np.array([f is not None for f in final])
+    if not valid.any():
+        raise ValueError(
+            "no object could be read from any final image; x̂0 curves need a model that "
+            "draws scene-world objects (the embedded model with trained weights)"
+        )
+    attrs = list(attributes)
+    hits = _agreement_hits(frames.x0, valid, final, reader, attrs, progress)
+    n_valid = int(valid.sum())
+    curves = hits / n_valid
+    low, high = _wilson(hits, np.full_like(hits, n_valid))
+    chance, classes = _chance_agreement(final, attrs)
+    meta: dict[str, Any] = {
+        "metric": "share of prompts whose x̂0 attribute equals the final image's",
+        "band": "95 % Wilson interval over prompts",
+        "n_prompts": n_prompts,
+        "n_unreadable_final": int(n_prompts - n_valid),
+        "reader": type(reader).__name__,
+    }
+    if truth is not None:
+        meta["final_matches_caption"] = _caption_matches(final, truth, attrs)
+    return ConceptCurves(
+        kind="x0_agreement",
+        concepts=attrs,
+        timesteps=np.asarray(frames.timesteps, dtype=np.int64),
+        curves=curves.astype(np.float32),
+        band_low=low.astype(np.float32),
+        band_high=high.astype(np.float32),
+        chance=np.asarray(chance, dtype=np.float32),
+        classes=classes,
+        n_examples=dict.fromkeys(attrs, n_valid),
+        meta=meta,
+    )
+
+
+@dataclass(frozen=True)
+class _X0Frames:
+    """The checked inputs of :func:`x0_attribute_curves`.
+
+    Attributes
+    ----------
+    x0 : ndarray, shape (n_prompts, n_steps, H, W, 3)
+        Predicted clean images per step.
+    final : ndarray, shape (n_prompts, H, W, 3)
+        The generated images.
+    timesteps : sequence of int
+        Scheduler timestep of each step, -1 where unknown.
+    """
+
+    x0: np.ndarray
+    final: np.ndarray
+    timesteps: Sequence[int] | np.ndarray
+
+
+def _x0_frames(
+    x0_images: np.ndarray | ActivationRecord,
+    final_images: np.ndarray | None,
+    timesteps: Sequence[int] | np.ndarray | None,
+) -> _X0Frames:
+    """Unpack a record (its timesteps unless given) and check that the shapes agree."""
     if isinstance(x0_images, ActivationRecord):
         record = x0_images
         if record.x0_images is None:
@@ -331,30 +396,38 @@ def x0_attribute_curves(
             f"x0_images must have shape (n_prompts, n_steps, H, W, 3) matching "
             f"{len(final_images)} final images, got {x0.shape}"
         )
-    n_prompts, n_steps = x0.shape[:2]
-    if reader is None:
-        from diffwidget.models.reader import SceneReader
+    if timesteps is None:
+        timesteps = np.full(x0.shape[1], -1)
+    return _X0Frames(x0, np.asarray(final_images), timesteps)
 
-        reader = SceneReader()
-    final = read_attributes(np.asarray(final_images), reader, attributes)
-    valid = np.array([f is not None for f in final])
-    if not valid.any():
-        raise ValueError(
-            "no object could be read from any final image; x̂0 curves need a model that "
-            "draws scene-world objects (the embedded model with trained weights)"
-        )
-    attrs = list(attributes)
-    hits = np.zeros((len(attrs), n_steps))
+
+def _agreement_hits(
+    x0: np.ndarray,
+    valid: np.ndarray,
+    final: Sequence[dict[str, str] | None],
+    reader: _Reader,
+    attrs: list[str],
+    progress: bool,
+) -> np.ndarray:
+    """Per attribute and step, how many x̂0 (of prompts with a readable final image) read as
+    the final image does; shape (n_attributes, n_steps)."""
+    from tqdm.auto import tqdm
+
+    hits = np.zeros((len(attrs), x0.shape[1]))
     ref = [f for f in final if f is not None]
-    for step in tqdm(range(n_steps), disable=not progress, desc="reading x̂0"):
-        read = read_attributes(x0[valid, step], reader, attributes)
+    for step in tqdm(range(x0.shape[1]), disable=not progress, desc="reading x̂0"):
+        read = read_attributes(x0[valid, step], reader, attrs)
         for row, a in enumerate(attrs):
             hits[row, step] = sum(
                 r is not None and r[a] == f[a] for r, f in zip(read, ref, strict=True)
             )
-    n_valid = int(valid.sum())
-    curves = hits / n_valid
-    low, high = _wilson(hits, np.full_like(hits, n_valid))
+    return hits
+
+
+def _chance_agreement(
+    final: Sequence[dict[str, str] | None], attrs: list[str]
+) -> tuple[list[float], dict[str, list[str]]]:
+    """Agreement of a guess drawn from the final images' class frequencies, and the classes."""
     chance = []
     classes: dict[str, list[str]] = {}
     for a in attrs:
@@ -362,37 +435,22 @@ def x0_attribute_curves(
         classes[a] = sorted(set(values))
         freqs = np.array([values.count(c) for c in classes[a]]) / len(values)
         chance.append(float((freqs**2).sum()))
-    meta: dict[str, Any] = {
-        "metric": "share of prompts whose x̂0 attribute equals the final image's",
-        "band": "95 % Wilson interval over prompts",
-        "n_prompts": n_prompts,
-        "n_unreadable_final": int(n_prompts - n_valid),
-        "reader": type(reader).__name__,
-    }
-    if truth is not None:
-        matches = {}
-        for a in attrs:
-            if a not in truth.labels:
-                continue
-            # An unreadable final image counts as not matching its caption.
-            agree = [
-                f is not None and f[a] == t
-                for f, t in zip(final, truth.labels[a], strict=True)
-                if t is not None
-            ]
-            matches[a] = float(np.mean(agree)) if agree else None
-        meta["final_matches_caption"] = matches
-    if timesteps is None:
-        timesteps = np.full(n_steps, -1)
-    return ConceptCurves(
-        kind="x0_agreement",
-        concepts=attrs,
-        timesteps=np.asarray(timesteps, dtype=np.int64),
-        curves=curves.astype(np.float32),
-        band_low=low.astype(np.float32),
-        band_high=high.astype(np.float32),
-        chance=np.asarray(chance, dtype=np.float32),
-        classes=classes,
-        n_examples=dict.fromkeys(attrs, n_valid),
-        meta=meta,
-    )
+    return chance, classes
+
+
+def _caption_matches(
+    final: Sequence[dict[str, str] | None], truth: ConceptSet, attrs: list[str]
+) -> dict[str, float | None]:
+    """Per attribute the caption gives, the share of final images that match it."""
+    matches: dict[str, float | None] = {}
+    for a in attrs:
+        if a not in truth.labels:
+            continue
+        # An unreadable final image counts as not matching its caption.
+        agree = [
+            f is not None and f[a] == t
+            for f, t in zip(final, truth.labels[a], strict=True)
+            if t is not None
+        ]
+        matches[a] = float(np.mean(agree)) if agree else None
+    return matches

@@ -385,47 +385,19 @@ class ConceptProbe:
             If a concept has fewer than two classes, or a class has fewer than ``cv``
             examples.
         """
-        from sklearn.base import clone
-        from sklearn.model_selection import StratifiedKFold
-        from threadpoolctl import threadpool_limits
-        from tqdm.auto import tqdm
-
         x, timesteps, source = _features(activations, timesteps, blocks, half)
         labels = getattr(labels, "labels", labels)
         if not isinstance(labels, Mapping) or not labels:
             raise TypeError("labels must map concept names to one label per prompt")
-        n_prompts, n_steps, _ = x.shape
+        n_prompts = x.shape[0]
         prepared = {name: self._encode(name, values, n_prompts) for name, values in labels.items()}
         classifier = (
             self.classifier if self.classifier is not None else default_classifier(self.seed)
         )
-        folds = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.seed)
-
         concepts = list(prepared)
-        scores = np.zeros((len(concepts), n_steps, self.cv), dtype=np.float32)
-        bar = tqdm(total=len(concepts) * n_steps, disable=not progress, desc="concept probes")
-        with bar, threadpool_limits(limits=PROBE_BLAS_THREADS):
-            for row, name in enumerate(concepts):
-                keep, y, classes = prepared[name]
-                # The same folds at every step, so that steps are compared on equal terms.
-                splits = list(folds.split(np.zeros(len(y)), y))
-                for step in range(n_steps):
-                    xs = x[keep, step]
-                    for k, (train, test) in enumerate(splits):
-                        model = clone(classifier).fit(xs[train], y[train])
-                        scores[row, step, k] = macro_auc(
-                            y[test], _scores(model, xs[test]), len(classes)
-                        )
-                    bar.update()
-
+        scores = self._fold_scores(x, [prepared[name] for name in concepts], classifier, progress)
         mean = scores.mean(axis=-1)
-        if self.band == "sd":
-            sd = scores.std(axis=-1)
-            low, high = np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1)
-            band_text = f"mean ± sd of held-out ROC-AUC over {self.cv} folds"
-        else:
-            low, high = scores.min(axis=-1), scores.max(axis=-1)
-            band_text = f"min-max of held-out ROC-AUC over {self.cv} folds"
+        low, high, band_text = self._band(scores)
         return ConceptCurves(
             kind="probe_auc",
             concepts=concepts,
@@ -447,6 +419,49 @@ class ConceptProbe:
                 **source,
             },
         )
+
+    def _fold_scores(
+        self,
+        x: np.ndarray,
+        encoded: Sequence[tuple[np.ndarray, np.ndarray, list[str]]],
+        classifier: Any,
+        progress: bool,
+    ) -> np.ndarray:
+        """Held-out ROC-AUC per concept, step and fold, shape (n_concepts, n_steps, cv).
+
+        ``encoded`` holds :meth:`_encode`'s (mask, class indices, class names) per concept.
+        """
+        from sklearn.base import clone
+        from sklearn.model_selection import StratifiedKFold
+        from threadpoolctl import threadpool_limits
+        from tqdm.auto import tqdm
+
+        n_steps = x.shape[1]
+        folds = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.seed)
+        scores = np.zeros((len(encoded), n_steps, self.cv), dtype=np.float32)
+        bar = tqdm(total=len(encoded) * n_steps, disable=not progress, desc="concept probes")
+        with bar, threadpool_limits(limits=PROBE_BLAS_THREADS):
+            for row, (keep, y, classes) in enumerate(encoded):
+                # The same folds at every step, so that steps are compared on equal terms.
+                splits = list(folds.split(np.zeros(len(y)), y))
+                for step in range(n_steps):
+                    xs = x[keep, step]
+                    for k, (train, test) in enumerate(splits):
+                        model = clone(classifier).fit(xs[train], y[train])
+                        scores[row, step, k] = macro_auc(
+                            y[test], _scores(model, xs[test]), len(classes)
+                        )
+                    bar.update()
+        return scores
+
+    def _band(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """Low and high edges of the band over folds, and what the band is (for ``meta``)."""
+        if self.band == "sd":
+            mean, sd = scores.mean(axis=-1), scores.std(axis=-1)
+            band_text = f"mean ± sd of held-out ROC-AUC over {self.cv} folds"
+            return np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), band_text
+        band_text = f"min-max of held-out ROC-AUC over {self.cv} folds"
+        return scores.min(axis=-1), scores.max(axis=-1), band_text
 
     def check(self, labels: Labels | Any) -> None:
         """Raise the error :meth:`fit` would raise for these labels, before any generation.

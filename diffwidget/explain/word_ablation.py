@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from diffwidget.explain.intervention_base import (
 from diffwidget.explain.intervention_results import WordAblationResult
 from diffwidget.explain.judges import Judge, check_judges, replace_word, scene_word_judges
 from diffwidget.tracing.trace import Trace
+
+if TYPE_CHECKING:
+    from diffwidget.tracing.branch import Branch
+    from diffwidget.tracing.branch_setup import BranchConditioning, BranchSetup
 
 AblationMode = Literal["zero", "replace", "mask"]
 ABLATION_MODES: tuple[str, ...] = get_args(AblationMode)
@@ -162,59 +166,19 @@ class WordAblation(InterventionMethod[WordAblationConfig]):
         -------
         WordAblationResult
         """
-        from diffwidget.tracing.branch import Branch
-        from diffwidget.tracing.branch_setup import word_positions
-
         start = time.perf_counter()
         items = check_traces(traces)
-        prompt, n, mode = items[0].prompt, items[0].n_steps, self.config.mode
-        if mode == "replace" and replacement is None:
-            raise ValueError("mode='replace' needs a replacement word (replacement='blue')")
-        windows = self.config.windows or default_windows(n)
-        if any(b >= n for _, b in windows):
-            raise ValueError(f"windows must lie within steps 0..{n - 1}, got {windows}")
-        occurrence = self.config.occurrence
-        positions = word_positions(pipe, prompt, word, occurrence=occurrence, **pipeline_kwargs)
-        chosen = (
-            check_judges(judges)
-            if judges is not None
-            else scene_word_judges(prompt, word, replacement)
-        )
-        other = (
-            replace_word(prompt, word, replacement) if mode == "replace" and replacement else None
-        )
-        with self.branches(pipe, items, [other] if other else [], pipeline_kwargs) as (
-            runner,
-            setup,
-        ):
-            base = setup.conditionings[prompt]
-            if mode == "zero":
-                ablated = base.with_cond_rows(positions, None)
-            elif mode == "mask":
-                ablated = base.with_masked_keys(positions)
-            else:
-                assert other is not None
-                assert replacement is not None
-                moved = word_positions(
-                    pipe, other, replacement, occurrence=occurrence, **pipeline_kwargs
-                )
-                if moved != positions:
-                    raise ValueError(
-                        f"{replacement!r} takes text positions {moved} where {word!r} takes "
-                        f"{positions}; replace a word by one of the same token count"
-                    )
-                ablated = base.with_cond_rows(
-                    positions, setup.conditionings[other].embeds[-1, positions]
-                )
-            branches = [
-                Branch(source=s, start=a, conditioning=tuple(int(a <= j <= b) for j in range(n)))
-                for a, b in windows
-                for s in range(len(items))
-            ]
+        plan = self._plan(pipe, items[0], word, replacement, judges, pipeline_kwargs)
+        others = [plan.other] if plan.other else []
+        with self.branches(pipe, items, others, pipeline_kwargs) as (runner, setup):
+            base = setup.conditionings[plan.prompt]
+            ablated = self._ablated(pipe, plan, base, setup, pipeline_kwargs)
+            branches = _window_branches(plan.windows, len(items), plan.n_steps)
             outcome = self.run_branches(runner, branches, [base, ablated], progress)
             assert outcome.images is not None
             reference = reference_images(pipe, items)
-        images = outcome.images.reshape(len(windows), len(items), *outcome.images.shape[1:])
+        images = outcome.images.reshape(len(plan.windows), len(items), *outcome.images.shape[1:])
+        chosen = plan.judges
         return WordAblationResult(
             attributes=[j.attribute for j in chosen],
             a_values=[j.a_value for j in chosen],
@@ -225,11 +189,102 @@ class WordAblation(InterventionMethod[WordAblationConfig]):
             outcomes=judge_all(chosen, images),
             image_change=self.changes(images, reference),
             meta={**self.config.to_json(), **self.shared_meta(outcome, runner, start)},
-            prompt=prompt,
+            prompt=plan.prompt,
             word=word,
             replacement=replacement or "",
-            mode=mode,
-            positions=list(positions),
-            windows=np.asarray(windows, np.int64).reshape(-1, 2),
+            mode=self.config.mode,
+            positions=list(plan.positions),
+            windows=np.asarray(plan.windows, np.int64).reshape(-1, 2),
             images=images if self.config.keep_images else None,
         )
+
+    def _plan(
+        self,
+        pipe: Any,
+        first: Trace,
+        word: str,
+        replacement: str | None,
+        judges: Judge | Sequence[Judge] | None,
+        pipeline_kwargs: dict[str, Any],
+    ) -> _AblationPlan:
+        """Check the settings against the traced prompt, before anything runs."""
+        from diffwidget.tracing.branch_setup import word_positions
+
+        prompt, n, mode = first.prompt, first.n_steps, self.config.mode
+        if mode == "replace" and replacement is None:
+            raise ValueError("mode='replace' needs a replacement word (replacement='blue')")
+        windows = self.config.windows or default_windows(n)
+        if any(b >= n for _, b in windows):
+            raise ValueError(f"windows must lie within steps 0..{n - 1}, got {windows}")
+        positions = word_positions(
+            pipe, prompt, word, occurrence=self.config.occurrence, **pipeline_kwargs
+        )
+        chosen = (
+            check_judges(judges)
+            if judges is not None
+            else scene_word_judges(prompt, word, replacement)
+        )
+        other = (
+            replace_word(prompt, word, replacement) if mode == "replace" and replacement else None
+        )
+        return _AblationPlan(prompt, n, word, replacement, windows, positions, chosen, other)
+
+    def _ablated(
+        self,
+        pipe: Any,
+        plan: _AblationPlan,
+        base: BranchConditioning,
+        setup: BranchSetup,
+        pipeline_kwargs: dict[str, Any],
+    ) -> BranchConditioning:
+        """The prompt's conditioning without the word's contribution, per ``mode``."""
+        from diffwidget.tracing.branch_setup import word_positions
+
+        positions = plan.positions
+        if self.config.mode == "zero":
+            return base.with_cond_rows(positions, None)
+        if self.config.mode == "mask":
+            return base.with_masked_keys(positions)
+        assert plan.other is not None
+        assert plan.replacement is not None
+        moved = word_positions(
+            pipe,
+            plan.other,
+            plan.replacement,
+            occurrence=self.config.occurrence,
+            **pipeline_kwargs,
+        )
+        if moved != positions:
+            raise ValueError(
+                f"{plan.replacement!r} takes text positions {moved} where {plan.word!r} takes "
+                f"{positions}; replace a word by one of the same token count"
+            )
+        return base.with_cond_rows(positions, setup.conditionings[plan.other].embeds[-1, positions])
+
+
+@dataclass(frozen=True)
+class _AblationPlan:
+    """What :meth:`WordAblation.run` checked before running: the prompt and its step count,
+    the word and its replacement, the windows, the word's text positions, the judges, and the
+    prompt with the replacement in the word's place (``mode="replace"``; None otherwise)."""
+
+    prompt: str
+    n_steps: int
+    word: str
+    replacement: str | None
+    windows: list[list[int]]
+    positions: list[int]
+    judges: list[Judge]
+    other: str | None
+
+
+def _window_branches(windows: list[list[int]], n_sources: int, n_steps: int) -> list[Branch]:
+    """One branch per window and trace: from the trace's ``x_a``, the ablated conditioning
+    (index 1) at steps ``a..b`` and the prompt's own (index 0) elsewhere; window-major."""
+    from diffwidget.tracing.branch import Branch
+
+    return [
+        Branch(source=s, start=a, conditioning=tuple(int(a <= j <= b) for j in range(n_steps)))
+        for a, b in windows
+        for s in range(n_sources)
+    ]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -24,7 +25,14 @@ import numpy as np
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.explain.protocol import SaliencyMethodName
 from diffwidget.explain.results import FaithfulnessResult, SaliencyMap, minmax
-from diffwidget.runs.item_records import CurveEntry, ItemResult, MapEntry, json_safe
+from diffwidget.runs.item_records import (
+    ConceptEntry,
+    CurveEntry,
+    ItemResult,
+    MapEntry,
+    SwitchEntry,
+    json_safe,
+)
 from diffwidget.runs.metric_names import Metric
 from diffwidget.runs.prompts import PromptItem
 from diffwidget.runs.segmentation import (
@@ -199,14 +207,11 @@ def compute_item(
     -------
     ItemOutput
     """
-    from diffwidget.explain.faithfulness import InsertionDeletion
-    from diffwidget.explain.registry import saliency_method
     from diffwidget.tracing.generate import trace as trace_run
 
-    timing: dict[str, float] = {}
-    skipped: dict[str, str] = {}
+    parts = _ItemParts()
     start = clock()
-    concepts = _concept_plan(pipe, item, settings, scene_metrics, skipped)
+    concepts = _concept_plan(pipe, item, settings, scene_metrics, parts.skipped)
     # No guidance given: trace() takes the pipeline's recommended scale and records it.
     tr = trace_run(
         pipe,
@@ -216,11 +221,81 @@ def compute_item(
         seed=seed,
         taps=[concepts.tap] if concepts is not None else [],
     )
-    timing["trace"] = clock() - start
-    metrics: dict[str, float] = {}
-    curves: dict[str, CurveEntry] = {}
-    maps_meta: list[MapEntry] = []
-    arrays: dict[str, np.ndarray] = {}
+    parts.timing["trace"] = clock() - start
+    _add_maps(parts, pipe, tr, settings, clock)
+    _add_item_metrics(parts, pipe, tr, item, settings, scene_metrics, clock)
+    if concepts is not None:
+        from diffwidget.runs.concept_metric import item_concepts
+
+        with _timed(parts.timing, "concepts", clock):
+            parts.concepts, concept_metrics, concept_arrays = item_concepts(tr, item, concepts)
+            parts.metrics.update(concept_metrics)
+            parts.arrays.update(concept_arrays)
+    if "probes" in settings.metrics:
+        with _timed(parts.timing, "probes", clock):
+            parts.arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
+    parts.timing["total"] = clock() - start
+    return ItemOutput(parts.record(tr), tr, parts.arrays)
+
+
+@dataclass
+class _ItemParts:
+    """What the pieces of :func:`compute_item` add up to, in the order they add it (the
+    order of the record's dicts on disk)."""
+
+    timing: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, CurveEntry] = field(default_factory=dict)
+    maps: list[MapEntry] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    segmentation: SegmentationScores | None = None
+    roles: dict[str, list[float]] | None = None
+    commitment: tuple[SwitchEntry, ...] | None = None
+    concepts: ConceptEntry | None = None
+
+    def add_map(self, method: str, step: int, saliency: SaliencyMap) -> None:
+        """Keep a map's arrays, and its settings without the entries that vary between runs."""
+        name = f"{method}@{step}"
+        meta = {k: v for k, v in saliency.meta.items() if k not in _TIMING_META}
+        layers = list(saliency.layers)
+        self.maps.append(MapEntry(method, step, saliency.timestep, json_safe(meta), layers))
+        self.arrays[f"{name}/map"] = saliency.map
+        self.arrays[f"{name}/raw"] = saliency.raw
+        for k, layer in enumerate(layers):
+            self.arrays[f"{name}/layer{k}"] = saliency.layers[layer]
+
+    def record(self, tr: Trace) -> ItemResult:
+        """The item's result record; a non-finite metric is stored as None (JSON has no NaN)."""
+        return ItemResult(
+            metrics={k: v if math.isfinite(v) else None for k, v in self.metrics.items()},
+            curves=self.curves,
+            maps=tuple(self.maps),
+            segmentation=self.segmentation,
+            roles=self.roles,
+            timesteps=[int(t) for t in tr.timesteps.tolist()],
+            timing=self.timing,
+            commitment=self.commitment,
+            concepts=self.concepts,
+            skipped=self.skipped,
+        )
+
+
+@contextmanager
+def _timed(timing: dict[str, float], name: str, clock: Callable[[], float]) -> Iterator[None]:
+    """Store the seconds the block took as ``timing[name]``; nothing when it raises."""
+    begin = clock()
+    yield
+    timing[name] = clock() - begin
+
+
+def _add_maps(
+    parts: _ItemParts, pipe: Any, tr: Trace, settings: RunSettings, clock: Callable[[], float]
+) -> None:
+    """Every chosen map at every explained step, each scored for faithfulness when asked."""
+    from diffwidget.explain.faithfulness import InsertionDeletion
+    from diffwidget.explain.registry import saliency_method
+
     attention = AttentionMaps(normalize="none").attribute(tr)
     evaluator = InsertionDeletion(settings.faithfulness_config())
     methods = {
@@ -229,71 +304,44 @@ def compute_item(
     }
     for step in settings.explained_steps:
         for method in settings.methods:
-            begin = clock()
-            if method == "attention":
-                saliency = attention_saliency(attention, tr, step)
-            else:
-                saliency = methods[method].attribute(pipe, tr, step)
             name = f"{method}@{step}"
-            timing[name] = clock() - begin
-            meta = {k: v for k, v in saliency.meta.items() if k not in _TIMING_META}
-            layers = list(saliency.layers)
-            maps_meta.append(MapEntry(method, step, saliency.timestep, json_safe(meta), layers))
-            arrays[f"{name}/map"] = saliency.map
-            arrays[f"{name}/raw"] = saliency.raw
-            for k, layer in enumerate(layers):
-                arrays[f"{name}/layer{k}"] = saliency.layers[layer]
+            with _timed(parts.timing, name, clock):
+                if method == "attention":
+                    saliency = attention_saliency(attention, tr, step)
+                else:
+                    saliency = methods[method].attribute(pipe, tr, step)
+            parts.add_map(method, step, saliency)
             if "faithfulness" in settings.metrics:
-                begin = clock()
-                result = evaluator.evaluate(pipe, tr, step, saliency)
-                timing[f"{name}.faithfulness"] = clock() - begin
-                curves[name] = _faithfulness_entry(result)
-                metrics.update(_faithfulness_metrics(name, result))
-    segmentation = None
-    if "segmentation" in settings.metrics and scene_metrics and item.objects:
-        begin = clock()
-        segmentation, seg_metrics = _segmentation(tr, item)
-        metrics.update(seg_metrics)
-        timing["segmentation"] = clock() - begin
-    role_curves = None
+                with _timed(parts.timing, f"{name}.faithfulness", clock):
+                    result = evaluator.evaluate(pipe, tr, step, saliency)
+                parts.curves[name] = _faithfulness_entry(result)
+                parts.metrics.update(_faithfulness_metrics(name, result))
+
+
+def _add_item_metrics(
+    parts: _ItemParts,
+    pipe: Any,
+    tr: Trace,
+    item: PromptItem,
+    settings: RunSettings,
+    scene_metrics: bool,
+    clock: Callable[[], float],
+) -> None:
+    """Segmentation, token roles and commitment, each where the settings and item allow."""
+    scene = scene_metrics and bool(item.objects)
+    if "segmentation" in settings.metrics and scene:
+        with _timed(parts.timing, "segmentation", clock):
+            parts.segmentation, seg_metrics = _segmentation(tr, item)
+            parts.metrics.update(seg_metrics)
     if "roles" in settings.metrics and item.roles:
-        role_curves, role_metrics = _role_curves(AttentionMaps().attribute(tr), tr, item)
-        metrics.update(role_metrics)
-    commitment = None
-    if "commitment" in settings.metrics and scene_metrics and item.objects:
+        parts.roles, role_metrics = _role_curves(AttentionMaps().attribute(tr), tr, item)
+        parts.metrics.update(role_metrics)
+    if "commitment" in settings.metrics and scene:
         from diffwidget.runs.commitment import item_commitment
 
-        begin = clock()
-        commitment, commit_metrics = item_commitment(pipe, tr, item, settings)
-        metrics.update(commit_metrics)
-        timing["commitment"] = clock() - begin
-    concept_entry = None
-    if concepts is not None:
-        from diffwidget.runs.concept_metric import item_concepts
-
-        begin = clock()
-        concept_entry, concept_metrics, concept_arrays = item_concepts(tr, item, concepts)
-        metrics.update(concept_metrics)
-        arrays.update(concept_arrays)
-        timing["concepts"] = clock() - begin
-    if "probes" in settings.metrics:
-        begin = clock()
-        arrays.update(_probe_features(pipe, item, seed, settings, tr.guidance_scale))
-        timing["probes"] = clock() - begin
-    timing["total"] = clock() - start
-    record = ItemResult(
-        metrics={k: v if math.isfinite(v) else None for k, v in metrics.items()},
-        curves=curves,
-        maps=tuple(maps_meta),
-        segmentation=segmentation,
-        roles=role_curves,
-        timesteps=[int(t) for t in tr.timesteps.tolist()],
-        timing=timing,
-        commitment=commitment,
-        concepts=concept_entry,
-        skipped=skipped,
-    )
-    return ItemOutput(record, tr, arrays)
+        with _timed(parts.timing, "commitment", clock):
+            parts.commitment, commit_metrics = item_commitment(pipe, tr, item, settings)
+            parts.metrics.update(commit_metrics)
 
 
 def _concept_plan(

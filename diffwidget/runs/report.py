@@ -166,9 +166,58 @@ def write_summary(
     concepts: ConceptSummary | None = None,
 ) -> Path:
     """Write ``summary.md`` and return its path."""
+    lines = _header_lines(manifest, table)
+    lines += _faithfulness_lines(faith)
+    lines += _segmentation_lines(seg)
+    lines += _role_lines(curves)
+    lines += _probe_lines(probes)
+    if commitment is not None:
+        lines += commitment_metric.summary_lines(commitment)
+    if concepts is not None:
+        lines += concept_metric.summary_lines(concepts)
+    lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
+    lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
+    lines += _worst_lines(table)
+    lines += _failed_lines(table)
+    if figures:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures]
+    text = "\n".join(lines) + "\n"
+    return atomic_write(folder / "summary.md", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+#: Columns of the faithfulness table shown in summary.md.
+_FAITHFULNESS_COLUMNS = (
+    "map",
+    "n",
+    "saliency_deletion_mean",
+    "random_deletion_mean",
+    "deletion_beats_random",
+    "saliency_insertion_mean",
+    "random_insertion_mean",
+    "insertion_beats_random",
+    "paper_saliency_deletion_auc",
+    "paper_random_deletion_auc",
+)
+#: Columns of the segmentation table shown in summary.md.
+_SEGMENTATION_COLUMNS = (
+    "aggregation",
+    "miou_tau",
+    "miou_tau_ci_low",
+    "miou_tau_ci_high",
+    "best_tau",
+    "miou_best",
+    "map",
+    "n_pairs",
+    "n_items",
+    "objects_found",
+)
+
+
+def _header_lines(manifest: RunManifest, table: pd.DataFrame) -> list[str]:
+    """Title, item counts by status, and every setting of the run."""
     settings = manifest.settings.named()
     counts = table["status"].value_counts().to_dict()
-    lines = [
+    return [
         "# Run summary",
         "",
         f"{len(table)} items: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
@@ -176,86 +225,75 @@ def write_summary(
         "Settings: " + "; ".join(markdown_text(f"{k} = {v}") for k, v in settings.items()) + ".",
         "",
     ]
-    if len(faith):
-        lines += ["## Faithfulness (insertion / deletion AUC, map beside random order)", ""]
-        lines += _markdown(
-            faith,
-            [
-                "map",
-                "n",
-                "saliency_deletion_mean",
-                "random_deletion_mean",
-                "deletion_beats_random",
-                "saliency_insertion_mean",
-                "random_insertion_mean",
-                "insertion_beats_random",
-                "paper_saliency_deletion_auc",
-                "paper_random_deletion_auc",
-            ],
-        )
-        lines += [
-            "",
-            "Lower deletion and higher insertion than random mean a faithful map; `paper_*` "
-            "is the paper's aggregation (mean curve, min-max, trapezoid).",
-            "",
-        ]
-    if len(seg):
-        lines += [f"## Segmentation against the generated image's objects (τ = {DAAM_TAU})", ""]
-        lines += _markdown(
-            seg,
-            [
-                "aggregation",
-                "miou_tau",
-                "miou_tau_ci_low",
-                "miou_tau_ci_high",
-                "best_tau",
-                "miou_best",
-                "map",
-                "n_pairs",
-                "n_items",
-                "objects_found",
-            ],
-        )
-        lines += [
-            "",
-            "`ours` is `AttentionMaps()` with its defaults, `daam` DAAM's sum over layers, "
-            "heads and steps; pairs are each object's colour and shape word.",
-            "",
-        ]
-    if ROLES_CURVE in curves:
-        lines += ["## Token roles (attention mass, mean over items per step)", ""]
-        for line in curves[ROLES_CURVE]["lines"]:
-            values = ", ".join(_fmt(v, 3) for v in line["mean"])
-            lines.append(f"- {markdown_text(line['label'])} (n = {line['n']}): {values}")
-        lines.append("")
-    if probes is not None:
-        first = probes.first_step_above()
-        lines += ["## Concept probes (unconditional half, held-out ROC-AUC)", ""]
-        lines += [
-            f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
-        ]
-        lines.append("")
-    if commitment is not None:
-        lines += commitment_metric.summary_lines(commitment)
-    if concepts is not None:
-        lines += concept_metric.summary_lines(concepts)
-    lines += ["## Every metric (mean ± sd over items, 95 % bootstrap interval of the mean)", ""]
-    lines += _markdown(metrics, ["metric", "n", "mean", "sd", "ci_low", "ci_high"])
+
+
+def _faithfulness_lines(faith: pd.DataFrame) -> list[str]:
+    if not len(faith):
+        return []
+    lines = ["## Faithfulness (insertion / deletion AUC, map beside random order)", ""]
+    lines += _markdown(faith, _FAITHFULNESS_COLUMNS)
+    return [
+        *lines,
+        "",
+        "Lower deletion and higher insertion than random mean a faithful map; `paper_*` "
+        "is the paper's aggregation (mean curve, min-max, trapezoid).",
+        "",
+    ]
+
+
+def _segmentation_lines(seg: pd.DataFrame) -> list[str]:
+    if not len(seg):
+        return []
+    lines = [f"## Segmentation against the generated image's objects (τ = {DAAM_TAU})", ""]
+    lines += _markdown(seg, _SEGMENTATION_COLUMNS)
+    return [
+        *lines,
+        "",
+        "`ours` is `AttentionMaps()` with its defaults, `daam` DAAM's sum over layers, "
+        "heads and steps; pairs are each object's colour and shape word.",
+        "",
+    ]
+
+
+def _role_lines(curves: dict[str, dict[str, Any]]) -> list[str]:
+    if ROLES_CURVE not in curves:
+        return []
+    lines = ["## Token roles (attention mass, mean over items per step)", ""]
+    for line in curves[ROLES_CURVE]["lines"]:
+        values = ", ".join(_fmt(v, 3) for v in line["mean"])
+        lines.append(f"- {markdown_text(line['label'])} (n = {line['n']}): {values}")
+    return [*lines, ""]
+
+
+def _probe_lines(probes: Any) -> list[str]:
+    if probes is None:
+        return []
+    first = probes.first_step_above()
+    lines = ["## Concept probes (unconditional half, held-out ROC-AUC)", ""]
+    lines += [
+        f"- {markdown_text(c)}: first step sustained ≥ 0.9: {first[c]}" for c in probes.concepts
+    ]
+    return [*lines, ""]
+
+
+def _worst_lines(table: pd.DataFrame) -> list[str]:
+    """The finished items lowest on :func:`worst_metric`, when the table has one."""
     column = worst_metric(table)
-    if column is not None:
-        worst = table[table["status"] == "ok"].sort_values(column).head(WORST_ITEMS)
-        lines += ["", f"## Worst items by {markdown_text(column)}", ""]
-        lines += _markdown(worst, ["key", "prompt", column])
+    if column is None:
+        return []
+    worst = table[table["status"] == "ok"].sort_values(column).head(WORST_ITEMS)
+    lines = ["", f"## Worst items by {markdown_text(column)}", ""]
+    return lines + _markdown(worst, ["key", "prompt", column])
+
+
+def _failed_lines(table: pd.DataFrame) -> list[str]:
     failed = table[table["status"] == "failed"]
-    if len(failed):
-        lines += ["", "## Failed items", ""]
-        lines += [
-            f"- {markdown_text(row.key)}: {markdown_text(row.error)}" for row in failed.itertuples()
-        ]
-    if figures:
-        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures]
-    text = "\n".join(lines) + "\n"
-    return atomic_write(folder / "summary.md", lambda p: p.write_text(text, encoding="utf-8"))
+    if not len(failed):
+        return []
+    lines = ["", "## Failed items", ""]
+    return lines + [
+        f"- {markdown_text(row.key)}: {markdown_text(row.error)}" for row in failed.itertuples()
+    ]
 
 
 def _write_table(table: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
