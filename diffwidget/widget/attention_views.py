@@ -19,6 +19,7 @@ import numpy as np
 
 from diffwidget.explain.attention import AttentionMaps, AttentionResult
 from diffwidget.widget import layers
+from diffwidget.widget.curves import Curve
 from diffwidget.widget.grid import attention_grid, saliency_grid
 from diffwidget.widget.payloads import GridData
 from diffwidget.widget.schema import MEAN_OVER_HEADS
@@ -179,16 +180,14 @@ class AttentionViews:
         return self._grid if str(self.widget.grid) != "none" else None
 
 
-def mass_curves(
-    trace: Trace, result: AttentionResult | None
-) -> list[tuple[dict[str, Any], np.ndarray]]:
+def mass_curves(trace: Trace, result: AttentionResult | None) -> list[Curve]:
     """One attention-mass curve per token (series, values over every step; NaN where absent)."""
     if result is None:
         return []
     mass = np.full((trace.n_steps, len(trace.tokens)), np.nan, np.float32)
     mass[np.asarray(result.steps, dtype=np.int64)] = result.mass
     return [
-        ({"name": name, "group": "attention_mass", "token": token}, mass[:, token])
+        Curve(name, "attention_mass", token, mass[:, token])
         for token, name in enumerate(trace.tokens)
     ]
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from diffwidget.widget import layers, schema
 from diffwidget.widget.attention_views import AttentionViews, filter_values, mass_curves
 from diffwidget.widget.codecs import encode_array, to_transport
 from diffwidget.widget.concept_overlay import CONCEPT, ConceptCache
+from diffwidget.widget.curves import Curve, CurveSet
 from diffwidget.widget.explorer_setup import check_inputs, first_content_token
 from diffwidget.widget.explorer_work import ExplorerWork, OverlayRequest
 from diffwidget.widget.export import ExportOptions, ExportPlan, ExportSource, export_plan
@@ -110,7 +111,7 @@ class Explorer(ExplorerWork):
             )
         self._cache: dict[str, dict[int, SaliencyMap]] = {k: {} for k in schema.HEAVY_OVERLAYS}
         self._lock = threading.Lock()
-        self._curves: list[tuple[dict[str, Any], np.ndarray]] = []
+        self._curves = CurveSet()
         self._faith: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._figures: list[Any] = []
         self._links: list[Any] = []  # ExplorerLinks this explorer is in (figures.py)
@@ -181,8 +182,8 @@ class Explorer(ExplorerWork):
 
     def _sync_attention(self) -> None:
         """The attention-mass curves of the filter shown (its maps are sent by the views)."""
-        self._curves = [c for c in self._curves if c[0]["group"] != "attention_mass"]
-        self._curves = mass_curves(self.trace, self.attention_result) + self._curves
+        mass = mass_curves(self.trace, self.attention_result)
+        self._curves = self._curves.replacing("attention_mass", mass, first=True)
         self._sync_curves()
 
     def _sync_options(self) -> None:
@@ -215,12 +216,7 @@ class Explorer(ExplorerWork):
         self.widget.actions = actions
 
     def _sync_curves(self) -> None:
-        if not self._curves:
-            self.widget.publish("curves", None)
-            return
-        values = np.stack([v for _, v in self._curves]).astype(np.float32)
-        series = [s for s, _ in self._curves]
-        self.widget.publish("curves", {"series": series, "values": encode_array(values)})
+        self.widget.publish("curves", self._curves.to_json())
 
     def _sync_overlays(self, kind: str) -> None:
         with self._lock:
@@ -411,14 +407,13 @@ class Explorer(ExplorerWork):
         token: int | None = None,
     ) -> None:
         """Add a curve over steps (NaN where not computed), e.g. a concept's ROC-AUC."""
-        if group not in schema.CURVE_GROUPS:
-            raise ValueError(f"group must be one of {schema.CURVE_GROUPS}, not {group!r}")
         array = np.asarray(values, dtype=np.float32)
+        curve = Curve(name, cast(schema.CurveGroup, group), token, array)  # checks the group
         if array.shape != (self.trace.n_steps,):
             raise ValueError(
                 f"a curve needs one value per step ({self.trace.n_steps}), got {array.shape}"
             )
-        self._curves.append(({"name": name, "group": group, "token": token}, array))
+        self._curves = self._curves.adding([curve])
         self._sync_curves()
 
     def add_token_relevance(self, result: Any) -> None:
@@ -431,9 +426,11 @@ class Explorer(ExplorerWork):
             raise ValueError("the relevance result belongs to another trace (tokens differ)")
         curves = np.full((len(self.trace.tokens), self.trace.n_steps), np.nan, np.float32)
         curves[:, np.asarray(result.steps, dtype=np.int64)] = np.asarray(result.normalized).T
-        for token, name in enumerate(self.trace.tokens):
-            series = {"name": name, "group": "token_relevance", "token": token}
-            self._curves.append((series, curves[token]))
+        relevance = [
+            Curve(name, "token_relevance", token, curves[token])
+            for token, name in enumerate(self.trace.tokens)
+        ]
+        self._curves = self._curves.adding(relevance)
         self._sync_curves()
 
     def _maybe_request(self, _change: Any) -> None:

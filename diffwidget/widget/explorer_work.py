@@ -25,6 +25,7 @@ from diffwidget.widget.concept_overlay import (
     ConceptRequest,
     compute_concept,
 )
+from diffwidget.widget.curves import CurveSet
 from diffwidget.widget.grid_sources import (
     ConceptGridRequest,
     GridSourceMethods,
@@ -98,7 +99,7 @@ class ExplorerWork(SwitchWork, GridSourceMethods):
     _lock: threading.Lock
     _evaluator: Any
     _faith: dict[tuple[Any, ...], dict[str, Any]]
-    _curves: list[tuple[dict[str, Any], np.ndarray]]
+    _curves: CurveSet
     _concepts: ConceptCache
     _grids: GridSources
 

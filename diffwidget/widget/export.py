@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypedDict
 from diffwidget._markup import base64_text, escape
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, encode_array, payload_nbytes
+from diffwidget.widget.curves import CurveSet
 from diffwidget.widget.grid import block_of
 from diffwidget.widget.layers import grid_text
 from diffwidget.widget.model import ESM_PATH
@@ -299,9 +300,7 @@ def _keep_steps(state: dict[str, Any], keep: list[int]) -> None:
                 "descriptions": [entry["descriptions"][i] for i in rows],
             }
     state["overlays"] = overlays
-    if state["curves"] is not None:
-        values = decode_array(state["curves"]["values"])[:, keep]
-        state["curves"] = {**state["curves"], "values": encode_array(values)}
+    state["curves"] = CurveSet.from_json(state["curves"]).keep(keep).to_json()
     state["faithfulness"] = [
         {**e, "step": position[e["step"]]} for e in state["faithfulness"] if e["step"] in position
     ]

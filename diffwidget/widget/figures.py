@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffwidget.widget import schema
-from diffwidget.widget.codecs import decode_array
+from diffwidget.widget.curves import CurveSet
 
 if TYPE_CHECKING:
     from diffwidget.widget.explorer import Explorer
@@ -30,23 +30,19 @@ LABEL_GAP = 0.07
 
 
 def _series(explorer: Explorer, group: str) -> tuple[list[str], list[int | None], np.ndarray]:
-    curves = explorer.widget.curves
-    if not curves:
+    curves = CurveSet.from_json(explorer.widget.curves)
+    if not curves.curves:
         raise ValueError(
             f"the explorer has no curves; add one with explorer.add_curve(..., group={group!r})"
         )
-    values = decode_array(curves["values"])
     kinds = explorer.trace.token_kinds
     names, tokens, rows = [], [], []
-    for row, series in enumerate(curves["series"]):
-        if series["group"] != group:
-            continue
-        token = series["token"]
-        if token is not None and kinds[token] != "word":
+    for curve in curves.of_group(group):
+        if curve.token is not None and kinds[curve.token] != "word":
             continue  # start/end/pad are hidden here as in the widget
-        names.append(series["name"])
-        tokens.append(token)
-        rows.append(values[row])
+        names.append(curve.name)
+        tokens.append(curve.token)
+        rows.append(curve.values)
     if not rows:
         raise ValueError(
             f"no {group!r} curves yet; add them with "

@@ -2,8 +2,8 @@
 
 Verbatim TypeScript: the Python side builds these values in :mod:`diffwidget.widget.codecs`
 (``ArrayPayload``), :mod:`diffwidget.widget.payloads` (``AttentionSet``, ``GridGroup``,
-``GridData``, with one typed record each), :mod:`diffwidget.widget.switch_view`
-(``SwitchFilmstrip``) and the explorer (the others);
+``GridData``, with one typed record each), :mod:`diffwidget.widget.curves` (``CurveSet``),
+:mod:`diffwidget.widget.switch_view` (``SwitchFilmstrip``) and the explorer (the others);
 :func:`diffwidget.widget.schema.typescript` puts them beside the generated trait types.
 """
 

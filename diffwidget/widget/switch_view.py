@@ -27,6 +27,7 @@ import numpy as np
 from diffwidget.widget import schema
 from diffwidget.widget.codecs import decode_array, encode_array
 from diffwidget.widget.concept_overlay import prompt_words
+from diffwidget.widget.curves import Curve, CurveSet
 from diffwidget.widget.payloads import PayloadError, _field, _ints, _strings
 from diffwidget.widget.previews import shrink_images
 
@@ -293,16 +294,14 @@ def _branch_steps(n_seeds: int, n_steps: int, switch_steps: Sequence[int] | None
     return n_seeds * sum(max(n_steps - k, 0) for k in ks)
 
 
-def commitment_series(
-    curves: CommitmentCurves, n_steps: int
-) -> list[tuple[dict[str, Any], np.ndarray]]:
+def commitment_series(curves: CommitmentCurves, n_steps: int) -> list[Curve]:
     """One curve per judged attribute on the step axis (NaN where not switched).
 
     ``k = n_steps`` (prompt A's own image) lies past the axis and is left out.
 
     Examples
     --------
-    >>> [s["name"] for s, _ in commitment_series(curves, 4)]  # doctest: +SKIP
+    >>> [c.name for c in commitment_series(curves, 4)]  # doctest: +SKIP
     ['colour']
     """
     series = []
@@ -312,7 +311,7 @@ def commitment_series(
         keep, _, _ = curves.keep_a(attribute)
         values[curves.switch_steps[inside]] = keep[inside]
         # The attribute alone: the group's title says what is kept, the filmstrip the values.
-        series.append(({"name": attribute, "group": COMMITMENT, "token": None}, values))
+        series.append(Curve(attribute, COMMITMENT, None, values))
     return series
 
 
@@ -332,7 +331,7 @@ class SwitchWork:
     pipe: Any
     widget: ExplorerWidget
     _jobs: Jobs
-    _curves: list[tuple[dict[str, Any], np.ndarray]]
+    _curves: CurveSet
     #: The last prompt switch computed from this explorer (:meth:`prompt_switch`).
     commitment: CommitmentCurves | None
     _switch_setup: tuple[tuple[Trace, ...], tuple[int, ...] | None]
@@ -491,8 +490,9 @@ class SwitchWork:
         self.commitment = curves
         filmstrip = SwitchFilmstrip.of(curves, word, replacement)
         # A new switch replaces the last one's curves, as it replaces its filmstrip.
-        kept = [c for c in self._curves if c[0]["group"] != COMMITMENT]
-        self._curves[:] = kept + commitment_series(curves, self.trace.n_steps)
+        self._curves = self._curves.replacing(
+            COMMITMENT, commitment_series(curves, self.trace.n_steps)
+        )
         with self.widget.hold_sync():
             self._sync_curves()
             self.widget.publish("switch", filmstrip.to_json())
