@@ -385,40 +385,9 @@ def _build(data: Any) -> LiveManifest:
     model = _str(data["model"], "model")
     if model not in LIVE_MODELS:
         raise ValueError(f"model {model!r} is not one of {LIVE_MODELS}")
-    graphs = tuple(_graph(g) for g in data["graphs"])
-    if sorted(g.name for g in graphs) != sorted(MODEL_GRAPHS[model]):
-        raise ValueError(f"graphs must be exactly {MODEL_GRAPHS[model]}")
-    attention = tuple(
-        AttentionOutput(
-            layer=_str(a["layer"], "attention layer"),
-            grid=_pair(a["grid"], "attention grid"),
-            output=_str(a["output"], "attention output"),
-        )
-        for a in data["attention"]
-    )
-    denoiser = DENOISER_GRAPH[model]
-    denoiser_outputs = set(next(g for g in graphs if g.name == denoiser).outputs)
-    missing = [a.output for a in attention if a.output not in denoiser_outputs]
-    if missing:
-        raise ValueError(f"attention outputs {missing} are not outputs of the {denoiser} graph")
-    tok = data["tokenizer"]
-    tokenizer = TokenizerFacts(
-        vocab=_str_map(tok["vocab"], "vocab", int),
-        merges=_strs(tok["merges"], "merges"),
-        bos_id=_int(tok["bos_id"], "bos_id"),
-        eos_id=_int(tok["eos_id"], "eos_id"),
-        pad_id=_int(tok["pad_id"], "pad_id"),
-        unk_id=_int(tok["unk_id"], "unk_id"),
-        max_length=_int(tok["max_length"], "max_length", 2),
-        word_end=_str(tok["word_end"], "word_end"),
-        spellings=_str_map(tok["spellings"], "spellings", str),
-        known_words=_strs(tok["known_words"], "known_words"),
-        max_words=_int(tok["max_words"], "max_words", 1),
-        unknown_words_template=_str(tok["unknown_words_template"], "unknown_words_template"),
-        too_long_template=_str(tok["too_long_template"], "too_long_template"),
-    )
-    if WORDS_PLACEHOLDER not in tokenizer.unknown_words_template:
-        raise ValueError(f"unknown_words_template lacks {WORDS_PLACEHOLDER}")
+    graphs = _graphs(data["graphs"], model)
+    attention = _attention(data["attention"], model, graphs)
+    tokenizer = _tokenizer(data["tokenizer"])
     fingerprint = _str(data["fingerprint"], "fingerprint")
     if not _HEX.match(fingerprint):
         raise ValueError("fingerprint is not 64 hex digits")
@@ -443,6 +412,53 @@ def _build(data: Any) -> LiveManifest:
         opset=_int(data["opset"], "opset", 1),
         versions=_str_map(data["versions"], "versions", str),
     )
+
+
+def _graphs(items: Any, model: str) -> tuple[GraphFile, ...]:
+    graphs = tuple(_graph(g) for g in items)
+    if sorted(g.name for g in graphs) != sorted(MODEL_GRAPHS[model]):
+        raise ValueError(f"graphs must be exactly {MODEL_GRAPHS[model]}")
+    return graphs
+
+
+def _attention(
+    items: Any, model: str, graphs: tuple[GraphFile, ...]
+) -> tuple[AttentionOutput, ...]:
+    attention = tuple(
+        AttentionOutput(
+            layer=_str(a["layer"], "attention layer"),
+            grid=_pair(a["grid"], "attention grid"),
+            output=_str(a["output"], "attention output"),
+        )
+        for a in items
+    )
+    denoiser = DENOISER_GRAPH[model]
+    denoiser_outputs = set(next(g for g in graphs if g.name == denoiser).outputs)
+    missing = [a.output for a in attention if a.output not in denoiser_outputs]
+    if missing:
+        raise ValueError(f"attention outputs {missing} are not outputs of the {denoiser} graph")
+    return attention
+
+
+def _tokenizer(tok: Any) -> TokenizerFacts:
+    tokenizer = TokenizerFacts(
+        vocab=_str_map(tok["vocab"], "vocab", int),
+        merges=_strs(tok["merges"], "merges"),
+        bos_id=_int(tok["bos_id"], "bos_id"),
+        eos_id=_int(tok["eos_id"], "eos_id"),
+        pad_id=_int(tok["pad_id"], "pad_id"),
+        unk_id=_int(tok["unk_id"], "unk_id"),
+        max_length=_int(tok["max_length"], "max_length", 2),
+        word_end=_str(tok["word_end"], "word_end"),
+        spellings=_str_map(tok["spellings"], "spellings", str),
+        known_words=_strs(tok["known_words"], "known_words"),
+        max_words=_int(tok["max_words"], "max_words", 1),
+        unknown_words_template=_str(tok["unknown_words_template"], "unknown_words_template"),
+        too_long_template=_str(tok["too_long_template"], "too_long_template"),
+    )
+    if WORDS_PLACEHOLDER not in tokenizer.unknown_words_template:
+        raise ValueError(f"unknown_words_template lacks {WORDS_PLACEHOLDER}")
+    return tokenizer
 
 
 def _flow_match(s: Any) -> FlowMatchFacts:

@@ -29,7 +29,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from diffwidget._threads import use_tiny_model_threads
 from diffwidget.models.architecture import SchedulerName, make_scheduler
@@ -155,16 +155,29 @@ def load_demo_pipeline(
     >>> type(dit.transformer).__name__
     'SD3Transformer2DModel'
     """
-    import torch
+    model = _chosen_model(model, scheduler)
+    folder = _pipeline_folder(model, path)
+    pipe = _read_pipeline(model, folder, device)
+    _prepare(pipe, model, scheduler)
+    use_tiny_model_threads()
+    return pipe
 
-    model = model or os.environ.get(DEMO_MODEL_ENV) or "unet"  # type: ignore[assignment]
-    _check_model(str(model))
-    if model == "dit" and scheduler is not None:
+
+def _chosen_model(model: DemoModel | None, scheduler: SchedulerName | None) -> DemoModel:
+    """The model asked for, else the environment's, else the UNet; checked against ``scheduler``."""
+    chosen = model or os.environ.get(DEMO_MODEL_ENV) or "unet"
+    _check_model(chosen)
+    if chosen == "dit" and scheduler is not None:
         raise ValueError(
             f"scheduler={scheduler!r} is for the UNet; the DiT is a flow-matching model and "
             "always uses its FlowMatchEulerDiscreteScheduler: leave scheduler out"
         )
-    folder = Path(path) if path is not None else DEMO_DIRS[str(model)]
+    return cast("DemoModel", chosen)  # checked just above
+
+
+def _pipeline_folder(model: DemoModel, path: str | Path | None) -> Path:
+    """The folder to load ``model`` from, checked to hold that model's pipeline."""
+    folder = Path(path) if path is not None else DEMO_DIRS[model]
     if not demo_weights_available(folder):
         flag = " --model dit" if model == "dit" else ""
         raise FileNotFoundError(
@@ -182,6 +195,13 @@ def load_demo_pipeline(
             f"{folder} holds a {found or 'pipeline of unknown class'}, not the {model}'s "
             f"{expected}: pass model={'unet' if model == 'dit' else 'dit'!r} or another path"
         )
+    return folder
+
+
+def _read_pipeline(model: DemoModel, folder: Path, device: str) -> Any:
+    """The pipeline in ``folder``, in float32 on ``device``, loaded without the network."""
+    import torch
+
     with _quiet_diffusers():
         # Importing the pipeline classes makes transformers warn that torchvision is absent.
         from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -208,7 +228,11 @@ def load_demo_pipeline(
         # The shipped weights are float16 on disk; CPUs want float32. Converting after
         # loading (the dtype argument's name differs across diffusers versions); the
         # architectures have no modules that must stay float32, so the cast is exact.
-        pipe = pipe.to(device=device, dtype=torch.float32)
+        return pipe.to(device=device, dtype=torch.float32)
+
+
+def _prepare(pipe: Any, model: DemoModel, scheduler: SchedulerName | None) -> None:
+    """Set the loaded pipeline up as documented: tokenizers, scheduler, guidance, prompt check."""
     if pipe.vae.config.get("shift_factor") is None:
         # Weights exported before the DiT existed; the SD3 pipeline adds this shift.
         pipe.vae.register_to_config(shift_factor=0.0)
@@ -219,10 +243,8 @@ def load_demo_pipeline(
         pipe.scheduler = make_scheduler(scheduler or "dpm++", dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     # diffwidget.trace() reads these: the guidance when none is given, the prompt check.
-    pipe.recommended_guidance_scale = RECOMMENDED_GUIDANCE[str(model)]
+    pipe.recommended_guidance_scale = RECOMMENDED_GUIDANCE[model]
     pipe.check_prompt = check_prompt
-    use_tiny_model_threads()
-    return pipe
 
 
 def _same_vae(a: Path, b: Path) -> bool:

@@ -23,6 +23,8 @@ from diffwidget.tracing.tokens import TokenSelection
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from diffwidget.tracing.context import TraceContext
+    from diffwidget.tracing.families import DenoiserFamily
     from diffwidget.tracing.taps import Tap
     from diffwidget.tracing.trace import Trace
 
@@ -122,38 +124,11 @@ def trace(
     (4, ['<|startoftext|>', 'a', 'red', 'circle'])
     """
     family = denoiser_family(pipe)
-    if not isinstance(prompt, str):
-        raise TypeError(
-            f"trace() takes one prompt (a str), got {type(prompt).__name__}; call it once per "
-            "prompt"
-        )
-    _check_steps(num_inference_steps)
-    if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("trace() makes one image; drop num_images_per_prompt (or set it to 1)")
-    reserved = [k for k in _RESERVED if k in pipeline_kwargs]
-    if reserved:
-        raise ValueError(
-            f"trace() sets {reserved} itself; pass seed= instead of a generator and the prompt "
-            "as text"
-        )
-    check = getattr(pipe, "check_prompt", None)
-    if callable(check):
-        check(prompt)
-    call: dict[str, Any] = dict(pipeline_kwargs)
-    if guidance_scale is None:
-        guidance_scale = getattr(pipe, "recommended_guidance_scale", None)
-    if guidance_scale is None and family.guidance_argument() == "guidance_scale":
-        guidance_scale = DEFAULT_GUIDANCE_SCALE
-    if guidance_scale is not None:
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        call["guidance_scale"] = float(guidance_scale)
-    if negative_prompt is not None:
-        call["negative_prompt"] = negative_prompt
+    _check_request(pipe, prompt, num_inference_steps, pipeline_kwargs)
+    call = _pipeline_call(pipe, family, guidance_scale, negative_prompt, pipeline_kwargs)
     w = call.get(family.guidance_argument())
     size = family.default_image_size()
     height, width = height or size, width or size
-    import torch
 
     # Imported here: context.py re-exports trace() from this module.
     from diffwidget.tracing.context import TraceContext
@@ -175,6 +150,66 @@ def trace(
     )
     ctx.check_budget(num_inference_steps, height, width)
     ctx.check_memory(num_inference_steps, height, width)
+    return _run(pipe, ctx, prompt, num_inference_steps, height, width, seed, call)
+
+
+def _check_request(
+    pipe: Any, prompt: Any, num_inference_steps: Any, pipeline_kwargs: dict[str, Any]
+) -> None:
+    """Refuse what :func:`trace` cannot do, before anything is allocated."""
+    if not isinstance(prompt, str):
+        raise TypeError(
+            f"trace() takes one prompt (a str), got {type(prompt).__name__}; call it once per "
+            "prompt"
+        )
+    _check_steps(num_inference_steps)
+    if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("trace() makes one image; drop num_images_per_prompt (or set it to 1)")
+    reserved = [k for k in _RESERVED if k in pipeline_kwargs]
+    if reserved:
+        raise ValueError(
+            f"trace() sets {reserved} itself; pass seed= instead of a generator and the prompt "
+            "as text"
+        )
+    check = getattr(pipe, "check_prompt", None)
+    if callable(check):
+        check(prompt)
+
+
+def _pipeline_call(
+    pipe: Any,
+    family: DenoiserFamily,
+    guidance_scale: float | None,
+    negative_prompt: str | None,
+    pipeline_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The pipeline's keyword arguments: the caller's, the guidance and the negative prompt."""
+    call: dict[str, Any] = dict(pipeline_kwargs)
+    if guidance_scale is None:
+        guidance_scale = getattr(pipe, "recommended_guidance_scale", None)
+    if guidance_scale is None and family.guidance_argument() == "guidance_scale":
+        guidance_scale = DEFAULT_GUIDANCE_SCALE
+    if guidance_scale is not None:
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        call["guidance_scale"] = float(guidance_scale)
+    if negative_prompt is not None:
+        call["negative_prompt"] = negative_prompt
+    return call
+
+
+def _run(
+    pipe: Any,
+    ctx: TraceContext,
+    prompt: str,
+    num_inference_steps: int,
+    height: int,
+    width: int,
+    seed: int,
+    call: dict[str, Any],
+) -> Trace:
+    """Call the pipeline inside ``ctx`` (which restores every hook) and build the trace."""
+    import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)
     failure: str | None = None

@@ -9,6 +9,7 @@ cursor is a two-point ``Lines`` mark moved by a Python observer of the explorer'
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -102,6 +103,46 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
     if kind not in schema.CURVE_GROUPS:
         raise ValueError(f"kind must be one of {schema.CURVE_GROUPS}, not {kind!r}")
     names, tokens, values = _series(explorer, kind)
+    frame = _frame(kind, values)
+    x_scale = bqplot.LinearScale(min=0.0, max=frame.last * (1 + LABEL_ROOM))
+    y_scale = bqplot.LinearScale(min=frame.low, max=frame.high)
+    marks = _marks(explorer, names, values, frame, {"x": x_scale, "y": y_scale})
+    figure = bqplot.Figure(
+        marks=[marks.lines, marks.points, marks.labels, marks.cursor],
+        axes=_axes(kind, frame, x_scale, y_scale),
+        title=schema.CURVE_GROUP_TITLES[kind],
+        layout={"width": "560px", "height": "300px"},
+        fig_margin={"top": 40, "bottom": 45, "left": 60, "right": 10},
+    )
+    figure.add_class("dw-figure")
+    figure.add_class(f"dw-figure-{kind}")
+    figure.unlink = _follow_explorer(explorer, marks, tokens, len(frame.steps))
+    figure.cursor = marks.cursor
+    return figure
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where a figure's curves lie: the steps on x, the value range on y."""
+
+    steps: np.ndarray
+    #: The last step (at least 1, so a one-step trace still has an x range).
+    last: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """The bqplot marks of one figure, kept together for the observers that move them."""
+
+    lines: Any
+    points: Any
+    labels: Any
+    cursor: Any
+
+
+def _frame(kind: str, values: np.ndarray) -> _Frame:
     steps = np.arange(values.shape[1])
     finite = values[np.isfinite(values)]
     if kind == "attention_mass" and finite.size:
@@ -111,23 +152,32 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
     else:
         low = float(min(0.0, finite.min())) if finite.size else 0.0
         high = max(float(finite.max()) if finite.size else 1.0, 1.0)
-    last = float(max(len(steps) - 1, 1))
-    x_scale = bqplot.LinearScale(min=0.0, max=last * (1 + LABEL_ROOM))
-    y_scale = bqplot.LinearScale(min=low, max=high)
-    scales = {"x": x_scale, "y": y_scale}
+    return _Frame(steps=steps, last=float(max(len(steps) - 1, 1)), low=low, high=high)
+
+
+def _curve_ends(values: np.ndarray, low: float) -> np.ndarray:
+    """Each curve's last finite value (``low`` for a curve with none), where its label goes."""
+    ends = []
+    for row in values:
+        valid = np.flatnonzero(np.isfinite(row))
+        ends.append(float(row[valid[-1]]) if valid.size else low)
+    return np.asarray(ends)
+
+
+def _marks(
+    explorer: Explorer, names: list[str], values: np.ndarray, frame: _Frame, scales: dict[str, Any]
+) -> _Marks:
+    import bqplot
+
     palette = schema.CURVE_PALETTE
     colours = [palette[i % len(palette)] for i in range(len(names))]
+    steps, low, high = frame.steps, frame.low, frame.high
     lines = bqplot.Lines(
         x=steps, y=values, scales=scales, colors=colours, labels=names, display_legend=False
     )
-    ends_x, ends_y = [], []
-    for row in values:
-        valid = np.flatnonzero(np.isfinite(row))
-        ends_x.append(float(steps[valid[-1]]) if valid.size else last)
-        ends_y.append(float(row[valid[-1]]) if valid.size else low)
     labels = bqplot.Label(
-        x=[last + 0.3] * len(names),
-        y=label_positions(np.asarray(ends_y), low, high),
+        x=[frame.last + 0.3] * len(names),
+        y=label_positions(_curve_ends(values, low), low, high),
         text=names,
         colors=colours,
         scales=scales,
@@ -152,29 +202,34 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         colors=[CURSOR_COLOUR],
         stroke_width=2,
     )
-    figure = bqplot.Figure(
-        marks=[lines, points, labels, cursor],
-        axes=[
-            bqplot.Axis(
-                scale=x_scale,
-                side="bottom",
-                label="step (loop index)",
-                tick_values=np.unique(np.linspace(0, last, min(len(steps), 6)).round()),
-            ),
-            bqplot.Axis(
-                scale=y_scale,
-                side="left",
-                tick_format=".3~g",
-                label=schema.CURVE_GROUP_UNITS[kind],
-            ),
-        ],
-        title=schema.CURVE_GROUP_TITLES[kind],
-        layout={"width": "560px", "height": "300px"},
-        fig_margin={"top": 40, "bottom": 45, "left": 60, "right": 10},
-    )
-    figure.add_class("dw-figure")
-    figure.add_class(f"dw-figure-{kind}")
-    n_steps = len(steps)
+    return _Marks(lines=lines, points=points, labels=labels, cursor=cursor)
+
+
+def _axes(kind: str, frame: _Frame, x_scale: Any, y_scale: Any) -> list[Any]:
+    import bqplot
+
+    n_steps = len(frame.steps)
+    return [
+        bqplot.Axis(
+            scale=x_scale,
+            side="bottom",
+            label="step (loop index)",
+            tick_values=np.unique(np.linspace(0, frame.last, min(n_steps, 6)).round()),
+        ),
+        bqplot.Axis(
+            scale=y_scale,
+            side="left",
+            tick_format=".3~g",
+            label=schema.CURVE_GROUP_UNITS[kind],
+        ),
+    ]
+
+
+def _follow_explorer(
+    explorer: Explorer, marks: _Marks, tokens: list[int | None], n_steps: int
+) -> Callable[[], None]:
+    """Tie the marks to the explorer's step and token; returns the function that unties them."""
+    lines, points, cursor = marks.lines, marks.points, marks.cursor
 
     def follow(_change: Any = None) -> None:
         cursor.x = [explorer.step, explorer.step]
@@ -207,9 +262,7 @@ def explorer_figure(explorer: Explorer, kind: str = "attention_mass") -> Any:
         explorer.widget.unobserve(emphasise, names=["token"])
         points.unobserve(jump, names=["selected"])
 
-    figure.unlink = unlink
-    figure.cursor = cursor
-    return figure
+    return unlink
 
 
 class ExplorerLink:
