@@ -341,6 +341,14 @@ def _pair(value: Any, what: str) -> tuple[int, int]:
     return (_int(value[0], what, 1), _int(value[1], what, 1))
 
 
+def _hex(value: Any, what: str) -> str:
+    """A SHA-256 digest written as 64 hex digits."""
+    text = _str(value, what)
+    if not _HEX.match(text):
+        raise ValueError(f"{what} is not 64 hex digits")
+    return text
+
+
 def _strs(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise TypeError(f"{what} must be a list of strings")
@@ -363,9 +371,7 @@ def _graph(data: Any) -> GraphFile:
     file = _str(data["file"], "graph file")
     if "/" in file or "\\" in file or file.startswith(".") or not file.endswith(".onnx"):
         raise ValueError(f"graph file {file!r} must be a plain .onnx file name")
-    sha = _str(data["sha256"], "sha256")
-    if not _HEX.match(sha):
-        raise ValueError(f"sha256 of {file} is not 64 hex digits")
+    sha = _hex(data["sha256"], f"sha256 of {file}")
     return GraphFile(
         name=name,  # type: ignore[arg-type]
         file=file,
@@ -388,9 +394,7 @@ def _build(data: Any) -> LiveManifest:
     graphs = _graphs(data["graphs"], model)
     attention = _attention(data["attention"], model, graphs)
     tokenizer = _tokenizer(data["tokenizer"])
-    fingerprint = _str(data["fingerprint"], "fingerprint")
-    if not _HEX.match(fingerprint):
-        raise ValueError("fingerprint is not 64 hex digits")
+    fingerprint = _hex(data["fingerprint"], "fingerprint")
     return LiveManifest(
         format_version=version,
         model=model,  # type: ignore[arg-type]
