@@ -26,7 +26,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 #: Folder of the exported graphs, one sub-folder per embedded model.
 LIVE_DIR = Path(__file__).resolve().parent / "live"
@@ -364,16 +364,24 @@ def _str_map(value: Any, what: str, kind: type) -> dict[str, Any]:
     return dict(value)
 
 
+def _is_graph_name(name: str) -> TypeGuard[GraphName]:
+    return name in GRAPH_NAMES
+
+
+def _is_live_model(model: str) -> TypeGuard[LiveModel]:
+    return model in LIVE_MODELS
+
+
 def _graph(data: Any) -> GraphFile:
     name = _str(data["name"], "graph name")
-    if name not in GRAPH_NAMES:
+    if not _is_graph_name(name):
         raise ValueError(f"unknown graph {name!r}; expected one of {GRAPH_NAMES}")
     file = _str(data["file"], "graph file")
     if "/" in file or "\\" in file or file.startswith(".") or not file.endswith(".onnx"):
         raise ValueError(f"graph file {file!r} must be a plain .onnx file name")
     sha = _hex(data["sha256"], f"sha256 of {file}")
     return GraphFile(
-        name=name,  # type: ignore[arg-type]
+        name=name,
         file=file,
         sha256=sha,
         bytes=_int(data["bytes"], "bytes", 1),
@@ -389,7 +397,7 @@ def _build(data: Any) -> LiveManifest:
     if version != LIVE_FORMAT:
         raise ValueError(f"format_version {version} is not {LIVE_FORMAT}; re-export")
     model = _str(data["model"], "model")
-    if model not in LIVE_MODELS:
+    if not _is_live_model(model):
         raise ValueError(f"model {model!r} is not one of {LIVE_MODELS}")
     graphs = _graphs(data["graphs"], model)
     attention = _attention(data["attention"], model, graphs)
@@ -397,7 +405,7 @@ def _build(data: Any) -> LiveManifest:
     fingerprint = _hex(data["fingerprint"], "fingerprint")
     return LiveManifest(
         format_version=version,
-        model=model,  # type: ignore[arg-type]
+        model=model,
         graphs=graphs,
         attention=attention,
         latent_channels=_int(data["latent_channels"], "latent_channels", 1),
