@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffwidget.cli.common import (
     DEFAULT_STEPS,
@@ -25,6 +25,10 @@ from diffwidget.cli.common import (
 )
 from diffwidget.explain.protocol import SALIENCY_METHOD_NAMES
 from diffwidget.tracing.noise import PREDICTION_SOURCES
+
+if TYPE_CHECKING:
+    from diffwidget.tracing.trace import Trace
+    from diffwidget.widget.explorer import Explorer
 
 #: Saliency overlays the export can precompute (the registered methods).
 OVERLAYS: tuple[str, ...] = SALIENCY_METHOD_NAMES
@@ -151,10 +155,11 @@ def export_live(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def export(args: argparse.Namespace) -> int:
-    """Trace one prompt and write a standalone HTML explorer."""
-    if args.live:
-        return export_live(args)
+def _check_trace_args(args: argparse.Namespace) -> tuple[str, Path]:
+    """Validate the options of a traced export; returns the prompt and the output file.
+
+    Replaces ``args.model``'s one-item list by the model itself, as the loader takes it.
+    """
     if args.folder is not None or args.compare:
         raise UsageError("--folder and --compare belong to --live")
     if args.model is not None:
@@ -178,6 +183,29 @@ def export(args: argparse.Namespace) -> int:
         check_model(args.model)
         if not prompt:
             raise UsageError('the prompt is empty: pass a caption such as "a red circle"')
+    return prompt, output
+
+
+def _add_overlays(explorer: Explorer, pipe: Any, record: Trace, args: argparse.Namespace) -> None:
+    """Compute each ``--overlay`` at ``--step``, with a progress bar, and add it to the page."""
+    for overlay in args.overlay:
+        from diffwidget.explain.registry import saliency_method
+
+        progress, close = tqdm_progress(f"{overlay} at step {args.step}")
+        try:
+            result = saliency_method(overlay)().attribute(
+                pipe, record, args.step, progress=progress
+            )
+        finally:
+            close()
+        explorer.add_overlay(overlay, args.step, result)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Trace one prompt and write a standalone HTML explorer."""
+    if args.live:
+        return export_live(args)
+    prompt, output = _check_trace_args(args)
 
     # Library chatter (optional torchvision, accelerate) is noise on a command line; errors
     # still show. Set before transformers is imported, which reads it once.
@@ -197,17 +225,7 @@ def export(args: argparse.Namespace) -> int:
         kwargs["guidance_scale"] = args.guidance
     record = trace(pipe, prompt, **kwargs)
     explorer = Explorer(record, pipe=pipe)
-    for overlay in args.overlay:
-        from diffwidget.explain.registry import saliency_method
-
-        progress, close = tqdm_progress(f"{overlay} at step {args.step}")
-        try:
-            result = saliency_method(overlay)().attribute(
-                pipe, record, args.step, progress=progress
-            )
-        finally:
-            close()
-        explorer.add_overlay(overlay, args.step, result)
+    _add_overlays(explorer, pipe, record, args)
     plan = explorer.export(title=prompt)
     print(plan.summary(), file=sys.stderr)
     path = plan.write(output)

@@ -55,7 +55,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,182 @@ def _objective(
     raise ValueError(f"unknown model {model!r}: choose 'unet' or 'dit'")
 
 
+@dataclass(frozen=True)
+class _TrainingSet:
+    """The encoded stage-2 training set, its latents' moments on the device, and their scale."""
+
+    data: LatentSet
+    mean: Any
+    std: Any
+    scale: float
+
+
+@dataclass(frozen=True)
+class _Stage2:
+    """What the stage-2 loop trains, and what a checkpoint saves of it."""
+
+    model: ModelName
+    config: TrainConfig
+    device: str
+    out: Path
+    #: Written into each checkpoint's ``train_state.json``; the loop adds the steps done.
+    state: dict[str, Any]
+    #: ``time.monotonic()`` at the start of the run (stage 1 included).
+    t0: float
+    objective: Objective
+    vae: Any
+    params: list[Any]
+    optimiser: Any
+    ema: Ema
+    generator: Any
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    """Where stage 2 starts: from scratch, or from ``OUT/resume.safetensors``."""
+
+    step: int = 0
+    running: float = 0.0  # the smoothed loss shown on the progress bar and logged
+    stage2_s: float = 0.0  # stage-2 seconds already spent, which the time cap counts
+
+
+def _training_set(
+    vae: Any,
+    components: dict[str, Any],
+    config: TrainConfig,
+    out: Path,
+    seed: int,
+    state: dict[str, Any],
+    progress: bool,
+    device: str,
+) -> _TrainingSet:
+    """The latents from ``OUT/latents.safetensors``, or encoded now; sets the VAE's scale."""
+    data_file = out / DATA_FILE
+    stored = _read_state(data_file)
+    if stored is not None:
+        data = LatentSet(**stored)
+    else:
+        data = encode_dataset(
+            vae, components["tokenizer"], SceneWorld(seed), config.n_scenes, progress, device
+        )
+        save_state(asdict(data), data_file)
+    scale = 1.0 / float(data.mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    state["scaling_factor"] = scale
+    return _TrainingSet(data, data.mean.to(device), data.std.to(device), scale)
+
+
+def _trained_params(
+    objective: Objective,
+    components: dict[str, Any],
+    init_from: str | Path | None,
+    state: dict[str, Any],
+    device: str,
+) -> list[Any]:
+    """Put the trained modules on the device in training mode (fine-tuned from ``init_from``)."""
+    if init_from is not None:
+        init_from_pipeline(objective, components, Path(init_from))
+        state["init_from"] = str(init_from)
+    for module in objective.trained:
+        module.to(device).train()
+    return [p for module in objective.trained for p in module.parameters()]
+
+
+def _resume(run: _Stage2) -> _Resumed:
+    """Load ``OUT/resume.safetensors`` into ``run`` if a previous run left one."""
+    saved = _read_state(run.out / RESUME_FILE, run.device)
+    if saved is None:
+        return _Resumed()
+    for module, weights in zip(run.objective.trained, saved["trained"], strict=True):
+        module.load_state_dict(weights)
+    for shadow, weights in zip(run.ema.shadow, saved["ema"], strict=True):
+        shadow.load_state_dict(weights)
+    run.optimiser.load_state_dict(saved["optimiser"])
+    run.generator.set_state(saved["generator"].cpu())  # generator states are CPU byte tensors
+    run.state["resumed_at"] = [*saved.get("resumed_at", []), saved["step"]]
+    return _Resumed(saved["step"], saved["running"], saved["stage2_s"])
+
+
+def _checkpoint(run: _Stage2, step: int, running: float, stage2_s: float) -> Path:
+    """Save the EMA pipeline after ``step`` steps and the state to resume from there."""
+    run.state.update(
+        unet_steps_done=step, stage2_minutes=stage2_s / 60, minutes=(time.monotonic() - run.t0) / 60
+    )
+    final = save_checkpoint(
+        run.objective.pipeline(run.ema.shadow, run.vae),
+        run.out,
+        f"checkpoint-{step:06d}",
+        run.state,
+    )
+    resume = {
+        "step": step,
+        "trained": [m.state_dict() for m in run.objective.trained],
+        "ema": [m.state_dict() for m in run.ema.shadow],
+        "optimiser": run.optimiser.state_dict(),
+        "generator": run.generator.get_state(),
+        "running": running,
+        "stage2_s": stage2_s,
+        "resumed_at": run.state.get("resumed_at", []),
+    }
+    save_state(resume, run.out / RESUME_FILE)
+    return final
+
+
+def _train_step(run: _Stage2, latents: _TrainingSet, step: int) -> Any:
+    """One optimiser step on a batch drawn from the training set; returns the loss."""
+    import torch
+
+    config, generator, device = run.config, run.generator, run.device
+    # Each latent is sampled afresh from its posterior, as the VAE would encode it.
+    idx = torch.randint(
+        0, latents.mean.shape[0], (config.batch,), generator=generator, device=device
+    )
+    eps = torch.randn(latents.mean[idx].shape, generator=generator, device=device)
+    sample = (latents.mean[idx] + latents.std[idx] * eps) * latents.scale
+    loss = run.objective.loss(sample, idx, latents.data, generator)
+    for group in run.optimiser.param_groups:
+        group["lr"] = config.lr * _lr_factor(step, config.warmup)
+    run.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimiser.step()
+    run.ema.update(step)
+    return loss
+
+
+def _run_stage2(run: _Stage2, latents: _TrainingSet, resumed: _Resumed, progress: bool) -> Path:
+    """Train until the step count or the time cap; returns the final checkpoint folder."""
+    from tqdm import tqdm
+
+    config, running = run.config, resumed.running
+    start = last_save = time.monotonic()
+    bar = tqdm(
+        range(resumed.step, config.unet_steps),
+        desc=run.model,
+        disable=not progress,
+        mininterval=10,
+        initial=resumed.step,
+        total=config.unet_steps,
+    )
+    step = resumed.step
+    for step in bar:
+        elapsed = resumed.stage2_s + time.monotonic() - start
+        if config.unet_minutes is not None and elapsed > 60 * config.unet_minutes:
+            break
+        loss = _train_step(run, latents, step)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+            t = time.monotonic() - run.t0
+            _log(run.out, {"stage": run.model, "step": step, "loss": running, "t": t})
+        if time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+            _checkpoint(run, step + 1, running, resumed.stage2_s + time.monotonic() - start)
+            last_save = time.monotonic()
+    else:
+        step = config.unet_steps
+    return _checkpoint(run, step, running, resumed.stage2_s + time.monotonic() - start)
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -291,7 +467,7 @@ def train(
         Settings (see :data:`CONFIGS`).
     out : str or Path
         Output folder. If ``OUT/vae_stage1`` exists, stage 1 is skipped and that VAE used;
-        if ``OUT/resume.pt`` exists, stage 2 continues from it.
+        if ``OUT/resume.safetensors`` exists, stage 2 continues from it.
     seed : int
         Seed of the weights, the scenes and the training noise.
     progress : bool
@@ -307,7 +483,6 @@ def train(
         instead of training stage 2 from random weights.
     """
     import torch
-    from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,102 +497,25 @@ def train(
     t0 = time.monotonic()
     vae = _stage1(components, config, out, seed, vae_from, state, progress, device)
     state["vae_minutes"] = (time.monotonic() - t0) / 60
-
-    data_file = out / DATA_FILE
-    stored = _read_state(data_file)
-    if stored is not None:
-        data = LatentSet(**stored)
-    else:
-        data = encode_dataset(
-            vae, components["tokenizer"], SceneWorld(seed), config.n_scenes, progress, device
-        )
-        save_state(asdict(data), data_file)
-    scale = 1.0 / float(data.mean.std())
-    vae.register_to_config(scaling_factor=scale)
-    state["scaling_factor"] = scale
+    latents = _training_set(vae, components, config, out, seed, state, progress, device)
     state["encode_minutes"] = (time.monotonic() - t0) / 60 - state["vae_minutes"]
-    mean, std = data.mean.to(device), data.std.to(device)
 
-    if init_from is not None:
-        init_from_pipeline(objective, components, Path(init_from))
-        state["init_from"] = str(init_from)
-    for module in objective.trained:
-        module.to(device).train()
-    params = [p for module in objective.trained for p in module.parameters()]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
-    ema = Ema(objective.trained, config.ema_decay)
-    generator = torch.Generator(device).manual_seed(seed)
-    n = mean.shape[0]
-    first_step, running, before_s = 0, 0.0, 0.0
-    resume_file = out / RESUME_FILE
-    saved = _read_state(resume_file, device)
-    if saved is not None:
-        for module, weights in zip(objective.trained, saved["trained"], strict=True):
-            module.load_state_dict(weights)
-        for shadow, weights in zip(ema.shadow, saved["ema"], strict=True):
-            shadow.load_state_dict(weights)
-        optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"].cpu())  # generator states are CPU byte tensors
-        first_step, running, before_s = saved["step"], saved["running"], saved["stage2_s"]
-        state["resumed_at"] = [*saved.get("resumed_at", []), first_step]
-
-    start = last_save = time.monotonic()
-
-    def checkpoint(step: int) -> Path:
-        stage2_s = before_s + time.monotonic() - start
-        state.update(
-            unet_steps_done=step, stage2_minutes=stage2_s / 60, minutes=(time.monotonic() - t0) / 60
-        )
-        final = save_checkpoint(
-            objective.pipeline(ema.shadow, vae), out, f"checkpoint-{step:06d}", state
-        )
-        resume = {
-            "step": step,
-            "trained": [m.state_dict() for m in objective.trained],
-            "ema": [m.state_dict() for m in ema.shadow],
-            "optimiser": optimiser.state_dict(),
-            "generator": generator.get_state(),
-            "running": running,
-            "stage2_s": stage2_s,
-            "resumed_at": state.get("resumed_at", []),
-        }
-        save_state(resume, resume_file)
-        return final
-
-    bar = tqdm(
-        range(first_step, config.unet_steps),
-        desc=model,
-        disable=not progress,
-        mininterval=10,
-        initial=first_step,
-        total=config.unet_steps,
+    params = _trained_params(objective, components, init_from, state, device)
+    run = _Stage2(
+        model=model,
+        config=config,
+        device=device,
+        out=out,
+        state=state,
+        t0=t0,
+        objective=objective,
+        vae=vae,
+        params=params,
+        optimiser=torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2),
+        ema=Ema(objective.trained, config.ema_decay),
+        generator=torch.Generator(device).manual_seed(seed),
     )
-    step = first_step
-    for step in bar:
-        elapsed = before_s + time.monotonic() - start
-        if config.unet_minutes is not None and elapsed > 60 * config.unet_minutes:
-            break
-        idx = torch.randint(0, n, (config.batch,), generator=generator, device=device)
-        eps = torch.randn(mean[idx].shape, generator=generator, device=device)
-        latents = (mean[idx] + std[idx] * eps) * scale
-        loss = objective.loss(latents, idx, data, generator)
-        for group in optimiser.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config.warmup)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        ema.update(step)
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % LOG_EVERY == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-            _log(out, {"stage": model, "step": step, "loss": running, "t": time.monotonic() - t0})
-        if time.monotonic() - last_save > 60 * config.checkpoint_minutes:
-            checkpoint(step + 1)
-            last_save = time.monotonic()
-    else:
-        step = config.unet_steps
-    return checkpoint(step)
+    return _run_stage2(run, latents, _resume(run), progress)
 
 
 def main(argv: list[str] | None = None) -> None:
