@@ -56,7 +56,7 @@ class ConceptMapsConfig(MethodConfig):
     space: Space = "output"
 
     def __post_init__(self) -> None:
-        from diffwidget.tracing.concepts import check_words
+        from diffwidget.tracing.concept_words import check_words
 
         if self.words:
             self._normalise("words", tuple(check_words(list(self.words))))

@@ -17,7 +17,7 @@ from diffwidget.explain.attention import upsample_maps, window_steps
 from diffwidget.records import Array, MaxLen, Record
 
 if TYPE_CHECKING:
-    from diffwidget.tracing.concepts import ConceptScores
+    from diffwidget.tracing.concept_words import ConceptScores
     from diffwidget.tracing.trace import Trace
 
 Space = Literal["output", "attention"]

@@ -20,14 +20,13 @@ import pytest
 import torch
 
 from diffwidget.tracing.cfg import CfgLayout
-from diffwidget.tracing.concepts import (
+from diffwidget.tracing.concept_words import (
     MAX_CONCEPT_WORDS,
     ConceptScores,
-    ConceptTap,
     UnknownConceptWarning,
     check_words,
-    replay_concepts,
 )
+from diffwidget.tracing.concepts import ConceptTap, replay_concepts
 from diffwidget.tracing.families.base import DenoiserCall, LatentLayout
 from diffwidget.tracing.families.mmdit import SD3Family
 from diffwidget.tracing.generate import trace

@@ -71,7 +71,7 @@ def test_a_typed_word_gets_its_map_and_caption(tiny_sd_pipe, tiny_trace):
 
 def test_a_hostile_word_is_text_and_bad_words_are_refused(tiny_sd_pipe, tiny_trace, monkeypatch):
     from diffwidget.explain.concept_maps import ConceptMaps
-    from diffwidget.tracing.concepts import UnknownConceptWarning
+    from diffwidget.tracing.concept_words import UnknownConceptWarning
 
     original = ConceptMaps.attribute
 
