@@ -4,7 +4,7 @@ Verbatim TypeScript: the Python side builds these values in :mod:`diffwidget.wid
 (``ArrayPayload``), :mod:`diffwidget.widget.payloads` (``AttentionSet``, ``GridGroup``,
 ``GridData``, with one typed record each), :mod:`diffwidget.widget.curves` (``CurveSet``),
 :mod:`diffwidget.widget.switch_view` (``SwitchFilmstrip``) and the explorer (the others);
-:func:`diffwidget.widget.schema.typescript` puts them beside the generated trait types.
+:func:`diffwidget.widget.schema_ts.typescript` puts them beside the generated trait types.
 """
 
 from __future__ import annotations

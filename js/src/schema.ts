@@ -1,5 +1,5 @@
-// Generated from diffwidget/widget/schema.py; do not edit.
-// Regenerate with `python -m diffwidget.widget.schema`.
+// Generated from diffwidget/widget/schema.py by schema_ts.py; do not edit.
+// Regenerate with `python -m diffwidget.widget.schema_ts`.
 
 export type OverlayKind = "none" | "attention" | "df_rise" | "df_cam" | "occlusion" | "concept";
 export const OVERLAY_KINDS: readonly OverlayKind[] = ["none", "attention", "df_rise", "df_cam", "occlusion", "concept"];

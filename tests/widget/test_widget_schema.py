@@ -8,7 +8,7 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from diffwidget.widget import schema
+from diffwidget.widget import schema, schema_ts
 from diffwidget.widget.codecs import (
     decode_array,
     describe_payloads,
@@ -22,9 +22,9 @@ TS_SCHEMA = Path(__file__).resolve().parents[2] / "js" / "src" / "schema.ts"
 
 
 def test_generated_typescript_matches_the_python_schema():
-    assert TS_SCHEMA.read_text() == schema.typescript(), (
+    assert TS_SCHEMA.read_text() == schema_ts.typescript(), (
         "js/src/schema.ts drifted from diffwidget/widget/schema.py; "
-        "run `python -m diffwidget.widget.schema`"
+        "run `python -m diffwidget.widget.schema_ts`"
     )
 
 
@@ -32,8 +32,8 @@ def test_drift_is_detected(tmp_path, monkeypatch):
     # The check must fail when a trait is added on one side only.
     extra = (*schema.TRAITS, schema.TraitSpec("zoom", "float", 1.0, True, "Zoom factor."))
     monkeypatch.setattr(schema, "TRAITS", extra)
-    assert "zoom: number;" in schema.typescript()
-    assert schema.typescript() != TS_SCHEMA.read_text()
+    assert "zoom: number;" in schema_ts.typescript()
+    assert schema_ts.typescript() != TS_SCHEMA.read_text()
 
 
 def test_every_schema_trait_is_a_synced_trait_of_the_widget():
