@@ -43,6 +43,7 @@ from diffwidget.models.live_graphs import (
     OPSET,
     PREVIEW_DECODER_NAME,
     ExportPlan,
+    GraphSpec,
     decoder_specs,
     export_graph,
     scheduler_facts,
@@ -56,6 +57,7 @@ from diffwidget.models.live_manifest import (
     GraphFile,
     LiveManifest,
     file_sha256,
+    is_live_model,
     live_folder,
     weights_fingerprint,
 )
@@ -164,15 +166,15 @@ def _unet_plan(pipe: Any) -> ExportPlan:
         AttentionOutput(layer=name, grid=grids[name], output=ATTENTION_PREFIX + name)
         for name in layers
     ]
-    specs: list[tuple[str, Any, tuple[Any, ...], list[str], list[str]]] = [
-        (
+    specs = [
+        GraphSpec(
             "text_encoder",
             _text_graph(pipe.text_encoder),
             (torch.zeros(len(CFG_HALVES), length, dtype=torch.int64),),
             ["input_ids"],
             ["text"],
         ),
-        (
+        GraphSpec(
             "unet",
             _unet_graph(unet, layers),
             (
@@ -209,33 +211,33 @@ def export_live(model: str = "unet", dest: str | Path | None = None) -> LiveMani
     >>> [g.name for g in manifest.graphs]  # doctest: +SKIP
     ['text_encoder', 'transformer', 'preview', 'vae']
     """
-    if model not in LIVE_MODELS:
+    if not is_live_model(model):
         raise ValueError(f"the live export covers {LIVE_MODELS}, not {model!r}")
     from diffwidget.models.live_export_dit import dit_plan
     from diffwidget.models.loader import DEFAULT_STEPS, RECOMMENDED_GUIDANCE, load_demo_pipeline
 
-    pipe = load_demo_pipeline(model)  # type: ignore[arg-type]
+    pipe = load_demo_pipeline(model)
     plan = _unet_plan(pipe) if model == "unet" else dit_plan(pipe)
     dest = Path(dest) if dest is not None else live_folder(model)
     with tempfile.TemporaryDirectory(prefix="diffwidget-live-") as tmp:
         graphs = []
-        for name, module, args, inputs, outputs in plan.specs:
-            path = Path(tmp) / f"{name}.onnx"
-            export_graph(module, args, path, inputs, outputs)
+        for spec in plan.specs:
+            path = Path(tmp) / f"{spec.name}.onnx"
+            export_graph(spec.module, spec.example, path, spec.inputs, spec.outputs)
             graphs.append(
                 GraphFile(
-                    name=name,  # type: ignore[arg-type]
+                    name=spec.name,
                     file=path.name,
                     sha256=file_sha256(path),
                     bytes=path.stat().st_size,
-                    inputs=tuple(inputs),
-                    outputs=tuple(outputs),
+                    inputs=tuple(spec.inputs),
+                    outputs=tuple(spec.outputs),
                 )
             )
         size = plan.latent_size
         manifest = LiveManifest(
             format_version=LIVE_FORMAT,
-            model=model,  # type: ignore[arg-type]
+            model=model,
             graphs=tuple(graphs),
             attention=tuple(plan.attention),
             latent_channels=plan.latent_channels,

@@ -34,6 +34,7 @@ from diffwidget.models.live_graphs import (
     CFG_HALVES,
     COND_ROW,
     ExportPlan,
+    GraphSpec,
     decoder_specs,
     tokenizer_facts,
 )
@@ -189,15 +190,15 @@ def dit_plan(pipe: Any) -> ExportPlan:
     attention = [
         AttentionOutput(layer=name, grid=grid, output=ATTENTION_PREFIX + name) for name in layers
     ]
-    specs: list[tuple[str, Any, tuple[Any, ...], list[str], list[str]]] = [
-        (
+    specs = [
+        GraphSpec(
             "text_encoder",
             _text_graph(pipe),
             (torch.zeros(rows, length, dtype=torch.int64),),
             ["input_ids"],
             ["text", "pooled"],
         ),
-        (
+        GraphSpec(
             "transformer",
             _transformer_graph(transformer, layers, tail),
             (

@@ -20,6 +20,7 @@ from diffwidget.models.live_manifest import (
     WORDS_PLACEHOLDER,
     AttentionOutput,
     FlowMatchFacts,
+    GraphName,
     SchedulerFacts,
     TokenizerFacts,
 )
@@ -158,12 +159,24 @@ def scheduler_facts(scheduler: Any) -> SchedulerFacts | FlowMatchFacts:
     return kind(class_name=name, **{f: config[f] for f in names})
 
 
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph to export: its manifest name, the module, example inputs and the names of
+    its inputs and outputs."""
+
+    name: GraphName
+    module: Any
+    example: tuple[Any, ...]
+    inputs: list[str]
+    outputs: list[str]
+
+
 @dataclass
 class ExportPlan:
     """What one model's export consists of: its graphs and the model facts of its manifest."""
 
-    #: (graph name, module, example inputs, input names, output names), in manifest order.
-    specs: list[tuple[str, Any, tuple[Any, ...], list[str], list[str]]]
+    #: The graphs, in manifest order.
+    specs: list[GraphSpec]
     attention: list[AttentionOutput]
     latent_channels: int
     latent_size: int
@@ -172,7 +185,7 @@ class ExportPlan:
     attention_normalisation: str
 
 
-def decoder_specs(pipe: Any, channels: int, size: int) -> list[Any]:
+def decoder_specs(pipe: Any, channels: int, size: int) -> list[GraphSpec]:
     """The shipped preview decoder and the pipeline's VAE decoder, each with post-processing."""
     import torch
 
@@ -182,7 +195,7 @@ def decoder_specs(pipe: Any, channels: int, size: int) -> list[Any]:
     preview = load_preview_decoder(SHIPPED["demo"]).to(memory_format=torch.contiguous_format)
     latent = (torch.randn(1, channels, size, size),)
     return [
-        (
+        GraphSpec(
             "preview",
             _decoder_graph(
                 preview,
@@ -193,7 +206,7 @@ def decoder_specs(pipe: Any, channels: int, size: int) -> list[Any]:
             ["latent"],
             ["image"],
         ),
-        (
+        GraphSpec(
             "vae",
             _decoder_graph(
                 vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)

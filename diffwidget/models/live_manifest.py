@@ -368,7 +368,14 @@ def _is_graph_name(name: str) -> TypeGuard[GraphName]:
     return name in GRAPH_NAMES
 
 
-def _is_live_model(model: str) -> TypeGuard[LiveModel]:
+def is_live_model(model: str) -> TypeGuard[LiveModel]:
+    """Whether ``model`` names a model with a live export (``LIVE_MODELS``).
+
+    Examples
+    --------
+    >>> is_live_model("dit"), is_live_model("sdxl")
+    (True, False)
+    """
     return model in LIVE_MODELS
 
 
@@ -397,7 +404,7 @@ def _build(data: Any) -> LiveManifest:
     if version != LIVE_FORMAT:
         raise ValueError(f"format_version {version} is not {LIVE_FORMAT}; re-export")
     model = _str(data["model"], "model")
-    if not _is_live_model(model):
+    if not is_live_model(model):
         raise ValueError(f"model {model!r} is not one of {LIVE_MODELS}")
     graphs = _graphs(data["graphs"], model)
     attention = _attention(data["attention"], model, graphs)

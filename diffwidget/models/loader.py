@@ -29,7 +29,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeGuard, cast, get_args
 
 from diffwidget._threads import use_tiny_model_threads
 from diffwidget.models.architecture import SchedulerName, make_scheduler
@@ -89,8 +89,19 @@ def demo_weights_available(path: str | Path = DEMO_DIR) -> bool:
     return (Path(path) / MODEL_INDEX).is_file()
 
 
+def is_demo_model(model: str) -> TypeGuard[DemoModel]:
+    """Whether ``model`` names an embedded model (``DEMO_MODELS``).
+
+    Examples
+    --------
+    >>> is_demo_model("unet"), is_demo_model("sd15")
+    (True, False)
+    """
+    return model in DEMO_MODELS
+
+
 def _check_model(model: str) -> None:
-    if model not in DEMO_MODELS:
+    if not is_demo_model(model):
         raise ValueError(
             f"unknown embedded model {model!r}: choose 'unet' (the default, a Stable Diffusion "
             f"layout) or 'dit' (an SD3-style MMDiT), e.g. load_demo_pipeline('dit')"

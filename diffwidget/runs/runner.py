@@ -128,10 +128,10 @@ def _check_aggregation_packages() -> None:
 
 
 def _load_pipeline(settings: RunSettings, device: str) -> Any:
-    from diffwidget.models.loader import DEMO_MODELS, load_demo_pipeline
+    from diffwidget.models.loader import is_demo_model, load_demo_pipeline
 
-    if settings.model is None or settings.model in DEMO_MODELS:
-        return load_demo_pipeline(settings.model or "unet", device=device)  # type: ignore[arg-type]
+    if settings.model is None or is_demo_model(settings.model):
+        return load_demo_pipeline(settings.model or "unet", device=device)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(settings.model, local_files_only=True)

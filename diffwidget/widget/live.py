@@ -39,6 +39,8 @@ from diffwidget.models.live_manifest import (
     LIVE_MODELS,
     MANIFEST_FILE,
     LiveManifest,
+    LiveModel,
+    is_live_model,
     live_folder,
     load_live_manifest,
 )
@@ -190,7 +192,7 @@ def _require_bundle() -> None:
         )
 
 
-def check_models(models: str | Sequence[str]) -> tuple[str, ...]:
+def check_models(models: str | Sequence[str]) -> tuple[LiveModel, ...]:
     """The page's models as a tuple: known, each once, at least one.
 
     Examples
@@ -204,7 +206,7 @@ def check_models(models: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError(
             f"models must name each of {LIVE_MODELS} at most once (at least one), got {chosen}"
         )
-    return chosen
+    return tuple(m for m in chosen if is_live_model(m))  # all of them: checked above
 
 
 def first_runs(

@@ -104,7 +104,7 @@ class LiveExplorer:
 
         self.fallback_reason = reason or "WebAssembly is not available in this page"
         if self.pipe is None:
-            self.pipe = load_demo_pipeline(self.models[0])  # type: ignore[arg-type]
+            self.pipe = load_demo_pipeline(self.models[0])
         record = trace(self.pipe, self.config.prompt, seed=0)
         self.fallback_explorer = Explorer(record, pipe=self.pipe)
         with self.output:
