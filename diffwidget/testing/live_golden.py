@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from diffwidget._generated import write_or_check
+
 FIXTURE = Path(__file__).resolve().parents[2] / "js" / "test" / "fixtures" / "live_golden.json"
 #: Captions covering the normaliser, the grammar, unknown words, digits and truncation.
 CAPTIONS: tuple[str, ...] = (
@@ -202,17 +204,8 @@ def render(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write the fixture (``--check``: compare instead, exit 1 when it differs)."""
     argv = sys.argv[1:] if argv is None else argv
-    text = render(golden())
-    if "--check" in argv:
-        current = FIXTURE.read_text() if FIXTURE.is_file() else ""
-        if current != text:
-            print(f"{FIXTURE} is out of date; run `python -m diffwidget.testing.live_golden`")
-            return 1
-        return 0
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    FIXTURE.write_text(text)
-    print(f"wrote {FIXTURE}")
-    return 0
+    command = "python -m diffwidget.testing.live_golden"
+    return write_or_check(FIXTURE, render(golden()), command, argv)
 
 
 if __name__ == "__main__":

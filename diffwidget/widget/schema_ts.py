@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from diffwidget._generated import write_or_check
 from diffwidget.explain.intervention_results import COMMITTED_LEVEL
 from diffwidget.widget import schema
 from diffwidget.widget.payload_types import TS_PAYLOADS
@@ -106,18 +107,8 @@ def _snake_upper(camel: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write (or with ``--check`` compare) ``js/src/schema.ts``."""
     argv = sys.argv[1:] if argv is None else argv
-    root = Path(__file__).resolve().parents[2]
-    target = root / "js" / "src" / "schema.ts"
-    text = typescript()
-    if "--check" in argv:
-        if not target.exists() or target.read_text() != text:
-            print(f"{target} is out of date; run `python -m diffwidget.widget.schema_ts`")
-            return 1
-        return 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(f"wrote {target}")
-    return 0
+    target = Path(__file__).resolve().parents[2] / "js" / "src" / "schema.ts"
+    return write_or_check(target, typescript(), "python -m diffwidget.widget.schema_ts", argv)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,7 @@ import pytest
 
 from diffwidget.widget import Explorer, schema
 from diffwidget.widget.switch_view import SwitchRequest
-
-CAPTION = "a large red circle on the left"
-N_STEPS = 4
-SWITCH_STEPS = [0, 2, N_STEPS]
-WAIT_S = 300
+from tests.widget.test_explorer_switch import CAPTION, N_STEPS, SWITCH_STEPS, WAIT_S, _settled
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +46,6 @@ def traced(monkeypatch) -> list[Any]:
 
     monkeypatch.setattr(generate, "trace", counting)
     return made
-
-
-def _settled(explorer: Explorer) -> str:
-    """The status once the job's last callback ran (it follows the future's result)."""
-    deadline = time.monotonic() + 10
-    while explorer.widget.status == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return str(explorer.widget.status)
 
 
 def _press(explorer: Explorer, seeds: Any) -> None:
